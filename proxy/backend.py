@@ -1,0 +1,318 @@
+"""The upstream side: one asyncio.Protocol per server connection.
+
+A BackendConnection first runs the startup exchange as a coroutine (TLS negotiation, StartupMessage,
+trust / cleartext / md5 / SCRAM-SHA-256, ParameterStatus, BackendKeyData), can then run the proxy's own
+messages (the tenant context), and is finally attached to a client, after which it forwards bytes and
+only watches ReadyForQuery headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import socket
+import ssl
+from typing import TYPE_CHECKING, Protocol, cast
+
+from proxy.config import UpstreamSettings
+from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, MessageScanner
+from proxy.protocol.scram import MECHANISM, ScramClient
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_MAX_STARTUP_MESSAGE = 1 << 20
+
+
+class Peer(Protocol):
+    """The side a BackendConnection forwards to."""
+
+    transport: asyncio.Transport | None
+
+    def backend_lost(self, backend: BackendConnection) -> None: ...
+
+
+class UpstreamError(Exception):
+    """The upstream server refused or failed; carries the fields to relay to the client."""
+
+    def __init__(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.text = text
+        self.detail = detail
+        self.hint = hint
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str], prefix: str = "") -> UpstreamError:
+        return cls(
+            fields.get("C", errors.CONNECTION_FAILURE), prefix + fields.get("M", "unknown error"), fields.get("D"), fields.get("H")
+        )
+
+
+def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
+    """The TLS context for an sslmode, following libpq's meaning of each mode."""
+    if settings.sslmode == "disable":
+        return None
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    context.check_hostname = settings.sslmode == "verify-full"
+    if settings.sslmode in {"prefer", "require"} and not settings.ca_file:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class BackendConnection(asyncio.Protocol):
+    """One server connection."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.process_id = 0
+        self.secret_key = 0
+        self.parameters: dict[str, str] = {}
+        self.transaction_status = b"I"
+        self.bytes_forwarded = 0
+        self.peer: Peer | None = None
+        self.closed = False
+        self._incoming = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: Exception | None = None
+        self._scanner = MessageScanner(b"Z", DEFAULT_MAX_MESSAGE)
+        self.on_close: Callable[[], None] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            self._incoming += data
+            self._wake()
+            return
+        try:
+            for _, body in self._scanner.scan(data):
+                self.transaction_status = body
+        except ProtocolViolation:
+            self.close()
+            return
+        if peer.transport is not None:
+            self.bytes_forwarded += len(data)
+            peer.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._lost = exc or ConnectionResetError("upstream server closed the connection")
+        self._wake()
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
+        if self.peer is not None:
+            self.peer.backend_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    # -- startup coroutines ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._lost is not None:
+            raise UpstreamError(errors.CONNECTION_FAILURE, "upstream server closed the connection")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _read_byte(self) -> int:
+        while not self._incoming:
+            await self._wait()
+        byte = self._incoming[0]
+        del self._incoming[0]
+        return byte
+
+    async def read_message(self) -> tuple[bytes, bytes]:
+        """The next whole message from the server during startup or the proxy's own exchanges."""
+        while True:
+            if len(self._incoming) >= 5:
+                length = int.from_bytes(self._incoming[1:5], "big", signed=True)
+                if length < 4 or length > _MAX_STARTUP_MESSAGE:
+                    raise UpstreamError(errors.PROTOCOL_VIOLATION, f"invalid message length {length} from upstream")
+                if len(self._incoming) > length:
+                    type_byte = bytes(self._incoming[:1])
+                    body = bytes(self._incoming[5 : length + 1])
+                    del self._incoming[: length + 1]
+                    return type_byte, body
+            await self._wait()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def negotiate_tls(self, settings: UpstreamSettings, context: ssl.SSLContext) -> None:
+        """Send SSLRequest and, if the server agrees, switch the transport to TLS."""
+        self.write(messages.ssl_request())
+        answer = await self._read_byte()
+        if answer == ord("N"):
+            if settings.sslmode != "prefer":
+                raise UpstreamError(
+                    errors.CONNECTION_FAILURE, f"upstream server does not support SSL, but sslmode={settings.sslmode}"
+                )
+            return
+        if answer != ord("S"):
+            raise UpstreamError(errors.PROTOCOL_VIOLATION, "upstream server sent an invalid answer to SSLRequest")
+        if self._incoming:
+            raise UpstreamError(errors.PROTOCOL_VIOLATION, "upstream server sent unencrypted data after accepting SSL")
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None
+        try:
+            tls = await loop.start_tls(
+                self.transport, self, context, server_hostname=settings.host if context.check_hostname else None
+            )
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise UpstreamError(errors.CONNECTION_FAILURE, f"TLS handshake with upstream failed: {exc}") from exc
+        tls = cast(asyncio.Transport, tls)
+        self.transport = tls
+
+    async def authenticate(self, settings: UpstreamSettings, parameters: dict[str, str]) -> None:
+        """Send the StartupMessage and run authentication until ReadyForQuery."""
+        self.write(messages.startup_message(parameters))
+        scram: ScramClient | None = None
+        while True:
+            type_byte, body = await self.read_message()
+            if type_byte == b"E":
+                raise UpstreamError.from_fields(messages.parse_error_fields(body), "upstream server: ")
+            if type_byte == b"v":
+                continue
+            if type_byte != b"R":
+                raise UpstreamError(errors.PROTOCOL_VIOLATION, "unexpected message from upstream during authentication")
+            code, data = messages.parse_authentication(body)
+            if code == messages.AUTH_OK:
+                break
+            password = settings.password
+            if password is None:
+                raise UpstreamError(errors.INVALID_PASSWORD, "upstream server asks for a password and none is configured")
+            if code == messages.AUTH_CLEARTEXT_PASSWORD:
+                self.write(messages.password_message(password))
+            elif code == messages.AUTH_MD5_PASSWORD:
+                inner = hashlib.md5((password + settings.user).encode()).hexdigest()
+                self.write(messages.password_message("md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest()))
+            elif code == messages.AUTH_SASL:
+                if MECHANISM.encode() not in data.split(b"\0"):
+                    raise UpstreamError(errors.FEATURE_NOT_SUPPORTED, "upstream server offers no supported SASL mechanism")
+                scram = ScramClient(password, secrets.token_urlsafe(18))
+                self.write(messages.sasl_initial_response(MECHANISM, scram.client_first()))
+            elif code == messages.AUTH_SASL_CONTINUE and scram is not None:
+                self.write(messages.sasl_response(scram.client_final(data)))
+            elif code == messages.AUTH_SASL_FINAL and scram is not None:
+                scram.verify_server_final(data)
+            else:
+                raise UpstreamError(errors.FEATURE_NOT_SUPPORTED, f"upstream authentication method {code} is not supported")
+        while True:
+            type_byte, body = await self.read_message()
+            if type_byte == b"S":
+                name, value = messages.parse_parameter_status(body)
+                self.parameters[name] = value
+            elif type_byte == b"K":
+                self.process_id, self.secret_key = messages.parse_backend_key_data(body)
+            elif type_byte == b"E":
+                raise UpstreamError.from_fields(messages.parse_error_fields(body), "upstream server: ")
+            elif type_byte == b"Z":
+                self.transaction_status = body
+                return
+
+    async def run(self, request: bytes) -> dict[str, str] | None:
+        """Send the proxy's own messages (ending in Sync); swallow the replies.
+
+        Returns the first ErrorResponse's fields, or None when everything succeeded.
+        """
+        self.write(request)
+        failure: dict[str, str] | None = None
+        while True:
+            type_byte, body = await self.read_message()
+            if type_byte == b"E" and failure is None:
+                failure = messages.parse_error_fields(body)
+            elif type_byte == b"S":
+                name, value = messages.parse_parameter_status(body)
+                self.parameters[name] = value
+            elif type_byte == b"Z":
+                self.transaction_status = body
+                return failure
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    def attach(self, peer: Peer) -> None:
+        """From now on forward everything the server sends to `peer`."""
+        self.peer = peer
+        if self._incoming:
+            pending = bytes(self._incoming)
+            self._incoming.clear()
+            self.data_received(pending)
+
+    def at_message_boundary(self) -> bool:
+        """True when everything forwarded to the peer so far ends with a whole message."""
+        return self._scanner.at_boundary()
+
+    def close(self) -> None:
+        """Say Terminate if the server is idle (an open transaction is rolled back by the close), then close."""
+        if self.transport is not None and not self.closed:
+            if self.transaction_status == b"I":
+                self.transport.write(messages.terminate())
+            self.transport.close()
+        self.closed = True
+
+
+async def connect(settings: UpstreamSettings, database: str, parameters: dict[str, str]) -> BackendConnection:
+    """Open, secure and authenticate a server connection; raise UpstreamError on any failure."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, backend = await asyncio.wait_for(
+            loop.create_connection(BackendConnection, settings.host, settings.port),
+            settings.connect_timeout_seconds,
+        )
+    except (OSError, asyncio.TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+        raise UpstreamError(
+            errors.CONNECTION_FAILURE, f"could not connect to upstream server {settings.host}:{settings.port}: {reason}"
+        ) from exc
+    try:
+        async with asyncio.timeout(settings.connect_timeout_seconds):
+            context = ssl_context(settings)
+            if context is not None:
+                await backend.negotiate_tls(settings, context)
+            await backend.authenticate(settings, {"user": settings.user, "database": database, **parameters})
+    except BaseException as exc:
+        backend.close()
+        if isinstance(exc, TimeoutError):
+            raise UpstreamError(errors.CONNECTION_FAILURE, "upstream server did not complete startup in time") from exc
+        if isinstance(exc, ProtocolViolation):
+            raise UpstreamError(errors.PROTOCOL_VIOLATION, f"upstream authentication failed: {exc}") from exc
+        raise
+    return backend
+
+
+async def send_cancel(settings: UpstreamSettings, process_id: int, secret_key: int) -> None:
+    """Deliver a CancelRequest for a real backend key to the upstream server."""
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(settings.host, settings.port), settings.connect_timeout_seconds
+    )
+    try:
+        writer.write(messages.cancel_request(process_id, secret_key))
+        await writer.drain()
+    finally:
+        writer.close()

@@ -1,0 +1,167 @@
+"""The command line: `pg-tenant-proxy run | token | sql | demo`, each with --help."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from proxy import __version__, config
+from proxy.tokens import mint
+from proxy.verifier import verifier_sql
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+    )
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def _load(path: str | None, listen: str | None = None) -> config.Settings:
+    environ = None
+    if listen is not None:
+        import os
+
+        environ = {**os.environ, "PGTP_LISTEN": listen}
+    return config.load(path, environ)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args.config, args.listen)
+    _setup_logging(settings.log_level)
+    from proxy.server import serve
+
+    uvloop = install_uvloop()
+    logging.getLogger("pg_tenant_proxy").info(
+        "pg-tenant-proxy %s starting (config %s, event loop %s)", __version__, settings.source, "uvloop" if uvloop else "asyncio"
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _claim_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _set_path(claims: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    target = claims
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    secret = args.secret
+    tenant_claim = args.tenant_claim
+    if args.config:
+        settings = config.load(args.config)
+        secret = secret or settings.jwt.secret
+        tenant_claim = tenant_claim or settings.jwt.tenant_claim
+    if not secret:
+        print("error: give --secret, or --config with jwt.secret set", file=sys.stderr)
+        return 2
+    now = int(time.time())
+    claims: dict[str, Any] = {"iat": now, "exp": now + args.ttl}
+    if args.sub:
+        claims["sub"] = args.sub
+    for item in args.claim:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --claim expects name=value, got {item!r}", file=sys.stderr)
+            return 2
+        _set_path(claims, name, _claim_value(value))
+    _set_path(claims, tenant_claim or "tenant_id", args.tenant)
+    print(mint(secret, claims, args.algorithm))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    if args.config:
+        settings = config.load(args.config)
+        sys.stdout.write(
+            verifier_sql(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
+        )
+    else:
+        defaults = config.SCHEMA
+        sys.stdout.write(verifier_sql(defaults[("tenant", "setting")][1], defaults[("tenant", "proof_setting")][1], None))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo(port=args.port, serve=not args.no_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pg-tenant-proxy",
+        description="A Postgres wire-protocol proxy that turns a JWT into tenant isolation.",
+    )
+    parser.add_argument("--version", action="version", version=f"pg-tenant-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="serve clients", description="Serve clients until SIGINT or SIGTERM.")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration (PGTP_* variables override it)")
+    run.add_argument("--listen", metavar="HOST:PORT", help="override the listen key")
+    run.set_defaults(func=cmd_run)
+
+    token = commands.add_parser(
+        "token", help="mint a development token", description="Mint an HS-signed development token."
+    )
+    token.add_argument("--secret", help="the HS secret (default: jwt.secret of --config)")
+    token.add_argument("--config", metavar="FILE", help="take the secret and tenant claim from this configuration")
+    token.add_argument("--tenant", required=True, help="the tenant id to put in the tenant claim")
+    token.add_argument("--tenant-claim", help="claim path for the tenant (default: tenant_id)")
+    token.add_argument("--sub", help="the subject claim")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires (default 3600)")
+    token.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE", help="an extra claim (JSON value or text)")
+    token.add_argument("--algorithm", default="HS256", choices=sorted(config.HS_ALGORITHMS))
+    token.set_defaults(func=cmd_token)
+
+    sql = commands.add_parser(
+        "sql",
+        help="print the SQL that installs the verifier",
+        description="Print the idempotent SQL that installs tenant_proxy.current_tenant(). "
+        "With --config it includes that configuration's signing key (re-run to rotate).",
+    )
+    sql.add_argument("--config", metavar="FILE", help="include this configuration's setting names and signing key")
+    sql.set_defaults(func=cmd_sql)
+
+    demo = commands.add_parser(
+        "demo", help="run the embedded demo", description="Start a throwaway Postgres and the proxy, and show isolation."
+    )
+    demo.add_argument("--port", type=int, default=6432, help="port for the proxy (default 6432)")
+    demo.add_argument("--no-serve", action="store_true", help="exit after the demonstration instead of serving")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except config.ConfigError as exc:
+        print(f"pg-tenant-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2

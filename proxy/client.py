@@ -1,0 +1,315 @@
+"""The client side: one asyncio.Protocol per client connection, from the first byte to the last.
+
+Phases: STARTUP (SSLRequest / GSSENCRequest / CancelRequest / StartupMessage), AUTH (waiting for the
+PasswordMessage that carries the token), CONNECTING (token verified, server connection being opened
+and given the tenant context), READY (bytes forwarded, only message headers read), CLOSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, cast
+
+from proxy.backend import BackendConnection, UpstreamError
+from proxy.parameters import ParameterRefused, StartupRequest
+from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.framing import MessageReader, MessageScanner, read_startup_packet
+from proxy.tokens import Identity, TokenRejected
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+
+log = logging.getLogger("pg_tenant_proxy")
+
+WRITE_BUFFER_HIGH = 256 * 1024
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"
+    TLS = "tls"
+    AUTH = "auth"
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.phase = Phase.STARTUP
+        self.address = "?"
+        self.request: StartupRequest | None = None
+        self.identity: Identity | None = None
+        self.backend: BackendConnection | None = None
+        self.process_id = 0
+        self.secret_key = 0
+        self.bytes_in = 0
+        self._started = time.monotonic()
+        self._buffer = bytearray()
+        self._tls_done = False
+        self._reader: MessageReader | None = None
+        self._scanner = MessageScanner(b"", server.settings.client.max_message)
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        peer = transport.get_extra_info("peername")
+        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.server.settings.client.auth_timeout_seconds, self._auth_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.phase is Phase.READY:
+            self._forward(data)
+            return
+        try:
+            self._startup_data(data)
+        except ProtocolViolation as exc:
+            self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_ready = self.phase is Phase.READY
+        self.phase = Phase.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.server.forget(self)
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.peer = None
+            backend.close()
+        if was_ready:
+            log.info(
+                "session end client=%s user=%s tenant=%s sub=%s duration=%.3fs bytes_in=%d bytes_out=%d",
+                self.address,
+                self.request.user if self.request else "-",
+                self.identity.tenant if self.identity else "-",
+                (self.identity.subject if self.identity else None) or "-",
+                time.monotonic() - self._started,
+                self.bytes_in,
+                backend.bytes_forwarded if backend else 0,
+            )
+
+    def pause_writing(self) -> None:
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.resume_reading()
+
+    # -- refusing --------------------------------------------------------------------------------
+
+    def terminate(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> None:
+        """Send a FATAL ErrorResponse (when it cannot land inside a server message) and close."""
+        if self.phase is Phase.CLOSED or self.transport is None:
+            return
+        backend = self.backend
+        self.backend = None
+        if backend is not None:
+            backend.peer = None
+            backend.close()
+        if backend is None or backend.at_message_boundary():
+            self.transport.write(messages.error_response("FATAL", sqlstate, text, detail, hint))
+        self.phase = Phase.CLOSED
+        self.transport.close()
+
+    def refuse(self, sqlstate: str, reason: str) -> None:
+        """Refuse a client during startup, with one log line."""
+        user = self.request.user if self.request else "-"
+        log.warning("refused client=%s user=%s reason=%s", self.address, user, reason)
+        self.terminate(sqlstate, reason)
+
+    def _auth_timed_out(self) -> None:
+        self._timer = None
+        if self.phase is not Phase.READY:
+            self.refuse(errors.CANNOT_CONNECT_NOW, "authentication timed out")
+
+    def _token_expired(self) -> None:
+        self._timer = None
+        log.info("token expired client=%s tenant=%s", self.address, self.identity.tenant if self.identity else "-")
+        self.terminate(errors.INVALID_PASSWORD, "token expired", hint="reconnect with a fresh token")
+
+    def backend_lost(self, backend: BackendConnection) -> None:
+        """The server connection closed under an active session."""
+        if backend is self.backend:
+            self.terminate(errors.CONNECTION_FAILURE, "upstream server closed the connection")
+
+    # -- startup ---------------------------------------------------------------------------------
+
+    def _startup_data(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.phase is Phase.STARTUP:
+            self._buffer += data
+            packet = read_startup_packet(self._buffer, self.server.settings.client.max_startup_packet)
+            if packet is not None:
+                self._startup_packet(packet)
+        elif self.phase is Phase.AUTH:
+            self._password_data(data)
+        elif self.phase is Phase.CONNECTING:
+            self._buffer += data
+            if len(self._buffer) > self.server.settings.client.max_auth_message:
+                raise ProtocolViolation("too much data sent before authentication completed")
+
+    def _startup_packet(self, packet: messages.StartupPacket) -> None:
+        assert self.transport is not None
+        if isinstance(packet, (messages.SSLRequest, messages.GSSENCRequest)):
+            if self._buffer:
+                raise ProtocolViolation("received unencrypted data after an encryption request")
+            if isinstance(packet, messages.GSSENCRequest):
+                self.transport.write(b"N")
+            elif self._tls_done:
+                raise ProtocolViolation("SSLRequest repeated after TLS was established")
+            elif self.server.tls_context is None:
+                self.transport.write(b"N")
+            else:
+                self.transport.write(b"S")
+                self.phase = Phase.TLS
+                self._task = asyncio.get_running_loop().create_task(self._start_tls())
+        elif isinstance(packet, messages.CancelRequest):
+            self.server.cancel(packet.process_id, packet.secret_key)
+            self.phase = Phase.CLOSED
+            self.transport.close()
+        else:
+            self._startup_message(packet)
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.tls_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(self.transport, self, self.server.tls_context, server_side=True)
+        except (OSError, ConnectionError) as exc:
+            log.warning("refused client=%s reason=TLS handshake failed: %s", self.address, exc)
+            self.transport.abort()
+            return
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self._tls_done = True
+        self.phase = Phase.STARTUP
+
+    def _startup_message(self, packet: messages.StartupMessage) -> None:
+        assert self.transport is not None
+        try:
+            self.request = self.server.policy.evaluate(packet.parameters)
+        except ParameterRefused as exc:
+            self.refuse(exc.sqlstate, str(exc))
+            return
+        if packet.minor > 0 or self.request.unrecognized_protocol_options:
+            self.transport.write(messages.negotiate_protocol_version(0, self.request.unrecognized_protocol_options))
+        self.phase = Phase.AUTH
+        self._reader = MessageReader(self.server.settings.client.max_auth_message)
+        self.transport.write(messages.authentication(messages.AUTH_CLEARTEXT_PASSWORD))
+        if self._buffer:
+            rest = bytes(self._buffer)
+            self._buffer.clear()
+            self._password_data(rest)
+
+    def _password_data(self, data: bytes) -> None:
+        assert self._reader is not None
+        self._reader.feed(data)
+        for type_byte, body in self._reader:
+            if type_byte == b"X":
+                self.phase = Phase.CLOSED
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if type_byte != b"p":
+                raise ProtocolViolation(f"expected a password message, got message type {type_byte!r}")
+            try:
+                token = messages.parse_cstring(body)
+            except ProtocolViolation:
+                self.refuse(errors.INVALID_PASSWORD, "malformed token")
+                return
+            self._buffer += self._reader.take_rest()
+            self.phase = Phase.CONNECTING
+            self._task = asyncio.get_running_loop().create_task(self._establish(token))
+            return
+
+    async def _establish(self, token: str) -> None:
+        """Verify the token, open the server connection, set the context, then start forwarding."""
+        assert self.request is not None and self.transport is not None
+        server = self.server
+        try:
+            if server.verifier.needs_io:
+                loop = asyncio.get_running_loop()
+                identity = await loop.run_in_executor(None, server.verifier.verify, token, time.time())
+            else:
+                identity = server.verifier.verify(token, time.time())
+        except TokenRejected as exc:
+            self.refuse(errors.INVALID_PASSWORD, str(exc))
+            return
+        self.identity = identity
+        database = server.settings.upstream.database or self.request.database or self.request.user
+        try:
+            self.backend = await server.pool.acquire(database, self.request.forwarded)
+            failure = await self.backend.run(
+                server.context.session_messages(identity.tenant, self.backend.process_id, identity.expires_at)
+            )
+            if failure is not None:
+                raise UpstreamError.from_fields(failure, "could not set the tenant context: ")
+        except UpstreamError as exc:
+            log.warning("refused client=%s user=%s reason=%s", self.address, self.request.user, exc.text)
+            self.terminate(exc.sqlstate, exc.text, exc.detail, exc.hint)
+            return
+        if self.phase is Phase.CLOSED:
+            return
+        self._ready(identity)
+
+    def _ready(self, identity: Identity) -> None:
+        assert self.backend is not None and self.transport is not None and self.request is not None
+        backend = self.backend
+        self.process_id, self.secret_key = self.server.register(self)
+        greeting = [messages.authentication(messages.AUTH_OK)]
+        greeting += [messages.parameter_status(name, value) for name, value in backend.parameters.items()]
+        greeting.append(messages.backend_key_data(self.process_id, self.secret_key))
+        greeting.append(messages.ready_for_query(backend.transaction_status))
+        self.transport.write(b"".join(greeting))
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
+        self.phase = Phase.READY
+        backend.attach(self)
+        log.info(
+            "session start client=%s user=%s tenant=%s sub=%s database=%s backend_pid=%d",
+            self.address,
+            self.request.user,
+            identity.tenant,
+            identity.subject or "-",
+            self.server.settings.upstream.database or self.request.database or self.request.user,
+            backend.process_id,
+        )
+        if self._buffer:
+            pending = bytes(self._buffer)
+            self._buffer.clear()
+            self._forward(pending)
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    def _forward(self, data: bytes) -> None:
+        try:
+            self._scanner.scan(data)
+        except ProtocolViolation as exc:
+            self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
+            return
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.write(data)

@@ -1,0 +1,363 @@
+"""Typed settings: a TOML file, overridden by PGTP_* environment variables, checked before serving.
+
+Every key lives in one table below (`SCHEMA`), with its type and default; the README documents the
+same list. An unknown key, a wrong type or an impossible combination raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+DEFAULT_ALLOWED_PARAMETERS = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "extra_float_digits",
+    "search_path",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "bytea_output",
+    "client_min_messages",
+    "standard_conforming_strings",
+    "timezone_abbreviations",
+    "jit",
+]
+
+HS_ALGORITHMS = {"HS256", "HS384", "HS512"}
+KEY_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+SSLMODES = {"disable", "prefer", "require", "verify-ca", "verify-full"}
+SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+$")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+
+# (section, key) -> (type, default). Section "" holds top-level keys. `None` default means unset.
+SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
+    ("", "listen"): (str, "127.0.0.1:6432"),
+    ("", "log_level"): (str, "info"),
+    ("upstream", "host"): (str, "127.0.0.1"),
+    ("upstream", "port"): (int, 5432),
+    ("upstream", "user"): (str, None),
+    ("upstream", "password"): (str, None),
+    ("upstream", "password_file"): (str, None),
+    ("upstream", "database"): (str, None),
+    ("upstream", "sslmode"): (str, "prefer"),
+    ("upstream", "ca_file"): (str, None),
+    ("upstream", "connect_timeout_seconds"): (float, 10.0),
+    ("jwt", "algorithms"): (list, ["HS256"]),
+    ("jwt", "secret"): (str, None),
+    ("jwt", "secret_file"): (str, None),
+    ("jwt", "public_key_file"): (str, None),
+    ("jwt", "jwks_file"): (str, None),
+    ("jwt", "jwks_url"): (str, None),
+    ("jwt", "audience"): (str, None),
+    ("jwt", "issuer"): (str, None),
+    ("jwt", "leeway_seconds"): (int, 0),
+    ("jwt", "tenant_claim"): (str, "tenant_id"),
+    ("jwt", "tenant_pattern"): (str, UUID_PATTERN),
+    ("tenant", "setting"): (str, "app.current_tenant"),
+    ("tenant", "proof_setting"): (str, "tenant_proxy.proof"),
+    ("tenant", "signing_key"): (str, None),
+    ("tenant", "signing_key_file"): (str, None),
+    ("pool", "mode"): (str, "session"),
+    ("pool", "size"): (int, 20),
+    ("pool", "checkout_timeout_seconds"): (float, 30.0),
+    ("tls", "cert_file"): (str, None),
+    ("tls", "key_file"): (str, None),
+    ("client", "auth_timeout_seconds"): (float, 15.0),
+    ("client", "max_startup_packet"): (int, 10_000),
+    ("client", "max_auth_message"): (int, 65_536),
+    ("client", "max_message"): (int, 1 << 30),
+    ("client", "allowed_parameters"): (list, DEFAULT_ALLOWED_PARAMETERS),
+    ("client", "protected_prefixes"): (list, ["app.", "request.jwt.", "tenant_proxy."]),
+}
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    host: str
+    port: int
+    user: str
+    password: str | None
+    database: str | None
+    sslmode: str
+    ca_file: str | None
+    connect_timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    algorithms: list[str]
+    secret: str | None
+    public_key_file: str | None
+    jwks_file: str | None
+    jwks_url: str | None
+    audience: str | None
+    issuer: str | None
+    leeway_seconds: int
+    tenant_claim: str
+    tenant_pattern: str
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    setting: str
+    proof_setting: str
+    signing_key: str
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    mode: str
+    size: int
+    checkout_timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: str | None
+    key_file: str | None
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    auth_timeout_seconds: float
+    max_startup_packet: int
+    max_auth_message: int
+    max_message: int
+    allowed_parameters: list[str]
+    protected_prefixes: list[str]
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str
+    listen_port: int
+    log_level: str
+    upstream: UpstreamSettings
+    jwt: JwtSettings
+    tenant: TenantSettings
+    pool: PoolSettings
+    tls: TlsSettings
+    client: ClientSettings
+    source: str = field(default="<defaults>")
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides a key: PGTP_<SECTION>_<KEY> or PGTP_<KEY>."""
+    return ("PGTP_" + (f"{section}_" if section else "") + key).upper()
+
+
+def _dotted(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _coerce(section: str, key: str, kind: type, value: Any, from_env: bool) -> Any:
+    name = _dotted(section, key)
+    if from_env:
+        text = str(value).strip()
+        if kind is list:
+            return [item.strip() for item in text.split(",") if item.strip()]
+        if kind is bool:
+            if text.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if text.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ConfigError(f"{name}: expected a boolean, got {text!r}")
+        try:
+            return kind(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: expected {kind.__name__}, got {text!r}") from exc
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{name}: expected a list of strings")
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _read_secret(values: dict[tuple[str, str], Any], section: str, key: str) -> str | None:
+    """A secret given inline or as `<key>_file`; giving both is an error."""
+    inline, path = values[(section, key)], values[(section, f"{key}_file")]
+    if inline is not None and path is not None:
+        raise ConfigError(f"{section}.{key} and {section}.{key}_file are both set; choose one")
+    if path is None:
+        return inline
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{section}.{key}_file: cannot read {path}: {exc.strerror}") from exc
+
+
+def _require_file(values: dict[tuple[str, str], Any], section: str, key: str) -> None:
+    path = values[(section, key)]
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{section}.{key}: file {path} does not exist")
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read settings from a TOML file (optional) and the environment; raise ConfigError on any problem."""
+    environ = dict(os.environ) if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+
+    values: dict[tuple[str, str], Any] = {k: v[1] for k, v in SCHEMA.items()}
+    sections = {section for section, _ in SCHEMA if section}
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            if name not in sections:
+                raise ConfigError(f"unknown section [{name}]")
+            for key, item in value.items():
+                if (name, key) not in SCHEMA:
+                    raise ConfigError(f"unknown key {name}.{key}")
+                values[(name, key)] = _coerce(name, key, SCHEMA[(name, key)][0], item, False)
+        else:
+            if ("", name) not in SCHEMA:
+                raise ConfigError(f"unknown key {name}")
+            values[("", name)] = _coerce("", name, SCHEMA[("", name)][0], value, False)
+    for (section, key), (kind, _) in SCHEMA.items():
+        variable = env_name(section, key)
+        if variable in environ:
+            values[(section, key)] = _coerce(section, key, kind, environ[variable], True)
+    return _build(values, str(path) if path is not None else "<environment>")
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen: expected HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
+    listen_host, listen_port = _parse_listen(values[("", "listen")])
+    if values[("", "log_level")].lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError("log_level: expected debug, info, warning or error")
+
+    if not values[("upstream", "user")]:
+        raise ConfigError("upstream.user: required (the role the proxy logs in as)")
+    if values[("upstream", "sslmode")] not in SSLMODES:
+        raise ConfigError(f"upstream.sslmode: expected one of {', '.join(sorted(SSLMODES))}")
+    if values[("upstream", "sslmode")] in {"verify-ca", "verify-full"} and not values[("upstream", "ca_file")]:
+        raise ConfigError(f"upstream.ca_file: required with sslmode={values[('upstream', 'sslmode')]}")
+    _require_file(values, "upstream", "ca_file")
+    upstream = UpstreamSettings(
+        host=values[("upstream", "host")],
+        port=values[("upstream", "port")],
+        user=values[("upstream", "user")],
+        password=_read_secret(values, "upstream", "password"),
+        database=values[("upstream", "database")],
+        sslmode=values[("upstream", "sslmode")],
+        ca_file=values[("upstream", "ca_file")],
+        connect_timeout_seconds=values[("upstream", "connect_timeout_seconds")],
+    )
+
+    algorithms = values[("jwt", "algorithms")]
+    if not algorithms:
+        raise ConfigError("jwt.algorithms: at least one algorithm is required")
+    for algorithm in algorithms:
+        if algorithm not in HS_ALGORITHMS | KEY_ALGORITHMS:
+            raise ConfigError(f"jwt.algorithms: {algorithm!r} is not allowed (never 'none')")
+    secret = _read_secret(values, "jwt", "secret")
+    for key in ("public_key_file", "jwks_file"):
+        _require_file(values, "jwt", key)
+    key_sources = [k for k in ("public_key_file", "jwks_file", "jwks_url") if values[("jwt", k)]]
+    if len(key_sources) > 1:
+        raise ConfigError(f"jwt: {' and '.join('jwt.' + k for k in key_sources)} are exclusive; choose one")
+    if set(algorithms) & HS_ALGORITHMS and not secret:
+        raise ConfigError("jwt.secret: required for HS* algorithms (or set jwt.secret_file)")
+    if set(algorithms) & KEY_ALGORITHMS and not key_sources:
+        raise ConfigError("jwt.public_key_file: required for asymmetric algorithms (or jwks_file / jwks_url)")
+    if secret is not None and len(secret.encode()) < 32:
+        raise ConfigError("jwt.secret: must be at least 32 bytes")
+    try:
+        re.compile(values[("jwt", "tenant_pattern")])
+    except re.error as exc:
+        raise ConfigError(f"jwt.tenant_pattern: not a valid regular expression: {exc}") from exc
+    if not values[("jwt", "tenant_claim")]:
+        raise ConfigError("jwt.tenant_claim: must not be empty")
+    jwt = JwtSettings(
+        algorithms=algorithms,
+        secret=secret,
+        public_key_file=values[("jwt", "public_key_file")],
+        jwks_file=values[("jwt", "jwks_file")],
+        jwks_url=values[("jwt", "jwks_url")],
+        audience=values[("jwt", "audience")],
+        issuer=values[("jwt", "issuer")],
+        leeway_seconds=values[("jwt", "leeway_seconds")],
+        tenant_claim=values[("jwt", "tenant_claim")],
+        tenant_pattern=values[("jwt", "tenant_pattern")],
+    )
+
+    signing_key = _read_secret(values, "tenant", "signing_key")
+    if not signing_key:
+        raise ConfigError("tenant.signing_key: required (or set tenant.signing_key_file)")
+    if len(signing_key.encode()) < 32:
+        raise ConfigError("tenant.signing_key: must be at least 32 bytes")
+    for key in ("setting", "proof_setting"):
+        if not SETTING_NAME.match(values[("tenant", key)]):
+            raise ConfigError(f"tenant.{key}: expected a custom setting name like 'app.current_tenant'")
+    if values[("tenant", "setting")].lower() == values[("tenant", "proof_setting")].lower():
+        raise ConfigError("tenant.proof_setting: must differ from tenant.setting")
+    tenant = TenantSettings(values[("tenant", "setting")], values[("tenant", "proof_setting")], signing_key)
+
+    if values[("pool", "mode")] != "session":
+        raise ConfigError("pool.mode: only 'session' is available in this version")
+    if values[("pool", "size")] < 1:
+        raise ConfigError("pool.size: must be at least 1")
+    pool = PoolSettings(values[("pool", "mode")], values[("pool", "size")], values[("pool", "checkout_timeout_seconds")])
+
+    if bool(values[("tls", "cert_file")]) != bool(values[("tls", "key_file")]):
+        raise ConfigError("tls.cert_file and tls.key_file: set both or neither")
+    _require_file(values, "tls", "cert_file")
+    _require_file(values, "tls", "key_file")
+    tls = TlsSettings(values[("tls", "cert_file")], values[("tls", "key_file")])
+
+    for key in ("max_startup_packet", "max_auth_message", "max_message"):
+        if values[("client", key)] < 64:
+            raise ConfigError(f"client.{key}: must be at least 64 bytes")
+    client = ClientSettings(
+        auth_timeout_seconds=values[("client", "auth_timeout_seconds")],
+        max_startup_packet=values[("client", "max_startup_packet")],
+        max_auth_message=values[("client", "max_auth_message")],
+        max_message=values[("client", "max_message")],
+        allowed_parameters=values[("client", "allowed_parameters")],
+        protected_prefixes=values[("client", "protected_prefixes")],
+    )
+    return Settings(
+        listen_host=listen_host,
+        listen_port=listen_port,
+        log_level=values[("", "log_level")].lower(),
+        upstream=upstream,
+        jwt=jwt,
+        tenant=tenant,
+        pool=pool,
+        tls=tls,
+        client=client,
+        source=source,
+    )

@@ -1,0 +1,25 @@
+"""SQLSTATE codes the proxy uses, and the ProtocolViolation exception for malformed input."""
+
+# Class 08: connection exception
+CONNECTION_FAILURE = "08006"
+PROTOCOL_VIOLATION = "08P01"
+# Class 0A: feature not supported
+FEATURE_NOT_SUPPORTED = "0A000"
+# Class 28: invalid authorization specification
+INVALID_AUTHORIZATION = "28000"
+INVALID_PASSWORD = "28P01"
+# Class 42: syntax error or access rule violation
+INSUFFICIENT_PRIVILEGE = "42501"
+UNDEFINED_OBJECT = "42704"
+# Class 53: insufficient resources
+TOO_MANY_CONNECTIONS = "53300"
+# Class 57: operator intervention
+ADMIN_SHUTDOWN = "57P01"
+CANNOT_CONNECT_NOW = "57P03"
+QUERY_CANCELED = "57014"
+# Class XX: internal error
+INTERNAL_ERROR = "XX000"
+
+
+class ProtocolViolation(Exception):
+    """Bytes from a peer that do not follow the protocol; reported as SQLSTATE 08P01."""

@@ -1,0 +1,138 @@
+"""Message framing: cutting a byte stream into startup packets and typed messages, with length checks.
+
+Three readers, one per phase of a connection:
+- `read_startup_packet` takes one untyped packet (StartupMessage, SSLRequest, ...) off a buffer;
+- `MessageReader` yields whole typed messages, for the authentication phases;
+- `MessageScanner` walks only the 5-byte headers of a forwarded stream and keeps whole bodies only of
+  the message types it watches, so the hot path never copies what it forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.messages import StartupPacket, parse_startup_packet
+
+DEFAULT_MAX_STARTUP_PACKET = 10_000
+DEFAULT_MAX_AUTH_MESSAGE = 65_536
+DEFAULT_MAX_MESSAGE = 1 << 30
+
+
+def _check_length(length: int, maximum: int, what: str) -> None:
+    if length < 4:
+        raise ProtocolViolation(f"invalid {what} length {length}")
+    if length > maximum:
+        raise ProtocolViolation(f"{what} length {length} exceeds the limit of {maximum} bytes")
+
+
+def read_startup_packet(buffer: bytearray, maximum: int = DEFAULT_MAX_STARTUP_PACKET) -> StartupPacket | None:
+    """Remove and return one startup packet from the front of `buffer`, or None if it is incomplete."""
+    if len(buffer) < 4:
+        return None
+    length = int.from_bytes(buffer[:4], "big", signed=True)
+    if length < 8:
+        raise ProtocolViolation(f"invalid startup packet length {length}")
+    _check_length(length, maximum, "startup packet")
+    if len(buffer) < length:
+        return None
+    body = bytes(buffer[4:length])
+    del buffer[:length]
+    return parse_startup_packet(body)
+
+
+class MessageReader:
+    """Accumulates bytes and yields complete typed messages as (type byte, body)."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        self._buffer += data
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        buffer = self._buffer
+        while len(buffer) >= 5:
+            length = int.from_bytes(buffer[1:5], "big", signed=True)
+            _check_length(length, self.maximum, "message")
+            if len(buffer) < length + 1:
+                return
+            type_byte = bytes(buffer[0:1])
+            body = bytes(buffer[5 : length + 1])
+            del buffer[: length + 1]
+            yield type_byte, body
+
+    def take_rest(self) -> bytes:
+        """Everything buffered and not yet yielded, leaving the reader empty."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
+
+
+class MessageScanner:
+    """Walks message headers in a stream that is forwarded as it arrives.
+
+    `scan(data)` checks every header's length and returns the watched messages completed in `data`
+    as (type byte, body). Bodies of other messages are skipped without copying.
+    """
+
+    __slots__ = ("maximum", "watched", "_header", "_skip", "_body", "_body_type", "_need")
+
+    def __init__(self, watched: bytes, maximum: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.maximum = maximum
+        self.watched = frozenset(watched)
+        self._header = b""  # a header split across reads
+        self._skip = 0  # bytes of an unwatched body still to pass
+        self._body: bytearray | None = None  # a watched body being collected
+        self._body_type = b""
+        self._need = 0
+
+    def at_boundary(self) -> bool:
+        """True when the bytes scanned so far end exactly at a message boundary."""
+        return not self._header and not self._skip and self._body is None
+
+    def scan(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        found: list[tuple[bytes, bytes]] = []
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            if self._body is not None:
+                step = min(self._need, end - pos)
+                self._body += data[pos : pos + step]
+                self._need -= step
+                pos += step
+                if not self._need:
+                    found.append((self._body_type, bytes(self._body)))
+                    self._body = None
+                continue
+            if self._header or end - pos < 5:
+                take = min(5 - len(self._header), end - pos)
+                self._header += data[pos : pos + take]
+                pos += take
+                if len(self._header) < 5:
+                    break
+                header = self._header
+                self._header = b""
+            else:
+                header = data[pos : pos + 5]
+                pos += 5
+            type_code = header[0]
+            length = int.from_bytes(header[1:5], "big", signed=True)
+            _check_length(length, self.maximum, "message")
+            if type_code in self.watched:
+                if length == 4:
+                    found.append((bytes((type_code,)), b""))
+                else:
+                    self._body = bytearray()
+                    self._body_type = bytes((type_code,))
+                    self._need = length - 4
+            else:
+                self._skip = length - 4
+        return found

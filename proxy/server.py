@@ -1,0 +1,126 @@
+"""The listener: shared state of one proxy process, and serving until a signal stops it.
+
+ProxyServer holds what all client connections share (settings, token verifier, context builder,
+parameter policy, pool, TLS context) and the table of minted BackendKeyData used to route
+CancelRequests to the right server connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import signal
+import ssl
+
+from proxy.backend import send_cancel
+from proxy.client import ClientConnection
+from proxy.config import Settings
+from proxy.parameters import ParameterPolicy
+from proxy.pool import SessionPool
+from proxy.protocol import errors
+from proxy.tenant import ContextBuilder
+from proxy.tokens import TokenVerifier
+
+log = logging.getLogger("pg_tenant_proxy")
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context offered to clients, when a certificate is configured."""
+    if not settings.tls.cert_file or not settings.tls.key_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    return context
+
+
+class ProxyServer:
+    """State shared by the client connections of one proxy process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.verifier = TokenVerifier(settings.jwt)
+        self.context = ContextBuilder(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
+        self.policy = ParameterPolicy(
+            settings.client.allowed_parameters,
+            [settings.tenant.setting, settings.tenant.proof_setting],
+            settings.client.protected_prefixes,
+        )
+        self.pool = SessionPool(settings.upstream, settings.pool)
+        self.tls_context = server_tls_context(settings)
+        self.clients: set[ClientConnection] = set()
+        self._keys: dict[int, ClientConnection] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection(self) -> ClientConnection:
+        client = ClientConnection(self)
+        self.clients.add(client)
+        return client
+
+    def register(self, client: ClientConnection) -> tuple[int, int]:
+        """Mint a random BackendKeyData for a client (never the server's own)."""
+        while True:
+            process_id = secrets.randbelow(2**31 - 2) + 1
+            if process_id not in self._keys:
+                break
+        self._keys[process_id] = client
+        return process_id, secrets.randbits(32) - 2**31
+
+    def forget(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if self._keys.get(client.process_id) is client:
+            del self._keys[client.process_id]
+
+    def cancel(self, process_id: int, secret_key: int) -> None:
+        """Forward a CancelRequest with a matching minted key to that client's server connection."""
+        client = self._keys.get(process_id)
+        if client is None or not hmac.compare_digest(
+            client.secret_key.to_bytes(4, "big", signed=True), secret_key.to_bytes(4, "big", signed=True)
+        ):
+            log.info("cancel ignored: no session matches the key")
+            return
+        backend = client.backend
+        if backend is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_cancel(backend.process_id, backend.secret_key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_cancel(self, process_id: int, secret_key: int) -> None:
+        try:
+            await send_cancel(self.settings.upstream, process_id, secret_key)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cancel could not reach the upstream server: %s", exc)
+
+    def shutdown(self) -> None:
+        """Close every client connection with 57P01, as a server shutting down does."""
+        for client in list(self.clients):
+            client.terminate(errors.ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down")
+
+
+async def serve(settings: Settings) -> None:
+    """Listen and serve until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    proxy = ProxyServer(settings)
+    listener = await loop.create_server(
+        proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024
+    )
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "listening on %s:%d upstream=%s:%d pool=%s size=%d tls=%s",
+        settings.listen_host,
+        settings.listen_port,
+        settings.upstream.host,
+        settings.upstream.port,
+        settings.pool.mode,
+        settings.pool.size,
+        "on" if proxy.tls_context else "off",
+    )
+    await stop.wait()
+    log.info("shutting down")
+    listener.close()
+    proxy.shutdown()
+    await listener.wait_closed()

@@ -225,14 +225,14 @@ class ClientConnection(asyncio.Protocol):
     def _password_data(self, data: bytes) -> None:
         assert self._reader is not None
         self._reader.feed(data)
+        if self._reader.peek_type() not in (None, b"p", b"X"):
+            raise ProtocolViolation(f"expected a password message, got message type {self._reader.peek_type()!r}")
         for type_byte, body in self._reader:
             if type_byte == b"X":
                 self.phase = Phase.CLOSED
                 assert self.transport is not None
                 self.transport.close()
                 return
-            if type_byte != b"p":
-                raise ProtocolViolation(f"expected a password message, got message type {type_byte!r}")
             try:
                 token = messages.parse_cstring(body)
             except ProtocolViolation:

@@ -3,6 +3,7 @@ and psql showing that each tenant sees only its rows and that forging the settin
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -14,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy.embedded import EmbeddedPostgres
 from proxy.tokens import mint
@@ -59,23 +61,30 @@ def prepare_database(pg: EmbeddedPostgres, database: str = "app", app_role: str 
     return TenantDatabase(database, app_role, password, signing_key, secrets.token_urlsafe(32))
 
 
-def write_config(path: Path, pg: EmbeddedPostgres, db: TenantDatabase, port: int, **extra: str) -> Path:
-    """A configuration file for the proxy in front of `pg`."""
-    lines = [
-        f'listen = "127.0.0.1:{port}"',
-        "[upstream]",
-        'host = "127.0.0.1"',
-        f"port = {pg.port}",
-        f'user = "{db.app_role}"',
-        f'password = "{db.app_password}"',
-        f'database = "{db.database}"',
-        'sslmode = "disable"',
-        "[jwt]",
-        f'secret = "{db.jwt_secret}"',
-        "[tenant]",
-        f'signing_key = "{db.signing_key}"',
-    ]
-    lines += [f"{key} = {value}" for key, value in extra.items()]
+def write_config(
+    path: Path, pg: EmbeddedPostgres, db: TenantDatabase, port: int, overrides: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """A configuration file for the proxy in front of `pg`; `overrides` maps section ("" for top level) to keys."""
+    sections: dict[str, dict[str, Any]] = {
+        "": {"listen": f"127.0.0.1:{port}"},
+        "upstream": {
+            "host": "127.0.0.1",
+            "port": pg.port,
+            "user": db.app_role,
+            "password": db.app_password,
+            "database": db.database,
+            "sslmode": "disable",
+        },
+        "jwt": {"secret": db.jwt_secret},
+        "tenant": {"signing_key": db.signing_key},
+    }
+    for section, values in (overrides or {}).items():
+        sections.setdefault(section, {}).update(values)
+    lines: list[str] = []
+    for section, values in sorted(sections.items()):
+        if section:
+            lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -52,6 +52,10 @@ class MessageReader:
         """Append received bytes."""
         self._buffer += data
 
+    def peek_type(self) -> bytes | None:
+        """The type byte of the next message, as soon as it has arrived."""
+        return bytes(self._buffer[:1]) or None
+
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         buffer = self._buffer
         while len(buffer) >= 5:

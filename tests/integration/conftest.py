@@ -1,0 +1,120 @@
+"""Integration fixtures: a real Postgres (embedded, throwaway) and real proxy processes in front of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.demo import LEADS, TENANTS, TenantDatabase, prepare_database, wait_for_port, write_config
+from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.tokens import mint
+
+ACME = str(TENANTS["acme"])
+GLOBEX = str(TENANTS["globex"])
+ROWS = {ACME: len(LEADS["acme"]), GLOBEX: len(LEADS["globex"])}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_until(condition: Any, deadline: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `condition` until it returns something truthy; fail the test at the deadline."""
+    end = time.monotonic() + deadline
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {deadline} s")
+        time.sleep(interval)
+
+
+class ProxyProcess:
+    """A `pg-tenant-proxy run` process with its own configuration and log file."""
+
+    def __init__(self, pg: EmbeddedPostgres, db: TenantDatabase, workdir: Path, overrides: dict[str, dict[str, Any]]):
+        self.pg = pg
+        self.db = db
+        self.port = free_port()
+        self.workdir = workdir
+        self.config = write_config(workdir / f"proxy-{self.port}.toml", pg, db, self.port, overrides)
+        self.logfile = workdir / f"proxy-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ProxyProcess:
+        with open(self.logfile, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(self.config)], stderr=log, cwd=REPO
+            )
+        wait_for_port(self.port, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.logfile.read_text()
+
+    def token(self, tenant: str = ACME, ttl: int = 3600, secret: str | None = None, **claims: Any) -> str:
+        body: dict[str, Any] = {"tenant_id": tenant, "sub": "tester", "exp": int(time.time()) + ttl}
+        body.update(claims)
+        return mint(secret or self.db.jwt_secret, {k: v for k, v in body.items() if v is not None})
+
+    def dsn(self, user: str = "alice", database: str = "app", **params: str) -> str:
+        extra = "".join(f" {k}={v}" for k, v in params.items())
+        return f"host=127.0.0.1 port={self.port} user={user} dbname={database} sslmode=disable{extra}"
+
+    def psql(self, token: str, sql: str, **env: str) -> subprocess.CompletedProcess[str]:
+        environment = {**os.environ, "PGPASSWORD": token, "PGCONNECT_TIMEOUT": "10", **env}
+        return subprocess.run(
+            ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", self.dsn(), "-c", sql],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=60,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[EmbeddedPostgres]:
+    cluster = EmbeddedPostgres().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tenant_db(pg: EmbeddedPostgres) -> TenantDatabase:
+    return prepare_database(pg)
+
+
+@pytest.fixture(scope="session")
+def proxy(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    process = ProxyProcess(pg, tenant_db, tmp_path_factory.mktemp("proxy"), {"pool": {"size": 150}}).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def make_proxy(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path: Path) -> Iterator[Any]:
+    """Start a proxy with configuration overrides: make_proxy({"jwt": {"audience": "app"}})."""
+    started: list[ProxyProcess] = []
+
+    def factory(overrides: dict[str, dict[str, Any]] | None = None, start: bool = True) -> ProxyProcess:
+        process = ProxyProcess(pg, tenant_db, tmp_path, overrides or {})
+        started.append(process)
+        return process.start() if start else process
+
+    yield factory
+    for process in started:
+        process.stop()

@@ -1,0 +1,59 @@
+"""The command line as a user runs it: config errors, token minting, the demo."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+
+from conftest import ACME, REPO
+from proxy.embedded import free_port
+
+
+def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
+
+
+def test_config_error_names_the_key_and_exits_before_listening(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "bad.toml"
+    config.write_text(f'listen = "127.0.0.1:{port}"\n[upstream]\nuser = "app"\n[jwt]\nsecret = "{"s" * 40}"\n')
+    result = run("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "tenant.signing_key" in result.stderr
+    config.write_text(config.read_text() + f'[tenant]\nsigning_key = "{"k" * 40}"\n[pool]\nsize = "many"\n')
+    result = run("run", "--config", str(config))
+    assert result.returncode == 2 and "pool.size" in result.stderr
+    assert "s" * 40 not in result.stderr and "k" * 40 not in result.stderr
+
+
+def test_help_for_every_command() -> None:
+    for command in ("run", "token", "sql", "demo"):
+        result = run(command, "--help")
+        assert result.returncode == 0 and "usage: pg-tenant-proxy" in result.stdout
+
+
+def test_token_command_mints_a_verifiable_token() -> None:
+    secret = "t" * 40
+    result = run("token", "--secret", secret, "--tenant", ACME, "--ttl", "60", "--sub", "bob", "--claim", "role=admin",
+                 "--claim", "level=3")
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])
+    assert claims["tenant_id"] == ACME and claims["sub"] == "bob" and claims["role"] == "admin" and claims["level"] == 3
+    assert 55 <= claims["exp"] - claims["iat"] <= 60
+
+
+def test_demo_shows_isolation() -> None:
+    result = run("demo", "--no-serve", "--port", str(free_port()), timeout=120)
+    assert result.returncode == 0, result.stderr
+    acme, globex, forged = result.stdout.split("== ")[1:4]
+    assert "Ada Lovelace" in acme and "Grace Hopper" not in acme and "(2 rows)" in acme
+    assert "Grace Hopper" in globex and "Ada Lovelace" not in globex
+    assert re.search(r"globex_rows_seen\s*\n-+\s*\n\s*0\s*\n", forged), forged
+    assert "psql 'postgresql://acme@127.0.0.1:" in result.stdout
+    assert "Stopped and cleaned up." in result.stdout

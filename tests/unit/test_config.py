@@ -1,0 +1,89 @@
+"""Configuration: TOML, PGTP_* overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+
+BASE = """
+[upstream]
+user = "app"
+[jwt]
+secret = "%s"
+[tenant]
+signing_key = "%s"
+""" % ("j" * 32, "k" * 32)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "proxy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = config.load(write(tmp_path, BASE), environ={})
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 6432)
+    assert settings.upstream.sslmode == "prefer"
+    assert settings.jwt.algorithms == ["HS256"] and settings.jwt.tenant_claim == "tenant_id"
+    assert settings.tenant.setting == "app.current_tenant"
+    assert settings.pool.mode == "session"
+    assert settings.client.auth_timeout_seconds == 15.0
+    assert settings.client.max_startup_packet == 10_000
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    settings = config.load(
+        write(tmp_path, BASE),
+        environ={"PGTP_LISTEN": "0.0.0.0:7000", "PGTP_UPSTREAM_PORT": "6543", "PGTP_JWT_ALGORITHMS": "HS256, HS512"},
+    )
+    assert settings.listen_port == 7000 and settings.upstream.port == 6543
+    assert settings.jwt.algorithms == ["HS256", "HS512"]
+
+
+def test_secret_files(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("z" * 40 + "\n")
+    text = BASE.replace('secret = "%s"' % ("j" * 32), f'secret_file = "{tmp_path / "secret"}"')
+    assert config.load(write(tmp_path, text), environ={}).jwt.secret == "z" * 40
+
+
+@pytest.mark.parametrize(
+    "extra, environ, key",
+    [
+        ("bogus = 1\n", {}, "bogus"),
+        ("[nope]\nx = 1\n", {}, "[nope]"),
+        ("[pool]\nsize = 'ten'\n", {}, "pool.size"),
+        ("", {"PGTP_POOL_SIZE": "ten"}, "pool.size"),
+        ("", {"PGTP_JWT_ALGORITHMS": "none"}, "jwt.algorithms"),
+        ("", {"PGTP_JWT_ALGORITHMS": "RS256"}, "jwt.public_key_file"),
+        ("", {"PGTP_UPSTREAM_SSLMODE": "sometimes"}, "upstream.sslmode"),
+        ("", {"PGTP_UPSTREAM_SSLMODE": "verify-full"}, "upstream.ca_file"),
+        ("", {"PGTP_TENANT_SETTING": "notdotted"}, "tenant.setting"),
+        ("", {"PGTP_LISTEN": "nowhere"}, "listen"),
+        ("", {"PGTP_JWT_TENANT_PATTERN": "("}, "jwt.tenant_pattern"),
+        ("", {"PGTP_TLS_CERT_FILE": "/nonexistent"}, "tls."),
+        ("", {"PGTP_POOL_MODE": "statement"}, "pool.mode"),
+        ("", {"PGTP_JWT_SECRET_FILE": "/nonexistent"}, "jwt.secret"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, extra: str, environ: dict[str, str], key: str) -> None:
+    with pytest.raises(config.ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
+        config.load(write(tmp_path, extra + BASE if not extra.startswith("[") else BASE + extra), environ=environ)
+
+
+def test_missing_required_keys(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="upstream.user"):
+        config.load(write(tmp_path, ""), environ={})
+    with pytest.raises(config.ConfigError, match="tenant.signing_key"):
+        config.load(write(tmp_path, BASE.replace('signing_key = "%s"' % ("k" * 32), "")), environ={})
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "listen = "), environ={})
+
+
+def test_env_name() -> None:
+    assert config.env_name("jwt", "leeway_seconds") == "PGTP_JWT_LEEWAY_SECONDS"
+    assert config.env_name("", "listen") == "PGTP_LISTEN"

@@ -1,0 +1,121 @@
+"""Framing: startup packets, whole-message reading, and header-only scanning with length checks."""
+
+import struct
+
+import pytest
+
+from proxy.protocol import messages
+from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.framing import MessageReader, MessageScanner, read_startup_packet
+
+
+def test_startup_message_round_trip() -> None:
+    buffer = bytearray(messages.startup_message({"user": "alice", "database": "app"}) + b"extra")
+    packet = read_startup_packet(buffer)
+    assert packet == messages.StartupMessage(3, 0, {"user": "alice", "database": "app"})
+    assert buffer == b"extra"
+
+
+def test_startup_packet_incomplete_returns_none() -> None:
+    data = messages.startup_message({"user": "alice"})
+    for cut in range(len(data)):
+        assert read_startup_packet(bytearray(data[:cut])) is None
+
+
+@pytest.mark.parametrize(
+    "packet, expected",
+    [
+        (messages.ssl_request(), messages.SSLRequest()),
+        (struct.pack("!ii", 8, messages.GSSENC_REQUEST_CODE), messages.GSSENCRequest()),
+        (messages.cancel_request(1234, -5), messages.CancelRequest(1234, -5)),
+    ],
+)
+def test_special_startup_packets(packet: bytes, expected: object) -> None:
+    assert read_startup_packet(bytearray(packet)) == expected
+
+
+@pytest.mark.parametrize("length", [0, 3, 7, -1])
+def test_startup_length_too_small(length: int) -> None:
+    with pytest.raises(ProtocolViolation):
+        read_startup_packet(bytearray(struct.pack("!ii", length, messages.PROTOCOL_3_0)))
+
+
+def test_startup_length_above_limit() -> None:
+    with pytest.raises(ProtocolViolation, match="exceeds"):
+        read_startup_packet(bytearray(struct.pack("!ii", 10_001, messages.PROTOCOL_3_0)), maximum=10_000)
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (struct.pack("!i", 2 << 16) + b"\0", "unsupported frontend protocol"),
+        (struct.pack("!i", messages.PROTOCOL_3_0) + b"user\0alice\0", "not terminated"),
+        (struct.pack("!i", messages.PROTOCOL_3_0) + b"user\0\0", "without a value"),
+        (struct.pack("!i", messages.PROTOCOL_3_0) + b"user\0a\0user\0b\0\0", "repeats"),
+        (struct.pack("!i", messages.PROTOCOL_3_0) + b"user\0\xff\0\0", "UTF-8"),
+        (struct.pack("!ii", messages.CANCEL_REQUEST_CODE, 1), "CancelRequest"),
+    ],
+)
+def test_malformed_startup_packets(body: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolViolation, match=reason):
+        read_startup_packet(bytearray(struct.pack("!i", len(body) + 4) + body))
+
+
+def test_message_reader_yields_whole_messages_across_chunks() -> None:
+    stream = messages.password_message("secret") + messages.query("SELECT 1") + messages.sync()
+    reader = MessageReader(maximum=1000)
+    seen = []
+    for byte in stream:
+        reader.feed(bytes([byte]))
+        seen.extend(reader)
+    assert seen == [(b"p", b"secret\0"), (b"Q", b"SELECT 1\0"), (b"S", b"")]
+    assert reader.take_rest() == b""
+
+
+@pytest.mark.parametrize("length", [3, 70_000])
+def test_message_reader_length_checks(length: int) -> None:
+    reader = MessageReader(maximum=65_536)
+    reader.feed(b"p" + struct.pack("!i", length))
+    with pytest.raises(ProtocolViolation):
+        list(reader)
+
+
+def test_scanner_returns_watched_bodies_only() -> None:
+    stream = (
+        messages.message(b"T", b"x" * 30)
+        + messages.message(b"D", b"y" * 100)
+        + messages.ready_for_query(b"T")
+        + messages.message(b"C", b"SELECT 1\0")
+        + messages.ready_for_query(b"I")
+    )
+    for chunk_size in (1, 2, 3, 5, 7, 64, len(stream)):
+        scanner = MessageScanner(b"Z")
+        found = []
+        for start in range(0, len(stream), chunk_size):
+            found += scanner.scan(stream[start : start + chunk_size])
+            assert scanner.at_boundary() == (start + chunk_size >= len(stream)) or chunk_size < len(stream)
+        assert found == [(b"Z", b"T"), (b"Z", b"I")]
+        assert scanner.at_boundary()
+
+
+def test_scanner_boundary_tracking() -> None:
+    scanner = MessageScanner(b"")
+    data = messages.query("SELECT 1")
+    scanner.scan(data[:3])
+    assert not scanner.at_boundary()
+    scanner.scan(data[3:])
+    assert scanner.at_boundary()
+
+
+@pytest.mark.parametrize("length", [0, 3, (1 << 30) + 1])
+def test_scanner_rejects_bad_lengths(length: int) -> None:
+    scanner = MessageScanner(b"")
+    with pytest.raises(ProtocolViolation):
+        scanner.scan(b"Q" + struct.pack("!i", length))
+
+
+def test_scanner_rejects_bad_length_split_across_reads() -> None:
+    scanner = MessageScanner(b"Z", maximum=100)
+    scanner.scan(b"Q\x00\x00")
+    with pytest.raises(ProtocolViolation, match="exceeds"):
+        scanner.scan(b"\x10\x00")

@@ -1,0 +1,165 @@
+"""Token verification: every refusal reason, key sources, and the tenant claim path."""
+
+import base64
+import hashlib
+import hmac
+import json
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from proxy.config import UUID_PATTERN, JwtSettings
+from proxy.tokens import TokenRejected, TokenVerifier, claim_at
+
+SECRET = "s" * 40
+TENANT = "11111111-1111-4111-8111-111111111111"
+NOW = 1_800_000_000
+
+
+def settings(**overrides: Any) -> JwtSettings:
+    values: dict[str, Any] = dict(
+        algorithms=["HS256"],
+        secret=SECRET,
+        public_key_file=None,
+        jwks_file=None,
+        jwks_url=None,
+        audience=None,
+        issuer=None,
+        leeway_seconds=0,
+        tenant_claim="tenant_id",
+        tenant_pattern=UUID_PATTERN,
+    )
+    values.update(overrides)
+    return JwtSettings(**values)
+
+
+def token(claims: dict[str, Any] | None = None, key: Any = SECRET, algorithm: str = "HS256", **headers: Any) -> str:
+    body = {"tenant_id": TENANT, "sub": "alice", "exp": NOW + 60}
+    body.update(claims or {})
+    body = {k: v for k, v in body.items() if v is not None}
+    return jwt.encode(body, key, algorithm=algorithm, headers=headers or None)
+
+
+def test_valid_token() -> None:
+    identity = TokenVerifier(settings()).verify(token(), NOW)
+    assert (identity.tenant, identity.subject, identity.expires_at) == (TENANT, "alice", NOW + 60)
+
+
+@pytest.mark.parametrize(
+    "claims, overrides, reason",
+    [
+        ({"exp": NOW - 1}, {}, "token expired"),
+        ({"exp": None}, {}, "token has no 'exp' claim"),
+        ({"exp": "soon"}, {}, "'exp' is not a number"),
+        ({"nbf": NOW + 10}, {}, "token not yet valid"),
+        ({"iat": NOW + 10}, {}, "issued in the future"),
+        ({"aud": "other"}, {"audience": "app"}, "audience does not match"),
+        ({}, {"audience": "app"}, "no 'aud' claim"),
+        ({"iss": "evil"}, {"issuer": "https://issuer"}, "issuer does not match"),
+        ({"tenant_id": None}, {}, "tenant claim 'tenant_id' missing"),
+        ({"tenant_id": ""}, {}, "tenant claim 'tenant_id' missing"),
+        ({"tenant_id": "not-a-uuid"}, {}, "does not match the tenant pattern"),
+        ({"tenant_id": 42}, {}, "does not match the tenant pattern"),
+    ],
+)
+def test_refusals(claims: dict[str, Any], overrides: dict[str, Any], reason: str) -> None:
+    with pytest.raises(TokenRejected, match=reason):
+        TokenVerifier(settings(**overrides)).verify(token(claims), NOW)
+
+
+def test_leeway_applies_to_exp_and_nbf() -> None:
+    verifier = TokenVerifier(settings(leeway_seconds=30))
+    assert verifier.verify(token({"exp": NOW - 10, "nbf": NOW + 10}), NOW).expires_at == NOW + 20
+
+
+def test_bad_signature() -> None:
+    with pytest.raises(TokenRejected, match="signature does not verify"):
+        TokenVerifier(settings()).verify(token(key="x" * 40), NOW)
+
+
+@pytest.mark.parametrize("garbage", ["", "abc", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.e30", "\x00"])
+def test_malformed(garbage: str) -> None:
+    with pytest.raises(TokenRejected, match="malformed token|algorithm"):
+        TokenVerifier(settings()).verify(garbage, NOW)
+
+
+def test_alg_none_is_refused() -> None:
+    unsigned = jwt.encode({"tenant_id": TENANT, "exp": NOW + 60}, None, algorithm="none")
+    with pytest.raises(TokenRejected, match="algorithm is not allowed"):
+        TokenVerifier(settings()).verify(unsigned, NOW)
+
+
+def test_algorithm_outside_allowlist_is_refused() -> None:
+    with pytest.raises(TokenRejected, match="algorithm is not allowed"):
+        TokenVerifier(settings()).verify(token(key=SECRET * 2, algorithm="HS512"), NOW)
+
+
+def _rsa_pair() -> tuple[Any, bytes]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public_pem
+
+
+def test_rs256_with_public_key_file(tmp_path: Path) -> None:
+    private, public_pem = _rsa_pair()
+    (tmp_path / "key.pem").write_bytes(public_pem)
+    verifier = TokenVerifier(settings(algorithms=["RS256"], secret=None, public_key_file=str(tmp_path / "key.pem")))
+    assert verifier.verify(token(key=private, algorithm="RS256"), NOW).tenant == TENANT
+
+
+def _hs256_by_hand(claims: dict[str, Any], secret: bytes) -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(json.dumps(claims).encode())
+    return signing_input + "." + b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())
+
+
+@pytest.mark.parametrize("algorithms", [["RS256"], ["RS256", "HS256"]])
+def test_hs256_signed_with_public_key_is_refused(tmp_path: Path, algorithms: list[str]) -> None:
+    """The classic confusion attack: an HS256 token whose HMAC secret is the server's RSA public key."""
+    _, public_pem = _rsa_pair()
+    (tmp_path / "key.pem").write_bytes(public_pem)
+    secret = SECRET if "HS256" in algorithms else None
+    verifier = TokenVerifier(settings(algorithms=algorithms, secret=secret, public_key_file=str(tmp_path / "key.pem")))
+    forged = _hs256_by_hand({"tenant_id": TENANT, "exp": NOW + 60}, public_pem)
+    with pytest.raises(TokenRejected, match="algorithm is not allowed|signature does not verify"):
+        verifier.verify(forged, NOW)
+
+
+def test_jwks_file_selects_key_by_kid(tmp_path: Path) -> None:
+    first, _ = _rsa_pair()
+    second, _ = _rsa_pair()
+    keys = []
+    for kid, private in (("one", first), ("two", second)):
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+        jwk.update(kid=kid, alg="RS256", use="sig")
+        keys.append(jwk)
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": keys}))
+    verifier = TokenVerifier(settings(algorithms=["RS256"], secret=None, jwks_file=str(tmp_path / "jwks.json")))
+    assert verifier.verify(token(key=second, algorithm="RS256", kid="two"), NOW).tenant == TENANT
+    with pytest.raises(TokenRejected, match="signature"):
+        verifier.verify(token(key=second, algorithm="RS256", kid="one"), NOW)
+    with pytest.raises(TokenRejected, match="key id is not in the key set"):
+        verifier.verify(token(key=second, algorithm="RS256", kid="three"), NOW)
+    with pytest.raises(TokenRejected, match="no 'kid'"):
+        verifier.verify(token(key=second, algorithm="RS256"), NOW)
+
+
+def test_dotted_tenant_claim() -> None:
+    verifier = TokenVerifier(settings(tenant_claim="app_metadata.tenant"))
+    identity = verifier.verify(token({"app_metadata": {"tenant": TENANT}, "tenant_id": None}), NOW)
+    assert identity.tenant == TENANT
+
+
+def test_claim_at_prefers_literal_key_with_dots() -> None:
+    claims = {"https://example.com/tenant": "a", "https://example": {"com/tenant": "b"}}
+    assert claim_at(claims, "https://example.com/tenant") == "a"
+    assert claim_at({"a": {"b": {"c": 1}}}, "a.b.c") == 1
+    assert claim_at({"a": 1}, "a.b") is None

@@ -269,11 +269,12 @@ class BackendConnection(asyncio.Protocol):
         return self._scanner.at_boundary()
 
     def close(self) -> None:
-        """Say Terminate if the server is idle (an open transaction is rolled back by the close), then close."""
-        if self.transport is not None and not self.closed:
-            if self.transaction_status == b"I":
-                self.transport.write(messages.terminate())
-            self.transport.close()
+        """Say Terminate if the session is up and idle (an open transaction is rolled back by the close), then close."""
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            if self.process_id and self.transaction_status == b"I":
+                transport.write(messages.terminate())
+            transport.close()
         self.closed = True
 
 

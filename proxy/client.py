@@ -132,11 +132,11 @@ class ClientConnection(asyncio.Protocol):
         self.phase = Phase.CLOSED
         self.transport.close()
 
-    def refuse(self, sqlstate: str, reason: str) -> None:
+    def refuse(self, sqlstate: str, reason: str, detail: str | None = None, hint: str | None = None) -> None:
         """Refuse a client during startup, with one log line."""
         user = self.request.user if self.request else "-"
         log.warning("refused client=%s user=%s reason=%s", self.address, user, reason)
-        self.terminate(sqlstate, reason)
+        self.terminate(sqlstate, reason, detail, hint)
 
     def _auth_timed_out(self) -> None:
         self._timer = None
@@ -253,25 +253,26 @@ class ClientConnection(asyncio.Protocol):
                 identity = await loop.run_in_executor(None, server.verifier.verify, token, time.time())
             else:
                 identity = server.verifier.verify(token, time.time())
-        except TokenRejected as exc:
-            self.refuse(errors.INVALID_PASSWORD, str(exc))
-            return
-        self.identity = identity
-        database = server.settings.upstream.database or self.request.database or self.request.user
-        try:
+            self.identity = identity
+            database = server.settings.upstream.database or self.request.database or self.request.user
             self.backend = await server.pool.acquire(database, self.request.forwarded)
             failure = await self.backend.run(
                 server.context.session_messages(identity.tenant, self.backend.process_id, identity.expires_at)
             )
             if failure is not None:
                 raise UpstreamError.from_fields(failure, "could not set the tenant context: ")
+        except TokenRejected as exc:
+            self.refuse(errors.INVALID_PASSWORD, str(exc))
+            return
         except UpstreamError as exc:
-            log.warning("refused client=%s user=%s reason=%s", self.address, self.request.user, exc.text)
-            self.terminate(exc.sqlstate, exc.text, exc.detail, exc.hint)
+            self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
             return
-        if self.phase is Phase.CLOSED:
+        except Exception:
+            log.exception("internal error while opening a session for client=%s", self.address)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while opening the session")
             return
-        self._ready(identity)
+        if self.phase is not Phase.CLOSED:
+            self._ready(identity)
 
     def _ready(self, identity: Identity) -> None:
         assert self.backend is not None and self.transport is not None and self.request is not None

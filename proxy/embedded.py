@@ -39,12 +39,15 @@ def free_port() -> int:
 
 class EmbeddedPostgres:
     """One temporary cluster. Superuser `postgres` connects over the socket without a password;
-    TCP connections use SCRAM-SHA-256."""
+    TCP connections use SCRAM-SHA-256 unless `hba` lines (placed first in pg_hba.conf) say otherwise."""
 
-    def __init__(self, port: int | None = None, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, settings: dict[str, str] | None = None, hba: list[str] | None = None
+    ) -> None:
         self.bindir = find_bindir()
         self.port = port or free_port()
         self.settings = settings or {}
+        self.hba = hba or []
         self.root = Path(tempfile.mkdtemp(prefix="pgtp-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "socket"
@@ -89,7 +92,13 @@ class EmbeddedPostgres:
         with open(self.data / "postgresql.auto.conf", "a") as conf:
             for name, value in options.items():
                 conf.write(f"{name} = '{value}'\n")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start")
+        hba = self.data / "pg_hba.conf"
+        hba.write_text("".join(line + "\n" for line in self.hba) + hba.read_text())
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start")
+        except RuntimeError as exc:
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            raise RuntimeError(f"{exc}\n{log[-2000:]}") from None
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,108 @@
+"""Pool limits, backpressure across the proxy, and keys fetched from a JWKS URL."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from conftest import ACME, ROWS, ProxyProcess, wait_until
+from proxy.embedded import EmbeddedPostgres
+from proxy.protocol import messages
+from test_protocol import RawClient, login
+
+
+async def connect(proxy: ProxyProcess, token: str) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host="127.0.0.1", port=proxy.port, user="alice", database="app", password=token, ssl=False, timeout=20
+    )
+
+
+async def test_full_pool_refuses_with_53300_after_the_checkout_timeout(make_proxy: Any) -> None:
+    small = make_proxy({"pool": {"size": 1, "checkout_timeout_seconds": 0.5}})
+    holder = await connect(small, small.token())
+    try:
+        start = time.monotonic()
+        with pytest.raises(asyncpg.TooManyConnectionsError, match='pool for database "app" is full') as info:
+            await connect(small, small.token())
+        assert info.value.sqlstate == "53300"
+        assert time.monotonic() - start >= 0.4
+    finally:
+        await holder.close()
+    # The slot comes back once the holder leaves.
+    again = await connect(small, small.token())
+    assert await again.fetchval("SELECT count(*) FROM leads") == ROWS[ACME]
+    await again.close()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_backpressure_reaches_the_server(proxy: ProxyProcess, pg: EmbeddedPostgres) -> None:
+    """A client that stops reading makes the server wait on ClientWrite; the proxy does not buffer it all."""
+    assert proxy.process is not None
+    client = RawClient(proxy.port)
+    try:
+        login(client, proxy.token())
+        client.send(messages.query("SELECT pg_backend_pid()"))
+        pid = int([body for t, body in client.read_until(b"Z") if t == b"D"][0][6:])
+        before = rss_kib(proxy.process.pid)
+        client.send(messages.query("SELECT repeat('x', 1000000) FROM generate_series(1, 2000)"))  # about 2 GB
+        wait_until(
+            lambda: pg.psql(f"SELECT wait_event FROM pg_stat_activity WHERE pid = {pid}").strip() == "ClientWrite",
+            deadline=30,
+        )
+        assert rss_kib(proxy.process.pid) - before < 64 * 1024
+    finally:
+        client.close()
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}").strip() == "0", deadline=30)
+
+
+class _JwksHandler(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[tuple[str, Any]]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", alg="ES256", use="sig")
+    handler = type("Handler", (_JwksHandler,), {"body": json.dumps({"keys": [jwk]}).encode()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", key
+    server.shutdown()
+
+
+async def test_es256_token_with_keys_from_a_jwks_url(make_proxy: Any, jwks_server: tuple[str, Any]) -> None:
+    url, key = jwks_server
+    proxy = make_proxy({"jwt": {"algorithms": ["ES256"], "jwks_url": url, "secret": None}})
+    claims = {"tenant_id": ACME, "exp": int(time.time()) + 60}
+    conn = await connect(proxy, jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"}))
+    assert await conn.fetchval("SELECT tenant_proxy.current_tenant()") == ACME
+    await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError, match="key could not be found"):
+        await connect(proxy, jwt.encode(claims, key, algorithm="ES256", headers={"kid": "unknown"}))

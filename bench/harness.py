@@ -1,0 +1,419 @@
+"""Benchmark harness: pg-tenant-proxy beside PgBouncer and direct Postgres, in one run.
+
+Starts a tuned throwaway Postgres, the proxy and PgBouncer with equivalent settings, runs each
+scenario against each target interleaved (A B C A B C ...), and reports medians with ratios to direct
+and to PgBouncer. `bench/run` is the entry point; it prepares the environment first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from proxy.demo import TenantDatabase, prepare_database, wait_for_port, write_config
+from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.tokens import mint
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TENANT_COUNT = 100
+ROWS_PER_TENANT = 1000
+
+
+@dataclass
+class Target:
+    """One thing pgbench connects to."""
+
+    name: str
+    port: int
+    user: str
+    password: str
+
+
+@dataclass
+class Result:
+    """All runs of one scenario on one target."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    unit: str
+    targets: list[str]
+    run: Callable[[Target, float], float]
+    higher_is_better: bool = True
+    note: str = ""
+
+
+class Bench:
+    """Owns the processes of one benchmark run."""
+
+    def __init__(self, workdir: Path, duration: float) -> None:
+        self.workdir = workdir
+        self.duration = duration
+        self.pg = EmbeddedPostgres(
+            settings={
+                "max_connections": "400",
+                "shared_buffers": "256MB",
+                "max_wal_size": "2GB",
+                "log_min_messages": "warning",
+            }
+        ).start()
+        self.db: TenantDatabase = prepare_database(self.pg, database="bench")
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.targets: dict[str, Target] = {}
+        self.commands: list[str] = []
+        self.tokens: dict[str, str] = {}
+        self.tenants = [str(uuid.UUID(int=i + 1, version=4)) for i in range(TENANT_COUNT)]
+        self.rsa_private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.rsa_public_file = workdir / "rs256.pem"
+        self.rsa_public_file.write_bytes(
+            self.rsa_private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def load_data(self, scale: int) -> None:
+        pgbench = str(self.pg.bindir / "pgbench")
+        subprocess.run(
+            [pgbench, "-i", "-q", "-s", str(scale), "-h", str(self.pg.socket_dir), "-p", str(self.pg.port),
+             "-U", "postgres", "bench"],
+            check=True, capture_output=True,
+        )
+        role = self.db.app_role
+        values = ",".join(f"('{t}')" for t in self.tenants)
+        self.pg.psql(
+            f"GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO {role};"
+            f"CREATE TABLE tenants (tenant_id uuid PRIMARY KEY); INSERT INTO tenants VALUES {values};"
+            "CREATE TABLE orders (tenant_id uuid NOT NULL, id int NOT NULL, customer text, amount numeric,"
+            " PRIMARY KEY (tenant_id, id));"
+            f"INSERT INTO orders SELECT t.tenant_id, g, 'customer ' || g, g * 1.5 FROM tenants t,"
+            f" generate_series(1, {ROWS_PER_TENANT}) g;"
+            "CREATE TABLE orders_plain AS SELECT * FROM orders; ALTER TABLE orders_plain ADD PRIMARY KEY (tenant_id, id);"
+            "ALTER TABLE orders ENABLE ROW LEVEL SECURITY; ALTER TABLE orders FORCE ROW LEVEL SECURITY;"
+            "CREATE POLICY strict ON orders USING (tenant_id = (SELECT tenant_proxy.current_tenant())::uuid);"
+            "ALTER TABLE orders_plain ENABLE ROW LEVEL SECURITY; ALTER TABLE orders_plain FORCE ROW LEVEL SECURITY;"
+            "CREATE POLICY plain ON orders_plain USING (tenant_id = current_setting('app.current_tenant', true)::uuid);"
+            f"GRANT SELECT ON orders, orders_plain TO {role}; ANALYZE;",
+            "bench",
+        )
+
+    def start_proxy(self, name: str, overrides: dict[str, dict[str, object]] | None = None) -> Target:
+        port = free_port()
+        config = write_config(
+            self.workdir / f"{name}.toml", self.pg, self.db, port,
+            {"pool": {"size": 300}, "": {"log_level": "warning"}, **(overrides or {})},
+        )
+        log = open(self.workdir / f"{name}.log", "wb")
+        python = REPO / ".venv" / "bin" / "python"
+        process = subprocess.Popen(
+            [str(python if python.exists() else sys.executable), "-m", "proxy", "run", "--config", str(config)],
+            stderr=log, cwd=REPO,
+        )
+        self.processes.append(process)
+        wait_for_port(port, process)
+        self.commands.append(f"pg-tenant-proxy run --config {config.name}  # pool.size=300, log_level=warning")
+        target = Target(name, port, "bench", "")
+        self.targets[name] = target
+        return target
+
+    def start_pgbouncer(self, name: str, pool_mode: str) -> Target:
+        port = free_port()
+        directory = self.workdir / name
+        directory.mkdir()
+        (directory / "userlist.txt").write_text(f'"{self.db.app_role}" "{self.db.app_password}"\n')
+        (directory / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"bench = host=127.0.0.1 port={self.pg.port} dbname=bench\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = plain\nauth_file = {directory / 'userlist.txt'}\n"
+            f"pool_mode = {pool_mode}\ndefault_pool_size = 300\nmax_client_conn = 20000\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {directory / 'pgbouncer.log'}\npidfile = {directory / 'pgbouncer.pid'}\n"
+        )
+        kwargs: dict[str, object] = {}
+        if os.geteuid() == 0:
+            shutil.chown(directory, "postgres", "postgres")
+            for path in directory.iterdir():
+                shutil.chown(path, "postgres", "postgres")
+            kwargs = {"user": "postgres", "group": "postgres", "extra_groups": []}
+        process = subprocess.Popen(  # type: ignore[call-overload]
+            ["pgbouncer", str(directory / "pgbouncer.ini")], stderr=subprocess.DEVNULL, cwd=directory, **kwargs
+        )
+        self.processes.append(process)
+        wait_for_port(port, process)
+        self.commands.append(f"pgbouncer pgbouncer.ini  # pool_mode={pool_mode}, auth_type=plain, default_pool_size=300")
+        target = Target(name, port, self.db.app_role, self.db.app_password)
+        self.targets[name] = target
+        return target
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.pg.stop()
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def token(self, tenant: str, key: str = "hs") -> str:
+        cache_key = f"{key}:{tenant}"
+        if cache_key not in self.tokens:
+            claims = {"tenant_id": tenant, "sub": "bench", "exp": int(time.time()) + 24 * 3600}
+            if key == "hs":
+                self.tokens[cache_key] = mint(self.db.jwt_secret, claims)
+            else:
+                self.tokens[cache_key] = jwt.encode(claims, self.rsa_private, algorithm="RS256")
+        return self.tokens[cache_key]
+
+    def pgbench(self, target: Target, args: list[str], password: str | None = None, record: bool = True) -> str:
+        command = [str(self.pg.bindir / "pgbench"), "-n", "-h", "127.0.0.1", "-p", str(target.port),
+                   "-U", target.user, *args, "bench"]
+        if record:
+            shown = " ".join(a for a in command[1:] if not a.startswith(str(self.workdir)))
+            self.commands.append(f"pgbench {shown}  # against {target.name}")
+        env = {**os.environ, "PGPASSWORD": password if password is not None else target.password,
+               "PGSSLMODE": "disable"}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=self.duration * 4 + 120)
+        if result.returncode != 0:
+            raise RuntimeError(f"pgbench against {target.name} failed: {result.stderr.strip()[-500:]}")
+        return result.stdout
+
+    def password_for(self, target: Target, tenant: str | None = None) -> str:
+        if target.name.startswith("proxy"):
+            return self.token(tenant or self.tenants[0], "rs" if "rs256" in target.name else "hs")
+        return target.password
+
+
+def tps_of(output: str) -> float:
+    match = re.search(r"tps = ([0-9.]+) \((without|excluding)", output)
+    if match is None:
+        raise RuntimeError(f"no tps in pgbench output:\n{output[-500:]}")
+    return float(match.group(1))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def pgbench_latencies(bench: Bench, target: Target, args: list[str]) -> list[float]:
+    """Per-transaction latencies in microseconds from pgbench's transaction log."""
+    prefix = bench.workdir / f"latency-{target.name}-{time.monotonic_ns()}"
+    bench.pgbench(target, [*args, "-l", f"--log-prefix={prefix}"], bench.password_for(target))
+    latencies: list[float] = []
+    for path in bench.workdir.glob(f"{prefix.name}*"):
+        for line in path.read_text().splitlines():
+            latencies.append(float(line.split()[2]))
+        path.unlink()
+    return latencies
+
+
+def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
+    duration = str(int(bench.duration))
+    select_only = ["-S", "-c", "16", "-j", "2", "-T", duration]
+
+    def s1(target: Target, _: float) -> float:
+        return tps_of(bench.pgbench(target, [*select_only, "-M", "simple"], bench.password_for(target)))
+
+    def s2(mode: str) -> Callable[[Target, float], float]:
+        def run(target: Target, _: float) -> float:
+            return tps_of(bench.pgbench(target, [*select_only, "-M", mode], bench.password_for(target)))
+
+        return run
+
+    def s5(target: Target, _: float) -> float:
+        args = ["-S", "-C", "-c", "8", "-j", "2", "-T", duration]
+        return tps_of(bench.pgbench(target, args, bench.password_for(target)))
+
+    def s7(fraction: float) -> Callable[[Target, float], float]:
+        def run(target: Target, _: float) -> float:
+            return percentile(pgbench_latencies(bench, target, ["-S", "-c", "1", "-j", "1", "-T", duration]), fraction)
+
+        return run
+
+    proxy_pair = ["direct", "pgbouncer", "proxy"]
+    scenarios = [
+        Scenario("S1", "pgbench -S, 16 clients, simple protocol, session mode", "TPS", proxy_pair, s1),
+        Scenario("S7-p50", "1 client pgbench -S, latency p50", "us", proxy_pair, s7(0.50), higher_is_better=False),
+        Scenario("S7-p99", "1 client pgbench -S, latency p99", "us", proxy_pair, s7(0.99), higher_is_better=False),
+    ]
+    if not quick:
+        scenarios[1:1] = [
+            Scenario("S2-ext", "pgbench -S -M extended, 16 clients", "TPS", proxy_pair, s2("extended")),
+            Scenario("S2-prep", "pgbench -S -M prepared, 16 clients", "TPS", proxy_pair, s2("prepared")),
+            Scenario("S5", "connection storm, pgbench -S -C, 8 clients (connections/s)", "TPS",
+                     ["pgbouncer", "proxy", "proxy-rs256"], s5),
+        ]
+    return scenarios
+
+
+NOT_AVAILABLE = {
+    "S3": "transaction mode, 64 clients over a pool of 8: not available until transaction pooling lands",
+    "S4": "tenant workload (proxy context vs SET LOCAL through PgBouncer): not available in this version",
+    "S6": "10,000 idle clients: not available until transaction pooling (session mode holds a server per client)",
+}
+
+
+def run_all(bench: Bench, scenarios: list[Scenario], runs: int) -> dict[str, dict[str, Result]]:
+    results: dict[str, dict[str, Result]] = {s.name: {t: Result() for t in s.targets} for s in scenarios}
+    for scenario in scenarios:
+        for run in range(runs):
+            for target_name in scenario.targets:
+                value = scenario.run(bench.targets[target_name], bench.duration)
+                results[scenario.name][target_name].values.append(value)
+                print(f"  {scenario.name} run {run + 1}/{runs} {target_name:12s} {value:12.1f} {scenario.unit}",
+                      flush=True)
+    return results
+
+
+def table(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> list[str]:
+    lines = [
+        "| scenario | target | median | runs | vs direct | vs PgBouncer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario in scenarios:
+        row = results[scenario.name]
+        direct = row["direct"].median if "direct" in row else None
+        bouncer = row["pgbouncer"].median if "pgbouncer" in row else None
+        for name, result in row.items():
+            ratio_direct = f"{result.median / direct:.2f}x" if direct else "-"
+            ratio_bouncer = f"{result.median / bouncer:.2f}x" if bouncer else "-"
+            runs = ", ".join(f"{v:.0f}" for v in result.values)
+            lines.append(
+                f"| {scenario.name} {scenario.title} | {name} | {result.median:.1f} {scenario.unit} | {runs} |"
+                f" {ratio_direct} | {ratio_bouncer} |"
+            )
+    for scenario in scenarios:
+        if scenario.name == "S7-p50" and "direct" in results[scenario.name]:
+            direct = results[scenario.name]["direct"].median
+            added = {name: r.median - direct for name, r in results[scenario.name].items() if name != "direct"}
+            if "pgbouncer" in added and added["pgbouncer"] > 0:
+                lines.append("")
+                lines.append(
+                    "Added p50 latency per query: "
+                    + ", ".join(f"{name} {value:.0f} us" for name, value in added.items())
+                    + f"; proxy / PgBouncer = {added['proxy'] / added['pgbouncer']:.2f}x"
+                )
+    return lines
+
+
+def version(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def write_results(path: Path, bench: Bench, args: argparse.Namespace, lines: list[str], elapsed: float) -> None:
+    machine = [
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- cores: {os.cpu_count()}, memory: {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB",
+        f"- Python {platform.python_version()}, {version([str(bench.pg.bindir / 'postgres'), '--version'])},"
+        f" {version(['pgbouncer', '--version'])}",
+        f"- mode: {'quick' if args.quick else 'full'}, {args.runs} runs per target, {bench.duration:.0f} s each,"
+        f" interleaved; total {elapsed / 60:.1f} min",
+        "- everything on one machine: Postgres, the proxy, PgBouncer and pgbench share the cores",
+    ]
+    text = [
+        "# Benchmark results",
+        "",
+        "Produced by `bench/run" + (" --quick" if args.quick else "") + "`. Medians of the runs listed; ratios are"
+        " of medians. Latency is pgbench's per-transaction latency (client side).",
+        "",
+        *machine,
+        "",
+        *lines,
+        "",
+        "Not measured in this run:",
+        "",
+        *[f"- {name}: {reason}" for name, reason in NOT_AVAILABLE.items()],
+        "",
+        "## Commands",
+        "",
+        "```",
+        *dict.fromkeys(bench.commands),
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(text))
+
+
+@contextmanager
+def running_bench(duration: float) -> Iterator[Bench]:
+    workdir = Path(tempfile.mkdtemp(prefix="pgtp-bench-"))
+    workdir.chmod(0o755)
+    bench = Bench(workdir, duration)
+    try:
+        yield bench
+    finally:
+        bench.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer scenarios, shorter runs (under 3 minutes)")
+    parser.add_argument("--runs", type=int, help="runs per target (default 3)")
+    parser.add_argument("--duration", type=float, help="seconds per pgbench run")
+    parser.add_argument("--only", help="comma-separated scenario names, e.g. S1,S7-p50")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args(argv)
+    args.runs = args.runs or 3
+    duration = args.duration or (5.0 if args.quick else 15.0)
+    started = time.monotonic()
+    with running_bench(duration) as bench:
+        print("Loading data ...", flush=True)
+        bench.load_data(scale=args.scale)
+        bench.targets["direct"] = Target("direct", bench.pg.port, bench.db.app_role, bench.db.app_password)
+        bench.start_pgbouncer("pgbouncer", "session")
+        bench.start_proxy("proxy")
+        scenarios = build_scenarios(bench, args.quick)
+        if not args.quick:
+            bench.start_proxy("proxy-rs256", {"jwt": {"algorithms": ["RS256"], "secret": None,
+                                                     "public_key_file": str(bench.rsa_public_file)}})
+        if args.only:
+            wanted = set(args.only.split(","))
+            scenarios = [s for s in scenarios if s.name in wanted]
+        results = run_all(bench, scenarios, args.runs)
+        lines = table(scenarios, results)
+        print("\n".join(lines))
+        write_results(args.output, bench, args, lines, time.monotonic() - started)
+        print(f"\nWrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

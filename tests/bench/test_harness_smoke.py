@@ -1,0 +1,43 @@
+"""The benchmark harness starts all targets and parses one scenario (a smoke test, not a measurement)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from harness import percentile, tps_of  # noqa: E402
+
+
+def test_tps_parsing() -> None:
+    output = "latency average = 0.5 ms\ntps = 31234.567890 (without initial connection time)\n"
+    assert tps_of(output) == pytest.approx(31234.56789)
+    with pytest.raises(RuntimeError):
+        tps_of("pgbench: error")
+
+
+def test_percentile() -> None:
+    assert percentile([5, 1, 3, 2, 4], 0.5) == 3
+    assert percentile(list(range(100)), 0.99) == 99
+
+
+@pytest.mark.skipif(shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists(),
+                    reason="PgBouncer is installed by .ci/run and bench/run")
+def test_harness_runs_one_scenario(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "harness.py"), "--quick", "--only", "S1", "--runs", "1",
+         "--duration", "1", "--scale", "1", "--output", str(output)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = output.read_text()
+    for target in ("direct", "pgbouncer", "proxy"):
+        assert f"| S1 pgbench -S, 16 clients, simple protocol, session mode | {target} |" in text
+    assert "vs PgBouncer" in text and "## Commands" in text

@@ -132,9 +132,8 @@ class Bench:
             {"pool": {"size": 300}, "": {"log_level": "warning"}, **(overrides or {})},
         )
         log = open(self.workdir / f"{name}.log", "wb")
-        python = REPO / ".venv" / "bin" / "python"
         process = subprocess.Popen(
-            [str(python if python.exists() else sys.executable), "-m", "proxy", "run", "--config", str(config)],
+            [sys.executable, "-m", "proxy", "run", "--config", str(config)],
             stderr=log, cwd=REPO,
         )
         self.processes.append(process)

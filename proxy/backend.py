@@ -13,18 +13,20 @@ import hashlib
 import secrets
 import socket
 import ssl
+from collections import deque
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.config import UpstreamSettings
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
-from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, MessageScanner
+from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, Message, MessageScanner, Segment
 from proxy.protocol.scram import MECHANISM, ScramClient
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 _MAX_STARTUP_MESSAGE = 1 << 20
+REFUSAL_HINT = "pg-tenant-proxy's SQL guard refuses statements that could change the tenant context or the session's identity"
 
 
 class Peer(Protocol):
@@ -33,6 +35,28 @@ class Peer(Protocol):
     transport: asyncio.Transport | None
 
     def backend_lost(self, backend: BackendConnection) -> None: ...
+
+    def context_failed(self, fields: dict[str, str]) -> None: ...
+
+    def reassert_later(self) -> None: ...
+
+
+class SyncGroup:
+    """The server's replies up to one ReadyForQuery: to the client's Query/Sync, or to the proxy's own.
+
+    A client group may carry refusals: statements the guard replaced by a marker that fails on the
+    server, whose ErrorResponse is rewritten into the refusal on the way back.
+    """
+
+    __slots__ = ("own", "refusals")
+
+    def __init__(self, own: bool, refusals: dict[str, str] | None = None) -> None:
+        self.own = own
+        self.refusals = refusals
+
+
+CLIENT_GROUP = SyncGroup(own=False)
+OWN_GROUP = SyncGroup(own=True)
 
 
 class UpstreamError(Exception):
@@ -78,7 +102,10 @@ class BackendConnection(asyncio.Protocol):
         self._incoming = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._lost: Exception | None = None
-        self._scanner = MessageScanner(b"Z", DEFAULT_MAX_MESSAGE)
+        self._scanner = MessageScanner(b"ZE", DEFAULT_MAX_MESSAGE)
+        self.groups: deque[SyncGroup] = deque()
+        self._special_groups = 0  # groups in flight that are the proxy's own or carry refusals
+        self._own_error: dict[str, str] | None = None
         self.on_close: Callable[[], None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -97,14 +124,78 @@ class BackendConnection(asyncio.Protocol):
             self._wake()
             return
         try:
-            for _, body in self._scanner.scan(data):
-                self.transaction_status = body
+            segments = self._scanner.scan(data)
         except ProtocolViolation:
             self.close()
             return
-        if peer.transport is not None:
+        if peer.transport is None:
+            return
+        if not self._special_groups:
+            for segment in segments:
+                if type(segment) is Message and segment.type == b"Z":
+                    self.transaction_status = segment.raw[5:6]
+                    if self.groups:
+                        self.groups.popleft()
             self.bytes_forwarded += len(data)
             peer.transport.write(data)
+            return
+        self._forward_special(peer, segments)
+
+    def _forward_special(self, peer: Peer, segments: list[Segment]) -> None:
+        """Forward while a group in flight is the proxy's own (swallowed) or carries refusals (rewritten)."""
+        assert peer.transport is not None
+        out: list[bytes | memoryview] = []
+        for segment in segments:
+            group = self.groups[0] if self.groups else CLIENT_GROUP
+            if type(segment) is not Message:
+                if not group.own:
+                    out.append(segment)
+                continue
+            raw = segment.raw
+            if segment.type == b"E":
+                if group.own:
+                    self._own_error = self._own_error or messages.parse_error_fields(segment.body)
+                elif group.refusals:
+                    raw = self._rewrite_refusal(group.refusals, segment)
+            elif segment.type == b"Z":
+                self.transaction_status = raw[5:6]
+                if self.groups:
+                    self.groups.popleft()
+                if group is not CLIENT_GROUP:
+                    self._special_groups -= 1
+                if group.own:
+                    error, self._own_error = self._own_error, None
+                    if error is not None:
+                        if self.transaction_status != b"E":
+                            self._write(peer, out)
+                            peer.context_failed(error)
+                            return
+                        peer.reassert_later()  # the rollback will restore the old values; try again after it
+                    continue
+            if not group.own:
+                out.append(raw)
+        self._write(peer, out)
+
+    def _write(self, peer: Peer, out: list[bytes | memoryview]) -> None:
+        if out and peer.transport is not None:
+            data = b"".join(out)
+            self.bytes_forwarded += len(data)
+            peer.transport.write(data)
+
+    @staticmethod
+    def _rewrite_refusal(refusals: dict[str, str], error: Message) -> bytes:
+        text = messages.parse_error_fields(error.body).get("M", "")
+        for marker, refusal in refusals.items():
+            if marker in text:
+                del refusals[marker]
+                return messages.error_response("ERROR", errors.INSUFFICIENT_PRIVILEGE, refusal, hint=REFUSAL_HINT)
+        return error.raw
+
+    def expect_group(self, group: SyncGroup) -> None:
+        """The client (or the proxy) just sent a Query, Sync or FunctionCall: one more ReadyForQuery is due."""
+        self.groups.append(group)
+        if group is not CLIENT_GROUP:
+            self._special_groups += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

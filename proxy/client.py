@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
 import socket
 import time
 from typing import TYPE_CHECKING, cast
 
-from proxy.backend import BackendConnection, UpstreamError
+from proxy.backend import CLIENT_GROUP, OWN_GROUP, BackendConnection, SyncGroup, UpstreamError
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
-from proxy.protocol.framing import MessageReader, MessageScanner, read_startup_packet
+from proxy.protocol.framing import Message, MessageReader, MessageScanner, read_startup_packet
 from proxy.tokens import Identity, TokenRejected
 
 if TYPE_CHECKING:
@@ -56,7 +57,9 @@ class ClientConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._tls_done = False
         self._reader: MessageReader | None = None
-        self._scanner = MessageScanner(b"", server.settings.client.max_message)
+        self._scanner = MessageScanner(b"QSFP" if server.guard else b"QSF", server.settings.client.max_message)
+        self._refusals: dict[str, str] | None = None  # refusals waiting for the Sync that closes their group
+        self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -118,7 +121,9 @@ class ClientConnection(asyncio.Protocol):
 
     # -- refusing --------------------------------------------------------------------------------
 
-    def terminate(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> None:
+    def terminate(
+        self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None, at_boundary: bool = False
+    ) -> None:
         """Send a FATAL ErrorResponse (when it cannot land inside a server message) and close."""
         if self.phase is Phase.CLOSED or self.transport is None:
             return
@@ -127,7 +132,7 @@ class ClientConnection(asyncio.Protocol):
         if backend is not None:
             backend.peer = None
             backend.close()
-        if backend is None or backend.at_message_boundary():
+        if at_boundary or backend is None or backend.at_message_boundary():
             self.transport.write(messages.error_response("FATAL", sqlstate, text, detail, hint))
         self.phase = Phase.CLOSED
         self.transport.close()
@@ -306,11 +311,85 @@ class ClientConnection(asyncio.Protocol):
     # -- forwarding ------------------------------------------------------------------------------
 
     def _forward(self, data: bytes) -> None:
+        backend = self.backend
+        if backend is None or backend.transport is None:
+            return
         try:
-            self._scanner.scan(data)
+            segments = self._scanner.scan(data)
         except ProtocolViolation as exc:
             self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
             return
-        backend = self.backend
-        if backend is not None and backend.transport is not None:
+        if len(segments) == 1 and type(segments[0]) is not Message:
             backend.transport.write(data)
+            return
+        out: list[bytes | memoryview] = []
+        for segment in segments:
+            if type(segment) is not Message:
+                out.append(segment)
+                continue
+            kind = segment.type
+            if kind == b"P":
+                out.append(self._checked_parse(segment))
+                continue
+            out.append(self._checked_query(segment) if kind == b"Q" else segment.raw)
+            # Query, Sync and FunctionCall each end a group of replies with one ReadyForQuery.
+            refusals, self._refusals = self._refusals, None
+            backend.expect_group(CLIENT_GROUP if refusals is None else SyncGroup(False, refusals))
+            if self._reassert_due:
+                self._reassert_due = False
+                assert self.identity is not None
+                out.append(self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at))
+                backend.expect_group(OWN_GROUP)
+        backend.transport.write(b"".join(out))
+
+    def _refusal_marker(self, refusal: str) -> str:
+        """SQL that fails on the server with a syntax error naming a fresh marker, remembered for rewriting."""
+        marker = f"pg_tenant_proxy_refused_{secrets.token_hex(8)}"
+        if self._refusals is None:
+            self._refusals = {}
+        self._refusals[marker] = refusal
+        log.info("refused statement client=%s tenant=%s reason=%s", self.address,
+                 self.identity.tenant if self.identity else "-", refusal)
+        return marker
+
+    def _checked_query(self, message: Message) -> bytes:
+        """A Query as it goes upstream: unchanged, or replaced by a marker that fails in its place."""
+        guard = self.server.guard
+        if guard is None:
+            return message.raw
+        decision = guard.check(message.raw[5:-1].decode(errors="replace"))
+        if decision.refusal is not None:
+            return messages.query(self._refusal_marker(decision.refusal))
+        if decision.reassert:
+            self._reassert_due = True
+        return message.raw
+
+    def _checked_parse(self, message: Message) -> bytes:
+        """A Parse as it goes upstream; a refused one is replaced by a Parse that fails at the same point."""
+        guard = self.server.guard
+        assert guard is not None
+        body = message.body
+        name_end = body.find(b"\0")
+        query_end = body.find(b"\0", name_end + 1)
+        if name_end < 0 or query_end < 0:
+            return message.raw  # malformed: the server reports it
+        decision = guard.check(body[name_end + 1 : query_end].decode(errors="replace"))
+        if decision.refusal is not None:
+            name = body[:name_end].decode(errors="replace")
+            return messages.parse(name, self._refusal_marker(decision.refusal))
+        if decision.reassert:
+            self._reassert_due = True
+        return message.raw
+
+    def context_failed(self, fields: dict[str, str]) -> None:
+        """Re-asserting the context failed outside a failed transaction: stop the session (fail closed)."""
+        log.warning("context lost client=%s reason=%s", self.address, fields.get("M", "?"))
+        self.terminate(
+            fields.get("C", errors.INTERNAL_ERROR),
+            "could not re-assert the tenant context: " + fields.get("M", "unknown error"),
+            at_boundary=True,
+        )
+
+    def reassert_later(self) -> None:
+        """Re-assert the context again after the client's next Query or Sync."""
+        self._reassert_due = True

@@ -83,7 +83,9 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("client", "max_auth_message"): (int, 65_536),
     ("client", "max_message"): (int, 1 << 30),
     ("client", "allowed_parameters"): (list, DEFAULT_ALLOWED_PARAMETERS),
-    ("client", "protected_prefixes"): (list, ["app.", "request.jwt.", "tenant_proxy."]),
+    ("guard", "enabled"): (bool, True),
+    ("guard", "allow_do"): (bool, False),
+    ("guard", "protected_prefixes"): (list, ["app.", "request.jwt."]),
 }
 
 
@@ -140,6 +142,12 @@ class ClientSettings:
     max_auth_message: int
     max_message: int
     allowed_parameters: list[str]
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    enabled: bool
+    allow_do: bool
     protected_prefixes: list[str]
 
 
@@ -154,6 +162,7 @@ class Settings:
     pool: PoolSettings
     tls: TlsSettings
     client: ClientSettings
+    guard: GuardSettings
     source: str = field(default="<defaults>")
 
 
@@ -347,7 +356,11 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         max_auth_message=values[("client", "max_auth_message")],
         max_message=values[("client", "max_message")],
         allowed_parameters=values[("client", "allowed_parameters")],
-        protected_prefixes=values[("client", "protected_prefixes")],
+    )
+    guard = GuardSettings(
+        enabled=values[("guard", "enabled")],
+        allow_do=values[("guard", "allow_do")],
+        protected_prefixes=values[("guard", "protected_prefixes")],
     )
     return Settings(
         listen_host=listen_host,
@@ -359,5 +372,6 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         pool=pool,
         tls=tls,
         client=client,
+        guard=guard,
         source=source,
     )

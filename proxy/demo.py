@@ -136,12 +136,15 @@ def run_demo(port: int = 6432, serve: bool = True) -> int:
         for name, token in tokens.items():
             print(f"== Tenant {name} ({TENANTS[name]}): SELECT * FROM leads, with no WHERE clause")
             print(_psql(port, token, "SELECT id, name, email FROM leads ORDER BY id"), "\n")
-        forged = (
-            f"SELECT set_config('app.current_tenant', '{TENANTS['globex']}', false);"
+        globex = TENANTS["globex"]
+        print("== Tenant acme tries to switch to globex's tenant id")
+        print(_psql(port, tokens["acme"], f"SET app.current_tenant = '{globex}'"), "\n")
+        print("   The SQL guard refuses it. Now past the guard, with a name it cannot see as a literal:")
+        sneaky = (
+            f"SELECT set_config('app.' || 'current_tenant', '{globex}', false);"
             " SELECT count(*) AS globex_rows_seen FROM leads"
         )
-        print("== Tenant acme forges the tenant setting to globex's id")
-        print(_psql(port, tokens["acme"], forged), "\n")
+        print(_psql(port, tokens["acme"], sneaky), "\n")
         print("   The proof no longer matches, so tenant_proxy.current_tenant() is NULL: no rows.\n")
         print("== Try it yourself:")
         for name, token in tokens.items():

@@ -87,21 +87,27 @@ def option_settings(options: str) -> list[tuple[str, str]]:
     return settings
 
 
+class ProtectedSettings:
+    """The settings no client may write: the tenant setting, the proof, and names under the prefixes."""
+
+    def __init__(self, names: Iterable[str], prefixes: Iterable[str]) -> None:
+        self._names = {name.lower() for name in names}
+        self._prefixes = tuple(prefix.lower() for prefix in prefixes)
+
+    def __contains__(self, name: str) -> bool:
+        lowered = name.lower()
+        return lowered in self._names or lowered.startswith(self._prefixes)
+
+
 class ParameterPolicy:
     """Decides which startup parameters pass, from an allowlist and the protected settings."""
 
-    def __init__(self, allowed: Iterable[str], protected_names: Iterable[str], protected_prefixes: Iterable[str]):
+    def __init__(self, allowed: Iterable[str], protected: ProtectedSettings) -> None:
         self._allowed = {name.lower(): name for name in allowed}
-        self._protected_names = {name.lower() for name in protected_names}
-        self._protected_prefixes = tuple(prefix.lower() for prefix in protected_prefixes)
-
-    def is_protected(self, name: str) -> bool:
-        """True for the tenant setting, the proof, and any name under a protected prefix."""
-        lowered = name.lower()
-        return lowered in self._protected_names or lowered.startswith(self._protected_prefixes)
+        self.protected = protected
 
     def _check(self, name: str) -> None:
-        if self.is_protected(name):
+        if name in self.protected:
             raise ParameterRefused(f'setting "{name}" is protected: the proxy sets it from your token')
         if name.lower() not in self._allowed:
             raise ParameterRefused(

@@ -17,7 +17,8 @@ import ssl
 from proxy.backend import send_cancel
 from proxy.client import ClientConnection
 from proxy.config import Settings
-from proxy.parameters import ParameterPolicy
+from proxy.guard import Guard
+from proxy.parameters import ParameterPolicy, ProtectedSettings
 from proxy.pool import SessionPool
 from proxy.protocol import errors
 from proxy.tenant import ContextBuilder
@@ -42,11 +43,11 @@ class ProxyServer:
         self.settings = settings
         self.verifier = TokenVerifier(settings.jwt)
         self.context = ContextBuilder(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
-        self.policy = ParameterPolicy(
-            settings.client.allowed_parameters,
-            [settings.tenant.setting, settings.tenant.proof_setting],
-            settings.client.protected_prefixes,
+        protected = ProtectedSettings(
+            [settings.tenant.setting, settings.tenant.proof_setting], settings.guard.protected_prefixes
         )
+        self.policy = ParameterPolicy(settings.client.allowed_parameters, protected)
+        self.guard = Guard(protected, settings.guard.allow_do) if settings.guard.enabled else None
         self.pool = SessionPool(settings.upstream, settings.pool)
         self.tls_context = server_tls_context(settings)
         self.clients: set[ClientConnection] = set()

@@ -10,6 +10,7 @@ Three readers, one per phase of a connection:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple, Union
 
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.messages import StartupPacket, parse_startup_packet
@@ -75,11 +76,26 @@ class MessageReader:
         return rest
 
 
+class Message(NamedTuple):
+    """A whole watched message: its type byte and its raw bytes (header included)."""
+
+    type: bytes
+    raw: bytes
+
+    @property
+    def body(self) -> bytes:
+        return self.raw[5:]
+
+
+Segment = Union[bytes, memoryview, Message]
+
+
 class MessageScanner:
     """Walks message headers in a stream that is forwarded as it arrives.
 
-    `scan(data)` checks every header's length and returns the watched messages completed in `data`
-    as (type byte, body). Bodies of other messages are skipped without copying.
+    `scan(data)` checks every header's length and returns the stream cut into segments, in order:
+    runs of unwatched bytes (passed on without being copied when a read holds no watched message) and
+    whole watched messages. A watched message split across reads is held until it is complete.
     """
 
     __slots__ = ("maximum", "watched", "_header", "_skip", "_body", "_body_type", "_need")
@@ -87,9 +103,9 @@ class MessageScanner:
     def __init__(self, watched: bytes, maximum: int = DEFAULT_MAX_MESSAGE) -> None:
         self.maximum = maximum
         self.watched = frozenset(watched)
-        self._header = b""  # a header split across reads
+        self._header = b""  # a header split across reads, not yet passed on
         self._skip = 0  # bytes of an unwatched body still to pass
-        self._body: bytearray | None = None  # a watched body being collected
+        self._body: bytearray | None = None  # a watched message being collected
         self._body_type = b""
         self._need = 0
 
@@ -97,10 +113,11 @@ class MessageScanner:
         """True when the bytes scanned so far end exactly at a message boundary."""
         return not self._header and not self._skip and self._body is None
 
-    def scan(self, data: bytes) -> list[tuple[bytes, bytes]]:
-        found: list[tuple[bytes, bytes]] = []
+    def scan(self, data: bytes) -> list[Segment]:
+        segments: list[Segment] = []
         pos = 0
         end = len(data)
+        start = 0  # where the pending run of unwatched bytes begins
         while pos < end:
             if self._skip:
                 step = min(self._skip, end - pos)
@@ -113,30 +130,43 @@ class MessageScanner:
                 self._need -= step
                 pos += step
                 if not self._need:
-                    found.append((self._body_type, bytes(self._body)))
+                    segments.append(Message(self._body_type, bytes(self._body)))
                     self._body = None
+                start = pos
                 continue
+            header_start = pos
             if self._header or end - pos < 5:
+                if not self._header and pos > start:
+                    segments.append(data[start:pos])
                 take = min(5 - len(self._header), end - pos)
                 self._header += data[pos : pos + take]
                 pos += take
+                start = pos
                 if len(self._header) < 5:
                     break
-                header = self._header
-                self._header = b""
+                header, self._header = self._header, b""
+                split = True
             else:
                 header = data[pos : pos + 5]
                 pos += 5
-            type_code = header[0]
+                split = False
             length = int.from_bytes(header[1:5], "big", signed=True)
             _check_length(length, self.maximum, "message")
+            type_code = header[0]
             if type_code in self.watched:
-                if length == 4:
-                    found.append((bytes((type_code,)), b""))
-                else:
-                    self._body = bytearray()
-                    self._body_type = bytes((type_code,))
-                    self._need = length - 4
+                if not split and header_start > start:
+                    segments.append(data[start:header_start])
+                self._body = bytearray(header)
+                self._body_type = bytes((type_code,))
+                self._need = length - 4
+                if not self._need:
+                    segments.append(Message(self._body_type, bytes(header)))
+                    self._body = None
+                start = pos
             else:
+                if split:
+                    segments.append(header)
                 self._skip = length - 4
-        return found
+        if start < end and self._body is None and not self._header:
+            segments.append(data if start == 0 else data[start:end])
+        return segments

@@ -51,9 +51,10 @@ def test_token_command_mints_a_verifiable_token() -> None:
 def test_demo_shows_isolation() -> None:
     result = run("demo", "--no-serve", "--port", str(free_port()), timeout=120)
     assert result.returncode == 0, result.stderr
-    acme, globex, forged = result.stdout.split("== ")[1:4]
+    acme, globex, attempts = result.stdout.split("== ")[1:4]
     assert "Ada Lovelace" in acme and "Grace Hopper" not in acme and "(2 rows)" in acme
     assert "Grace Hopper" in globex and "Ada Lovelace" not in globex
-    assert re.search(r"globex_rows_seen\s*\n-+\s*\n\s*0\s*\n", forged), forged
+    assert 'ERROR:  setting "app.current_tenant" is protected' in attempts
+    assert re.search(r"globex_rows_seen\s*\n-+\s*\n\s*0\s*\n", attempts), attempts
     assert "psql 'postgresql://acme@127.0.0.1:" in result.stdout
     assert "Stopped and cleaned up." in result.stdout

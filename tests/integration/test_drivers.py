@@ -59,12 +59,15 @@ def test_psycopg2(proxy: ProxyProcess) -> None:
 
 
 def test_forged_set_config_gets_nothing(proxy: ProxyProcess) -> None:
-    """Tenant A sets the plain setting to B's id: the proof no longer matches, the verifier says NULL."""
+    """Tenant A sets the plain setting to B's id: the guard refuses the literal form with 42501; a
+    computed name gets past the guard, but the proof no longer matches and the verifier says NULL."""
     with psycopg.connect(proxy.dsn(), password=proxy.token(ACME), autocommit=True) as conn:
-        conn.execute("SELECT set_config('app.current_tenant', %s, false)", (GLOBEX,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="protected"):
+            conn.execute("SELECT set_config('app.current_tenant', %s, false)", (GLOBEX,))
+        conn.execute("SELECT set_config('app.' || 'current_tenant', %s, false)", (GLOBEX,))
         assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == 0
         assert conn.execute("SELECT tenant_proxy.current_tenant()").fetchone()[0] is None
-        conn.execute("SET tenant_proxy.proof = '99999999999:" + "0" * 64 + "'")
+        conn.execute("SELECT set_config('tenant_proxy.' || 'proof', %s, false)", ("99999999999:" + "0" * 64,))
         assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == 0
 
 

@@ -103,7 +103,7 @@ def test_plain_policy_is_not_tamper_proof_but_strict_is(proxy: ProxyProcess, pg:
             "CREATE POLICY plain ON plain_notes USING (tenant_id = current_setting('app.current_tenant')::uuid);"
             f"TRUNCATE plain_notes; INSERT INTO plain_notes VALUES ('{ACME}', 'a'), ('{GLOBEX}', 'g');"
             f"GRANT SELECT ON plain_notes TO {tenant_db.app_role};", tenant_db.database)
-    forged = f"SELECT set_config('app.current_tenant', '{GLOBEX}', false)"
+    forged = f"SELECT set_config('app.' || 'current_tenant', '{GLOBEX}', false)"  # past the guard
     plain = proxy.psql(proxy.token(ACME), f"{forged}; SELECT note FROM plain_notes").stdout.split()
     strict = proxy.psql(proxy.token(ACME), f"{forged}; SELECT count(*) FROM leads").stdout.split()
     assert plain[-1] == "g"  # the documented weakness of the plain form

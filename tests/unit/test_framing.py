@@ -1,12 +1,13 @@
 """Framing: startup packets, whole-message reading, and header-only scanning with length checks."""
 
+import random
 import struct
 
 import pytest
 
 from proxy.protocol import messages
 from proxy.protocol.errors import ProtocolViolation
-from proxy.protocol.framing import MessageReader, MessageScanner, read_startup_packet
+from proxy.protocol.framing import Message, MessageReader, MessageScanner, read_startup_packet
 
 
 def test_startup_message_round_trip() -> None:
@@ -80,22 +81,54 @@ def test_message_reader_length_checks(length: int) -> None:
         list(reader)
 
 
-def test_scanner_returns_watched_bodies_only() -> None:
-    stream = (
+def _stream() -> bytes:
+    return (
         messages.message(b"T", b"x" * 30)
         + messages.message(b"D", b"y" * 100)
         + messages.ready_for_query(b"T")
         + messages.message(b"C", b"SELECT 1\0")
+        + messages.message(b"E", b"")
         + messages.ready_for_query(b"I")
     )
+
+
+def _rebuild(segments: list[object]) -> bytes:
+    return b"".join(s.raw if isinstance(s, Message) else bytes(s) for s in segments)  # type: ignore[arg-type]
+
+
+def test_scanner_returns_watched_messages_whole_in_order() -> None:
+    stream = _stream()
     for chunk_size in (1, 2, 3, 5, 7, 64, len(stream)):
-        scanner = MessageScanner(b"Z")
-        found = []
+        scanner = MessageScanner(b"ZE")
+        segments: list[object] = []
         for start in range(0, len(stream), chunk_size):
-            found += scanner.scan(stream[start : start + chunk_size])
-            assert scanner.at_boundary() == (start + chunk_size >= len(stream)) or chunk_size < len(stream)
-        assert found == [(b"Z", b"T"), (b"Z", b"I")]
+            segments += scanner.scan(stream[start : start + chunk_size])
+        assert _rebuild(segments) == stream
+        watched = [s for s in segments if isinstance(s, Message)]
+        assert [(m.type, m.body) for m in watched] == [(b"Z", b"T"), (b"E", b""), (b"Z", b"I")]
         assert scanner.at_boundary()
+
+
+def test_scanner_passes_unwatched_reads_without_copying() -> None:
+    data = messages.message(b"D", b"y" * 100)
+    assert MessageScanner(b"Z").scan(data)[0] is data
+
+
+def test_scanner_random_chunking_reproduces_the_stream() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        parts = [messages.message(rng.choice([b"Q", b"P", b"S", b"D", b"B"]), bytes(rng.randrange(40))) for _ in range(8)]
+        stream = b"".join(parts)
+        scanner = MessageScanner(b"QS")
+        segments: list[object] = []
+        position = 0
+        while position < len(stream):
+            step = rng.randrange(1, 20)
+            segments += scanner.scan(stream[position : position + step])
+            position += step
+        assert _rebuild(segments) == stream
+        expected = [p for p in parts if p[:1] in (b"Q", b"S")]
+        assert [s.raw for s in segments if isinstance(s, Message)] == expected
 
 
 def test_scanner_boundary_tracking() -> None:

@@ -3,14 +3,13 @@
 import pytest
 
 from proxy.config import DEFAULT_ALLOWED_PARAMETERS
-from proxy.parameters import ParameterPolicy, ParameterRefused, option_settings, split_options
+from proxy.parameters import ParameterPolicy, ParameterRefused, ProtectedSettings, option_settings, split_options
 from proxy.protocol import errors
 
 
 def policy() -> ParameterPolicy:
-    return ParameterPolicy(
-        DEFAULT_ALLOWED_PARAMETERS, ["app.current_tenant", "tenant_proxy.proof"], ["app.", "request.jwt."]
-    )
+    protected = ProtectedSettings(["app.current_tenant", "tenant_proxy.proof"], ["app.", "request.jwt."])
+    return ParameterPolicy(DEFAULT_ALLOWED_PARAMETERS, protected)
 
 
 def test_split_options_with_escapes() -> None:

@@ -105,6 +105,7 @@ class BackendConnection(asyncio.Protocol):
         self._scanner = MessageScanner(b"ZE", DEFAULT_MAX_MESSAGE)
         self.groups: deque[SyncGroup] = deque()
         self._special_groups = 0  # groups in flight that are the proxy's own or carry refusals
+        self._open_refusals: dict[str, str] | None = None  # refusals sent since the client's last Sync
         self._own_error: dict[str, str] | None = None
         self.on_close: Callable[[], None] | None = None
 
@@ -130,7 +131,7 @@ class BackendConnection(asyncio.Protocol):
             return
         if peer.transport is None:
             return
-        if not self._special_groups:
+        if not self._special_groups and self._open_refusals is None:
             for segment in segments:
                 if type(segment) is Message and segment.type == b"Z":
                     self.transaction_status = segment.raw[5:6]
@@ -146,7 +147,7 @@ class BackendConnection(asyncio.Protocol):
         assert peer.transport is not None
         out: list[bytes | memoryview] = []
         for segment in segments:
-            group = self.groups[0] if self.groups else CLIENT_GROUP
+            group = self.groups[0] if self.groups else SyncGroup(False, self._open_refusals)
             if type(segment) is not Message:
                 if not group.own:
                     out.append(segment)
@@ -161,8 +162,8 @@ class BackendConnection(asyncio.Protocol):
                 self.transaction_status = raw[5:6]
                 if self.groups:
                     self.groups.popleft()
-                if group is not CLIENT_GROUP:
-                    self._special_groups -= 1
+                    if group is not CLIENT_GROUP:
+                        self._special_groups -= 1
                 if group.own:
                     error, self._own_error = self._own_error, None
                     if error is not None:
@@ -191,11 +192,25 @@ class BackendConnection(asyncio.Protocol):
                 return messages.error_response("ERROR", errors.INSUFFICIENT_PRIVILEGE, refusal, hint=REFUSAL_HINT)
         return error.raw
 
-    def expect_group(self, group: SyncGroup) -> None:
-        """The client (or the proxy) just sent a Query, Sync or FunctionCall: one more ReadyForQuery is due."""
+    def add_refusal(self, marker: str, refusal: str) -> None:
+        """A refused statement was replaced by `marker`; its error will come back in the open group."""
+        if self._open_refusals is None:
+            self._open_refusals = {}
+        self._open_refusals[marker] = refusal
+
+    def expect_group(self, own: bool = False) -> None:
+        """The client (or the proxy, `own`) just sent a Query, Sync or FunctionCall: one more
+        ReadyForQuery is due, closing the group of replies that includes any open refusals."""
+        if own:
+            group = OWN_GROUP
+        elif self._open_refusals is not None:
+            group = SyncGroup(False, self._open_refusals)
+            self._open_refusals = None
+        else:
+            self.groups.append(CLIENT_GROUP)
+            return
         self.groups.append(group)
-        if group is not CLIENT_GROUP:
-            self._special_groups += 1
+        self._special_groups += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

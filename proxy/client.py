@@ -15,7 +15,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, cast
 
-from proxy.backend import CLIENT_GROUP, OWN_GROUP, BackendConnection, SyncGroup, UpstreamError
+from proxy.backend import BackendConnection, UpstreamError
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
@@ -58,7 +58,6 @@ class ClientConnection(asyncio.Protocol):
         self._tls_done = False
         self._reader: MessageReader | None = None
         self._scanner = MessageScanner(b"QSFP" if server.guard else b"QSF", server.settings.client.max_message)
-        self._refusals: dict[str, str] | None = None  # refusals waiting for the Sync that closes their group
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -333,21 +332,19 @@ class ClientConnection(asyncio.Protocol):
                 continue
             out.append(self._checked_query(segment) if kind == b"Q" else segment.raw)
             # Query, Sync and FunctionCall each end a group of replies with one ReadyForQuery.
-            refusals, self._refusals = self._refusals, None
-            backend.expect_group(CLIENT_GROUP if refusals is None else SyncGroup(False, refusals))
+            backend.expect_group()
             if self._reassert_due:
                 self._reassert_due = False
                 assert self.identity is not None
                 out.append(self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at))
-                backend.expect_group(OWN_GROUP)
+                backend.expect_group(own=True)
         backend.transport.write(b"".join(out))
 
     def _refusal_marker(self, refusal: str) -> str:
         """SQL that fails on the server with a syntax error naming a fresh marker, remembered for rewriting."""
         marker = f"pg_tenant_proxy_refused_{secrets.token_hex(8)}"
-        if self._refusals is None:
-            self._refusals = {}
-        self._refusals[marker] = refusal
+        assert self.backend is not None
+        self.backend.add_refusal(marker, refusal)
         log.info("refused statement client=%s tenant=%s reason=%s", self.address,
                  self.identity.tenant if self.identity else "-", refusal)
         return marker

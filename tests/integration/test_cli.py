@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jwt
 
-from conftest import ACME, REPO
+from support import ACME, REPO
 from proxy.embedded import free_port
 
 

@@ -9,7 +9,7 @@ import psycopg
 import psycopg2
 import pytest
 
-from conftest import ACME, GLOBEX, ROWS, ProxyProcess
+from support import ACME, GLOBEX, ROWS, ProxyProcess
 
 
 @pytest.mark.parametrize("tenant", [ACME, GLOBEX])

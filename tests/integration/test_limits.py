@@ -15,7 +15,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import ACME, ROWS, ProxyProcess, wait_until
+from support import ACME, ROWS, ProxyProcess, wait_until
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
 from test_protocol import RawClient, login

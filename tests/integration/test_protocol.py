@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ACME, ProxyProcess
+from support import ACME, ProxyProcess
 from proxy.protocol import messages
 from proxy.protocol.framing import MessageReader
 

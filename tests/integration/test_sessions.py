@@ -12,7 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from conftest import ACME, GLOBEX, ROWS, ProxyProcess, wait_until
+from support import ACME, GLOBEX, ROWS, ProxyProcess, wait_until
 from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.protocol import messages
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from certificates import make_certificates
-from conftest import ACME, ROWS, ProxyProcess
+from support import ACME, ROWS, ProxyProcess
 from proxy.demo import TenantDatabase, prepare_database
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages

@@ -9,7 +9,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from conftest import ACME, ProxyProcess
+from support import ACME, ProxyProcess
 
 
 async def connect(proxy: ProxyProcess, password: str) -> asyncpg.Connection:

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import ACME, GLOBEX, ROWS, REPO, ProxyProcess
+from support import ACME, GLOBEX, ROWS, REPO, ProxyProcess
 from proxy.demo import TenantDatabase, write_config
 from proxy.embedded import EmbeddedPostgres
 from proxy.tenant import sign

@@ -1,4 +1,4 @@
-"""Integration fixtures: a real Postgres (embedded, throwaway) and real proxy processes in front of it."""
+"""Shared test helpers: the two tenants, waiting on a condition, and a real proxy process."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from proxy.demo import LEADS, TENANTS, TenantDatabase, prepare_database, wait_for_port, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
@@ -19,7 +16,7 @@ from proxy.tokens import mint
 ACME = str(TENANTS["acme"])
 GLOBEX = str(TENANTS["globex"])
 ROWS = {ACME: len(LEADS["acme"]), GLOBEX: len(LEADS["globex"])}
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_until(condition: Any, deadline: float = 10.0, interval: float = 0.02) -> Any:
@@ -84,37 +81,3 @@ class ProxyProcess:
             timeout=60,
             check=False,
         )
-
-
-@pytest.fixture(scope="session")
-def pg() -> Iterator[EmbeddedPostgres]:
-    cluster = EmbeddedPostgres().start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def tenant_db(pg: EmbeddedPostgres) -> TenantDatabase:
-    return prepare_database(pg)
-
-
-@pytest.fixture(scope="session")
-def proxy(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    process = ProxyProcess(pg, tenant_db, tmp_path_factory.mktemp("proxy"), {"pool": {"size": 150}}).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def make_proxy(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path: Path) -> Iterator[Any]:
-    """Start a proxy with configuration overrides: make_proxy({"jwt": {"audience": "app"}})."""
-    started: list[ProxyProcess] = []
-
-    def factory(overrides: dict[str, dict[str, Any]] | None = None, start: bool = True) -> ProxyProcess:
-        process = ProxyProcess(pg, tenant_db, tmp_path, overrides or {})
-        started.append(process)
-        return process.start() if start else process
-
-    yield factory
-    for process in started:
-        process.stop()

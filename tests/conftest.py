@@ -1,0 +1,48 @@
+"""Fixtures for the integration and security suites: a real Postgres (embedded, throwaway) and real
+proxy processes in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.demo import TenantDatabase, prepare_database
+from proxy.embedded import EmbeddedPostgres
+from support import ProxyProcess
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[EmbeddedPostgres]:
+    cluster = EmbeddedPostgres().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tenant_db(pg: EmbeddedPostgres) -> TenantDatabase:
+    return prepare_database(pg)
+
+
+@pytest.fixture(scope="session")
+def proxy(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    process = ProxyProcess(pg, tenant_db, tmp_path_factory.mktemp("proxy"), {"pool": {"size": 150}}).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def make_proxy(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path: Path) -> Iterator[Any]:
+    """Start a proxy with configuration overrides: make_proxy({"jwt": {"audience": "app"}})."""
+    started: list[ProxyProcess] = []
+
+    def factory(overrides: dict[str, dict[str, Any]] | None = None, start: bool = True) -> ProxyProcess:
+        process = ProxyProcess(pg, tenant_db, tmp_path, overrides or {})
+        started.append(process)
+        return process.start() if start else process
+
+    yield factory
+    for process in started:
+        process.stop()

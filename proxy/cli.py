@@ -108,6 +108,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from proxy.doctor import run_doctor
+
+    settings = config.load(args.config)
+    return run_doctor(settings, args.database, args.admin_dsn, args.json, args.tenant_column)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -148,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sql.add_argument("--config", metavar="FILE", help="include this configuration's setting names and signing key")
     sql.set_defaults(func=cmd_sql)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="audit the database for setups that leak tenants",
+        description="Check the upstream role, RLS, policies, views, indexes and the verifier; print each "
+        "finding with its fix. Exits 1 when any check fails.",
+    )
+    doctor.add_argument("--config", metavar="FILE", required=True, help="the proxy's configuration")
+    doctor.add_argument("--admin-dsn", metavar="DSN", help="also read the catalog as this (admin) connection")
+    doctor.add_argument("--database", help="the database to audit (default: [upstream] database)")
+    doctor.add_argument("--tenant-column", default="tenant_id", help="the column that marks tenant tables")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
 
     demo = commands.add_parser(
         "demo", help="run the embedded demo", description="Start a throwaway Postgres and the proxy, and show isolation."

@@ -1,0 +1,354 @@
+"""`pg-tenant-proxy doctor`: audit the database the proxy serves for the mistakes that leak tenants.
+
+Most real leaks come from the schema, not the proxy: a table without FORCE ROW LEVEL SECURITY, a
+policy that reads the raw setting, an IMMUTABLE helper, a view owned by a privileged role. Each check
+returns findings with a status (ok / warn / fail), the objects concerned and the fix as SQL. The
+checks run as the proxy's upstream role (what it can do is what a client can do) and, when an admin
+DSN is given, the catalog checks run as the admin too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+
+from proxy.config import Settings
+from proxy.tenant import quote_literal, sign
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+SELF_TEST_TENANT = "00000000-0000-4000-8000-00000000d0c7"
+USER_SCHEMAS = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenant_proxy') AND n.nspname !~ '^pg_toast'"
+
+
+@dataclass
+class Finding:
+    """One check's result."""
+
+    check: str
+    status: str
+    objects: list[str] = field(default_factory=list)
+    fix: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Audit:
+    """What the checks need: the two connections and the configuration."""
+
+    upstream: psycopg.Connection[Any]
+    admin: psycopg.Connection[Any] | None
+    settings: Settings
+    tenant_column: str
+
+    @property
+    def catalog(self) -> psycopg.Connection[Any]:
+        return self.admin or self.upstream
+
+    def rows(self, sql: str, params: tuple[Any, ...] = (), as_admin: bool = True) -> list[tuple[Any, ...]]:
+        conn = self.catalog if as_admin else self.upstream
+        return list(conn.execute(sql, params).fetchall())  # type: ignore[arg-type]
+
+    def tenant_tables(self) -> list[tuple[str, bool, bool, str]]:
+        """(qualified name, rls enabled, rls forced, owner) of ordinary tables with the tenant column."""
+        return [
+            (row[0], row[1], row[2], row[3])
+            for row in self.rows(
+                "SELECT c.oid::regclass::text, c.relrowsecurity, c.relforcerowsecurity, pg_get_userbyid(c.relowner)"
+                " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped"
+                f" WHERE c.relkind IN ('r', 'p') AND {USER_SCHEMAS} ORDER BY 1",
+                (self.tenant_column,),
+            )
+        ]
+
+
+def _finding(check: str, objects: list[str], status: str, fix: str, detail: str = "") -> Finding:
+    return Finding(check, status if objects else OK, objects, fix if objects else "", detail if objects else "")
+
+
+def check_role_attributes(audit: Audit) -> list[Finding]:
+    (superuser, bypass, role), = audit.rows(
+        "SELECT rolsuper, rolbypassrls, rolname FROM pg_roles WHERE rolname = current_user", as_admin=False
+    )
+    flagged = [f"{role} ({'superuser' if superuser else 'BYPASSRLS'})"] if superuser or bypass else []
+    return [_finding("upstream role bypasses RLS", flagged, FAIL,
+                     f"ALTER ROLE {role} NOSUPERUSER NOBYPASSRLS;",
+                     "superusers and BYPASSRLS roles ignore every policy")]
+
+
+def check_ownership(audit: Audit) -> list[Finding]:
+    role = audit.settings.upstream.user
+    owned = [name for name, _, _, owner in audit.tenant_tables() if owner == role]
+    (database_owner,), = audit.rows("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
+    return [
+        _finding("upstream role owns tenant tables", owned, FAIL,
+                 "\n".join(f"ALTER TABLE {name} OWNER TO <admin role>;" for name in owned),
+                 "an owner can ALTER TABLE ... DISABLE ROW LEVEL SECURITY or DROP POLICY"),
+        _finding("upstream role owns the database", [role] if database_owner == role else [], WARN,
+                 "ALTER DATABASE current_database() OWNER TO <admin role>;".replace(
+                     "current_database()", audit.upstream.info.dbname),
+                 "a database owner can create schemas, and so functions and views"),
+    ]
+
+
+def check_create_and_temp(audit: Audit) -> list[Finding]:
+    schemas = [row[0] for row in audit.rows(
+        "SELECT n.nspname FROM pg_namespace n WHERE has_schema_privilege(current_user, n.oid, 'CREATE')"
+        f" AND {USER_SCHEMAS} ORDER BY 1", as_admin=False)]
+    (temp,), = audit.rows("SELECT has_database_privilege(current_database(), 'TEMP')", as_admin=False)
+    role = audit.settings.upstream.user
+    database = audit.upstream.info.dbname
+    return [
+        _finding("upstream role can CREATE in a schema", schemas, WARN,
+                 "\n".join(f"REVOKE CREATE ON SCHEMA {s} FROM PUBLIC, {role};" for s in schemas),
+                 "objects a client creates can shadow names or hide dynamic SQL"),
+        _finding("upstream role can create TEMP tables", [database] if temp else [], WARN,
+                 f"REVOKE TEMP ON DATABASE {database} FROM PUBLIC, {role};",
+                 "temporary objects can shadow names on search_path"),
+    ]
+
+
+def check_rls(audit: Audit) -> list[Finding]:
+    tables = audit.tenant_tables()
+    disabled = [name for name, enabled, _, _ in tables if not enabled]
+    unforced = [name for name, enabled, forced, _ in tables if enabled and not forced]
+    return [
+        _finding(f"tenant tables ({audit.tenant_column}) without RLS", disabled, FAIL,
+                 "\n".join(f"ALTER TABLE {n} ENABLE ROW LEVEL SECURITY; ALTER TABLE {n} FORCE ROW LEVEL SECURITY;"
+                           for n in disabled)),
+        _finding(f"tenant tables ({audit.tenant_column}) without FORCE RLS", unforced, FAIL,
+                 "\n".join(f"ALTER TABLE {n} FORCE ROW LEVEL SECURITY;" for n in unforced),
+                 "without FORCE the table owner, and anything running as it, ignores the policies"),
+    ]
+
+
+def _policies(audit: Audit) -> list[tuple[str, str, str, str | None, str | None]]:
+    """(policy on table, table, command, USING, WITH CHECK) of user tables."""
+    return [
+        (f"{row[0]} on {row[1]}", row[1], row[2], row[3], row[4])
+        for row in audit.rows(
+            "SELECT pol.polname, c.oid::regclass::text, pol.polcmd,"
+            " pg_get_expr(pol.polqual, pol.polrelid), pg_get_expr(pol.polwithcheck, pol.polrelid)"
+            " FROM pg_policy pol JOIN pg_class c ON c.oid = pol.polrelid"
+            f" JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS} ORDER BY 2, 1"
+        )
+    ]
+
+
+def check_policies(audit: Audit) -> list[Finding]:
+    setting = audit.settings.tenant.setting
+    policies = _policies(audit)
+    raw = [name for name, _, _, using, check in policies
+           if setting in f"{using} {check}" and "tenant_proxy.current_tenant()" not in f"{using} {check}"]
+    no_check = [name for name, _, command, using, check in policies
+                if command in ("*", "a", "w") and check is None and using not in (None, "true")]
+    immutable = [f"{row[0]} on {row[1]} calls {row[2]}" for row in audit.rows(
+        "SELECT DISTINCT pol.polname, pol.polrelid::regclass::text, p.oid::regprocedure::text"
+        " FROM pg_depend d JOIN pg_policy pol ON d.classid = 'pg_policy'::regclass AND d.objid = pol.oid"
+        " JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid"
+        " WHERE p.provolatile = 'i' AND p.pronamespace <> 'pg_catalog'::regnamespace ORDER BY 1, 2")]
+    strict = "(SELECT tenant_proxy.current_tenant())"
+    return [
+        _finding("policies read the raw tenant setting", raw, WARN,
+                 f"-- replace current_setting('{setting}') by {strict} in USING and WITH CHECK",
+                 "any role can change a custom setting; only the verifier checks the proxy's proof"),
+        _finding("policies call an IMMUTABLE function", immutable, FAIL,
+                 "-- mark each function STABLE: ALTER FUNCTION <name> STABLE;",
+                 "a cached plan freezes an IMMUTABLE function's value across tenants"),
+        _finding("policies without WITH CHECK", no_check, WARN,
+                 "-- add WITH CHECK (...) equal to USING, so the rule for writes is stated",
+                 "Postgres reuses USING for ALL and UPDATE policies; stating it avoids surprises when it changes"),
+    ]
+
+
+def _dependents(audit: Audit, relkind: str) -> list[tuple[str, str]]:
+    """(view, options) of views or materialized views that read a tenant table."""
+    return [
+        (row[0], row[1] or "")
+        for row in audit.rows(
+            "SELECT DISTINCT v.oid::regclass::text, array_to_string(v.reloptions, ',')"
+            " FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class"
+            " JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid"
+            "  AND d.refclassid = 'pg_class'::regclass"
+            " JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attname = %s AND NOT a.attisdropped"
+            " JOIN pg_class t ON t.oid = d.refobjid AND t.relkind IN ('r', 'p')"
+            " JOIN pg_namespace n ON n.oid = v.relnamespace"
+            f" WHERE v.relkind = %s AND v.oid <> d.refobjid AND {USER_SCHEMAS} ORDER BY 1",
+            (audit.tenant_column, relkind),
+        )
+    ]
+
+
+def check_views(audit: Audit) -> list[Finding]:
+    definer = [name for name, options in _dependents(audit, "v") if "security_invoker=true" not in options.lower()]
+    materialized = [name for name, _ in _dependents(audit, "m")]
+    return [
+        _finding("views over tenant tables without security_invoker", definer, WARN,
+                 "\n".join(f"ALTER VIEW {n} SET (security_invoker = true);" for n in definer),
+                 "a view runs with its owner's rights; an owner that bypasses RLS shows every tenant"),
+        _finding("materialized views over tenant tables", materialized, WARN,
+                 "\n".join(f"REVOKE ALL ON {n} FROM PUBLIC; -- or replace it by a view" for n in materialized),
+                 "a materialized view stores rows without RLS"),
+    ]
+
+
+def check_indexes(audit: Audit) -> list[Finding]:
+    column = audit.tenant_column
+    missing = [row[0] for row in audit.rows(
+        "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped"
+        f" WHERE c.relkind IN ('r', 'p') AND {USER_SCHEMAS} AND NOT EXISTS ("
+        "  SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indkey[0] = a.attnum) ORDER BY 1",
+        (column,))]
+    return [_finding(f"tenant tables without an index leading with {column}", missing, WARN,
+                     "\n".join(f"CREATE INDEX ON {n} ({column});" for n in missing),
+                     "every query carries the tenant filter; without an index it scans every tenant's rows")]
+
+
+def check_verifier(audit: Audit) -> list[Finding]:
+    tenant = audit.settings.tenant
+    installed = audit.rows(
+        "SELECT p.provolatile, p.prosecdef, pg_get_userbyid(p.proowner) FROM pg_proc p"
+        " WHERE p.oid = to_regprocedure('tenant_proxy.current_tenant()')"
+    )
+    install = "pg-tenant-proxy sql --config FILE | psql -f - ADMIN_DSN"
+    if not installed:
+        return [Finding("verifier installed and key matches", FAIL, ["tenant_proxy.current_tenant()"], install,
+                        "the verifier is not installed")]
+    volatile, definer, owner = installed[0]
+    problems: list[str] = []
+    if volatile != "s" or not definer:
+        problems.append("tenant_proxy.current_tenant() is not STABLE SECURITY DEFINER")
+    if owner == audit.settings.upstream.user:
+        problems.append(f"tenant_proxy.current_tenant() is owned by the upstream role {owner}")
+    (readable,), = audit.rows("SELECT has_table_privilege('tenant_proxy.signing_key', 'SELECT')", as_admin=False)
+    if readable:
+        problems.append("the upstream role can read tenant_proxy.signing_key")
+    try:
+        verified, forged = _self_test(audit)
+    except psycopg.Error as exc:
+        problems.append(f"self-test failed: {exc.diag.message_primary or exc}")
+        verified, forged = SELF_TEST_TENANT, None
+    if verified != SELF_TEST_TENANT:
+        problems.append("self-test: a proof signed with the configured key is not accepted (key mismatch?)")
+    if forged is not None:
+        problems.append("self-test: a forged proof is accepted")
+    return [_finding("verifier installed and key matches", problems, FAIL,
+                     f"-- re-install with the proxy's key: {install}")]
+
+
+def _self_test(audit: Audit) -> tuple[str | None, str | None]:
+    """Set a context the way the proxy does, then with a forged proof; what the verifier says to each."""
+    tenant = audit.settings.tenant
+    conn = audit.upstream
+    proof = sign(tenant.signing_key.encode(), SELF_TEST_TENANT, conn.info.backend_pid, int(time.time()) + 60)
+    forged = proof[:-1] + ("1" if proof.endswith("0") else "0")
+    answers: list[str | None] = []
+    with conn.transaction(force_rollback=True):
+        for candidate in (proof, forged):
+            conn.execute(
+                f"SELECT pg_catalog.set_config({quote_literal(tenant.setting)}, %s, true),"
+                f" pg_catalog.set_config({quote_literal(tenant.proof_setting)}, %s, true)",
+                (SELF_TEST_TENANT, candidate),
+            )
+            answers.append(conn.execute("SELECT tenant_proxy.current_tenant()").fetchone()[0])  # type: ignore[index]
+    return answers[0], answers[1]
+
+
+def check_activity_visible(audit: Audit) -> list[Finding]:
+    (visible,), = audit.rows(
+        "SELECT has_table_privilege('pg_catalog.pg_stat_activity', 'SELECT')"
+        " AND has_function_privilege('pg_catalog.pg_stat_get_activity(integer)', 'EXECUTE')",
+        as_admin=False,
+    )
+    return [_finding("other sessions of the upstream role are visible", ["pg_stat_activity"] if visible else [], WARN,
+                     "REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC;\n"
+                     "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) FROM PUBLIC;",
+                     "all tenants share one role, so each sees the others' query text")]
+
+
+CHECKS: list[Callable[[Audit], list[Finding]]] = [
+    check_role_attributes,
+    check_ownership,
+    check_create_and_temp,
+    check_rls,
+    check_policies,
+    check_views,
+    check_indexes,
+    check_verifier,
+    check_activity_visible,
+]
+
+
+def run_checks(audit: Audit) -> list[Finding]:
+    findings: list[Finding] = []
+    for check in CHECKS:
+        findings += check(audit)
+    return findings
+
+
+def connect_upstream(settings: Settings, database: str) -> psycopg.Connection[Any]:
+    upstream = settings.upstream
+    options: dict[str, Any] = {"sslmode": upstream.sslmode}
+    if upstream.ca_file:
+        options["sslrootcert"] = upstream.ca_file
+    return psycopg.connect(
+        host=upstream.host, port=upstream.port, user=upstream.user, password=upstream.password or "",
+        dbname=database, autocommit=True, connect_timeout=int(upstream.connect_timeout_seconds), **options,
+    )
+
+
+_COLOURS = {OK: "\033[32m", WARN: "\033[33m", FAIL: "\033[31m"}
+
+
+def render_table(findings: list[Finding], colour: bool) -> str:
+    """A terminal table: one line per check, then the fix under each problem."""
+    width = max(len(f.check) for f in findings)
+    lines: list[str] = [f"{'':4}  {'problem looked for'.ljust(width)}  objects found"]
+    for finding in findings:
+        status = finding.status.upper().ljust(4)
+        if colour:
+            status = f"{_COLOURS[finding.status]}{status}\033[0m"
+        shown = finding.objects[:5] + ([f"and {len(finding.objects) - 5} more"] if len(finding.objects) > 5 else [])
+        lines.append(f"{status}  {finding.check.ljust(width)}  {', '.join(shown)}")
+        if finding.detail:
+            lines.append(f"      {' ' * width}  why: {finding.detail}")
+        for fix_line in finding.fix.splitlines():
+            lines.append(f"      {' ' * width}  fix: {fix_line}")
+    counts = {status: sum(f.status == status for f in findings) for status in (OK, WARN, FAIL)}
+    lines.append(f"\n{counts[OK]} ok, {counts[WARN]} warn, {counts[FAIL]} fail")
+    return "\n".join(lines)
+
+
+def run_doctor(settings: Settings, database: str | None, admin_dsn: str | None, as_json: bool,
+               tenant_column: str) -> int:
+    """Run every check and print the report; exit status 1 when any check fails."""
+    database = database or settings.upstream.database
+    if not database:
+        print("error: give --database, or set [upstream] database", file=sys.stderr)
+        return 2
+    try:
+        upstream = connect_upstream(settings, database)
+        admin = psycopg.connect(admin_dsn, dbname=database, autocommit=True) if admin_dsn else None
+    except psycopg.OperationalError as exc:
+        print(f"error: cannot connect: {str(exc).strip()}", file=sys.stderr)
+        return 2
+    try:
+        findings = run_checks(Audit(upstream, admin, settings, tenant_column))
+    finally:
+        upstream.close()
+        if admin is not None:
+            admin.close()
+    if as_json:
+        print(json.dumps({"database": database, "findings": [asdict(f) for f in findings]}, indent=2))
+    else:
+        print(f"pg-tenant-proxy doctor: database {database}, upstream role {settings.upstream.user}"
+              f"{', with admin' if admin_dsn else ''}\n")
+        print(render_table(findings, colour=sys.stdout.isatty()))
+    return 1 if any(f.status == FAIL for f in findings) else 0

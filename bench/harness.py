@@ -66,7 +66,6 @@ class Scenario:
     unit: str
     targets: list[str]
     run: Callable[[Target, float], float]
-    higher_is_better: bool = True
     note: str = ""
 
 
@@ -262,11 +261,17 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
 
         return run
 
+    def guard_cost(kind: str) -> Callable[[Target, float], float]:
+        def run(_: Target, __: float) -> float:
+            return guard_microseconds(kind)
+
+        return run
+
     proxy_pair = ["direct", "pgbouncer", "proxy"]
     scenarios = [
         Scenario("S1", "pgbench -S, 16 clients, simple protocol, session mode", "TPS", proxy_pair, s1),
-        Scenario("S7-p50", "1 client pgbench -S, latency p50", "us", proxy_pair, s7(0.50), higher_is_better=False),
-        Scenario("S7-p99", "1 client pgbench -S, latency p99", "us", proxy_pair, s7(0.99), higher_is_better=False),
+        Scenario("S7-p50", "1 client pgbench -S, latency p50", "us", proxy_pair, s7(0.50)),
+        Scenario("S7-p99", "1 client pgbench -S, latency p99", "us", proxy_pair, s7(0.99)),
     ]
     if not quick:
         scenarios[1:1] = [
@@ -274,8 +279,51 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
             Scenario("S2-prep", "pgbench -S -M prepared, 16 clients", "TPS", proxy_pair, s2("prepared")),
             Scenario("S5", "connection storm, pgbench -S -C, 8 clients (connections/s)", "TPS",
                      ["pgbouncer", "proxy", "proxy-rs256"], s5),
+            Scenario("G1", "pgbench -S, 16 clients: guard on vs off", "TPS", ["proxy", "proxy-noguard"], s1),
+            Scenario("G2-scan", "guard decision, new text cleared by the pre-scan", "us", ["guard"], guard_cost("scan")),
+            Scenario("G2-parse", "guard decision, new text parsed by pglast", "us", ["guard"],
+                     guard_cost("parse")),
+            Scenario("G2-hit", "guard decision, parsed text seen before (cache)", "us", ["guard"],
+                     guard_cost("hit")),
         ]
     return scenarios
+
+
+GUARD_SAMPLES = {
+    # Text the pre-scan clears without parsing: pgbench -S and typical reads and writes.
+    "scan": [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = {n}",
+        "UPDATE pgbench_accounts SET abalance = abalance + {n} WHERE aid = 42",
+        "SELECT o.id, o.amount FROM orders o JOIN tenants t USING (tenant_id) WHERE o.id = {n} ORDER BY 2 LIMIT 10",
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, {n}, 5, now())",
+    ],
+    # Text the parser must see: SET statements, upserts, multi-statement queries.
+    "parse": [
+        "SET statement_timeout = {n}",
+        "INSERT INTO t (id, v) VALUES ({n}, 1) ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+        "BEGIN; UPDATE pgbench_accounts SET abalance = 0 WHERE aid = {n}; COMMIT",
+        "SET app.current_tenant = '{n}'",
+    ],
+}
+
+
+def guard_microseconds(kind: str, rounds: int = 4000) -> float:
+    """Median microseconds of one guard decision: new text cleared by the pre-scan ("scan"), new text
+    parsed ("parse"), or parsed text seen before ("hit")."""
+    from proxy.guard import Guard
+    from proxy.parameters import ProtectedSettings
+
+    guard = Guard(ProtectedSettings(["app.current_tenant", "tenant_proxy.proof"], ["app.", "request.jwt."]), False)
+    samples = GUARD_SAMPLES["parse" if kind == "hit" else kind]
+    for sql in samples:
+        guard.check(sql.format(n=0))
+    timings: list[float] = []
+    for n in range(rounds):
+        sql = samples[n % len(samples)].format(n=0 if kind == "hit" else n + 1)
+        start = time.perf_counter_ns()
+        guard.check(sql)
+        timings.append((time.perf_counter_ns() - start) / 1000)
+    return statistics.median(timings)
 
 
 NOT_AVAILABLE = {
@@ -400,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         bench.start_pgbouncer("pgbouncer", "session")
         bench.start_proxy("proxy")
         scenarios = build_scenarios(bench, args.quick)
+        bench.targets["guard"] = Target("guard", 0, "", "")
         if not args.quick:
+            bench.start_proxy("proxy-noguard", {"guard": {"enabled": False}})
             bench.start_proxy("proxy-rs256", {"jwt": {"algorithms": ["RS256"], "secret": None,
                                                      "public_key_file": str(bench.rsa_public_file)}})
         if args.only:

@@ -7,12 +7,14 @@ make the proxy re-assert the tenant context afterwards.
 
 The guard is defense in depth, not the boundary: dynamic SQL gets past any parser, and SQL that
 pglast cannot parse is passed on so the server reports the error. The signed context is the boundary.
-Decisions are cached by statement text.
+Most statements never reach the parser: a pre-scan (two regular expressions) lets through text that
+cannot hold a refused statement, and parsed decisions are cached by statement text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,27 @@ _REFUSED_STATEMENTS = {
     "LoadStmt": "LOAD",
 }
 _IDENTITY_SETTINGS = {"role": "SET ROLE / RESET ROLE", "session_authorization": "SET SESSION AUTHORIZATION"}
+
+# Words that can only appear in text the guard must parse. Besides these, SET matters only where it can
+# start a statement (at the start, or after ';' or a comment); elsewhere it is UPDATE ... SET, ALTER ...
+# SET or CREATE FUNCTION ... SET, which the words above already send to the parser. "u&" catches
+# identifiers spelled with Unicode escapes. Substring tests run first: they are much cheaper than regexes.
+_WORDS = {word: re.compile(rf"\b{word}\b") for word in ("reset", "alter", "load", "do", "discard", "function", "procedure")}
+_SET_WORD = re.compile(r"\bset\b")
+_STARTS_WITH_SET = re.compile(r"\s*set\b")
+
+
+def needs_parse(sql: str) -> bool:
+    """False when the text cannot contain a statement the guard refuses or re-asserts after."""
+    text = sql.lower()
+    if "set_config" in text or "u&" in text:
+        return True
+    for word, pattern in _WORDS.items():
+        if word in text and pattern.search(text):
+            return True
+    if "set" not in text or _SET_WORD.search(text) is None:
+        return False
+    return bool(_STARTS_WITH_SET.match(text)) or ";" in text or "/*" in text or "--" in text
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,8 @@ class Guard:
 
     def check(self, sql: str) -> Decision:
         """The decision for a Query's or Parse's SQL text (cached)."""
+        if not needs_parse(sql):
+            return ALLOW
         decision = self._cache.get(sql)
         if decision is None:
             decision = self._decide(sql)

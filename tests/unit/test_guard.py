@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.guard import ALLOW, Guard
+from proxy.guard import ALLOW, Guard, needs_parse
 from proxy.parameters import ProtectedSettings
 
 
@@ -41,6 +41,12 @@ def guard() -> Guard:
         ("ALTER FUNCTION f() SET app.current_tenant = 'x'", "protected"),
         ("SELECT 1; SET app.current_tenant = 'x'; SELECT 2", "protected"),
         ("BEGIN; SET LOCAL ROLE postgres; COMMIT", "SET ROLE"),
+        ("/* comment */ SET app.current_tenant = 'x'", "protected"),
+        ("-- comment\nSET app.current_tenant = 'x'", "protected"),
+        ("/* a /* nested */ comment */ SET app.current_tenant = 'x'", "protected"),
+        ("  \n\tset app.current_tenant = 'x'", "protected"),
+        ('SELECT U&"\\0073et_config"(\'app.current_tenant\', \'x\', false)', "set_config()"),
+        ("SELECT \"set_config\"('app.current_tenant', 'x', false)", "set_config()"),
     ],
 )
 def test_refused(guard: Guard, sql: str, reason: str) -> None:
@@ -79,6 +85,22 @@ def test_reset_all_and_discard_all_reassert(guard: Guard, sql: str) -> None:
 def test_do_allowed_when_configured() -> None:
     guard = Guard(ProtectedSettings(["app.current_tenant"], ["app."]), allow_do=True)
     assert guard.check("DO $$ BEGIN PERFORM 1; END $$") == ALLOW
+
+
+@pytest.mark.parametrize(
+    "sql, expected",
+    [
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", False),
+        ("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1", False),
+        ("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 1", True),
+        ("UPDATE t SET v = 1; SELECT 1", True),
+        ("SET search_path = public", True),
+        ("SELECT set_config('a.b', 'c', false)", True),
+        ("SELECT settings FROM t", False),
+    ],
+)
+def test_pre_scan(sql: str, expected: bool) -> None:
+    assert needs_parse(sql) is expected
 
 
 def test_decisions_are_cached(guard: Guard) -> None:

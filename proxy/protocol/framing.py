@@ -9,6 +9,7 @@ Three readers, one per phase of a connection:
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import NamedTuple, Union
 
@@ -18,6 +19,8 @@ from proxy.protocol.messages import StartupPacket, parse_startup_packet
 DEFAULT_MAX_STARTUP_PACKET = 10_000
 DEFAULT_MAX_AUTH_MESSAGE = 65_536
 DEFAULT_MAX_MESSAGE = 1 << 30
+_HEADER = struct.Struct("!Bi")
+_TYPE_BYTES = [bytes((code,)) for code in range(256)]
 
 
 def _check_length(length: int, maximum: int, what: str) -> None:
@@ -115,58 +118,81 @@ class MessageScanner:
 
     def scan(self, data: bytes) -> list[Segment]:
         segments: list[Segment] = []
-        pos = 0
         end = len(data)
-        start = 0  # where the pending run of unwatched bytes begins
+        pos = start = 0  # start: where the pending run of unwatched bytes begins
+        if self._skip or self._body is not None or self._header:
+            pos = start = self._resume(data, segments)
+            if pos < 0:
+                return segments
+        watched = self.watched
         while pos < end:
-            if self._skip:
-                step = min(self._skip, end - pos)
-                self._skip -= step
-                pos += step
-                continue
-            if self._body is not None:
-                step = min(self._need, end - pos)
-                self._body += data[pos : pos + step]
-                self._need -= step
-                pos += step
-                if not self._need:
-                    segments.append(Message(self._body_type, bytes(self._body)))
-                    self._body = None
-                start = pos
-                continue
-            header_start = pos
-            if self._header or end - pos < 5:
-                if not self._header and pos > start:
+            if end - pos < 5:
+                if pos > start:
                     segments.append(data[start:pos])
-                take = min(5 - len(self._header), end - pos)
-                self._header += data[pos : pos + take]
-                pos += take
-                start = pos
-                if len(self._header) < 5:
-                    break
-                header, self._header = self._header, b""
-                split = True
-            else:
-                header = data[pos : pos + 5]
-                pos += 5
-                split = False
-            length = int.from_bytes(header[1:5], "big", signed=True)
-            _check_length(length, self.maximum, "message")
-            type_code = header[0]
-            if type_code in self.watched:
-                if not split and header_start > start:
-                    segments.append(data[start:header_start])
-                self._body = bytearray(header)
-                self._body_type = bytes((type_code,))
-                self._need = length - 4
-                if not self._need:
-                    segments.append(Message(self._body_type, bytes(header)))
-                    self._body = None
-                start = pos
-            else:
-                if split:
-                    segments.append(header)
-                self._skip = length - 4
-        if start < end and self._body is None and not self._header:
+                self._header = data[pos:end]
+                return segments
+            type_code, length = _HEADER.unpack_from(data, pos)
+            if length < 4 or length > self.maximum:
+                _check_length(length, self.maximum, "message")
+            stop = pos + 1 + length
+            if type_code in watched:
+                if pos > start:
+                    segments.append(data[start:pos])
+                if stop > end:
+                    self._body = bytearray(data[pos:end])
+                    self._body_type = _TYPE_BYTES[type_code]
+                    self._need = stop - end
+                    return segments
+                segments.append(Message(_TYPE_BYTES[type_code], data[pos:stop]))
+                start = stop
+            elif stop > end:
+                self._skip = stop - end
+                stop = end
+            pos = stop
+        if start < end:
             segments.append(data if start == 0 else data[start:end])
         return segments
+
+    def _resume(self, data: bytes, segments: list[Segment]) -> int:
+        """Finish the message a previous read left open; the offset where whole messages start, or -1
+        when this read is used up (its bytes already appended, or held)."""
+        end = len(data)
+        if self._skip:
+            step = min(self._skip, end)
+            self._skip -= step
+            if self._skip:
+                segments.append(data)
+                return -1
+            if step:
+                segments.append(data[:step])
+            return step
+        pos = 0
+        if self._body is None:
+            take = min(5 - len(self._header), end)
+            header = self._header + data[:take]
+            pos = take
+            if len(header) < 5:
+                self._header = header
+                return -1
+            self._header = b""
+            type_code, length = _HEADER.unpack_from(header)
+            _check_length(length, self.maximum, "message")
+            if type_code not in self.watched:
+                segments.append(header)
+                self._skip = length - 4
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                if step:
+                    segments.append(data[pos : pos + step])
+                return -1 if self._skip else pos + step
+            self._body = bytearray(header)
+            self._body_type = _TYPE_BYTES[type_code]
+            self._need = length - 4
+        step = min(self._need, end - pos)
+        self._body += data[pos : pos + step]
+        self._need -= step
+        if self._need:
+            return -1
+        segments.append(Message(self._body_type, bytes(self._body)))
+        self._body = None
+        return pos + step

@@ -52,8 +52,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("pg_tenant_proxy").info(
         "pg-tenant-proxy %s starting (config %s, event loop %s)", __version__, settings.source, "uvloop" if uvloop else "asyncio"
     )
-    asyncio.run(serve(settings))
-    return 0
+    if settings.workers == 1:
+        asyncio.run(serve(settings))
+        return 0
+    from proxy.workers import supervise
+
+    return supervise(settings.workers, lambda worker: asyncio.run(serve(settings, worker)))
 
 
 def _claim_value(text: str) -> Any:

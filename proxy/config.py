@@ -49,6 +49,7 @@ class ConfigError(Exception):
 SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("", "listen"): (str, "127.0.0.1:6432"),
     ("", "log_level"): (str, "info"),
+    ("", "workers"): (int, 1),
     ("upstream", "host"): (str, "127.0.0.1"),
     ("upstream", "port"): (int, 5432),
     ("upstream", "user"): (str, None),
@@ -156,6 +157,7 @@ class Settings:
     listen_host: str
     listen_port: int
     log_level: str
+    workers: int
     upstream: UpstreamSettings
     jwt: JwtSettings
     tenant: TenantSettings
@@ -265,6 +267,8 @@ def _parse_listen(listen: str) -> tuple[str, int]:
 
 def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
     listen_host, listen_port = _parse_listen(values[("", "listen")])
+    if values[("", "workers")] < 1:
+        raise ConfigError("workers: must be at least 1")
     if values[("", "log_level")].lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log_level: expected debug, info, warning or error")
 
@@ -366,6 +370,7 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         listen_host=listen_host,
         listen_port=listen_port,
         log_level=values[("", "log_level")].lower(),
+        workers=values[("", "workers")],
         upstream=upstream,
         jwt=jwt,
         tenant=tenant,

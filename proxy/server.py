@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import secrets
 import signal
 import ssl
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from proxy.backend import send_cancel
 from proxy.client import ClientConnection
@@ -20,7 +24,7 @@ from proxy.config import Settings
 from proxy.guard import Guard
 from proxy.parameters import ParameterPolicy, ProtectedSettings
 from proxy.pool import SessionPool
-from proxy.protocol import errors
+from proxy.protocol import errors, messages
 from proxy.tenant import ContextBuilder
 from proxy.tokens import TokenVerifier
 
@@ -36,11 +40,28 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+@dataclass(frozen=True)
+class Worker:
+    """This process's place among `workers` processes sharing the listen port (SO_REUSEPORT).
+
+    Each worker mints BackendKeyData whose process id is its index modulo the count, and listens on a
+    private Unix socket in `peer_dir`, so a CancelRequest that lands on another worker is passed on.
+    """
+
+    index: int
+    count: int
+    peer_dir: str
+
+    def socket_path(self, index: int) -> str:
+        return os.path.join(self.peer_dir, f"worker-{index}.sock")
+
+
 class ProxyServer:
     """State shared by the client connections of one proxy process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.verifier = TokenVerifier(settings.jwt)
         self.context = ContextBuilder(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
         protected = ProtectedSettings(
@@ -61,8 +82,9 @@ class ProxyServer:
 
     def register(self, client: ClientConnection) -> tuple[int, int]:
         """Mint a random BackendKeyData for a client (never the server's own)."""
+        count, index = (self.worker.count, self.worker.index) if self.worker else (1, 0)
         while True:
-            process_id = secrets.randbelow(2**31 - 2) + 1
+            process_id = (secrets.randbelow(2**31 // count - 1) + 1) * count + index
             if process_id not in self._keys:
                 break
         self._keys[process_id] = client
@@ -75,6 +97,10 @@ class ProxyServer:
 
     def cancel(self, process_id: int, secret_key: int) -> None:
         """Forward a CancelRequest with a matching minted key to that client's server connection."""
+        worker = self.worker
+        if worker is not None and process_id % worker.count != worker.index:
+            self._spawn(self._pass_cancel(worker.socket_path(process_id % worker.count), process_id, secret_key))
+            return
         client = self._keys.get(process_id)
         if client is None or not hmac.compare_digest(
             client.secret_key.to_bytes(4, "big", signed=True), secret_key.to_bytes(4, "big", signed=True)
@@ -84,9 +110,22 @@ class ProxyServer:
         backend = client.backend
         if backend is None:
             return
-        task = asyncio.get_running_loop().create_task(self._send_cancel(backend.process_id, backend.secret_key))
+        self._spawn(self._send_cancel(backend.process_id, backend.secret_key))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _pass_cancel(self, path: str, process_id: int, secret_key: int) -> None:
+        """Hand a CancelRequest to the worker that minted its key."""
+        try:
+            _, writer = await asyncio.open_unix_connection(path)
+            writer.write(messages.cancel_request(process_id, secret_key))
+            await writer.drain()
+            writer.close()
+        except OSError as exc:
+            log.warning("cancel could not reach worker socket %s: %s", path, exc)
 
     async def _send_cancel(self, process_id: int, secret_key: int) -> None:
         try:
@@ -100,18 +139,22 @@ class ProxyServer:
             client.terminate(errors.ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, worker: Worker | None = None) -> None:
     """Listen and serve until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
-    proxy = ProxyServer(settings)
+    proxy = ProxyServer(settings, worker)
     listener = await loop.create_server(
-        proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024
+        proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024,
+        reuse_port=worker is not None,
     )
+    if worker is not None:
+        await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index))
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     log.info(
-        "listening on %s:%d upstream=%s:%d pool=%s size=%d tls=%s",
+        "%slistening on %s:%d upstream=%s:%d pool=%s size=%d tls=%s",
+        f"worker {worker.index}/{worker.count} " if worker else "",
         settings.listen_host,
         settings.listen_port,
         settings.upstream.host,

@@ -7,6 +7,7 @@ token's header. The clock is passed in by the caller.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -45,11 +46,19 @@ def claim_at(claims: dict[str, Any], path: str) -> Any:
     return value
 
 
+CACHE_SIZE = 10_000
+
+
 class TokenVerifier:
-    """Verifies tokens against one configuration's algorithms, keys, audience, issuer and tenant claim."""
+    """Verifies tokens against one configuration's algorithms, keys, audience, issuer and tenant claim.
+
+    Accepted tokens are remembered by their SHA-256 (never the token itself) until they expire, so a
+    client that reconnects with the same token skips the signature check.
+    """
 
     def __init__(self, settings: JwtSettings) -> None:
         self.settings = settings
+        self._accepted: dict[bytes, Identity] = {}
         self._tenant_pattern = re.compile(settings.tenant_pattern)
         self._public_key: Any = None
         self._jwks: jwt.PyJWKSet | None = None
@@ -88,6 +97,20 @@ class TokenVerifier:
 
     def verify(self, token: str, now: float) -> Identity:
         """Verify `token` at time `now` (seconds since the epoch); raise TokenRejected if it fails."""
+        digest = hashlib.sha256(token.encode(errors="surrogateescape")).digest()
+        identity = self._accepted.get(digest)
+        if identity is not None:
+            if now <= identity.expires_at:
+                return identity
+            del self._accepted[digest]
+            raise TokenRejected("token expired")
+        identity = self._verify(token, now)
+        if len(self._accepted) >= CACHE_SIZE:
+            del self._accepted[next(iter(self._accepted))]
+        self._accepted[digest] = identity
+        return identity
+
+    def _verify(self, token: str, now: float) -> Identity:
         settings = self.settings
         try:
             header = jwt.get_unverified_header(token)

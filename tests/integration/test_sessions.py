@@ -123,3 +123,23 @@ def test_logs_name_sessions_but_hold_no_secret(proxy: ProxyProcess) -> None:
     assert "reason=token expired" in log
     for secret in (token, bad, token.split(".")[2], proxy.db.jwt_secret, proxy.db.signing_key, proxy.db.app_password):
         assert secret not in log
+
+
+def test_workers_share_the_port_and_route_cancels(make_proxy: Any) -> None:
+    """With workers = 2 every session works, and a cancel reaches its query whichever worker gets it."""
+    pair = make_proxy({"": {"workers": 2}})
+    wait_until(lambda: pair.log().count("listening on") == 2)
+    connections = [psycopg.connect(pair.dsn(), password=pair.token()) for _ in range(6)]
+    try:
+        for conn in connections:
+            timer = threading.Timer(0.3, conn.cancel)
+            timer.start()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(20)")
+            timer.join()
+            conn.rollback()
+            assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
+    finally:
+        for conn in connections:
+            conn.close()
+    assert "worker 0/2" in pair.log() and "worker 1/2" in pair.log()

@@ -163,3 +163,22 @@ def test_claim_at_prefers_literal_key_with_dots() -> None:
     assert claim_at(claims, "https://example.com/tenant") == "a"
     assert claim_at({"a": {"b": {"c": 1}}}, "a.b.c") == 1
     assert claim_at({"a": 1}, "a.b") is None
+
+
+def test_accepted_tokens_are_cached_until_they_expire() -> None:
+    verifier = TokenVerifier(settings())
+    valid = token()
+    first = verifier.verify(valid, NOW)
+    assert verifier.verify(valid, NOW + 30) is first
+    with pytest.raises(TokenRejected, match="token expired"):
+        verifier.verify(valid, NOW + 61)
+    with pytest.raises(TokenRejected, match="token expired"):
+        verifier.verify(valid, NOW + 61)
+
+
+def test_rejected_tokens_are_not_cached() -> None:
+    verifier = TokenVerifier(settings())
+    early = token({"nbf": NOW + 10})
+    with pytest.raises(TokenRejected, match="not yet valid"):
+        verifier.verify(early, NOW)
+    assert verifier.verify(early, NOW + 20).tenant == TENANT

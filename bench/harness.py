@@ -292,7 +292,8 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
 
     proxy_pair = ["direct", "pgbouncer", "proxy"]
     scenarios = [
-        Scenario("S1", "pgbench -S, 16 clients, simple protocol, session mode", "TPS", proxy_pair, s1),
+        Scenario("S1", "pgbench -S, 16 clients, simple protocol, session mode", "TPS",
+                 proxy_pair if quick else [*proxy_pair, "proxy-2w"], s1),
         Scenario("S7-p50", "1 client pgbench -S, latency p50", "us", proxy_pair, s7(0.50)),
         Scenario("S7-p99", "1 client pgbench -S, latency p99", "us", proxy_pair, s7(0.99)),
     ]
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.targets["guard"] = Target("guard", 0, "", "")
         if not args.quick:
             bench.start_proxy("proxy-noguard", {"guard": {"enabled": False}})
+            bench.start_proxy("proxy-2w", {"": {"workers": 2, "log_level": "warning"}})
             bench.start_proxy("proxy-rs256", {"jwt": {"algorithms": ["RS256"], "secret": None,
                                                      "public_key_file": str(bench.rsa_public_file)}})
         if args.only:

@@ -221,7 +221,7 @@ class Bench:
 
 
 def tps_of(output: str) -> float:
-    match = re.search(r"tps = ([0-9.]+) \((without|excluding)", output)
+    match = re.search(r"tps = ([0-9.]+) \((without|excluding|including)", output)
     if match is None:
         raise RuntimeError(f"no tps in pgbench output:\n{output[-500:]}")
     return float(match.group(1))
@@ -363,7 +363,11 @@ def run_all(bench: Bench, scenarios: list[Scenario], runs: int) -> dict[str, dic
     for scenario in scenarios:
         for run in range(runs):
             for target_name in scenario.targets:
-                value = scenario.run(bench.targets[target_name], bench.duration)
+                try:
+                    value = scenario.run(bench.targets[target_name], bench.duration)
+                except RuntimeError as exc:
+                    print(f"  {scenario.name} {target_name}: failed: {exc}", flush=True)
+                    continue
                 results[scenario.name][target_name].values.append(value)
                 print(f"  {scenario.name} run {run + 1}/{runs} {target_name:12s} {value:12.1f} {scenario.unit}",
                       flush=True)

@@ -53,6 +53,8 @@ class ClientConnection(asyncio.Protocol):
         self.process_id = 0
         self.secret_key = 0
         self.bytes_in = 0
+        self.bytes_out = 0
+        self._session_started = False
         self._started = time.monotonic()
         self._buffer = bytearray()
         self._tls_done = False
@@ -87,18 +89,14 @@ class ClientConnection(asyncio.Protocol):
             self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_ready = self.phase is Phase.READY
         self.phase = Phase.CLOSED
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.server.forget(self)
-        backend, self.backend = self.backend, None
-        if backend is not None:
-            backend.peer = None
-            backend.close()
-        if was_ready:
+        self._detach_backend()
+        if self._session_started:
             log.info(
                 "session end client=%s user=%s tenant=%s sub=%s duration=%.3fs bytes_in=%d bytes_out=%d",
                 self.address,
@@ -107,7 +105,7 @@ class ClientConnection(asyncio.Protocol):
                 (self.identity.subject if self.identity else None) or "-",
                 time.monotonic() - self._started,
                 self.bytes_in,
-                backend.bytes_forwarded if backend else 0,
+                self.bytes_out,
             )
 
     def pause_writing(self) -> None:
@@ -126,15 +124,20 @@ class ClientConnection(asyncio.Protocol):
         """Send a FATAL ErrorResponse (when it cannot land inside a server message) and close."""
         if self.phase is Phase.CLOSED or self.transport is None:
             return
-        backend = self.backend
-        self.backend = None
-        if backend is not None:
-            backend.peer = None
-            backend.close()
+        backend = self._detach_backend()
         if at_boundary or backend is None or backend.at_message_boundary():
             self.transport.write(messages.error_response("FATAL", sqlstate, text, detail, hint))
         self.phase = Phase.CLOSED
         self.transport.close()
+
+    def _detach_backend(self) -> BackendConnection | None:
+        """Stop forwarding and close the server connection (never reused), keeping its byte count."""
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.peer = None
+            backend.close()
+            self.bytes_out = backend.bytes_forwarded
+        return backend
 
     def refuse(self, sqlstate: str, reason: str, detail: str | None = None, hint: str | None = None) -> None:
         """Refuse a client during startup, with one log line."""
@@ -292,6 +295,7 @@ class ClientConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
         self.phase = Phase.READY
+        self._session_started = True
         backend.attach(self)
         log.info(
             "session start client=%s user=%s tenant=%s sub=%s database=%s backend_pid=%d",

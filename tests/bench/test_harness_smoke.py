@@ -18,6 +18,7 @@ from harness import percentile, tps_of  # noqa: E402
 def test_tps_parsing() -> None:
     output = "latency average = 0.5 ms\ntps = 31234.567890 (without initial connection time)\n"
     assert tps_of(output) == pytest.approx(31234.56789)
+    assert tps_of("tps = 4048.842095 (including reconnection times)\n") == pytest.approx(4048.842095)
     with pytest.raises(RuntimeError):
         tps_of("pgbench: error")
 

@@ -133,7 +133,8 @@ def test_reset_all_and_discard_all_keep_the_session_isolated(conn: psycopg.Conne
 
 
 def test_reset_all_then_query_in_one_message_fails_closed(conn: psycopg.Connection[Any]) -> None:
-    """The statement after RESET ALL in the same Query runs before the proxy can re-assert: it sees nothing."""
+    """Attacker: clear the context and query in the same message, before the proxy can re-assert.
+    Stopped by: strict policies (NULL context sees nothing)."""
     cursor = conn.execute("RESET ALL; SELECT count(*) FROM leads")
     assert cursor.nextset()
     assert cursor.fetchone()[0] == 0
@@ -141,6 +142,8 @@ def test_reset_all_then_query_in_one_message_fails_closed(conn: psycopg.Connecti
 
 
 def test_reset_all_inside_a_rolled_back_transaction(proxy: ProxyProcess) -> None:
+    """Attacker: RESET ALL inside a transaction, then roll back, hoping the proxy's re-assert is undone
+    while the reset survives. Both are transactional: the rollback restores the original context."""
     with psycopg.connect(proxy.dsn(), password=proxy.token(ACME)) as conn:
         conn.execute("RESET ALL")
         assert count(conn) == ROWS[ACME]
@@ -149,7 +152,8 @@ def test_reset_all_inside_a_rolled_back_transaction(proxy: ProxyProcess) -> None
 
 
 def test_reset_all_in_a_failed_transaction(proxy: ProxyProcess) -> None:
-    """Re-asserting inside a failed transaction fails too; the rollback restores the context."""
+    """Attacker: RESET ALL and fail the transaction so the proxy's re-assert fails too. Stopped by: the
+    rollback restoring the context, and the proxy re-asserting again after the next message."""
     with psycopg.connect(proxy.dsn(), password=proxy.token(ACME)) as conn:
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("RESET ALL; SELECT 1/0")
@@ -207,6 +211,7 @@ def test_identity_changes_are_refused(conn: psycopg.Connection[Any], sql: str, m
 
 
 def test_role_change_past_the_guard_is_refused_by_postgres(conn: psycopg.Connection[Any]) -> None:
+    """Attacker: SET ROLE with a computed name. Stopped by: Postgres (the role is not a member)."""
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT set_config('ro' || 'le', 'postgres', false)")
     assert_isolated(conn)
@@ -276,6 +281,7 @@ def test_writing_rows_for_another_tenant_is_refused(conn: psycopg.Connection[Any
 
 
 def test_updates_and_deletes_never_touch_other_tenants(conn: psycopg.Connection[Any]) -> None:
+    """Attacker: UPDATE or DELETE B's rows by id. Stopped by: the policy's USING (rows are invisible)."""
     assert conn.execute("UPDATE leads SET name = name WHERE tenant_id = %s", (GLOBEX,)).rowcount == 0
     assert conn.execute("DELETE FROM leads WHERE tenant_id = %s", (GLOBEX,)).rowcount == 0
 
@@ -283,6 +289,7 @@ def test_updates_and_deletes_never_touch_other_tenants(conn: psycopg.Connection[
 # -- 7. COPY in both directions -----------------------------------------------------------------------
 
 def test_copy_out_returns_only_own_rows(conn: psycopg.Connection[Any]) -> None:
+    """Attacker: dump the table with COPY TO. Stopped by: RLS, which applies to COPY TO."""
     with conn.cursor().copy("COPY leads (tenant_id) TO STDOUT") as copy:
         tenants = {bytes(row).decode().strip() for row in copy}
     assert tenants == {ACME}
@@ -309,6 +316,7 @@ def test_pg_stat_activity_never_shows_a_context(proxy: ProxyProcess, conn: psyco
 
 
 def test_pg_settings_shows_only_own_context(conn: psycopg.Connection[Any]) -> None:
+    """Attacker: read settings views for other sessions' tenants. pg_settings shows only this session."""
     rows = conn.execute("SELECT name, setting FROM pg_settings WHERE name LIKE 'app.%' OR name LIKE 'tenant_proxy.%'")
     assert all(GLOBEX not in setting for _, setting in rows)
 
@@ -340,6 +348,8 @@ def test_reset_all_pipelined_with_queries(proxy: ProxyProcess) -> None:
 
 
 async def test_asyncpg_extended_protocol_refusal(proxy: ProxyProcess) -> None:
+    """Attacker: the same write through Parse/Describe/Flush (asyncpg's prepare). Stopped by: the guard,
+    whose refusal arrives in place of the Parse's own reply."""
     conn = await asyncpg.connect(host="127.0.0.1", port=proxy.port, user="alice", database="app",
                                  password=proxy.token(ACME), ssl=False)
     try:

@@ -391,17 +391,43 @@ def table(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> l
                 f"| {scenario.name} {scenario.title} | {name} | {result.median:.1f} {scenario.unit} | {runs} |"
                 f" {ratio_direct} | {ratio_bouncer} |"
             )
-    for scenario in scenarios:
-        if scenario.name == "S7-p50" and "direct" in results[scenario.name]:
-            direct = results[scenario.name]["direct"].median
-            added = {name: r.median - direct for name, r in results[scenario.name].items() if name != "direct"}
-            if "pgbouncer" in added and added["pgbouncer"] > 0:
-                lines.append("")
-                lines.append(
-                    "Added p50 latency per query: "
-                    + ", ".join(f"{name} {value:.0f} us" for name, value in added.items())
-                    + f"; proxy / PgBouncer = {added['proxy'] / added['pgbouncer']:.2f}x"
-                )
+    lines += ["", *targets(results)]
+    return lines
+
+
+def targets(results: dict[str, dict[str, Result]]) -> list[str]:
+    """The performance targets, each with its measured ratio and whether it is met."""
+
+    def ratio(scenario: str, target: str, reference: str) -> float | None:
+        row = results.get(scenario, {})
+        if target not in row or reference not in row or not row[target].values or not row[reference].values:
+            return None
+        return row[target].median / row[reference].median
+
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    checks = [
+        ("S1 proxy TPS >= 1.0x PgBouncer", ratio("S1", "proxy", "pgbouncer"), 1.0, True),
+        ("S4 proxy TPS >= 1.5x app-does-it-itself through PgBouncer", ratio("S4", "proxy", "pgbouncer"), 1.5, True),
+        ("S5 proxy (HS256) connections/s >= 0.5x PgBouncer", ratio("S5", "proxy", "pgbouncer"), 0.5, True),
+    ]
+    p50 = results.get("S7-p50", {})
+    if all(name in p50 and p50[name].values for name in ("direct", "pgbouncer", "proxy")):
+        direct = p50["direct"].median
+        added_proxy, added_bouncer = p50["proxy"].median - direct, p50["pgbouncer"].median - direct
+        lines.insert(0, f"Added p50 latency per query: proxy {added_proxy:.0f} us, PgBouncer {added_bouncer:.0f} us.\n")
+        checks.append(("S7 added p50 latency <= 1.2x PgBouncer's",
+                       added_proxy / added_bouncer if added_bouncer > 0 else None, 1.2, False))
+    guard = ratio("G1", "proxy", "proxy-noguard")
+    if guard is not None:
+        lines.insert(0, f"pgbench -S TPS with the guard on / off: {guard:.2f}x.\n")
+    for name, value, bound, at_least in checks:
+        if value is None:
+            lines.append(f"| {name} | not measured | - |")
+        else:
+            met = value >= bound if at_least else value <= bound
+            lines.append(f"| {name} | {value:.2f}x | {'yes' if met else 'no'} |")
+    lines += ["| S3 transaction mode TPS >= 1.0x PgBouncer | not available | - |",
+              "| S6 <= 8 kB RSS per idle client | not available | - |"]
     return lines
 
 

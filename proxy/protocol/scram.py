@@ -7,6 +7,7 @@ deterministic under test.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 
@@ -17,6 +18,13 @@ MECHANISM = "SCRAM-SHA-256"
 
 def _hmac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
+
+
+@functools.lru_cache(maxsize=16)
+def salted_password(password: bytes, salt: bytes, iterations: int) -> bytes:
+    """Hi() of RFC 5802: PBKDF2-HMAC-SHA256. Remembered, because the server sends the same salt and
+    iteration count for a role every time and each computation costs milliseconds."""
+    return hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
 
 
 def _attributes(message: str) -> dict[str, str]:
@@ -52,7 +60,7 @@ class ScramClient:
             raise ProtocolViolation("malformed SCRAM server-first message") from exc
         if not nonce.startswith(self._nonce) or iterations < 1:
             raise ProtocolViolation("SCRAM server nonce or iteration count is invalid")
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, iterations)
+        salted = salted_password(self._password, salt, iterations)
         client_key = _hmac(salted, b"Client Key")
         stored_key = hashlib.sha256(client_key).digest()
         without_proof = f"c=biws,r={nonce}"

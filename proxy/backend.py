@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from proxy.config import UpstreamSettings
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
-from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, Message, MessageScanner, Segment
+from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, Message, MessageReader, MessageScanner, Segment
 from proxy.protocol.scram import MECHANISM, ScramClient
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ class BackendConnection(asyncio.Protocol):
         self._open_refusals: dict[str, str] | None = None  # refusals sent since the client's last Sync
         self._own_error: dict[str, str] | None = None
         self.on_close: Callable[[], None] | None = None
+        self.pool_key: tuple[str, tuple[tuple[str, str], ...]] = ("", ())
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -363,12 +364,35 @@ class BackendConnection(asyncio.Protocol):
     # -- forwarding ------------------------------------------------------------------------------
 
     def attach(self, peer: Peer) -> None:
-        """From now on forward everything the server sends to `peer`."""
+        """From now on forward everything the server sends to `peer`.
+
+        Whatever arrived while no client held the connection (a notification, a notice) is dropped,
+        except ParameterStatus, which updates `parameters`.
+        """
+        reader = MessageReader(_MAX_STARTUP_MESSAGE)
+        reader.feed(bytes(self._incoming))
+        self._incoming.clear()
+        for type_byte, body in reader:
+            if type_byte == b"S":
+                name, value = messages.parse_parameter_status(body)
+                self.parameters[name] = value
         self.peer = peer
-        if self._incoming:
-            pending = bytes(self._incoming)
-            self._incoming.clear()
-            self.data_received(pending)
+
+    def reusable(self) -> bool:
+        """True when the server is idle between messages with nothing in flight: it can be reset."""
+        return (
+            not self.closed
+            and self.transaction_status == b"I"
+            and not self.groups
+            and self._open_refusals is None
+            and self._scanner.at_boundary()
+        )
+
+    def detach(self) -> None:
+        """Stop forwarding; the server's output is read by the proxy's own exchanges again."""
+        self.peer = None
+        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
+            self.transport.resume_reading()
 
     def at_message_boundary(self) -> bool:
         """True when everything forwarded to the peer so far ends with a whole message."""

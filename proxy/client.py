@@ -59,7 +59,7 @@ class ClientConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._tls_done = False
         self._reader: MessageReader | None = None
-        self._scanner = MessageScanner(b"QSFP" if server.guard else b"QSF", server.settings.client.max_message)
+        self._scanner = MessageScanner(b"QSFPX" if server.guard else b"QSFX", server.settings.client.max_message)
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -95,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.server.forget(self)
-        self._detach_backend()
+        self._detach_backend(reuse=True)
         if self._session_started:
             log.info(
                 "session end client=%s user=%s tenant=%s sub=%s duration=%.3fs bytes_in=%d bytes_out=%d",
@@ -130,13 +130,17 @@ class ClientConnection(asyncio.Protocol):
         self.phase = Phase.CLOSED
         self.transport.close()
 
-    def _detach_backend(self) -> BackendConnection | None:
-        """Stop forwarding and close the server connection (never reused), keeping its byte count."""
+    def _detach_backend(self, reuse: bool = False) -> BackendConnection | None:
+        """Stop forwarding and give up the server connection, keeping its byte count. It goes back to
+        the pool (to be reset) only when `reuse` and the client stopped between two whole messages."""
         backend, self.backend = self.backend, None
         if backend is not None:
-            backend.peer = None
-            backend.close()
             self.bytes_out = backend.bytes_forwarded
+            if reuse and self._session_started and self._scanner.at_boundary():
+                self.server.pool.release(backend)
+            else:
+                backend.peer = None
+                backend.close()
         return backend
 
     def refuse(self, sqlstate: str, reason: str, detail: str | None = None, hint: str | None = None) -> None:
@@ -326,11 +330,15 @@ class ClientConnection(asyncio.Protocol):
             backend.transport.write(data)
             return
         out: list[bytes | memoryview] = []
+        terminated = False
         for segment in segments:
             if type(segment) is not Message:
                 out.append(segment)
                 continue
             kind = segment.type
+            if kind == b"X":
+                terminated = True  # not forwarded, so the server connection can be reset and reused
+                break
             if kind == b"P":
                 out.append(self._checked_parse(segment))
                 continue
@@ -343,6 +351,8 @@ class ClientConnection(asyncio.Protocol):
                 out.append(self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at))
                 backend.expect_group(own=True)
         backend.transport.write(b"".join(out))
+        if terminated and self.transport is not None:
+            self.transport.close()
 
     def _refusal_marker(self, refusal: str) -> str:
         """SQL that fails on the server with a syntax error naming a fresh marker, remembered for rewriting."""

@@ -1,8 +1,12 @@
-"""Server connections in session mode: one per client, at most `size` per upstream database.
+"""Server connections in session mode: one client at a time, at most `size` per upstream database.
 
-A server connection is opened for a client and closed when that client leaves; it never passes to
-another client, so nothing of one session can be seen by the next. A client that finds the pool full
-waits up to `checkout_timeout_seconds` for a slot, then gets 53300 naming the pool.
+A client holds its server connection for its whole session. When it leaves cleanly (idle, nothing in
+flight), the connection is reset with DISCARD ALL — temp tables, prepared statements, cursors, LISTEN,
+advisory locks, settings and the tenant context all go — and kept for the next client that asks for
+the same database with the same startup parameters (their values are the session defaults, which
+DISCARD ALL restores, so they must match). A connection that is not idle when its client leaves, or
+whose reset fails, is closed. A client that finds the pool full waits up to `checkout_timeout_seconds`
+for a slot, then gets 53300 naming the pool.
 """
 
 from __future__ import annotations
@@ -11,20 +15,34 @@ import asyncio
 
 from proxy.backend import BackendConnection, UpstreamError, connect
 from proxy.config import PoolSettings, UpstreamSettings
-from proxy.protocol import errors
+from proxy.protocol import errors, messages
+
+
+PoolKey = tuple[str, tuple[tuple[str, str], ...]]
+RESET = messages.query("DISCARD ALL")
 
 
 class SessionPool:
-    """Counts server connections per database and opens them on checkout."""
+    """Server connections per database: reset ones kept idle, new ones opened up to `size`."""
 
     def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
         self.upstream = upstream
         self.settings = settings
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._idle: dict[PoolKey, list[BackendConnection]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
-        """A new authenticated server connection for one client; raises UpstreamError."""
+        """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
+        key: PoolKey = (database, tuple(sorted(parameters.items())))
+        idle = self._idle.get(key)
+        while idle:
+            backend = idle.pop()
+            if not backend.closed:
+                return backend
         slots = self._slots.setdefault(database, asyncio.Semaphore(self.settings.size))
+        if slots.locked():
+            self._close_one_idle(database)
         try:
             await asyncio.wait_for(slots.acquire(), self.settings.checkout_timeout_seconds)
         except asyncio.TimeoutError:
@@ -39,4 +57,32 @@ class SessionPool:
             slots.release()
             raise
         backend.on_close = slots.release
+        backend.pool_key = key
         return backend
+
+    def _close_one_idle(self, database: str) -> None:
+        """Free a slot held by an idle connection kept for other startup parameters."""
+        for key, idle in self._idle.items():
+            if key[0] == database and idle:
+                idle.pop(0).close()
+                return
+
+    def release(self, backend: BackendConnection) -> None:
+        """Take back a connection whose client left: reset and keep it, or close it."""
+        if not backend.reusable():
+            backend.close()
+            return
+        backend.detach()
+        task = asyncio.get_running_loop().create_task(self._reset(backend))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reset(self, backend: BackendConnection) -> None:
+        try:
+            failure = await asyncio.wait_for(backend.run(RESET), self.upstream.connect_timeout_seconds)
+        except (UpstreamError, asyncio.TimeoutError):
+            failure = {}
+        if failure is not None or backend.closed or backend.transaction_status != b"I":
+            backend.close()
+            return
+        self._idle.setdefault(backend.pool_key, []).append(backend)

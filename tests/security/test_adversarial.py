@@ -359,3 +359,62 @@ async def test_asyncpg_extended_protocol_refusal(proxy: ProxyProcess) -> None:
         assert await conn.fetchval("SELECT count(*) FROM leads") == ROWS[ACME]
     finally:
         await conn.close()
+
+
+# -- 10. A server connection passed to the next client ---------------------------------------------
+
+def test_nothing_survives_when_a_server_connection_passes_to_another_tenant(
+    make_proxy: Any, pg: EmbeddedPostgres, tenant_db: Any
+) -> None:
+    """Attacker (tenant A) leaves state behind on its server connection for the next client to find or
+    trip over. Stopped by: the pool's DISCARD ALL before the connection serves anyone else."""
+    single = make_proxy({"pool": {"size": 1}})
+    pg.psql(f"GRANT TEMP ON DATABASE {tenant_db.database} TO {tenant_db.app_role}")
+    try:
+        with psycopg.connect(single.dsn(), password=single.token(ACME), autocommit=True) as a:
+            pid = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+            a.execute("CREATE TEMP TABLE leads (id int, tenant_id uuid, name text, email text)")
+            a.execute(f"INSERT INTO leads VALUES (1, '{GLOBEX}', 'planted', 'x')")
+            a.execute("SET statement_timeout = '1234ms'")
+            a.execute("PREPARE planted AS SELECT 1")
+            a.execute("LISTEN planted")
+            a.execute("SELECT pg_advisory_lock(42)")
+            a.execute("BEGIN")
+            a.execute("DECLARE held CURSOR WITH HOLD FOR SELECT 1")
+            a.execute("COMMIT")
+        with psycopg.connect(single.dsn(), password=single.token(GLOBEX), autocommit=True) as b:
+            assert b.execute("SELECT pg_backend_pid()").fetchone()[0] == pid  # the same server connection
+            assert b.execute("SELECT count(*) FROM pg_tables WHERE schemaname LIKE 'pg_temp%'").fetchone()[0] == 0
+            assert b.execute("SELECT count(*) FROM leads WHERE name = 'planted'").fetchone()[0] == 0
+            assert b.execute("SHOW statement_timeout").fetchone()[0] == "0"
+            assert b.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] == 0
+            assert b.execute("SELECT count(*) FROM pg_listening_channels()").fetchone()[0] == 0
+            assert b.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+                             ).fetchone()[0] == 0
+            assert b.execute("SELECT count(*) FROM pg_cursors").fetchone()[0] == 0
+            assert b.execute("SELECT tenant_proxy.current_tenant()").fetchone()[0] == GLOBEX
+            assert b.execute("SELECT count(*) FROM leads WHERE tenant_id <> %s", (GLOBEX,)).fetchone()[0] == 0
+    finally:
+        pg.psql(f"REVOKE TEMP ON DATABASE {tenant_db.database} FROM {tenant_db.app_role}")
+
+
+def test_a_connection_left_mid_transaction_is_never_reused(make_proxy: Any) -> None:
+    """A client that vanishes inside a transaction leaves a connection nobody else gets."""
+    single = make_proxy({"pool": {"size": 1}})
+    a = psycopg.connect(single.dsn(), password=single.token(ACME))
+    pid = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    a.pgconn.finish()
+    with psycopg.connect(single.dsn(), password=single.token(GLOBEX), autocommit=True) as b:
+        assert b.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+        assert b.execute("SELECT count(*) FROM leads WHERE tenant_id <> %s", (GLOBEX,)).fetchone()[0] == 0
+
+
+def test_startup_parameters_never_pass_to_another_client(make_proxy: Any) -> None:
+    """Startup parameters are the session's defaults, which DISCARD ALL restores: a connection opened
+    with one client's parameters serves only clients with the same ones."""
+    single = make_proxy({"pool": {"size": 1}})
+    with psycopg.connect(single.dsn(application_name="first"), password=single.token(ACME)) as a:
+        pid = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with psycopg.connect(single.dsn(application_name="second"), password=single.token(GLOBEX)) as b:
+        assert b.execute("SHOW application_name").fetchone()[0] == "second"
+        assert b.execute("SELECT pg_backend_pid()").fetchone()[0] != pid

@@ -12,6 +12,7 @@ for a slot, then gets 53300 naming the pool.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from proxy.backend import BackendConnection, UpstreamError, connect
 from proxy.config import PoolSettings, UpstreamSettings
@@ -28,37 +29,63 @@ class SessionPool:
     def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
         self.upstream = upstream
         self.settings = settings
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._open: dict[str, int] = {}
         self._idle: dict[PoolKey, list[BackendConnection]] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
         """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
         key: PoolKey = (database, tuple(sorted(parameters.items())))
-        idle = self._idle.get(key)
-        while idle:
-            backend = idle.pop()
-            if not backend.closed:
-                return backend
-        slots = self._slots.setdefault(database, asyncio.Semaphore(self.settings.size))
-        if slots.locked():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.checkout_timeout_seconds
+        while True:
+            idle = self._idle.get(key)
+            while idle:
+                backend = idle.pop()
+                if not backend.closed:
+                    return backend
+            if self._open.get(database, 0) < self.settings.size:
+                return await self._open_new(database, key, parameters)
             self._close_one_idle(database)
-        try:
-            await asyncio.wait_for(slots.acquire(), self.settings.checkout_timeout_seconds)
-        except asyncio.TimeoutError:
-            raise UpstreamError(
-                errors.TOO_MANY_CONNECTIONS,
-                f'pool for database "{database}" is full ({self.settings.size} server connections)',
-                hint="raise [pool] size, or wait for other sessions to end",
-            ) from None
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(database, deque())
+            waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise UpstreamError(
+                    errors.TOO_MANY_CONNECTIONS,
+                    f'pool for database "{database}" is full ({self.settings.size} server connections)',
+                    hint="raise [pool] size, or wait for other sessions to end",
+                ) from None
+            finally:
+                if waiter in waiters:
+                    waiters.remove(waiter)
+
+    async def _open_new(self, database: str, key: PoolKey, parameters: dict[str, str]) -> BackendConnection:
+        self._open[database] = self._open.get(database, 0) + 1
         try:
             backend = await connect(self.upstream, database, parameters)
         except BaseException:
-            slots.release()
+            self._closed(database)
             raise
-        backend.on_close = slots.release
+        backend.on_close = lambda: self._closed(database)
         backend.pool_key = key
         return backend
+
+    def _closed(self, database: str) -> None:
+        self._open[database] -= 1
+        self._wake(database)
+
+    def _wake(self, database: str) -> None:
+        """Let one client waiting for this database look again."""
+        waiters = self._waiters.get(database)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _close_one_idle(self, database: str) -> None:
         """Free a slot held by an idle connection kept for other startup parameters."""
@@ -86,3 +113,4 @@ class SessionPool:
             backend.close()
             return
         self._idle.setdefault(backend.pool_key, []).append(backend)
+        self._wake(backend.pool_key[0])

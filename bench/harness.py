@@ -458,6 +458,8 @@ def write_results(path: Path, bench: Bench, args: argparse.Namespace, lines: lis
         "",
         *lines,
         "",
+        "Where the time goes, and what was done about it: `bench/PROFILE.md`.",
+        "",
         "Not measured in this run:",
         "",
         *[f"- {name}: {reason}" for name, reason in NOT_AVAILABLE.items()],

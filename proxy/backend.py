@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import socket
 import ssl
@@ -24,6 +25,8 @@ from proxy.protocol.scram import MECHANISM, ScramClient
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+log = logging.getLogger("pg_tenant_proxy")
 
 _MAX_STARTUP_MESSAGE = 1 << 20
 REFUSAL_HINT = "pg-tenant-proxy's SQL guard refuses statements that could change the tenant context or the session's identity"
@@ -126,10 +129,14 @@ class BackendConnection(asyncio.Protocol):
             self._wake()
             return
         try:
-            segments = self._scanner.scan(data)
-        except ProtocolViolation:
+            self._forward(peer, data)
+        except Exception as exc:
+            if not isinstance(exc, ProtocolViolation):
+                log.exception("internal error on data from the upstream server")
             self.close()
-            return
+
+    def _forward(self, peer: Peer, data: bytes) -> None:
+        segments = self._scanner.scan(data)
         if peer.transport is None:
             return
         if not self._special_groups and self._open_refusals is None:

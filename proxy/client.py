@@ -80,13 +80,16 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self.phase is Phase.READY:
-            self._forward(data)
-            return
         try:
-            self._startup_data(data)
+            if self.phase is Phase.READY:
+                self._forward(data)
+            else:
+                self._startup_data(data)
         except ProtocolViolation as exc:
             self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
+        except Exception:
+            log.exception("internal error on data from client=%s", self.address)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
@@ -321,11 +324,7 @@ class ClientConnection(asyncio.Protocol):
         backend = self.backend
         if backend is None or backend.transport is None:
             return
-        try:
-            segments = self._scanner.scan(data)
-        except ProtocolViolation as exc:
-            self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
-            return
+        segments = self._scanner.scan(data)
         if len(segments) == 1 and type(segments[0]) is not Message:
             backend.transport.write(data)
             return

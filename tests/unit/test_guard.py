@@ -32,6 +32,8 @@ def guard() -> Guard:
         ("SET SESSION AUTHORIZATION DEFAULT", "SET SESSION AUTHORIZATION"),
         ("ALTER ROLE CURRENT_USER SET app.current_tenant = 'x'", "ALTER ROLE"),
         ("ALTER ROLE tenant_app BYPASSRLS", "ALTER ROLE"),
+        ("ALTER USER CURRENT_USER SET app.current_tenant = 'x'", "ALTER ROLE"),
+        ("RESET SESSION AUTHORIZATION", "SET SESSION AUTHORIZATION"),
         ("ALTER DATABASE app SET app.current_tenant = 'x'", "ALTER DATABASE"),
         ("ALTER SYSTEM SET work_mem = '1GB'", "ALTER SYSTEM"),
         ("LOAD 'auto_explain'", "LOAD"),

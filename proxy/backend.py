@@ -112,6 +112,8 @@ class BackendConnection(asyncio.Protocol):
         self._own_error: dict[str, str] | None = None
         self.on_close: Callable[[], None] | None = None
         self.pool_key: tuple[str, tuple[tuple[str, str], ...]] = ("", ())
+        self.opened_at = 0.0  # loop time, set by the pool
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 

@@ -76,7 +76,9 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("tenant", "signing_key_file"): (str, None),
     ("pool", "mode"): (str, "session"),
     ("pool", "size"): (int, 20),
-    ("pool", "checkout_timeout_seconds"): (float, 30.0),
+    ("pool", "checkout_timeout"): (float, 30.0),
+    ("pool", "server_idle_timeout"): (float, 600.0),
+    ("pool", "server_lifetime"): (float, 3600.0),
     ("tls", "cert_file"): (str, None),
     ("tls", "key_file"): (str, None),
     ("client", "auth_timeout_seconds"): (float, 15.0),
@@ -127,7 +129,9 @@ class TenantSettings:
 class PoolSettings:
     mode: str
     size: int
-    checkout_timeout_seconds: float
+    checkout_timeout: float
+    server_idle_timeout: float
+    server_lifetime: float
 
 
 @dataclass(frozen=True)
@@ -343,7 +347,16 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         raise ConfigError("pool.mode: only 'session' is available in this version")
     if values[("pool", "size")] < 1:
         raise ConfigError("pool.size: must be at least 1")
-    pool = PoolSettings(values[("pool", "mode")], values[("pool", "size")], values[("pool", "checkout_timeout_seconds")])
+    for key in ("checkout_timeout", "server_idle_timeout", "server_lifetime"):
+        if values[("pool", key)] <= 0:
+            raise ConfigError(f"pool.{key}: must be a positive number of seconds")
+    pool = PoolSettings(
+        mode=values[("pool", "mode")],
+        size=values[("pool", "size")],
+        checkout_timeout=values[("pool", "checkout_timeout")],
+        server_idle_timeout=values[("pool", "server_idle_timeout")],
+        server_lifetime=values[("pool", "server_lifetime")],
+    )
 
     if bool(values[("tls", "cert_file")]) != bool(values[("tls", "key_file")]):
         raise ConfigError("tls.cert_file and tls.key_file: set both or neither")

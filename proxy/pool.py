@@ -5,8 +5,9 @@ flight), the connection is reset with DISCARD ALL — temp tables, prepared stat
 advisory locks, settings and the tenant context all go — and kept for the next client that asks for
 the same database with the same startup parameters (their values are the session defaults, which
 DISCARD ALL restores, so they must match). A connection that is not idle when its client leaves, or
-whose reset fails, is closed. A client that finds the pool full waits up to `checkout_timeout_seconds`
-for a slot, then gets 53300 naming the pool.
+whose reset fails, is closed, and so is one older than `server_lifetime` or idle for longer than
+`server_idle_timeout`. A client that finds the pool full waits up to `checkout_timeout` for a slot,
+then gets 53300 naming the pool.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ class SessionPool:
         self._idle: dict[PoolKey, list[BackendConnection]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
         """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
         key: PoolKey = (database, tuple(sorted(parameters.items())))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.checkout_timeout_seconds
+        deadline = loop.time() + self.settings.checkout_timeout
         while True:
             idle = self._idle.get(key)
             while idle:
@@ -72,6 +74,7 @@ class SessionPool:
             raise
         backend.on_close = lambda: self._closed(database)
         backend.pool_key = key
+        backend.opened_at = asyncio.get_running_loop().time()
         return backend
 
     def _closed(self, database: str) -> None:
@@ -96,7 +99,8 @@ class SessionPool:
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection whose client left: reset and keep it, or close it."""
-        if not backend.reusable():
+        loop = asyncio.get_running_loop()
+        if not backend.reusable() or loop.time() - backend.opened_at > self.settings.server_lifetime:
             backend.close()
             return
         backend.detach()
@@ -112,5 +116,21 @@ class SessionPool:
         if failure is not None or backend.closed or backend.transaction_status != b"I":
             backend.close()
             return
+        loop = asyncio.get_running_loop()
+        backend.idle_since = loop.time()
         self._idle.setdefault(backend.pool_key, []).append(backend)
         self._wake(backend.pool_key[0])
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close idle connections unused for `server_idle_timeout`; look again while any are left."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for idle in self._idle.values():
+            for backend in [b for b in idle if b.closed or now - b.idle_since > self.settings.server_idle_timeout]:
+                idle.remove(backend)
+                backend.close()
+        self._sweeper = None
+        if any(self._idle.values()):
+            self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import jwt
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -28,7 +29,7 @@ async def connect(proxy: ProxyProcess, token: str) -> asyncpg.Connection:
 
 
 async def test_full_pool_refuses_with_53300_after_the_checkout_timeout(make_proxy: Any) -> None:
-    small = make_proxy({"pool": {"size": 1, "checkout_timeout_seconds": 0.5}})
+    small = make_proxy({"pool": {"size": 1, "checkout_timeout": 0.5}})
     holder = await connect(small, small.token())
     try:
         start = time.monotonic()
@@ -106,3 +107,23 @@ async def test_es256_token_with_keys_from_a_jwks_url(make_proxy: Any, jwks_serve
     await conn.close()
     with pytest.raises(asyncpg.InvalidPasswordError, match="key could not be found"):
         await connect(proxy, jwt.encode(claims, key, algorithm="ES256", headers={"kid": "unknown"}))
+
+
+def test_idle_server_connections_are_closed_after_the_idle_timeout(make_proxy: Any, pg: EmbeddedPostgres) -> None:
+    """A reset connection waits in the pool, then goes once it was idle for server_idle_timeout."""
+    brief = make_proxy({"pool": {"server_idle_timeout": 1.0}})
+    with psycopg.connect(brief.dsn(application_name="idle-timeout"), password=brief.token()) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    wait_until(lambda: pg.psql(f"SELECT state FROM pg_stat_activity WHERE pid = {pid}").strip() == "idle")
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}").strip() == "0",
+               deadline=10)
+
+
+def test_server_connections_past_their_lifetime_are_not_reused(make_proxy: Any) -> None:
+    """A connection older than server_lifetime when its client leaves is closed, not reset and reused."""
+    short = make_proxy({"pool": {"server_lifetime": 0.2}})
+    pids = set()
+    for _ in range(2):
+        with psycopg.connect(short.dsn(), password=short.token()) as conn:
+            pids.add(conn.execute("SELECT pg_backend_pid() FROM pg_sleep(0.3)").fetchone()[0])
+    assert len(pids) == 2

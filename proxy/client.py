@@ -40,7 +40,8 @@ class Phase(enum.Enum):
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client connection."""
+    """One client connection. Its server connection is held from its first message (or its login, for
+    the first client of a pool) until it leaves."""
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -63,6 +64,7 @@ class ClientConnection(asyncio.Protocol):
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._checkout_task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -80,6 +82,10 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Handle bytes from the client; malformed input or an internal error ends only this session."""
         try:
             if self.phase is Phase.READY:
                 self._forward(data)
@@ -95,8 +101,9 @@ class ClientConnection(asyncio.Protocol):
         self.phase = Phase.CLOSED
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        for task in (self._task, self._checkout_task):
+            if task is not None and not task.done():
+                task.cancel()
         self.server.forget(self)
         self._detach_backend(reuse=True)
         if self._session_started:
@@ -258,7 +265,9 @@ class ClientConnection(asyncio.Protocol):
             return
 
     async def _establish(self, token: str) -> None:
-        """Verify the token, open the server connection, set the context, then start forwarding."""
+        """Verify the token and greet the client. The first client of a database and set of startup
+        parameters also gets its server connection now, so the parameters the server reports are known;
+        later ones get theirs at their first message."""
         assert self.request is not None and self.transport is not None
         server = self.server
         try:
@@ -268,13 +277,11 @@ class ClientConnection(asyncio.Protocol):
             else:
                 identity = server.verifier.verify(token, time.time())
             self.identity = identity
-            database = server.settings.upstream.database or self.request.database or self.request.user
-            self.backend = await server.pool.acquire(database, self.request.forwarded)
-            failure = await self.backend.run(
-                server.context.session_messages(identity.tenant, self.backend.process_id, identity.expires_at)
-            )
-            if failure is not None:
-                raise UpstreamError.from_fields(failure, "could not set the tenant context: ")
+            parameters = server.pool.known_parameters(self._database(), self.request.forwarded)
+            if parameters is None:
+                await self._checkout()
+                assert self.backend is not None
+                parameters = self.backend.parameters
         except TokenRejected as exc:
             self.refuse(errors.INVALID_PASSWORD, str(exc))
             return
@@ -286,16 +293,58 @@ class ClientConnection(asyncio.Protocol):
             self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while opening the session")
             return
         if self.phase is not Phase.CLOSED:
-            self._ready(identity)
+            self._ready(identity, parameters)
 
-    def _ready(self, identity: Identity) -> None:
-        assert self.backend is not None and self.transport is not None and self.request is not None
-        backend = self.backend
+    def _database(self) -> str:
+        assert self.request is not None
+        return self.server.settings.upstream.database or self.request.database or self.request.user
+
+    async def _checkout(self) -> None:
+        """Get a server connection and put this client's signed context on it; raises UpstreamError."""
+        assert self.request is not None and self.identity is not None
+        backend = await self.server.pool.acquire(self._database(), self.request.forwarded)
+        self.backend = backend
+        identity = self.identity
+        failure = await backend.run(
+            self.server.context.session_messages(identity.tenant, backend.process_id, identity.expires_at)
+        )
+        if failure is not None:
+            raise UpstreamError.from_fields(failure, "could not set the tenant context: ")
+
+    async def _checkout_then_forward(self) -> None:
+        """At the client's first message: get a server connection, then pass on what the client sent."""
+        assert self.transport is not None
+        try:
+            await self._checkout()
+        except UpstreamError as exc:
+            self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
+            return
+        except Exception:
+            log.exception("internal error while getting a server connection for client=%s", self.address)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while getting a server connection")
+            return
+        if self.phase is Phase.CLOSED:
+            return
+        self._attach()
+        self.transport.resume_reading()
+
+    def _attach(self) -> None:
+        """Start forwarding between this client and its server connection."""
+        assert self.backend is not None
+        self.backend.attach(self)
+        log.debug("server connection client=%s backend_pid=%d", self.address, self.backend.process_id)
+        if self._buffer:
+            pending = bytes(self._buffer)
+            self._buffer.clear()
+            self._feed(pending)
+
+    def _ready(self, identity: Identity, parameters: dict[str, str]) -> None:
+        assert self.transport is not None and self.request is not None
         self.process_id, self.secret_key = self.server.register(self)
         greeting = [messages.authentication(messages.AUTH_OK)]
-        greeting += [messages.parameter_status(name, value) for name, value in backend.parameters.items()]
+        greeting += [messages.parameter_status(name, value) for name, value in parameters.items()]
         greeting.append(messages.backend_key_data(self.process_id, self.secret_key))
-        greeting.append(messages.ready_for_query(backend.transaction_status))
+        greeting.append(messages.ready_for_query(b"I"))
         self.transport.write(b"".join(greeting))
         if self._timer is not None:
             self._timer.cancel()
@@ -303,26 +352,35 @@ class ClientConnection(asyncio.Protocol):
         self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
         self.phase = Phase.READY
         self._session_started = True
-        backend.attach(self)
         log.info(
-            "session start client=%s user=%s tenant=%s sub=%s database=%s backend_pid=%d",
+            "session start client=%s user=%s tenant=%s sub=%s database=%s",
             self.address,
             self.request.user,
             identity.tenant,
             identity.subject or "-",
-            self.server.settings.upstream.database or self.request.database or self.request.user,
-            backend.process_id,
+            self._database(),
         )
-        if self._buffer:
-            pending = bytes(self._buffer)
-            self._buffer.clear()
-            self._forward(pending)
+        if self.backend is not None:
+            self._attach()
+        elif self._buffer:
+            self._wait_for_server()
+
+    def _wait_for_server(self) -> None:
+        """Hold the client's bytes (and stop reading more) until its server connection is ready."""
+        assert self.transport is not None
+        if self._checkout_task is None:
+            self.transport.pause_reading()
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward())
 
     # -- forwarding ------------------------------------------------------------------------------
 
     def _forward(self, data: bytes) -> None:
         backend = self.backend
-        if backend is None or backend.transport is None:
+        if backend is None or backend.peer is not self:
+            self._buffer += data
+            self._wait_for_server()
+            return
+        if backend.transport is None:
             return
         segments = self._scanner.scan(data)
         if len(segments) == 1 and type(segments[0]) is not Message:

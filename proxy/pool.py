@@ -1,6 +1,7 @@
 """Server connections in session mode: one client at a time, at most `size` per upstream database.
 
-A client holds its server connection for its whole session. When it leaves cleanly (idle, nothing in
+A client holds its server connection from its first message (the pool's first client for a database
+and set of startup parameters: from its login) until it leaves. When it leaves cleanly (idle, nothing in
 flight), the connection is reset with DISCARD ALL — temp tables, prepared statements, cursors, LISTEN,
 advisory locks, settings and the tenant context all go — and kept for the next client that asks for
 the same database with the same startup parameters (their values are the session defaults, which
@@ -35,6 +36,12 @@ class SessionPool:
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._parameters: dict[PoolKey, dict[str, str]] = {}
+
+    def known_parameters(self, database: str, parameters: dict[str, str]) -> dict[str, str] | None:
+        """What the server reported (ParameterStatus) for sessions opened with these startup parameters,
+        once a connection for them has been opened; clients are greeted with it before they get one."""
+        return self._parameters.get((database, tuple(sorted(parameters.items()))))
 
     async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
         """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
@@ -75,6 +82,7 @@ class SessionPool:
         backend.on_close = lambda: self._closed(database)
         backend.pool_key = key
         backend.opened_at = asyncio.get_running_loop().time()
+        self._parameters[key] = dict(backend.parameters)
         return backend
 
     def _closed(self, database: str) -> None:

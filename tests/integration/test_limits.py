@@ -22,27 +22,53 @@ from proxy.protocol import messages
 from test_protocol import RawClient, login
 
 
-async def connect(proxy: ProxyProcess, token: str) -> asyncpg.Connection:
+async def connect(proxy: ProxyProcess, token: str, application_name: str = "limits") -> asyncpg.Connection:
     return await asyncpg.connect(
-        host="127.0.0.1", port=proxy.port, user="alice", database="app", password=token, ssl=False, timeout=20
+        host="127.0.0.1", port=proxy.port, user="alice", database="app", password=token, ssl=False, timeout=20,
+        server_settings={"application_name": application_name},
     )
 
 
-async def test_full_pool_refuses_with_53300_after_the_checkout_timeout(make_proxy: Any) -> None:
+def test_full_pool_refuses_with_53300_after_the_checkout_timeout(make_proxy: Any) -> None:
+    """Login needs no server connection once the pool knows the server's parameters; the first query
+    waits for one, and after checkout_timeout the client gets 53300 naming the pool."""
     small = make_proxy({"pool": {"size": 1, "checkout_timeout": 0.5}})
-    holder = await connect(small, small.token())
+    holder, waiting = RawClient(small.port), RawClient(small.port)
     try:
+        login(holder, small.token())  # the pool's first client: it gets the only server connection
+        login(waiting, small.token())
         start = time.monotonic()
-        with pytest.raises(asyncpg.TooManyConnectionsError, match='pool for database "app" is full') as info:
-            await connect(small, small.token())
-        assert info.value.sqlstate == "53300"
+        waiting.send(messages.query("SELECT 1"))
+        fields = waiting.error()
+        assert (fields["S"], fields["C"]) == ("FATAL", "53300")
+        assert 'pool for database "app" is full' in fields["M"]
         assert time.monotonic() - start >= 0.4
     finally:
-        await holder.close()
+        holder.close()
+        waiting.close()
     # The slot comes back once the holder leaves.
-    again = await connect(small, small.token())
-    assert await again.fetchval("SELECT count(*) FROM leads") == ROWS[ACME]
-    await again.close()
+    with psycopg.connect(small.dsn(), password=small.token()) as again:
+        assert again.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
+
+
+async def test_idle_clients_hold_no_server_connection(make_proxy: Any, pg: EmbeddedPostgres) -> None:
+    """Fifty logged-in clients that send nothing hold no backend; each gets one at its first query."""
+    lazy = make_proxy({"pool": {"size": 5}})
+
+    def backends() -> int:
+        return int(pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'lazy-check'").strip())
+
+    first = await connect(lazy, lazy.token(), "lazy-check")  # the pool's first client opens a connection
+    await first.close()
+    clients = [await connect(lazy, lazy.token(), "lazy-check") for _ in range(50)]
+    try:
+        assert backends() == 1  # the first client's, reset and idle in the pool
+        assert await clients[0].fetchval("SELECT count(*) FROM leads") == ROWS[ACME]
+        assert await clients[1].fetchval("SELECT tenant_proxy.current_tenant()") == ACME
+        assert backends() == 2
+    finally:
+        for client in clients:
+            await client.close()
 
 
 def rss_kib(pid: int) -> int:

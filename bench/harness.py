@@ -8,9 +8,11 @@ and to PgBouncer. `bench/run` is the entry point; it prepares the environment fi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.demo import TenantDatabase, prepare_database, wait_for_port, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.protocol import messages
 from proxy.tokens import mint
 
 HERE = Path(__file__).resolve().parent
@@ -85,6 +88,7 @@ class Bench:
         ).start()
         self.db: TenantDatabase = prepare_database(self.pg, database="bench")
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}
         self.targets: dict[str, Target] = {}
         self.commands: list[str] = []
         self.tokens: dict[str, str] = {}
@@ -136,6 +140,7 @@ class Bench:
             stderr=log, cwd=REPO,
         )
         self.processes.append(process)
+        self.pids[name] = process.pid
         wait_for_port(port, process)
         self.commands.append(f"pg-tenant-proxy run --config {config.name}  # pool.size=300, log_level=warning")
         target = Target(name, port, "bench", "")
@@ -167,11 +172,15 @@ class Bench:
             ["pgbouncer", str(directory / "pgbouncer.ini")], stderr=subprocess.DEVNULL, cwd=directory, **kwargs
         )
         self.processes.append(process)
+        self.pids[name] = process.pid
         wait_for_port(port, process)
         self.commands.append(f"pgbouncer pgbouncer.ini  # pool_mode={pool_mode}, auth_type=plain, default_pool_size=300")
         target = Target(name, port, self.db.app_role, self.db.app_password)
         self.targets[name] = target
         return target
+
+    def pid_of(self, target: Target) -> int:
+        return self.pids[target.name]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -274,6 +283,12 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
             ))
         return sum(tps_of(bench.finish(process, target)) for process in processes)
 
+    def s6(target: Target, _: float) -> float:
+        """Bytes of resident memory per idle logged-in client (the process's RSS growth / clients)."""
+        pid = bench.pid_of(target)
+        return asyncio.run(_idle_rss_per_client(pid, target.port, target.user, bench.password_for(target),
+                                                IDLE_CLIENTS))
+
     def s5(target: Target, _: float) -> float:
         args = ["-S", "-C", "-c", "8", "-j", "2", "-T", duration]
         return tps_of(bench.pgbench(target, args, bench.password_for(target)))
@@ -305,6 +320,8 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
                      proxy_pair, s4),
             Scenario("S5", "connection storm, pgbench -S -C, 8 clients (connections/s)", "TPS",
                      ["pgbouncer", "proxy", "proxy-rs256"], s5),
+            Scenario("S6", f"{IDLE_CLIENTS:,} idle clients: resident memory per client", "bytes",
+                     ["pgbouncer", "proxy"], s6),
             Scenario("G1", "pgbench -S, 16 clients: guard on vs off", "TPS", ["proxy", "proxy-noguard"], s1),
             Scenario("G2-scan", "guard decision, new text cleared by the pre-scan", "us", ["guard"], guard_cost("scan")),
             Scenario("G2-parse", "guard decision, new text parsed by pglast", "us", ["guard"],
@@ -313,6 +330,44 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
                      guard_cost("hit")),
         ]
     return scenarios
+
+
+IDLE_CLIENTS = 10_000
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def _log_in(port: int, user: str, password: str) -> asyncio.StreamWriter:
+    """One client that logs in (cleartext password) and then stays idle."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(messages.startup_message({"user": user, "database": "bench"}))
+    sent_password = False
+    while True:
+        kind = await reader.readexactly(1)
+        body = await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big") - 4)
+        if kind == b"R" and body[:4] == b"\0\0\0\3" and not sent_password:
+            writer.write(messages.password_message(password))
+            sent_password = True
+        elif kind == b"E":
+            raise RuntimeError(f"login refused: {messages.parse_error_fields(body).get('M')}")
+        elif kind == b"Z":
+            return writer
+
+
+async def _idle_rss_per_client(pid: int, port: int, user: str, password: str, count: int) -> float:
+    before = rss_kib(pid)
+    writers: list[asyncio.StreamWriter] = []
+    for start in range(0, count, 200):
+        writers += await asyncio.gather(*(_log_in(port, user, password) for _ in range(min(200, count - start))))
+    after = rss_kib(pid)
+    for writer in writers:
+        writer.close()
+    return (after - before) * 1024 / count
 
 
 GUARD_SAMPLES = {
@@ -354,7 +409,6 @@ def guard_microseconds(kind: str, rounds: int = 4000) -> float:
 
 NOT_AVAILABLE = {
     "S3": "transaction mode, 64 clients over a pool of 8: not available until transaction pooling lands",
-    "S6": "10,000 idle clients: not available until transaction pooling (session mode holds a server per client)",
 }
 
 
@@ -426,8 +480,12 @@ def targets(results: dict[str, dict[str, Result]]) -> list[str]:
         else:
             met = value >= bound if at_least else value <= bound
             lines.append(f"| {name} | {value:.2f}x | {'yes' if met else 'no'} |")
-    lines += ["| S3 transaction mode TPS >= 1.0x PgBouncer | not available | - |",
-              "| S6 <= 8 kB RSS per idle client | not available | - |"]
+    idle = results.get("S6", {}).get("proxy")
+    if idle is not None and idle.values:
+        lines.append(f"| S6 <= 8 kB RSS per idle client | {idle.median / 1024:.1f} kB | {'yes' if idle.median <= 8192 else 'no'} |")
+    else:
+        lines.append("| S6 <= 8 kB RSS per idle client | not measured | - |")
+    lines.append("| S3 transaction mode TPS >= 1.0x PgBouncer | not available | - |")
     return lines
 
 
@@ -498,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     args.runs = args.runs or 3
     duration = args.duration or (5.0 if args.quick else 15.0)
     started = time.monotonic()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # S6 holds 10,000 connections per target
     with running_bench(duration) as bench:
         print("Loading data ...", flush=True)
         bench.load_data(scale=args.scale)

@@ -282,18 +282,21 @@ class ClientConnection(asyncio.Protocol):
                 await self._checkout()
                 assert self.backend is not None
                 parameters = self.backend.parameters
-        except TokenRejected as exc:
-            self.refuse(errors.INVALID_PASSWORD, str(exc))
-            return
-        except UpstreamError as exc:
-            self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
-            return
-        except Exception:
-            log.exception("internal error while opening a session for client=%s", self.address)
-            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while opening the session")
+        except Exception as exc:
+            self._setup_failed(exc)
             return
         if self.phase is not Phase.CLOSED:
             self._ready(identity, parameters)
+
+    def _setup_failed(self, exc: Exception) -> None:
+        """Refuse the client for a failure while setting up its session (called in an except block)."""
+        if isinstance(exc, TokenRejected):
+            self.refuse(errors.INVALID_PASSWORD, str(exc))
+        elif isinstance(exc, UpstreamError):
+            self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
+        else:
+            log.exception("internal error while setting up the session of client=%s", self.address)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while setting up the session")
 
     def _database(self) -> str:
         assert self.request is not None
@@ -316,12 +319,8 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         try:
             await self._checkout()
-        except UpstreamError as exc:
-            self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
-            return
-        except Exception:
-            log.exception("internal error while getting a server connection for client=%s", self.address)
-            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while getting a server connection")
+        except Exception as exc:
+            self._setup_failed(exc)
             return
         if self.phase is Phase.CLOSED:
             return

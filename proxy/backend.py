@@ -388,9 +388,13 @@ class BackendConnection(asyncio.Protocol):
         self.peer = peer
 
     def reusable(self) -> bool:
-        """True when the server is idle between messages with nothing in flight: it can be reset."""
+        """True when the server is idle between messages with nothing in flight: it can be reset.
+
+        Only an attached connection qualifies: one still in the proxy's own exchange (a client that
+        left while its context was being set) has replies in flight that a reset would misread."""
         return (
             not self.closed
+            and self.peer is not None
             and self.transaction_status == b"I"
             and not self.groups
             and self._open_refusals is None

@@ -25,6 +25,11 @@ PoolKey = tuple[str, tuple[tuple[str, str], ...]]
 RESET = messages.query("DISCARD ALL")
 
 
+def pool_key(database: str, parameters: dict[str, str]) -> PoolKey:
+    """Connections are shared only between clients of one database with the same startup parameters."""
+    return database, tuple(sorted(parameters.items()))
+
+
 class SessionPool:
     """Server connections per database: reset ones kept idle, new ones opened up to `size`."""
 
@@ -41,11 +46,11 @@ class SessionPool:
     def known_parameters(self, database: str, parameters: dict[str, str]) -> dict[str, str] | None:
         """What the server reported (ParameterStatus) for sessions opened with these startup parameters,
         once a connection for them has been opened; clients are greeted with it before they get one."""
-        return self._parameters.get((database, tuple(sorted(parameters.items()))))
+        return self._parameters.get(pool_key(database, parameters))
 
     async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
         """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
-        key: PoolKey = (database, tuple(sorted(parameters.items())))
+        key = pool_key(database, parameters)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.checkout_timeout
         while True:
@@ -112,7 +117,7 @@ class SessionPool:
             backend.close()
             return
         backend.detach()
-        task = asyncio.get_running_loop().create_task(self._reset(backend))
+        task = loop.create_task(self._reset(backend))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

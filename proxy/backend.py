@@ -3,7 +3,9 @@
 A BackendConnection first runs the startup exchange as a coroutine (TLS negotiation, StartupMessage,
 trust / cleartext / md5 / SCRAM-SHA-256, ParameterStatus, BackendKeyData), can then run the proxy's own
 messages (the tenant context), and is finally attached to a client, after which it forwards bytes and
-only watches ReadyForQuery headers.
+only watches ReadyForQuery and ErrorResponse headers (and, under transaction pooling, ParseComplete
+and CloseComplete, to swallow the replies to statements the proxy prepares on the client's behalf and to
+tell the client's peer when the transaction is over).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, Message, MessageReader, MessageScanner, Segment
 from proxy.protocol.scram import MECHANISM, ScramClient
+from proxy.transaction import Reply, ServerState, ServerStatements
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,6 +45,8 @@ class Peer(Protocol):
     def context_failed(self, fields: dict[str, str]) -> None: ...
 
     def reassert_later(self) -> None: ...
+
+    def transaction_idle(self) -> None: ...
 
 
 class SyncGroup:
@@ -93,7 +98,7 @@ def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
 class BackendConnection(asyncio.Protocol):
     """One server connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_prepared_statements: int = 0) -> None:
         self.transport: asyncio.Transport | None = None
         self.process_id = 0
         self.secret_key = 0
@@ -105,7 +110,15 @@ class BackendConnection(asyncio.Protocol):
         self._incoming = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._lost: Exception | None = None
-        self._scanner = MessageScanner(b"ZE", DEFAULT_MAX_MESSAGE)
+        # Under transaction pooling: the ParseComplete / CloseComplete replies owed, in order, with a
+        # None at each group's end (Sync, Query); and what the connection holds between clients.
+        self._replies: deque[Reply | None] | None = None
+        self._own_replies = 0  # replies in _replies to swallow
+        self.state: ServerState | None = None
+        if max_prepared_statements:
+            self._replies = deque()
+            self.state = ServerState(ServerStatements(max_prepared_statements))
+        self._scanner = MessageScanner(b"ZE13" if self._replies is not None else b"ZE", DEFAULT_MAX_MESSAGE)
         self.groups: deque[SyncGroup] = deque()
         self._special_groups = 0  # groups in flight that are the proxy's own or carry refusals
         self._open_refusals: dict[str, str] | None = None  # refusals sent since the client's last Sync
@@ -141,21 +154,62 @@ class BackendConnection(asyncio.Protocol):
         segments = self._scanner.scan(data)
         if peer.transport is None:
             return
-        if not self._special_groups and self._open_refusals is None:
+        if not self._special_groups and self._open_refusals is None and not self._own_replies:
+            ended = False
             for segment in segments:
-                if type(segment) is Message and segment.type == b"Z":
-                    self.transaction_status = segment.raw[5:6]
-                    if self.groups:
-                        self.groups.popleft()
+                if type(segment) is Message:
+                    kind = segment.type
+                    if kind == b"Z":
+                        self.transaction_status = segment.raw[5:6]
+                        if self.groups:
+                            self.groups.popleft()
+                        ended = True
+                    if self._replies is not None:
+                        self._track_reply(kind)
             self.bytes_forwarded += len(data)
             peer.transport.write(data)
-            return
-        self._forward_special(peer, segments)
+        else:
+            ended = self._forward_special(peer, segments)
+        if ended and self._replies is not None and not self.groups and self.transaction_status == b"I" and self.peer is peer:
+            peer.transaction_idle()
 
-    def _forward_special(self, peer: Peer, segments: list[Segment]) -> None:
-        """Forward while a group in flight is the proxy's own (swallowed) or carries refusals (rewritten)."""
+    def _track_reply(self, kind: bytes) -> bool:
+        """Account for a reply under transaction pooling; True when it answers the proxy's own Parse or
+        Close and must be swallowed."""
+        replies = self._replies
+        assert replies is not None and self.state is not None
+        if kind == b"Z":
+            while replies and replies.popleft() is not None:
+                pass
+        elif kind == b"E":
+            # The server skips the rest of the group: what was owed before its end will not come.
+            while replies and replies[0] is not None:
+                reply = replies.popleft()
+                assert reply is not None
+                self._own_replies -= reply.own
+                self.state.statements.pending.discard(reply.statement)
+        elif replies and replies[0] is not None:
+            reply = replies.popleft()
+            assert reply is not None
+            if reply.statement and kind == b"1":
+                self.state.statements.confirmed(reply.statement)
+            if reply.own:
+                self._own_replies -= 1
+                return True
+        return False
+
+    def expect_reply(self, reply: Reply) -> None:
+        """The client side sent a Parse or Close: its ParseComplete or CloseComplete is owed."""
+        assert self._replies is not None
+        self._replies.append(reply)
+        self._own_replies += reply.own
+
+    def _forward_special(self, peer: Peer, segments: list[Segment]) -> bool:
+        """Forward while a group in flight is the proxy's own (swallowed), carries refusals (rewritten),
+        or holds replies to the proxy's own Parse or Close (swallowed); True when a group ended."""
         assert peer.transport is not None
         out: list[bytes | memoryview] = []
+        ended = False
         for segment in segments:
             group = self.groups[0] if self.groups else SyncGroup(False, self._open_refusals)
             if type(segment) is not Message:
@@ -163,12 +217,16 @@ class BackendConnection(asyncio.Protocol):
                     out.append(segment)
                 continue
             raw = segment.raw
+            if self._replies is not None and not (group.own and segment.type in b"13"):
+                if self._track_reply(segment.type):
+                    continue
             if segment.type == b"E":
                 if group.own:
                     self._own_error = self._own_error or messages.parse_error_fields(segment.body)
                 elif group.refusals:
                     raw = self._rewrite_refusal(group.refusals, segment)
             elif segment.type == b"Z":
+                ended = True
                 self.transaction_status = raw[5:6]
                 if self.groups:
                     self.groups.popleft()
@@ -180,12 +238,13 @@ class BackendConnection(asyncio.Protocol):
                         if self.transaction_status != b"E":
                             self._write(peer, out)
                             peer.context_failed(error)
-                            return
+                            return False
                         peer.reassert_later()  # the rollback will restore the old values; try again after it
                     continue
             if not group.own:
                 out.append(raw)
         self._write(peer, out)
+        return ended
 
     def _write(self, peer: Peer, out: list[bytes | memoryview]) -> None:
         if out and peer.transport is not None:
@@ -211,6 +270,8 @@ class BackendConnection(asyncio.Protocol):
     def expect_group(self, own: bool = False) -> None:
         """The client (or the proxy, `own`) just sent a Query, Sync or FunctionCall: one more
         ReadyForQuery is due, closing the group of replies that includes any open refusals."""
+        if self._replies is not None:
+            self._replies.append(None)
         if own:
             group = OWN_GROUP
         elif self._open_refusals is not None:
@@ -352,8 +413,11 @@ class BackendConnection(asyncio.Protocol):
                 self.transaction_status = body
                 return
 
-    async def run(self, request: bytes) -> dict[str, str] | None:
-        """Send the proxy's own messages (ending in Sync); swallow the replies.
+    async def run(
+        self, request: bytes, groups: int = 1, rows: list[list[bytes | None]] | None = None
+    ) -> dict[str, str] | None:
+        """Send the proxy's own messages (`groups` groups, each ending in Sync or a Query); swallow the
+        replies, collecting DataRows into `rows` when given.
 
         Returns the first ErrorResponse's fields, or None when everything succeeded.
         """
@@ -363,12 +427,16 @@ class BackendConnection(asyncio.Protocol):
             type_byte, body = await self.read_message()
             if type_byte == b"E" and failure is None:
                 failure = messages.parse_error_fields(body)
+            elif type_byte == b"D" and rows is not None:
+                rows.append(messages.parse_data_row(body))
             elif type_byte == b"S":
                 name, value = messages.parse_parameter_status(body)
                 self.parameters[name] = value
             elif type_byte == b"Z":
                 self.transaction_status = body
-                return failure
+                groups -= 1
+                if not groups:
+                    return failure
 
     # -- forwarding ------------------------------------------------------------------------------
 
@@ -398,6 +466,7 @@ class BackendConnection(asyncio.Protocol):
             and self.transaction_status == b"I"
             and not self.groups
             and self._open_refusals is None
+            and not self._replies
             and self._scanner.at_boundary()
         )
 
@@ -421,12 +490,16 @@ class BackendConnection(asyncio.Protocol):
         self.closed = True
 
 
-async def connect(settings: UpstreamSettings, database: str, parameters: dict[str, str]) -> BackendConnection:
-    """Open, secure and authenticate a server connection; raise UpstreamError on any failure."""
+async def connect(
+    settings: UpstreamSettings, database: str, parameters: dict[str, str], max_prepared_statements: int = 0
+) -> BackendConnection:
+    """Open, secure and authenticate a server connection; raise UpstreamError on any failure.
+
+    `max_prepared_statements` > 0 makes it a connection for transaction pooling."""
     loop = asyncio.get_running_loop()
     try:
         _, backend = await asyncio.wait_for(
-            loop.create_connection(BackendConnection, settings.host, settings.port),
+            loop.create_connection(lambda: BackendConnection(max_prepared_statements), settings.host, settings.port),
             settings.connect_timeout_seconds,
         )
     except (OSError, asyncio.TimeoutError) as exc:

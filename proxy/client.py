@@ -3,6 +3,11 @@
 Phases: STARTUP (SSLRequest / GSSENCRequest / CancelRequest / StartupMessage), AUTH (waiting for the
 PasswordMessage that carries the token), CONNECTING (token verified, server connection being opened
 and given the tenant context), READY (bytes forwarded, only message headers read), CLOSED.
+
+In session mode a client keeps its server connection until it leaves. In transaction mode it holds
+one from the first message of a transaction until the server is idle again (ReadyForQuery 'I' with
+nothing in flight); each checkout first puts the client's context and session state on it
+(`proxy.transaction`), and its named prepared statements are renamed to the server-side ones.
 """
 
 from __future__ import annotations
@@ -16,13 +21,25 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from proxy.backend import BackendConnection, UpstreamError
+from proxy.guard import Decision
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import Message, MessageReader, MessageScanner, read_startup_packet
 from proxy.tokens import Identity, TokenRejected
+from proxy.transaction import (
+    CLIENT_REPLY,
+    SETTINGS_SNAPSHOT,
+    Checkout,
+    ClientStatements,
+    Outgoing,
+    ServerStatements,
+    checkout_messages,
+    session_settings,
+)
 
 if TYPE_CHECKING:
+    from proxy.pool import SessionPool, TransactionPool
     from proxy.server import ProxyServer
 
 log = logging.getLogger("pg_tenant_proxy")
@@ -40,8 +57,9 @@ class Phase(enum.Enum):
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client connection. Its server connection is held from its first message (or its login, for
-    the first client of a pool) until it leaves."""
+    """One client connection. In session mode its server connection is held from its first message
+    (or its login, for the first client of a pool) until it leaves; in transaction mode, for one
+    transaction at a time."""
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -60,7 +78,17 @@ class ClientConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._tls_done = False
         self._reader: MessageReader | None = None
-        self._scanner = MessageScanner(b"QSFPX" if server.guard else b"QSFX", server.settings.client.max_message)
+        self._transaction_mode = server.settings.pool.mode == "transaction"
+        if self._transaction_mode:
+            watched = b"QSFPXBDC"
+        else:
+            watched = b"QSFPX" if server.guard else b"QSFX"
+        self._scanner = MessageScanner(watched, server.settings.client.max_message)
+        # Transaction mode: the session state that follows the client between server connections.
+        self._statements = ClientStatements()
+        self._settings: dict[str, str] = {}
+        self._settings_stale = False  # a SET may have changed them: read them back before release
+        self._unsynced = False  # messages sent since the last Query or Sync
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -142,11 +170,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _detach_backend(self, reuse: bool = False) -> BackendConnection | None:
         """Stop forwarding and give up the server connection, keeping its byte count. It goes back to
-        the pool (to be reset) only when `reuse` and the client stopped between two whole messages."""
+        the pool only when `reuse` and the client stopped between two whole messages, after a Query or
+        Sync; the pool checks that the server is idle too."""
         backend, self.backend = self.backend, None
         if backend is not None:
-            self.bytes_out = backend.bytes_forwarded
-            if reuse and self._session_started and self._scanner.at_boundary():
+            self.bytes_out += backend.bytes_forwarded
+            if reuse and self._session_started and self._scanner.at_boundary() and not self._unsynced:
                 self.server.pool.release(backend)
             else:
                 backend.peer = None
@@ -228,6 +257,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _startup_message(self, packet: messages.StartupMessage) -> None:
         assert self.transport is not None
+        limit = self.server.settings.pool.max_client_connections
+        if len(self.server.clients) > limit:
+            self.refuse(
+                errors.TOO_MANY_CONNECTIONS,
+                "sorry, too many clients already",
+                detail=f"the proxy accepts at most {limit} client connections ([pool] max_client_connections)",
+            )
+            return
         try:
             self.request = self.server.policy.evaluate(packet.parameters)
         except ParameterRefused as exc:
@@ -277,11 +314,16 @@ class ClientConnection(asyncio.Protocol):
             else:
                 identity = server.verifier.verify(token, time.time())
             self.identity = identity
+            self._settings = {name.lower(): value for name, value in self.request.forwarded.items()}
             parameters = server.pool.known_parameters(self._database(), self.request.forwarded)
             if parameters is None:
                 await self._checkout()
                 assert self.backend is not None
-                parameters = self.backend.parameters
+                parameters = dict(self.backend.parameters)
+                server.pool.learn_parameters(self._database(), self.request.forwarded, parameters)
+                if self._transaction_mode:
+                    self.backend.attach(self)
+                    self._release()
         except Exception as exc:
             self._setup_failed(exc)
             return
@@ -303,25 +345,59 @@ class ClientConnection(asyncio.Protocol):
         return self.server.settings.upstream.database or self.request.database or self.request.user
 
     async def _checkout(self) -> None:
-        """Get a server connection and put this client's signed context on it; raises UpstreamError."""
+        """Get a server connection and put this client's signed context (in transaction mode: and its
+        session state) on it; raises UpstreamError."""
         assert self.request is not None and self.identity is not None
-        backend = await self.server.pool.acquire(self._database(), self.request.forwarded)
-        self.backend = backend
         identity = self.identity
+        if self._transaction_mode:
+            pool = cast("TransactionPool", self.server.pool)
+            self.backend = await pool.acquire(self._database(), identity.tenant)
+            await self._run_checkout(self._plan_checkout())
+            return
+        backend = await cast("SessionPool", self.server.pool).acquire(self._database(), self.request.forwarded)
+        self.backend = backend
         failure = await backend.run(
             self.server.context.session_messages(identity.tenant, backend.process_id, identity.expires_at)
         )
         if failure is not None:
             raise UpstreamError.from_fields(failure, "could not set the tenant context: ")
 
-    async def _checkout_then_forward(self) -> None:
-        """At the client's first message: get a server connection, then pass on what the client sent."""
+    def _plan_checkout(self) -> Checkout:
+        """Transaction mode: what the server connection just taken needs before this client's messages."""
+        backend, identity = self.backend, self.identity
+        assert backend is not None and backend.state is not None and identity is not None
+        backend.state.statements.in_use.clear()
+        return checkout_messages(
+            backend.state, self.server.context, backend.process_id, identity.tenant, identity.expires_at, self._settings
+        )
+
+    async def _run_checkout(self, plan: Checkout) -> None:
+        """Send the checkout messages and wait for them: the client's messages are held until the
+        context is in force (fail closed)."""
+        backend = self.backend
+        assert backend is not None
+        if not plan.groups:
+            return
+        failure = await backend.run(plan.request, plan.groups)
+        if failure is not None:
+            backend.close()  # what it holds is unknown now
+            raise UpstreamError.from_fields(failure, "could not prepare a server connection for this session: ")
+
+    async def _checkout_then_forward(self, plan: Checkout | None = None) -> None:
+        """At the client's first message (of a transaction): get a server connection (or finish
+        preparing the one taken, `plan`), then pass on what the client sent."""
         assert self.transport is not None
         try:
-            await self._checkout()
+            if plan is None:
+                await self._checkout()
+            else:
+                await self._run_checkout(plan)
         except Exception as exc:
             self._setup_failed(exc)
             return
+        finally:
+            if self._transaction_mode:
+                self._checkout_task = None
         if self.phase is Phase.CLOSED:
             return
         self._attach()
@@ -331,7 +407,6 @@ class ClientConnection(asyncio.Protocol):
         """Start forwarding between this client and its server connection."""
         assert self.backend is not None
         self.backend.attach(self)
-        log.debug("server connection client=%s backend_pid=%d", self.address, self.backend.process_id)
         if self._buffer:
             pending = bytes(self._buffer)
             self._buffer.clear()
@@ -365,11 +440,27 @@ class ClientConnection(asyncio.Protocol):
             self._wait_for_server()
 
     def _wait_for_server(self) -> None:
-        """Hold the client's bytes (and stop reading more) until its server connection is ready."""
+        """Hold the client's bytes (and stop reading more) until its server connection is ready.
+
+        In transaction mode an idle server connection is taken at once when there is one, and used at
+        once when it already holds what this client needs."""
         assert self.transport is not None
-        if self._checkout_task is None:
-            self.transport.pause_reading()
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward())
+        if self._checkout_task is not None or self.phase is not Phase.READY:
+            return
+        plan: Checkout | None = None
+        if self._transaction_mode and self.backend is None:
+            assert self.identity is not None
+            self.backend = cast("TransactionPool", self.server.pool).take(self._database(), self.identity.tenant)
+            if self.backend is not None:
+                plan = self._plan_checkout()
+                if not plan.groups:
+                    self._attach()
+                    return
+        elif self.backend is not None:
+            self.transport.pause_reading()  # the server connection is busy with the proxy's own exchange
+            return
+        self.transport.pause_reading()
+        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward(plan))
 
     # -- forwarding ------------------------------------------------------------------------------
 
@@ -380,6 +471,9 @@ class ClientConnection(asyncio.Protocol):
             self._wait_for_server()
             return
         if backend.transport is None:
+            return
+        if self._transaction_mode:
+            self._forward_transaction(backend, data)
             return
         segments = self._scanner.scan(data)
         if len(segments) == 1 and type(segments[0]) is not Message:
@@ -410,6 +504,111 @@ class ClientConnection(asyncio.Protocol):
         if terminated and self.transport is not None:
             self.transport.close()
 
+    def _forward_transaction(self, backend: BackendConnection, data: bytes) -> None:
+        """Transaction mode: forward, renaming named prepared statements to the server-side ones and
+        preparing them where missing, and note whether the client stopped right after a Query or Sync."""
+        assert backend.transport is not None and backend.state is not None
+        segments = self._scanner.scan(data)
+        statements = backend.state.statements
+        out: Outgoing = []
+        synced = False
+        for segment in segments:
+            if type(segment) is not Message:
+                out.append((segment, None))  # type: ignore[arg-type]
+                synced = False
+                continue
+            kind = segment.type
+            synced = kind in b"QSF"
+            if kind == b"X":
+                backend.transport.write(b"".join(raw for raw, _ in out))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if kind == b"B":
+                self._statements.bind(segment.body, statements, out)
+            elif kind == b"P":
+                self._transaction_parse(segment, statements, out)
+            elif kind == b"D":
+                self._statements.describe(segment.body, statements, out)
+            elif kind == b"C":
+                self._statements.close(segment.body, out)
+            else:
+                out.append((self._checked_query(segment) if kind == b"Q" else segment.raw, None))
+                for _, reply in out:
+                    if reply is not None:
+                        backend.expect_reply(reply)
+                backend.transport.write(b"".join(raw for raw, _ in out))
+                out = []
+                backend.expect_group()
+                if self._reassert_due:
+                    self._reassert_due = False
+                    assert self.identity is not None
+                    backend.transport.write(
+                        self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at)
+                    )
+                    backend.expect_group(own=True)
+        for _, reply in out:
+            if reply is not None:
+                backend.expect_reply(reply)
+        if out:
+            backend.transport.write(b"".join(raw for raw, _ in out))
+        self._unsynced = not synced or not self._scanner.at_boundary()
+
+    def _transaction_parse(self, message: Message, statements: ServerStatements, out: Outgoing) -> None:
+        """A client's Parse in transaction mode: refused as in session mode, else named and prepared."""
+        refused = self._checked_parse(message)
+        if refused is not message.raw:
+            out.append((refused, CLIENT_REPLY))
+        else:
+            self._statements.parse(message.body, statements, out)
+
+    def transaction_idle(self) -> None:
+        """Transaction mode: the server is idle with nothing in flight; give the connection back, after
+        reading back the session settings when a statement may have changed them."""
+        if self._unsynced or self.phase is not Phase.READY:
+            return
+        if self._settings_stale:
+            backend = self.backend
+            assert backend is not None
+            backend.detach()
+            self._task = asyncio.get_running_loop().create_task(self._read_settings(backend))
+            return
+        self._release()
+
+    async def _read_settings(self, backend: BackendConnection) -> None:
+        """Read the session settings in force back from the server, then release it (or, when the client
+        sent more meanwhile, carry on with it)."""
+        rows: list[list[bytes | None]] = []
+        try:
+            failure = await backend.run(SETTINGS_SNAPSHOT, rows=rows)
+        except UpstreamError:
+            failure = {}
+        if self.phase is Phase.CLOSED or self.backend is not backend:
+            return
+        if failure is not None:
+            self.terminate(errors.CONNECTION_FAILURE, "could not read back the session settings from the upstream server")
+            return
+        assert backend.state is not None
+        self._settings = session_settings(rows, self.server.policy.protected)
+        backend.state.settings = dict(self._settings)
+        self._settings_stale = False
+        assert self.transport is not None
+        if self._buffer:
+            self._attach()
+            self.transport.resume_reading()
+        else:
+            self._release()
+
+    def _release(self) -> None:
+        """Transaction mode: give the server connection back to the pool."""
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            self.bytes_out += backend.bytes_forwarded
+            backend.bytes_forwarded = 0
+            cast("TransactionPool", self.server.pool).release(backend)
+        if self.transport is not None and self.phase is Phase.READY:
+            self.transport.resume_reading()
+
     def _refusal_marker(self, refusal: str) -> str:
         """SQL that fails on the server with a syntax error naming a fresh marker, remembered for rewriting."""
         marker = f"pg_tenant_proxy_refused_{secrets.token_hex(8)}"
@@ -427,14 +626,14 @@ class ClientConnection(asyncio.Protocol):
         decision = guard.check(message.raw[5:-1].decode(errors="replace"))
         if decision.refusal is not None:
             return messages.query(self._refusal_marker(decision.refusal))
-        if decision.reassert:
-            self._reassert_due = True
+        self._note(decision)
         return message.raw
 
     def _checked_parse(self, message: Message) -> bytes:
         """A Parse as it goes upstream; a refused one is replaced by a Parse that fails at the same point."""
         guard = self.server.guard
-        assert guard is not None
+        if guard is None:
+            return message.raw
         body = message.body
         name_end = body.find(b"\0")
         query_end = body.find(b"\0", name_end + 1)
@@ -444,9 +643,18 @@ class ClientConnection(asyncio.Protocol):
         if decision.refusal is not None:
             name = body[:name_end].decode(errors="replace")
             return messages.parse(name, self._refusal_marker(decision.refusal))
+        self._note(decision)
+        return message.raw
+
+    def _note(self, decision: Decision) -> None:
+        """Act on an allowed statement's side effects: re-assert the context after RESET ALL or DISCARD
+        ALL; in transaction mode, read the settings back and forget the server's prepared statements."""
         if decision.reassert:
             self._reassert_due = True
-        return message.raw
+        if self._transaction_mode:
+            self._settings_stale = self._settings_stale or decision.settings
+            if decision.drops_statements and self.backend is not None and self.backend.state is not None:
+                self.backend.state.statements.clear()
 
     def context_failed(self, fields: dict[str, str]) -> None:
         """Re-asserting the context failed outside a failed transaction: stop the session (fail closed)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+POOL_MODES = ("session", "transaction")
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 DEFAULT_ALLOWED_PARAMETERS = [
@@ -76,6 +77,9 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("tenant", "signing_key_file"): (str, None),
     ("pool", "mode"): (str, "session"),
     ("pool", "size"): (int, 20),
+    ("pool", "min_size"): (int, 0),
+    ("pool", "max_client_connections"): (int, 10_000),
+    ("pool", "max_prepared_statements"): (int, 200),
     ("pool", "checkout_timeout"): (float, 30.0),
     ("pool", "server_idle_timeout"): (float, 600.0),
     ("pool", "server_lifetime"): (float, 3600.0),
@@ -129,6 +133,9 @@ class TenantSettings:
 class PoolSettings:
     mode: str
     size: int
+    min_size: int
+    max_client_connections: int
+    max_prepared_statements: int
     checkout_timeout: float
     server_idle_timeout: float
     server_lifetime: float
@@ -343,16 +350,22 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         raise ConfigError("tenant.proof_setting: must differ from tenant.setting")
     tenant = TenantSettings(values[("tenant", "setting")], values[("tenant", "proof_setting")], signing_key)
 
-    if values[("pool", "mode")] != "session":
-        raise ConfigError("pool.mode: only 'session' is available in this version")
-    if values[("pool", "size")] < 1:
-        raise ConfigError("pool.size: must be at least 1")
+    if values[("pool", "mode")] not in POOL_MODES:
+        raise ConfigError(f"pool.mode: expected one of {', '.join(POOL_MODES)}, got {values[('pool', 'mode')]!r}")
+    for key in ("size", "max_client_connections", "max_prepared_statements"):
+        if values[("pool", key)] < 1:
+            raise ConfigError(f"pool.{key}: must be at least 1")
+    if not 0 <= values[("pool", "min_size")] <= values[("pool", "size")]:
+        raise ConfigError("pool.min_size: must be between 0 and pool.size")
     for key in ("checkout_timeout", "server_idle_timeout", "server_lifetime"):
         if values[("pool", key)] <= 0:
             raise ConfigError(f"pool.{key}: must be a positive number of seconds")
     pool = PoolSettings(
         mode=values[("pool", "mode")],
         size=values[("pool", "size")],
+        min_size=values[("pool", "min_size")],
+        max_client_connections=values[("pool", "max_client_connections")],
+        max_prepared_statements=values[("pool", "max_prepared_statements")],
         checkout_timeout=values[("pool", "checkout_timeout")],
         server_idle_timeout=values[("pool", "server_idle_timeout")],
         server_lifetime=values[("pool", "server_lifetime")],

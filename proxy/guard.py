@@ -5,6 +5,12 @@ the session's role or identity, alters roles, databases or the system, loads a l
 allowed) runs a DO block is refused with SQLSTATE 42501. RESET ALL and DISCARD ALL are allowed and
 make the proxy re-assert the tenant context afterwards.
 
+Under transaction pooling a server connection passes between clients after every transaction, so the
+session features that would outlive it are refused too (LISTEN, cursors WITH HOLD, SQL-level
+PREPARE / EXECUTE / DEALLOCATE, session advisory locks, temporary objects that outlive the
+transaction), and statements that change session settings are flagged so the proxy can carry the
+client's settings to its next server connection.
+
 The guard is defense in depth, not the boundary: dynamic SQL gets past any parser, and SQL that
 pglast cannot parse is passed on so the server reports the error. The signed context is the boundary.
 Most statements never reach the parser: a pre-scan (two regular expressions) lets through text that
@@ -44,16 +50,31 @@ _IDENTITY_SETTINGS = {"role": "SET ROLE / RESET ROLE", "session_authorization": 
 _WORDS = {word: re.compile(rf"\b{word}\b") for word in ("reset", "alter", "load", "do", "discard", "function", "procedure")}
 _SET_WORD = re.compile(r"\bset\b")
 _STARTS_WITH_SET = re.compile(r"\s*set\b")
+# Words that can only appear in text holding a session feature refused under transaction pooling.
+_SESSION_WORDS = {
+    word: re.compile(rf"\b{word}\b")
+    for word in ("listen", "hold", "prepare", "execute", "deallocate", "temp", "temporary")
+}
+_SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
+_CURSOR_OPT_HOLD = 0x0020
+_SESSION_MODE_HINT = "; use a pool in session mode ([pool] mode = \"session\") for session features"
 
 
-def needs_parse(sql: str) -> bool:
-    """False when the text cannot contain a statement the guard refuses or re-asserts after."""
+def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
+    """False when the text cannot contain a statement the guard refuses, re-asserts after, or (under
+    transaction pooling) a session feature or a change of session settings."""
     text = sql.lower()
     if "set_config" in text or "u&" in text:
         return True
     for word, pattern in _WORDS.items():
         if word in text and pattern.search(text):
             return True
+    if transaction_mode:
+        if "advisory" in text:
+            return True
+        for word, pattern in _SESSION_WORDS.items():
+            if word in text and pattern.search(text):
+                return True
     if "set" not in text or _SET_WORD.search(text) is None:
         return False
     return bool(_STARTS_WITH_SET.match(text)) or ";" in text or "/*" in text or "--" in text
@@ -61,10 +82,14 @@ def needs_parse(sql: str) -> bool:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with one Query or Parse: refuse it (with a reason), and/or re-assert the context."""
+    """What to do with one Query or Parse: refuse it (with a reason), re-assert the context after it
+    (RESET ALL, DISCARD ALL), note that it may change session settings, or that it drops the server's
+    prepared statements (DISCARD ALL)."""
 
     refusal: str | None = None
     reassert: bool = False
+    settings: bool = False
+    drops_statements: bool = False
 
 
 ALLOW = Decision()
@@ -101,14 +126,15 @@ def _string_constant(node: Any) -> str | None:
 class Guard:
     """Decides on client SQL; one instance per proxy process, with a bounded decision cache."""
 
-    def __init__(self, protected: ProtectedSettings, allow_do: bool) -> None:
+    def __init__(self, protected: ProtectedSettings, allow_do: bool, transaction_mode: bool = False) -> None:
         self.protected = protected
         self.allow_do = allow_do
+        self.transaction_mode = transaction_mode
         self._cache: dict[str, Decision] = {}
 
     def check(self, sql: str) -> Decision:
         """The decision for a Query's or Parse's SQL text (cached)."""
-        if not needs_parse(sql):
+        if not needs_parse(sql, self.transaction_mode):
             return ALLOW
         decision = self._cache.get(sql)
         if decision is None:
@@ -124,23 +150,30 @@ class Guard:
             tree = json.loads(parser.parse_sql_json(sql))
         except Exception:  # pglast raises ParseError, and other errors on text it cannot handle
             return ALLOW
-        reassert = False
+        reassert = settings = drops_statements = False
         for kind, node in _nodes(tree):
             refusal: str | None = None
             if kind == "VariableSetStmt":
                 refusal = self._variable_set(node)
                 reassert = reassert or node.get("kind") == "VAR_RESET_ALL"
+                settings = settings or not node.get("is_local")
             elif kind == "DiscardStmt":
-                reassert = reassert or node.get("target") == "DISCARD_ALL"
+                if node.get("target") == "DISCARD_ALL":
+                    reassert = settings = drops_statements = True
             elif kind == "FuncCall":
                 refusal = self._func_call(node)
+                settings = settings or _function_name(node) == "set_config"
             elif kind in _REFUSED_STATEMENTS:
                 refusal = f"{_REFUSED_STATEMENTS[kind]} is not allowed through pg-tenant-proxy"
             elif kind == "DoStmt" and not self.allow_do:
                 refusal = "DO blocks are not allowed through pg-tenant-proxy (the proxy's [guard] allow_do is off)"
+            if refusal is None and self.transaction_mode:
+                refusal = _session_feature(kind, node)
             if refusal is not None:
                 return Decision(refusal=refusal)
-        return Decision(reassert=True) if reassert else ALLOW
+        if reassert or settings:
+            return Decision(reassert=reassert, settings=settings, drops_statements=drops_statements)
+        return ALLOW
 
     def _variable_set(self, node: dict[str, Any]) -> str | None:
         name = node.get("name")
@@ -153,11 +186,48 @@ class Guard:
         return None
 
     def _func_call(self, node: dict[str, Any]) -> str | None:
-        names = [part.get("String", {}).get("sval") for part in node.get("funcname", []) if isinstance(part, dict)]
-        if not names or names[-1] != "set_config" or names[:-1] not in ([], ["pg_catalog"]):
+        if _function_name(node) != "set_config":
             return None
         arguments = node.get("args") or []
         setting = _string_constant(arguments[0]) if arguments else None
         if setting is not None and (setting in self.protected or setting.lower() in _IDENTITY_SETTINGS):
             return f'set_config() of "{setting}" is refused: the setting is protected, the proxy sets it from your token'
         return None
+
+
+def _function_name(node: dict[str, Any]) -> str | None:
+    """The name of a called function when it is unqualified or in pg_catalog, else None."""
+    names = [part.get("String", {}).get("sval") for part in node.get("funcname", []) if isinstance(part, dict)]
+    if not names or names[:-1] not in ([], ["pg_catalog"]):
+        return None
+    return names[-1]
+
+
+def _is_temporary(relation: Any) -> bool:
+    return isinstance(relation, dict) and relation.get("relpersistence") == "t"
+
+
+def _session_feature(kind: str, node: dict[str, Any]) -> str | None:
+    """Why a statement cannot work under transaction pooling, or None."""
+    feature: str | None = None
+    if kind == "ListenStmt":
+        feature = "LISTEN"
+    elif kind == "DeclareCursorStmt" and int(node.get("options", 0)) & _CURSOR_OPT_HOLD:
+        feature = "DECLARE ... WITH HOLD"
+    elif kind in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt"):
+        feature = "SQL-level " + {"PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE", "DeallocateStmt": "DEALLOCATE"}[kind]
+    elif kind == "FuncCall" and _function_name(node) in _SESSION_ADVISORY_LOCKS:
+        feature = f"{_function_name(node)}() (a session advisory lock; pg_advisory_xact_lock() works)"
+    elif kind == "CreateStmt" and _is_temporary(node.get("relation")) and node.get("oncommit") != "ONCOMMIT_DROP":
+        feature = "CREATE TEMP TABLE without ON COMMIT DROP"
+    elif kind == "CreateTableAsStmt" and _is_temporary(node.get("into", {}).get("rel")) and node["into"].get("onCommit") != "ONCOMMIT_DROP":
+        feature = "CREATE TEMP TABLE ... AS without ON COMMIT DROP"
+    elif kind == "SelectStmt" and _is_temporary((node.get("intoClause") or {}).get("rel")):
+        feature = "SELECT ... INTO TEMP"
+    elif kind == "ViewStmt" and _is_temporary(node.get("view")):
+        feature = "CREATE TEMP VIEW"
+    elif kind == "CreateSeqStmt" and _is_temporary(node.get("sequence")):
+        feature = "CREATE TEMP SEQUENCE"
+    if feature is None:
+        return None
+    return f"{feature} is not available with transaction pooling: the server connection is shared after each transaction" + _SESSION_MODE_HINT

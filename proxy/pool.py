@@ -1,20 +1,31 @@
-"""Server connections in session mode: one client at a time, at most `size` per upstream database.
+"""Server connections, per upstream database, in session or transaction mode.
 
-A client holds its server connection from its first message (the pool's first client for a database
-and set of startup parameters: from its login) until it leaves. When it leaves cleanly (idle, nothing in
-flight), the connection is reset with DISCARD ALL — temp tables, prepared statements, cursors, LISTEN,
-advisory locks, settings and the tenant context all go — and kept for the next client that asks for
-the same database with the same startup parameters (their values are the session defaults, which
-DISCARD ALL restores, so they must match). A connection that is not idle when its client leaves, or
-whose reset fails, is closed, and so is one older than `server_lifetime` or idle for longer than
-`server_idle_timeout`. A client that finds the pool full waits up to `checkout_timeout` for a slot,
-then gets 53300 naming the pool.
+Both modes open at most `size` connections per database. A client that finds the pool full waits up
+to `checkout_timeout` for one, then gets 53300 naming the pool. A connection older than
+`server_lifetime` is closed when it comes back, one idle for longer than `server_idle_timeout` is
+closed by a sweeper (down to `min_size`), and a broken one is dropped when it closes and replaced
+while the pool is below `min_size`.
+
+- **Session mode** (SessionPool): a client holds its server connection from its first message (the
+  pool's first client for a database and set of startup parameters: from its login) until it leaves.
+  When it leaves cleanly (idle, nothing in flight), the connection is reset with DISCARD ALL — temp
+  tables, prepared statements, cursors, LISTEN, advisory locks, settings and the tenant context all
+  go — and kept for the next client that asks for the same database with the same startup parameters
+  (their values are the session defaults, which DISCARD ALL restores, so they must match). A
+  connection that is not idle when its client leaves, or whose reset fails, is closed.
+- **Transaction mode** (TransactionPool): a client holds a server connection from the first message
+  of a transaction until ReadyForQuery 'I'. Connections are shared by all tenants and opened with no
+  client startup parameters; the client side resets and re-applies what a connection holds
+  (`proxy.transaction`). A returning connection goes back as it is, and a checkout prefers one that
+  last served the same tenant, so its context, settings and prepared statements are reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 
 from proxy.backend import BackendConnection, UpstreamError, connect
 from proxy.config import PoolSettings, UpstreamSettings
@@ -26,100 +37,155 @@ RESET = messages.query("DISCARD ALL")
 
 
 def pool_key(database: str, parameters: dict[str, str]) -> PoolKey:
-    """Connections are shared only between clients of one database with the same startup parameters."""
+    """Session connections are shared only between clients of one database with the same startup parameters."""
     return database, tuple(sorted(parameters.items()))
 
 
-class SessionPool:
-    """Server connections per database: reset ones kept idle, new ones opened up to `size`."""
+class Pool:
+    """What both modes share: counting open connections per database, waiting for a slot, sweeping."""
 
     def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
         self.upstream = upstream
         self.settings = settings
         self._open: dict[str, int] = {}
-        self._idle: dict[PoolKey, list[BackendConnection]] = {}
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, deque[asyncio.Future[BackendConnection | None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
 
     def known_parameters(self, database: str, parameters: dict[str, str]) -> dict[str, str] | None:
-        """What the server reported (ParameterStatus) for sessions opened with these startup parameters,
-        once a connection for them has been opened; clients are greeted with it before they get one."""
+        """What the server reported (ParameterStatus) for sessions with these startup parameters, once
+        one has been set up; clients are greeted with it before they get a connection."""
         return self._parameters.get(pool_key(database, parameters))
 
-    async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
-        """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
-        key = pool_key(database, parameters)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.checkout_timeout
-        while True:
-            idle = self._idle.get(key)
-            while idle:
-                backend = idle.pop()
-                if not backend.closed:
-                    return backend
-            if self._open.get(database, 0) < self.settings.size:
-                return await self._open_new(database, key, parameters)
-            self._close_one_idle(database)
-            waiter: asyncio.Future[None] = loop.create_future()
-            waiters = self._waiters.setdefault(database, deque())
-            waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise UpstreamError(
-                    errors.TOO_MANY_CONNECTIONS,
-                    f'pool for database "{database}" is full ({self.settings.size} server connections)',
-                    hint="raise [pool] size, or wait for other sessions to end",
-                ) from None
-            finally:
-                if waiter in waiters:
-                    waiters.remove(waiter)
+    def learn_parameters(self, database: str, parameters: dict[str, str], reported: dict[str, str]) -> None:
+        self._parameters[pool_key(database, parameters)] = dict(reported)
 
-    async def _open_new(self, database: str, key: PoolKey, parameters: dict[str, str]) -> BackendConnection:
+    async def _wait(self, database: str, deadline: float) -> BackendConnection | None:
+        """Wait until a connection of `database` is handed over (returned), or one is kept idle or
+        closed (None: look again); 53300 at the deadline."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[BackendConnection | None] = loop.create_future()
+        waiters = self._waiters.setdefault(database, deque())
+        waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                return waiter.result()  # handed over just as the deadline passed
+            raise UpstreamError(
+                errors.TOO_MANY_CONNECTIONS,
+                f'pool for database "{database}" is full ({self.settings.size} server connections in use'
+                f" for {self.settings.checkout_timeout:g} s)",
+                hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
+            ) from None
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+
+    async def _open_new(self, database: str, parameters: dict[str, str], max_prepared_statements: int = 0) -> BackendConnection:
         self._open[database] = self._open.get(database, 0) + 1
         try:
-            backend = await connect(self.upstream, database, parameters)
+            backend = await connect(self.upstream, database, parameters, max_prepared_statements)
         except BaseException:
             self._closed(database)
             raise
         backend.on_close = lambda: self._closed(database)
-        backend.pool_key = key
+        backend.pool_key = pool_key(database, parameters)
         backend.opened_at = asyncio.get_running_loop().time()
-        self._parameters[key] = dict(backend.parameters)
         return backend
 
     def _closed(self, database: str) -> None:
         self._open[database] -= 1
         self._wake(database)
 
-    def _wake(self, database: str) -> None:
-        """Let one client waiting for this database look again."""
+    def _wake(self, database: str, backend: BackendConnection | None = None) -> bool:
+        """Hand `backend` to the first client waiting for this database, or (None) let it look again;
+        False when nobody waits."""
         waiters = self._waiters.get(database)
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                waiter.set_result(backend)
+                return True
+        return False
+
+    def _too_old(self, backend: BackendConnection) -> bool:
+        return asyncio.get_running_loop().time() - backend.opened_at > self.settings.server_lifetime
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _keep_idle(self, backend: BackendConnection, database: str, idle: list[BackendConnection]) -> None:
+        loop = asyncio.get_running_loop()
+        backend.idle_since = loop.time()
+        idle.append(backend)
+        self._wake(database)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
+
+    def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
+        raise NotImplementedError
+
+    def _sweep(self) -> None:
+        """Close idle connections unused for `server_idle_timeout`, keeping `min_size` per database;
+        look again while any are left."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for database, idle in self._idle_lists():
+            for backend in [b for b in idle if b.closed]:
+                idle.remove(backend)
+            for backend in [b for b in idle if now - b.idle_since > self.settings.server_idle_timeout]:
+                if self._open.get(database, 0) <= self.settings.min_size:
+                    break
+                idle.remove(backend)
+                backend.close()
+        self._sweeper = None
+        if any(idle for _, idle in self._idle_lists()):
+            self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
+
+
+class SessionPool(Pool):
+    """Session mode: reset connections kept idle per database and startup parameters."""
+
+    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
+        super().__init__(upstream, settings)
+        self._idle_by_key: dict[PoolKey, list[BackendConnection]] = {}
+
+    def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
+        return [(key[0], idle) for key, idle in self._idle_by_key.items()]
+
+    async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
+        """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
+        key = pool_key(database, parameters)
+        deadline = asyncio.get_running_loop().time() + self.settings.checkout_timeout
+        while True:
+            idle = self._idle_by_key.get(key)
+            while idle:
+                backend = idle.pop()
+                if not backend.closed:
+                    return backend
+            if self._open.get(database, 0) < self.settings.size:
+                return await self._open_new(database, parameters)
+            self._close_one_idle(database)
+            await self._wait(database, deadline)
 
     def _close_one_idle(self, database: str) -> None:
         """Free a slot held by an idle connection kept for other startup parameters."""
-        for key, idle in self._idle.items():
+        for key, idle in self._idle_by_key.items():
             if key[0] == database and idle:
                 idle.pop(0).close()
                 return
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection whose client left: reset and keep it, or close it."""
-        loop = asyncio.get_running_loop()
-        if not backend.reusable() or loop.time() - backend.opened_at > self.settings.server_lifetime:
+        if not backend.reusable() or self._too_old(backend):
             backend.close()
             return
         backend.detach()
-        task = loop.create_task(self._reset(backend))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._reset(backend))
 
     async def _reset(self, backend: BackendConnection) -> None:
         try:
@@ -129,21 +195,81 @@ class SessionPool:
         if failure is not None or backend.closed or backend.transaction_status != b"I":
             backend.close()
             return
-        loop = asyncio.get_running_loop()
-        backend.idle_since = loop.time()
-        self._idle.setdefault(backend.pool_key, []).append(backend)
-        self._wake(backend.pool_key[0])
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
+        self._keep_idle(backend, backend.pool_key[0], self._idle_by_key.setdefault(backend.pool_key, []))
 
-    def _sweep(self) -> None:
-        """Close idle connections unused for `server_idle_timeout`; look again while any are left."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for idle in self._idle.values():
-            for backend in [b for b in idle if b.closed or now - b.idle_since > self.settings.server_idle_timeout]:
-                idle.remove(backend)
-                backend.close()
-        self._sweeper = None
-        if any(self._idle.values()):
-            self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
+
+class TransactionPool(Pool):
+    """Transaction mode: connections per database shared by all tenants, with tenant affinity."""
+
+    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
+        super().__init__(upstream, settings)
+        self._idle_by_database: dict[str, list[BackendConnection]] = {}
+        self._filling: set[str] = set()
+
+    def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
+        return list(self._idle_by_database.items())
+
+    def _closed(self, database: str) -> None:
+        super()._closed(database)
+        self._fill(database)
+
+    async def acquire(self, database: str, tenant: str) -> BackendConnection:
+        """A server connection, preferably one that last served `tenant`; raises UpstreamError."""
+        deadline = asyncio.get_running_loop().time() + self.settings.checkout_timeout
+        while True:
+            backend = self.take(database, tenant)
+            if backend is not None:
+                return backend
+            if self._open.get(database, 0) < self.settings.size:
+                return await self._open_new(database, {}, self.settings.max_prepared_statements)
+            backend = await self._wait(database, deadline)
+            if backend is not None:
+                return backend
+
+    def take(self, database: str, tenant: str) -> BackendConnection | None:
+        """Without waiting: the most recently used idle connection of `tenant`, else a fresh one, else
+        the least recently used one; None when none is idle."""
+        self._fill(database)
+        idle = self._idle_by_database.get(database)
+        if idle is None or self._waiters.get(database):
+            return None  # clients already waiting come first
+        for backend in [b for b in idle if b.closed]:
+            idle.remove(backend)
+        if not idle:
+            return None
+        for index in range(len(idle) - 1, -1, -1):
+            state = idle[index].state
+            if state is not None and state.tenant == tenant:
+                return idle.pop(index)
+        for index, backend in enumerate(idle):
+            if backend.state is not None and backend.state.tenant is None:
+                return idle.pop(index)
+        return idle.pop(0)
+
+    def release(self, backend: BackendConnection) -> None:
+        """Take back a connection at the end of a transaction: keep it as it is, or close it."""
+        if not backend.reusable() or self._too_old(backend):
+            backend.close()
+            return
+        backend.detach()
+        database = backend.pool_key[0]
+        if not self._wake(database, backend):
+            self._keep_idle(backend, database, self._idle_by_database.setdefault(database, []))
+
+    def _fill(self, database: str) -> None:
+        """Open connections in the background while the database has fewer than `min_size`."""
+        if self._open.get(database, 0) >= self.settings.min_size or database in self._filling:
+            return
+        self._filling.add(database)
+        self._spawn(self._fill_up(database))
+
+    async def _fill_up(self, database: str) -> None:
+        try:
+            while self._open.get(database, 0) < self.settings.min_size:
+                backend = await self._open_new(database, {}, self.settings.max_prepared_statements)
+                if not self._wake(database, backend):
+                    self._keep_idle(backend, database, self._idle_by_database.setdefault(database, []))
+        except UpstreamError:
+            pass  # the next checkout reports the failure to its client
+        finally:
+            self._filling.discard(database)

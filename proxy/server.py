@@ -23,7 +23,7 @@ from proxy.client import ClientConnection
 from proxy.config import Settings
 from proxy.guard import Guard
 from proxy.parameters import ParameterPolicy, ProtectedSettings
-from proxy.pool import SessionPool
+from proxy.pool import SessionPool, TransactionPool
 from proxy.protocol import errors, messages
 from proxy.tenant import ContextBuilder
 from proxy.tokens import TokenVerifier
@@ -68,8 +68,11 @@ class ProxyServer:
             [settings.tenant.setting, settings.tenant.proof_setting], settings.guard.protected_prefixes
         )
         self.policy = ParameterPolicy(settings.client.allowed_parameters, protected)
-        self.guard = Guard(protected, settings.guard.allow_do) if settings.guard.enabled else None
-        self.pool = SessionPool(settings.upstream, settings.pool)
+        transaction_mode = settings.pool.mode == "transaction"
+        self.guard = Guard(protected, settings.guard.allow_do, transaction_mode) if settings.guard.enabled else None
+        self.pool: SessionPool | TransactionPool = (
+            TransactionPool(settings.upstream, settings.pool) if transaction_mode else SessionPool(settings.upstream, settings.pool)
+        )
         self.tls_context = server_tls_context(settings)
         self.clients: set[ClientConnection] = set()
         self._keys: dict[int, ClientConnection] = {}
@@ -147,8 +150,8 @@ async def serve(settings: Settings, worker: Worker | None = None) -> None:
         proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024,
         reuse_port=worker is not None,
     )
-    if worker is not None:
-        await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index))
+    # Keep a reference: a server object that is garbage-collected stops listening.
+    peers = await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index)) if worker else None
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -166,5 +169,7 @@ async def serve(settings: Settings, worker: Worker | None = None) -> None:
     await stop.wait()
     log.info("shutting down")
     listener.close()
+    if peers is not None:
+        peers.close()
     proxy.shutdown()
     await listener.wait_closed()

@@ -50,8 +50,8 @@ class ContextBuilder:
     def proof(self, tenant: str, backend_pid: int, expires_at: int) -> str:
         return sign(self._key, tenant, backend_pid, expires_at)
 
-    def session_messages(self, tenant: str, backend_pid: int, expires_at: int) -> bytes:
-        """Parse, Bind, Execute and Sync that set the context for the rest of the session.
+    def context_messages(self, tenant: str, backend_pid: int, expires_at: int) -> bytes:
+        """Parse, Bind and Execute (of the unnamed statement) that set the context for the session.
 
         The values travel as Bind parameters, so they never appear in pg_stat_activity.query.
         """
@@ -60,6 +60,9 @@ class ContextBuilder:
                 messages.parse("", self.statement),
                 messages.bind("", "", [tenant, self.proof(tenant, backend_pid, expires_at)]),
                 messages.execute(),
-                messages.sync(),
             )
         )
+
+    def session_messages(self, tenant: str, backend_pid: int, expires_at: int) -> bytes:
+        """The context messages and a Sync: one group of replies of the proxy's own."""
+        return self.context_messages(tenant, backend_pid, expires_at) + messages.sync()

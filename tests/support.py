@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,22 @@ def wait_until(condition: Any, deadline: float = 10.0, interval: float = 0.02) -
         if time.monotonic() > end:
             raise AssertionError(f"condition not met within {deadline} s")
         time.sleep(interval)
+
+
+def cancel_when_running(pg: EmbeddedPostgres, cancel: Any, marker: str) -> threading.Thread:
+    """Call `cancel()` from a thread once a query containing `marker` is running on the server."""
+
+    def running() -> bool:
+        sql = f"SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+        return pg.psql(sql).strip() not in ("", "0")
+
+    def watch() -> None:
+        wait_until(running, deadline=20.0)
+        cancel()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 class ProxyProcess:

@@ -100,6 +100,11 @@ def bind(portal: str, statement: str, parameters: Sequence[str | None]) -> bytes
     return message(b"B", b"".join(parts))
 
 
+def close_statement(statement: bytes) -> bytes:
+    """Close ('C') of a prepared statement, named as raw bytes."""
+    return message(b"C", b"S" + statement + b"\0")
+
+
 def execute(portal: str = "", max_rows: int = 0) -> bytes:
     """Execute ('E') a portal."""
     return message(b"E", cstring(portal) + _INT32.pack(max_rows))
@@ -207,6 +212,35 @@ def parse_parameter_status(body: bytes) -> tuple[str, str]:
     if len(parts) != 2:
         raise ProtocolViolation("malformed ParameterStatus")
     return parts[0], parts[1]
+
+
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """The column values of a DataRow body (None for NULL)."""
+    try:
+        (count,) = struct.unpack_from("!h", body)
+        values: list[bytes | None] = []
+        offset = 2
+        for _ in range(count):
+            (length,) = _INT32.unpack_from(body, offset)
+            offset += 4
+            if length < 0:
+                values.append(None)
+                continue
+            if offset + length > len(body):
+                raise ProtocolViolation("malformed DataRow")
+            values.append(body[offset : offset + length])
+            offset += length
+    except struct.error as exc:
+        raise ProtocolViolation("malformed DataRow") from exc
+    return values
+
+
+def split_name(body: bytes, start: int = 0) -> tuple[bytes, int]:
+    """The NUL-terminated name at `start` in a message body, and the offset just after it."""
+    end = body.find(b"\0", start)
+    if end < 0:
+        raise ProtocolViolation("name is not NUL-terminated")
+    return body[start:end], end + 1
 
 
 def parse_backend_key_data(body: bytes) -> tuple[int, int]:

@@ -12,20 +12,19 @@ import asyncpg
 import psycopg
 import pytest
 
-from support import ACME, GLOBEX, ROWS, ProxyProcess, wait_until
+from support import ACME, GLOBEX, ROWS, ProxyProcess, cancel_when_running, wait_until
 from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.protocol import messages
 
 
 
-def test_cancel_reaches_the_running_query(proxy: ProxyProcess) -> None:
+def test_cancel_reaches_the_running_query(proxy: ProxyProcess, pg: EmbeddedPostgres) -> None:
     with psycopg.connect(proxy.dsn(), password=proxy.token()) as conn:
         start = time.monotonic()
-        timer = threading.Timer(0.5, conn.cancel)
-        timer.start()
+        watcher = cancel_when_running(pg, conn.cancel, "cancel_me_1")
         with pytest.raises(psycopg.errors.QueryCanceled):
-            conn.execute("SELECT pg_sleep(20)")
-        timer.join()
+            conn.execute("SELECT pg_sleep(20) /* cancel_me_1 */")
+        watcher.join()
         assert time.monotonic() - start < 10
         conn.rollback()
         assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
@@ -125,18 +124,17 @@ def test_logs_name_sessions_but_hold_no_secret(proxy: ProxyProcess) -> None:
         assert secret not in log
 
 
-def test_workers_share_the_port_and_route_cancels(make_proxy: Any) -> None:
+def test_workers_share_the_port_and_route_cancels(make_proxy: Any, pg: EmbeddedPostgres) -> None:
     """With workers = 2 every session works, and a cancel reaches its query whichever worker gets it."""
     pair = make_proxy({"": {"workers": 2}})
     wait_until(lambda: pair.log().count("listening on") == 2)
     connections = [psycopg.connect(pair.dsn(), password=pair.token()) for _ in range(6)]
     try:
-        for conn in connections:
-            timer = threading.Timer(0.3, conn.cancel)
-            timer.start()
+        for index, conn in enumerate(connections):
+            watcher = cancel_when_running(pg, conn.cancel, f"worker_cancel_{index}")
             with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(20)")
-            timer.join()
+                conn.execute(f"SELECT pg_sleep(20) /* worker_cancel_{index} */")
+            watcher.join()
             conn.rollback()
             assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
     finally:

@@ -75,7 +75,8 @@ def test_refused(guard: Guard, sql: str, reason: str) -> None:
     ],
 )
 def test_allowed(guard: Guard, sql: str) -> None:
-    assert guard.check(sql) == ALLOW
+    decision = guard.check(sql)
+    assert decision.refusal is None and not decision.reassert
 
 
 @pytest.mark.parametrize("sql", ["RESET ALL", "DISCARD ALL", "SELECT 1; RESET ALL", "discard all"])

@@ -53,14 +53,17 @@ class SyncGroup:
     """The server's replies up to one ReadyForQuery: to the client's Query/Sync, or to the proxy's own.
 
     A client group may carry refusals: statements the guard replaced by a marker that fails on the
-    server, whose ErrorResponse is rewritten into the refusal on the way back.
+    server, whose ErrorResponse is rewritten into the refusal on the way back. A client group may
+    also end in a Sync the proxy added (`silent_end`): its replies go to the client, its
+    ReadyForQuery does not.
     """
 
-    __slots__ = ("own", "refusals")
+    __slots__ = ("own", "refusals", "silent_end")
 
-    def __init__(self, own: bool, refusals: dict[str, str] | None = None) -> None:
+    def __init__(self, own: bool, refusals: dict[str, str] | None = None, silent_end: bool = False) -> None:
         self.own = own
         self.refusals = refusals
+        self.silent_end = silent_end
 
 
 CLIENT_GROUP = SyncGroup(own=False)
@@ -232,6 +235,8 @@ class BackendConnection(asyncio.Protocol):
                     self.groups.popleft()
                     if group is not CLIENT_GROUP:
                         self._special_groups -= 1
+                if group.silent_end:
+                    continue
                 if group.own:
                     error, self._own_error = self._own_error, None
                     if error is not None:
@@ -267,15 +272,16 @@ class BackendConnection(asyncio.Protocol):
             self._open_refusals = {}
         self._open_refusals[marker] = refusal
 
-    def expect_group(self, own: bool = False) -> None:
-        """The client (or the proxy, `own`) just sent a Query, Sync or FunctionCall: one more
-        ReadyForQuery is due, closing the group of replies that includes any open refusals."""
+    def expect_group(self, own: bool = False, silent_end: bool = False) -> None:
+        """The client (or the proxy: `own` for its own messages, `silent_end` for a Sync it added to
+        the client's) just sent a Query, Sync or FunctionCall: one more ReadyForQuery is due, closing
+        the group of replies that includes any open refusals."""
         if self._replies is not None:
             self._replies.append(None)
         if own:
             group = OWN_GROUP
-        elif self._open_refusals is not None:
-            group = SyncGroup(False, self._open_refusals)
+        elif self._open_refusals is not None or silent_end:
+            group = SyncGroup(False, self._open_refusals, silent_end)
             self._open_refusals = None
         else:
             self.groups.append(CLIENT_GROUP)

@@ -80,7 +80,7 @@ class ClientConnection(asyncio.Protocol):
         self._reader: MessageReader | None = None
         self._transaction_mode = server.settings.pool.mode == "transaction"
         if self._transaction_mode:
-            watched = b"QSFPXBDC"
+            watched = b"QSFPXBDCH"
         else:
             watched = b"QSFPX" if server.guard else b"QSFX"
         self._scanner = MessageScanner(watched, server.settings.client.max_message)
@@ -89,6 +89,7 @@ class ClientConnection(asyncio.Protocol):
         self._settings: dict[str, str] = {}
         self._settings_stale = False  # a SET may have changed them: read them back before release
         self._unsynced = False  # messages sent since the last Query or Sync
+        self._describing = True  # and those were only Parse, Describe, Close and Flush
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -506,25 +507,24 @@ class ClientConnection(asyncio.Protocol):
 
     def _forward_transaction(self, backend: BackendConnection, data: bytes) -> None:
         """Transaction mode: forward, renaming named prepared statements to the server-side ones and
-        preparing them where missing, and note whether the client stopped right after a Query or Sync."""
+        preparing them where missing, and note whether the client stopped right after a Query or Sync.
+
+        A client that prepares with Parse / Describe / Flush and no Sync (asyncpg does) leaves the
+        server inside an implicit transaction; the proxy ends it with a Sync of its own, whose
+        ReadyForQuery it keeps, so the server connection can go back to the pool meanwhile."""
         assert backend.transport is not None and backend.state is not None
-        segments = self._scanner.scan(data)
         statements = backend.state.statements
         out: Outgoing = []
-        synced = False
-        for segment in segments:
+        last = b""
+        for segment in self._scanner.scan(data):
             if type(segment) is not Message:
                 out.append((segment, None))  # type: ignore[arg-type]
-                synced = False
+                last = b""
+                self._describing = False
                 continue
-            kind = segment.type
-            synced = kind in b"QSF"
-            if kind == b"X":
-                backend.transport.write(b"".join(raw for raw, _ in out))
-                assert self.transport is not None
-                self.transport.close()
-                return
+            kind = last = segment.type
             if kind == b"B":
+                self._describing = False
                 self._statements.bind(segment.body, statements, out)
             elif kind == b"P":
                 self._transaction_parse(segment, statements, out)
@@ -532,14 +532,19 @@ class ClientConnection(asyncio.Protocol):
                 self._statements.describe(segment.body, statements, out)
             elif kind == b"C":
                 self._statements.close(segment.body, out)
-            else:
+            elif kind == b"H":
+                out.append((segment.raw, None))
+            elif kind == b"X":
+                self._send(backend, out)
+                assert self.transport is not None
+                self.transport.close()
+                return
+            else:  # Query, Sync, FunctionCall: each ends a group of replies with one ReadyForQuery
                 out.append((self._checked_query(segment) if kind == b"Q" else segment.raw, None))
-                for _, reply in out:
-                    if reply is not None:
-                        backend.expect_reply(reply)
-                backend.transport.write(b"".join(raw for raw, _ in out))
+                self._send(backend, out)
                 out = []
                 backend.expect_group()
+                self._describing = True
                 if self._reassert_due:
                     self._reassert_due = False
                     assert self.identity is not None
@@ -547,12 +552,25 @@ class ClientConnection(asyncio.Protocol):
                         self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at)
                     )
                     backend.expect_group(own=True)
+        if last == b"H" and self._describing and self._scanner.at_boundary():
+            out.append((messages.sync(), None))
+            self._send(backend, out)
+            backend.expect_group(silent_end=True)
+            self._unsynced = False
+            return
+        self._send(backend, out)
+        self._unsynced = last not in (b"Q", b"S", b"F") or not self._scanner.at_boundary()
+
+    @staticmethod
+    def _send(backend: BackendConnection, out: Outgoing) -> None:
+        """Write what goes upstream, owing the client's and the proxy's Parse / Close replies in order."""
+        if not out:
+            return
+        assert backend.transport is not None
         for _, reply in out:
             if reply is not None:
                 backend.expect_reply(reply)
-        if out:
-            backend.transport.write(b"".join(raw for raw, _ in out))
-        self._unsynced = not synced or not self._scanner.at_boundary()
+        backend.transport.write(b"".join([raw for raw, _ in out]))
 
     def _transaction_parse(self, message: Message, statements: ServerStatements, out: Outgoing) -> None:
         """A client's Parse in transaction mode: refused as in session mode, else named and prepared."""

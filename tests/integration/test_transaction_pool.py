@@ -1,0 +1,373 @@
+"""Transaction pooling end to end: many clients of many tenants over a few server connections, real
+drivers with their prepared-statement caches, pgbench, session settings, cancel, and the pool's limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from proxy.demo import TenantDatabase
+from proxy.embedded import EmbeddedPostgres
+from support import ACME, GLOBEX, ROWS, ProxyProcess, cancel_when_running, wait_until
+
+TENANT_COUNT = 50
+TRANSACTION = {"mode": "transaction"}
+
+
+def tenant_rows(index: int) -> int:
+    return 1 + index % 4
+
+
+@pytest.fixture(scope="module")
+def many_tenants(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> list[str]:
+    """Fifty tenants with 1 to 4 leads each, named after their tenant."""
+    tenants = [str(uuid.UUID(int=0x5000_0000_0000_4000_8000_0000_0000_0000 + index)) for index in range(TENANT_COUNT)]
+    values = ", ".join(
+        f"('{tenant}', 'lead {row} of {tenant}', 'x@example.com')"
+        for index, tenant in enumerate(tenants)
+        for row in range(tenant_rows(index))
+    )
+    pg.psql(f"INSERT INTO leads (tenant_id, name, email) VALUES {values}", database=tenant_db.database)
+    return tenants
+
+
+@pytest.fixture(scope="module")
+def pooled(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """A transaction-mode proxy: 10 server connections for everyone."""
+    process = ProxyProcess(pg, tenant_db, tmp_path_factory.mktemp("pooled"), {"pool": {**TRANSACTION, "size": 10}}).start()
+    yield process
+    process.stop()
+
+
+def server_connections(pg: EmbeddedPostgres, db: TenantDatabase) -> int:
+    return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{db.app_role}'").strip())
+
+
+async def connect(proxy: ProxyProcess, tenant: str = ACME, **kwargs: Any) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host="127.0.0.1", port=proxy.port, user="app", database="app", password=proxy.token(tenant), ssl=False, **kwargs
+    )
+
+
+async def test_500_clients_of_50_tenants_over_10_connections(
+    pooled: ProxyProcess, many_tenants: list[str], pg: EmbeddedPostgres, tenant_db: TenantDatabase
+) -> None:
+    """Every client sees exactly its own tenant's rows, through prepared and simple statements alike,
+    while 500 clients share 10 server connections."""
+
+    async def client(index: int) -> None:
+        tenant_index = index % TENANT_COUNT
+        tenant = many_tenants[tenant_index]
+        conn = await connect(pooled, tenant)
+        try:
+            for round_ in range(3):
+                rows = await conn.fetch("SELECT tenant_id::text, name FROM leads ORDER BY id")
+                assert len(rows) == tenant_rows(tenant_index)
+                assert {row["tenant_id"] for row in rows} == {tenant}
+                assert all(tenant in row["name"] for row in rows)
+                async with conn.transaction():
+                    count = await conn.fetchval("SELECT count(*) FROM leads WHERE name LIKE $1", f"%{tenant}%")
+                    assert count == tenant_rows(tenant_index)
+                    assert await conn.fetchval("SELECT tenant_proxy.current_tenant()") == tenant
+                await asyncio.sleep(random.random() / 100)
+        finally:
+            await conn.close()
+
+    results = await asyncio.gather(*(client(index) for index in range(500)), return_exceptions=True)
+    failures = [result for result in results if isinstance(result, BaseException)]
+    assert failures == []
+    assert server_connections(pg, tenant_db) <= 10
+
+
+async def test_asyncpg_statement_cache_survives_changing_server_connections(pooled: ProxyProcess, many_tenants: list[str]) -> None:
+    """asyncpg prepares every query under its own name once per connection and reuses it; the proxy
+    prepares it on whichever server connection the client gets, and explicit prepared statements
+    keep working."""
+    conns = [await connect(pooled, many_tenants[index % 5]) for index in range(20)]
+    try:
+        statements = [await conn.prepare("SELECT count(*) FROM leads WHERE id > $1") for conn in conns]
+
+        async def work(index: int) -> None:
+            conn, statement = conns[index], statements[index]
+            expected = tenant_rows(index % 5)
+            for value in range(10):
+                assert await conn.fetchval("SELECT $1::int * 2 + count(*) FROM leads", value) == value * 2 + expected
+                assert await statement.fetchval(0) == expected
+
+        await asyncio.gather(*(work(index) for index in range(20)))
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def test_psycopg_with_forced_prepared_statements(pooled: ProxyProcess, many_tenants: list[str]) -> None:
+    """psycopg 3 with prepare_threshold=0 prepares every statement by name; interleaved clients of
+    different tenants keep their own statements and rows."""
+    conns = [
+        psycopg.connect(pooled.dsn(), password=pooled.token(many_tenants[index]), prepare_threshold=0, autocommit=True)
+        for index in range(6)
+    ]
+    try:
+        for round_ in range(5):
+            for index, conn in enumerate(conns):
+                count = conn.execute("SELECT count(*) FROM leads WHERE id > %s", (round_ - 10,)).fetchone()[0]
+                assert count == tenant_rows(index)
+                with conn.transaction():
+                    names = conn.execute("SELECT name FROM leads WHERE name LIKE %s", (f"%{many_tenants[index]}%",)).fetchall()
+                    assert len(names) == tenant_rows(index)
+        with conns[0].pipeline():
+            cursors = [conns[0].execute("SELECT %s::int + count(*) FROM leads", (value,)) for value in range(5)]
+        assert [cursor.fetchone()[0] for cursor in cursors] == [value + tenant_rows(0) for value in range(5)]
+        closed = conns[1].execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+        assert closed >= 1  # the server connection holds the shared statements
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def pgbench_tables(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
+    subprocess.run(
+        [str(pg.bindir / "pgbench"), "-i", "-q", "-s", "1", "-h", str(pg.socket_dir), "-p", str(pg.port), "-U", "postgres", tenant_db.database],
+        check=True,
+        capture_output=True,
+    )
+    pg.psql(
+        "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history"
+        f" TO {tenant_db.app_role}",
+        database=tenant_db.database,
+    )
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended", "prepared"])
+@pytest.mark.parametrize("script", ["-S", "-b tpcb-like"])
+def test_pgbench_through_the_pool(pooled: ProxyProcess, pgbench_tables: None, pg: EmbeddedPostgres, protocol: str, script: str) -> None:
+    """pgbench with 12 clients over the pool, in each query mode, select-only and read-write."""
+    result = subprocess.run(
+        [str(pg.bindir / "pgbench"), "-n", *script.split(), "-M", protocol, "-c", "12", "-j", "2", "-t", "40",
+         "-h", "127.0.0.1", "-p", str(pooled.port), "-U", "bench", "app"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PGPASSWORD": pooled.token()},
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "number of transactions actually processed: 480/480" in result.stdout
+    assert "number of failed transactions: 0" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def temp_allowed(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[None]:
+    """The application role may create temporary tables (the demo database does not allow it)."""
+    pg.psql(f"GRANT TEMP ON DATABASE {tenant_db.database} TO {tenant_db.app_role}")
+    yield
+    pg.psql(f"REVOKE TEMP ON DATABASE {tenant_db.database} FROM {tenant_db.app_role}")
+
+
+def test_guard_refuses_session_features_with_a_hint(pooled: ProxyProcess, temp_allowed: None) -> None:
+    token = pooled.token()
+    for sql, feature in [
+        ("LISTEN news", "LISTEN"),
+        ("BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT", "WITH HOLD"),
+        ("PREPARE p AS SELECT 1", "PREPARE"),
+        ("EXECUTE p", "EXECUTE"),
+        ("SELECT pg_advisory_lock(7)", "pg_advisory_lock"),
+        ("CREATE TEMP TABLE scratch (a int)", "CREATE TEMP TABLE"),
+    ]:
+        result = pooled.psql(token, sql)
+        assert result.returncode != 0
+        assert feature in result.stderr and "transaction pooling" in result.stderr and 'mode = "session"' in result.stderr
+    ok = pooled.psql(
+        token, "BEGIN; CREATE TEMP TABLE scratch (a int) ON COMMIT DROP; SELECT pg_advisory_xact_lock(7); SELECT 1; COMMIT"
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+# -- one server connection: leftovers ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single(
+    pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path_factory: pytest.TempPathFactory, temp_allowed: None
+) -> Iterator[ProxyProcess]:
+    """One server connection and no guard: every session lands on the same backend, and only the
+    reset on a change of tenant stands between them."""
+    pg.psql(
+        "CREATE OR REPLACE FUNCTION public.sneak(sql text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE sql; END $$;"
+        f" GRANT EXECUTE ON FUNCTION public.sneak(text) TO {tenant_db.app_role};",
+        database=tenant_db.database,
+    )
+    process = ProxyProcess(
+        pg, tenant_db, tmp_path_factory.mktemp("single"), {"pool": {**TRANSACTION, "size": 1}, "guard": {"enabled": False}}
+    ).start()
+    yield process
+    process.stop()
+
+
+TENANTS_SEEN = "SELECT string_agg(DISTINCT tenant_id::text, ',') FROM leads"
+
+
+@pytest.mark.parametrize(
+    ("attack", "probe", "clean"),
+    [
+        ("CREATE TEMP TABLE leads AS SELECT * FROM public.leads", TENANTS_SEEN, ACME),
+        ("SELECT public.sneak('CREATE TEMP TABLE leads (id int, tenant_id uuid, name text, email text)')", TENANTS_SEEN, ACME),
+        ("PREPARE stolen AS SELECT name FROM leads", "SELECT count(*) FROM pg_prepared_statements WHERE from_sql", "0"),
+        ("BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT name FROM leads; COMMIT", "SELECT count(*) FROM pg_cursors", "0"),
+        ("LISTEN globex_news", "SELECT count(*) FROM pg_listening_channels()", "0"),
+        ("SELECT pg_advisory_lock(4242)",
+         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()", "0"),
+        ("SET search_path = pg_temp, public", "SHOW search_path", '"$user", public'),
+        ("SET myapp.note = 'globex was here'", "SELECT coalesce(current_setting('myapp.note', true), '')", ""),
+    ],
+)
+def test_leftovers_do_not_reach_the_next_tenant(single: ProxyProcess, attack: str, probe: str, clean: str) -> None:
+    """GLOBEX leaves something on the only server connection; ACME, next on it, sees none of it."""
+    globex = single.psql(single.token(GLOBEX), f"{attack}; SELECT pg_backend_pid()")
+    assert globex.returncode == 0, globex.stderr
+    acme = single.psql(single.token(ACME), f"{probe}; SELECT pg_backend_pid()")
+    assert acme.returncode == 0, acme.stderr
+    value, acme_pid = acme.stdout.rstrip("\n").split("\n")[-2:]
+    assert acme_pid == globex.stdout.strip().splitlines()[-1]  # the same server connection
+    assert value == clean
+
+
+def test_execute_of_a_previous_tenants_statement_fails(single: ProxyProcess) -> None:
+    globex = single.psql(single.token(GLOBEX), "PREPARE stolen AS SELECT name FROM leads")
+    assert globex.returncode == 0, globex.stderr
+    acme = single.psql(single.token(ACME), "EXECUTE stolen")
+    assert acme.returncode != 0 and 'prepared statement "stolen" does not exist' in acme.stderr
+
+
+async def test_session_settings_follow_the_client(make_proxy: Any) -> None:
+    """SET, RESET and startup parameters stay with the client across server connections; a SET rolled
+    back with its transaction is not carried on; SET LOCAL lasts one transaction."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1}})
+    first = await connect(pooled, ACME, server_settings={"application_name": "first", "DateStyle": "SQL, DMY"})
+    second = await connect(pooled, GLOBEX)
+    try:
+        await first.execute("SET statement_timeout = '4s'")
+        await first.execute("SET search_path = pg_catalog, public")
+        assert await second.fetchval("SHOW statement_timeout") == "0"
+        assert await second.fetchval("SHOW search_path") == '"$user", public'
+        assert await first.fetchval("SHOW statement_timeout") == "4s"
+        assert await first.fetchval("SHOW search_path") == "pg_catalog, public"
+        assert await first.fetchval("SHOW application_name") == "first"
+        assert await first.fetchval("SHOW DateStyle") == "SQL, DMY"
+        assert await second.fetchval("SHOW application_name") != "first"
+        assert first.get_settings().application_name == "first"
+
+        await first.execute("RESET statement_timeout")
+        assert await second.fetchval("SELECT 1") == 1
+        assert await first.fetchval("SHOW statement_timeout") == "0"
+
+        async with first.transaction():
+            await first.execute("SET LOCAL statement_timeout = '7s'")
+            assert await first.fetchval("SHOW statement_timeout") == "7s"
+        assert await first.fetchval("SHOW statement_timeout") == "0"
+
+        default_work_mem = await second.fetchval("SHOW work_mem")
+        tx = first.transaction()
+        await tx.start()
+        await first.execute("SET work_mem = '7MB'")
+        await tx.rollback()
+        assert await second.fetchval("SELECT 1") == 1
+        assert await first.fetchval("SHOW work_mem") == default_work_mem
+
+        await first.execute("SET application_name = 'renamed'")
+        assert first.get_settings().application_name == "renamed"
+        assert await second.fetchval("SELECT 1") == 1
+        assert await first.fetchval("SHOW application_name") == "renamed"
+        await first.execute("RESET ALL")
+        assert await first.fetchval("SELECT count(*) FROM leads") == ROWS[ACME]
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_client_disconnect_mid_transaction_leaves_nothing_open(pooled: ProxyProcess, pg: EmbeddedPostgres) -> None:
+    conn = psycopg.connect(pooled.dsn(), password=pooled.token())
+    server_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    conn.execute("UPDATE leads SET name = 'never committed' WHERE true")
+    assert pg.psql(f"SELECT state FROM pg_stat_activity WHERE pid = {server_pid}").strip() == "idle in transaction"
+    conn.pgconn.finish()  # drop the socket without ROLLBACK or Terminate
+    wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'").strip() == "0")
+    assert pg.psql("SELECT count(*) FROM leads WHERE name = 'never committed'", database="app").strip() == "0"
+
+
+def test_checkout_timeout_names_the_pool(make_proxy: Any) -> None:
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1, "checkout_timeout": 0.5}})
+    holder = psycopg.connect(pooled.dsn(), password=pooled.token())
+    waiter = psycopg.connect(pooled.dsn(), password=pooled.token(GLOBEX), autocommit=True)
+    try:
+        holder.execute("SELECT 1")  # psycopg opens a transaction: the only server connection is held
+        start = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as raised:
+            waiter.execute("SELECT 1")
+        assert 0.4 < time.monotonic() - start < 10
+        assert 'pool for database "app" is full' in str(raised.value)
+        assert raised.value.sqlstate == "53300"
+        holder.rollback()
+        with psycopg.connect(pooled.dsn(), password=pooled.token(GLOBEX)) as again:
+            assert again.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]
+    finally:
+        holder.close()
+        waiter.close()
+
+
+def test_max_client_connections(make_proxy: Any) -> None:
+    pooled = make_proxy({"pool": {**TRANSACTION, "max_client_connections": 3}})
+    held = [psycopg.connect(pooled.dsn(), password=pooled.token()) for _ in range(3)]
+    try:
+        with pytest.raises(psycopg.OperationalError) as raised:
+            psycopg.connect(pooled.dsn(), password=pooled.token())
+        assert "too many clients" in str(raised.value)
+    finally:
+        for conn in held:
+            conn.close()
+    with psycopg.connect(pooled.dsn(), password=pooled.token()) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_cancel_reaches_only_the_query_the_client_runs(make_proxy: Any, pg: EmbeddedPostgres) -> None:
+    """A cancel reaches the server connection running the client's query; from a client holding no
+    server connection it reaches nothing, even when its last server connection now runs someone else's."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1}})
+    idle = psycopg.connect(pooled.dsn(), password=pooled.token(), autocommit=True)
+    busy = psycopg.connect(pooled.dsn(), password=pooled.token(GLOBEX), autocommit=True)
+    try:
+        assert idle.execute("SELECT 1").fetchone()[0] == 1
+        watcher = cancel_when_running(pg, idle.cancel, "not_mine")
+        assert busy.execute("SELECT 2 FROM pg_sleep(1) /* not_mine */").fetchone()[0] == 2
+        watcher.join()
+        watcher = cancel_when_running(pg, busy.cancel, "mine")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            busy.execute("SELECT pg_sleep(20) /* mine */")
+        watcher.join()
+        assert busy.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]
+    finally:
+        idle.close()
+        busy.close()
+
+
+def test_min_size_opens_connections_and_broken_ones_are_replaced(make_proxy: Any, pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 4, "min_size": 2}})
+    with psycopg.connect(pooled.dsn(), password=pooled.token(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+        wait_until(lambda: server_connections(pg, tenant_db) >= 2)
+        pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{tenant_db.app_role}'")
+        wait_until(lambda: server_connections(pg, tenant_db) >= 2)
+        for _ in range(3):
+            assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]

@@ -80,7 +80,7 @@ class ClientConnection(asyncio.Protocol):
         self._reader: MessageReader | None = None
         self._transaction_mode = server.settings.pool.mode == "transaction"
         if self._transaction_mode:
-            watched = b"QSFPXBDCH"
+            watched = b"QSFPXBEDCH"
         else:
             watched = b"QSFPX" if server.guard else b"QSFX"
         self._scanner = MessageScanner(watched, server.settings.client.max_message)
@@ -88,7 +88,7 @@ class ClientConnection(asyncio.Protocol):
         self._statements = ClientStatements()
         self._settings: dict[str, str] = {}
         self._settings_stale = False  # a SET may have changed them: read them back before release
-        self._unsynced = False  # messages sent since the last Query or Sync
+        self._unsynced = False  # extended-protocol messages sent since the last Sync
         self._describing = True  # and those were only Parse, Describe, Close and Flush
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
@@ -379,7 +379,11 @@ class ClientConnection(asyncio.Protocol):
         assert backend is not None
         if not plan.groups:
             return
-        failure = await backend.run(plan.request, plan.groups)
+        try:
+            failure = await asyncio.wait_for(backend.run(plan.request, plan.groups), self.server.settings.upstream.connect_timeout_seconds)
+        except asyncio.TimeoutError:
+            backend.close()
+            raise UpstreamError(errors.CONNECTION_FAILURE, "the upstream server did not answer while a server connection was prepared") from None
         if failure is not None:
             backend.close()  # what it holds is unknown now
             raise UpstreamError.from_fields(failure, "could not prepare a server connection for this session: ")
@@ -515,17 +519,22 @@ class ClientConnection(asyncio.Protocol):
         assert backend.transport is not None and backend.state is not None
         statements = backend.state.statements
         out: Outgoing = []
-        last = b""
+        flushed = False
         for segment in self._scanner.scan(data):
             if type(segment) is not Message:
-                out.append((segment, None))  # type: ignore[arg-type]
-                last = b""
-                self._describing = False
+                out.append((segment, None))  # type: ignore[arg-type]  (CopyData, CopyDone, CopyFail)
+                flushed = False
                 continue
-            kind = last = segment.type
+            kind = segment.type
+            flushed = kind == b"H"
+            if kind in b"BEPDCH":
+                self._unsynced = True
+            if kind in b"BE":
+                self._describing = False  # a portal exists: only the client's Sync may end this
             if kind == b"B":
-                self._describing = False
                 self._statements.bind(segment.body, statements, out)
+            elif kind == b"E":
+                out.append((segment.raw, None))
             elif kind == b"P":
                 self._transaction_parse(segment, statements, out)
             elif kind == b"D":
@@ -544,6 +553,7 @@ class ClientConnection(asyncio.Protocol):
                 self._send(backend, out)
                 out = []
                 backend.expect_group()
+                self._unsynced = False
                 self._describing = True
                 if self._reassert_due:
                     self._reassert_due = False
@@ -552,14 +562,13 @@ class ClientConnection(asyncio.Protocol):
                         self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at)
                     )
                     backend.expect_group(own=True)
-        if last == b"H" and self._describing and self._scanner.at_boundary():
+        if flushed and self._describing and self._scanner.at_boundary():
             out.append((messages.sync(), None))
             self._send(backend, out)
             backend.expect_group(silent_end=True)
             self._unsynced = False
             return
         self._send(backend, out)
-        self._unsynced = last not in (b"Q", b"S", b"F") or not self._scanner.at_boundary()
 
     @staticmethod
     def _send(backend: BackendConnection, out: Outgoing) -> None:
@@ -583,7 +592,7 @@ class ClientConnection(asyncio.Protocol):
     def transaction_idle(self) -> None:
         """Transaction mode: the server is idle with nothing in flight; give the connection back, after
         reading back the session settings when a statement may have changed them."""
-        if self._unsynced or self.phase is not Phase.READY:
+        if self._unsynced or self.phase is not Phase.READY or not self._scanner.at_boundary():
             return
         if self._settings_stale:
             backend = self.backend

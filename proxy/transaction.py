@@ -228,7 +228,7 @@ def session_settings(rows: list[list[bytes | None]], protected: ProtectedSetting
     settings: dict[str, str] = {}
     for row in rows:
         if len(row) == 2 and row[0] is not None and row[1] is not None:
-            name = row[0].decode(errors="replace")
+            name = row[0].decode(errors="replace").lower()
             if name not in protected:
                 settings[name] = row[1].decode(errors="replace")
     return settings

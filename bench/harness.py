@@ -133,7 +133,7 @@ class Bench:
         port = free_port()
         config = write_config(
             self.workdir / f"{name}.toml", self.pg, self.db, port,
-            {"pool": {"size": 300}, "": {"log_level": "warning"}, **(overrides or {})},
+            {"pool": {"size": 300, "max_client_connections": 20_000}, "": {"log_level": "warning"}, **(overrides or {})},
         )
         log = open(self.workdir / f"{name}.log", "wb")
         process = subprocess.Popen(
@@ -143,12 +143,15 @@ class Bench:
         self.processes.append(process)
         self.pids[name] = process.pid
         wait_for_port(port, process)
-        self.commands.append(f"pg-tenant-proxy run --config {config.name}  # pool.size=300, log_level=warning")
+        settings = ", ".join(f"{section + '.' if section else ''}{key}={value}"
+                             for section, values in {"pool": {"size": 300}, "": {"log_level": "warning"}, **(overrides or {})}.items()
+                             for key, value in values.items())
+        self.commands.append(f"pg-tenant-proxy run --config {config.name}  # {settings}")
         target = Target(name, port, "bench", "")
         self.targets[name] = target
         return target
 
-    def start_pgbouncer(self, name: str, pool_mode: str) -> Target:
+    def start_pgbouncer(self, name: str, pool_mode: str, pool_size: int = 300) -> Target:
         port = free_port()
         directory = self.workdir / name
         directory.mkdir()
@@ -159,7 +162,7 @@ class Bench:
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
             f"auth_type = plain\nauth_file = {directory / 'userlist.txt'}\n"
-            f"pool_mode = {pool_mode}\ndefault_pool_size = 300\nmax_client_conn = 20000\n"
+            f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 20000\n"
             "ignore_startup_parameters = extra_float_digits\n"
             f"logfile = {directory / 'pgbouncer.log'}\npidfile = {directory / 'pgbouncer.pid'}\n"
         )
@@ -175,7 +178,7 @@ class Bench:
         self.processes.append(process)
         self.pids[name] = process.pid
         wait_for_port(port, process)
-        self.commands.append(f"pgbouncer pgbouncer.ini  # pool_mode={pool_mode}, auth_type=plain, default_pool_size=300")
+        self.commands.append(f"pgbouncer pgbouncer.ini  # pool_mode={pool_mode}, auth_type=plain, default_pool_size={pool_size}")
         target = Target(name, port, self.db.app_role, self.db.app_password)
         self.targets[name] = target
         return target
@@ -267,6 +270,13 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
 
         return run
 
+    def s3(mode: str) -> Callable[[Target, float], float]:
+        def run(target: Target, _: float) -> float:
+            args = ["-S", "-c", "64", "-j", "2", "-T", duration, "-M", mode]
+            return tps_of(bench.pgbench(target, args, bench.password_for(target)))
+
+        return run
+
     def s4(target: Target, _: float) -> float:
         """16 pgbench processes, one client each, each its own tenant (token, or SET LOCAL in the script)."""
         processes = []
@@ -307,6 +317,7 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
         return run
 
     proxy_pair = ["direct", "pgbouncer", "proxy"]
+    transaction_trio = ["direct", "pgbouncer-tx", "proxy-tx"]
     scenarios = [
         Scenario("S1", "pgbench -S, 16 clients, simple protocol, session mode", "TPS",
                  proxy_pair if quick else [*proxy_pair, "proxy-2w"], s1),
@@ -317,6 +328,12 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
         scenarios[1:1] = [
             Scenario("S2-ext", "pgbench -S -M extended, 16 clients", "TPS", proxy_pair, s2("extended")),
             Scenario("S2-prep", "pgbench -S -M prepared, 16 clients", "TPS", proxy_pair, s2("prepared")),
+            Scenario("S3", "transaction mode, pgbench -S, 64 clients over a pool of 8", "TPS", transaction_trio, s3("simple")),
+            Scenario("S3-ext", "transaction mode, pgbench -S -M extended, 64 clients over a pool of 8", "TPS",
+                     transaction_trio, s3("extended")),
+            Scenario("S3-prep", "transaction mode, pgbench -S -M prepared, 64 clients over a pool of 8 (PgBouncer"
+                     " 1.18 cannot: it has no prepared statements in transaction mode)", "TPS",
+                     ["direct", "proxy-tx"], s3("prepared")),
             Scenario("S4", "tenant workload, 16 tenants x 1 client: proxy context vs SET LOCAL by the app", "TPS",
                      proxy_pair, s4),
             Scenario("S5", "connection storm, pgbench -S -C, 8 clients (connections/s)", "TPS",
@@ -409,7 +426,7 @@ def guard_microseconds(kind: str, rounds: int = 4000) -> float:
 
 
 NOT_AVAILABLE = {
-    "S3": "transaction mode, 64 clients over a pool of 8: not available until transaction pooling lands",
+    "S3-prep on PgBouncer": "PgBouncer 1.18 has no prepared statements in transaction mode (pgbench -M prepared fails)",
 }
 
 
@@ -437,7 +454,7 @@ def table(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> l
     for scenario in scenarios:
         row = results[scenario.name]
         direct = row["direct"].median if "direct" in row else None
-        bouncer = row["pgbouncer"].median if "pgbouncer" in row else None
+        bouncer = next((result.median for name, result in row.items() if name.startswith("pgbouncer")), None)
         for name, result in row.items():
             ratio_direct = f"{result.median / direct:.2f}x" if direct else "-"
             ratio_bouncer = f"{result.median / bouncer:.2f}x" if bouncer else "-"
@@ -464,6 +481,7 @@ def targets(results: dict[str, dict[str, Result]]) -> list[str]:
         ("S1 proxy TPS >= 1.0x PgBouncer", ratio("S1", "proxy", "pgbouncer"), 1.0, True),
         ("S4 proxy TPS >= 1.5x app-does-it-itself through PgBouncer", ratio("S4", "proxy", "pgbouncer"), 1.5, True),
         ("S5 proxy (HS256) connections/s >= 0.5x PgBouncer", ratio("S5", "proxy", "pgbouncer"), 0.5, True),
+        ("S3 transaction mode TPS >= 1.0x PgBouncer", ratio("S3", "proxy-tx", "pgbouncer-tx"), 1.0, True),
     ]
     p50 = results.get("S7-p50", {})
     if all(name in p50 and p50[name].values for name in ("direct", "pgbouncer", "proxy")):
@@ -486,7 +504,6 @@ def targets(results: dict[str, dict[str, Result]]) -> list[str]:
         lines.append(f"| S6 <= 8 kB RSS per idle client | {idle.median / 1024:.1f} kB | {'yes' if idle.median <= 8192 else 'no'} |")
     else:
         lines.append("| S6 <= 8 kB RSS per idle client | not measured | - |")
-    lines.append("| S3 transaction mode TPS >= 1.0x PgBouncer | not available | - |")
     return lines
 
 
@@ -569,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.targets["guard"] = Target("guard", 0, "", "")
         if not args.quick:
             bench.start_proxy("proxy-noguard", {"guard": {"enabled": False}})
+            bench.start_pgbouncer("pgbouncer-tx", "transaction", pool_size=8)
+            bench.start_proxy("proxy-tx", {"pool": {"mode": "transaction", "size": 8, "max_client_connections": 20_000}})
             bench.start_proxy("proxy-2w", {"": {"workers": 2, "log_level": "warning"}})
             bench.start_proxy("proxy-rs256", {"jwt": {"algorithms": ["RS256"], "secret": None,
                                                      "public_key_file": str(bench.rsa_public_file)}})

@@ -452,13 +452,14 @@ class BackendConnection(asyncio.Protocol):
         Whatever arrived while no client held the connection (a notification, a notice) is dropped,
         except ParameterStatus, which updates `parameters`.
         """
-        reader = MessageReader(_MAX_STARTUP_MESSAGE)
-        reader.feed(bytes(self._incoming))
-        self._incoming.clear()
-        for type_byte, body in reader:
-            if type_byte == b"S":
-                name, value = messages.parse_parameter_status(body)
-                self.parameters[name] = value
+        if self._incoming:
+            reader = MessageReader(_MAX_STARTUP_MESSAGE)
+            reader.feed(bytes(self._incoming))
+            self._incoming.clear()
+            for type_byte, body in reader:
+                if type_byte == b"S":
+                    name, value = messages.parse_parameter_status(body)
+                    self.parameters[name] = value
         self.peer = peer
 
     def reusable(self) -> bool:

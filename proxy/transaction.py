@@ -177,7 +177,7 @@ class ServerState:
     settings: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Checkout:
     """The proxy's own messages that prepare a server connection for a client, and how many
     ReadyForQuery they end with. Empty when the connection already holds what the client needs."""
@@ -186,11 +186,16 @@ class Checkout:
     groups: int = 0
 
 
+NOTHING_TO_DO = Checkout()
+
+
 def checkout_messages(
     state: ServerState, context: ContextBuilder, process_id: int, tenant: str, expires_at: int, settings: dict[str, str]
 ) -> Checkout:
     """Reset what must not cross tenants, apply the client's settings and its signed context, each only
     when the server connection does not already hold it; update `state` to what it will hold."""
+    if state.tenant == tenant and state.context_expires_at >= expires_at and state.settings == settings:
+        return NOTHING_TO_DO
     parts: list[bytes] = []
     groups = 0
     if state.tenant is not None and state.tenant != tenant:

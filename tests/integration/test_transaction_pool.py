@@ -382,3 +382,43 @@ def test_min_size_opens_connections_and_broken_ones_are_replaced(make_proxy: Any
         wait_until(lambda: server_connections(pg, tenant_db, again) == 2)
         for _ in range(3):
             assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
+
+
+def test_prepared_statements_beyond_the_bound_are_evicted_and_prepared_again(make_proxy: Any) -> None:
+    """With room for 3 statements per server connection, two clients cycling through 8 statements each
+    on one connection never see "prepared statement does not exist", and errors leave the session usable."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1, "max_prepared_statements": 3}})
+    conns = [
+        psycopg.connect(pooled.dsn(), password=pooled.token(tenant), prepare_threshold=0, autocommit=True)
+        for tenant in (ACME, GLOBEX)
+    ]
+    try:
+        for round_ in range(3):
+            for offset in range(8):
+                for conn, tenant in zip(conns, (ACME, GLOBEX)):
+                    sql = f"SELECT count(*) + {offset} FROM leads WHERE id > %s"
+                    assert conn.execute(sql, (-round_,)).fetchone()[0] == ROWS[tenant] + offset
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conns[0].execute("SELECT 1 / %s::int FROM leads", (0,))
+        held = conns[1].execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+        assert held <= 4  # the bound, plus the statement running this query
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_copy_in_and_out_release_the_connection(make_proxy: Any, temp_allowed: None) -> None:
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1, "checkout_timeout": 5}})
+    with psycopg.connect(pooled.dsn(), password=pooled.token(), autocommit=True) as conn, psycopg.connect(
+        pooled.dsn(), password=pooled.token(GLOBEX), autocommit=True
+    ) as other:
+        with conn.cursor().copy("COPY (SELECT name FROM leads ORDER BY id) TO STDOUT") as copy:
+            names = [bytes(row).decode().strip() for row in copy]
+        assert len(names) == ROWS[ACME]
+        assert other.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE scratch (name text) ON COMMIT DROP")
+            with conn.cursor().copy("COPY scratch FROM STDIN") as copy:
+                copy.write_row(("copied",))
+            assert conn.execute("SELECT count(*) FROM scratch").fetchone()[0] == 1
+        assert other.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]

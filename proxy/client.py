@@ -18,7 +18,7 @@ import logging
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Decision
@@ -93,7 +93,7 @@ class ClientConnection(asyncio.Protocol):
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._checkout_task: asyncio.Task[None] | None = None
+        self._checkout_task: asyncio.Future[Any] | None = None  # a checkout task, or a place in the pool's queue
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -455,17 +455,52 @@ class ClientConnection(asyncio.Protocol):
         plan: Checkout | None = None
         if self._transaction_mode and self.backend is None:
             assert self.identity is not None
-            self.backend = cast("TransactionPool", self.server.pool).take(self._database(), self.identity.tenant)
+            pool = cast("TransactionPool", self.server.pool)
+            self.backend = pool.take(self._database(), self.identity.tenant)
             if self.backend is not None:
                 plan = self._plan_checkout()
                 if not plan.groups:
                     self._attach()
+                    self.transport.resume_reading()
                     return
+            elif pool.full(self._database()):
+                self.transport.pause_reading()
+                loop = asyncio.get_running_loop()
+                waiter = pool.queue(self._database(), loop.time() + self.server.settings.pool.checkout_timeout)
+                waiter.add_done_callback(self._handed_over)
+                self._checkout_task = waiter
+                return
         elif self.backend is not None:
             self.transport.pause_reading()  # the server connection is busy with the proxy's own exchange
             return
         self.transport.pause_reading()
         self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward(plan))
+
+    def _handed_over(self, waiter: asyncio.Future[BackendConnection | None]) -> None:
+        """Transaction mode: the pool's answer to this client's place in its queue."""
+        self._checkout_task = None
+        if waiter.cancelled():
+            return
+        failure = waiter.exception()
+        if isinstance(failure, Exception):
+            self._setup_failed(failure)
+            return
+        backend = waiter.result()
+        if self.phase is not Phase.READY:
+            if backend is not None:
+                cast("TransactionPool", self.server.pool).hand_back(backend)
+            return
+        if backend is None:
+            self._wait_for_server()  # a slot was freed: look again
+            return
+        self.backend = backend
+        plan = self._plan_checkout()
+        if plan.groups:
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward(plan))
+            return
+        self._attach()
+        assert self.transport is not None
+        self.transport.resume_reading()
 
     # -- forwarding ------------------------------------------------------------------------------
 

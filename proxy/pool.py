@@ -61,26 +61,37 @@ class Pool:
     def learn_parameters(self, database: str, parameters: dict[str, str], reported: dict[str, str]) -> None:
         self._parameters[pool_key(database, parameters)] = dict(reported)
 
-    async def _wait(self, database: str, deadline: float) -> BackendConnection | None:
-        """Wait until a connection of `database` is handed over (returned), or one is kept idle or
-        closed (None: look again); 53300 at the deadline."""
+    def queue(self, database: str, deadline: float) -> asyncio.Future[BackendConnection | None]:
+        """Join the clients waiting for a connection of `database`. The future gets a connection handed
+        over, or None when one is kept idle or closed (look again), or UpstreamError 53300 at the deadline."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[BackendConnection | None] = loop.create_future()
         waiters = self._waiters.setdefault(database, deque())
         waiters.append(waiter)
-        try:
-            return await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                return waiter.result()  # handed over just as the deadline passed
-            raise UpstreamError(
+        timer = loop.call_at(deadline, self._expire, database, waiter)
+        waiter.add_done_callback(lambda _: timer.cancel())
+        return waiter
+
+    def _expire(self, database: str, waiter: asyncio.Future[BackendConnection | None]) -> None:
+        waiters = self._waiters.get(database)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+        if not waiter.done():
+            waiter.set_exception(UpstreamError(
                 errors.TOO_MANY_CONNECTIONS,
                 f'pool for database "{database}" is full ({self.settings.size} server connections in use'
                 f" for {self.settings.checkout_timeout:g} s)",
                 hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
-            ) from None
+            ))
+
+    async def _wait(self, database: str, deadline: float) -> BackendConnection | None:
+        """Wait in the queue (see `queue`)."""
+        waiter = self.queue(database, deadline)
+        try:
+            return await waiter
         finally:
-            if waiter in waiters:
+            waiters = self._waiters.get(database)
+            if waiters is not None and waiter in waiters:
                 waiters.remove(waiter)
 
     async def _open_new(self, database: str, parameters: dict[str, str], max_prepared_statements: int = 0) -> BackendConnection:
@@ -245,6 +256,16 @@ class TransactionPool(Pool):
             if backend.state is not None and backend.state.tenant is None:
                 return idle.pop(index)
         return idle.pop(0)
+
+    def full(self, database: str) -> bool:
+        """True when `database` has `size` connections open: a client must wait for one."""
+        return self._open.get(database, 0) >= self.settings.size
+
+    def hand_back(self, backend: BackendConnection) -> None:
+        """Return a connection handed over to a client that left before using it."""
+        database = backend.pool_key[0]
+        if not self._wake(database, backend):
+            self._keep_idle(backend, database, self._idle_by_database.setdefault(database, []))
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection at the end of a transaction: keep it as it is, or close it."""

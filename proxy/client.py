@@ -35,6 +35,7 @@ from proxy.transaction import (
     Outgoing,
     ServerStatements,
     checkout_messages,
+    context_intact,
     session_settings,
 )
 
@@ -650,9 +651,12 @@ class ClientConnection(asyncio.Protocol):
         if failure is not None:
             self.terminate(errors.CONNECTION_FAILURE, "could not read back the session settings from the upstream server")
             return
-        assert backend.state is not None
+        state = backend.state
+        assert state is not None and self.identity is not None
         self._settings = session_settings(rows, self.server.policy.protected)
-        backend.state.settings = dict(self._settings)
+        state.settings = dict(self._settings)
+        if not context_intact(rows, self.server.context, self.identity.tenant, backend.process_id, state.context_expires_at):
+            state.context_expires_at = 0
         self._settings_stale = False
         assert self.transport is not None
         if self._buffer:

@@ -237,3 +237,13 @@ def session_settings(rows: list[list[bytes | None]], protected: ProtectedSetting
             if name not in protected:
                 settings[name] = row[1].decode(errors="replace")
     return settings
+
+
+def context_intact(rows: list[list[bytes | None]], context: ContextBuilder, tenant: str, process_id: int, expires_at: int) -> bool:
+    """Whether the settings snapshot still shows the context the proxy set: a client may have broken
+    its own through dynamic SQL, and the next client of its tenant must then get a fresh one."""
+    values = {row[0].lower(): row[1] for row in rows if len(row) == 2 and row[0] is not None}
+    proof = context.proof(tenant, process_id, expires_at).encode()
+    return values.get(context.setting.lower().encode()) == tenant.encode() and values.get(
+        context.proof_setting.lower().encode()
+    ) == proof

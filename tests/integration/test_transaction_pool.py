@@ -422,3 +422,16 @@ def test_copy_in_and_out_release_the_connection(make_proxy: Any, temp_allowed: N
                 copy.write_row(("copied",))
             assert conn.execute("SELECT count(*) FROM scratch").fetchone()[0] == 1
         assert other.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]
+
+
+def test_a_context_broken_by_its_client_is_set_again_for_the_next(make_proxy: Any) -> None:
+    """A client that overwrites its own context with a computed set_config() sees no rows (the
+    verifier), and the next client of the same tenant on that server connection gets a fresh context."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1}})
+    breaker = pooled.psql(
+        pooled.token(), f"SELECT set_config('app.' || 'current_tenant', '{GLOBEX}', false); SELECT count(*) FROM leads"
+    )
+    assert breaker.returncode == 0, breaker.stderr
+    assert breaker.stdout.split()[-1] == "0"
+    after = pooled.psql(pooled.token(), "SELECT count(*) FROM leads")
+    assert after.stdout.strip() == str(ROWS[ACME])

@@ -20,6 +20,7 @@ from proxy.transaction import (
     ServerState,
     ServerStatements,
     checkout_messages,
+    context_intact,
     session_settings,
     statement_for,
 )
@@ -147,3 +148,12 @@ def test_session_settings_drop_protected_names() -> None:
     protected = ProtectedSettings(["app.current_tenant", "tenant_proxy.proof"], ["app."])
     rows = [[b"search_path", b"public"], [b"app.current_tenant", b"x"], [b"tenant_proxy.proof", b"y"], [b"app.other", b"z"]]
     assert session_settings(rows, protected) == {"search_path": "public"}
+
+
+def test_context_intact_compares_tenant_and_proof() -> None:
+    proof = CONTEXT.proof("t1", 42, 1000).encode()
+    rows = [[b"app.current_tenant", b"t1"], [b"tenant_proxy.proof", proof], [b"search_path", b"x"]]
+    assert context_intact(rows, CONTEXT, "t1", 42, 1000)
+    assert not context_intact(rows, CONTEXT, "t1", 43, 1000)
+    assert not context_intact([[b"app.current_tenant", b"t2"], rows[1]], CONTEXT, "t1", 42, 1000)
+    assert not context_intact(rows[2:], CONTEXT, "t1", 42, 1000)

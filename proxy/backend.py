@@ -215,7 +215,7 @@ class BackendConnection(asyncio.Protocol):
         ended = False
         for segment in segments:
             group = self.groups[0] if self.groups else SyncGroup(False, self._open_refusals)
-            if type(segment) is not Message:
+            if not isinstance(segment, Message):
                 if not group.own:
                     out.append(segment)
                 continue

@@ -523,7 +523,7 @@ class ClientConnection(asyncio.Protocol):
         out: list[bytes | memoryview] = []
         terminated = False
         for segment in segments:
-            if type(segment) is not Message:
+            if not isinstance(segment, Message):
                 out.append(segment)
                 continue
             kind = segment.type
@@ -557,8 +557,8 @@ class ClientConnection(asyncio.Protocol):
         out: Outgoing = []
         flushed = False
         for segment in self._scanner.scan(data):
-            if type(segment) is not Message:
-                out.append((segment, None))  # type: ignore[arg-type]  (CopyData, CopyDone, CopyFail)
+            if not isinstance(segment, Message):
+                out.append((segment, None))  # CopyData, CopyDone, CopyFail
                 flushed = False
                 continue
             kind = segment.type

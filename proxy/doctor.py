@@ -212,7 +212,6 @@ def check_indexes(audit: Audit) -> list[Finding]:
 
 
 def check_verifier(audit: Audit) -> list[Finding]:
-    tenant = audit.settings.tenant
     installed = audit.rows(
         "SELECT p.provolatile, p.prosecdef, pg_get_userbyid(p.proowner) FROM pg_proc p"
         " WHERE p.oid = to_regprocedure('tenant_proxy.current_tenant()')"

@@ -101,7 +101,7 @@ class ServerStatements:
                 yield name
 
 
-Outgoing = list[tuple[bytes, Reply | None]]
+Outgoing = list[tuple[bytes | memoryview, Reply | None]]
 
 
 class ClientStatements:

@@ -51,8 +51,10 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        index = children.pop(pid, None)
-        if index is not None and not stopping:
+        if pid not in children:
+            continue
+        index = children.pop(pid)
+        if not stopping:
             log.warning("worker %d exited with status %d; starting it again", index, os.waitstatus_to_exitcode(status))
             spawn(index)
     shutil.rmtree(peer_dir, ignore_errors=True)

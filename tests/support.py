@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.demo import LEADS, TENANTS, TenantDatabase, prepare_database, wait_for_port, write_config
+from proxy.demo import LEADS, TENANTS, TenantDatabase, wait_for_port, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.tokens import mint
 

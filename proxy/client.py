@@ -619,6 +619,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _transaction_parse(self, message: Message, statements: ServerStatements, out: Outgoing) -> None:
         """A client's Parse in transaction mode: refused as in session mode, else named and prepared."""
+        if message.body[:1] == b"\0":
+            self._describing = False  # the unnamed statement lives until the client's own Sync
         refused = self._checked_parse(message)
         if refused is not message.raw:
             out.append((refused, CLIENT_REPLY))

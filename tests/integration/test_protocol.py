@@ -2,63 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import struct
 from typing import Any
 
 import pytest
 
-from support import ACME, ProxyProcess
+from support import ACME, ProxyProcess, RawClient, login, startup
 from proxy.protocol import messages
-from proxy.protocol.framing import MessageReader
-
-
-class RawClient:
-    """A blocking socket speaking raw protocol bytes to the proxy."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.reader = MessageReader(1 << 24)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_byte(self) -> bytes:
-        return self.sock.recv(1)
-
-    def read_message(self) -> tuple[bytes, bytes]:
-        while True:
-            for item in self.reader:
-                return item
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed by the proxy")
-            self.reader.feed(data)
-
-    def read_until(self, wanted: bytes) -> list[tuple[bytes, bytes]]:
-        seen = []
-        while True:
-            item = self.read_message()
-            seen.append(item)
-            if item[0] in (wanted, b"E"):
-                return seen
-
-    def error(self) -> dict[str, str]:
-        """The ErrorResponse that must come next (skipping authentication requests)."""
-        while True:
-            type_byte, body = self.read_message()
-            if type_byte == b"E":
-                return messages.parse_error_fields(body)
-            assert type_byte in (b"R", b"v"), type_byte
-
-    def closed(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -72,18 +22,6 @@ def raw(proxy: ProxyProcess) -> Any:
     yield factory
     for client in clients:
         client.close()
-
-
-def startup(user: str = "alice", **params: str) -> bytes:
-    return messages.startup_message({"user": user, "database": "app", **params})
-
-
-def login(client: RawClient, token: str) -> None:
-    client.send(startup())
-    assert client.read_message() == (b"R", struct.pack("!i", messages.AUTH_CLEARTEXT_PASSWORD))
-    client.send(messages.password_message(token))
-    items = client.read_until(b"Z")
-    assert items[-1] == (b"Z", b"I"), items
 
 
 def test_ssl_request_answered_n_then_session_works(proxy: ProxyProcess, raw: Any) -> None:

@@ -18,7 +18,8 @@ import pytest
 
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, GLOBEX, ROWS, ProxyProcess, cancel_when_running, wait_until
+from proxy.protocol import messages
+from support import ACME, GLOBEX, ROWS, ProxyProcess, RawClient, cancel_when_running, login, wait_until
 
 TENANT_COUNT = 50
 TRANSACTION = {"mode": "transaction"}
@@ -111,6 +112,25 @@ async def test_asyncpg_statement_cache_survives_changing_server_connections(pool
                 assert await statement.fetchval(0) == expected
 
         await asyncio.gather(*(work(index) for index in range(20)))
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def test_asyncpg_without_a_statement_cache_uses_the_unnamed_statement(make_proxy: Any, many_tenants: list[str]) -> None:
+    """With statement_cache_size=0 asyncpg parses the unnamed statement, waits for its description, and
+    binds it later in the same group: the client keeps its server connection in between, even when
+    other clients wait for the only one."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1}})
+    conns = [await connect(pooled, many_tenants[index], statement_cache_size=0) for index in range(6)]
+    try:
+
+        async def work(index: int) -> None:
+            for value in range(10):
+                total = await conns[index].fetchval(f"SELECT $1::int + count(*) + {index} FROM leads", value)
+                assert total == value + tenant_rows(index) + index
+
+        await asyncio.gather(*(work(index) for index in range(6)))
     finally:
         for conn in conns:
             await conn.close()
@@ -434,3 +454,24 @@ def test_a_context_broken_by_its_client_is_set_again_for_the_next(make_proxy: An
     assert breaker.stdout.split()[-1] == "0"
     after = pooled.psql(pooled.token(), "SELECT count(*) FROM leads")
     assert after.stdout.strip() == str(ROWS[ACME])
+
+
+def test_unnamed_statement_survives_until_the_clients_own_sync(make_proxy: Any) -> None:
+    """Parse of the unnamed statement, Describe, Flush, then Bind in a later write: the client keeps its
+    server connection in between (another client waits), so the Bind finds the statement it parsed."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1, "checkout_timeout": 1}})
+    first, second = RawClient(pooled.port), RawClient(pooled.port)
+    try:
+        login(first, pooled.token(ACME))
+        login(second, pooled.token(GLOBEX))
+        first.send(messages.parse("", "SELECT 41 + $1::int") + messages.message(b"D", b"S\0") + messages.message(b"H"))
+        assert [kind for kind, _ in first.read_until(b"T")] == [b"1", b"t", b"T"]
+        second.send(messages.query("SELECT 1"))
+        assert second.error()["C"] == "53300"  # the only server connection stays with the first client
+        first.send(messages.bind("", "", ["1"]) + messages.execute() + messages.sync())
+        replies = first.read_until(b"Z")
+        assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"]
+        assert messages.parse_data_row(replies[1][1]) == [b"42"]
+    finally:
+        first.close()
+        second.close()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 from proxy.protocol import messages
-from support import ACME, ROWS, ProxyProcess
-from test_protocol import RawClient, login
+from support import ACME, ROWS, ProxyProcess, RawClient, login
 
 
 def _noise(rng: random.Random) -> bytes:
@@ -34,6 +34,16 @@ def _send_quietly(client: RawClient, data: bytes) -> None:
 
 
 def test_random_bytes_never_take_the_proxy_down(proxy: ProxyProcess) -> None:
+    hammer(proxy)
+
+
+def test_random_bytes_never_take_a_transaction_pool_down(make_proxy: Any) -> None:
+    """The same in transaction mode, where Bind, Describe, Close and Execute are read too."""
+    hammer(make_proxy({"pool": {"mode": "transaction", "size": 2}}))
+
+
+def hammer(proxy: ProxyProcess) -> None:
+    """120 connections of random input, half of them after a valid login; then a healthy session."""
     rng = random.Random(20261126)
     for round_number in range(120):
         client = RawClient(proxy.port)

@@ -18,7 +18,7 @@ import logging
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Decision
@@ -40,7 +40,7 @@ from proxy.transaction import (
 )
 
 if TYPE_CHECKING:
-    from proxy.pool import SessionPool, TransactionPool
+    from proxy.pool import Handover, SessionPool, TransactionPool, Waiter
     from proxy.server import ProxyServer
 
 log = logging.getLogger("pg_tenant_proxy")
@@ -94,7 +94,7 @@ class ClientConnection(asyncio.Protocol):
         self._reassert_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._checkout_task: asyncio.Future[Any] | None = None  # a checkout task, or a place in the pool's queue
+        self._checkout_task: asyncio.Task[None] | Waiter | None = None  # a checkout task, or a place in the pool's queue
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -466,10 +466,8 @@ class ClientConnection(asyncio.Protocol):
                     return
             elif pool.full(self._database()):
                 self.transport.pause_reading()
-                loop = asyncio.get_running_loop()
-                waiter = pool.queue(self._database(), loop.time() + self.server.settings.pool.checkout_timeout)
-                waiter.add_done_callback(self._handed_over)
-                self._checkout_task = waiter
+                deadline = asyncio.get_running_loop().time() + self.server.settings.pool.checkout_timeout
+                self._checkout_task = pool.queue(self._database(), deadline, self._handed_over)
                 return
         elif self.backend is not None:
             self.transport.pause_reading()  # the server connection is busy with the proxy's own exchange
@@ -477,16 +475,13 @@ class ClientConnection(asyncio.Protocol):
         self.transport.pause_reading()
         self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward(plan))
 
-    def _handed_over(self, waiter: asyncio.Future[BackendConnection | None]) -> None:
+    def _handed_over(self, result: Handover) -> None:
         """Transaction mode: the pool's answer to this client's place in its queue."""
         self._checkout_task = None
-        if waiter.cancelled():
+        if isinstance(result, Exception):
+            self._setup_failed(result)
             return
-        failure = waiter.exception()
-        if isinstance(failure, Exception):
-            self._setup_failed(failure)
-            return
-        backend = waiter.result()
+        backend = result
         if self.phase is not Phase.READY:
             if backend is not None:
                 cast("TransactionPool", self.server.pool).hand_back(backend)

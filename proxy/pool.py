@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Union
 
 from proxy.backend import BackendConnection, UpstreamError, connect
 from proxy.config import PoolSettings, UpstreamSettings
@@ -34,6 +34,34 @@ from proxy.protocol import errors, messages
 
 PoolKey = tuple[str, tuple[tuple[str, str], ...]]
 RESET = messages.query("DISCARD ALL")
+
+
+Handover = Union[BackendConnection, UpstreamError, None]
+
+
+class Waiter:
+    """A client's place in a pool's queue; see `Pool.queue`."""
+
+    __slots__ = ("callback", "timer", "_done")
+
+    def __init__(self, callback: Callable[[Handover], None]) -> None:
+        self.callback = callback
+        self.timer: asyncio.TimerHandle | None = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Leave the queue: the callback will not be called."""
+        self._done = True
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def finish(self, result: Handover) -> None:
+        if not self._done:
+            self.cancel()
+            self.callback(result)
 
 
 def pool_key(database: str, parameters: dict[str, str]) -> PoolKey:
@@ -48,7 +76,7 @@ class Pool:
         self.upstream = upstream
         self.settings = settings
         self._open: dict[str, int] = {}
-        self._waiters: dict[str, deque[asyncio.Future[BackendConnection | None]]] = {}
+        self._waiters: dict[str, deque[Waiter]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
@@ -61,38 +89,47 @@ class Pool:
     def learn_parameters(self, database: str, parameters: dict[str, str], reported: dict[str, str]) -> None:
         self._parameters[pool_key(database, parameters)] = dict(reported)
 
-    def queue(self, database: str, deadline: float) -> asyncio.Future[BackendConnection | None]:
-        """Join the clients waiting for a connection of `database`. The future gets a connection handed
-        over, or None when one is kept idle or closed (look again), or UpstreamError 53300 at the deadline."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[BackendConnection | None] = loop.create_future()
-        waiters = self._waiters.setdefault(database, deque())
-        waiters.append(waiter)
-        timer = loop.call_at(deadline, self._expire, database, waiter)
-        waiter.add_done_callback(lambda _: timer.cancel())
+    def queue(self, database: str, deadline: float, callback: Callable[[Handover], None]) -> Waiter:
+        """Join the clients waiting for a connection of `database`: `callback` is called, at once and only
+        once, with a connection handed over, with None when one is kept idle or closed (look again), or
+        with UpstreamError 53300 at the deadline."""
+        waiter = Waiter(callback)
+        self._waiters.setdefault(database, deque()).append(waiter)
+        waiter.timer = asyncio.get_running_loop().call_at(deadline, self._expire, database, waiter)
         return waiter
 
-    def _expire(self, database: str, waiter: asyncio.Future[BackendConnection | None]) -> None:
+    def _expire(self, database: str, waiter: Waiter) -> None:
         waiters = self._waiters.get(database)
         if waiters is not None and waiter in waiters:
             waiters.remove(waiter)
-        if not waiter.done():
-            waiter.set_exception(UpstreamError(
-                errors.TOO_MANY_CONNECTIONS,
-                f'pool for database "{database}" is full ({self.settings.size} server connections in use'
-                f" for {self.settings.checkout_timeout:g} s)",
-                hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
-            ))
+        waiter.finish(UpstreamError(
+            errors.TOO_MANY_CONNECTIONS,
+            f'pool for database "{database}" is full ({self.settings.size} server connections in use'
+            f" for {self.settings.checkout_timeout:g} s)",
+            hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
+        ))
 
     async def _wait(self, database: str, deadline: float) -> BackendConnection | None:
-        """Wait in the queue (see `queue`)."""
-        waiter = self.queue(database, deadline)
+        """Wait in the queue (see `queue`) from a coroutine."""
+        future: asyncio.Future[Handover] = asyncio.get_running_loop().create_future()
+
+        def deliver(result: Handover) -> None:
+            if not future.done():
+                future.set_result(result)
+            elif isinstance(result, BackendConnection):
+                self.hand_back(result)  # the waiting coroutine was cancelled meanwhile
+
+        waiter = self.queue(database, deadline, deliver)
         try:
-            return await waiter
+            result = await future
         finally:
+            waiter.cancel()
             waiters = self._waiters.get(database)
             if waiters is not None and waiter in waiters:
                 waiters.remove(waiter)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     async def _open_new(self, database: str, parameters: dict[str, str], max_prepared_statements: int = 0) -> BackendConnection:
         self._open[database] = self._open.get(database, 0) + 1
@@ -117,7 +154,7 @@ class Pool:
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
-                waiter.set_result(backend)
+                waiter.finish(backend)
                 return True
         return False
 
@@ -139,6 +176,15 @@ class Pool:
 
     def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
         raise NotImplementedError
+
+    def _idle_list(self, backend: BackendConnection) -> list[BackendConnection]:
+        """Where `backend` waits while idle."""
+        raise NotImplementedError
+
+    def hand_back(self, backend: BackendConnection) -> None:
+        """Return an idle connection handed over to a client that left before using it."""
+        if not self._wake(backend.pool_key[0], backend):
+            self._keep_idle(backend, backend.pool_key[0], self._idle_list(backend))
 
     def _sweep(self) -> None:
         """Close idle connections unused for `server_idle_timeout`, keeping `min_size` per database;
@@ -167,6 +213,9 @@ class SessionPool(Pool):
 
     def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
         return [(key[0], idle) for key, idle in self._idle_by_key.items()]
+
+    def _idle_list(self, backend: BackendConnection) -> list[BackendConnection]:
+        return self._idle_by_key.setdefault(backend.pool_key, [])
 
     async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
         """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
@@ -206,7 +255,7 @@ class SessionPool(Pool):
         if failure is not None or backend.closed or backend.transaction_status != b"I":
             backend.close()
             return
-        self._keep_idle(backend, backend.pool_key[0], self._idle_by_key.setdefault(backend.pool_key, []))
+        self._keep_idle(backend, backend.pool_key[0], self._idle_list(backend))
 
 
 class TransactionPool(Pool):
@@ -219,6 +268,9 @@ class TransactionPool(Pool):
 
     def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
         return list(self._idle_by_database.items())
+
+    def _idle_list(self, backend: BackendConnection) -> list[BackendConnection]:
+        return self._idle_by_database.setdefault(backend.pool_key[0], [])
 
     def _closed(self, database: str) -> None:
         super()._closed(database)
@@ -261,21 +313,13 @@ class TransactionPool(Pool):
         """True when `database` has `size` connections open: a client must wait for one."""
         return self._open.get(database, 0) >= self.settings.size
 
-    def hand_back(self, backend: BackendConnection) -> None:
-        """Return a connection handed over to a client that left before using it."""
-        database = backend.pool_key[0]
-        if not self._wake(database, backend):
-            self._keep_idle(backend, database, self._idle_by_database.setdefault(database, []))
-
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection at the end of a transaction: keep it as it is, or close it."""
         if not backend.reusable() or self._too_old(backend):
             backend.close()
             return
         backend.detach()
-        database = backend.pool_key[0]
-        if not self._wake(database, backend):
-            self._keep_idle(backend, database, self._idle_by_database.setdefault(database, []))
+        self.hand_back(backend)
 
     def _fill(self, database: str) -> None:
         """Open connections in the background while the database has fewer than `min_size`."""
@@ -288,8 +332,7 @@ class TransactionPool(Pool):
         try:
             while self._open.get(database, 0) < self.settings.min_size:
                 backend = await self._open_new(database, {}, self.settings.max_prepared_statements)
-                if not self._wake(database, backend):
-                    self._keep_idle(backend, database, self._idle_by_database.setdefault(database, []))
+                self.hand_back(backend)
         except UpstreamError:
             pass  # the next checkout reports the failure to its client
         finally:

@@ -466,7 +466,7 @@ class ClientConnection(asyncio.Protocol):
                     return
             elif pool.full(self._database()):
                 self.transport.pause_reading()
-                deadline = asyncio.get_running_loop().time() + self.server.settings.pool.checkout_timeout
+                deadline = pool.loop.time() + self.server.settings.pool.checkout_timeout
                 self._checkout_task = pool.queue(self._database(), deadline, self._handed_over)
                 return
         elif self.backend is not None:

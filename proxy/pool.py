@@ -80,6 +80,14 @@ class Pool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (on Python 3.11 each lookup costs a getpid() system call)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def known_parameters(self, database: str, parameters: dict[str, str]) -> dict[str, str] | None:
         """What the server reported (ParameterStatus) for sessions with these startup parameters, once
@@ -95,7 +103,7 @@ class Pool:
         with UpstreamError 53300 at the deadline."""
         waiter = Waiter(callback)
         self._waiters.setdefault(database, deque()).append(waiter)
-        waiter.timer = asyncio.get_running_loop().call_at(deadline, self._expire, database, waiter)
+        waiter.timer = self.loop.call_at(deadline, self._expire, database, waiter)
         return waiter
 
     def _expire(self, database: str, waiter: Waiter) -> None:
@@ -159,7 +167,7 @@ class Pool:
         return False
 
     def _too_old(self, backend: BackendConnection) -> bool:
-        return asyncio.get_running_loop().time() - backend.opened_at > self.settings.server_lifetime
+        return self.loop.time() - backend.opened_at > self.settings.server_lifetime
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -167,7 +175,7 @@ class Pool:
         task.add_done_callback(self._tasks.discard)
 
     def _keep_idle(self, backend: BackendConnection, database: str, idle: list[BackendConnection]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         backend.idle_since = loop.time()
         idle.append(backend)
         self._wake(database)

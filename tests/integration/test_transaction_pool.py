@@ -9,6 +9,7 @@ import random
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -475,3 +476,20 @@ def test_unnamed_statement_survives_until_the_clients_own_sync(make_proxy: Any) 
     finally:
         first.close()
         second.close()
+
+
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")
+
+
+def test_pgjdbc_with_server_side_prepared_statements(make_proxy: Any, tmp_path: Path) -> None:
+    """pgjdbc with prepareThreshold=1 (named server-side statements from the first execution), two
+    tenants taking turns on one server connection, in autocommit and in a transaction."""
+    assert JDBC_JAR.exists(), "pgjdbc comes from the Debian package libpostgresql-jdbc-java (.ci/run installs it)"
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1}})
+    source = Path(__file__).parent / "clients" / "JdbcTenants.java"
+    result = subprocess.run(
+        ["java", "-cp", str(JDBC_JAR), str(source), f"jdbc:postgresql://127.0.0.1:{pooled.port}/app",
+         pooled.token(ACME), str(ROWS[ACME]), pooled.token(GLOBEX), str(ROWS[GLOBEX])],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

@@ -493,3 +493,16 @@ def test_pgjdbc_with_server_side_prepared_statements(make_proxy: Any, tmp_path: 
         capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+def test_old_and_idle_server_connections_are_closed(make_proxy: Any, pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
+    """A connection past server_lifetime is replaced at its next release; idle ones past
+    server_idle_timeout are closed."""
+    since = pg.psql("SELECT now()").strip()
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 2, "server_lifetime": 0.3, "server_idle_timeout": 0.4}})
+    with psycopg.connect(pooled.dsn(), password=pooled.token(), autocommit=True) as conn:
+        first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        wait_until(lambda: conn.execute("SELECT pg_backend_pid()").fetchone()[0] != first)
+        assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
+        wait_until(lambda: server_connections(pg, tenant_db, since) == 0)
+        assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]

@@ -506,3 +506,18 @@ def test_old_and_idle_server_connections_are_closed(make_proxy: Any, pg: Embedde
         assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
         wait_until(lambda: server_connections(pg, tenant_db, since) == 0)
         assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
+
+
+def test_a_context_is_reused_only_while_it_outlives_the_clients_token(make_proxy: Any) -> None:
+    """On one server connection a tenant's context is set again only for a client whose token expires
+    later than the proof in force; clients whose tokens expire sooner reuse it."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1}})
+    proof_expiry = "SELECT split_part(current_setting('tenant_proxy.proof'), ':', 1)"
+    sooner, later = int(time.time()) + 600, int(time.time()) + 1200
+    with psycopg.connect(pooled.dsn(), password=pooled.token(exp=sooner), autocommit=True) as first, psycopg.connect(
+        pooled.dsn(), password=pooled.token(exp=later), autocommit=True
+    ) as second:
+        assert first.execute(proof_expiry).fetchone()[0] == str(sooner)
+        assert second.execute(proof_expiry).fetchone()[0] == str(later)
+        assert first.execute(proof_expiry).fetchone()[0] == str(later)  # reused: it outlives the first token
+        assert first.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]

@@ -131,10 +131,8 @@ class Bench:
 
     def start_proxy(self, name: str, overrides: dict[str, dict[str, object]] | None = None) -> Target:
         port = free_port()
-        config = write_config(
-            self.workdir / f"{name}.toml", self.pg, self.db, port,
-            {"pool": {"size": 300, "max_client_connections": 20_000}, "": {"log_level": "warning"}, **(overrides or {})},
-        )
+        settings = {"pool": {"size": 300, "max_client_connections": 20_000}, "": {"log_level": "warning"}, **(overrides or {})}
+        config = write_config(self.workdir / f"{name}.toml", self.pg, self.db, port, settings)
         log = open(self.workdir / f"{name}.log", "wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "--config", str(config)],
@@ -143,10 +141,9 @@ class Bench:
         self.processes.append(process)
         self.pids[name] = process.pid
         wait_for_port(port, process)
-        settings = ", ".join(f"{section + '.' if section else ''}{key}={value}"
-                             for section, values in {"pool": {"size": 300}, "": {"log_level": "warning"}, **(overrides or {})}.items()
-                             for key, value in values.items())
-        self.commands.append(f"pg-tenant-proxy run --config {config.name}  # {settings}")
+        shown = ", ".join(f"{section + '.' if section else ''}{key}={value}"
+                          for section, values in settings.items() for key, value in values.items())
+        self.commands.append(f"pg-tenant-proxy run --config {config.name}  # {shown}")
         target = Target(name, port, "bench", "")
         self.targets[name] = target
         return target

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 POOL_MODES = ("session", "transaction")
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -177,6 +177,14 @@ class Settings:
     client: ClientSettings
     guard: GuardSettings
     source: str = field(default="<defaults>")
+
+
+SectionSettings = TypeVar("SectionSettings")
+
+
+def _section(values: dict[tuple[str, str], Any], section: str, kind: type[SectionSettings]) -> SectionSettings:
+    """A section's settings as they were read, for sections whose keys are exactly `kind`'s fields."""
+    return kind(**{item.name: values[(section, item.name)] for item in fields(kind)})  # type: ignore[arg-type]
 
 
 def env_name(section: str, key: str) -> str:
@@ -360,38 +368,19 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
     for key in ("checkout_timeout", "server_idle_timeout", "server_lifetime"):
         if values[("pool", key)] <= 0:
             raise ConfigError(f"pool.{key}: must be a positive number of seconds")
-    pool = PoolSettings(
-        mode=values[("pool", "mode")],
-        size=values[("pool", "size")],
-        min_size=values[("pool", "min_size")],
-        max_client_connections=values[("pool", "max_client_connections")],
-        max_prepared_statements=values[("pool", "max_prepared_statements")],
-        checkout_timeout=values[("pool", "checkout_timeout")],
-        server_idle_timeout=values[("pool", "server_idle_timeout")],
-        server_lifetime=values[("pool", "server_lifetime")],
-    )
+    pool = _section(values, "pool", PoolSettings)
 
     if bool(values[("tls", "cert_file")]) != bool(values[("tls", "key_file")]):
         raise ConfigError("tls.cert_file and tls.key_file: set both or neither")
     _require_file(values, "tls", "cert_file")
     _require_file(values, "tls", "key_file")
-    tls = TlsSettings(values[("tls", "cert_file")], values[("tls", "key_file")])
+    tls = _section(values, "tls", TlsSettings)
 
     for key in ("max_startup_packet", "max_auth_message", "max_message"):
         if values[("client", key)] < 64:
             raise ConfigError(f"client.{key}: must be at least 64 bytes")
-    client = ClientSettings(
-        auth_timeout_seconds=values[("client", "auth_timeout_seconds")],
-        max_startup_packet=values[("client", "max_startup_packet")],
-        max_auth_message=values[("client", "max_auth_message")],
-        max_message=values[("client", "max_message")],
-        allowed_parameters=values[("client", "allowed_parameters")],
-    )
-    guard = GuardSettings(
-        enabled=values[("guard", "enabled")],
-        allow_do=values[("guard", "allow_do")],
-        protected_prefixes=values[("guard", "protected_prefixes")],
-    )
+    client = _section(values, "client", ClientSettings)
+    guard = _section(values, "guard", GuardSettings)
     return Settings(
         listen_host=listen_host,
         listen_port=listen_port,

@@ -453,18 +453,14 @@ class ClientConnection(asyncio.Protocol):
         assert self.transport is not None
         if self._checkout_task is not None or self.phase is not Phase.READY:
             return
-        plan: Checkout | None = None
         if self._transaction_mode and self.backend is None:
             assert self.identity is not None
             pool = cast("TransactionPool", self.server.pool)
             self.backend = pool.take(self._database(), self.identity.tenant)
             if self.backend is not None:
-                plan = self._plan_checkout()
-                if not plan.groups:
-                    self._attach()
-                    self.transport.resume_reading()
-                    return
-            elif pool.full(self._database()):
+                self._start_on_server()
+                return
+            if pool.full(self._database()):
                 self.transport.pause_reading()
                 deadline = pool.loop.time() + self.server.settings.pool.checkout_timeout
                 self._checkout_task = pool.queue(self._database(), deadline, self._handed_over)
@@ -473,7 +469,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()  # the server connection is busy with the proxy's own exchange
             return
         self.transport.pause_reading()
-        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward(plan))
+        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward())
 
     def _handed_over(self, result: Handover) -> None:
         """Transaction mode: the pool's answer to this client's place in its queue."""
@@ -490,12 +486,18 @@ class ClientConnection(asyncio.Protocol):
             self._wait_for_server()  # a slot was freed: look again
             return
         self.backend = backend
+        self._start_on_server()
+
+    def _start_on_server(self) -> None:
+        """Transaction mode: forward at once on the server connection just taken when it holds what this
+        client needs, else prepare it first (the client's bytes wait)."""
+        assert self.transport is not None
         plan = self._plan_checkout()
         if plan.groups:
+            self.transport.pause_reading()
             self._checkout_task = asyncio.get_running_loop().create_task(self._checkout_then_forward(plan))
             return
         self._attach()
-        assert self.transport is not None
         self.transport.resume_reading()
 
     # -- forwarding ------------------------------------------------------------------------------
@@ -529,13 +531,7 @@ class ClientConnection(asyncio.Protocol):
                 out.append(self._checked_parse(segment))
                 continue
             out.append(self._checked_query(segment) if kind == b"Q" else segment.raw)
-            # Query, Sync and FunctionCall each end a group of replies with one ReadyForQuery.
-            backend.expect_group()
-            if self._reassert_due:
-                self._reassert_due = False
-                assert self.identity is not None
-                out.append(self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at))
-                backend.expect_group(own=True)
+            out.append(self._group_sent(backend))
         backend.transport.write(b"".join(out))
         if terminated and self.transport is not None:
             self.transport.close()
@@ -582,17 +578,10 @@ class ClientConnection(asyncio.Protocol):
             else:  # Query, Sync, FunctionCall: each ends a group of replies with one ReadyForQuery
                 out.append((self._checked_query(segment) if kind == b"Q" else segment.raw, None))
                 self._send(backend, out)
-                out = []
-                backend.expect_group()
+                reassertion = self._group_sent(backend)
+                out = [(reassertion, None)] if reassertion else []
                 self._unsynced = False
                 self._describing = True
-                if self._reassert_due:
-                    self._reassert_due = False
-                    assert self.identity is not None
-                    backend.transport.write(
-                        self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at)
-                    )
-                    backend.expect_group(own=True)
         if flushed and self._describing and self._scanner.at_boundary():
             out.append((messages.sync(), None))
             self._send(backend, out)
@@ -600,6 +589,18 @@ class ClientConnection(asyncio.Protocol):
             self._unsynced = False
             return
         self._send(backend, out)
+
+    def _group_sent(self, backend: BackendConnection) -> bytes:
+        """A Query, Sync or FunctionCall went upstream: each ends a group of replies with one
+        ReadyForQuery. After RESET ALL or DISCARD ALL, the context messages to send next (a group of
+        the proxy's own), else nothing."""
+        backend.expect_group()
+        if not self._reassert_due:
+            return b""
+        self._reassert_due = False
+        assert self.identity is not None
+        backend.expect_group(own=True)
+        return self.server.context.session_messages(self.identity.tenant, backend.process_id, self.identity.expires_at)
 
     @staticmethod
     def _send(backend: BackendConnection, out: Outgoing) -> None:

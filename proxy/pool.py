@@ -106,10 +106,14 @@ class Pool:
         waiter.timer = self.loop.call_at(deadline, self._expire, database, waiter)
         return waiter
 
-    def _expire(self, database: str, waiter: Waiter) -> None:
+    def _leave(self, database: str, waiter: Waiter) -> None:
+        """Take a waiter out of the queue (`take` reads a non-empty queue as clients waiting)."""
         waiters = self._waiters.get(database)
         if waiters is not None and waiter in waiters:
             waiters.remove(waiter)
+
+    def _expire(self, database: str, waiter: Waiter) -> None:
+        self._leave(database, waiter)
         waiter.finish(UpstreamError(
             errors.TOO_MANY_CONNECTIONS,
             f'pool for database "{database}" is full ({self.settings.size} server connections in use'
@@ -132,9 +136,7 @@ class Pool:
             result = await future
         finally:
             waiter.cancel()
-            waiters = self._waiters.get(database)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
+            self._leave(database, waiter)
         if isinstance(result, Exception):
             raise result
         return result
@@ -286,7 +288,8 @@ class TransactionPool(Pool):
 
     async def acquire(self, database: str, tenant: str) -> BackendConnection:
         """A server connection, preferably one that last served `tenant`; raises UpstreamError."""
-        deadline = asyncio.get_running_loop().time() + self.settings.checkout_timeout
+        deadline = self.loop.time() + self.settings.checkout_timeout
+        self._fill(database)
         while True:
             backend = self.take(database, tenant)
             if backend is not None:
@@ -300,7 +303,6 @@ class TransactionPool(Pool):
     def take(self, database: str, tenant: str) -> BackendConnection | None:
         """Without waiting: the most recently used idle connection of `tenant`, else a fresh one, else
         the least recently used one; None when none is idle."""
-        self._fill(database)
         idle = self._idle_by_database.get(database)
         if idle is None or self._waiters.get(database):
             return None  # clients already waiting come first

@@ -118,9 +118,6 @@ class ClientStatements:
             return
         statement = statement_for(body[end:])
         self.by_name[name] = statement
-        # Close first: the statement may be there already, or half-known after a failed group.
-        server.ready.pop(statement.server_name, None)
-        out.append((messages.close_statement(statement.server_name), OWN_CLOSE))
         self._prepare(statement, server, out, own=False)
 
     def bind(self, body: bytes, server: ServerStatements, out: Outgoing) -> None:
@@ -155,11 +152,14 @@ class ClientStatements:
     def _ensure(self, statement: Statement, server: ServerStatements, out: Outgoing) -> None:
         server.in_use.add(statement.server_name)
         if not server.has(statement.server_name):
-            out.append((messages.close_statement(statement.server_name), OWN_CLOSE))
             self._prepare(statement, server, out, own=True)
 
     @staticmethod
     def _prepare(statement: Statement, server: ServerStatements, out: Outgoing, own: bool) -> None:
+        """Close the server-side name first (the statement may be there already, or half-known after a
+        failed group), make room, then Parse it; `own`: the ParseComplete is swallowed."""
+        server.ready.pop(statement.server_name, None)
+        out.append((messages.close_statement(statement.server_name), OWN_CLOSE))
         for victim in server.evictions():
             out.append((messages.close_statement(victim), OWN_CLOSE))
         server.pending.add(statement.server_name)

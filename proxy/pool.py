@@ -123,7 +123,7 @@ class Pool:
 
     async def _wait(self, database: str, deadline: float) -> BackendConnection | None:
         """Wait in the queue (see `queue`) from a coroutine."""
-        future: asyncio.Future[Handover] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Handover] = self.loop.create_future()
 
         def deliver(result: Handover) -> None:
             if not future.done():
@@ -150,7 +150,7 @@ class Pool:
             raise
         backend.on_close = lambda: self._closed(database)
         backend.pool_key = pool_key(database, parameters)
-        backend.opened_at = asyncio.get_running_loop().time()
+        backend.opened_at = self.loop.time()
         return backend
 
     def _closed(self, database: str) -> None:
@@ -172,7 +172,7 @@ class Pool:
         return self.loop.time() - backend.opened_at > self.settings.server_lifetime
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
+        task = self.loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -199,7 +199,7 @@ class Pool:
     def _sweep(self) -> None:
         """Close idle connections unused for `server_idle_timeout`, keeping `min_size` per database;
         look again while any are left."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         for database, idle in self._idle_lists():
             for backend in [b for b in idle if b.closed]:
@@ -230,7 +230,7 @@ class SessionPool(Pool):
     async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
         """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
         key = pool_key(database, parameters)
-        deadline = asyncio.get_running_loop().time() + self.settings.checkout_timeout
+        deadline = self.loop.time() + self.settings.checkout_timeout
         while True:
             idle = self._idle_by_key.get(key)
             while idle:

@@ -154,25 +154,28 @@ class BackendConnection(asyncio.Protocol):
             self.close()
 
     def _forward(self, peer: Peer, data: bytes) -> None:
-        segments = self._scanner.scan(data)
+        scanner = self._scanner
         if peer.transport is None:
+            scanner.scan(data)
             return
-        if not self._special_groups and self._open_refusals is None and not self._own_replies:
+        if not self._special_groups and self._open_refusals is None and not self._own_replies and not scanner.holding():
             ended = False
-            for segment in segments:
-                if type(segment) is Message:
-                    kind = segment.type
-                    if kind == b"Z":
-                        self.transaction_status = segment.raw[5:6]
-                        if self.groups:
-                            self.groups.popleft()
-                        ended = True
-                    if self._replies is not None:
-                        self._track_reply(kind)
+            for message in scanner.watched_messages(data):
+                kind = message.type
+                if kind == b"Z":
+                    self.transaction_status = message.raw[5:6]
+                    if self.groups:
+                        self.groups.popleft()
+                    ended = True
+                if self._replies is not None:
+                    self._track_reply(kind)
+            held = scanner.holding()
+            if held:
+                data = data[:-held]
             self.bytes_forwarded += len(data)
             peer.transport.write(data)
         else:
-            ended = self._forward_special(peer, segments)
+            ended = self._forward_special(peer, scanner.scan(data))
         if ended and self._replies is not None and not self.groups and self.transaction_status == b"I" and self.peer is peer:
             peer.transaction_idle()
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pg_tenant_proxy")
 
 WRITE_BUFFER_HIGH = 256 * 1024
+_QUERY = ord("Q")
 
 
 class Phase(enum.Enum):
@@ -513,6 +514,11 @@ class ClientConnection(asyncio.Protocol):
         if self._transaction_mode:
             self._forward_transaction(backend, data)
             return
+        if self._scanner.lone(data) == _QUERY:
+            query = self._checked_query(data)
+            reassertion = self._group_sent(backend)
+            backend.transport.write(query + reassertion if reassertion else query)
+            return
         segments = self._scanner.scan(data)
         if len(segments) == 1 and type(segments[0]) is not Message:
             backend.transport.write(data)
@@ -530,7 +536,7 @@ class ClientConnection(asyncio.Protocol):
             if kind == b"P":
                 out.append(self._checked_parse(segment))
                 continue
-            out.append(self._checked_query(segment) if kind == b"Q" else segment.raw)
+            out.append(self._checked_query(segment.raw) if kind == b"Q" else segment.raw)
             out.append(self._group_sent(backend))
         backend.transport.write(b"".join(out))
         if terminated and self.transport is not None:
@@ -576,7 +582,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
                 return
             else:  # Query, Sync, FunctionCall: each ends a group of replies with one ReadyForQuery
-                out.append((self._checked_query(segment) if kind == b"Q" else segment.raw, None))
+                out.append((self._checked_query(segment.raw) if kind == b"Q" else segment.raw, None))
                 self._send(backend, out)
                 reassertion = self._group_sent(backend)
                 out = [(reassertion, None)] if reassertion else []
@@ -682,16 +688,17 @@ class ClientConnection(asyncio.Protocol):
                  self.identity.tenant if self.identity else "-", refusal)
         return marker
 
-    def _checked_query(self, message: Message) -> bytes:
-        """A Query as it goes upstream: unchanged, or replaced by a marker that fails in its place."""
+    def _checked_query(self, query: bytes) -> bytes:
+        """A Query (whole, header included) as it goes upstream: unchanged, or replaced by a marker that
+        fails in its place."""
         guard = self.server.guard
         if guard is None:
-            return message.raw
-        decision = guard.check(message.raw[5:-1].decode(errors="replace"))
+            return query
+        decision = guard.check(query[5:-1].decode(errors="replace"))
         if decision.refusal is not None:
             return messages.query(self._refusal_marker(decision.refusal))
         self._note(decision)
-        return message.raw
+        return query
 
     def _checked_parse(self, message: Message) -> bytes:
         """A Parse as it goes upstream; a refused one is replaced by a Parse that fails at the same point."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple, Union
+from typing import NamedTuple, Union, cast
 
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.messages import StartupPacket, parse_startup_packet
@@ -116,18 +116,44 @@ class MessageScanner:
         """True when the bytes scanned so far end exactly at a message boundary."""
         return not self._header and not self._skip and self._body is None
 
+    def lone(self, data: bytes) -> int:
+        """The type code when `data` is exactly one whole message starting at a boundary (the common
+        read on the hot path, which then needs no cutting), else -1."""
+        if self._header or self._skip or self._body is not None or len(data) < 5:
+            return -1
+        type_code, length = _HEADER.unpack_from(data)
+        if length + 1 != len(data) or length < 4 or length > self.maximum:
+            return -1
+        return type_code
+
+    def holding(self) -> int:
+        """How many bytes of a split header or watched message are held back, in no segment yet."""
+        if self._header:
+            return len(self._header)
+        return len(self._body) if self._body is not None else 0
+
     def scan(self, data: bytes) -> list[Segment]:
+        """Cut `data` into segments: what to pass on, in order."""
+        return self._cut(data, unwatched=True)
+
+    def watched_messages(self, data: bytes) -> list[Message]:
+        """Only the whole watched messages in `data`, for a caller that passes the bytes on as they
+        came: it may do so only when nothing was held before (`holding()` is 0), and then without the
+        last `holding()` bytes, which a later read completes."""
+        return cast("list[Message]", self._cut(data, unwatched=False))
+
+    def _cut(self, data: bytes, unwatched: bool) -> list[Segment]:
         segments: list[Segment] = []
         end = len(data)
         pos = start = 0  # start: where the pending run of unwatched bytes begins
         if self._skip or self._body is not None or self._header:
-            pos = start = self._resume(data, segments)
+            pos = start = self._resume(data, segments, unwatched)
             if pos < 0:
                 return segments
         watched = self.watched
         while pos < end:
             if end - pos < 5:
-                if pos > start:
+                if unwatched and pos > start:
                     segments.append(data[start:pos])
                 self._header = data[pos:end]
                 return segments
@@ -136,7 +162,7 @@ class MessageScanner:
                 _check_length(length, self.maximum, "message")
             stop = pos + 1 + length
             if type_code in watched:
-                if pos > start:
+                if unwatched and pos > start:
                     segments.append(data[start:pos])
                 if stop > end:
                     self._body = bytearray(data[pos:end])
@@ -149,11 +175,11 @@ class MessageScanner:
                 self._skip = stop - end
                 stop = end
             pos = stop
-        if start < end:
+        if unwatched and start < end:
             segments.append(data if start == 0 else data[start:end])
         return segments
 
-    def _resume(self, data: bytes, segments: list[Segment]) -> int:
+    def _resume(self, data: bytes, segments: list[Segment], unwatched: bool) -> int:
         """Finish the message a previous read left open; the offset where whole messages start, or -1
         when this read is used up (its bytes already appended, or held)."""
         end = len(data)
@@ -161,9 +187,10 @@ class MessageScanner:
             step = min(self._skip, end)
             self._skip -= step
             if self._skip:
-                segments.append(data)
+                if unwatched:
+                    segments.append(data)
                 return -1
-            if step:
+            if step and unwatched:
                 segments.append(data[:step])
             return step
         pos = 0
@@ -178,12 +205,13 @@ class MessageScanner:
             type_code, length = _HEADER.unpack_from(header)
             _check_length(length, self.maximum, "message")
             if type_code not in self.watched:
-                segments.append(header)
                 self._skip = length - 4
                 step = min(self._skip, end - pos)
                 self._skip -= step
-                if step:
-                    segments.append(data[pos : pos + step])
+                if unwatched:
+                    segments.append(header)
+                    if step:
+                        segments.append(data[pos : pos + step])
                 return -1 if self._skip else pos + step
             self._body = bytearray(header)
             self._body_type = _TYPE_BYTES[type_code]

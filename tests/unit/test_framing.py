@@ -152,3 +152,40 @@ def test_scanner_rejects_bad_length_split_across_reads() -> None:
     scanner.scan(b"Q\x00\x00")
     with pytest.raises(ProtocolViolation, match="exceeds"):
         scanner.scan(b"\x10\x00")
+
+
+def test_scanner_mixing_forwarded_reads_and_cut_reads_reproduces_the_stream() -> None:
+    """The upstream side forwards a read as it came when nothing is held (without what the read leaves
+    held), and cuts it into segments otherwise; either way each byte goes out once, in order."""
+    rng = random.Random(11)
+    for _ in range(300):
+        parts = [messages.message(rng.choice([b"Z", b"E", b"D", b"T"]), bytes(rng.randrange(12))) for _ in range(10)]
+        stream = b"".join(parts)
+        scanner = MessageScanner(b"ZE")
+        out: list[bytes] = []
+        found: list[bytes] = []
+        position = 0
+        while position < len(stream):
+            read = stream[position : position + rng.randrange(1, 16)]
+            position += len(read)
+            if not scanner.holding() and rng.random() < 0.7:
+                found += [m.raw for m in scanner.watched_messages(read)]
+                out.append(read[: len(read) - scanner.holding()])
+            else:
+                segments = scanner.scan(read)
+                found += [s.raw for s in segments if isinstance(s, Message)]
+                out.append(_rebuild(segments))
+        assert b"".join(out) == stream
+        assert found == [p for p in parts if p[:1] in (b"Z", b"E")]
+        assert scanner.at_boundary() and not scanner.holding()
+
+
+def test_scanner_lone_message() -> None:
+    query = messages.query("SELECT 1")
+    assert MessageScanner(b"Q").lone(query) == ord("Q")
+    assert MessageScanner(b"Q").lone(query + messages.sync()) == -1
+    assert MessageScanner(b"Q").lone(query[:-1]) == -1
+    assert MessageScanner(b"Q", maximum=8).lone(query) == -1  # too long: the cutting path reports it
+    scanner = MessageScanner(b"Q")
+    scanner.scan(query[:3])
+    assert scanner.lone(query) == -1  # not at a boundary

@@ -180,6 +180,18 @@ class Bench:
         self.targets[name] = target
         return target
 
+    def start_copier(self, name: str) -> Target:
+        """The byte-copying reference (`bench/copy_proxy.py`): the floor of any Python uvloop proxy."""
+        port = free_port()
+        process = subprocess.Popen([sys.executable, str(HERE / "copy_proxy.py"), str(port), str(self.pg.port)])
+        self.processes.append(process)
+        self.pids[name] = process.pid
+        wait_for_port(port, process)
+        self.commands.append("python bench/copy_proxy.py PORT POSTGRES_PORT  # copies bytes, nothing else")
+        target = Target(name, port, self.db.app_role, self.db.app_password)
+        self.targets[name] = target
+        return target
+
     def pid_of(self, target: Target) -> int:
         return self.pids[target.name]
 
@@ -314,12 +326,13 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
         return run
 
     proxy_pair = ["direct", "pgbouncer", "proxy"]
+    with_copy = proxy_pair if quick else [*proxy_pair, "copy"]
     transaction_trio = ["direct", "pgbouncer-tx", "proxy-tx"]
     scenarios = [
         Scenario("S1", "pgbench -S, 16 clients, simple protocol, session mode", "TPS",
-                 proxy_pair if quick else [*proxy_pair, "proxy-2w"], s1),
-        Scenario("S7-p50", "1 client pgbench -S, latency p50", "us", proxy_pair, s7(0.50)),
-        Scenario("S7-p99", "1 client pgbench -S, latency p99", "us", proxy_pair, s7(0.99)),
+                 proxy_pair if quick else [*with_copy, "proxy-2w"], s1),
+        Scenario("S7-p50", "1 client pgbench -S, latency p50", "us", with_copy, s7(0.50)),
+        Scenario("S7-p99", "1 client pgbench -S, latency p99", "us", with_copy, s7(0.99)),
     ]
     if not quick:
         scenarios[1:1] = [
@@ -425,20 +438,68 @@ NOT_AVAILABLE = {
 }
 
 
-def run_all(bench: Bench, scenarios: list[Scenario], runs: int) -> dict[str, dict[str, Result]]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process and all its descendants (a proxy's workers), in seconds."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += times.get(current, 0.0)
+        stack += children.get(current, [])
+    return total
+
+
+def run_all(bench: Bench, scenarios: list[Scenario], runs: int
+            ) -> tuple[dict[str, dict[str, Result]], dict[str, dict[str, Result]]]:
+    """Every scenario on every target, interleaved; the values, and for TPS scenarios the CPU
+    microseconds per transaction of the target's processes (not for direct Postgres)."""
     results: dict[str, dict[str, Result]] = {s.name: {t: Result() for t in s.targets} for s in scenarios}
+    cpu: dict[str, dict[str, Result]] = {}
     for scenario in scenarios:
         for run in range(1 if scenario.once else runs):
             for target_name in scenario.targets:
+                pid = bench.pids.get(target_name)
+                before = cpu_seconds(pid) if pid else 0.0
                 try:
                     value = scenario.run(bench.targets[target_name], bench.duration)
                 except RuntimeError as exc:
                     print(f"  {scenario.name} {target_name}: failed: {exc}", flush=True)
                     continue
                 results[scenario.name][target_name].values.append(value)
+                if pid and scenario.unit == "TPS" and value > 0:
+                    used = (cpu_seconds(pid) - before) * 1e6 / (value * bench.duration)
+                    cpu.setdefault(scenario.name, {}).setdefault(target_name, Result()).values.append(used)
                 print(f"  {scenario.name} run {run + 1}/{runs} {target_name:12s} {value:12.1f} {scenario.unit}",
                       flush=True)
-    return results
+    return results, cpu
+
+
+def cpu_table(scenarios: list[Scenario], cpu: dict[str, dict[str, Result]]) -> list[str]:
+    """CPU per transaction of each proxy, PgBouncer and the copying reference: a steadier figure than
+    TPS on a noisy machine, and the one that says what the proxy's own work costs."""
+    lines = [
+        "CPU time of the target's own processes per transaction (user + system, from /proc; medians):",
+        "",
+        "| scenario | target | CPU per transaction | vs PgBouncer |",
+        "|---|---|---|---|",
+    ]
+    for scenario in scenarios:
+        row = cpu.get(scenario.name, {})
+        bouncer = next((result.median for name, result in row.items() if name.startswith("pgbouncer")), None)
+        for name, result in row.items():
+            ratio = f"{result.median / bouncer:.2f}x" if bouncer else "-"
+            lines.append(f"| {scenario.name} | {name} | {result.median:.1f} us | {ratio} |")
+    return lines
 
 
 def table(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> list[str]:
@@ -482,7 +543,8 @@ def targets(results: dict[str, dict[str, Result]]) -> list[str]:
     if all(name in p50 and p50[name].values for name in ("direct", "pgbouncer", "proxy")):
         direct = p50["direct"].median
         added_proxy, added_bouncer = p50["proxy"].median - direct, p50["pgbouncer"].median - direct
-        lines.insert(0, f"Added p50 latency per query: proxy {added_proxy:.0f} us, PgBouncer {added_bouncer:.0f} us.\n")
+        copying = f", the copying reference {p50['copy'].median - direct:.0f} us" if "copy" in p50 and p50["copy"].values else ""
+        lines.insert(0, f"Added p50 latency per query: proxy {added_proxy:.0f} us, PgBouncer {added_bouncer:.0f} us{copying}.\n")
         checks.append(("S7 added p50 latency <= 1.2x PgBouncer's",
                        added_proxy / added_bouncer if added_bouncer > 0 else None, 1.2, False))
     guard = ratio("G1", "proxy", "proxy-noguard")
@@ -584,13 +646,14 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_pgbouncer("pgbouncer-tx", "transaction", pool_size=8)
             bench.start_proxy("proxy-tx", {"pool": {"mode": "transaction", "size": 8, "max_client_connections": 20_000}})
             bench.start_proxy("proxy-2w", {"": {"workers": 2, "log_level": "warning"}})
+            bench.start_copier("copy")
             bench.start_proxy("proxy-rs256", {"jwt": {"algorithms": ["RS256"], "secret": None,
                                                      "public_key_file": str(bench.rsa_public_file)}})
         if args.only:
             wanted = set(args.only.split(","))
             scenarios = [s for s in scenarios if s.name in wanted]
-        results = run_all(bench, scenarios, args.runs)
-        lines = table(scenarios, results)
+        results, cpu = run_all(bench, scenarios, args.runs)
+        lines = [*table(scenarios, results), "", *cpu_table(scenarios, cpu)]
         print("\n".join(lines))
         write_results(args.output, bench, args, lines, time.monotonic() - started)
         print(f"\nWrote {args.output}")

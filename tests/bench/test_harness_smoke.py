@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from harness import percentile, tps_of  # noqa: E402
+from harness import cpu_seconds, percentile, tps_of  # noqa: E402
 
 
 def test_tps_parsing() -> None:
@@ -21,6 +23,21 @@ def test_tps_parsing() -> None:
     assert tps_of("tps = 4048.842095 (including reconnection times)\n") == pytest.approx(4048.842095)
     with pytest.raises(RuntimeError):
         tps_of("pgbench: error")
+
+
+def test_cpu_seconds_counts_descendants() -> None:
+    """A busy child's CPU time shows in this process's total, as a proxy's workers show in its own."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while cpu_seconds(spinner.pid) < 1.0:
+            assert time.monotonic() < deadline, "the child never got a second of CPU"
+            time.sleep(0.05)
+        own = sum(os.times()[:2])
+        assert cpu_seconds(os.getpid()) - own >= 1.0
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_percentile() -> None:
@@ -42,3 +59,4 @@ def test_harness_runs_one_scenario(tmp_path: Path) -> None:
     for target in ("direct", "pgbouncer", "proxy"):
         assert f"| S1 pgbench -S, 16 clients, simple protocol, session mode | {target} |" in text
     assert "vs PgBouncer" in text and "## Commands" in text
+    assert "| S1 | proxy |" in text and "| S1 | pgbouncer |" in text  # CPU per transaction

@@ -180,7 +180,6 @@ class Pool:
         loop = self.loop
         backend.idle_since = loop.time()
         idle.append(backend)
-        self._wake(database)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
 
@@ -266,6 +265,7 @@ class SessionPool(Pool):
             backend.close()
             return
         self._keep_idle(backend, backend.pool_key[0], self._idle_list(backend))
+        self._wake(backend.pool_key[0])  # a waiting client may take it, if its parameters match
 
 
 class TransactionPool(Pool):
@@ -304,12 +304,13 @@ class TransactionPool(Pool):
         """Without waiting: the most recently used idle connection of `tenant`, else a fresh one, else
         the least recently used one; None when none is idle."""
         idle = self._idle_by_database.get(database)
-        if idle is None or self._waiters.get(database):
+        if not idle or self._waiters.get(database):
             return None  # clients already waiting come first
+        last = idle[-1]
+        if last.state is not None and last.state.tenant == tenant and not last.closed:
+            return idle.pop()  # the common case: the connection this tenant used last
         for backend in [b for b in idle if b.closed]:
             idle.remove(backend)
-        if not idle:
-            return None
         for index in range(len(idle) - 1, -1, -1):
             state = idle[index].state
             if state is not None and state.tenant == tenant:
@@ -317,7 +318,7 @@ class TransactionPool(Pool):
         for index, backend in enumerate(idle):
             if backend.state is not None and backend.state.tenant is None:
                 return idle.pop(index)
-        return idle.pop(0)
+        return idle.pop(0) if idle else None
 
     def full(self, database: str) -> bool:
         """True when `database` has `size` connections open: a client must wait for one."""

@@ -42,11 +42,11 @@ Handover = Union[BackendConnection, UpstreamError, None]
 class Waiter:
     """A client's place in a pool's queue; see `Pool.queue`."""
 
-    __slots__ = ("callback", "timer", "_done")
+    __slots__ = ("callback", "deadline", "_done")
 
-    def __init__(self, callback: Callable[[Handover], None]) -> None:
+    def __init__(self, callback: Callable[[Handover], None], deadline: float) -> None:
         self.callback = callback
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = deadline  # loop time
         self._done = False
 
     def done(self) -> bool:
@@ -55,12 +55,10 @@ class Waiter:
     def cancel(self) -> None:
         """Leave the queue: the callback will not be called."""
         self._done = True
-        if self.timer is not None:
-            self.timer.cancel()
 
     def finish(self, result: Handover) -> None:
         if not self._done:
-            self.cancel()
+            self._done = True
             self.callback(result)
 
 
@@ -77,6 +75,7 @@ class Pool:
         self.settings = settings
         self._open: dict[str, int] = {}
         self._waiters: dict[str, deque[Waiter]] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}  # per queue: at its earliest deadline
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
@@ -101,9 +100,10 @@ class Pool:
         """Join the clients waiting for a connection of `database`: `callback` is called, at once and only
         once, with a connection handed over, with None when one is kept idle or closed (look again), or
         with UpstreamError 53300 at the deadline."""
-        waiter = Waiter(callback)
+        waiter = Waiter(callback, deadline)
         self._waiters.setdefault(database, deque()).append(waiter)
-        waiter.timer = self.loop.call_at(deadline, self._expire, database, waiter)
+        if database not in self._expiry:
+            self._expiry[database] = self.loop.call_at(deadline, self._expire, database)
         return waiter
 
     def _leave(self, database: str, waiter: Waiter) -> None:
@@ -112,14 +112,26 @@ class Pool:
         if waiters is not None and waiter in waiters:
             waiters.remove(waiter)
 
-    def _expire(self, database: str, waiter: Waiter) -> None:
-        self._leave(database, waiter)
-        waiter.finish(UpstreamError(
-            errors.TOO_MANY_CONNECTIONS,
-            f'pool for database "{database}" is full ({self.settings.size} server connections in use'
-            f" for {self.settings.checkout_timeout:g} s)",
-            hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
-        ))
+    def _expire(self, database: str) -> None:
+        """Refuse the waiters whose deadline has passed, and look again at the earliest one left: one
+        timer per queue rather than one per waiter, so a checkout served in time costs no timer."""
+        del self._expiry[database]
+        waiters = self._waiters.get(database)
+        if not waiters:
+            return
+        now = self.loop.time() + 0.001  # a timer may fire a little before its time
+        late = [w for w in waiters if w.deadline <= now and not w.done()]
+        kept = deque(w for w in waiters if w.deadline > now and not w.done())
+        self._waiters[database] = kept
+        if kept:
+            self._expiry[database] = self.loop.call_at(min(w.deadline for w in kept), self._expire, database)
+        for waiter in late:
+            waiter.finish(UpstreamError(
+                errors.TOO_MANY_CONNECTIONS,
+                f'pool for database "{database}" is full ({self.settings.size} server connections in use'
+                f" for {self.settings.checkout_timeout:g} s)",
+                hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
+            ))
 
     async def _wait(self, database: str, deadline: float) -> BackendConnection | None:
         """Wait in the queue (see `queue`) from a coroutine."""

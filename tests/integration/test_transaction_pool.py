@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -351,6 +352,48 @@ def test_checkout_timeout_names_the_pool(make_proxy: Any) -> None:
     finally:
         holder.close()
         waiter.close()
+
+
+def test_each_queued_client_times_out_at_its_own_deadline(make_proxy: Any) -> None:
+    """The pool keeps one timer per queue: a client queued later must neither be refused with the
+    first one nor wait past its own checkout_timeout, and one served in time gets no late error."""
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1, "checkout_timeout": 1.0}})
+    holder = psycopg.connect(pooled.dsn(), password=pooled.token())
+    waiters = [psycopg.connect(pooled.dsn(), password=pooled.token(GLOBEX), autocommit=True) for _ in range(2)]
+    waited: dict[int, float] = {}
+
+    def wait_in_queue(index: int) -> None:
+        start = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as raised:
+            waiters[index].execute("SELECT 1")
+        assert raised.value.sqlstate == "53300"
+        waited[index] = time.monotonic() - start
+
+    try:
+        holder.execute("SELECT 1")  # holds the only server connection
+        first = threading.Thread(target=wait_in_queue, args=(0,))
+        second = threading.Timer(0.5, wait_in_queue, args=(1,))
+        first.start()
+        second.start()
+        first.join(30)
+        second.join(30)
+        assert sorted(waited) == [0, 1]
+        for index in (0, 1):
+            assert 0.9 < waited[index] < 1.8, waited
+        holder.rollback()
+        with psycopg.connect(pooled.dsn(), password=pooled.token(GLOBEX), autocommit=True) as served:
+            assert served.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]
+            holder.execute("SELECT 1")  # the connection is held again: the next client queues ...
+            late = threading.Timer(0.3, holder.rollback)  # ... and is served well before its deadline
+            late.start()
+            assert served.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]
+            late.join(30)
+            served.execute("SELECT pg_sleep(1.2)")  # past the deadline it had while queued
+            assert served.execute("SELECT 1").fetchone()[0] == 1  # and no error came with it
+    finally:
+        holder.close()
+        for conn in waiters:
+            conn.close()
 
 
 def test_max_client_connections(make_proxy: Any) -> None:

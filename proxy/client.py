@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from proxy.backend import BackendConnection, UpstreamError
-from proxy.guard import Decision
+from proxy.guard import ALLOW, Decision
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
@@ -699,7 +699,9 @@ class ClientConnection(asyncio.Protocol):
         guard = self.server.guard
         if guard is None:
             return query
-        decision = guard.check(query[5:-1].decode(errors="replace"))
+        decision = guard.check(query[5:-1].decode("utf-8", "replace"))
+        if decision is ALLOW:
+            return query
         if decision.refusal is not None:
             return messages.query(self._refusal_marker(decision.refusal))
         self._note(decision)

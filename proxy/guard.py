@@ -47,14 +47,14 @@ _IDENTITY_SETTINGS = {"role": "SET ROLE / RESET ROLE", "session_authorization": 
 # start a statement (at the start, or after ';' or a comment); elsewhere it is UPDATE ... SET, ALTER ...
 # SET or CREATE FUNCTION ... SET, which the words above already send to the parser. "u&" catches
 # identifiers spelled with Unicode escapes. Substring tests run first: they are much cheaper than regexes.
-_WORDS = {word: re.compile(rf"\b{word}\b") for word in ("reset", "alter", "load", "do", "discard", "function", "procedure")}
+_WORDS = tuple((word, re.compile(rf"\b{word}\b")) for word in ("reset", "alter", "load", "do", "discard", "function", "procedure"))
 _SET_WORD = re.compile(r"\bset\b")
 _STARTS_WITH_SET = re.compile(r"\s*set\b")
 # Words that can only appear in text holding a session feature refused under transaction pooling.
-_SESSION_WORDS = {
-    word: re.compile(rf"\b{word}\b")
+_SESSION_WORDS = tuple(
+    (word, re.compile(rf"\b{word}\b"))
     for word in ("listen", "hold", "prepare", "execute", "deallocate", "temp", "temporary")
-}
+)
 _SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
 _CURSOR_OPT_HOLD = 0x0020
 _SESSION_MODE_HINT = "; use a pool in session mode ([pool] mode = \"session\") for session features"
@@ -66,13 +66,13 @@ def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
     text = sql.lower()
     if "set_config" in text or "u&" in text:
         return True
-    for word, pattern in _WORDS.items():
+    for word, pattern in _WORDS:
         if word in text and pattern.search(text):
             return True
     if transaction_mode:
         if "advisory" in text:
             return True
-        for word, pattern in _SESSION_WORDS.items():
+        for word, pattern in _SESSION_WORDS:
             if word in text and pattern.search(text):
                 return True
     if "set" not in text or _SET_WORD.search(text) is None:

@@ -26,23 +26,26 @@ AS $verifier$
 DECLARE
     tenant text := current_setting(@SETTING@, true);
     proof text := current_setting(@PROOF_SETTING@, true);
-    expires bigint;
-    pads record;
+    colon integer := strpos(proof, ':');
+    expires text := left(proof, colon - 1);
+    valid boolean;
 BEGIN
-    IF tenant IS NULL OR tenant = '' OR proof IS NULL OR proof !~ '^[0-9]{1,15}:[0-9a-f]{64}$' THEN
+    -- The proof is <expiry: 1 to 15 digits>:<64 characters of hex HMAC>. Cheap string tests instead of a
+    -- regular expression: this runs once per statement, so every microsecond counts.
+    IF tenant IS NULL OR tenant = '' OR proof IS NULL OR colon NOT BETWEEN 2 AND 16
+       OR length(proof) <> colon + 64 OR ltrim(expires, '0123456789') <> '' THEN
         RETURN NULL;
     END IF;
-    expires := split_part(proof, ':', 1)::bigint;
-    IF expires <= extract(epoch FROM statement_timestamp()) THEN
+    IF expires::bigint <= extract(epoch FROM statement_timestamp()) THEN
         RETURN NULL;
     END IF;
-    SELECT inner_pad, outer_pad INTO pads FROM tenant_proxy.signing_key WHERE id = 1;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    IF encode(sha256(pads.outer_pad || sha256(pads.inner_pad
-            || convert_to(pg_backend_pid() || ':' || expires || ':' || tenant, 'UTF8'))), 'hex')
-       = split_part(proof, ':', 2) THEN
+    -- One query reads the key and compares the HMAC (the table holds at most one row): no row, no tenant.
+    SELECT encode(sha256(outer_pad || sha256(inner_pad
+               || convert_to(pg_backend_pid()::text || ':' || expires || ':' || tenant, 'UTF8'))), 'hex')
+           = substr(proof, colon + 1)
+      INTO valid
+      FROM tenant_proxy.signing_key;
+    IF valid THEN
         RETURN tenant;
     END IF;
     RETURN NULL;

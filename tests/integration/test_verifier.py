@@ -46,9 +46,16 @@ def test_proof_is_bound_to_backend_tenant_and_expiry(pg: EmbeddedPostgres, tenan
         # An expired proof is worthless, and so is one signed with another key.
         assert set_context(conn, ACME, sign(key, ACME, pid, int(time.time()) - 1)) is None
         assert set_context(conn, ACME, sign(b"x" * 40, ACME, pid, later)) is None
-        # Garbage never raises; it reads as no tenant.
-        for proof in ("", "abc", "1:2", f"{later}:" + "g" * 64, "9" * 30 + ":" + "0" * 64):
-            assert set_context(conn, ACME, proof) is None
+        # Garbage never raises; it reads as no tenant. So do near misses of a valid proof.
+        valid = sign(key, ACME, pid, later)
+        expiry, mac = valid.split(":")
+        for proof in ("", "abc", "1:2", f"{later}:" + "g" * 64, "9" * 30 + ":" + "0" * 64, ":" + mac,
+                      "9" * 16 + ":" + mac, f"+{expiry}:{mac}", f" {expiry}:{mac}", f"-{expiry}:{mac}",
+                      f"0{expiry}:{mac}", f"{expiry}:{mac.upper()}", f"{valid}0", f"{valid[:-1]}", f"{expiry}:{mac[:-1]}é",
+                      f"{expiry}::{mac[1:]}", f"{expiry}:{mac}".replace(":", ";")):
+            assert set_context(conn, ACME, proof) is None, proof
+        assert set_context(conn, "", valid) is None
+        assert set_context(conn, ACME, valid) == ACME
 
 
 def test_application_role_cannot_read_the_key(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:

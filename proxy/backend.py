@@ -60,7 +60,7 @@ class SyncGroup:
 
     __slots__ = ("own", "refusals", "silent_end")
 
-    def __init__(self, own: bool, refusals: dict[str, str] | None = None, silent_end: bool = False) -> None:
+    def __init__(self, own: bool, refusals: dict[str, bytes] | None = None, silent_end: bool = False) -> None:
         self.own = own
         self.refusals = refusals
         self.silent_end = silent_end
@@ -124,7 +124,7 @@ class BackendConnection(asyncio.Protocol):
         self._scanner = MessageScanner(b"ZE13" if self._replies is not None else b"ZE", DEFAULT_MAX_MESSAGE)
         self.groups: deque[SyncGroup] = deque()
         self._special_groups = 0  # groups in flight that are the proxy's own or carry refusals
-        self._open_refusals: dict[str, str] | None = None  # refusals sent since the client's last Sync
+        self._open_refusals: dict[str, bytes] | None = None  # refusals sent since the client's last Sync
         self._own_error: dict[str, str] | None = None
         self.on_close: Callable[[], None] | None = None
         self.pool_key: tuple[str, tuple[tuple[str, str], ...]] = ("", ())
@@ -261,16 +261,17 @@ class BackendConnection(asyncio.Protocol):
             peer.transport.write(data)
 
     @staticmethod
-    def _rewrite_refusal(refusals: dict[str, str], error: Message) -> bytes:
+    def _rewrite_refusal(refusals: dict[str, bytes], error: Message) -> bytes:
         text = messages.parse_error_fields(error.body).get("M", "")
         for marker, refusal in refusals.items():
             if marker in text:
                 del refusals[marker]
-                return messages.error_response("ERROR", errors.INSUFFICIENT_PRIVILEGE, refusal, hint=REFUSAL_HINT)
+                return refusal
         return error.raw
 
-    def add_refusal(self, marker: str, refusal: str) -> None:
-        """A refused statement was replaced by `marker`; its error will come back in the open group."""
+    def add_refusal(self, marker: str, refusal: bytes) -> None:
+        """A refused statement was replaced by `marker`; its error will come back in the open group, to
+        be replaced by `refusal` (an ErrorResponse)."""
         if self._open_refusals is None:
             self._open_refusals = {}
         self._open_refusals[marker] = refusal

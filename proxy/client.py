@@ -20,7 +20,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, cast
 
-from proxy.backend import BackendConnection, UpstreamError
+from proxy.backend import REFUSAL_HINT, BackendConnection, UpstreamError
 from proxy.guard import ALLOW, Decision
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
@@ -87,7 +87,7 @@ class ClientConnection(asyncio.Protocol):
             watched = b"QSFPX" if server.guard else b"QSFX"
         self._scanner = MessageScanner(watched, server.settings.client.max_message)
         # Transaction mode: the session state that follows the client between server connections.
-        self._statements = ClientStatements()
+        self._statements = ClientStatements(server.settings.client.max_prepared_statement_bytes)
         self._settings: dict[str, str] = {}
         self._settings_stale = False  # a SET may have changed them: read them back before release
         self._unsynced = False  # extended-protocol messages sent since the last Sync
@@ -625,12 +625,22 @@ class ClientConnection(asyncio.Protocol):
         backend.transport.write(b"".join([raw for raw, _ in out]))
 
     def _transaction_parse(self, message: Message, statements: ServerStatements, out: Outgoing) -> None:
-        """A client's Parse in transaction mode: refused as in session mode, else named and prepared."""
+        """A client's Parse in transaction mode: refused as in session mode, or when the client keeps
+        too much in prepared statements already, else named and prepared."""
         if message.body[:1] == b"\0":
             self._describing = False  # the unnamed statement lives until the client's own Sync
         refused = self._checked_parse(message)
         if refused is not message.raw:
             out.append((refused, CLIENT_REPLY))
+        elif not self._statements.room_for(message.body):
+            limit = self._statements.limit
+            marker = self._refusal_marker(
+                f"too much kept in prepared statements: this client may keep {limit} bytes of them",
+                errors.CONFIGURATION_LIMIT_EXCEEDED,
+                "close (deallocate) prepared statements the client no longer uses, or raise [client]"
+                " max_prepared_statement_bytes",
+            )
+            out.append((messages.parse(messages.split_name(message.body)[0].decode(errors="replace"), marker), CLIENT_REPLY))
         else:
             self._statements.parse(message.body, statements, out)
 
@@ -684,11 +694,12 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and self.phase is Phase.READY:
             self.transport.resume_reading()
 
-    def _refusal_marker(self, refusal: str) -> str:
-        """SQL that fails on the server with a syntax error naming a fresh marker, remembered for rewriting."""
+    def _refusal_marker(self, refusal: str, sqlstate: str = errors.INSUFFICIENT_PRIVILEGE, hint: str = REFUSAL_HINT) -> str:
+        """SQL that fails on the server with a syntax error naming a fresh marker, whose error is
+        rewritten into the refusal on the way back (so it lands where the statement's would)."""
         marker = f"pg_tenant_proxy_refused_{secrets.token_hex(8)}"
         assert self.backend is not None
-        self.backend.add_refusal(marker, refusal)
+        self.backend.add_refusal(marker, messages.error_response("ERROR", sqlstate, refusal, hint=hint))
         log.info("refused statement client=%s tenant=%s reason=%s", self.address,
                  self.identity.tenant if self.identity else "-", refusal)
         return marker

@@ -89,6 +89,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("client", "max_startup_packet"): (int, 10_000),
     ("client", "max_auth_message"): (int, 65_536),
     ("client", "max_message"): (int, 1 << 30),
+    ("client", "max_prepared_statement_bytes"): (int, 16 << 20),
     ("client", "allowed_parameters"): (list, DEFAULT_ALLOWED_PARAMETERS),
     ("guard", "enabled"): (bool, True),
     ("guard", "allow_do"): (bool, False),
@@ -153,6 +154,7 @@ class ClientSettings:
     max_startup_packet: int
     max_auth_message: int
     max_message: int
+    max_prepared_statement_bytes: int
     allowed_parameters: list[str]
 
 
@@ -376,7 +378,7 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
     _require_file(values, "tls", "key_file")
     tls = _section(values, "tls", TlsSettings)
 
-    for key in ("max_startup_packet", "max_auth_message", "max_message"):
+    for key in ("max_startup_packet", "max_auth_message", "max_message", "max_prepared_statement_bytes"):
         if values[("client", key)] < 64:
             raise ConfigError(f"client.{key}: must be at least 64 bytes")
     client = _section(values, "client", ClientSettings)

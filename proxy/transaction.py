@@ -49,6 +49,7 @@ class Reply(NamedTuple):
 
 
 CLIENT_REPLY = Reply(False)
+STATEMENT_OVERHEAD = 200  # about what Python spends on one remembered statement besides its bytes
 OWN_CLOSE = Reply(True)
 
 
@@ -105,10 +106,28 @@ Outgoing = list[tuple[bytes | memoryview, Reply | None]]
 
 
 class ClientStatements:
-    """One client's named prepared statements, and the rewriting of the messages that name them."""
+    """One client's named prepared statements, and the rewriting of the messages that name them.
 
-    def __init__(self) -> None:
+    The proxy keeps each one's definition to prepare it on other server connections, so what one
+    client may keep is bounded: `limit` bytes, counting names, definitions and a fixed overhead each."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
         self.by_name: dict[bytes, Statement] = {}
+
+    @staticmethod
+    def _size(name: bytes, statement: Statement) -> int:
+        return len(name) + len(statement.definition) + STATEMENT_OVERHEAD
+
+    def room_for(self, body: bytes) -> bool:
+        """Whether this Parse fits: an unnamed one always does, a named one replaces its namesake."""
+        name, end = messages.split_name(body)
+        if not name:
+            return True
+        old = self.by_name.get(name)
+        freed = self._size(name, old) if old is not None else 0
+        return self.size - freed + len(name) + len(body) - end + STATEMENT_OVERHEAD <= self.limit
 
     def parse(self, body: bytes, server: ServerStatements, out: Outgoing) -> None:
         """A client's Parse: remember a named one and prepare it under its server-side name."""
@@ -117,8 +136,17 @@ class ClientStatements:
             out.append((messages.message(b"P", body), CLIENT_REPLY))
             return
         statement = statement_for(body[end:])
+        self._forget(name)
         self.by_name[name] = statement
+        self.size += self._size(name, statement)
         self._prepare(statement, server, out, own=False)
+
+    def _forget(self, name: bytes) -> bool:
+        statement = self.by_name.pop(name, None)
+        if statement is None:
+            return False
+        self.size -= self._size(name, statement)
+        return True
 
     def bind(self, body: bytes, server: ServerStatements, out: Outgoing) -> None:
         """A Bind: name the server-side statement, preparing it first where it is missing."""
@@ -144,7 +172,7 @@ class ClientStatements:
         """A client's Close of its statement forgets it; the server-side statement may be shared, so
         a Close of a name never prepared stands in for it, keeping the CloseComplete in order."""
         name = messages.split_name(body, 1)[0] if body[:1] == b"S" else b""
-        if name and self.by_name.pop(name, None) is not None:
+        if name and self._forget(name):
             out.append((messages.close_statement(NEVER_PREPARED), CLIENT_REPLY))
         else:
             out.append((messages.message(b"C", body), CLIENT_REPLY))

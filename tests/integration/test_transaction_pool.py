@@ -521,6 +521,41 @@ def test_unnamed_statement_survives_until_the_clients_own_sync(make_proxy: Any) 
         second.close()
 
 
+def test_prepared_statements_kept_for_a_client_are_bounded(make_proxy: Any) -> None:
+    """The proxy keeps each named statement's text to prepare it on other server connections, so a
+    client that never closes them is refused with 53400 once it keeps too much; it can go on, and a
+    Close makes room again."""
+    pooled = make_proxy({"pool": TRANSACTION, "client": {"max_prepared_statement_bytes": 2000}})
+    client = RawClient(pooled.port)
+    try:
+        login(client, pooled.token(ACME))
+        kept = 0
+        while True:
+            client.send(messages.parse(f"s{kept}", f"SELECT {kept} AS number_{kept}") + messages.sync())
+            replies = client.read_until(b"Z")
+            if replies[0][0] != b"1":
+                break
+            kept += 1
+            assert kept < 50, "no limit"
+        error = messages.parse_error_fields(replies[0][1])
+        assert error["C"] == "53400" and "2000 bytes" in error["M"] and "max_prepared_statement_bytes" in error["H"]
+        assert 5 <= kept  # 2000 bytes hold several small statements
+        assert client.read_until(b"Z")[-1] == (b"Z", b"I")
+        client.send(messages.bind("", f"s{kept}", []) + messages.execute() + messages.sync())
+        assert messages.parse_error_fields(client.read_until(b"Z")[0][1])["C"] == "26000"  # never prepared
+        client.read_until(b"Z")
+        client.send(messages.close_statement(b"s0") + messages.sync())
+        assert [kind for kind, _ in client.read_until(b"Z")] == [b"3", b"Z"]
+        client.send(messages.parse("again", "SELECT 7") + messages.bind("", "again", []) + messages.execute() + messages.sync())
+        replies = client.read_until(b"Z")
+        assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"Z"]
+        client.send(messages.bind("", f"s{kept - 1}", []) + messages.execute() + messages.sync())
+        assert messages.parse_data_row(client.read_until(b"D")[-1][1]) == [str(kept - 1).encode()]
+        client.read_until(b"Z")
+    finally:
+        client.close()
+
+
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")
 
 

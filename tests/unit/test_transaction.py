@@ -14,6 +14,7 @@ from proxy.transaction import (
     OWN_CLOSE,
     RESET_SERVER,
     RESET_SETTINGS,
+    STATEMENT_OVERHEAD,
     ClientStatements,
     Outgoing,
     Reply,
@@ -41,7 +42,7 @@ def kinds(out: Outgoing) -> list[tuple[bytes, Reply | None]]:
 
 
 def test_named_parse_is_renamed_and_closed_first() -> None:
-    client, server, out = ClientStatements(), ServerStatements(10), []
+    client, server, out = ClientStatements(1 << 20), ServerStatements(10), []
     client.parse(parse_body(b"s1", b"SELECT 1"), server, out)
     statement = statement_for(parse_body(b"", b"SELECT 1")[1:])
     assert client.by_name[b"s1"] == statement
@@ -57,7 +58,7 @@ def test_same_text_and_types_share_a_server_name_and_types_matter() -> None:
 
 
 def test_unnamed_parse_passes_unchanged() -> None:
-    client, server, out = ClientStatements(), ServerStatements(10), []
+    client, server, out = ClientStatements(1 << 20), ServerStatements(10), []
     body = parse_body(b"", b"SELECT 1")
     client.parse(body, server, out)
     assert out == [(messages.message(b"P", body), CLIENT_REPLY)]
@@ -65,7 +66,7 @@ def test_unnamed_parse_passes_unchanged() -> None:
 
 
 def test_bind_prepares_a_missing_statement_and_renames() -> None:
-    client, out = ClientStatements(), []
+    client, out = ClientStatements(1 << 20), []
     client.parse(parse_body(b"s1", b"SELECT 1"), ServerStatements(10), [])
     server = ServerStatements(10)  # another server connection, without the statement
     client.bind(bind_body(b"", b"s1"), server, out)
@@ -82,7 +83,7 @@ def test_bind_prepares_a_missing_statement_and_renames() -> None:
 
 
 def test_unknown_names_and_portals_pass_unchanged() -> None:
-    client, server, out = ClientStatements(), ServerStatements(10), []
+    client, server, out = ClientStatements(1 << 20), ServerStatements(10), []
     client.bind(bind_body(b"", b"nope"), server, out)
     client.describe(b"Pportal\0", server, out)
     client.close(b"Pportal\0", out)
@@ -94,7 +95,7 @@ def test_unknown_names_and_portals_pass_unchanged() -> None:
 
 
 def test_close_forgets_the_statement_but_leaves_the_shared_one() -> None:
-    client, server, out = ClientStatements(), ServerStatements(10), []
+    client, server, out = ClientStatements(1 << 20), ServerStatements(10), []
     client.parse(parse_body(b"s1", b"SELECT 1"), server, [])
     client.close(b"Ss1\0", out)
     assert out == [(messages.close_statement(NEVER_PREPARED), CLIENT_REPLY)]
@@ -157,3 +158,21 @@ def test_context_intact_compares_tenant_and_proof() -> None:
     assert not context_intact(rows, CONTEXT, "t1", 43, 1000)
     assert not context_intact([[b"app.current_tenant", b"t2"], rows[1]], CONTEXT, "t1", 42, 1000)
     assert not context_intact(rows[2:], CONTEXT, "t1", 42, 1000)
+
+
+def test_client_statements_are_bounded_in_bytes() -> None:
+    first, second = parse_body(b"s1", b"SELECT 1"), parse_body(b"s2", b"SELECT 2")
+    one = len(b"s1") + len(first) - len(b"s1\0") + STATEMENT_OVERHEAD  # name, definition, overhead
+    client, server = ClientStatements(2 * one), ServerStatements(10)
+    assert client.room_for(first)
+    client.parse(first, server, [])
+    assert client.size == one
+    client.parse(first, server, [])  # parsed again under the same name: replaced, not counted twice
+    assert client.size == one
+    assert client.room_for(second)
+    client.parse(second, server, [])
+    assert not client.room_for(parse_body(b"s3", b"SELECT 3"))
+    assert client.room_for(parse_body(b"s2", b"SELECT 9"))  # a namesake frees its own room
+    assert client.room_for(parse_body(b"", b"SELECT 3 + 4 + 5"))  # the unnamed statement is not kept
+    client.close(b"S" + b"s1\0", [])
+    assert client.size == one and client.room_for(parse_body(b"s3", b"SELECT 3"))

@@ -511,13 +511,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if backend.transport is None:
             return
-        if self._transaction_mode:
-            self._forward_transaction(backend, data)
-            return
-        if self._scanner.lone(data) == _QUERY:
+        if self._scanner.lone(data) == _QUERY and not self._unsynced:  # the common read: one simple Query
             query = self._checked_query(data)
             reassertion = self._group_sent(backend)
             backend.transport.write(query + reassertion if reassertion else query)
+            return
+        if self._transaction_mode:
+            self._forward_transaction(backend, data)
             return
         segments = self._scanner.scan(data)
         if len(segments) == 1 and type(segments[0]) is not Message:
@@ -550,11 +550,6 @@ class ClientConnection(asyncio.Protocol):
         server inside an implicit transaction; the proxy ends it with a Sync of its own, whose
         ReadyForQuery it keeps, so the server connection can go back to the pool meanwhile."""
         assert backend.transport is not None and backend.state is not None
-        if self._scanner.lone(data) == _QUERY and not self._unsynced:  # the common read: one simple Query
-            query = self._checked_query(data)
-            reassertion = self._group_sent(backend)
-            backend.transport.write(query + reassertion if reassertion else query)
-            return
         statements = backend.state.statements
         out: Outgoing = []
         flushed = False

@@ -113,15 +113,15 @@ class BackendConnection(asyncio.Protocol):
         self._incoming = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._lost: Exception | None = None
-        # Under transaction pooling: the ParseComplete / CloseComplete replies owed, in order, with a
-        # None at each group's end (Sync, Query); and what the connection holds between clients.
-        self._replies: deque[Reply | None] | None = None
-        self._own_replies = 0  # replies in _replies to swallow
+        # Under transaction pooling (and only then, `state` is set): what the connection holds between
+        # clients; and the ParseComplete / CloseComplete replies owed, in order, with a None at each
+        # group's end (Sync, Query).
         self.state: ServerState | None = None
         if max_prepared_statements:
-            self._replies = deque()
             self.state = ServerState(ServerStatements(max_prepared_statements))
-        self._scanner = MessageScanner(b"ZE13" if self._replies is not None else b"ZE", DEFAULT_MAX_MESSAGE)
+        self._replies: deque[Reply | None] = deque()
+        self._own_replies = 0  # replies in _replies to swallow
+        self._scanner = MessageScanner(b"ZE13" if self.state is not None else b"ZE", DEFAULT_MAX_MESSAGE)
         self.groups: deque[SyncGroup] = deque()
         self._special_groups = 0  # groups in flight that are the proxy's own or carry refusals
         self._open_refusals: dict[str, bytes] | None = None  # refusals sent since the client's last Sync
@@ -167,7 +167,7 @@ class BackendConnection(asyncio.Protocol):
                     if self.groups:
                         self.groups.popleft()
                     ended = True
-                if self._replies is not None:
+                if self.state is not None:
                     self._track_reply(kind)
             held = scanner.holding()
             if held:
@@ -176,14 +176,14 @@ class BackendConnection(asyncio.Protocol):
             peer.transport.write(data)
         else:
             ended = self._forward_special(peer, scanner.scan(data))
-        if ended and self._replies is not None and not self.groups and self.transaction_status == b"I" and self.peer is peer:
+        if ended and self.state is not None and not self.groups and self.transaction_status == b"I" and self.peer is peer:
             peer.transaction_idle()
 
     def _track_reply(self, kind: bytes) -> bool:
         """Account for a reply under transaction pooling; True when it answers the proxy's own Parse or
         Close and must be swallowed."""
         replies = self._replies
-        assert replies is not None and self.state is not None
+        assert self.state is not None
         if kind == b"Z":
             while replies and replies.popleft() is not None:
                 pass
@@ -206,7 +206,6 @@ class BackendConnection(asyncio.Protocol):
 
     def expect_reply(self, reply: Reply) -> None:
         """The client side sent a Parse or Close: its ParseComplete or CloseComplete is owed."""
-        assert self._replies is not None
         self._replies.append(reply)
         self._own_replies += reply.own
 
@@ -223,7 +222,7 @@ class BackendConnection(asyncio.Protocol):
                     out.append(segment)
                 continue
             raw = segment.raw
-            if self._replies is not None and not (group.own and segment.type in b"13"):
+            if self.state is not None and not (group.own and segment.type in b"13"):
                 if self._track_reply(segment.type):
                     continue
             if segment.type == b"E":
@@ -280,7 +279,7 @@ class BackendConnection(asyncio.Protocol):
         """The client (or the proxy: `own` for its own messages, `silent_end` for a Sync it added to
         the client's) just sent a Query, Sync or FunctionCall: one more ReadyForQuery is due, closing
         the group of replies that includes any open refusals."""
-        if self._replies is not None:
+        if self.state is not None:
             self._replies.append(None)
         if own:
             group = OWN_GROUP

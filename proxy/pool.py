@@ -102,7 +102,10 @@ class Pool:
         with UpstreamError 53300 at the deadline."""
         waiter = Waiter(callback, deadline)
         self._waiters.setdefault(database, deque()).append(waiter)
-        if database not in self._expiry:
+        timer = self._expiry.get(database)
+        if timer is None or deadline < timer.when():  # a coroutine's deadline may predate the queue's
+            if timer is not None:
+                timer.cancel()
             self._expiry[database] = self.loop.call_at(deadline, self._expire, database)
         return waiter
 

@@ -534,14 +534,21 @@ def table(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> l
     return lines
 
 
+def median_of(table: dict[str, dict[str, Result]], scenario: str, target: str) -> float | None:
+    result = table.get(scenario, {}).get(target)
+    return result.median if result is not None and result.values else None
+
+
+def median_ratio(table: dict[str, dict[str, Result]], scenario: str, target: str, reference: str) -> float | None:
+    value, base = median_of(table, scenario, target), median_of(table, scenario, reference)
+    return value / base if value is not None and base else None
+
+
 def targets(results: dict[str, dict[str, Result]]) -> list[str]:
     """The performance targets, each with its measured ratio and whether it is met."""
 
     def ratio(scenario: str, target: str, reference: str) -> float | None:
-        row = results.get(scenario, {})
-        if target not in row or reference not in row or not row[target].values or not row[reference].values:
-            return None
-        return row[target].median / row[reference].median
+        return median_ratio(results, scenario, target, reference)
 
     lines = ["| target | measured | met |", "|---|---|---|"]
     checks = [
@@ -573,6 +580,63 @@ def targets(results: dict[str, dict[str, Result]]) -> list[str]:
     else:
         lines.append("| S6 <= 8 kB RSS per idle client | not measured | - |")
     return lines
+
+
+def shortfalls(results: dict[str, dict[str, Result]], cpu: dict[str, dict[str, Result]]) -> list[str]:
+    """For each target this run missed: by how much, and where the time goes (this run's CPU figures,
+    and the findings of bench/PROFILE.md)."""
+
+    def us(scenario: str, target: str, label: str) -> str:
+        value = median_of(cpu, scenario, target)
+        return f"{label} {value:.1f} us" if value is not None else ""
+
+    def per_transaction(scenario: str, *pairs: tuple[str, str]) -> str:
+        figures = [text for text in (us(scenario, target, label) for target, label in pairs) if text]
+        return f" CPU per transaction: {', '.join(figures)}." if figures else ""
+
+    lines: list[str] = []
+    s1 = median_ratio(results, "S1", "proxy", "pgbouncer")
+    if s1 is not None and s1 < 1.0:
+        copy = median_ratio(results, "S1", "copy", "pgbouncer")
+        lines.append(
+            f"- **S1** is {(1 - s1) * 100:.0f}% short of PgBouncer's TPS."
+            + per_transaction("S1", ("proxy", "proxy"), ("pgbouncer", "PgBouncer"), ("copy", "the copying reference"))
+            + (f" The copying reference, which does nothing but copy, reaches {copy:.2f}x." if copy is not None else "")
+            + " What the proxy spends beyond the reference is its own Python (header scanning, the guard's"
+            " pre-scan, reply tracking); beyond PgBouncer, CPython and uvloop's cost per event (PROFILE.md, session mode)."
+        )
+    s3 = median_ratio(results, "S3", "proxy-tx", "pgbouncer-tx")
+    if s3 is not None and s3 < 1.0:
+        lines.append(
+            f"- **S3** is {(1 - s3) * 100:.0f}% short of PgBouncer's TPS."
+            + per_transaction("S3", ("proxy-tx", "proxy"), ("pgbouncer-tx", "PgBouncer"))
+            + " The proxy makes fewer system calls than PgBouncer here; the difference is the interpreter, about"
+            " 40% of the proxy's CPU: checkout, reply tracking, the guard (PROFILE.md, transaction mode)."
+        )
+    s4 = median_ratio(results, "S4", "proxy", "pgbouncer")
+    if s4 is not None and s4 < 1.5:
+        lines.append(
+            f"- **S4** is at {s4:.2f}x, {(1.5 - s4) / 1.5 * 100:.0f}% short of 1.5x."
+            + per_transaction("S4", ("proxy", "proxy"), ("pgbouncer", "PgBouncer (four statements)"))
+            + " Each of the proxy's statements runs the verifier, about 25 us of Postgres CPU (a plpgsql call"
+            " and a read of the key table), where the application's policy reads a setting (PROFILE.md, the verifier)."
+        )
+    p50 = results.get("S7-p50", {})
+    direct, proxy, bouncer = (median_of(results, "S7-p50", name) for name in ("direct", "proxy", "pgbouncer"))
+    if direct is not None and proxy is not None and bouncer is not None and bouncer > direct:
+        added, reference = proxy - direct, bouncer - direct
+        if added > 1.2 * reference:
+            copy_p50 = median_of(results, "S7-p50", "copy") if "copy" in p50 else None
+            lines.append(
+                f"- **S7**: the proxy adds {added:.0f} us per query, {added / reference:.2f}x PgBouncer's {reference:.0f} us"
+                f" (the target is 1.2x)."
+                + (f" The copying reference adds {copy_p50 - direct:.0f} us ({(copy_p50 - direct) / reference:.2f}x):"
+                   " CPython and uvloop per event, before any work; the rest is the proxy's own Python."
+                   if copy_p50 is not None else "")
+            )
+    if not lines:
+        return []
+    return ["Targets missed, by how much, and where the time goes:", "", *lines]
 
 
 def version(command: list[str]) -> str:
@@ -664,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             wanted = set(args.only.split(","))
             scenarios = [s for s in scenarios if s.name in wanted]
         results, cpu = run_all(bench, scenarios, args.runs)
-        lines = [*table(scenarios, results), "", *cpu_table(scenarios, cpu)]
+        lines = [*table(scenarios, results), "", *cpu_table(scenarios, cpu), "", *shortfalls(results, cpu)]
         print("\n".join(lines))
         write_results(args.output, bench, args, lines, time.monotonic() - started)
         print(f"\nWrote {args.output}")

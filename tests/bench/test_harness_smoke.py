@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from harness import cpu_seconds, percentile, tps_of  # noqa: E402
+from harness import Result, cpu_seconds, percentile, shortfalls, tps_of  # noqa: E402
 
 
 def test_tps_parsing() -> None:
@@ -38,6 +38,20 @@ def test_cpu_seconds_counts_descendants() -> None:
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_shortfalls_say_by_how_much_and_where_the_time_goes() -> None:
+    def table(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, Result]]:
+        return {scenario: {target: Result([value]) for target, value in row.items()} for scenario, row in rows.items()}
+
+    results = table({"S1": {"pgbouncer": 20000, "proxy": 18000, "copy": 20500},
+                     "S4": {"pgbouncer": 6000, "proxy": 9600},
+                     "S7-p50": {"direct": 100, "pgbouncer": 130, "proxy": 160, "copy": 140}})
+    lines = "\n".join(shortfalls(results, table({"S1": {"proxy": 28.0, "pgbouncer": 20.0}})))
+    assert "**S1** is 10% short" in lines and "proxy 28.0 us, PgBouncer 20.0 us" in lines and "reaches 1.02x" in lines
+    assert "**S4**" not in lines  # 1.6x: met
+    assert "adds 60 us per query, 2.00x PgBouncer's 30 us" in lines and "reference adds 40 us" in lines
+    assert shortfalls(table({"S1": {"pgbouncer": 100, "proxy": 120}}), {}) == []
 
 
 def test_percentile() -> None:

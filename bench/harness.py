@@ -544,19 +544,48 @@ def median_ratio(table: dict[str, dict[str, Result]], scenario: str, target: str
     return value / base if value is not None and base else None
 
 
+@dataclass(frozen=True)
+class RatioTarget:
+    """A target on the ratio of a target's median to a reference's, at least `bound`; `cpu` names the
+    CPU-per-transaction figures and `why` says where the time goes when it is missed."""
+
+    label: str
+    scenario: str
+    target: str
+    reference: str
+    bound: float
+    cpu: tuple[tuple[str, str], ...] = ()
+    why: str = ""
+
+
+RATIO_TARGETS = [
+    RatioTarget(
+        "S1 proxy TPS >= 1.0x PgBouncer", "S1", "proxy", "pgbouncer", 1.0,
+        (("proxy", "proxy"), ("pgbouncer", "PgBouncer"), ("copy", "the copying reference")),
+        " What the proxy spends beyond the reference is its own Python (header scanning, the guard's"
+        " pre-scan, reply tracking); beyond PgBouncer, CPython and uvloop's cost per event (PROFILE.md, session mode).",
+    ),
+    RatioTarget(
+        "S4 proxy TPS >= 1.5x app-does-it-itself through PgBouncer", "S4", "proxy", "pgbouncer", 1.5,
+        (("proxy", "proxy"), ("pgbouncer", "PgBouncer (four statements)")),
+        " Each of the proxy's statements runs the verifier, about 25 us of Postgres CPU (a plpgsql call"
+        " and a read of the key table), where the application's policy reads a setting (PROFILE.md, the verifier).",
+    ),
+    RatioTarget("S5 proxy (HS256) connections/s >= 0.5x PgBouncer", "S5", "proxy", "pgbouncer", 0.5),
+    RatioTarget(
+        "S3 transaction mode TPS >= 1.0x PgBouncer", "S3", "proxy-tx", "pgbouncer-tx", 1.0,
+        (("proxy-tx", "proxy"), ("pgbouncer-tx", "PgBouncer")),
+        " The proxy makes fewer system calls than PgBouncer here; the difference is the interpreter, about"
+        " 40% of the proxy's CPU: checkout, reply tracking, the guard (PROFILE.md, transaction mode).",
+    ),
+]
+
+
 def targets(results: dict[str, dict[str, Result]]) -> list[str]:
     """The performance targets, each with its measured ratio and whether it is met."""
-
-    def ratio(scenario: str, target: str, reference: str) -> float | None:
-        return median_ratio(results, scenario, target, reference)
-
     lines = ["| target | measured | met |", "|---|---|---|"]
-    checks = [
-        ("S1 proxy TPS >= 1.0x PgBouncer", ratio("S1", "proxy", "pgbouncer"), 1.0, True),
-        ("S4 proxy TPS >= 1.5x app-does-it-itself through PgBouncer", ratio("S4", "proxy", "pgbouncer"), 1.5, True),
-        ("S5 proxy (HS256) connections/s >= 0.5x PgBouncer", ratio("S5", "proxy", "pgbouncer"), 0.5, True),
-        ("S3 transaction mode TPS >= 1.0x PgBouncer", ratio("S3", "proxy-tx", "pgbouncer-tx"), 1.0, True),
-    ]
+    checks = [(goal.label, median_ratio(results, goal.scenario, goal.target, goal.reference), goal.bound, True)
+              for goal in RATIO_TARGETS]
     p50 = results.get("S7-p50", {})
     if all(name in p50 and p50[name].values for name in ("direct", "pgbouncer", "proxy")):
         direct = p50["direct"].median
@@ -565,7 +594,7 @@ def targets(results: dict[str, dict[str, Result]]) -> list[str]:
         lines.insert(0, f"Added p50 latency per query: proxy {added_proxy:.0f} us, PgBouncer {added_bouncer:.0f} us{copying}.\n")
         checks.append(("S7 added p50 latency <= 1.2x PgBouncer's",
                        added_proxy / added_bouncer if added_bouncer > 0 else None, 1.2, False))
-    guard = ratio("G1", "proxy", "proxy-noguard")
+    guard = median_ratio(results, "G1", "proxy", "proxy-noguard")
     if guard is not None:
         lines.insert(0, f"pgbench -S TPS with the guard on / off: {guard:.2f}x.\n")
     for name, value, bound, at_least in checks:
@@ -585,48 +614,27 @@ def targets(results: dict[str, dict[str, Result]]) -> list[str]:
 def shortfalls(results: dict[str, dict[str, Result]], cpu: dict[str, dict[str, Result]]) -> list[str]:
     """For each target this run missed: by how much, and where the time goes (this run's CPU figures,
     and the findings of bench/PROFILE.md)."""
-
-    def us(scenario: str, target: str, label: str) -> str:
-        value = median_of(cpu, scenario, target)
-        return f"{label} {value:.1f} us" if value is not None else ""
-
-    def per_transaction(scenario: str, *pairs: tuple[str, str]) -> str:
-        figures = [text for text in (us(scenario, target, label) for target, label in pairs) if text]
-        return f" CPU per transaction: {', '.join(figures)}." if figures else ""
-
     lines: list[str] = []
-    s1 = median_ratio(results, "S1", "proxy", "pgbouncer")
-    if s1 is not None and s1 < 1.0:
-        copy = median_ratio(results, "S1", "copy", "pgbouncer")
-        lines.append(
-            f"- **S1** is {(1 - s1) * 100:.0f}% short of PgBouncer's TPS."
-            + per_transaction("S1", ("proxy", "proxy"), ("pgbouncer", "PgBouncer"), ("copy", "the copying reference"))
-            + (f" The copying reference, which does nothing but copy, reaches {copy:.2f}x." if copy is not None else "")
-            + " What the proxy spends beyond the reference is its own Python (header scanning, the guard's"
-            " pre-scan, reply tracking); beyond PgBouncer, CPython and uvloop's cost per event (PROFILE.md, session mode)."
-        )
-    s3 = median_ratio(results, "S3", "proxy-tx", "pgbouncer-tx")
-    if s3 is not None and s3 < 1.0:
-        lines.append(
-            f"- **S3** is {(1 - s3) * 100:.0f}% short of PgBouncer's TPS."
-            + per_transaction("S3", ("proxy-tx", "proxy"), ("pgbouncer-tx", "PgBouncer"))
-            + " The proxy makes fewer system calls than PgBouncer here; the difference is the interpreter, about"
-            " 40% of the proxy's CPU: checkout, reply tracking, the guard (PROFILE.md, transaction mode)."
-        )
-    s4 = median_ratio(results, "S4", "proxy", "pgbouncer")
-    if s4 is not None and s4 < 1.5:
-        lines.append(
-            f"- **S4** is at {s4:.2f}x, {(1.5 - s4) / 1.5 * 100:.0f}% short of 1.5x."
-            + per_transaction("S4", ("proxy", "proxy"), ("pgbouncer", "PgBouncer (four statements)"))
-            + " Each of the proxy's statements runs the verifier, about 25 us of Postgres CPU (a plpgsql call"
-            " and a read of the key table), where the application's policy reads a setting (PROFILE.md, the verifier)."
-        )
-    p50 = results.get("S7-p50", {})
-    direct, proxy, bouncer = (median_of(results, "S7-p50", name) for name in ("direct", "proxy", "pgbouncer"))
+    for goal in RATIO_TARGETS:
+        ratio = median_ratio(results, goal.scenario, goal.target, goal.reference)
+        if not goal.why or ratio is None or ratio >= goal.bound:
+            continue
+        if goal.bound == 1.0:
+            line = f"- **{goal.scenario}** is {(1 - ratio) * 100:.0f}% short of PgBouncer's TPS."
+        else:
+            line = f"- **{goal.scenario}** is at {ratio:.2f}x, {(goal.bound - ratio) / goal.bound * 100:.0f}% short of {goal.bound:g}x."
+        figures = [f"{label} {value:.1f} us" for target, label in goal.cpu
+                   if (value := median_of(cpu, goal.scenario, target)) is not None]
+        if figures:
+            line += f" CPU per transaction: {', '.join(figures)}."
+        copy = median_ratio(results, goal.scenario, "copy", goal.reference)
+        if copy is not None:
+            line += f" The copying reference, which does nothing but copy, reaches {copy:.2f}x."
+        lines.append(line + goal.why)
+    direct, proxy, bouncer, copy_p50 = (median_of(results, "S7-p50", name) for name in ("direct", "proxy", "pgbouncer", "copy"))
     if direct is not None and proxy is not None and bouncer is not None and bouncer > direct:
         added, reference = proxy - direct, bouncer - direct
         if added > 1.2 * reference:
-            copy_p50 = median_of(results, "S7-p50", "copy") if "copy" in p50 else None
             lines.append(
                 f"- **S7**: the proxy adds {added:.0f} us per query, {added / reference:.2f}x PgBouncer's {reference:.0f} us"
                 f" (the target is 1.2x)."

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pg_tenant_proxy")
 
 _MAX_STARTUP_MESSAGE = 1 << 20
-REFUSAL_HINT = "pg-tenant-proxy's SQL guard refuses statements that could change the tenant context or the session's identity"
 
 
 class Peer(Protocol):

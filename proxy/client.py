@@ -20,7 +20,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, cast
 
-from proxy.backend import REFUSAL_HINT, BackendConnection, UpstreamError
+from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import ALLOW, Decision
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pg_tenant_proxy")
 
 WRITE_BUFFER_HIGH = 256 * 1024
+REFUSAL_HINT = "pg-tenant-proxy's SQL guard refuses statements that could change the tenant context or the session's identity"
 _QUERY = ord("Q")
 
 
@@ -566,7 +567,7 @@ class ClientConnection(asyncio.Protocol):
                 self._describing = False  # a portal exists: only the client's Sync may end this
             if kind == b"B":
                 self._statements.bind(segment.body, statements, out)
-            elif kind == b"E":
+            elif kind in b"EH":
                 out.append((segment.raw, None))
             elif kind == b"P":
                 self._transaction_parse(segment, statements, out)
@@ -574,8 +575,6 @@ class ClientConnection(asyncio.Protocol):
                 self._statements.describe(segment.body, statements, out)
             elif kind == b"C":
                 self._statements.close(segment.body, out)
-            elif kind == b"H":
-                out.append((segment.raw, None))
             elif kind == b"X":
                 self._send(backend, out)
                 assert self.transport is not None
@@ -628,14 +627,14 @@ class ClientConnection(asyncio.Protocol):
         if refused is not message.raw:
             out.append((refused, CLIENT_REPLY))
         elif not self._statements.room_for(message.body):
-            limit = self._statements.limit
-            marker = self._refusal_marker(
-                f"too much kept in prepared statements: this client may keep {limit} bytes of them",
+            refused = self._refused_parse(
+                message.body,
+                f"too much kept in prepared statements: this client may keep {self._statements.limit} bytes of them",
                 errors.CONFIGURATION_LIMIT_EXCEEDED,
                 "close (deallocate) prepared statements the client no longer uses, or raise [client]"
                 " max_prepared_statement_bytes",
             )
-            out.append((messages.parse(messages.split_name(message.body)[0].decode(errors="replace"), marker), CLIENT_REPLY))
+            out.append((refused, CLIENT_REPLY))
         else:
             self._statements.parse(message.body, statements, out)
 
@@ -699,6 +698,13 @@ class ClientConnection(asyncio.Protocol):
                  self.identity.tenant if self.identity else "-", refusal)
         return marker
 
+    def _refused_parse(self, body: bytes, refusal: str, sqlstate: str = errors.INSUFFICIENT_PRIVILEGE,
+                       hint: str = REFUSAL_HINT) -> bytes:
+        """A Parse, in place of one whose body (name NUL-terminated) is refused, that fails where it
+        would have run; its error comes back as the refusal."""
+        name = body[: body.find(b"\0")].decode(errors="replace")
+        return messages.parse(name, self._refusal_marker(refusal, sqlstate, hint))
+
     def _checked_query(self, query: bytes) -> bytes:
         """A Query (whole, header included) as it goes upstream: unchanged, or replaced by a marker that
         fails in its place."""
@@ -725,8 +731,7 @@ class ClientConnection(asyncio.Protocol):
             return message.raw  # malformed: the server reports it
         decision = guard.check(body[name_end + 1 : query_end].decode(errors="replace"))
         if decision.refusal is not None:
-            name = body[:name_end].decode(errors="replace")
-            return messages.parse(name, self._refusal_marker(decision.refusal))
+            return self._refused_parse(body, decision.refusal)
         self._note(decision)
         return message.raw
 

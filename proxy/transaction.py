@@ -117,8 +117,8 @@ class ClientStatements:
         self.by_name: dict[bytes, Statement] = {}
 
     @staticmethod
-    def _size(name: bytes, statement: Statement) -> int:
-        return len(name) + len(statement.definition) + STATEMENT_OVERHEAD
+    def _size(name: bytes, definition_length: int) -> int:
+        return len(name) + definition_length + STATEMENT_OVERHEAD
 
     def room_for(self, body: bytes) -> bool:
         """Whether this Parse fits: an unnamed one always does, a named one replaces its namesake."""
@@ -126,8 +126,8 @@ class ClientStatements:
         if not name:
             return True
         old = self.by_name.get(name)
-        freed = self._size(name, old) if old is not None else 0
-        return self.size - freed + len(name) + len(body) - end + STATEMENT_OVERHEAD <= self.limit
+        freed = self._size(name, len(old.definition)) if old is not None else 0
+        return self.size - freed + self._size(name, len(body) - end) <= self.limit
 
     def parse(self, body: bytes, server: ServerStatements, out: Outgoing) -> None:
         """A client's Parse: remember a named one and prepare it under its server-side name."""
@@ -138,14 +138,14 @@ class ClientStatements:
         statement = statement_for(body[end:])
         self._forget(name)
         self.by_name[name] = statement
-        self.size += self._size(name, statement)
+        self.size += self._size(name, len(statement.definition))
         self._prepare(statement, server, out, own=False)
 
     def _forget(self, name: bytes) -> bool:
         statement = self.by_name.pop(name, None)
         if statement is None:
             return False
-        self.size -= self._size(name, statement)
+        self.size -= self._size(name, len(statement.definition))
         return True
 
     def bind(self, body: bytes, server: ServerStatements, out: Outgoing) -> None:

@@ -183,18 +183,24 @@ class Pool:
                 return True
         return False
 
-    def _too_old(self, backend: BackendConnection) -> bool:
-        return self.loop.time() - backend.opened_at > self.settings.server_lifetime
+    def _take_back(self, backend: BackendConnection) -> bool:
+        """A connection its client is done with: True when it may serve again (detached from the
+        client), else it is closed (busy, broken, or older than `server_lifetime`)."""
+        if not backend.reusable() or self.loop.time() - backend.opened_at > self.settings.server_lifetime:
+            backend.close()
+            return False
+        backend.detach()
+        return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _keep_idle(self, backend: BackendConnection, database: str, idle: list[BackendConnection]) -> None:
+    def _keep_idle(self, backend: BackendConnection) -> None:
         loop = self.loop
         backend.idle_since = loop.time()
-        idle.append(backend)
+        self._idle_list(backend).append(backend)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
 
@@ -208,7 +214,7 @@ class Pool:
     def hand_back(self, backend: BackendConnection) -> None:
         """Return an idle connection handed over to a client that left before using it."""
         if not self._wake(backend.pool_key[0], backend):
-            self._keep_idle(backend, backend.pool_key[0], self._idle_list(backend))
+            self._keep_idle(backend)
 
     def _sweep(self) -> None:
         """Close idle connections unused for `server_idle_timeout`, keeping `min_size` per database;
@@ -265,11 +271,8 @@ class SessionPool(Pool):
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection whose client left: reset and keep it, or close it."""
-        if not backend.reusable() or self._too_old(backend):
-            backend.close()
-            return
-        backend.detach()
-        self._spawn(self._reset(backend))
+        if self._take_back(backend):
+            self._spawn(self._reset(backend))
 
     async def _reset(self, backend: BackendConnection) -> None:
         try:
@@ -279,7 +282,7 @@ class SessionPool(Pool):
         if failure is not None or backend.closed or backend.transaction_status != b"I":
             backend.close()
             return
-        self._keep_idle(backend, backend.pool_key[0], self._idle_list(backend))
+        self._keep_idle(backend)
         self._wake(backend.pool_key[0])  # a waiting client may take it, if its parameters match
 
 
@@ -341,11 +344,8 @@ class TransactionPool(Pool):
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection at the end of a transaction: keep it as it is, or close it."""
-        if not backend.reusable() or self._too_old(backend):
-            backend.close()
-            return
-        backend.detach()
-        self.hand_back(backend)
+        if self._take_back(backend):
+            self.hand_back(backend)
 
     def _fill(self, database: str) -> None:
         """Open connections in the background while the database has fewer than `min_size`."""

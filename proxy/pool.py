@@ -29,11 +29,11 @@ from typing import Any, Union
 
 from proxy.backend import BackendConnection, UpstreamError, connect
 from proxy.config import PoolSettings, UpstreamSettings
-from proxy.protocol import errors, messages
+from proxy.protocol import errors
+from proxy.transaction import RESET_SERVER
 
 
 PoolKey = tuple[str, tuple[tuple[str, str], ...]]
-RESET = messages.query("DISCARD ALL")
 
 
 Handover = Union[BackendConnection, UpstreamError, None]
@@ -276,7 +276,7 @@ class SessionPool(Pool):
 
     async def _reset(self, backend: BackendConnection) -> None:
         try:
-            failure = await asyncio.wait_for(backend.run(RESET), self.upstream.connect_timeout_seconds)
+            failure = await asyncio.wait_for(backend.run(RESET_SERVER), self.upstream.connect_timeout_seconds)
         except (UpstreamError, asyncio.TimeoutError):
             failure = {}
         if failure is not None or backend.closed or backend.transaction_status != b"I":

@@ -35,6 +35,7 @@ NEVER_PREPARED = b"pg_tenant_proxy_none"
 RESET_SERVER = messages.query("DISCARD ALL")
 RESET_SETTINGS = messages.query("RESET ALL")
 SET_CONFIG = "SELECT pg_catalog.set_config($1, $2, false)"
+STATEMENT_OVERHEAD = 200  # about what Python spends on one remembered statement besides its bytes
 SETTINGS_SNAPSHOT = messages.query(
     "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings WHERE source = 'session'"
 )
@@ -49,7 +50,6 @@ class Reply(NamedTuple):
 
 
 CLIENT_REPLY = Reply(False)
-STATEMENT_OVERHEAD = 200  # about what Python spends on one remembered statement besides its bytes
 OWN_CLOSE = Reply(True)
 
 

@@ -138,15 +138,9 @@ class Bench:
             [sys.executable, "-m", "proxy", "run", "--config", str(config)],
             stderr=log, cwd=REPO,
         )
-        self.processes.append(process)
-        self.pids[name] = process.pid
-        wait_for_port(port, process)
         shown = ", ".join(f"{section + '.' if section else ''}{key}={value}"
                           for section, values in settings.items() for key, value in values.items())
-        self.commands.append(f"pg-tenant-proxy run --config {config.name}  # {shown}")
-        target = Target(name, port, "bench", "")
-        self.targets[name] = target
-        return target
+        return self._started(Target(name, port, "bench", ""), process, f"pg-tenant-proxy run --config {config.name}  # {shown}")
 
     def start_pgbouncer(self, name: str, pool_mode: str, pool_size: int = 300) -> Target:
         port = free_port()
@@ -172,24 +166,23 @@ class Bench:
         process = subprocess.Popen(  # type: ignore[call-overload]
             ["pgbouncer", str(directory / "pgbouncer.ini")], stderr=subprocess.DEVNULL, cwd=directory, **kwargs
         )
-        self.processes.append(process)
-        self.pids[name] = process.pid
-        wait_for_port(port, process)
-        self.commands.append(f"pgbouncer pgbouncer.ini  # pool_mode={pool_mode}, auth_type=plain, default_pool_size={pool_size}")
-        target = Target(name, port, self.db.app_role, self.db.app_password)
-        self.targets[name] = target
-        return target
+        return self._started(Target(name, port, self.db.app_role, self.db.app_password), process,
+                             f"pgbouncer pgbouncer.ini  # pool_mode={pool_mode}, auth_type=plain, default_pool_size={pool_size}")
 
     def start_copier(self, name: str) -> Target:
         """The byte-copying reference (`bench/copy_proxy.py`): the floor of any Python uvloop proxy."""
         port = free_port()
         process = subprocess.Popen([sys.executable, str(HERE / "copy_proxy.py"), str(port), str(self.pg.port)])
+        return self._started(Target(name, port, self.db.app_role, self.db.app_password), process,
+                             "python bench/copy_proxy.py PORT POSTGRES_PORT  # copies bytes, nothing else")
+
+    def _started(self, target: Target, process: subprocess.Popen[bytes], command: str) -> Target:
+        """Register a target whose process was just started, once it accepts connections."""
         self.processes.append(process)
-        self.pids[name] = process.pid
-        wait_for_port(port, process)
-        self.commands.append("python bench/copy_proxy.py PORT POSTGRES_PORT  # copies bytes, nothing else")
-        target = Target(name, port, self.db.app_role, self.db.app_password)
-        self.targets[name] = target
+        self.pids[target.name] = process.pid
+        wait_for_port(target.port, process)
+        self.commands.append(command)
+        self.targets[target.name] = target
         return target
 
     def pid_of(self, target: Target) -> int:

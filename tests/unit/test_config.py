@@ -87,3 +87,91 @@ def test_invalid_toml(tmp_path: Path) -> None:
 def test_env_name() -> None:
     assert config.env_name("jwt", "leeway_seconds") == "PGTP_JWT_LEEWAY_SECONDS"
     assert config.env_name("", "listen") == "PGTP_LISTEN"
+
+
+@pytest.mark.parametrize(
+    "environ, key",
+    [
+        ({"PGTP_UPSTREAM_PORT": "99999"}, "upstream.port: must be between 1 and 65535, got 99999"),
+        ({"PGTP_UPSTREAM_PORT": "0"}, "upstream.port"),
+        ({"PGTP_JWT_LEEWAY_SECONDS": "-5"}, "jwt.leeway_seconds: must be between 0 and 3600"),
+        ({"PGTP_WORKERS": "0"}, "workers"),
+        ({"PGTP_POOL_CHECKOUT_TIMEOUT": "nan"}, "pool.checkout_timeout"),
+        ({"PGTP_POOL_SERVER_LIFETIME": "inf"}, "pool.server_lifetime"),
+        ({"PGTP_CLIENT_MAX_MESSAGE": "10"}, "client.max_message"),
+        ({"PGTP_HTTP_MAX_TENANT_SERIES": "0"}, "http.max_tenant_series"),
+        ({"PGTP_POOL_MIN_SIZE": "30"}, "pool.min_size"),
+        ({"PGTP_UPSTREAM_PROT": "5432"}, "PGTP_UPSTREAM_PROT: this environment variable names no configuration key"),
+        ({"PGTP_LOG_FORMAT": "xml"}, "log_format"),
+        ({"PGTP_HTTP_LISTEN": "everywhere"}, "http.listen"),
+        ({"PGTP_TLS_CLIENT_SSLMODE": "sometimes"}, "tls.client_sslmode"),
+        ({"PGTP_TLS_CLIENT_SSLMODE": "require"}, "tls.client_sslmode: require needs tls.cert_file"),
+        ({"PGTP_CLIENT_ALLOWED_NETWORKS": "10.0.0.0/8, not-a-net"}, "client.allowed_networks: 'not-a-net'"),
+        ({"PGTP_JWT_ALGORITHMS": "RS256", "PGTP_JWT_JWKS_URL": "ftp://keys.example/jwks"}, "jwt.jwks_url"),
+        ({"PGTP_JWT_ALGORITHMS": "RS256", "PGTP_JWT_JWKS_URL": "http://keys.example/jwks"}, "jwt.jwks_url"),
+        ({"PGTP_LISTEN_UNIX": "/nonexistent/dir/.s.PGSQL.6432"}, "listen_unix"),
+    ],
+)
+def test_ranges_and_new_keys_name_the_key(tmp_path: Path, environ: dict[str, str], key: str) -> None:
+    with pytest.raises(config.ConfigError) as raised:
+        config.load(write(tmp_path, BASE), environ=environ)
+    assert any(key in problem for problem in raised.value.problems), raised.value.problems
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    numeric = {name for name, (kind, _) in config.SCHEMA.items() if kind in (int, float)}
+    assert numeric == set(config.RANGES)
+    for name, (lowest, highest) in config.RANGES.items():
+        assert lowest <= config.SCHEMA[name][1] <= highest, name
+
+
+def test_every_problem_is_reported_on_its_own_line(tmp_path: Path) -> None:
+    text = BASE + "[pool]\nsize = 0\nmode = 'statement'\n"
+    with pytest.raises(config.ConfigError) as raised:
+        config.load(write(tmp_path, "bogus = 1\n" + text), environ={"PGTP_UPSTREAM_PORT": "70000", "PGTP_NOPE": "1"})
+    problems = raised.value.problems
+    assert len(problems) == 5 and str(raised.value).count("\n") == 4
+    for key in ("bogus", "pool.size", "pool.mode", "upstream.port", "PGTP_NOPE"):
+        assert sum(key in problem for problem in problems) == 1, (key, problems)
+
+
+def key_material_problems(tmp_path: Path, jwt_keys: str, tls: str = "") -> list[str]:
+    text = BASE.replace("[jwt]\n", "[jwt]\nalgorithms = ['HS256', 'RS256']\n" + jwt_keys) + tls
+    with pytest.raises(config.ConfigError) as raised:
+        config.load(write(tmp_path, text), environ={})
+    return raised.value.problems
+
+
+def test_bad_key_material_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\nnot base64 at all\n-----END PUBLIC KEY-----\n")
+    assert key_material_problems(tmp_path, f"public_key_file = '{pem}'\n") == [
+        f"jwt.public_key_file: {pem} is not a PEM public key (ValueError)"
+    ]
+    jwks = tmp_path / "jwks.json"
+    for body in ("{not json", '{"keys": []}', '{"keys": [{"kty": "RSA", "n": "AQAB"}]}', "[1, 2]"):
+        jwks.write_text(body)
+        (problem,) = key_material_problems(tmp_path, f"jwks_file = '{jwks}'\n")
+        assert problem.startswith(f"jwt.jwks_file: {jwks} is not a usable JSON Web Key Set"), problem
+    cert = tmp_path / "cert.pem"
+    cert.write_text("garbage")
+    tls = f"[tls]\ncert_file = '{cert}'\nkey_file = '{cert}'\nclient_ca_file = '{cert}'\n"
+    problems = key_material_problems(tmp_path, "jwks_url = 'https://issuer.example/jwks'\n", tls)
+    assert [p.split(":")[0] for p in problems] == ["tls.cert_file / tls.key_file", "tls.client_ca_file"], problems
+
+
+def test_new_keys_defaults(tmp_path: Path) -> None:
+    settings = config.load(write(tmp_path, BASE), environ={})
+    assert settings.log_format == "text" and settings.listen_unix is None and settings.unix_socket_path is None
+    assert settings.tls.client_sslmode == "allow" and settings.tls.client_ca_file is None
+    assert settings.client.allowed_networks == []
+    assert settings.http.listen is None and settings.http_address is None
+    assert settings.http.upstream_check_interval == 5.0 and settings.http.tenant_metrics is False
+    assert settings.http.max_tenant_series == 1000
+
+
+def test_listen_unix_follows_libpq_naming(tmp_path: Path) -> None:
+    directory = config.load(write(tmp_path, BASE), environ={"PGTP_LISTEN_UNIX": str(tmp_path)})
+    assert directory.unix_socket_path == str(tmp_path / ".s.PGSQL.6432")
+    path = config.load(write(tmp_path, BASE), environ={"PGTP_LISTEN_UNIX": str(tmp_path / ".s.PGSQL.7000")})
+    assert path.unix_socket_path == str(tmp_path / ".s.PGSQL.7000")

@@ -1,4 +1,4 @@
-"""The command line: `pg-tenant-proxy run | token | sql | demo`, each with --help."""
+"""The command line: `pg-tenant-proxy run | check | token | sql | doctor | demo`, each with --help."""
 
 from __future__ import annotations
 
@@ -10,18 +10,9 @@ import sys
 import time
 from typing import Any
 
-from proxy import __version__, config
+from proxy import __version__, config, logs
 from proxy.tokens import mint
 from proxy.verifier import verifier_sql
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
-    )
 
 
 def install_uvloop() -> bool:
@@ -45,19 +36,38 @@ def _load(path: str | None, listen: str | None = None) -> config.Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config, args.listen)
-    _setup_logging(settings.log_level)
+    logs.setup(settings.log_level, settings.log_format)
+    from proxy.listeners import bind_listeners
     from proxy.server import serve
 
+    listeners = bind_listeners(settings)  # before forking: every worker inherits these sockets
     uvloop = install_uvloop()
     logging.getLogger("pg_tenant_proxy").info(
         "pg-tenant-proxy %s starting (config %s, event loop %s)", __version__, settings.source, "uvloop" if uvloop else "asyncio"
     )
-    if settings.workers == 1:
-        asyncio.run(serve(settings))
-        return 0
-    from proxy.workers import supervise
+    try:
+        if settings.workers == 1:
+            asyncio.run(serve(settings, None, listeners))
+            return 0
+        from proxy.workers import supervise
 
-    return supervise(settings.workers, lambda worker: asyncio.run(serve(settings, worker)))
+        return supervise(settings.workers, lambda worker: asyncio.run(serve(settings, worker, listeners)))
+    finally:
+        listeners.close()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if args.connect:
+        from proxy.preflight import connect_problems
+
+        problems = connect_problems(settings, args.database)
+        for problem in problems:
+            print(f"pg-tenant-proxy: {problem}", file=sys.stderr)
+        if problems:
+            return 2
+    print(f"configuration {settings.source} is valid" + (" and the upstream and verifier answer" if args.connect else ""))
+    return 0
 
 
 def _claim_value(text: str) -> Any:
@@ -138,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", metavar="HOST:PORT", help="override the listen key")
     run.set_defaults(func=cmd_run)
 
+    check = commands.add_parser(
+        "check",
+        help="validate the configuration as run would",
+        description="Validate the configuration as `run` would use it: TOML, PGTP_* variables, ranges, "
+        "key material (PEM key, JWKS file, JWKS URL), TLS files. With --connect also log in upstream and "
+        "check the verifier and the signing key. Exits 0, or 2 with one line per problem naming the key.",
+    )
+    check.add_argument("--config", metavar="FILE", help="TOML configuration (PGTP_* variables override it)")
+    check.add_argument("--connect", action="store_true", help="also log in upstream, check the verifier, fetch the JWKS URL")
+    check.add_argument("--database", help="database for --connect (default: [upstream] database, else the user's)")
+    check.set_defaults(func=cmd_check)
+
     token = commands.add_parser(
         "token", help="mint a development token", description="Mint an HS-signed development token."
     )
@@ -186,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except config.ListenError as exc:
+        print(f"pg-tenant-proxy: {exc}", file=sys.stderr)
+        return 2
     except config.ConfigError as exc:
-        print(f"pg-tenant-proxy: configuration error: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"pg-tenant-proxy: configuration error: {problem}", file=sys.stderr)
         return 2

@@ -20,8 +20,10 @@ import socket
 import time
 from typing import TYPE_CHECKING, cast
 
+from proxy import access
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import ALLOW, Decision
+from proxy.logs import AUDIT
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
@@ -139,16 +141,9 @@ class ClientConnection(asyncio.Protocol):
         self.server.forget(self)
         self._detach_backend(reuse=True)
         if self._session_started:
-            log.info(
-                "session end client=%s user=%s tenant=%s sub=%s duration=%.3fs bytes_in=%d bytes_out=%d",
-                self.address,
-                self.request.user if self.request else "-",
-                self.identity.tenant if self.identity else "-",
-                (self.identity.subject if self.identity else None) or "-",
-                time.monotonic() - self._started,
-                self.bytes_in,
-                self.bytes_out,
-            )
+            AUDIT.session_end(client=self.address, user=self.request.user if self.request else None,
+                              database=self._database(), identity=self.identity, duration=time.monotonic() - self._started,
+                              bytes_received=self.bytes_in, bytes_sent=self.bytes_out)
 
     def pause_writing(self) -> None:
         if self.backend is not None and self.backend.transport is not None:
@@ -186,10 +181,11 @@ class ClientConnection(asyncio.Protocol):
                 backend.close()
         return backend
 
-    def refuse(self, sqlstate: str, reason: str, detail: str | None = None, hint: str | None = None) -> None:
-        """Refuse a client during startup, with one log line."""
-        user = self.request.user if self.request else "-"
-        log.warning("refused client=%s user=%s reason=%s", self.address, user, reason)
+    def refuse(self, sqlstate: str, reason: str, detail: str | None = None, hint: str | None = None,
+               token: str | None = None) -> None:
+        """Refuse a client during startup, with one audit event."""
+        AUDIT.login_refused(client=self.address, user=self.request.user if self.request else None, reason=reason,
+                            sqlstate=sqlstate, token=token, database=self.request.database if self.request else None)
         self.terminate(sqlstate, reason, detail, hint)
 
     def _auth_timed_out(self) -> None:
@@ -261,6 +257,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _startup_message(self, packet: messages.StartupMessage) -> None:
         assert self.transport is not None
+        refusal = access.check_transport(self.transport, self.server.settings)
+        if refusal is not None:
+            self.refuse(*refusal)
+            return
         limit = self.server.settings.pool.max_client_connections
         if len(self.server.clients) > limit:
             self.refuse(
@@ -329,15 +329,15 @@ class ClientConnection(asyncio.Protocol):
                     self.backend.attach(self)
                     self._release()
         except Exception as exc:
-            self._setup_failed(exc)
+            self._setup_failed(exc, token)
             return
         if self.phase is not Phase.CLOSED:
-            self._ready(identity, parameters)
+            self._ready(identity, parameters, token)
 
-    def _setup_failed(self, exc: Exception) -> None:
+    def _setup_failed(self, exc: Exception, token: str | None = None) -> None:
         """Refuse the client for a failure while setting up its session (called in an except block)."""
         if isinstance(exc, TokenRejected):
-            self.refuse(errors.INVALID_PASSWORD, str(exc))
+            self.refuse(errors.INVALID_PASSWORD, str(exc), token=token)
         elif isinstance(exc, UpstreamError):
             self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
         else:
@@ -420,7 +420,7 @@ class ClientConnection(asyncio.Protocol):
             self._buffer.clear()
             self._feed(pending)
 
-    def _ready(self, identity: Identity, parameters: dict[str, str]) -> None:
+    def _ready(self, identity: Identity, parameters: dict[str, str], token: str) -> None:
         assert self.transport is not None and self.request is not None
         self.process_id, self.secret_key = self.server.register(self)
         greeting = [messages.authentication(messages.AUTH_OK)]
@@ -434,14 +434,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
         self.phase = Phase.READY
         self._session_started = True
-        log.info(
-            "session start client=%s user=%s tenant=%s sub=%s database=%s",
-            self.address,
-            self.request.user,
-            identity.tenant,
-            identity.subject or "-",
-            self._database(),
-        )
+        AUDIT.session_start(client=self.address, user=self.request.user, database=self._database(), identity=identity,
+                            token=token)
         if self.backend is not None:
             self._attach()
         elif self._buffer:
@@ -694,8 +688,7 @@ class ClientConnection(asyncio.Protocol):
         marker = f"pg_tenant_proxy_refused_{secrets.token_hex(8)}"
         assert self.backend is not None
         self.backend.add_refusal(marker, messages.error_response("ERROR", sqlstate, refusal, hint=hint))
-        log.info("refused statement client=%s tenant=%s reason=%s", self.address,
-                 self.identity.tenant if self.identity else "-", refusal)
+        AUDIT.statement_refused(client=self.address, tenant=self.identity.tenant if self.identity else None, reason=refusal)
         return marker
 
     def _refused_parse(self, body: bytes, refusal: str, sqlstate: str = errors.INSUFFICIENT_PRIVILEGE,

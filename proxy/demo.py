@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.config import ListenError
 from proxy.embedded import EmbeddedPostgres
+from proxy.listeners import probe_tcp
 from proxy.tokens import mint
 from proxy.verifier import demo_sql, verifier_sql
 
@@ -115,9 +117,27 @@ def _psql(port: int, token: str, sql: str) -> str:
     return (result.stdout + result.stderr).rstrip()
 
 
+def _verify_own_proxy(proxy: subprocess.Popen[bytes], port: int, token: str, logfile: Path) -> None:
+    """Raise RuntimeError unless the server on `port` is the proxy just started: it must be alive and
+    log tenant acme in with the demo's token, with acme's context set."""
+    wait_for_port(port, proxy)
+    answer = _psql(port, token, "SELECT current_setting('app.current_tenant')")
+    if proxy.poll() is not None:
+        log = logfile.read_text(errors="replace").strip().splitlines()
+        raise RuntimeError(f"the demo's proxy exited: {log[-1] if log else 'no log'}")
+    if str(TENANTS["acme"]) not in answer:
+        raise RuntimeError(f"the server on port {port} is not the demo's proxy; it answered: {answer.splitlines()[0:1]}")
+
+
 def run_demo(port: int = 6432, serve: bool = True) -> int:
     if shutil.which("psql") is None:
         print("the demo needs psql (the Postgres client) on PATH", file=sys.stderr)
+        return 1
+    try:
+        probe_tcp("127.0.0.1", port, "--port", False)
+    except ListenError:
+        print(f"pg-tenant-proxy demo: port {port} is already in use (PgBouncer or another proxy?); "
+              "choose a free one with --port", file=sys.stderr)
         return 1
     print("Starting a throwaway Postgres ...")
     pg = EmbeddedPostgres().start()
@@ -127,12 +147,16 @@ def run_demo(port: int = 6432, serve: bool = True) -> int:
         config = write_config(pg.root / "proxy.toml", pg, db, port)
         logfile = open(pg.root / "proxy.log", "wb")
         proxy = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(config)], stderr=logfile)
-        wait_for_port(port, proxy)
-        print(f"Postgres on port {pg.port}, pg-tenant-proxy on port {port} (log: {pg.root / 'proxy.log'}).\n")
         tokens = {
             name: mint(db.jwt_secret, {"tenant_id": str(tenant), "sub": f"{name}-user", "exp": int(time.time()) + 8 * 3600})
             for name, tenant in TENANTS.items()
         }
+        try:
+            _verify_own_proxy(proxy, port, tokens["acme"], pg.root / "proxy.log")
+        except RuntimeError as exc:
+            print(f"pg-tenant-proxy demo: {exc}", file=sys.stderr)
+            return 1
+        print(f"Postgres on port {pg.port}, pg-tenant-proxy on port {port} (log: {pg.root / 'proxy.log'}).\n")
         for name, token in tokens.items():
             print(f"== Tenant {name} ({TENANTS[name]}): SELECT * FROM leads, with no WHERE clause")
             print(_psql(port, token, "SELECT id, name, email FROM leads ORDER BY id"), "\n")

@@ -22,6 +22,8 @@ from proxy.backend import send_cancel
 from proxy.client import ClientConnection
 from proxy.config import Settings
 from proxy.guard import Guard
+from proxy.http import Lifecycle, Readiness, start_endpoint
+from proxy.listeners import Listeners, bind_listeners, listen_error
 from proxy.parameters import ParameterPolicy, ProtectedSettings
 from proxy.pool import SessionPool, TransactionPool
 from proxy.protocol import errors, messages
@@ -32,11 +34,18 @@ log = logging.getLogger("pg_tenant_proxy")
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The TLS context offered to clients, when a certificate is configured."""
-    if not settings.tls.cert_file or not settings.tls.key_file:
+    """The TLS context offered to clients, when a certificate is configured and `[tls] client_sslmode`
+    is not "disable". With `client_ca_file` the proxy asks for a client certificate and verifies one
+    that is sent (CERT_OPTIONAL); `proxy.access.check_transport` refuses a login without one under
+    "verify-ca" with an ErrorResponse, which a failed handshake could not send."""
+    tls = settings.tls
+    if not tls.cert_file or not tls.key_file or tls.client_sslmode == "disable":
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file:
+        context.load_verify_locations(cafile=tls.client_ca_file)
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
@@ -142,34 +151,57 @@ class ProxyServer:
             client.terminate(errors.ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down")
 
 
-async def serve(settings: Settings, worker: Worker | None = None) -> None:
-    """Listen and serve until SIGINT or SIGTERM."""
+async def serve(settings: Settings, worker: Worker | None = None, listeners: Listeners | None = None) -> None:
+    """Listen and serve until SIGINT or SIGTERM.
+
+    `listeners` are the Unix and HTTP sockets bound by `run` before forking (bound here when None);
+    raises ListenError when an address cannot be used."""
     loop = asyncio.get_running_loop()
+    own = listeners is None
+    sockets = bind_listeners(settings) if listeners is None else listeners
     proxy = ProxyServer(settings, worker)
-    listener = await loop.create_server(
-        proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024,
-        reuse_port=worker is not None,
-    )
-    # Keep a reference: a server object that is garbage-collected stops listening.
-    peers = await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index)) if worker else None
+    readiness = Readiness()
+    try:
+        listener = await loop.create_server(
+            proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024,
+            reuse_port=worker is not None,
+        )
+    except OSError as exc:
+        if own:
+            sockets.close()
+        raise listen_error("listen", f"{settings.listen_host}:{settings.listen_port}", exc) from None
+    # Keep references: a server object that is garbage-collected stops listening.
+    servers: list[asyncio.AbstractServer] = [listener]
+    if sockets.unix is not None:
+        servers.append(await loop.create_unix_server(proxy.connection, sock=sockets.unix))
+    if worker is not None:
+        servers.append(await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index)))
+    checks = await start_endpoint(settings, proxy, readiness, sockets.http, worker, servers)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    readiness.lifecycle = Lifecycle.SERVING
     log.info(
-        "%slistening on %s:%d upstream=%s:%d pool=%s size=%d tls=%s",
+        "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",
         f"worker {worker.index}/{worker.count} " if worker else "",
         settings.listen_host,
         settings.listen_port,
+        f" and {settings.unix_socket_path}" if settings.unix_socket_path else "",
         settings.upstream.host,
         settings.upstream.port,
         settings.pool.mode,
         settings.pool.size,
-        "on" if proxy.tls_context else "off",
+        settings.tls.client_sslmode if proxy.tls_context else "off",
+        settings.http.listen or "off",
     )
     await stop.wait()
     log.info("shutting down")
-    listener.close()
-    if peers is not None:
-        peers.close()
+    readiness.draining = True
+    if checks is not None:
+        checks.cancel()
+    for server in servers:
+        server.close()
     proxy.shutdown()
     await listener.wait_closed()
+    if own:
+        sockets.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from typing import Any
 
@@ -116,9 +117,9 @@ def test_logs_name_sessions_but_hold_no_secret(proxy: ProxyProcess) -> None:
     assert proxy.psql(token, "SELECT 1").returncode == 0
     bad = proxy.token(exp=int(time.time()) - 100)
     assert proxy.psql(bad, "SELECT 1").returncode != 0
-    log = wait_until(lambda: "sub=log-check duration=" in proxy.log() and proxy.log())
+    log = wait_until(lambda: re.search(r"session end client=.* sub=log-check .*duration=", proxy.log()) and proxy.log())
     assert "session start client=127.0.0.1:" in log and "sub=log-check" in log
-    assert "reason=token expired" in log
+    assert 'reason="token expired"' in log
     for secret in (token, bad, token.split(".")[2], proxy.db.jwt_secret, proxy.db.signing_key, proxy.db.app_password):
         assert secret not in log
 

@@ -1,0 +1,267 @@
+"""Running it in production, against real proxy processes: the health, readiness and metrics endpoint,
+JSON and escaped logs, client transport policy, the Unix socket, and clear errors for busy ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from certificates import make_certificates
+from support import ACME, REPO, ROWS, ProxyProcess, RawClient, startup, wait_until
+from proxy.demo import prepare_database, write_config
+from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.protocol import messages
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    status, text = get(port, "/metrics")
+    assert status == 200
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def refused_login(proxy: ProxyProcess, password: str, user: str = "alice") -> dict[str, str]:
+    client = RawClient(proxy.port)
+    try:
+        client.send(startup(user))
+        client.read_message()
+        client.send(messages.password_message(password))
+        return client.error()
+    finally:
+        client.close()
+
+
+def startup_refusal(proxy: ProxyProcess) -> dict[str, str]:
+    """The ErrorResponse a plaintext client gets for its StartupMessage."""
+    client = RawClient(proxy.port)
+    try:
+        client.send(startup())
+        return client.error()
+    finally:
+        client.close()
+
+
+def with_http(overrides: dict[str, dict[str, Any]] | None = None) -> tuple[int, dict[str, dict[str, Any]]]:
+    port = free_port()
+    settings = overrides or {}
+    return port, {**settings, "http": {"listen": f"127.0.0.1:{port}", **settings.get("http", {})}}
+
+
+def auth(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], result: str, reason: str = "") -> float:
+    return samples.get("pgtp_auth_total", {}).get((("reason", reason), ("result", result)), 0.0)
+
+
+def test_metrics_move_with_logins_and_parse(make_proxy: Any) -> None:
+    http, overrides = with_http()
+    proxy = make_proxy(overrides)
+    assert get(http, "/healthz") == (200, "ok\n")
+    wait_until(lambda: get(http, "/readyz") == (200, "ready\n"))
+    before = scrape(http)
+    assert proxy.psql(proxy.token(), "SELECT 1").returncode == 0
+    assert refused_login(proxy, proxy.token(secret="x" * 40))["C"] == "28P01"
+    assert refused_login(proxy, proxy.token(ttl=-100))["C"] == "28P01"
+    after = scrape(http)
+    assert auth(after, "ok") == auth(before, "ok") + 1
+    assert auth(after, "refused", "signature") == auth(before, "refused", "signature") + 1
+    assert auth(after, "refused", "expired") == auth(before, "refused", "expired") + 1
+    for name in ("pgtp_transactions_total", "pgtp_queries_total", "pgtp_context_sets_total",
+                 "pgtp_tenant_switches_total", "pgtp_checkout_wait_seconds_count", "pgtp_workers_reporting"):
+        assert name in after, name
+    assert after["pgtp_bytes_total"].keys() == {(("direction", "received"),), (("direction", "sent"),)}
+    assert get(http, "/nothing")[0] == 404
+
+
+def test_metrics_count_for_every_worker(make_proxy: Any) -> None:
+    http, overrides = with_http({"": {"workers": 2}})
+    proxy = make_proxy(overrides)
+    wait_until(lambda: scrape(http)["pgtp_workers_reporting"][()] == 2)
+    for _ in range(6):
+        assert refused_login(proxy, "not-a-token")["C"] == "28P01"
+    for _ in range(4):  # whichever worker takes the scrape answers for both
+        assert auth(scrape(http), "refused", "malformed") == 6
+
+
+def test_readiness_flips_when_the_upstream_stops(tmp_path: Path) -> None:
+    cluster = EmbeddedPostgres().start()
+    proxy = None
+    try:
+        db = prepare_database(cluster)
+        http, overrides = with_http({"http": {"upstream_check_interval": 0.1}})
+        proxy = ProxyProcess(cluster, db, tmp_path, overrides).start()
+        wait_until(lambda: get(http, "/readyz")[0] == 200)
+        cluster.stop()
+        status, reason = wait_until(lambda: (answer := get(http, "/readyz"))[0] == 503 and answer)
+        assert reason.startswith(f"upstream 127.0.0.1:{cluster.port} unreachable") and reason.count("\n") == 1
+        assert get(http, "/healthz")[0] == 200
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        cluster.stop()
+
+
+FORGED_USER = "mallory\n2026-01-01T00:00:00+0000 INFO session start client=10.9.9.9:1 user=admin"
+
+
+def test_json_log_lines_parse_and_hold_the_audit_fields(make_proxy: Any) -> None:
+    proxy = make_proxy({"": {"log_format": "json", "log_level": "debug"}})
+    good = proxy.token(sub="json-check", jti="jti-1")
+    assert proxy.psql(good, "SELECT 1").returncode == 0
+    bad = proxy.token(secret="y" * 40, iss="https://idp.example", aud="app")
+    refused_login(proxy, bad, user=FORGED_USER)
+    lines = wait_until(lambda: (text := proxy.log()).count('"session_end"') and text.count('"login_refused"') and text)
+    events = [json.loads(line) for line in lines.splitlines()]  # every line parses
+    start = next(e for e in events if e.get("event") == "session_start")
+    end = next(e for e in events if e.get("event") == "session_end")
+    refused = next(e for e in events if e.get("event") == "login_refused")
+    assert start["tenant"] == ACME and start["sub"] == "json-check" and start["jti"] == "jti-1"
+    assert start["client"].startswith("127.0.0.1:") and start["database"] == "app"
+    assert end["duration"] >= 0 and end["bytes_received"] > 0 and end["bytes_sent"] > 0
+    assert refused["user"] == FORGED_USER and refused["reason_label"] == "signature"
+    assert (refused["alg"], refused["iss"], refused["aud"]) == ("HS256", "https://idp.example", "app")
+    for secret in (good, bad, bad.split(".")[2], proxy.db.jwt_secret, proxy.db.signing_key):
+        assert secret not in lines
+
+
+def test_a_newline_in_the_startup_user_cannot_forge_a_text_line(make_proxy: Any) -> None:
+    proxy = make_proxy()
+    refused_login(proxy, "not-a-token", user=FORGED_USER)
+    log = wait_until(lambda: "login refused" in proxy.log() and proxy.log())
+    assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
+    assert 'user="mallory\\n2026-01-01T00:00:00+0000 INFO session start' in log
+
+
+@pytest.fixture(scope="module")
+def certs() -> Iterator[tuple[Path, Path, Path]]:
+    directory = Path(tempfile.mkdtemp(prefix="pgtp-ops-certs-"))
+    yield make_certificates(directory)
+    subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+def test_client_sslmode_require_refuses_plaintext(make_proxy: Any, certs: tuple[Path, Path, Path]) -> None:
+    _, cert, key = certs
+    proxy = make_proxy({"tls": {"cert_file": str(cert), "key_file": str(key), "client_sslmode": "require"}})
+    refusal = startup_refusal(proxy)
+    assert refusal["C"] == "28000" and refusal["M"] == "this proxy accepts only TLS connections"
+    assert "sslmode=require" in refusal["H"]
+    assert proxy.psql(proxy.token(), "SELECT 1").returncode == 2  # psql with sslmode=disable
+    with psycopg.connect(proxy.dsn().replace("sslmode=disable", "sslmode=require"), password=proxy.token()) as conn:
+        assert conn.execute("SELECT count(*) FROM leads").fetchone() == (ROWS[ACME],)
+
+
+def test_client_certificates_with_verify_ca(make_proxy: Any, certs: tuple[Path, Path, Path]) -> None:
+    ca, cert, key = certs
+    proxy = make_proxy({"tls": {"cert_file": str(cert), "key_file": str(key), "client_sslmode": "verify-ca",
+                                "client_ca_file": str(ca)}})
+    tls = proxy.dsn().replace("sslmode=disable", "sslmode=require")
+    with pytest.raises(psycopg.OperationalError, match="FATAL:  this proxy requires a client certificate"):
+        psycopg.connect(tls, password=proxy.token())
+    # The test CA's server certificate serves as a client certificate signed by the same CA.
+    with psycopg.connect(f"{tls} sslcert={cert} sslkey={key}", password=proxy.token()) as conn:
+        assert conn.execute("SELECT count(*) FROM leads").fetchone() == (ROWS[ACME],)
+
+
+def test_unix_socket_with_psql_and_allowed_networks_over_tcp(make_proxy: Any, tmp_path: Path) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="pgtp-sock-"))  # short: a socket path has at most 107 bytes
+    try:
+        proxy = make_proxy({"": {"listen_unix": str(directory)}, "client": {"allowed_networks": ["10.0.0.0/8"]}})
+        socket_file = directory / f".s.PGSQL.{proxy.port}"
+        assert socket_file.is_socket()
+        refusal = startup_refusal(proxy)
+        assert refusal["C"] == "28000" and refusal["M"] == "connections from 127.0.0.1 are not allowed"
+        result = subprocess.run(
+            ["psql", "-X", "-A", "-t", f"host={directory} port={proxy.port} user=alice dbname=app",
+             "-c", "SELECT count(*) FROM leads"],
+            capture_output=True, text=True, env={**os.environ, "PGPASSWORD": proxy.token()}, timeout=30, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(ROWS[ACME])
+        proxy.stop()
+        assert not socket_file.exists()
+    finally:
+        subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+@pytest.mark.parametrize("which", ["listen", "http.listen"])
+def test_a_busy_port_at_run_is_one_line(pg: EmbeddedPostgres, tenant_db: Any, tmp_path: Path, which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        port = busy if which == "listen" else free_port()
+        http = {"http": {"listen": f"127.0.0.1:{busy}"}} if which == "http.listen" else {}
+        config = write_config(tmp_path / "busy.toml", pg, tenant_db, port, http)
+        result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"pg-tenant-proxy: {which}: cannot listen on 127.0.0.1:{busy}: address already in use"
+        " (another server listens there: stop it or change the key)"
+    ]
+
+
+def test_bad_key_material_at_run_is_one_line_per_problem(pg: EmbeddedPostgres, tenant_db: Any, tmp_path: Path) -> None:
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    config = write_config(tmp_path / "bad.toml", pg, tenant_db, free_port(), {
+        "jwt": {"algorithms": ["RS256"], "secret": None, "public_key_file": str(pem)},
+        "upstream": {"port": 99999},
+    })
+    for command in ("run", "check"):
+        result = run_cli(command, "--config", str(config))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert sorted(result.stderr.splitlines()) == [
+            f"pg-tenant-proxy: configuration error: jwt.public_key_file: {pem} is not a PEM public key (ValueError)",
+            "pg-tenant-proxy: configuration error: upstream.port: must be between 1 and 65535, got 99999",
+        ]
+
+
+def test_check_connect(pg: EmbeddedPostgres, tenant_db: Any, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "good.toml", pg, tenant_db, free_port())
+    result = run_cli("check", "--config", str(config), "--connect")
+    assert result.returncode == 0, result.stderr
+    assert "valid and the upstream and verifier answer" in result.stdout
+    wrong_key = write_config(tmp_path / "key.toml", pg, tenant_db, free_port(), {"tenant": {"signing_key": "w" * 40}})
+    result = run_cli("check", "--config", str(wrong_key), "--connect")
+    assert result.returncode == 2 and result.stderr.startswith("pg-tenant-proxy: tenant.signing_key: verifier check")
+    wrong_password = write_config(tmp_path / "pw.toml", pg, tenant_db, free_port(), {"upstream": {"password": "nope"}})
+    result = run_cli("check", "--config", str(wrong_password), "--connect")
+    assert result.returncode == 2 and result.stderr.startswith("pg-tenant-proxy: upstream: cannot log in as tenant_app")
+    assert "nope" not in result.stderr and "w" * 40 not in result.stderr
+
+
+def test_demo_refuses_a_taken_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        result = run_cli("demo", "--no-serve", "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 1
+    assert "is already in use" in result.stderr and "--port" in result.stderr
+    assert "Starting a throwaway Postgres" not in result.stdout

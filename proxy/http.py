@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
-import logging
 import socket
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from proxy import logs
 from proxy.config import Settings
 from proxy.metrics import METRICS, Gauges, Snapshot, merge, render
 from proxy.protocol import messages
@@ -30,7 +30,7 @@ from proxy.protocol import messages
 if TYPE_CHECKING:
     from proxy.server import ProxyServer, Worker
 
-log = logging.getLogger("pg_tenant_proxy.http")
+log = logs.HTTP
 
 REQUEST_LIMIT = 16 * 1024  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # seconds to send them
@@ -108,6 +108,8 @@ async def run_checks(readiness: Readiness, checks: Checks) -> None:
         if checks.keys is not None:
             readiness.keys_problem = await loop.run_in_executor(None, checks.keys)
         after = readiness.upstream_problem, readiness.keys_problem
+        if logs.DEBUG:
+            logs.debug(logs.HTTP, "readiness check", upstream=after[0] or "ok", keys=after[1] or "ok")
         if after != before:
             log.info("readiness: %s", "ready" if after == (None, None) else "; ".join(p for p in after if p))
         await asyncio.sleep(checks.interval)
@@ -174,6 +176,8 @@ class Endpoint:
             writer.close()
             return
         status, content_type, body = await self.answer(method, path)
+        if logs.DEBUG:
+            logs.debug(logs.HTTP, "http request", method=method, path=path, status=status)
         reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
         header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")

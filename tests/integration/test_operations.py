@@ -127,7 +127,9 @@ FORGED_USER = "mallory\n2026-01-01T00:00:00+0000 INFO session start client=10.9.
 
 
 def test_json_log_lines_parse_and_hold_the_audit_fields(make_proxy: Any) -> None:
-    proxy = make_proxy({"": {"log_format": "json", "log_level": "debug"}})
+    http, overrides = with_http({"": {"log_format": "json", "log_level": "debug"}})
+    proxy = make_proxy(overrides)
+    assert get(http, "/healthz")[0] == 200
     good = proxy.token(sub="json-check", jti="jti-1")
     assert proxy.psql(good, "SELECT 1").returncode == 0
     bad = proxy.token(secret="y" * 40, iss="https://idp.example", aud="app")
@@ -142,6 +144,8 @@ def test_json_log_lines_parse_and_hold_the_audit_fields(make_proxy: Any) -> None
     assert end["duration"] >= 0 and end["bytes_received"] > 0 and end["bytes_sent"] > 0
     assert refused["user"] == FORGED_USER and refused["reason_label"] == "signature"
     assert (refused["alg"], refused["iss"], refused["aud"]) == ("HS256", "https://idp.example", "app")
+    debug = [e for e in events if e["level"] == "debug"]
+    assert {"readiness check", "http request"} <= {e["message"] for e in debug}
     for secret in (good, bad, bad.split(".")[2], proxy.db.jwt_secret, proxy.db.signing_key):
         assert secret not in lines
 

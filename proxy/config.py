@@ -577,9 +577,7 @@ def _tenant(values: dict[tuple[str, str], Any], problems: Problems) -> TenantSet
 
 
 def _pool(values: dict[tuple[str, str], Any], problems: Problems) -> PoolSettings:
-    mode = values[("pool", "mode")]
-    if mode not in POOL_MODES:
-        problems.append(f"pool.mode: expected one of {', '.join(POOL_MODES)}, got {mode!r}")
+    _choice(values, "pool", "mode", POOL_MODES, problems)
     if values[("pool", "min_size")] > values[("pool", "size")]:
         problems.append("pool.min_size: must be between 0 and pool.size")
     return _section(values, "pool", PoolSettings)

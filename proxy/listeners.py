@@ -54,34 +54,31 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def bind_tcp(host: str, port: int, key: str, reuse_port: bool = False) -> socket.socket:
-    """A bound, listening TCP socket (SO_REUSEADDR, and SO_REUSEPORT when asked); raises ListenError."""
+def _bound_tcp(host: str, port: int, key: str, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to host:port (SO_REUSEADDR, and SO_REUSEPORT when asked); raises ListenError."""
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(1024)
     except OSError as exc:
         sock.close()
         raise listen_error(key, f"{host}:{port}", exc) from None
+    return sock
+
+
+def bind_tcp(host: str, port: int, key: str) -> socket.socket:
+    """A listening, non-blocking TCP socket; raises ListenError."""
+    sock = _bound_tcp(host, port, key, False)
+    sock.listen(1024)
     sock.setblocking(False)
     return sock
 
 
 def probe_tcp(host: str, port: int, key: str, reuse_port: bool) -> None:
     """Raise ListenError when host:port cannot be bound now (the workers bind it themselves)."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError as exc:
-        raise listen_error(key, f"{host}:{port}", exc) from None
-    finally:
-        sock.close()
+    _bound_tcp(host, port, key, reuse_port).close()
 
 
 def _clear_stale(path: str) -> None:

@@ -21,8 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from certificates import make_certificates
 from support import ACME, REPO, ROWS, ProxyProcess, RawClient, startup, wait_until
+from proxy.config import ListenError
 from proxy.demo import prepare_database, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
+from proxy.listeners import bind_unix
 from proxy.protocol import messages
 
 
@@ -269,3 +271,35 @@ def test_demo_refuses_a_taken_port() -> None:
     assert result.returncode == 1
     assert "is already in use" in result.stderr and "--port" in result.stderr
     assert "Starting a throwaway Postgres" not in result.stdout
+
+
+def test_the_endpoint_survives_garbage(make_proxy: Any) -> None:
+    http, overrides = with_http()
+    make_proxy(overrides)
+    for payload in (b"\x00" * 20_000, b"GET\r\n\r\n", b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 3000):
+        with socket.create_connection(("127.0.0.1", http), timeout=10) as raw:
+            try:
+                raw.sendall(payload)
+                raw.shutdown(socket.SHUT_WR)
+                assert raw.recv(65536) == b""  # closed without an answer
+            except ConnectionResetError:
+                pass
+    assert get(http, "/healthz") == (200, "ok\n")
+
+
+def test_unix_socket_files_left_behind(tmp_path: Path) -> None:
+    path = str(tmp_path / ".s.PGSQL.1")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a socket file nobody listens on: a proxy that died
+    sock = bind_unix(path)
+    try:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o770"
+        with pytest.raises(ListenError, match="another server listens there"):
+            bind_unix(path)
+    finally:
+        sock.close()
+    plain = tmp_path / "file"
+    plain.write_text("")
+    with pytest.raises(ListenError, match="exists and is not a socket"):
+        bind_unix(str(plain))

@@ -614,5 +614,8 @@ def _client(values: dict[tuple[str, str], Any], problems: Problems) -> ClientSet
 
 def _http(values: dict[tuple[str, str], Any], problems: Problems) -> HttpSettings:
     if values[("http", "listen")] is not None:
-        _address(values[("http", "listen")], "http.listen", problems)
+        _, port = _address(values[("http", "listen")], "http.listen", problems)
+        _, listen_port = _address(values[("", "listen")], "listen", [])  # its own problem is reported once
+        if port and port == listen_port:
+            problems.append(f"http.listen: must use another port than listen ({port})")
     return _section(values, "http", HttpSettings)

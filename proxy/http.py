@@ -100,19 +100,27 @@ class Checks:
 
 
 async def run_checks(readiness: Readiness, checks: Checks) -> None:
-    """Check every `interval` seconds until cancelled, logging each change of the answer."""
-    loop = asyncio.get_running_loop()
+    """Check every `interval` seconds until cancelled, logging each change of the answer. A check that
+    fails in an unexpected way makes the proxy not ready (it is never taken as a pass)."""
     while True:
         before = readiness.upstream_problem, readiness.keys_problem
-        readiness.upstream_problem = await checks.upstream()
-        if checks.keys is not None:
-            readiness.keys_problem = await loop.run_in_executor(None, checks.keys)
+        try:
+            await _check_once(readiness, checks)
+        except Exception as exc:
+            log.exception("readiness check failed")
+            readiness.upstream_problem = f"the readiness check failed: {type(exc).__name__}"
         after = readiness.upstream_problem, readiness.keys_problem
         if logs.DEBUG:
             logs.debug(logs.HTTP, "readiness check", upstream=after[0] or "ok", keys=after[1] or "ok")
         if after != before:
             log.info("readiness: %s", "ready" if after == (None, None) else "; ".join(p for p in after if p))
         await asyncio.sleep(checks.interval)
+
+
+async def _check_once(readiness: Readiness, checks: Checks) -> None:
+    readiness.upstream_problem = await checks.upstream()
+    if checks.keys is not None:
+        readiness.keys_problem = await asyncio.get_running_loop().run_in_executor(None, checks.keys)
 
 
 async def peer_snapshot(path: str) -> Snapshot | None:
@@ -175,10 +183,15 @@ class Endpoint:
                 ValueError):
             writer.close()
             return
-        status, content_type, body = await self.answer(method, path)
+        try:
+            status, content_type, body = await self.answer(method, path)
+        except Exception:  # a bug here must not take the endpoint down
+            log.exception("internal error answering %s", logs.escape(path))
+            status, content_type, body = 500, "text/plain", b"internal error\n"
         if logs.DEBUG:
             logs.debug(logs.HTTP, "http request", method=method, path=path, status=status)
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+                  503: "Service Unavailable"}[status]
         header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         writer.write(header.encode() + (b"" if method == "HEAD" else body))

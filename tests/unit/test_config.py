@@ -104,6 +104,7 @@ def test_env_name() -> None:
         ({"PGTP_UPSTREAM_PROT": "5432"}, "PGTP_UPSTREAM_PROT: this environment variable names no configuration key"),
         ({"PGTP_LOG_FORMAT": "xml"}, "log_format"),
         ({"PGTP_HTTP_LISTEN": "everywhere"}, "http.listen"),
+        ({"PGTP_HTTP_LISTEN": "0.0.0.0:6432"}, "http.listen: must use another port than listen (6432)"),
         ({"PGTP_TLS_CLIENT_SSLMODE": "sometimes"}, "tls.client_sslmode"),
         ({"PGTP_TLS_CLIENT_SSLMODE": "require"}, "tls.client_sslmode: require needs tls.cert_file"),
         ({"PGTP_CLIENT_ALLOWED_NETWORKS": "10.0.0.0/8, not-a-net"}, "client.allowed_networks: 'not-a-net'"),

@@ -33,7 +33,7 @@ def test_config_error_names_the_key_and_exits_before_listening(tmp_path: Path) -
 
 
 def test_help_for_every_command() -> None:
-    for command in ("run", "token", "sql", "demo", "doctor"):
+    for command in ("run", "check", "token", "sql", "demo", "doctor"):
         result = run(command, "--help")
         assert result.returncode == 0 and "usage: pg-tenant-proxy" in result.stdout
 

@@ -55,6 +55,11 @@ _SESSION_WORDS = tuple(
     (word, re.compile(rf"\b{word}\b"))
     for word in ("listen", "hold", "prepare", "execute", "deallocate", "temp", "temporary")
 )
+# Words of statements that refuse to run inside a transaction block, or drop prepared statements.
+_BLOCK_WORDS = tuple(
+    (word, re.compile(rf"\b{word}\b"))
+    for word in ("vacuum", "concurrently", "database", "tablespace", "cluster", "prepared", "subscription", "system")
+)
 _SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
 _CURSOR_OPT_HOLD = 0x0020
 _SESSION_MODE_HINT = "; use a pool in session mode ([pool] mode = \"session\") for session features"
@@ -70,6 +75,9 @@ def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
         if word in text and pattern.search(text):
             return True
     if transaction_mode:
+        for word, pattern in _BLOCK_WORDS:
+            if word in text and pattern.search(text):
+                return True
         if "advisory" in text:
             return True
         for word, pattern in _SESSION_WORDS:
@@ -81,15 +89,32 @@ def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """What to do with one Query or Parse: refuse it (with a reason), re-assert the context after it
-    (RESET ALL, DISCARD ALL), note that it may change session settings, or that it drops the server's
-    prepared statements (DISCARD ALL)."""
+class Refusal:
+    """Why a statement is refused: the SQLSTATE, the message and a hint saying what to do."""
 
-    refusal: str | None = None
-    reassert: bool = False
-    settings: bool = False
+    sqlstate: str
+    message: str
+    hint: str
+
+
+REFUSAL_HINT = "pg-tenant-proxy's SQL guard refuses statements that could change the tenant context or the session's identity"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one Query or Parse: refuse it, or what it may do to session state (settings
+    written at session level, SQL-level prepared statements dropped, whether it can run inside a
+    transaction block)."""
+
+    refusal: Refusal | None = None
+    resets_all: bool = False
+    reset_names: frozenset[str] = frozenset()
+    set_names: frozenset[str] = frozenset()
+    unknown_settings: bool = False
+    deallocates: frozenset[str] = frozenset()
     drops_statements: bool = False
+    statement_count: int = 1
+    no_transaction_block: bool = False
 
 
 ALLOW = Decision()
@@ -145,24 +170,49 @@ class Guard:
                 self._cache[sql] = decision
         return decision
 
+    def function_call(self, oid: int) -> Refusal | None:
+        """A FunctionCall message ('F') of the function with this OID: refused."""
+        return Refusal("42501", "the FunctionCall protocol message is not allowed through pg-tenant-proxy",
+                       "call the function from SQL (SELECT f(...)) instead")
+
     def _decide(self, sql: str) -> Decision:
         try:
             tree = json.loads(parser.parse_sql_json(sql))
         except Exception:  # pglast raises ParseError, and other errors on text it cannot handle
             return ALLOW
-        reassert = settings = drops_statements = False
+        resets_all = unknown = drops_statements = False
+        set_names: set[str] = set()
+        reset_names: set[str] = set()
+        deallocates: set[str] = set()
+        statements = tree.get("stmts", [])
         for kind, node in _nodes(tree):
             refusal: str | None = None
             if kind == "VariableSetStmt":
                 refusal = self._variable_set(node)
-                reassert = reassert or node.get("kind") == "VAR_RESET_ALL"
-                settings = settings or not node.get("is_local")
+                name = str(node.get("name", "")).lower()
+                if node.get("kind") == "VAR_RESET_ALL":
+                    resets_all = True
+                elif not node.get("is_local"):
+                    (reset_names if node.get("kind") in ("VAR_RESET", "VAR_SET_DEFAULT") else set_names).add(name)
             elif kind == "DiscardStmt":
                 if node.get("target") == "DISCARD_ALL":
-                    reassert = settings = drops_statements = True
+                    resets_all = drops_statements = True
+            elif kind == "DeallocateStmt":
+                if node.get("name"):
+                    deallocates.add(node["name"])
+                else:
+                    drops_statements = True
             elif kind == "FuncCall":
                 refusal = self._func_call(node)
-                settings = settings or _function_name(node) == "set_config"
+                if _function_name(node) == "set_config":
+                    arguments = node.get("args") or []
+                    setting = _string_constant(arguments[0]) if arguments else None
+                    if len(arguments) == 3 and _is_true(arguments[2]):
+                        pass  # set_config(..., true): for the transaction only
+                    elif setting is None:
+                        unknown = True
+                    else:
+                        set_names.add(setting.lower())
             elif kind in _REFUSED_STATEMENTS:
                 refusal = f"{_REFUSED_STATEMENTS[kind]} is not allowed through pg-tenant-proxy"
             elif kind == "DoStmt" and not self.allow_do:
@@ -170,9 +220,14 @@ class Guard:
             if refusal is None and self.transaction_mode:
                 refusal = _session_feature(kind, node)
             if refusal is not None:
-                return Decision(refusal=refusal)
-        if reassert or settings:
-            return Decision(reassert=reassert, settings=settings, drops_statements=drops_statements)
+                return Decision(refusal=Refusal("42501", refusal, REFUSAL_HINT))
+        no_block = len(statements) == 1 and _no_transaction_block(statements[0].get("stmt", {}))
+        if resets_all or unknown or set_names or reset_names or deallocates or drops_statements or no_block:
+            return Decision(
+                resets_all=resets_all, reset_names=frozenset(reset_names), set_names=frozenset(set_names),
+                unknown_settings=unknown, deallocates=frozenset(deallocates), drops_statements=drops_statements,
+                statement_count=len(statements), no_transaction_block=no_block,
+            )
         return ALLOW
 
     def _variable_set(self, node: dict[str, Any]) -> str | None:
@@ -195,12 +250,46 @@ class Guard:
         return None
 
 
+def _is_true(node: Any) -> bool:
+    """A literal true (true, 't', 'true', 'on', ...) as set_config's is_local argument."""
+    if isinstance(node, dict) and "TypeCast" in node:
+        return _is_true(node["TypeCast"].get("arg"))
+    constant = node.get("A_Const") if isinstance(node, dict) else None
+    if isinstance(constant, dict) and isinstance(constant.get("boolval"), dict):
+        return bool(constant["boolval"].get("boolval"))
+    text = _string_constant(node)
+    return text is not None and text.strip().lower() in ("t", "tr", "tru", "true", "y", "ye", "yes", "on", "1")
+
+
 def _function_name(node: dict[str, Any]) -> str | None:
     """The name of a called function when it is unqualified or in pg_catalog, else None."""
     names = [part.get("String", {}).get("sval") for part in node.get("funcname", []) if isinstance(part, dict)]
     if not names or names[:-1] not in ([], ["pg_catalog"]):
         return None
     return names[-1]
+
+
+def _no_transaction_block(stmt: dict[str, Any]) -> bool:
+    """A statement Postgres refuses inside a transaction block (PreventInTransactionBlock)."""
+    if not stmt:
+        return False
+    kind, node = next(iter(stmt.items()))
+    if kind in ("VacuumStmt", "CreatedbStmt", "DropdbStmt", "CreateTableSpaceStmt", "DropTableSpaceStmt",
+                "AlterSystemStmt", "CreateSubscriptionStmt", "DropSubscriptionStmt"):
+        return True
+    if kind == "IndexStmt" or kind == "ReindexStmt":
+        return bool(node.get("concurrent")) or any(
+            isinstance(p, dict) and p.get("DefElem", {}).get("defname") == "concurrently" for p in node.get("params", [])
+        )
+    if kind == "DropStmt":
+        return bool(node.get("concurrent"))
+    if kind == "DiscardStmt":
+        return node.get("target") == "DISCARD_ALL"
+    if kind == "ClusterStmt":
+        return not node.get("relation")
+    if kind == "TransactionStmt":
+        return node.get("kind") in ("TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED")
+    return False
 
 
 def _is_temporary(relation: Any) -> bool:
@@ -214,8 +303,8 @@ def _session_feature(kind: str, node: dict[str, Any]) -> str | None:
         feature = "LISTEN"
     elif kind == "DeclareCursorStmt" and int(node.get("options", 0)) & _CURSOR_OPT_HOLD:
         feature = "DECLARE ... WITH HOLD"
-    elif kind in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt"):
-        feature = "SQL-level " + {"PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE", "DeallocateStmt": "DEALLOCATE"}[kind]
+    elif kind in ("PrepareStmt", "ExecuteStmt"):
+        feature = "SQL-level " + {"PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE"}[kind]
     elif kind == "FuncCall" and _function_name(node) in _SESSION_ADVISORY_LOCKS:
         feature = f"{_function_name(node)}() (a session advisory lock; pg_advisory_xact_lock() works)"
     elif kind == "CreateStmt" and _is_temporary(node.get("relation")) and node.get("oncommit") != "ONCOMMIT_DROP":

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 
 from proxy.protocol import messages
+from proxy.relay.replies import Request
 
 # The hash block size of SHA-256; keys longer than this are hashed first (RFC 2104).
 BLOCK_SIZE = 64
@@ -36,33 +37,64 @@ def quote_literal(text: str) -> str:
 
 
 class ContextBuilder:
-    """Builds the protocol messages that put a tenant's signed context on a backend."""
+    """Builds the protocol messages that put a tenant's signed context on a backend.
+
+    The values travel as Bind parameters of the proxy's own named statement and portal (never the
+    unnamed ones, which belong to the client), so they never appear in pg_stat_activity.query.
+    """
+
+    statement_name = b"pg_tenant_proxy_context"
+    _session_name = "pg_tenant_proxy_session_context"
+    _portal = "pg_tenant_proxy_context"
 
     def __init__(self, setting: str, proof_setting: str, signing_key: str) -> None:
         self.setting = setting
         self.proof_setting = proof_setting
         self._key = signing_key.encode()
-        self.statement = (
-            f"SELECT pg_catalog.set_config({quote_literal(setting)}, $1, false),"
-            f" pg_catalog.set_config({quote_literal(proof_setting)}, $2, false)"
+        self.statement = self._sql(is_local=True)
+        self._session_statement = self._sql(is_local=False)
+        self._proofs: dict[tuple[str, int, int], str] = {}
+        self._close_portal = messages.message(b"C", b"P" + self._portal.encode() + b"\0")
+
+    def _sql(self, is_local: bool) -> str:
+        local = "true" if is_local else "false"
+        return (
+            f"SELECT pg_catalog.set_config({quote_literal(self.setting)}, $1, {local}),"
+            f" pg_catalog.set_config({quote_literal(self.proof_setting)}, $2, {local})"
         )
 
     def proof(self, tenant: str, backend_pid: int, expires_at: int) -> str:
-        return sign(self._key, tenant, backend_pid, expires_at)
+        """The proof for one (tenant, backend, expiry), remembered: a pooled connection serves the same
+        tenant many times."""
+        key = (tenant, backend_pid, expires_at)
+        proof = self._proofs.get(key)
+        if proof is None:
+            if len(self._proofs) >= 65536:
+                self._proofs.clear()
+            proof = self._proofs[key] = sign(self._key, tenant, backend_pid, expires_at)
+        return proof
 
-    def context_messages(self, tenant: str, backend_pid: int, expires_at: int) -> bytes:
-        """Parse, Bind and Execute (of the unnamed statement) that set the context for the session.
-
-        The values travel as Bind parameters, so they never appear in pg_stat_activity.query.
-        """
-        return b"".join(
-            (
-                messages.parse("", self.statement),
-                messages.bind("", "", [tenant, self.proof(tenant, backend_pid, expires_at)]),
-                messages.execute(),
-            )
+    def transaction_messages(self, tenant: str, backend_pid: int, expires_at: int) -> tuple[bytes, bytes, bytes]:
+        """Bind, Execute and Close (of the portal, so the client never sees it in pg_cursors) of the
+        prepared context statement (`statement_name`, `statement`): sets the context for the current
+        transaction only. Sent with no Sync after it, directly before the client's first statement of a
+        transaction."""
+        return (
+            messages.bind(self._portal, self.statement_name.decode(), [tenant, self.proof(tenant, backend_pid, expires_at)]),
+            messages.execute(self._portal),
+            self._close_portal,
         )
 
-    def session_messages(self, tenant: str, backend_pid: int, expires_at: int) -> bytes:
-        """The context messages and a Sync: one group of replies of the proxy's own."""
-        return self.context_messages(tenant, backend_pid, expires_at) + messages.sync()
+    def session_messages(self, tenant: str, backend_pid: int, expires_at: int) -> list[tuple[bytes, Request]]:
+        """A Sync group of the proxy's own that sets the context for the whole session: Parse, Bind,
+        Execute of its own statement, then Close of the portal and the statement (a client never finds
+        them in pg_cursors or pg_prepared_statements) and Sync; each with the reply the server owes."""
+        name = self._session_name
+        return [
+            (messages.parse(name, self._session_statement), Request.PARSE),
+            (messages.bind(self._portal, name, [tenant, self.proof(tenant, backend_pid, expires_at)]), Request.BIND),
+            (messages.execute(self._portal), Request.EXECUTE),
+            (self._close_portal, Request.CLOSE),
+            (messages.message(b"C", b"S" + name.encode() + b"\0"), Request.CLOSE),
+            (messages.sync(), Request.SYNC),
+        ]

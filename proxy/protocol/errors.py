@@ -5,6 +5,10 @@ CONNECTION_FAILURE = "08006"
 PROTOCOL_VIOLATION = "08P01"
 # Class 0A: feature not supported
 FEATURE_NOT_SUPPORTED = "0A000"
+# Class 25: invalid transaction state
+IN_FAILED_TRANSACTION = "25P02"
+# Class 26: invalid SQL statement name
+INVALID_STATEMENT_NAME = "26000"
 # Class 28: invalid authorization specification
 INVALID_AUTHORIZATION = "28000"
 INVALID_PASSWORD = "28P01"

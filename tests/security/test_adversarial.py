@@ -107,23 +107,25 @@ def test_writes_past_the_guard_are_worthless(proxy: ProxyProcess, conn: psycopg.
     """Attacker: hide the setting's name from the parser. Stopped by: the verifier (no valid proof).
 
     In session mode the broken context stays broken: no rows at all (fail closed). In transaction mode
-    the proxy reads the settings back after a set_config() it can see, finds the context broken, and
-    sets it again at the next checkout: the client's next transaction sees its own rows again."""
+    the proxy sets the context at the start of every transaction: the client's next transaction sees its
+    own rows again, never another tenant's."""
     conn.execute(sql)
     assert other_tenant_rows(conn) == 0
-    healed = 'mode = "transaction"' in proxy.config.read_text() and "query_to_xml" not in sql
+    healed = 'mode = "transaction"' in proxy.config.read_text()
     assert count(conn) == (ROWS[ACME] if healed else 0)
 
 
 def test_a_stolen_proof_from_another_backend_is_worthless(
-    conn: psycopg.Connection[Any], tenant_db: Any
+    proxy: ProxyProcess, conn: psycopg.Connection[Any], tenant_db: Any
 ) -> None:
     """Attacker: learn B's proof (for B's backend) and present it. Stopped by: the pid binding.
-    (The attacker cannot compute a proof for its own backend without the key.)"""
+    (The attacker cannot compute a proof for its own backend without the key.) In transaction mode the
+    proxy's context for each transaction overrides the forged session value: the client sees its own rows."""
     proof = sign(tenant_db.signing_key.encode(), GLOBEX, 1, int(time.time()) + 600)
     conn.execute("SELECT set_config('app.' || 'current_tenant', %s, false), set_config('tenant_proxy.' || 'proof', %s, false)",
                  (GLOBEX, proof))
-    assert count(conn) == 0
+    assert other_tenant_rows(conn) == 0
+    assert count(conn) == (ROWS[ACME] if 'mode = "transaction"' in proxy.config.read_text() else 0)
 
 
 def test_an_expired_proof_is_worthless(pg: EmbeddedPostgres, tenant_db: Any) -> None:

@@ -226,7 +226,8 @@ class IncompleteReply(AssertionError):
     """A reply stream stopped before it was complete; `replies` holds what did arrive."""
 
     def __init__(self, reason: str, replies: list[Reply]) -> None:
-        super().__init__(reason)
+        super().__init__("\n".join([reason, "  received:"] + [f"    {render(reply)}" for reply in replies]))
+        self.reason = reason
         self.replies = replies
 
 
@@ -384,6 +385,14 @@ def first_difference(direct: Sequence[Reply], proxied: Sequence[Reply]) -> str |
     return None
 
 
+def assert_same(direct: Sequence[Reply], proxied: Sequence[Reply], what: str) -> None:
+    """Fail, with both streams side by side, unless the normalised streams are equal."""
+    difference = first_difference(direct, proxied)
+    if difference:
+        lines = _side_by_side(normalise(direct), normalise(proxied))
+        raise AssertionError("\n".join([f"{what} differ from a direct session at {difference}"] + lines))
+
+
 def run_direct(wire: Wire, scenario: Sequence[Write]) -> list[list[Reply]]:
     """Each write's replies from Postgres directly."""
     return [wire.run(write) for write in scenario]
@@ -405,7 +414,7 @@ def compare_through_proxy(
                 proxied = wire.read_until(lambda replies: len(replies) >= len(direct))
         except IncompleteReply as exc:
             transcript.add(write, direct, exc.replies)
-            raise AssertionError(f"{exc}\n{transcript.text()}") from None
+            raise AssertionError(f"{exc.reason}\n{transcript.text()}") from None
         transcript.add(write, direct, proxied)
         difference = first_difference(direct, proxied)
         if difference:

@@ -26,7 +26,7 @@ from proxy.protocol.scram import MECHANISM, ScramClient
 Reply = tuple[bytes, bytes]
 READ_TIMEOUT = 5.0
 # ParameterStatus values that legitimately differ between a direct session and one through the proxy.
-VARYING_PARAMETERS = {"server_version", "session_authorization", "is_superuser", "application_name"}
+VARYING_PARAMETERS = {"server_version", "session_authorization", "is_superuser"}
 
 
 # ---------------------------------------------------------------------------------------------

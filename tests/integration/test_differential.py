@@ -77,6 +77,8 @@ SIMPLE_QUERIES = (
     "BEGIN; INSERT INTO diff_scratch VALUES (5, 'five'); COMMIT",
     "SELECT generate_series(1, 3)",
     "COPY (SELECT n, t FROM diff_scratch ORDER BY n) TO STDOUT",
+    "SET application_name = 'renamed'",
+    "RESET ALL",
 )
 PARSE_TEXTS = (
     "SELECT $1::int + 1",

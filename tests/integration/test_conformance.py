@@ -84,6 +84,11 @@ def proxy_arguments(proxy: ProxyProcess, tenant: str = ACME) -> dict[str, Any]:
             "database": "app", "ssl": False}
 
 
+def close_all(*wires: Wire) -> None:
+    for wire in wires:
+        wire.close()
+
+
 def exchange(wire: Wire, *frontend: bytes, ready: int = 1) -> list[Reply]:
     """Send the messages as one write and read up to the `ready`th ReadyForQuery."""
     wire.send(b"".join(frontend))
@@ -114,7 +119,7 @@ def unnamed_across_syncs(first: Wire, second: Wire) -> list[Reply]:
 def test_raw_unnamed_statement_survives_syncs_and_another_tenant(pooled: ProxyProcess, direct: Direct) -> None:
     first, second = direct.wire("direct A"), direct.wire("direct B")
     expected = unnamed_across_syncs(first, second)
-    first.close(), second.close()
+    close_all(first, second)
     assert (b"D", b"\x00\x02\x00\x00\x00\x05hello\x00\x00\x00\x05world") in expected
 
     first = connect_proxy(pooled.port, pooled.token(ACME), "proxy A")
@@ -124,7 +129,7 @@ def test_raw_unnamed_statement_survives_syncs_and_another_tenant(pooled: ProxyPr
         assert current_tenant(first) == ACME.encode()
         assert current_tenant(second) == GLOBEX.encode()
     finally:
-        first.close(), second.close()
+        close_all(first, second)
 
 
 def pg8000_worker(connect: Callable[[], pg8000.native.Connection], name: str, tenant: str | None, results: list[Any]) -> None:
@@ -195,7 +200,7 @@ def test_raw_query_behind_a_failing_parse_is_skipped(pooled: ProxyProcess, direc
         replies = exchange(other, messages.query("SELECT 2"))
         assert [type_byte for type_byte, _ in replies] == [b"T", b"D", b"C", b"Z"], replies
     finally:
-        wire.close(), other.close()
+        close_all(wire, other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +354,7 @@ def test_raw_discard_all_pipelined_after_parse_leaves_other_clients_statements(p
     names = ("owner", "other", "late")
     wires = [direct.wire(f"direct {name}") for name in names]
     expected = discard_all_in_a_pipeline(*wires)
-    for wire in wires:
-        wire.close()
+    close_all(*wires)
     assert [type_byte for type_byte, _ in expected[1][-2:]] == [b"E", b"Z"]  # x1 is gone for `other` only
 
     wires = [connect_proxy(pooled.port, pooled.token(ACME), f"proxy {name}") for name in names]
@@ -360,8 +364,7 @@ def test_raw_discard_all_pipelined_after_parse_leaves_other_clients_statements(p
         assert_same(expected[1], got[1], "the replies of the client that sent DISCARD ALL")
         assert_same(expected[2], got[2], "the replies of a client that prepared x1 afterwards")
     finally:
-        for wire in wires:
-            wire.close()
+        close_all(*wires)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +427,7 @@ def statement_management(sql: str, client: Wire, neighbour: Wire) -> tuple[list[
 def test_raw_statement_management_in_sql_acts_on_own_statements(pooled: ProxyProcess, direct: Direct, sql: str) -> None:
     client, neighbour = direct.wire("direct client"), direct.wire("direct neighbour")
     expected = statement_management(sql, client, neighbour)
-    client.close(), neighbour.close()
+    close_all(client, neighbour)
 
     client = connect_proxy(pooled.port, pooled.token(ACME), "proxy client")
     neighbour = connect_proxy(pooled.port, pooled.token(ACME), "proxy neighbour")
@@ -433,7 +436,7 @@ def test_raw_statement_management_in_sql_acts_on_own_statements(pooled: ProxyPro
         assert_same(expected[0], mine, f"replies of the client that ran {sql}")
         assert_same(expected[1], theirs, "replies of another client of the same tenant")
     finally:
-        client.close(), neighbour.close()
+        close_all(client, neighbour)
 
 
 def test_raw_sql_prepare_and_execute_answer_and_the_session_goes_on(pooled: ProxyProcess, direct: Direct, mode: str) -> None:

@@ -398,12 +398,12 @@ def run_direct(wire: Wire, scenario: Sequence[Write]) -> list[list[Reply]]:
     return [wire.run(write) for write in scenario]
 
 
-def compare_through_proxy(
+def run_and_compare(
     wire: Wire, scenario: Sequence[Write], expected: Sequence[list[Reply]], transcript: Transcript,
     between_writes: Callable[[Wire], None] | None = None,
 ) -> None:
-    """Send the scenario through the proxy and fail at the first write whose replies differ from
-    `expected` (the direct run), with the whole transcript so far in the message. `between_writes`
+    """Send the scenario on `wire` (through the proxy) and fail at the first write whose replies differ
+    from `expected` (the direct run), with the whole transcript so far in the message. `between_writes`
     runs after each terminated write that left the client idle (to let another client in)."""
     for write, direct in zip(scenario, expected):
         wire.send(write.data())

@@ -254,9 +254,10 @@ SET_CONFIG_LOCAL = "SELECT set_config('statement_timeout', '5s', true)"
 def psycopg_transaction_pid(conn: psycopg.Connection[Any]) -> int:
     with conn.transaction():
         assert conn.execute(SET_CONFIG_LOCAL).fetchone() == ("5s",)
-        pid: int = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
     conn.commit()
-    return pid
+    assert row is not None
+    return int(row[0])
 
 
 def simple_transaction_pid(wire: Wire) -> int:

@@ -30,7 +30,7 @@ from differential import (
     Transcript,
     Wire,
     Write,
-    compare_through_proxy,
+    run_and_compare,
     connect_direct,
     connect_proxy,
     first_difference,
@@ -230,6 +230,18 @@ def scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[psycopg
     pg.psql("DROP TABLE diff_scratch", database=tenant_db.database)
 
 
+def seeded(examples: int) -> settings:
+    """Hypothesis settings: a fixed seed, `examples` scenarios, no shrinking (see the module docstring)."""
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=(Phase.generate,),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 def refill(admin: psycopg.Connection[Any]) -> None:
     """Back to the two seed rows; waits (up to lock_timeout) for a rolled-back client to let go."""
     admin.execute("TRUNCATE diff_scratch")
@@ -290,7 +302,7 @@ class Comparison:
         refill(self.admin)
         wire = connect_proxy(self.proxy.port, self.proxy.token(ACME))
         try:
-            compare_through_proxy(wire, scenario, expected, Transcript(self.mode), between_writes=self.other)
+            run_and_compare(wire, scenario, expected, Transcript(self.mode), between_writes=self.other)
         finally:
             wire.close()
 
@@ -313,16 +325,35 @@ def test_input_answers_as_directly(comparison: Comparison, scenario: list[Write]
 
 
 def test_random_message_sequences_answer_as_directly(comparison: Comparison) -> None:
-    @settings(
-        max_examples=EXAMPLES_PER_MODE,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        phases=(Phase.generate,),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @seeded(EXAMPLES_PER_MODE)
     @given(scenarios)
     def check(scenario: list[Write]) -> None:
         comparison.check(scenario)
+
+    check()
+
+
+def test_two_direct_sessions_answer_alike(pg: EmbeddedPostgres, tenant_db: TenantDatabase, scratch: psycopg.Connection[Any]) -> None:
+    """The harness itself: a second direct session gives the same streams as the first for the same
+    scenarios, so a difference through the proxy is the proxy's, not the harness's."""
+
+    def direct(name: str) -> Wire:
+        return connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database, name)
+
+    @seeded(30)
+    @given(scenarios)
+    def check(scenario: list[Write]) -> None:
+        refill(scratch)
+        first = direct("first direct session")
+        try:
+            expected = run_direct(first, scenario)
+        finally:
+            first.close()
+        refill(scratch)
+        second = direct("second direct session")
+        try:
+            run_and_compare(second, scenario, expected, Transcript("none (direct)"))
+        finally:
+            second.close()
 
     check()

@@ -282,11 +282,14 @@ def connect_proxy(port: int, token: str, name: str = "proxy", **parameters: str)
 
 def normalise(replies: Sequence[Reply]) -> list[Reply]:
     """The replies with what legitimately differs between a direct session and the proxy blanked:
-    BackendKeyData, and the values of VARYING_PARAMETERS in ParameterStatus."""
+    BackendKeyData, the values of VARYING_PARAMETERS in ParameterStatus, and the source location of an
+    error (file, line, routine: where in Postgres or the proxy it was raised), which no client acts on."""
     result: list[Reply] = []
     for type_byte, body in replies:
         if type_byte == b"K":
             body = b""
+        elif type_byte in (b"E", b"N"):
+            body = b"".join(field + b"\0" for field in body.split(b"\0") if field and field[:1] not in (b"F", b"L", b"R")) + b"\0"
         elif type_byte == b"S":
             name, _ = messages.parse_parameter_status(body)
             if name in VARYING_PARAMETERS:

@@ -173,6 +173,7 @@ class Relay:
         self.client_view: dict[str, str] = {}  # ParameterStatus values the client has seen
         self._pending_parameters: dict[str, str] = {}
         self.terminated = False  # the client sent Terminate
+        self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
         self.mode: SessionMode | TransactionMode = (
             TransactionMode(self, max_statement_bytes) if transaction_mode else SessionMode(self)
         )
@@ -289,22 +290,35 @@ class Relay:
         self._run(segments)
 
     def _run(self, segments: Sequence[Segment]) -> None:
+        """Handle client messages in order until one must wait; go on at once when what it waited for
+        is already there (a ReadyForQuery the proxy answered itself)."""
+        while True:
+            stopped = self._process(segments)
+            self._flush()
+            if self.terminated:  # Terminate: not forwarded, so the server connection can serve again
+                self.hooks.terminated()
+                return
+            queue = self.queue
+            if stopped is None or queue is None or queue.client_group_ends or self.mode.waiting():
+                break
+            segments = stopped
+        if stopped is not None:
+            self._hold(stopped)
+        self.mode.maybe_release()
+
+    def _process(self, segments: Sequence[Segment]) -> Sequence[Segment] | None:
+        """Handle the segments; the ones left when a message must wait (that one first), else None."""
         out = self._out
         for index, segment in enumerate(segments):
             if type(segment) is not Message:
-                out.append(segment)  # type: ignore[arg-type]
+                out.append(segment)  # type: ignore[arg-type]  # CopyData
+                assert self.queue is not None
+                self.queue.expect(Request.COPY_DATA)
                 continue
             if not self._message(segment):  # type: ignore[arg-type]
-                if self.terminated:  # Terminate: not forwarded, so the server connection can serve again
-                    self._flush()
-                    self.hooks.terminated()
-                    return
-                self._hold(segments[index:])
-                break
-        else:
-            self.mode.read_done()
-        self._flush()
-        self.mode.maybe_release()
+                return None if self.terminated else segments[index:]
+        self.mode.read_done()
+        return None
 
     def _flush(self) -> None:
         if self._out:
@@ -321,6 +335,15 @@ class Relay:
         """Handle one client message; False when it must wait (the mode needs the server's status)."""
         kind = message.type
         mode = self.mode
+        if mode.waiting():
+            return False
+        if self.skip_group and kind != b"X":
+            if kind == b"S":  # the window the client is in ends here: the proxy answers its Sync
+                self.skip_group = False
+                assert self.queue is not None
+                self.queue.expect(Request.SYNC, Owner.ANSWERED)
+                self.mid_group = False
+            return True
         if kind == b"Q":
             return mode.query(message)
         if kind == b"B":
@@ -533,6 +556,10 @@ class SessionMode:
     def read_done(self) -> None:
         """Nothing to add at the end of a client read in session mode."""
 
+    def waiting(self) -> bool:
+        """Session mode never holds a client message for the server's answer."""
+        return False
+
     def maybe_release(self) -> None:
         """The connection is released when the client leaves, not here."""
 
@@ -547,6 +574,8 @@ class TransactionMode:
         self.context_set = False  # the context is in force for the transaction the client is in
         self.context_reset = False  # a RESET ALL / DISCARD ALL went upstream: set it again before the next statement
         self.reapply: dict[str, str] = {}  # startup values to apply again behind the current group
+        self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
+        self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
 
     # -- checkout --------------------------------------------------------------------------------
 
@@ -692,6 +721,12 @@ class TransactionMode:
 
             watcher = OwnRequest(ended)
         if decision.set_names or decision.reset_names or decision.resets_all or decision.unknown_settings:
+            assert relay.server is not None
+            held = relay.server.state.settings
+            if decision.resets_all:
+                held.clear()  # the server's defaults from here on (a read-back corrects a rollback)
+            for name in decision.reset_names:
+                held.pop(name, None)
             reapply = relay.settings.changed(decision.set_names, decision.reset_names, decision.resets_all, decision.unknown_settings)
             self.reapply.update(reapply)
         return watcher
@@ -713,15 +748,48 @@ class TransactionMode:
                 "close (deallocate) prepared statements the client no longer uses, or raise [client] max_prepared_statement_bytes",
             ))
             return
+        if name and name in self.statements.by_name:
+            self._parse_again(name, definition)
+            return
         assert relay.server is not None
         server = relay.server.state.statements
         statement = statement_for(definition, relay.settings.current.get("search_path", ""), decision)
         self.statements.remember(name, statement)
         if name:
-            self._prepare(statement, server, Owner.CLIENT)
+            self._prepare(statement, server, Owner.CLIENT, name)
             return
         server.unnamed = statement
         relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._unnamed_parsed(server, statement)))
+
+    def _close_ended(self, name: bytes, statement: Statement) -> object:
+        """A client's Close of its statement was forgotten when sent; skipped in an error window, it
+        closed nothing, as in Postgres."""
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            if outcome is not Outcome.COMPLETED and name in self.statements.by_name:
+                return  # a Parse of the name follows in the same window: its end restores this one
+            if self.closing.get(name) is statement:
+                del self.closing[name]
+            if outcome is not Outcome.COMPLETED:
+                self.statements.remember(name, statement)
+
+        return ended
+
+    def _parse_again(self, name: bytes, definition: bytes) -> None:
+        """A Parse of a name the client already holds: Postgres checks the text first, then refuses the
+        name (42P05). Parsing the text under the server-side name of the client's statement, which the
+        server connection is made to hold, fails the same way, and the error is renamed on the way back."""
+        relay = self.relay
+        existing = self._ensure(name)
+        assert existing is not None and relay.server is not None
+        server = relay.server.state.statements
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            if outcome is Outcome.COMPLETED:  # it was not there after all: whatever holds the name now is unknown
+                server.dropped()
+
+        relay.send(messages.message(b"P", existing.server_name + b"\0" + definition), Request.PARSE,
+                   watcher=OwnRequest(ended), reply=existing.server_name + b"\0" + name)
 
     @staticmethod
     def _unnamed_parsed(server: ServerStatements, statement: Statement) -> object:
@@ -731,7 +799,7 @@ class TransactionMode:
 
         return ended
 
-    def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner) -> None:
+    def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner, client_name: bytes = b"") -> None:
         """Close the server-side name first (it may be there, or half-known after a failed group), make
         room, then Parse it; OWN: its ParseComplete is swallowed."""
         relay = self.relay
@@ -739,12 +807,21 @@ class TransactionMode:
         for victim in server.evictions():
             relay.own(messages.close_statement(victim), Request.CLOSE)
         server.in_use.add(statement.server_name)
-        watch = OwnRequest(server.parse_sent(statement.server_name).ended)
+        parsed = server.parse_sent(statement.server_name).ended
         raw = messages.message(b"P", statement.server_name + b"\0" + statement.definition)
-        if owner is Owner.CLIENT:
-            relay.send(raw, Request.PARSE, watcher=watch)
-        else:
-            relay.own(raw, Request.PARSE, watch)
+        if owner is Owner.OWN:
+            relay.own(raw, Request.PARSE, OwnRequest(parsed))
+            return
+
+        def client_parse_ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            parsed(outcome, error)
+            if outcome is not Outcome.COMPLETED and self.statements.by_name.get(client_name) is statement:
+                self.statements.forget(client_name)  # as in Postgres, a failed Parse creates nothing
+                closed = self.closing.pop(client_name, None)
+                if closed is not None:  # ... and a Close skipped with it closed nothing
+                    self.statements.remember(client_name, closed)
+
+        relay.send(raw, Request.PARSE, watcher=OwnRequest(client_parse_ended), reply=statement.server_name + b"\0" + client_name)
 
     def _ensure(self, name: bytes) -> Statement | None:
         """Make sure the server connection holds the client's statement `name` (b"" for the unnamed);
@@ -784,7 +861,8 @@ class TransactionMode:
         if statement is None or not name:
             relay.send(message.raw, Request.BIND)
             return
-        relay.send(messages.message(b"B", portal + b"\0" + statement.server_name + b"\0" + body[end:]), Request.BIND)
+        relay.send(messages.message(b"B", portal + b"\0" + statement.server_name + b"\0" + body[end:]), Request.BIND,
+                   reply=statement.server_name + b"\0" + name)
 
     def describe(self, message: Message) -> None:
         relay = self.relay
@@ -800,7 +878,8 @@ class TransactionMode:
         if statement is None or not name:
             relay.send(message.raw, Request.DESCRIBE)
             return
-        relay.send(messages.message(b"D", b"S" + statement.server_name + b"\0"), Request.DESCRIBE)
+        relay.send(messages.message(b"D", b"S" + statement.server_name + b"\0"), Request.DESCRIBE,
+                   reply=statement.server_name + b"\0" + name)
 
     def close(self, message: Message) -> None:
         """A client's Close of its statement forgets it; the server-side statement may be shared, so a
@@ -814,9 +893,14 @@ class TransactionMode:
         if body[:1] == b"S":
             if not name:
                 self.statements.unnamed = None
-            elif self.statements.forget(name):
-                relay.send(messages.close_statement(NEVER_PREPARED), Request.CLOSE)
-                return
+            else:
+                statement = self.statements.by_name.get(name)
+                if statement is not None:
+                    self.statements.forget(name)
+                    self.closing[name] = statement
+                    relay.send(messages.close_statement(NEVER_PREPARED), Request.CLOSE,
+                               watcher=OwnRequest(self._close_ended(name, statement)))
+                    return
         else:
             self.portals.pop(name, None)
         relay.send(message.raw, Request.CLOSE)
@@ -894,8 +978,21 @@ class TransactionMode:
             and bytes(out[-1][:1]) == b"H"
             and relay.scanner.at_boundary()
         ):
-            relay.own(messages.sync(), Request.SYNC)
+            relay.own(messages.sync(), Request.SYNC, OwnRequest(self._flush_sync_ended))
             relay.mid_group = False
+            self.flush_sync_pending = True
+
+    def _flush_sync_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """The proxy's Sync after a Flush is answered. If the client's messages before it failed, the
+        client is still inside the error window Postgres would keep until the client's own Sync."""
+        self.flush_sync_pending = False
+        if outcome is Outcome.FAILED:
+            self.relay.skip_group = True
+
+    def waiting(self) -> bool:
+        """The client's messages wait while the proxy's Sync after a Flush is unanswered: the server's
+        error window, if any, is not known yet."""
+        return self.flush_sync_pending
 
     def maybe_release(self) -> None:
         """At ReadyForQuery 'I' with nothing owed, nothing held and the client between groups, the server
@@ -908,6 +1005,7 @@ class TransactionMode:
             or queue.status != b"I"
             or relay.mid_group
             or relay.held
+            or relay.skip_group
             or relay.preparing
             or relay.settings.stale
             or not relay.scanner.at_boundary()

@@ -224,11 +224,17 @@ PEEK = "SELECT current_setting('myapp.user_id', true), current_setting('statemen
 
 
 def settings_seen(main: psycopg.Connection[Any], other: psycopg.Connection[Any]) -> list[Any]:
-    """Each step's result on `main`, and what `other` (same tenant, no SET) reads after it."""
+    """Each step's result on `main`, and what `other` (same tenant, no SET) reads after it.
+
+    A custom placeholder setting that another client once set on a shared server connection reads as ''
+    there after the proxy resets it, where a fresh session reads NULL: Postgres keeps a placeholder
+    defined for the life of a backend. Neither is another client's value, so the two read alike here
+    (the README lists the difference)."""
     seen: list[Any] = []
     for sql in SETTING_STEPS:
         cursor = main.execute(sql)
-        seen.append((sql, cursor.fetchone() if cursor.description else cursor.statusmessage, other.execute(PEEK).fetchone()))
+        peek = tuple(None if value == "" else value for value in other.execute(PEEK).fetchone())
+        seen.append((sql, cursor.fetchone() if cursor.description else cursor.statusmessage, peek))
     return seen
 
 

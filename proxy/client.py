@@ -715,7 +715,8 @@ class ClientConnection(asyncio.Protocol):
         if decision is ALLOW:
             return query
         if decision.refusal is not None:
-            return messages.query(self._refusal_marker(decision.refusal))
+            refusal = decision.refusal
+            return messages.query(self._refusal_marker(refusal.message, refusal.sqlstate, refusal.hint))
         self._note(decision)
         return query
 
@@ -731,18 +732,21 @@ class ClientConnection(asyncio.Protocol):
             return message.raw  # malformed: the server reports it
         decision = guard.check(body[name_end + 1 : query_end].decode(errors="replace"))
         if decision.refusal is not None:
-            return self._refused_parse(body, decision.refusal)
+            refusal = decision.refusal
+            return self._refused_parse(body, refusal.message, refusal.sqlstate, refusal.hint)
         self._note(decision)
         return message.raw
 
     def _note(self, decision: Decision) -> None:
         """Act on an allowed statement's side effects: re-assert the context after RESET ALL or DISCARD
         ALL; in transaction mode, read the settings back and forget the server's prepared statements."""
-        if decision.reassert:
+        if decision.resets_all:
             self._reassert_due = True
         if self._transaction_mode:
-            self._settings_stale = self._settings_stale or decision.settings
-            if decision.drops_statements and self.backend is not None and self.backend.state is not None:
+            settings = decision.resets_all or decision.reset_names or decision.set_names or decision.unknown_settings
+            self._settings_stale = self._settings_stale or bool(settings)
+            dropped = decision.drops_statements or decision.deallocates
+            if dropped and self.backend is not None and self.backend.state is not None:
                 self.backend.state.statements.clear()
 
     def context_failed(self, fields: dict[str, str]) -> None:

@@ -94,6 +94,13 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("guard", "enabled"): (bool, True),
     ("guard", "allow_do"): (bool, False),
     ("guard", "protected_prefixes"): (list, ["app.", "request.jwt."]),
+    ("guard", "max_parse_bytes"): (int, 65_536),
+    ("guard", "allow_explain"): (bool, False),
+    ("guard", "allow_strong_locks"): (bool, False),
+    ("guard", "allow_notifications"): (bool, False),
+    ("guard", "allow_large_objects"): (bool, False),
+    ("guard", "allow_backend_signals"): (bool, False),
+    ("guard", "allow_function_call"): (bool, False),
 }
 
 
@@ -163,6 +170,13 @@ class GuardSettings:
     enabled: bool
     allow_do: bool
     protected_prefixes: list[str]
+    max_parse_bytes: int
+    allow_explain: bool
+    allow_strong_locks: bool
+    allow_notifications: bool
+    allow_large_objects: bool
+    allow_backend_signals: bool
+    allow_function_call: bool
 
 
 @dataclass(frozen=True)
@@ -382,6 +396,8 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         if values[("client", key)] < 64:
             raise ConfigError(f"client.{key}: must be at least 64 bytes")
     client = _section(values, "client", ClientSettings)
+    if values[("guard", "max_parse_bytes")] < 1024:
+        raise ConfigError("guard.max_parse_bytes: must be at least 1024 bytes")
     guard = _section(values, "guard", GuardSettings)
     return Settings(
         listen_host=listen_host,

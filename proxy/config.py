@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.guard import DEFAULT_MAX_PARSE_BYTES
+
 POOL_MODES = ("session", "transaction")
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
@@ -94,7 +96,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("guard", "enabled"): (bool, True),
     ("guard", "allow_do"): (bool, False),
     ("guard", "protected_prefixes"): (list, ["app.", "request.jwt."]),
-    ("guard", "max_parse_bytes"): (int, 65_536),
+    ("guard", "max_parse_bytes"): (int, DEFAULT_MAX_PARSE_BYTES),
     ("guard", "allow_explain"): (bool, False),
     ("guard", "allow_strong_locks"): (bool, False),
     ("guard", "allow_notifications"): (bool, False),

@@ -30,7 +30,8 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from pglast import parser
 
@@ -38,14 +39,18 @@ from proxy import lexing
 from proxy.parameters import ProtectedSettings
 from proxy.protocol import errors
 
+if TYPE_CHECKING:
+    from proxy.config import GuardSettings
+
 log = logging.getLogger("pg_tenant_proxy")
 
 CACHE_SIZE = 4096
 CACHEABLE_LENGTH = 16_384
-DEFAULT_MAX_PARSE_BYTES = 65_536
+DEFAULT_MAX_PARSE_BYTES = 32_768
 # Nesting levels of pglast's JSON tree the guard reads; json.loads recurses once per level, each level
 # takes about 160 bytes of C stack, so this stays far below a thread's 8 MiB stack.
 JSON_DEPTH = 12_000
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -82,59 +87,69 @@ ALLOW = Decision()
 
 # -- the pre-scan ------------------------------------------------------------------------------------
 
-# Substrings and whole words that can only appear in text the guard must parse. SET matters only where
-# it can start a statement (at the start, or after ';' or a comment); elsewhere it is UPDATE ... SET,
-# ALTER ... SET or CREATE FUNCTION ... SET, which other words send to the parser. "u&" catches
-# identifiers spelled with Unicode escapes. Substring tests run first: they are much cheaper than regexes.
-_SUBSTRINGS = ("set_config", "u&", "pg_notify", "pg_settings", "_backend")
-_WORDS = (("lo_", re.compile(r"\blo_")),) + tuple(
-    (word, re.compile(rf"\b{word}\b"))
-    for word in (
-        "reset", "alter", "load", "do", "discard", "deallocate", "function", "procedure",
-        "explain", "lock", "truncate", "listen", "unlisten", "notify", "loread", "lowrite",
-        "vacuum", "concurrently", "database", "tablespace", "cluster", "reindex", "prepared", "subscription",
-    )
-)
-_SET_WORD = re.compile(r"\bset\b")
-_STARTS_WITH_SET = re.compile(r"\s*set\b")
-# Words that can only appear in text holding a session feature refused under transaction pooling.
-_SESSION_WORDS = tuple(
-    (word, re.compile(rf"\b{word}\b")) for word in ("hold", "prepare", "execute", "temp", "temporary")
-)
+# Substrings and words that matter wherever they appear: the functions the guard refuses or reads, the
+# pg_settings view, and identifiers spelled with Unicode escapes ("u&"). Substring tests run first: they
+# are much cheaper than regexes.
+_ANYWHERE = ("set_config", "u&", "pg_notify", "pg_settings", "_backend")
+_ANYWHERE_WORDS = tuple((word, re.compile(pattern)) for word, pattern in (
+    ("lo_", r"\blo_"), ("loread", r"\bloread\b"), ("lowrite", r"\blowrite\b"),
+))
+# Under transaction pooling also: session advisory locks, and SELECT ... INTO TEMP.
+_SESSION_ANYWHERE_WORDS = (("advisory", re.compile("advisory")), ("temp", re.compile(r"\btemp")))
+# The first word of every other statement the guard refuses or reports (COMMIT / ROLLBACK only as
+# COMMIT PREPARED / ROLLBACK PREPARED).
+_FIRST_WORDS = frozenset({
+    "set", "reset", "do", "alter", "load", "discard", "deallocate", "explain", "lock", "truncate", "listen",
+    "unlisten", "notify", "vacuum", "cluster", "reindex", "create", "drop", "prepared",
+})
+_SESSION_FIRST_WORDS = _FIRST_WORDS | {"prepare", "execute", "declare"}
+_FIRST_WORD = re.compile(r"[\s(]*([a-z0-9_$]*)")
 
 
 def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
     """False when the text cannot contain anything the guard refuses or reports in a Decision (in
-    transaction mode, also a session feature); True means the guard must parse it."""
+    transaction mode, also a session feature); True means the guard must parse it.
+
+    Text without ';' and comments is one statement: its first word says what kind it is, so a long
+    INSERT ... ON CONFLICT DO UPDATE SET is cleared by its first word. Other text needs parsing when any
+    of those words appears anywhere in it."""
     text = sql.lower()
-    if any(substring in text for substring in _SUBSTRINGS):
-        return True
-    if any(word in text and pattern.search(text) for word, pattern in _WORDS):
-        return True
-    if transaction_mode and (
-        "advisory" in text or any(word in text and pattern.search(text) for word, pattern in _SESSION_WORDS)
+    if any(substring in text for substring in _ANYWHERE) or any(
+        word in text and pattern.search(text) for word, pattern in _ANYWHERE_WORDS
     ):
         return True
-    if "set" not in text or _SET_WORD.search(text) is None:
-        return False
-    return bool(_STARTS_WITH_SET.match(text)) or ";" in text or "/*" in text or "--" in text
+    if transaction_mode and any(word in text and pattern.search(text) for word, pattern in _SESSION_ANYWHERE_WORDS):
+        return True
+    words = _SESSION_FIRST_WORDS if transaction_mode else _FIRST_WORDS
+    if ";" in text or "/*" in text or "--" in text:
+        return any(word in text and re.search(rf"\b{word}\b", text) for word in words)
+    first = _FIRST_WORD.match(text)
+    word = first.group(1) if first else ""
+    if word in ("commit", "rollback"):
+        return "prepared" in text
+    return word in words or (not word and bool(text.strip()))
 
 
 # -- reading pglast's JSON tree ----------------------------------------------------------------------
 
-def parse_tree(sql: str) -> dict[str, Any]:
-    """pglast's parse tree of `sql` as JSON objects ({"stmts": [{"stmt": {NodeType: {...}}}, ...]}).
+def parse_json(sql: str) -> str:
+    """pglast's parse tree of `sql` as JSON text: {"version": N, "stmts": [{"stmt": {NodeType: {...}}, ...}]}.
+    Raises pglast.parser.ParseError for text Postgres's grammar rejects (also "stack depth limit exceeded")."""
+    return parser.parse_sql_json(sql)
 
-    Raises pglast.parser.ParseError for text Postgres's grammar rejects (also "stack depth limit
-    exceeded"), RecursionError for a tree nested more than JSON_DEPTH levels."""
-    text = parser.parse_sql_json(sql)
+
+def decode_node(text: str, start: int) -> tuple[dict[str, Any], int]:
+    """The JSON object that begins at `start` in `text`, and the offset just past it. Raises
+    RecursionError for an object nested more than JSON_DEPTH levels."""
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, JSON_DEPTH))
     try:
-        tree: dict[str, Any] = json.loads(text)
+        node, end = _DECODER.raw_decode(text, start)
     finally:
         sys.setrecursionlimit(limit)
-    return tree
+    if not isinstance(node, dict):
+        raise ValueError("a parse tree node is not a JSON object")
+    return node, end
 
 
 def _nodes(tree: Any) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -241,6 +256,35 @@ LARGE_OBJECT_FUNCTIONS = frozenset(
     }
 )
 SIGNAL_FUNCTIONS = frozenset({"pg_cancel_backend", "pg_terminate_backend"})
+# The node types `Guard._node` acts on. The guard finds them in pglast's JSON text and decodes only those
+# subtrees: FuncCall only for the functions it reads, INSERT / UPDATE / DELETE / MERGE only when the text
+# names pg_settings, the temporary-object statements only when it holds a temporary relation.
+_WALKED_KINDS = frozenset({
+    "VariableSetStmt", "FuncCall", "DoStmt", *_REFUSED_STATEMENTS, *_NOTIFICATION_STATEMENTS,
+    "UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt", "ExplainStmt", "LockStmt", "TruncateStmt",
+})
+_SESSION_WALKED_KINDS = _WALKED_KINDS | {
+    "CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt", "DeclareCursorStmt",
+    "PrepareStmt", "ExecuteStmt",
+}
+_WRITES = ("UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt")
+_TEMPORARY = ("CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt")
+_READ_FUNCTIONS = r"set_config|pg_notify|lo_\w*|loread|lowrite|pg_cancel_backend|pg_terminate_backend"
+_SESSION_FUNCTIONS = r"|pg_advisory\w*|pg_try_advisory\w*"
+# A top-level statement: the only JSON key "stmt" is RawStmt's.
+_STATEMENT = re.compile(r'\{"stmt":\{"(\w+)":(?=\{)')
+
+
+@lru_cache(maxsize=8)
+def _occurrences(transaction_mode: bool, writes: bool, temporary: bool) -> re.Pattern[str]:
+    """A regex over pglast's JSON text whose matches end where a node the guard acts on begins."""
+    kinds = set((_SESSION_WALKED_KINDS if transaction_mode else _WALKED_KINDS) - {"FuncCall"})
+    kinds -= set(() if writes else _WRITES) | set(() if temporary and transaction_mode else _TEMPORARY)
+    functions = _READ_FUNCTIONS + (_SESSION_FUNCTIONS if transaction_mode else "")
+    calls = rf'"FuncCall":(?=\{{"funcname":\[(?:\{{"String":\{{"sval":"pg_catalog"\}}\}},)?\{{"String":\{{"sval":"(?:{functions})"\}}\}}\])'
+    return re.compile(rf'"(?:{"|".join(sorted(kinds))})":(?=\{{)|{calls}')
+
+
 _SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
 _CURSOR_OPT_HOLD = 0x0020
 
@@ -337,9 +381,26 @@ def _no_transaction_block(kind: str, node: dict[str, Any]) -> bool:
     return False
 
 
+_NO_BLOCK_KINDS = frozenset({
+    "CreatedbStmt", "DropdbStmt", "CreateTableSpaceStmt", "DropTableSpaceStmt", "AlterSystemStmt", "CreateSubscriptionStmt",
+    "DropSubscriptionStmt", "VacuumStmt", "IndexStmt", "DropStmt", "ReindexStmt", "ClusterStmt", "DiscardStmt",
+    "TransactionStmt", "AlterSubscriptionStmt", "AlterTableStmt",
+})
+
+
+def _alone(text: str, statement: re.Match[str]) -> bool:
+    """Whether the one statement of a text, found at `statement` in its JSON, refuses a transaction block."""
+    kind = statement.group(1)
+    if kind not in _NO_BLOCK_KINDS or (kind == "AlterTableStmt" and '"AT_DetachPartition"' not in text):
+        return False
+    return _no_transaction_block(kind, decode_node(text, statement.end())[0])
+
+
 @dataclass
 class _Effects:
     """What the statements read so far do to the session; becomes a Decision."""
+
+    KINDS = frozenset({"VariableSetStmt", "DiscardStmt", "DeallocateStmt"})  # the statements `statement` reads
 
     resets_all: bool = False
     reset_names: set[str] = field(default_factory=set)
@@ -421,6 +482,16 @@ class Guard:
         self.allow_function_call = allow_function_call
         self._cache: dict[str, Decision] = {}
 
+    @classmethod
+    def from_settings(cls, settings: GuardSettings, protected: ProtectedSettings, transaction_mode: bool) -> Guard:
+        """The guard a `[guard]` section configures."""
+        return cls(
+            protected, settings.allow_do, transaction_mode, max_parse_bytes=settings.max_parse_bytes,
+            allow_explain=settings.allow_explain, allow_strong_locks=settings.allow_strong_locks,
+            allow_notifications=settings.allow_notifications, allow_large_objects=settings.allow_large_objects,
+            allow_backend_signals=settings.allow_backend_signals, allow_function_call=settings.allow_function_call,
+        )
+
     def check(self, sql: str) -> Decision:
         """The decision for a Query's or Parse's SQL text: `ALLOW` itself when the pre-scan clears it,
         else read with the parser (cached). Never raises: what it cannot read is refused."""
@@ -466,7 +537,7 @@ class Guard:
                 "the operator can raise [guard] max_parse_bytes",
             ))
         try:
-            return self._read(parse_tree(sql))
+            return self._read(parse_json(sql))
         except parser.ParseError as exc:
             message = str(exc.args[0]) if exc.args else "syntax error"
             if message.startswith(("stack depth limit exceeded", "memory exhausted")):
@@ -482,18 +553,29 @@ class Guard:
                 "the statement was not run; report this to the proxy's operators",
             ))
 
-    def _read(self, tree: dict[str, Any]) -> Decision:
+    def _read(self, text: str) -> Decision:
+        """The decision for pglast's JSON text of a statement list. Only the subtrees that hold a node the
+        guard acts on are decoded, each byte at most once: a match inside a decoded subtree is read by
+        walking that subtree, which is walked only when it holds one."""
         effects = _Effects()
-        statements = tree.get("stmts", [])
+        statements = list(_STATEMENT.finditer(text))
         for statement in statements:
-            top_kind, top_node = _only_node(statement.get("stmt"))
-            effects.statement(top_kind, top_node)
-            for kind, node in _nodes(statement):
-                refusal = self._node(kind, node, effects)
+            if statement.group(1) in _Effects.KINDS:
+                effects.statement(statement.group(1), decode_node(text, statement.end())[0])
+        walked = _SESSION_WALKED_KINDS if self.transaction_mode else _WALKED_KINDS
+        pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text, '"relpersistence":"t"' in text)
+        decoded_to = 0
+        for match in pattern.finditer(text):
+            if match.start() < decoded_to:
+                continue
+            node, decoded_to = decode_node(text, match.end())
+            kind = match.group()[1 : match.group().index('"', 1)]
+            nested = pattern.search(text, match.end(), decoded_to) is not None
+            for inner_kind, inner in ((kind, node), *(_nodes(node) if nested else ())):
+                refusal = self._node(inner_kind, inner, effects) if inner_kind in walked else None
                 if refusal is not None:
                     return Decision(refusal=refusal)
-        alone = len(statements) == 1 and _no_transaction_block(*_only_node(statements[0].get("stmt")))
-        return effects.decision(len(statements), alone)
+        return effects.decision(len(statements), len(statements) == 1 and _alone(text, statements[0]))
 
     def _node(self, kind: str, node: dict[str, Any], effects: _Effects) -> Refusal | None:
         """The refusal for one node of the tree, at any depth, or None."""

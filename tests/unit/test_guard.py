@@ -3,11 +3,13 @@ Decision fields the relay acts on, the pre-scan, and FunctionCall messages."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pglast import parser
 
 from proxy import guard as guard_module
 from proxy.guard import ALLOW, Decision, Guard, needs_parse
@@ -48,6 +50,12 @@ def refusal(guard: Guard, sql: str) -> tuple[str, str, str]:
         ("SELECT * FROM leads WHERE set_config('app.current_tenant', 'x', false) IS NOT NULL", "42501", "set_config()"),
         ("SELECT set_config('role', 'postgres', false)", "42501", "set_config()"),
         ("SELECT set_config(E'app\\x2ecurrent_tenant', 'x', false)", "42501", "set_config()"),
+        ("SELECT * FROM set_config('app.current_tenant', 'x', false)", "42501", "set_config()"),
+        ("SELECT * FROM ROWS FROM (set_config('app.current_tenant', 'x', false))", "42501", "set_config()"),
+        ("COPY (SELECT set_config('app.current_tenant', 'x', false)) TO STDOUT", "42501", "set_config()"),
+        ("VALUES (1, upper(set_config('app.current_tenant', 'x', false)))", "42501", "set_config()"),
+        ("SELECT CASE WHEN true THEN set_config('tenant_proxy.proof', 'x', false) END", "42501", "set_config()"),
+        ("SELECT (SELECT max(set_config('app.current_tenant', name, false)) FROM leads)", "42501", "set_config()"),
         ("SET ROLE postgres", "42501", "SET ROLE"),
         ("RESET ROLE", "42501", "SET ROLE / RESET ROLE"),
         ("SET SESSION AUTHORIZATION postgres", "42501", "SET SESSION AUTHORIZATION"),
@@ -513,3 +521,41 @@ def test_from_settings_reads_every_guard_key(tmp_path: Any) -> None:
     assert all(getattr(guard, switch) is True for switch in switches)
     path.write_text(base)
     assert config.load(path, environ={}).guard.max_parse_bytes == guard_module.DEFAULT_MAX_PARSE_BYTES
+
+
+# -- the targeted reading against a full walk -----------------------------------------------------------
+
+
+def full_walk(guard: Guard, sql: str) -> Decision:
+    """The reference reading: decode pglast's whole tree and walk every node."""
+    tree = json.loads(guard_module.parse_json(sql))
+    effects = guard_module._Effects()
+    walked = guard_module._SESSION_WALKED_KINDS if guard.transaction_mode else guard_module._WALKED_KINDS
+    statements = tree.get("stmts", [])
+    for statement in statements:
+        effects.statement(*guard_module._only_node(statement["stmt"]))
+        for kind, node in guard_module._nodes(statement):
+            found = guard._node(kind, node, effects) if kind in walked else None
+            if found is not None:
+                return Decision(refusal=found)
+    alone = len(statements) == 1 and guard_module._no_transaction_block(*guard_module._only_node(statements[0]["stmt"]))
+    return effects.decision(len(statements), alone)
+
+
+CORPUS = sorted({case[0] for mark in test_refused.pytestmark for case in mark.args[1]}
+                | set(test_allowed.pytestmark[0].args[1]) | {case[0] for case in test_decision_fields.pytestmark[0].args[1]})
+
+
+@pytest.mark.parametrize("transaction_mode", [False, True])
+def test_reading_only_what_matters_agrees_with_a_full_walk(transaction_mode: bool) -> None:
+    """Differential: the targeted reading and a walk of the whole tree refuse the same texts and report
+    the same effects."""
+    guard = make(transaction_mode, max_parse_bytes=1 << 20)
+    for sql in CORPUS:
+        try:
+            expected = full_walk(guard, sql)
+        except (parser.ParseError, RecursionError):
+            continue
+        decision = guard._decide(sql)
+        assert (decision.refusal is None) == (expected.refusal is None), sql
+        assert decision.refusal is not None or decision == expected, sql

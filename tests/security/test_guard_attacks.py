@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -25,24 +24,6 @@ from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
 
 NESTED = "ALTER ROLE CURRENT_USER PASSWORD 'x'; SELECT " + "1+(" * 1000 + "1" + ")" * 1000
-
-
-@pytest.fixture(scope="module", params=["session", "transaction"])
-def proxy(
-    request: pytest.FixtureRequest, pg: EmbeddedPostgres, tenant_db: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    """The proxy under attack, in each pool mode."""
-    pool = {"size": 20} if request.param == "session" else {"mode": "transaction", "size": 3}
-    process = ProxyProcess(pg, tenant_db, tmp_path_factory.mktemp("guard-" + request.param), {"pool": pool}).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def conn(proxy: ProxyProcess) -> Iterator[psycopg.Connection[Any]]:
-    """An autocommit session as tenant ACME."""
-    with psycopg.connect(proxy.dsn(), password=proxy.token(ACME), autocommit=True) as connection:
-        yield connection
 
 
 def transaction_mode(proxy: ProxyProcess) -> bool:

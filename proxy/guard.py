@@ -46,7 +46,7 @@ log = logging.getLogger("pg_tenant_proxy")
 
 CACHE_SIZE = 4096
 CACHEABLE_LENGTH = 16_384
-DEFAULT_MAX_PARSE_BYTES = 32_768
+DEFAULT_MAX_PARSE_BYTES = 16_384
 # Nesting levels of pglast's JSON tree the guard reads; json.loads recurses once per level, each level
 # takes about 160 bytes of C stack, so this stays far below a thread's 8 MiB stack.
 JSON_DEPTH = 12_000

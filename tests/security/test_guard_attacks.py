@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from support import ACME, GLOBEX, ROWS, ProxyProcess, RawClient, login, startup
+from proxy import guard, lexing
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
 
@@ -254,3 +255,26 @@ def _latencies(conn: psycopg.Connection[Any], count: int) -> list[float]:
         conn.execute("SELECT 1").fetchone()
         times.append(time.perf_counter() - start)
     return times
+
+
+# -- 6. The guard's tables against the real server --------------------------------------------------------
+
+def test_function_call_oids_name_the_functions_on_the_server(pg: EmbeddedPostgres) -> None:
+    """FunctionCall names a function only by OID: the guard's OIDs must be the server's own functions."""
+    expected = {guard.SET_CONFIG_OID: "set_config", guard.PG_NOTIFY_OID: "pg_notify", **guard.SIGNAL_OIDS,
+                **guard.LARGE_OBJECT_OIDS}
+    rows = pg.psql("SELECT oid, proname FROM pg_proc WHERE oid IN (" + ",".join(map(str, expected)) + ")").split()
+    assert dict((int(oid), name) for oid, name in (row.split("|") for row in rows)) == expected
+    names = pg.psql("SELECT string_agg(DISTINCT proname, ' ') FROM pg_proc WHERE proname LIKE 'lo\\_%' "
+                    "OR proname IN ('loread', 'lowrite')").split()
+    assert set(names) == guard.LARGE_OBJECT_FUNCTIONS == set(guard.LARGE_OBJECT_OIDS.values())
+
+
+def test_refused_encoding_names_are_the_servers_unreadable_encodings(pg: EmbeddedPostgres) -> None:
+    """Every spelling the proxy refuses is one the server maps to an encoding whose characters can carry
+    an ASCII byte; every such encoding's own name is refused."""
+    unreadable = {"SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "GB18030", "JOHAB"}
+    names = ",".join(f"'{name}'" for name in sorted(lexing.UNREADABLE_ENCODINGS))
+    mapped = pg.psql(f"SELECT DISTINCT pg_encoding_to_char(pg_char_to_encoding(n)) FROM unnest(ARRAY[{names}]) n").split()
+    assert set(mapped) == unreadable
+    assert all(lexing.encoding_key(name) in lexing.UNREADABLE_ENCODINGS for name in unreadable)

@@ -129,7 +129,6 @@ def refusal(guard: Guard, sql: str) -> tuple[str, str, str]:
         # Text the guard cannot read with certainty.
         ("SELECT set_config('a.b', 'c', false", "42601", "syntax error at end of input"),
         ("SET x = ;", "42601", 'syntax error at or near ";"'),
-        ("SELECT set_config('a.b', 'c', false) + " + "1+(" * 5000 + "1" + ")" * 5000, "54001", "nested too deeply"),
     ],
 )
 def test_refused(guard: Guard, sql: str, sqlstate: str, reason: str) -> None:
@@ -151,6 +150,7 @@ def test_each_kind_has_its_own_hint() -> None:
 @pytest.mark.parametrize(
     "sql",
     [
+        "SELECT set_config('a.b', 'c', false) + " + "1+(" * 5000 + "1" + ")" * 5000,  # the grammar's stack ("memory exhausted")
         "SELECT set_config('a.b', 'c', false)" + "+1" * 20_000,  # the parser's own stack depth limit
         "SELECT set_config('a.b', 'c'" + "::text" * 9_000 + ", false)",  # deeper than JSON_DEPTH
     ],

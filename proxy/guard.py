@@ -17,8 +17,9 @@ Refused by default (docs/guard.md lists each with its switch):
 It fails closed: text it cannot read with certainty is refused, never allowed: a parser error (42601,
 Postgres's own message), nesting too deep to walk (54001), text longer than `max_parse_bytes` (54000),
 anything unexpected (XX000). The guard is defense in depth, not the boundary: dynamic SQL gets past any
-parser, and the signed context is the boundary. Most statements never reach the parser: a pre-scan of
-substring tests clears text that cannot hold anything the guard acts on, and parsed decisions are
+parser, and the signed context is the boundary. Most statements never reach the parser: a pre-scan
+(first words and substrings) clears text that cannot hold anything the guard acts on. Of a parsed text,
+only the subtrees that hold a node the guard acts on are decoded from pglast's JSON, and decisions are
 cached by statement text.
 """
 
@@ -96,13 +97,14 @@ _ANYWHERE_WORDS = tuple((word, re.compile(pattern)) for word, pattern in (
 ))
 # Under transaction pooling also: session advisory locks, and SELECT ... INTO TEMP.
 _SESSION_ANYWHERE_WORDS = (("advisory", re.compile("advisory")), ("temp", re.compile(r"\btemp")))
-# The first word of every other statement the guard refuses or reports (COMMIT / ROLLBACK only as
-# COMMIT PREPARED / ROLLBACK PREPARED).
+# The first word of every other statement the guard refuses or reports (COMMIT and ROLLBACK only as
+# COMMIT PREPARED / ROLLBACK PREPARED, found by the word "prepared").
 _FIRST_WORDS = frozenset({
     "set", "reset", "do", "alter", "load", "discard", "deallocate", "explain", "lock", "truncate", "listen",
-    "unlisten", "notify", "vacuum", "cluster", "reindex", "create", "drop", "prepared",
+    "unlisten", "notify", "vacuum", "cluster", "reindex", "create", "drop",
 })
 _SESSION_FIRST_WORDS = _FIRST_WORDS | {"prepare", "execute", "declare"}
+_WORD_PATTERNS = {word: re.compile(rf"\b{word}\b") for word in _SESSION_FIRST_WORDS | {"prepared"}}
 _FIRST_WORD = re.compile(r"[\s(]*([a-z0-9_$]*)")
 
 
@@ -122,7 +124,7 @@ def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
         return True
     words = _SESSION_FIRST_WORDS if transaction_mode else _FIRST_WORDS
     if ";" in text or "/*" in text or "--" in text:
-        return any(word in text and re.search(rf"\b{word}\b", text) for word in words)
+        return any(word in text and _WORD_PATTERNS[word].search(text) for word in (*words, "prepared"))
     first = _FIRST_WORD.match(text)
     word = first.group(1) if first else ""
     if word in ("commit", "rollback"):
@@ -527,17 +529,10 @@ class Guard:
         return None
 
     def _decide(self, sql: str) -> Decision:
-        size = len(sql.encode())
-        if size > self.max_parse_bytes:
-            return Decision(refusal=Refusal(
-                errors.PROGRAM_LIMIT_EXCEEDED,
-                f"statement of {size} bytes is longer than pg-tenant-proxy's SQL guard reads "
-                f"([guard] max_parse_bytes = {self.max_parse_bytes})",
-                "send large values as Bind parameters or with COPY, or split the text into smaller statements; "
-                "the operator can raise [guard] max_parse_bytes",
-            ))
+        """Read a text the pre-scan did not clear; every failure is a refusal, never an allow."""
         try:
-            return self._read(parse_json(sql))
+            unreadable = self._unreadable(sql)
+            return Decision(refusal=unreadable) if unreadable else self._read(parse_json(sql))
         except parser.ParseError as exc:
             message = str(exc.args[0]) if exc.args else "syntax error"
             if message.startswith(("stack depth limit exceeded", "memory exhausted")):
@@ -552,6 +547,23 @@ class Guard:
                 f"pg-tenant-proxy's SQL guard could not read this statement ({type(exc).__name__})",
                 "the statement was not run; report this to the proxy's operators",
             ))
+
+    def _unreadable(self, sql: str) -> Refusal | None:
+        """The refusal for a text the guard will not hand to the parser: a zero byte (08P01; the parser and
+        the server would stop reading there), or more than max_parse_bytes in UTF-8 (54000)."""
+        if "\x00" in sql:
+            return Refusal(errors.PROTOCOL_VIOLATION, "the statement text contains a zero byte",
+                           "SQL text ends at its terminating zero byte; remove the zero byte from the text")
+        size = len(sql.encode(errors="surrogatepass"))
+        if size <= self.max_parse_bytes:
+            return None
+        return Refusal(
+            errors.PROGRAM_LIMIT_EXCEEDED,
+            f"statement of {size} bytes is longer than pg-tenant-proxy's SQL guard reads "
+            f"([guard] max_parse_bytes = {self.max_parse_bytes})",
+            "send large values as Bind parameters or with COPY, or split the text into smaller statements; "
+            "the operator can raise [guard] max_parse_bytes",
+        )
 
     def _read(self, text: str) -> Decision:
         """The decision for pglast's JSON text of a statement list. Only the subtrees that hold a node the

@@ -183,6 +183,15 @@ def test_any_exception_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     assert state == "XX000" and "ValueError" in message
 
 
+def test_a_zero_byte_inside_the_text_refuses() -> None:
+    """pglast, like the server, would stop reading at the zero byte and never see what follows."""
+    assert refusal(make(), "SET search_path = x\x00; SET ROLE postgres")[0] == "08P01"
+
+
+def test_unencodable_text_refuses() -> None:
+    assert refusal(make(), "SET search_path = '\udcff'")[0] == "XX000"
+
+
 def test_recursion_anywhere_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     def deep(sql: str) -> str:
         raise RecursionError
@@ -559,3 +568,11 @@ def test_reading_only_what_matters_agrees_with_a_full_walk(transaction_mode: boo
         decision = guard._decide(sql)
         assert (decision.refusal is None) == (expected.refusal is None), sql
         assert decision.refusal is not None or decision == expected, sql
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.text(max_size=200), template=st.sampled_from(FIELD_STATEMENTS + ["SELECT {name}", "{name}"]))
+def test_check_never_raises(body: str, template: str) -> None:
+    """Property: whatever the text, the guard answers with a Decision (a refusal if it cannot read it)."""
+    for sql in (template.format(name=body), body + "; " + template.format(name="x")):
+        assert isinstance(make(transaction_mode=True).check(sql), Decision)

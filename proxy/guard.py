@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import string
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,15 +89,18 @@ ALLOW = Decision()
 
 # -- the pre-scan ------------------------------------------------------------------------------------
 
-# Substrings and words that matter wherever they appear: the functions the guard refuses or reads, the
-# pg_settings view, and identifiers spelled with Unicode escapes ("u&"). Substring tests run first: they
-# are much cheaper than regexes.
+# Substrings that matter wherever they appear: functions the guard refuses or reads, the pg_settings
+# view, identifiers and strings with Unicode escapes ("u&"); under transaction pooling also session
+# advisory locks. Substring tests are the cheapest check, so they run first.
 _ANYWHERE = ("set_config", "u&", "pg_notify", "pg_settings", "_backend")
-_ANYWHERE_WORDS = tuple((word, re.compile(pattern)) for word, pattern in (
-    ("lo_", r"\blo_"), ("loread", r"\bloread\b"), ("lowrite", r"\blowrite\b"),
-))
-# Under transaction pooling also: session advisory locks, and SELECT ... INTO TEMP.
-_SESSION_ANYWHERE_WORDS = (("advisory", re.compile("advisory")), ("temp", re.compile(r"\btemp")))
+_SESSION_ANYWHERE = (*_ANYWHERE, "advisory")
+# Words that matter wherever they appear: the large-object functions, and under transaction pooling
+# TEMP / TEMPORARY (SELECT ... INTO TEMP).
+_LARGE_OBJECT_WORDS = frozenset({
+    "lo_close", "lo_creat", "lo_create", "lo_export", "lo_from_bytea", "lo_get", "lo_import", "lo_lseek",
+    "lo_lseek64", "lo_open", "lo_put", "lo_tell", "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink",
+    "loread", "lowrite",
+})
 # The first word of every other statement the guard refuses or reports (COMMIT and ROLLBACK only as
 # COMMIT PREPARED / ROLLBACK PREPARED, found by the word "prepared").
 _FIRST_WORDS = frozenset({
@@ -104,7 +108,15 @@ _FIRST_WORDS = frozenset({
     "unlisten", "notify", "vacuum", "cluster", "reindex", "create", "drop",
 })
 _SESSION_FIRST_WORDS = _FIRST_WORDS | {"prepare", "execute", "declare"}
-_WORD_PATTERNS = {word: re.compile(rf"\b{word}\b") for word in _SESSION_FIRST_WORDS | {"prepared"}}
+# The words searched for, by (transaction mode, text of several statements or with comments).
+_SEARCHED_WORDS = {
+    (False, False): _LARGE_OBJECT_WORDS,
+    (True, False): _LARGE_OBJECT_WORDS | {"temp", "temporary"},
+    (False, True): _LARGE_OBJECT_WORDS | _FIRST_WORDS | {"prepared"},
+    (True, True): _LARGE_OBJECT_WORDS | {"temp", "temporary"} | _SESSION_FIRST_WORDS | {"prepared"},
+}
+# Words as Postgres's lexer splits them: letters, digits, '_', '$' and every character above 0x7F.
+_SEPARATORS = str.maketrans({char: " " for char in string.punctuation + string.whitespace if char not in "_$"})
 _FIRST_WORD = re.compile(r"[\s(]*([a-z0-9_$]*)")
 
 
@@ -114,22 +126,21 @@ def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
 
     Text without ';' and comments is one statement: its first word says what kind it is, so a long
     INSERT ... ON CONFLICT DO UPDATE SET is cleared by its first word. Other text needs parsing when any
-    of those words appears anywhere in it."""
+    of those words appears in it as a word. Costs about 10 ms per MB at worst (splitting into words)."""
     text = sql.lower()
-    if any(substring in text for substring in _ANYWHERE) or any(
-        word in text and pattern.search(text) for word, pattern in _ANYWHERE_WORDS
-    ):
+    if any(substring in text for substring in (_SESSION_ANYWHERE if transaction_mode else _ANYWHERE)):
         return True
-    if transaction_mode and any(word in text and pattern.search(text) for word, pattern in _SESSION_ANYWHERE_WORDS):
-        return True
-    words = _SESSION_FIRST_WORDS if transaction_mode else _FIRST_WORDS
-    if ";" in text or "/*" in text or "--" in text:
-        return any(word in text and _WORD_PATTERNS[word].search(text) for word in (*words, "prepared"))
+    several = ";" in text or "/*" in text or "--" in text
+    if several or "lo" in text or (transaction_mode and "temp" in text):
+        if not _SEARCHED_WORDS[transaction_mode, several].isdisjoint(text.translate(_SEPARATORS).split()):
+            return True
+        if several:
+            return False
     first = _FIRST_WORD.match(text)
     word = first.group(1) if first else ""
     if word in ("commit", "rollback"):
         return "prepared" in text
-    return word in words or (not word and bool(text.strip()))
+    return word in (_SESSION_FIRST_WORDS if transaction_mode else _FIRST_WORDS) or (not word and bool(text.strip()))
 
 
 # -- reading pglast's JSON tree ----------------------------------------------------------------------
@@ -250,13 +261,7 @@ _LOCK_MODES = {
 }
 _ROW_EXCLUSIVE = 3
 _NOTIFICATION_STATEMENTS = {"ListenStmt": "LISTEN", "UnlistenStmt": "UNLISTEN", "NotifyStmt": "NOTIFY"}
-LARGE_OBJECT_FUNCTIONS = frozenset(
-    {
-        "lo_close", "lo_creat", "lo_create", "lo_export", "lo_from_bytea", "lo_get", "lo_import", "lo_lseek",
-        "lo_lseek64", "lo_open", "lo_put", "lo_tell", "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink",
-        "loread", "lowrite",
-    }
-)
+LARGE_OBJECT_FUNCTIONS = _LARGE_OBJECT_WORDS
 SIGNAL_FUNCTIONS = frozenset({"pg_cancel_backend", "pg_terminate_backend"})
 # The node types `Guard._node` acts on. The guard finds them in pglast's JSON text and decodes only those
 # subtrees: FuncCall only for the functions it reads, INSERT / UPDATE / DELETE / MERGE only when the text

@@ -10,7 +10,7 @@ Refused by default (docs/guard.md lists each with its switch):
   SYSTEM, LOAD, DO blocks, and writes to pg_settings (42501);
 - settings that change how the server lexes SQL, which the guard does not model (0A000, `proxy.lexing`);
 - what carries other tenants' data past row-level security or blocks every tenant: EXPLAIN with row
-  counts or estimates, LOCK TABLE stronger than ROW EXCLUSIVE, TRUNCATE, LISTEN / UNLISTEN / NOTIFY /
+  counts or estimates, LOCK TABLE stronger than ROW EXCLUSIVE, TRUNCATE, LISTEN / NOTIFY /
   pg_notify(), large-object functions, pg_cancel_backend() / pg_terminate_backend() (42501);
 - under transaction pooling, session features that would outlive the server connection (0A000).
 
@@ -105,7 +105,7 @@ _LARGE_OBJECT_WORDS = frozenset({
 # COMMIT PREPARED / ROLLBACK PREPARED, found by the word "prepared").
 _FIRST_WORDS = frozenset({
     "set", "reset", "do", "alter", "load", "discard", "deallocate", "explain", "lock", "truncate", "listen",
-    "unlisten", "notify", "vacuum", "cluster", "reindex", "create", "drop",
+    "notify", "vacuum", "cluster", "reindex", "create", "drop",
 })
 _SESSION_FIRST_WORDS = _FIRST_WORDS | {"prepare", "execute", "declare"}
 # The words searched for, by (transaction mode, text of several statements or with comments).
@@ -260,7 +260,8 @@ _LOCK_MODES = {
     5: "SHARE", 6: "SHARE ROW EXCLUSIVE", 7: "EXCLUSIVE", 8: "ACCESS EXCLUSIVE",
 }
 _ROW_EXCLUSIVE = 3
-_NOTIFICATION_STATEMENTS = {"ListenStmt": "LISTEN", "UnlistenStmt": "UNLISTEN", "NotifyStmt": "NOTIFY"}
+# UNLISTEN only drops the session's own registrations (asyncpg's pool reset sends UNLISTEN *): allowed.
+_NOTIFICATION_STATEMENTS = {"ListenStmt": "LISTEN", "NotifyStmt": "NOTIFY"}
 LARGE_OBJECT_FUNCTIONS = _LARGE_OBJECT_WORDS
 SIGNAL_FUNCTIONS = frozenset({"pg_cancel_backend", "pg_terminate_backend"})
 # The node types `Guard._node` acts on. The guard finds them in pglast's JSON text and decodes only those

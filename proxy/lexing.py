@@ -4,13 +4,14 @@ The SQL guard reads every statement the way Postgres lexes it with `standard_con
 and a client encoding in which every byte below 0x80 is an ASCII character. Two settings break that:
 
 - `standard_conforming_strings = off` makes a backslash escape the next character in '...' strings, so
-  `'a\\'; SET ROLE x; --'` is one string to the guard and three statements to the server;
+  `SELECT 'a\\'  ,'  ; SET ROLE x; --'` is a SELECT of two strings to the guard, and to the server a
+  SELECT of one string followed by SET ROLE;
 - the client-only encodings whose multi-byte characters can carry 0x5C (backslash) or another ASCII
   byte as a trailing byte (SJIS, SHIFT_JIS_2004, BIG5, GBK, GB18030, JOHAB, and their aliases), so a
   quote or backslash the guard sees may be half of a character to the server.
 
-The proxy refuses these values (at startup, in SQL, and when the server reports them) rather than
-reading the text as the server would. Source: Postgres documentation, "String Constants" (4.1.2.1),
+The proxy refuses these values (at startup and in SQL; the relay can check the server's ParameterStatus
+reports with `lexing_problem` too) rather than reading the text as the server would. Source: Postgres documentation, "String Constants" (4.1.2.1),
 "Character Set Support" (24.3, the client-only encodings), and src/common/encnames.c for the aliases.
 """
 

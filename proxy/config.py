@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.guard import DEFAULT_MAX_PARSE_BYTES
+
 POOL_MODES = ("session", "transaction")
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
@@ -94,6 +96,13 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("guard", "enabled"): (bool, True),
     ("guard", "allow_do"): (bool, False),
     ("guard", "protected_prefixes"): (list, ["app.", "request.jwt."]),
+    ("guard", "max_parse_bytes"): (int, DEFAULT_MAX_PARSE_BYTES),
+    ("guard", "allow_explain"): (bool, False),
+    ("guard", "allow_strong_locks"): (bool, False),
+    ("guard", "allow_notifications"): (bool, False),
+    ("guard", "allow_large_objects"): (bool, False),
+    ("guard", "allow_backend_signals"): (bool, False),
+    ("guard", "allow_function_call"): (bool, False),
 }
 
 
@@ -163,6 +172,13 @@ class GuardSettings:
     enabled: bool
     allow_do: bool
     protected_prefixes: list[str]
+    max_parse_bytes: int
+    allow_explain: bool
+    allow_strong_locks: bool
+    allow_notifications: bool
+    allow_large_objects: bool
+    allow_backend_signals: bool
+    allow_function_call: bool
 
 
 @dataclass(frozen=True)
@@ -382,6 +398,8 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         if values[("client", key)] < 64:
             raise ConfigError(f"client.{key}: must be at least 64 bytes")
     client = _section(values, "client", ClientSettings)
+    if values[("guard", "max_parse_bytes")] < 1024:
+        raise ConfigError("guard.max_parse_bytes: must be at least 1024 bytes")
     guard = _section(values, "guard", GuardSettings)
     return Settings(
         listen_host=listen_host,

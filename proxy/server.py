@@ -69,7 +69,7 @@ class ProxyServer:
         )
         self.policy = ParameterPolicy(settings.client.allowed_parameters, protected)
         transaction_mode = settings.pool.mode == "transaction"
-        self.guard = Guard(protected, settings.guard.allow_do, transaction_mode) if settings.guard.enabled else None
+        self.guard = Guard.from_settings(settings.guard, protected, transaction_mode) if settings.guard.enabled else None
         self.pool: SessionPool | TransactionPool = (
             TransactionPool(settings.upstream, settings.pool) if transaction_mode else SessionPool(settings.upstream, settings.pool)
         )

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from proxy import __version__, config
+from proxy.hardening import hardening_sql
 from proxy.tokens import mint
 from proxy.verifier import verifier_sql
 
@@ -103,12 +104,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     if args.config:
         settings = config.load(args.config)
-        sys.stdout.write(
-            verifier_sql(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
-        )
+        tenant = settings.tenant
+        sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key))
+        sys.stdout.write("\n" + hardening_sql(settings.upstream.user))
     else:
         defaults = config.SCHEMA
         sys.stdout.write(verifier_sql(defaults[("tenant", "setting")][1], defaults[("tenant", "proof_setting")][1], None))
+        sys.stdout.write("\n" + hardening_sql(None))
     return 0
 
 
@@ -153,11 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sql = commands.add_parser(
         "sql",
-        help="print the SQL that installs the verifier",
-        description="Print the idempotent SQL that installs tenant_proxy.current_tenant(). "
-        "With --config it includes that configuration's signing key (re-run to rotate).",
+        help="print the SQL that installs the verifier and hardens the upstream role",
+        description="Print the idempotent SQL that installs tenant_proxy.current_tenant(), then the SQL that "
+        "takes from the upstream role every capability that reaches across tenants (see docs/security.md). "
+        "Run it as the database owner or a superuser, in each database the proxy serves. With --config it "
+        "includes that configuration's signing key (re-run to rotate) and upstream role; without, pass the "
+        "role to psql: psql -v upstream_role=NAME.",
     )
-    sql.add_argument("--config", metavar="FILE", help="include this configuration's setting names and signing key")
+    sql.add_argument("--config", metavar="FILE",
+                     help="include this configuration's setting names, signing key and upstream role")
     sql.set_defaults(func=cmd_sql)
 
     doctor = commands.add_parser(

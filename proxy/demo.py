@@ -1,5 +1,6 @@
-"""The embedded demo: a throwaway Postgres, the seed's `leads` table under the strict policy, the proxy,
-and psql showing that each tenant sees only its rows and that forging the setting gets nothing."""
+"""The embedded demo: a throwaway Postgres, the seed's `leads` table under the strict policy and the
+hardened upstream role, the proxy, and psql showing that each tenant sees only its rows and that
+forging the setting gets nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.embedded import EmbeddedPostgres
+from proxy.hardening import hardening_sql
 from proxy.tokens import mint
 from proxy.verifier import demo_sql, verifier_sql
 
@@ -43,7 +45,8 @@ class TenantDatabase:
 
 
 def prepare_database(pg: EmbeddedPostgres, database: str = "app", app_role: str = "tenant_app") -> TenantDatabase:
-    """Create the application role and database, install the verifier and the seed schema with rows."""
+    """Create the application role and database, install the verifier and the seed schema with rows, and
+    harden the role (proxy/sql/hardening.sql), so the demo and the tests run the setup the docs prescribe."""
     password = secrets.token_urlsafe(24)
     signing_key = secrets.token_urlsafe(32)
     pg.psql(
@@ -54,6 +57,7 @@ def prepare_database(pg: EmbeddedPostgres, database: str = "app", app_role: str 
     )
     pg.psql(verifier_sql("app.current_tenant", "tenant_proxy.proof", signing_key), database)
     pg.psql(demo_sql(app_role), database)
+    pg.psql(hardening_sql(app_role), database)
     rows = ",".join(
         f"('{TENANTS[tenant]}', '{name}', '{email}')" for tenant, leads in LEADS.items() for name, email in leads
     )

@@ -1,4 +1,4 @@
-"""The command line: `pg-tenant-proxy run | token | sql | demo`, each with --help."""
+"""The command line: `pg-tenant-proxy run | token | sql | doctor | demo`, each with --help."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from proxy.doctor import run_doctor
 
     settings = config.load(args.config)
-    return run_doctor(settings, args.database, args.admin_dsn, args.json, args.tenant_column)
+    return run_doctor(settings, args.database, args.admin_dsn, args.json, args.tenant_column, args.allow_plain_policies)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -169,14 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor",
         help="audit the database for setups that leak tenants",
-        description="Check the upstream role, RLS, policies, views, indexes and the verifier; print each "
-        "finding with its fix. Exits 1 when any check fails.",
+        description="Check the upstream role (every capability the hardening SQL removes, checked with "
+        "Postgres's privilege functions), RLS, policies, views, indexes and the verifier; print each finding "
+        "with its fix. Exits 1 when any check fails.",
     )
     doctor.add_argument("--config", metavar="FILE", required=True, help="the proxy's configuration")
     doctor.add_argument("--admin-dsn", metavar="DSN", help="also read the catalog as this (admin) connection")
     doctor.add_argument("--database", help="the database to audit (default: [upstream] database)")
     doctor.add_argument("--tenant-column", default="tenant_id", help="the column that marks tenant tables")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--allow-plain-policies", action="store_true",
+                        help="only warn (not fail) on policies that read the plain tenant setting, which any "
+                        "client can forge; for teams that accept that risk")
     doctor.set_defaults(func=cmd_doctor)
 
     demo = commands.add_parser(

@@ -12,6 +12,7 @@ import pytest
 
 from proxy.demo import TenantDatabase, write_config
 from proxy.embedded import EmbeddedPostgres
+from proxy.hardening import REVOCATIONS, ObjectKind, hardening_sql
 from proxy.verifier import verifier_sql
 from support import REPO
 
@@ -43,6 +44,9 @@ ALTER TABLE owned_by_app ENABLE ROW LEVEL SECURITY; ALTER TABLE owned_by_app FOR
 CREATE POLICY strict ON owned_by_app USING (tenant_id = (SELECT tenant_proxy.current_tenant())::uuid)
     WITH CHECK (tenant_id = (SELECT tenant_proxy.current_tenant())::uuid);
 ALTER TABLE owned_by_app OWNER TO tenant_app;
+-- What the old doctor prescribed for other sessions' activity: it leaves pg_stat_get_backend_activity.
+REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) FROM PUBLIC;
 """
 
 
@@ -74,7 +78,8 @@ def test_good_database_passes(pg: EmbeddedPostgres, tenant_db: TenantDatabase, t
     assert status == 0 and not failed, failed
     assert findings["verifier installed and key matches"]["status"] == "ok"
     assert findings["tenant tables (tenant_id) without RLS"]["status"] == "ok"
-    assert findings["other sessions of the upstream role are visible"]["status"] == "warn"
+    assert findings["upstream role can read other sessions' activity and statistics"]["status"] == "ok"
+    assert findings["upstream role logs in with a password it can change"]["status"] == "warn"
 
 
 def test_planted_mistakes_are_found(pg: EmbeddedPostgres, tenant_db: TenantDatabase, bad_database: str,
@@ -90,12 +95,12 @@ def test_planted_mistakes_are_found(pg: EmbeddedPostgres, tenant_db: TenantDatab
     assert objects("tenant tables (tenant_id) without RLS", "fail") == ["no_rls"]
     assert objects("tenant tables (tenant_id) without FORCE RLS", "fail") == ["no_force"]
     assert objects("upstream role owns tenant tables", "fail") == ["owned_by_app"]
-    assert objects("policies read the raw tenant setting", "warn") == ["raw on raw_setting"]
+    assert objects("policies read the raw tenant setting", "fail") == ["raw on raw_setting"]
     assert objects("policies call an IMMUTABLE function", "fail") == ["frozen on immutable_helper calls frozen_tenant()"]
     assert "only_using on no_check" in objects("policies without WITH CHECK", "warn")
     assert objects("views over tenant tables without security_invoker", "warn") == ["definer_view"]
     assert objects("materialized views over tenant tables", "warn") == ["snapshot"]
-    assert objects("upstream role can CREATE in a schema", "warn") == ["public"]
+    assert objects("upstream role can CREATE in a schema", "fail") == ["public"]
     assert "no_force" in objects("tenant tables without an index leading with tenant_id", "warn")
     assert findings["verifier installed and key matches"]["status"] == "ok"
 
@@ -127,3 +132,59 @@ def test_terminal_table(pg: EmbeddedPostgres, tenant_db: TenantDatabase, bad_dat
     assert "FAIL  tenant tables (tenant_id) without RLS" in result.stdout
     assert "fix: ALTER TABLE no_rls ENABLE ROW LEVEL SECURITY;" in result.stdout
     assert tenant_db.app_password not in result.stdout + result.stderr
+
+
+def test_plain_policies_pass_only_when_allowed(pg: EmbeddedPostgres, tenant_db: TenantDatabase, bad_database: str,
+                                               tmp_path: Path) -> None:
+    """A policy on the plain setting fails the audit; --allow-plain-policies turns it into a warning."""
+    _, findings = doctor(config_for(pg, tenant_db, tmp_path, database=bad_database), "--allow-plain-policies")
+    assert findings["policies read the raw tenant setting"]["status"] == "warn"
+    assert "--allow-plain-policies" in findings["policies read the raw tenant setting"]["detail"]
+
+
+def test_unhardened_role_fails_each_capability(pg: EmbeddedPostgres, tenant_db: TenantDatabase, bad_database: str,
+                                               tmp_path: Path) -> None:
+    """Without the hardening SQL every cross-tenant capability fails, pg_stat_get_backend_activity included
+    although pg_stat_activity and pg_stat_get_activity were revoked (the old doctor said OK there)."""
+    _, findings = doctor(config_for(pg, tenant_db, tmp_path, database=bad_database))
+    for revocation in REVOCATIONS:
+        finding = findings[f"upstream role can {revocation.capability}"]
+        if revocation.kind is not ObjectKind.EXTENSION:  # none is installed in this database
+            assert finding["status"] == "fail" and finding["detail"] == revocation.risk, finding
+    activity = findings["upstream role can read other sessions' activity and statistics"]["objects"]
+    assert "pg_catalog.pg_stat_get_backend_activity(integer)" in activity
+    assert "pg_catalog.pg_stat_get_activity(integer)" not in activity
+    assert findings["upstream role can use a procedural language"]["objects"] == ["plpgsql"]
+    assert findings["upstream role can create TEMP objects or schemas"]["objects"] == ["TEMPORARY"]
+
+
+@pytest.mark.parametrize("gap, check", [
+    ("GRANT TEMPORARY ON DATABASE app TO tenant_app", "upstream role can create TEMP objects or schemas"),
+    ("GRANT CREATE ON SCHEMA tenant_proxy TO tenant_app", "upstream role can CREATE in a schema"),
+    ("GRANT USAGE ON LANGUAGE plpgsql TO tenant_app", "upstream role can use a procedural language"),
+    ("GRANT TRUNCATE ON leads TO tenant_app", "upstream role holds privileges that bypass RLS"),
+    ("GRANT pg_write_server_files TO tenant_app", "upstream role is a member of a privileged predefined role"),
+    ("GRANT EXECUTE ON FUNCTION pg_stat_get_backend_activity(integer) TO tenant_app",
+     "upstream role can read other sessions' activity and statistics"),
+    ("GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) TO PUBLIC", "upstream role can signal other backends"),
+    ("GRANT EXECUTE ON FUNCTION lo_get(oid) TO tenant_app", "upstream role can use large objects"),
+    ("GRANT EXECUTE ON FUNCTION query_to_xml(text, boolean, boolean, text) TO PUBLIC",
+     "upstream role can run SQL text the guard never sees"),
+    ("GRANT EXECUTE ON FUNCTION pg_notify(text, text) TO tenant_app", "upstream role can send notifications"),
+    ("GRANT EXECUTE ON FUNCTION setseed(double precision) TO tenant_app", "upstream role can seed the random generator"),
+])
+def test_each_gap_fails_and_its_fix_closes_it(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path: Path,
+                                               gap: str, check: str) -> None:
+    """Reopen one capability on the hardened database: the doctor fails that check alone, and the SQL it
+    prints, run as the admin, closes it again."""
+    config = config_for(pg, tenant_db, tmp_path)
+    pg.psql(gap, tenant_db.database)
+    try:
+        status, findings = doctor(config)
+        assert status == 1
+        assert [name for name, f in findings.items() if f["status"] == "fail"] == [check]
+        pg.psql(findings[check]["fix"], tenant_db.database)
+        status, findings = doctor(config)
+        assert status == 0 and findings[check]["status"] == "ok", findings[check]
+    finally:
+        pg.psql(hardening_sql(tenant_db.app_role), tenant_db.database)

@@ -22,7 +22,7 @@ def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> s
 def test_config_error_names_the_key_and_exits_before_listening(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "bad.toml"
-    config.write_text(f'listen = "127.0.0.1:{port}"\n[upstream]\nuser = "app"\n[jwt]\nsecret = "{"s" * 40}"\n')
+    config.write_text(f'listen = "127.0.0.1:{port}"\n[upstream]\nuser = "app"\ndatabase = "app"\n[jwt]\nsecret = "{"s" * 40}"\n')
     result = run("run", "--config", str(config))
     assert result.returncode == 2
     assert "tenant.signing_key" in result.stderr

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from proxy.demo import TenantDatabase, write_config
+from certificates import make_certificates, make_client_certificate
+from proxy.config import ConfigError, load
+from proxy.demo import TenantDatabase, prepare_database, write_config
 from proxy.embedded import EmbeddedPostgres
 from proxy.hardening import REVOCATIONS, ObjectKind, hardening_sql
 from proxy.verifier import verifier_sql
-from support import REPO
+from support import ACME, REPO, ROWS, ProxyProcess
 
 MISTAKES = """
 CREATE TABLE no_rls (tenant_id uuid, body text);
@@ -188,3 +195,47 @@ def test_each_gap_fails_and_its_fix_closes_it(pg: EmbeddedPostgres, tenant_db: T
         assert status == 0 and findings[check]["status"] == "ok", findings[check]
     finally:
         pg.psql(hardening_sql(tenant_db.app_role), tenant_db.database)
+
+
+@pytest.fixture(scope="module")
+def cert_pg() -> Iterator[tuple[EmbeddedPostgres, TenantDatabase, dict[str, Path]]]:
+    """A cluster with TLS where the role cert_app (a member of tenant_app) logs in by client certificate only."""
+    directory = Path(tempfile.mkdtemp(prefix="pgtp-certs-"))  # readable by the postgres user, unlike tmp_path
+    directory.chmod(0o755)
+    _, server_cert, server_key = make_certificates(directory)
+    client_ca, client_cert, client_key = make_client_certificate(directory, "cert_app")
+    if os.geteuid() == 0:
+        for path in (server_cert, server_key, client_ca):
+            shutil.chown(path, "postgres", "postgres")
+    cluster = EmbeddedPostgres(
+        settings={"ssl": "on", "ssl_cert_file": str(server_cert), "ssl_key_file": str(server_key),
+                  "ssl_ca_file": str(client_ca)},
+        hba=["hostssl all cert_app 127.0.0.1/32 cert", "host all cert_app 127.0.0.1/32 reject"],
+    ).start()
+    db = prepare_database(cluster)
+    cluster.psql("CREATE ROLE cert_app LOGIN IN ROLE tenant_app")
+    yield cluster, db, {"sslcert": client_cert, "sslkey": client_key, "other_key": server_key}
+    cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_client_certificate_login(cert_pg: tuple[EmbeddedPostgres, TenantDatabase, dict[str, Path]],
+                                  tmp_path: Path) -> None:
+    """The proxy and the doctor log in upstream with [upstream] sslcert / sslkey and no password: a
+    password the role could change from SQL no longer opens the door, and the doctor has nothing to warn."""
+    cluster, db, files = cert_pg
+    upstream = {"user": "cert_app", "password": None, "sslmode": "require",
+                "sslcert": str(files["sslcert"]), "sslkey": str(files["sslkey"])}
+    proxy = ProxyProcess(cluster, db, tmp_path, {"upstream": upstream}).start()
+    try:
+        with psycopg.connect(proxy.dsn(), password=proxy.token(ACME)) as conn:
+            assert conn.execute("SELECT current_user, count(*) FROM leads").fetchone() == ("cert_app", ROWS[ACME])
+    finally:
+        proxy.stop()
+    status, findings = doctor(write_config(tmp_path / "cert.toml", cluster, db, 6432, {"upstream": upstream}))
+    assert status == 0, {name: f for name, f in findings.items() if f["status"] != "ok"}
+    assert findings["upstream role logs in with a password it can change"]["status"] == "ok"
+    mismatched = write_config(tmp_path / "mismatched.toml", cluster, db, 6432,
+                              {"upstream": {**upstream, "sslkey": str(files["other_key"])}})
+    with pytest.raises(ConfigError, match="upstream.sslcert and upstream.sslkey: not a certificate"):
+        load(mismatched)

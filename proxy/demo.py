@@ -150,6 +150,10 @@ def run_demo(port: int = 6432, serve: bool = True) -> int:
         )
         print(_psql(port, tokens["acme"], sneaky), "\n")
         print("   The proof no longer matches, so tenant_proxy.current_tenant() is NULL: no rows.\n")
+        print("== Tenant acme tries to read the other sessions of the shared upstream role")
+        print(_psql(port, tokens["acme"], "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s"))
+        print("   The hardening SQL (pg-tenant-proxy sql) took that from the role, with every other way to\n"
+              "   reach another tenant's sessions, backends or large objects (docs/security.md).\n")
         print("== Try it yourself:")
         for name, token in tokens.items():
             print(f"PGPASSWORD='{token}' \\\n  psql 'postgresql://{name}@127.0.0.1:{port}/app?sslmode=disable'\n")

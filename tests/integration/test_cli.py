@@ -56,5 +56,7 @@ def test_demo_shows_isolation() -> None:
     assert "Grace Hopper" in globex and "Ada Lovelace" not in globex
     assert 'ERROR:  setting "app.current_tenant" is protected' in attempts
     assert re.search(r"globex_rows_seen\s*\n-+\s*\n\s*0\s*\n", attempts), attempts
+    sessions = result.stdout.split("== ")[4]
+    assert "ERROR:  permission denied for function pg_stat_get_backend_idset" in sessions, sessions
     assert "psql 'postgresql://acme@127.0.0.1:" in result.stdout
     assert "Stopped and cleaned up." in result.stdout

@@ -239,3 +239,21 @@ def test_client_certificate_login(cert_pg: tuple[EmbeddedPostgres, TenantDatabas
                               {"upstream": {**upstream, "sslkey": str(files["other_key"])}})
     with pytest.raises(ConfigError, match="upstream.sslcert and upstream.sslkey: not a certificate"):
         load(mismatched)
+
+
+def test_sql_command_hardens_a_fresh_database(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path: Path) -> None:
+    """`pg-tenant-proxy sql --config FILE`, piped to psql twice (it is idempotent), leaves the upstream
+    role none of the capabilities the doctor looks for."""
+    pg.psql(f"CREATE DATABASE doctor_fresh; GRANT CONNECT ON DATABASE doctor_fresh TO {tenant_db.app_role}")
+    config = config_for(pg, tenant_db, tmp_path, database="doctor_fresh")
+    script = subprocess.run([sys.executable, "-m", "proxy", "sql", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO, check=True).stdout
+    _, before = doctor(config)
+    pg.psql(script, "doctor_fresh")
+    pg.psql(script, "doctor_fresh")
+    status, after = doctor(config)
+    role_checks = [name for name in after if name.startswith("upstream role can")]
+    assert len(role_checks) >= len(REVOCATIONS)
+    assert [name for name in role_checks if before[name]["status"] == "fail"]
+    assert {name: after[name]["objects"] for name in role_checks if after[name]["status"] != "ok"} == {}
+    assert status == 0

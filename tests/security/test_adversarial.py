@@ -26,17 +26,6 @@ from proxy.tenant import sign
 FORGED_PROOF = "99999999999:" + "0" * 64
 
 
-@pytest.fixture(scope="module", params=["session", "transaction"])
-def proxy(
-    request: pytest.FixtureRequest, pg: EmbeddedPostgres, tenant_db: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    """The proxy under attack, in each pool mode (transaction mode: 3 server connections for everyone)."""
-    pool = {"size": 150} if request.param == "session" else {"mode": "transaction", "size": 3}
-    process = ProxyProcess(pg, tenant_db, tmp_path_factory.mktemp(request.param), {"pool": pool}).start()
-    yield process
-    process.stop()
-
-
 @pytest.fixture
 def conn(proxy: ProxyProcess) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit session as tenant ACME."""

@@ -1,6 +1,6 @@
 """The shared upstream role: what one tenant could do to another because all log in upstream as one role.
 
-Every case runs through a real proxy process in both pool modes, against the database the fixtures
+Every case runs through a real proxy process in both pool modes (tests/security/conftest.py), against the database the fixtures
 prepare with the hardening SQL (proxy/sql/hardening.sql). Each docstring names the attack and the layer
 that stops it:
 - the hardening SQL (Postgres answers 42501 "permission denied");
@@ -20,17 +20,6 @@ import pytest
 
 from proxy.embedded import EmbeddedPostgres
 from support import ACME, GLOBEX, ROWS, ProxyProcess
-
-
-@pytest.fixture(scope="module", params=["session", "transaction"])
-def proxy(
-    request: pytest.FixtureRequest, pg: EmbeddedPostgres, tenant_db: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    """The proxy, in each pool mode (transaction mode: a small pool both tenants share)."""
-    pool = {"size": 20} if request.param == "session" else {"mode": "transaction", "size": 3}
-    process = ProxyProcess(pg, tenant_db, tmp_path_factory.mktemp(request.param), {"pool": pool}).start()
-    yield process
-    process.stop()
 
 
 @pytest.fixture

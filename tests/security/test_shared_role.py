@@ -122,6 +122,18 @@ def test_large_objects_cannot_be_listed(pg: EmbeddedPostgres, tenant_db: Any, at
     assert_refused_by_postgres(pg, tenant_db, attacker, "SELECT oid FROM pg_largeobject_metadata")
 
 
+def test_large_objects_through_function_calls_are_refused(pg: EmbeddedPostgres, tenant_db: Any,
+                                                          proxy: ProxyProcess) -> None:
+    """Attacker: reach the large-object functions through FunctionCall messages, as psql's \\lo_import
+    does (libpq's fast path), instead of SQL. Stopped by: the hardening SQL (Postgres checks EXECUTE on
+    a FunctionCall too), or earlier by the proxy refusing FunctionCall. No large object is created."""
+    count = "SELECT count(*) FROM pg_largeobject_metadata"
+    before = pg.psql(count, tenant_db.database)
+    result = proxy.psql(proxy.token(ACME), f"\\lo_import {pg.logfile}")
+    assert result.returncode != 0 and "ERROR" in result.stderr, result
+    assert pg.psql(count, tenant_db.database) == before
+
+
 # -- Notifications, random state, dynamic SQL --------------------------------------------------------------
 
 @pytest.mark.parametrize("sql", [

@@ -74,13 +74,17 @@ class Owner(Protocol):
 
 
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
-    """The TLS context for an sslmode, following libpq's meaning of each mode."""
+    """The TLS context for an sslmode, following libpq's meaning of each mode, with the client
+    certificate `sslcert` / `sslkey` (PEM, key unencrypted) when set, for `cert` authentication
+    (Postgres docs, "Certificate Authentication"). Raises ssl.SSLError when the pair does not load."""
     if settings.sslmode == "disable":
         return None
     context = ssl.create_default_context(cafile=settings.ca_file)
     context.check_hostname = settings.sslmode == "verify-full"
     if settings.sslmode in {"prefer", "require"} and not settings.ca_file:
         context.verify_mode = ssl.CERT_NONE
+    if settings.sslcert and settings.sslkey:
+        context.load_cert_chain(settings.sslcert, settings.sslkey, password="")
     return context
 
 

@@ -1,4 +1,4 @@
-"""The command line: `pg-tenant-proxy run | token | sql | demo`, each with --help."""
+"""The command line: `pg-tenant-proxy run | token | sql | doctor | demo`, each with --help."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from proxy import __version__, config
+from proxy.hardening import hardening_sql
 from proxy.tokens import mint
 from proxy.verifier import verifier_sql
 
@@ -103,12 +104,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     if args.config:
         settings = config.load(args.config)
-        sys.stdout.write(
-            verifier_sql(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
-        )
+        tenant = settings.tenant
+        sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key))
+        sys.stdout.write("\n" + hardening_sql(settings.upstream.user))
     else:
         defaults = config.SCHEMA
         sys.stdout.write(verifier_sql(defaults[("tenant", "setting")][1], defaults[("tenant", "proof_setting")][1], None))
+        sys.stdout.write("\n" + hardening_sql(None))
     return 0
 
 
@@ -116,7 +118,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from proxy.doctor import run_doctor
 
     settings = config.load(args.config)
-    return run_doctor(settings, args.database, args.admin_dsn, args.json, args.tenant_column)
+    return run_doctor(settings, args.database, args.admin_dsn, args.json, args.tenant_column, args.allow_plain_policies)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -153,24 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     sql = commands.add_parser(
         "sql",
-        help="print the SQL that installs the verifier",
-        description="Print the idempotent SQL that installs tenant_proxy.current_tenant(). "
-        "With --config it includes that configuration's signing key (re-run to rotate).",
+        help="print the SQL that installs the verifier and hardens the upstream role",
+        description="Print the idempotent SQL that installs tenant_proxy.current_tenant(), then the SQL that "
+        "takes from the upstream role every capability that reaches across tenants (see docs/security.md). "
+        "Run it as the database owner or a superuser, in each database the proxy serves. With --config it "
+        "includes that configuration's signing key (re-run to rotate) and upstream role; without, pass the "
+        "role to psql: psql -v upstream_role=NAME.",
     )
-    sql.add_argument("--config", metavar="FILE", help="include this configuration's setting names and signing key")
+    sql.add_argument("--config", metavar="FILE",
+                     help="include this configuration's setting names, signing key and upstream role")
     sql.set_defaults(func=cmd_sql)
 
     doctor = commands.add_parser(
         "doctor",
         help="audit the database for setups that leak tenants",
-        description="Check the upstream role, RLS, policies, views, indexes and the verifier; print each "
-        "finding with its fix. Exits 1 when any check fails.",
+        description="Check the upstream role (every capability the hardening SQL removes, checked with "
+        "Postgres's privilege functions), RLS, policies, views, indexes and the verifier; print each finding "
+        "with its fix. Exits 1 when any check fails.",
     )
     doctor.add_argument("--config", metavar="FILE", required=True, help="the proxy's configuration")
     doctor.add_argument("--admin-dsn", metavar="DSN", help="also read the catalog as this (admin) connection")
     doctor.add_argument("--database", help="the database to audit (default: [upstream] database)")
     doctor.add_argument("--tenant-column", default="tenant_id", help="the column that marks tenant tables")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--allow-plain-policies", action="store_true",
+                        help="only warn (not fail) on policies that read the plain tenant setting, which any "
+                        "client can forge; for teams that accept that risk")
     doctor.set_defaults(func=cmd_doctor)
 
     demo = commands.add_parser(

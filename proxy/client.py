@@ -367,6 +367,10 @@ class ClientConnection(asyncio.Protocol):
             else:
                 identity = server.verifier.verify(token, time.time())
             self.identity = identity
+            requested = self.request.database or self.request.user
+            if not server.settings.upstream.allowed(requested):
+                self.refuse(errors.INVALID_CATALOG_NAME, f'database "{requested}" is not available through this proxy')
+                return
             self.relay = Relay(
                 self,
                 server.guard,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -59,8 +60,11 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("upstream", "password"): (str, None),
     ("upstream", "password_file"): (str, None),
     ("upstream", "database"): (str, None),
+    ("upstream", "databases"): (list, None),
     ("upstream", "sslmode"): (str, "prefer"),
     ("upstream", "ca_file"): (str, None),
+    ("upstream", "sslcert"): (str, None),
+    ("upstream", "sslkey"): (str, None),
     ("upstream", "connect_timeout_seconds"): (float, 10.0),
     ("jwt", "algorithms"): (list, ["HS256"]),
     ("jwt", "secret"): (str, None),
@@ -113,9 +117,19 @@ class UpstreamSettings:
     user: str
     password: str | None
     database: str | None
+    databases: list[str] | None
     sslmode: str
     ca_file: str | None
+    sslcert: str | None
+    sslkey: str | None
     connect_timeout_seconds: float
+
+    def allowed(self, database: str) -> bool:
+        """Whether a client may reach `database`, the name in its startup packet (the user name when it
+        names none). The allowlist is `databases` when set, else only `database`; `load` refuses a
+        configuration with neither. A client refused here gets 3D000 with a message that does not say
+        whether the database exists."""
+        return database in (self.databases if self.databases is not None else [self.database])
 
 
 @dataclass(frozen=True)
@@ -295,6 +309,35 @@ def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | N
     return _build(values, str(path) if path is not None else "<environment>")
 
 
+def _allowed_databases(values: dict[tuple[str, str], Any]) -> list[str] | None:
+    """`[upstream] databases`, checked against `database`: one of them is required."""
+    database, databases = values[("upstream", "database")], values[("upstream", "databases")]
+    if database is None and not databases:
+        raise ConfigError("upstream.database or upstream.databases: set one; without either a client could "
+                          "reach every database of the server, postgres and template1 included")
+    if database is not None and databases is not None:
+        raise ConfigError("upstream.database and upstream.databases are exclusive: database sends every client "
+                          "to one database, databases lets clients choose among several")
+    return databases
+
+
+def _check_client_certificate(upstream: UpstreamSettings) -> None:
+    """sslcert and sslkey: both or neither, readable files, and TLS on."""
+    if bool(upstream.sslcert) != bool(upstream.sslkey):
+        raise ConfigError("upstream.sslcert and upstream.sslkey: set both or neither")
+    if upstream.sslcert and upstream.sslmode == "disable":
+        raise ConfigError("upstream.sslcert: a client certificate needs TLS; sslmode = disable turns it off")
+    for key, path in (("sslcert", upstream.sslcert), ("sslkey", upstream.sslkey)):
+        if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK)):
+            raise ConfigError(f"upstream.{key}: cannot read {path}")
+    if upstream.sslcert and upstream.sslkey:
+        try:
+            ssl.create_default_context().load_cert_chain(upstream.sslcert, upstream.sslkey, password="")
+        except ssl.SSLError as exc:
+            raise ConfigError("upstream.sslcert and upstream.sslkey: not a certificate and its unencrypted "
+                              f"private key in PEM ({exc.reason or exc})") from exc
+
+
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -322,10 +365,14 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         user=values[("upstream", "user")],
         password=_read_secret(values, "upstream", "password"),
         database=values[("upstream", "database")],
+        databases=_allowed_databases(values),
         sslmode=values[("upstream", "sslmode")],
         ca_file=values[("upstream", "ca_file")],
+        sslcert=values[("upstream", "sslcert")],
+        sslkey=values[("upstream", "sslkey")],
         connect_timeout_seconds=values[("upstream", "connect_timeout_seconds")],
     )
+    _check_client_certificate(upstream)
 
     algorithms = values[("jwt", "algorithms")]
     if not algorithms:

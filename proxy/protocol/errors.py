@@ -12,6 +12,8 @@ INVALID_STATEMENT_NAME = "26000"
 # Class 28: invalid authorization specification
 INVALID_AUTHORIZATION = "28000"
 INVALID_PASSWORD = "28P01"
+# Class 3D: invalid catalog name
+INVALID_CATALOG_NAME = "3D000"
 # Class 42: syntax error or access rule violation
 INSUFFICIENT_PRIVILEGE = "42501"
 DUPLICATE_PREPARED_STATEMENT = "42P05"

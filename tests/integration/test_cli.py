@@ -22,7 +22,7 @@ def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> s
 def test_config_error_names_the_key_and_exits_before_listening(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "bad.toml"
-    config.write_text(f'listen = "127.0.0.1:{port}"\n[upstream]\nuser = "app"\n[jwt]\nsecret = "{"s" * 40}"\n')
+    config.write_text(f'listen = "127.0.0.1:{port}"\n[upstream]\nuser = "app"\ndatabase = "app"\n[jwt]\nsecret = "{"s" * 40}"\n')
     result = run("run", "--config", str(config))
     assert result.returncode == 2
     assert "tenant.signing_key" in result.stderr
@@ -56,5 +56,7 @@ def test_demo_shows_isolation() -> None:
     assert "Grace Hopper" in globex and "Ada Lovelace" not in globex
     assert 'ERROR:  setting "app.current_tenant" is protected' in attempts
     assert re.search(r"globex_rows_seen\s*\n-+\s*\n\s*0\s*\n", attempts), attempts
+    sessions = result.stdout.split("== ")[4]
+    assert "ERROR:  permission denied for function pg_stat_get_backend_idset" in sessions, sessions
     assert "psql 'postgresql://acme@127.0.0.1:" in result.stdout
     assert "Stopped and cleaned up." in result.stdout

@@ -254,8 +254,8 @@ TENANTS_SEEN = "SELECT string_agg(DISTINCT tenant_id::text, ',') FROM leads"
         ("PREPARE stolen AS SELECT name FROM leads", "SELECT count(*) FROM pg_prepared_statements WHERE from_sql", "0"),
         ("BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT name FROM leads; COMMIT", "SELECT count(*) FROM pg_cursors", "0"),
         ("LISTEN globex_news", "SELECT count(*) FROM pg_listening_channels()", "0"),
-        ("SELECT pg_advisory_lock(4242)",
-         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()", "0"),
+        # pg_locks is revoked from the hardened role; releasing the lock tells whether this session holds it
+        ("SELECT pg_advisory_lock(4242)", "SELECT pg_advisory_unlock(4242)::int", "0"),
         ("SET search_path = pg_temp, public", "SHOW search_path", '"$user", public'),
         ("SET myapp.note = 'globex was here'", "SELECT coalesce(current_setting('myapp.note', true), '')", ""),
     ],

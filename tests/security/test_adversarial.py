@@ -80,8 +80,6 @@ def test_set_local_in_a_transaction_is_refused_and_fails_the_transaction(proxy: 
         f"SELECT set_config('app.' || 'current_tenant', '{GLOBEX}', false)",
         f"SELECT set_config(concat('app.', 'current_tenant'), '{GLOBEX}', false)",
         f"SELECT set_config('tenant_proxy.' || 'proof', '{FORGED_PROOF}', false)",
-        # Dynamic SQL inside a string the guard never parses.
-        f"SELECT query_to_xml('SELECT set_config(''app.current_tenant'', ''{GLOBEX}'', false)', false, false, '')",
     ],
 )
 def test_writes_past_the_guard_are_worthless(proxy: ProxyProcess, conn: psycopg.Connection[Any], sql: str) -> None:
@@ -94,6 +92,14 @@ def test_writes_past_the_guard_are_worthless(proxy: ProxyProcess, conn: psycopg.
     assert other_tenant_rows(conn) == 0
     healed = 'mode = "transaction"' in proxy.config.read_text()
     assert count(conn) == (ROWS[ACME] if healed else 0)
+
+
+def test_dynamic_sql_in_a_string_is_revoked(conn: psycopg.Connection[Any]) -> None:
+    """Attacker: hide set_config in SQL text the guard never parses (query_to_xml). Stopped by: the
+    hardening SQL (EXECUTE on the query_to_xml family revoked), and behind it the verifier."""
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="query_to_xml"):
+        conn.execute(f"SELECT query_to_xml('SELECT set_config(''app.current_tenant'', ''{GLOBEX}'', false)', false, false, '')")
+    assert_isolated(conn)
 
 
 def test_a_stolen_proof_from_another_backend_is_worthless(
@@ -170,12 +176,21 @@ def test_do_blocks_are_refused(conn: psycopg.Connection[Any]) -> None:
     assert_isolated(conn)
 
 
-def test_do_blocks_when_allowed_still_cannot_cross(make_proxy: Any) -> None:
-    """With [guard] allow_do = true, a DO block can change the setting: the verifier stops it."""
+def test_do_blocks_when_allowed_still_cannot_cross(make_proxy: Any, pg: EmbeddedPostgres, tenant_db: Any) -> None:
+    """With [guard] allow_do = true, a DO block reaches Postgres: the hardened role has no USAGE on
+    plpgsql (42501). Where a DBA grants it back, the DO block can change the setting: the verifier stops it."""
     permissive = make_proxy({"guard": {"allow_do": True}})
+    do_block = f"DO $$ BEGIN EXECUTE 'SET app.current_tenant = ''{GLOBEX}'''; END $$"
     with psycopg.connect(permissive.dsn(), password=permissive.token(ACME), autocommit=True) as conn:
-        conn.execute(f"DO $$ BEGIN EXECUTE 'SET app.current_tenant = ''{GLOBEX}'''; END $$")
-        assert other_tenant_rows(conn) == 0 and count(conn) == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="language plpgsql"):
+            conn.execute(do_block)
+    pg.psql(f"GRANT USAGE ON LANGUAGE plpgsql TO {tenant_db.app_role}", tenant_db.database)
+    try:
+        with psycopg.connect(permissive.dsn(), password=permissive.token(ACME), autocommit=True) as conn:
+            conn.execute(do_block)
+            assert other_tenant_rows(conn) == 0 and count(conn) == 0
+    finally:
+        pg.psql(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {tenant_db.app_role}", tenant_db.database)
 
 
 def test_functions_cannot_be_created_to_hide_sql(conn: psycopg.Connection[Any]) -> None:
@@ -305,13 +320,16 @@ def test_copy_in_cannot_write_another_tenant(conn: psycopg.Connection[Any]) -> N
 
 # -- 8. System views -----------------------------------------------------------------------------------
 
-def test_pg_stat_activity_never_shows_a_context(proxy: ProxyProcess, conn: psycopg.Connection[Any]) -> None:
-    """Attacker: read other sessions' query text to learn their tenant or proof. The proxy's context
-    travels as Bind parameters, so no query text holds it (other sessions' own SQL text is a documented
-    residual: the doctor recommends revoking access to pg_stat_activity)."""
+def test_pg_stat_activity_never_shows_a_context(proxy: ProxyProcess, conn: psycopg.Connection[Any],
+                                                pg: EmbeddedPostgres) -> None:
+    """Attacker: read other sessions' query text to learn their tenant or proof. Stopped by: the
+    hardening SQL (pg_stat_activity is revoked, see tests/security/test_shared_role.py); and even an
+    administrator who can read it finds no context there, since it travels as Bind parameters."""
     with psycopg.connect(proxy.dsn(), password=proxy.token(GLOBEX), autocommit=True) as other:
         other.execute("SELECT 1")
-        texts = [row[0] for row in conn.execute("SELECT coalesce(query, '') FROM pg_stat_activity")]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT query FROM pg_stat_activity")
+        texts = pg.psql("SELECT coalesce(query, '') FROM pg_stat_activity WHERE usename = 'tenant_app'").splitlines()
     assert texts and not [t for t in texts if GLOBEX in t or "0" * 10 in t]
 
 
@@ -390,8 +408,8 @@ def test_nothing_survives_when_a_server_connection_passes_to_another_tenant(
             assert b.execute("SHOW statement_timeout").fetchone()[0] == "0"
             assert b.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] == 0
             assert b.execute("SELECT count(*) FROM pg_listening_channels()").fetchone()[0] == 0
-            assert b.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
-                             ).fetchone()[0] == 0
+            assert pg.psql(f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = {pid}").strip() == "0"
+
             assert b.execute("SELECT count(*) FROM pg_cursors").fetchone()[0] == 0
             assert b.execute("SELECT tenant_proxy.current_tenant()").fetchone()[0] == GLOBEX
             assert b.execute("SELECT count(*) FROM leads WHERE tenant_id <> %s", (GLOBEX,)).fetchone()[0] == 0

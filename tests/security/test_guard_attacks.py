@@ -205,7 +205,6 @@ def replies_until_ready(client: RawClient) -> list[tuple[bytes, bytes]]:
     return replies
 
 
-@pytest.mark.xfail(strict=True, reason="the relay does not call Guard.function_call yet (the lead wires it)")
 def test_function_call_of_set_config_is_refused(proxy: ProxyProcess) -> None:
     """Attacker: call set_config by its OID (2078) with a FunctionCall message, which names no function
     the SQL guard could read. Stopped by: the relay asking Guard.function_call (0A000 by default, 42501

@@ -9,6 +9,7 @@ from proxy import config
 BASE = """
 [upstream]
 user = "app"
+database = "app"
 [jwt]
 secret = "%s"
 [tenant]
@@ -65,6 +66,9 @@ def test_secret_files(tmp_path: Path) -> None:
         ("", {"PGTP_TLS_CERT_FILE": "/nonexistent"}, "tls."),
         ("", {"PGTP_POOL_MODE": "statement"}, "pool.mode"),
         ("", {"PGTP_JWT_SECRET_FILE": "/nonexistent"}, "jwt.secret"),
+        ("", {"PGTP_UPSTREAM_SSLCERT": "/nonexistent"}, "upstream.sslcert and upstream.sslkey"),
+        ("", {"PGTP_UPSTREAM_SSLCERT": "/nonexistent", "PGTP_UPSTREAM_SSLKEY": "/nonexistent"}, "upstream.sslcert"),
+        ("", {"PGTP_UPSTREAM_DATABASES": "app,reports"}, "upstream.database and upstream.databases"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, extra: str, environ: dict[str, str], key: str) -> None:
@@ -87,3 +91,17 @@ def test_invalid_toml(tmp_path: Path) -> None:
 def test_env_name() -> None:
     assert config.env_name("jwt", "leeway_seconds") == "PGTP_JWT_LEEWAY_SECONDS"
     assert config.env_name("", "listen") == "PGTP_LISTEN"
+
+
+def test_database_allowlist(tmp_path: Path) -> None:
+    """Only the configured database, or the listed ones, may be reached; neither set is an error, since
+    the client could then name postgres or template1."""
+    fixed = config.load(write(tmp_path, BASE), environ={}).upstream
+    assert fixed.allowed("app") and not fixed.allowed("postgres") and not fixed.allowed("template1")
+    unset = BASE.replace('database = "app"\n', "")
+    listed = config.load(write(tmp_path, unset), environ={"PGTP_UPSTREAM_DATABASES": "app, reports"})
+    assert listed.upstream.databases == ["app", "reports"]
+    assert listed.upstream.allowed("reports") and not listed.upstream.allowed("postgres")
+    with pytest.raises(config.ConfigError, match="upstream.database or upstream.databases"):
+        config.load(write(tmp_path, unset), environ={})
+

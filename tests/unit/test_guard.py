@@ -522,7 +522,7 @@ def test_from_settings_reads_every_guard_key(tmp_path: Any) -> None:
     path = tmp_path / "proxy.toml"
     switches = ["allow_do", "allow_explain", "allow_strong_locks", "allow_notifications", "allow_large_objects",
                 "allow_backend_signals", "allow_function_call"]
-    base = '[upstream]\nuser = "app"\n[jwt]\nsecret = "' + "s" * 40 + '"\n[tenant]\nsigning_key = "' + "k" * 40 + '"\n'
+    base = '[upstream]\nuser = "app"\ndatabase = "app"\n[jwt]\nsecret = "' + "s" * 40 + '"\n[tenant]\nsigning_key = "' + "k" * 40 + '"\n'
     path.write_text(base + "[guard]\nmax_parse_bytes = 4096\n" + "".join(f"{switch} = true\n" for switch in switches))
     settings = config.load(path, environ={}).guard
     guard = Guard.from_settings(settings, PROTECTED, transaction_mode=True)

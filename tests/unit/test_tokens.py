@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.config import UUID_PATTERN, JwtSettings
+from proxy.config import UUID_PATTERN, IssuerSettings, JwtSettings
 from proxy.tokens import TokenRejected, TokenVerifier, claim_at
 
 SECRET = "s" * 40
@@ -20,21 +20,26 @@ TENANT = "11111111-1111-4111-8111-111111111111"
 NOW = 1_800_000_000
 
 
-def settings(**overrides: Any) -> JwtSettings:
+def issuer(**overrides: Any) -> IssuerSettings:
     values: dict[str, Any] = dict(
+        issuer=None,
+        discovery=False,
         algorithms=["HS256"],
         secret=SECRET,
         public_key_file=None,
         jwks_file=None,
         jwks_url=None,
         audience=None,
-        issuer=None,
-        leeway_seconds=0,
+        required_claims={},
         tenant_claim="tenant_id",
         tenant_pattern=UUID_PATTERN,
     )
     values.update(overrides)
-    return JwtSettings(**values)
+    return IssuerSettings(**values)
+
+
+def settings(leeway_seconds: int = 0, **overrides: Any) -> JwtSettings:
+    return JwtSettings(issuers=[issuer(**overrides)], leeway_seconds=leeway_seconds)
 
 
 def token(claims: dict[str, Any] | None = None, key: Any = SECRET, algorithm: str = "HS256", **headers: Any) -> str:
@@ -57,8 +62,8 @@ def test_valid_token() -> None:
         ({"exp": "soon"}, {}, "'exp' is not a number"),
         ({"nbf": NOW + 10}, {}, "token not yet valid"),
         ({"iat": NOW + 10}, {}, "issued in the future"),
-        ({"aud": "other"}, {"audience": "app"}, "audience does not match"),
-        ({}, {"audience": "app"}, "no 'aud' claim"),
+        ({"aud": "other"}, {"audience": ["app"]}, "audience does not match"),
+        ({}, {"audience": ["app"]}, "no 'aud' claim"),
         ({"iss": "evil"}, {"issuer": "https://issuer"}, "issuer does not match"),
         ({"tenant_id": None}, {}, "tenant claim 'tenant_id' missing"),
         ({"tenant_id": ""}, {}, "tenant claim 'tenant_id' missing"),

@@ -135,10 +135,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     if args.config:
-        settings = config.load(args.config)
-        sys.stdout.write(
-            verifier_sql(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
-        )
+        tenant = config.load(args.config).tenant
+        sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
+                                      tenant.claims_proof_setting))
     else:
         defaults = config.SCHEMA
         sys.stdout.write(verifier_sql(defaults[("tenant", "setting")][1], defaults[("tenant", "proof_setting")][1], None))

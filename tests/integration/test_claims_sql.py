@@ -123,3 +123,30 @@ def test_claims_function_attributes(pg: EmbeddedPostgres, tenant_db: TenantDatab
         tenant_db.database,
     ).split()
     assert rows == ['s|t|r|{"search_path=pg_catalog,', 'pg_temp"}'] * 2
+
+
+def test_supabase_style_helpers_read_the_verified_claims(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
+    """The auth.uid() / auth.role() / auth.jwt() definitions docs/identity.md gives."""
+    pg.psql(
+        "CREATE SCHEMA IF NOT EXISTS auth;"
+        "CREATE OR REPLACE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE SET search_path = pg_catalog"
+        " AS $$ SELECT tenant_proxy.claims() $$;"
+        "CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE SET search_path = pg_catalog"
+        " AS $$ SELECT nullif(tenant_proxy.claim('sub'), '')::uuid $$;"
+        "CREATE OR REPLACE FUNCTION auth.role() RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog"
+        " AS $$ SELECT tenant_proxy.claim('role') $$;"
+        f"GRANT USAGE ON SCHEMA auth TO {tenant_db.app_role};",
+        tenant_db.database,
+    )
+    key = tenant_db.signing_key.encode()
+    later = int(time.time()) + 600
+    user = "22222222-2222-4222-8222-222222222222"
+    text = canonical_json({"sub": user, "role": "authenticated"})
+    with direct(pg, tenant_db) as conn:
+        pid = conn.info.backend_pid
+        tenant_proof, claims_proof = proofs(key, ACME, pid, later, text)
+        set_claims(conn, ACME, text, tenant_proof, claims_proof)
+        assert conn.execute("SELECT auth.uid()::text, auth.role(), auth.jwt() ->> 'sub'").fetchone() == (
+            user, "authenticated", user)
+        set_claims(conn, ACME, canonical_json({"sub": GLOBEX, "role": "authenticated"}), tenant_proof, claims_proof)
+        assert conn.execute("SELECT auth.uid(), auth.role(), auth.jwt()").fetchone() == (None, None, None)

@@ -140,7 +140,7 @@ def test_supabase_style_helpers_read_the_verified_claims(pg: EmbeddedPostgres, t
     )
     key = tenant_db.signing_key.encode()
     later = int(time.time()) + 600
-    user = "22222222-2222-4222-8222-222222222222"
+    user = "33333333-3333-4333-8333-333333333333"
     text = canonical_json({"sub": user, "role": "authenticated"})
     with direct(pg, tenant_db) as conn:
         pid = conn.info.backend_pid

@@ -15,6 +15,7 @@ section 5.2.2.1 (max-age).
 from __future__ import annotations
 
 import enum
+import http.client
 import json
 import logging
 import re
@@ -90,7 +91,7 @@ def http_get_json(url: str, timeout: float) -> tuple[Any, float | None]:
             cache_control = response.headers.get("Cache-Control")
     except urllib.error.HTTPError as exc:
         raise FetchError(f"HTTP status {exc.code}") from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise FetchError(f"cannot reach it ({reason})") from exc
     if len(body) > MAX_DOCUMENT_BYTES:
@@ -215,7 +216,8 @@ class RemoteKeySet:
         self._attempted_at = float("-inf")  # start of the latest fetch, whatever its outcome
         self._on_demand_at = {reason: float("-inf") for reason in FetchReason}  # the latest granted, by reason
         self._next_fetch_at = float("-inf")  # when the background refresher fetches next
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held across a fetch: never taken on the event loop
+        self._claim_lock = threading.Lock()  # guards _on_demand_at only, never held across I/O
         self._thread: threading.Thread | None = None
         self._background = background
         self.fetches = 0
@@ -250,7 +252,7 @@ class RemoteKeySet:
         """Raise KeysNeeded if an on-demand fetch for `reason` is allowed now (one per refetch interval)."""
         if not may_fetch:
             return
-        with self._lock:
+        with self._claim_lock:
             if now < self._on_demand_at[reason] + self.timing.refetch_interval:
                 return
             self._on_demand_at[reason] = now
@@ -277,7 +279,7 @@ class RemoteKeySet:
         try:
             document, age = self._fetch(self._jwks_location(), self.timing.timeout)
             keys = Keys(document)
-        except FetchError as exc:
+        except Exception as exc:  # whatever went wrong, the outcome is the same: no new keys
             self.fetch_failures += 1
             self._jwks_url = self._configured_jwks_url  # discover again next time
             self._next_fetch_at = now + self.timing.refetch_interval

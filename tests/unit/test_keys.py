@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import threading
 from typing import Any
 
 import jwt
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from proxy.auth.keys import FetchError, KeySetTiming, max_age
 from proxy.config import UUID_PATTERN, IssuerSettings, JwtSettings
-from proxy.tokens import ProviderUnavailable, TokenRejected, TokenVerifier
+from proxy.tokens import KeysNeeded, ProviderUnavailable, TokenRejected, TokenVerifier
 
 TENANT = "11111111-1111-4111-8111-111111111111"
 ISSUER = "https://idp.example"
@@ -259,3 +260,27 @@ async def test_verify_async_hops_to_a_thread_only_to_fetch(provider: Provider) -
     assert (await check.verify_async(token)).tenant == TENANT  # accepted-token cache hit
     assert (await check.verify_async(provider.token("ed"))).tenant == TENANT  # fresh set
     assert provider.fetches() == 1
+
+
+def test_a_lookup_never_waits_for_a_fetch_in_progress(provider: Provider) -> None:
+    """The event loop must not block while the refresher holds the fetch lock across HTTP."""
+    clock = FakeClock()
+    check = verifier(provider, clock, discovery=False)
+    check.verify(provider.token("rsa"), clock.now)
+    clock.now += 1
+    outcomes: list[str] = []
+
+    def login() -> None:
+        try:
+            check.verify_now(provider.token("rsa", jti="x"), clock.now)
+            outcomes.append("accepted")
+            check.verify_now(jwt.encode({"tenant_id": TENANT, "exp": int(T0) + 60}, provider.private["rsa"][0],
+                                        algorithm="RS256", headers={"kid": "new"}), clock.now)
+        except KeysNeeded:
+            outcomes.append("needs a fetch")
+
+    with refresher(check)._lock:  # as during a slow fetch
+        thread = threading.Thread(target=login)
+        thread.start()
+        thread.join(5)
+    assert outcomes == ["accepted", "needs a fetch"]

@@ -34,7 +34,9 @@ from proxy.auth.keys import (
 )
 from proxy.config import HS_ALGORITHMS, IssuerSettings, JwtSettings
 
-__all__ = ["Identity", "KeysNeeded", "TokenRejected", "TokenVerifier", "claim_at", "mint"]
+__all__ = [
+    "ClaimsTooLarge", "Identity", "KeysNeeded", "ProviderUnavailable", "TokenRejected", "TokenVerifier", "claim_at", "mint",
+]
 
 
 class TokenRejected(Exception):

@@ -10,11 +10,9 @@ within a bound, what the server sends on its own.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import secrets
-import socket
 import enum
+import socket
 import ssl
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -22,7 +20,7 @@ from proxy.config import UpstreamSettings
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, MessageScanner
-from proxy.protocol.scram import MECHANISM, ScramClient
+from proxy.protocol.upstream_auth import UpstreamAuth, UpstreamAuthError, tls_server_end_point
 from proxy.relay.relay import ServerState
 from proxy.relay.replies import ReplyQueue
 from proxy.relay.statements import ServerStatements
@@ -245,9 +243,12 @@ class BackendConnection(asyncio.Protocol):
         self.transport = tls
 
     async def authenticate(self, settings: UpstreamSettings, parameters: dict[str, str]) -> None:
-        """Send the StartupMessage and run authentication until ReadyForQuery."""
+        """Send the StartupMessage and run authentication (proxy/protocol/upstream_auth.py) until ReadyForQuery."""
         self.write(messages.startup_message(parameters))
-        scram: ScramClient | None = None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        auth = UpstreamAuth(settings.user, settings.password, tls_server_end_point(certificate) if certificate else None,
+                            settings.require_auth, settings.channel_binding)
         while True:
             type_byte, body = await self.read_message()
             if type_byte == b"E":
@@ -257,27 +258,14 @@ class BackendConnection(asyncio.Protocol):
             if type_byte != b"R":
                 raise UpstreamError(errors.PROTOCOL_VIOLATION, "unexpected message from upstream during authentication")
             code, data = messages.parse_authentication(body)
+            try:
+                reply = auth.respond(code, data)
+            except UpstreamAuthError as exc:
+                raise UpstreamError(exc.sqlstate, f"upstream authentication failed: {exc}") from exc
+            if reply is not None:
+                self.write(reply)
             if code == messages.AUTH_OK:
                 break
-            password = settings.password
-            if password is None:
-                raise UpstreamError(errors.INVALID_PASSWORD, "upstream server asks for a password and none is configured")
-            if code == messages.AUTH_CLEARTEXT_PASSWORD:
-                self.write(messages.password_message(password))
-            elif code == messages.AUTH_MD5_PASSWORD:
-                inner = hashlib.md5((password + settings.user).encode()).hexdigest()
-                self.write(messages.password_message("md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest()))
-            elif code == messages.AUTH_SASL:
-                if MECHANISM.encode() not in data.split(b"\0"):
-                    raise UpstreamError(errors.FEATURE_NOT_SUPPORTED, "upstream server offers no supported SASL mechanism")
-                scram = ScramClient(password, secrets.token_urlsafe(18))
-                self.write(messages.sasl_initial_response(MECHANISM, scram.client_first()))
-            elif code == messages.AUTH_SASL_CONTINUE and scram is not None:
-                self.write(messages.sasl_response(scram.client_final(data)))
-            elif code == messages.AUTH_SASL_FINAL and scram is not None:
-                scram.verify_server_final(data)
-            else:
-                raise UpstreamError(errors.FEATURE_NOT_SUPPORTED, f"upstream authentication method {code} is not supported")
         while True:
             type_byte, body = await self.read_message()
             if type_byte == b"S":

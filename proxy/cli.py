@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from proxy import __version__, config
+from proxy.auth.claims import ClaimPathError, parse_claim_path
 from proxy.hardening import hardening_sql
 from proxy.tokens import mint
 from proxy.verifier import verifier_sql
@@ -69,35 +70,67 @@ def _claim_value(text: str) -> Any:
 
 
 def _set_path(claims: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
+    """Put `value` at a claim path (see proxy/auth/claims.py); a literal claim name is used as is."""
+    try:
+        steps = [step for step in parse_claim_path(path) if isinstance(step, str)]
+    except ClaimPathError:
+        steps = [path]
+    if "/" in path:
+        steps = [path]  # a namespaced claim (Auth0 style: a URL) is one top-level name
     target = claims
-    for part in parts[:-1]:
+    for part in steps[:-1]:
         target = target.setdefault(part, {})
-    target[parts[-1]] = value
+    target[steps[-1]] = value
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    secret = args.secret
-    tenant_claim = args.tenant_claim
-    if args.config:
-        settings = config.load(args.config)
-        secret = secret or settings.jwt.secret
-        tenant_claim = tenant_claim or settings.jwt.tenant_claim
-    if not secret:
-        print("error: give --secret, or --config with jwt.secret set", file=sys.stderr)
-        return 2
+def _issuer_for_token(settings: config.Settings, name: str | None) -> config.IssuerSettings:
+    """The issuer a development token is minted for: `name`, or the first that accepts HS* tokens."""
+    for issuer in settings.jwt.issuers:
+        if (name is None or issuer.issuer == name) and set(issuer.algorithms) & config.HS_ALGORITHMS:
+            return issuer
+    raise config.ConfigError(f"jwt: no issuer{' ' + name if name else ''} accepts HS* tokens, so none can be minted")
+
+
+def _token_claims(args: argparse.Namespace, issuer: config.IssuerSettings | None) -> dict[str, Any]:
+    """The claims of a development token: what `issuer` requires, then the command line's."""
     now = int(time.time())
     claims: dict[str, Any] = {"iat": now, "exp": now + args.ttl}
+    if issuer is not None:
+        if issuer.issuer:
+            claims["iss"] = issuer.issuer
+        if issuer.audience:
+            claims["aud"] = issuer.audience[0]
+        for path, accepted in issuer.required_claims.items():
+            _set_path(claims, path, accepted[0])
     if args.sub:
         claims["sub"] = args.sub
     for item in args.claim:
         name, sep, value = item.partition("=")
         if not sep:
-            print(f"error: --claim expects name=value, got {item!r}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--claim expects name=value, got {item!r}")
         _set_path(claims, name, _claim_value(value))
-    _set_path(claims, tenant_claim or "tenant_id", args.tenant)
-    print(mint(secret, claims, args.algorithm))
+    tenant_claim = args.tenant_claim or (issuer.tenant_claim if issuer else "tenant_id")
+    _set_path(claims, tenant_claim, args.tenant)
+    return claims
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    secret, algorithm, issuer = args.secret, args.algorithm, None
+    if args.config:
+        settings = config.load(args.config)
+        issuer = _issuer_for_token(settings, args.issuer)
+        secret = secret or settings.jwt.secret
+        allowed = [name for name in issuer.algorithms if name in config.HS_ALGORITHMS]
+        algorithm = algorithm or allowed[0]
+    if not secret:
+        print("error: give --secret, or --config with jwt.secret set", file=sys.stderr)
+        return 2
+    try:
+        claims = _token_claims(args, issuer)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(mint(secret, claims, algorithm or "HS256"))
     return 0
 
 
@@ -105,7 +138,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if args.config:
         settings = config.load(args.config)
         tenant = settings.tenant
-        sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key))
+        sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
+                                      tenant.claims_proof_setting))
         sys.stdout.write("\n" + hardening_sql(settings.upstream.user))
     else:
         defaults = config.SCHEMA
@@ -141,16 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     token = commands.add_parser(
-        "token", help="mint a development token", description="Mint an HS-signed development token."
+        "token",
+        help="mint a development token",
+        description="Mint an HS-signed development token. With --config the token is one that configuration "
+        "accepts: its secret and algorithm, issuer, first audience, required claims and tenant claim.",
     )
     token.add_argument("--secret", help="the HS secret (default: jwt.secret of --config)")
-    token.add_argument("--config", metavar="FILE", help="take the secret and tenant claim from this configuration")
+    token.add_argument("--config", metavar="FILE", help="mint a token this configuration accepts")
+    token.add_argument("--issuer", help="with --config and [[jwt.issuers]]: the issuer to mint for (default: the first accepting HS*)")
     token.add_argument("--tenant", required=True, help="the tenant id to put in the tenant claim")
-    token.add_argument("--tenant-claim", help="claim path for the tenant (default: tenant_id)")
+    token.add_argument("--tenant-claim", help="claim path for the tenant (default: the configuration's, or tenant_id)")
     token.add_argument("--sub", help="the subject claim")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires (default 3600)")
     token.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE", help="an extra claim (JSON value or text)")
-    token.add_argument("--algorithm", default="HS256", choices=sorted(config.HS_ALGORITHMS))
+    token.add_argument("--algorithm", choices=sorted(config.HS_ALGORITHMS),
+                       help="default: the configuration's first HS* algorithm, or HS256")
     token.set_defaults(func=cmd_token)
 
     sql = commands.add_parser(

@@ -204,6 +204,12 @@ class ClientConnection(asyncio.Protocol):
     def hold_client(self, held: bool) -> None:
         self.flow.client.set(Reason.HELD, held)
 
+    def transactions_ended(self, count: int) -> None:
+        """Client transactions ended (ReadyForQuery 'I'): a session whose token was revoked ends here."""
+        if self.identity is not None and self.server.verifier.revoked(self.identity, time.time()):
+            log.warning("token revoked client=%s tenant=%s", self.address, self.identity.tenant)
+            self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
+
     def refused(self, refusal: Refusal) -> None:
         log.info("refused statement client=%s tenant=%s sqlstate=%s reason=%s", self.address,
                  self.identity.tenant if self.identity else "-", refusal.sqlstate, refusal.message)
@@ -361,11 +367,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.request is not None and self.transport is not None
         server = self.server
         try:
-            if server.verifier.needs_io:
-                loop = asyncio.get_running_loop()
-                identity = await loop.run_in_executor(None, server.verifier.verify, token, time.time())
-            else:
-                identity = server.verifier.verify(token, time.time())
+            identity = await server.verifier.verify_async(token)
             self.identity = identity
             requested = self.request.database or self.request.user
             if not server.settings.upstream.allowed(requested):
@@ -398,7 +400,7 @@ class ClientConnection(asyncio.Protocol):
     def _setup_failed(self, exc: Exception) -> None:
         """Refuse the client for a failure while setting up its session (called in an except block)."""
         if isinstance(exc, TokenRejected):
-            self.refuse(errors.INVALID_PASSWORD, str(exc))
+            self.refuse(exc.sqlstate, str(exc))
         elif isinstance(exc, UpstreamError):
             self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
         else:

@@ -6,6 +6,7 @@ same list. An unknown key, a wrong type or an impossible combination raises Conf
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import ssl
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.guard import DEFAULT_MAX_PARSE_BYTES
+from proxy.auth.claims import ClaimPathError, parse_claim_path
 
 POOL_MODES = ("session", "transaction")
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -42,11 +44,17 @@ DEFAULT_ALLOWED_PARAMETERS = [
 HS_ALGORITHMS = {"HS256", "HS384", "HS512"}
 KEY_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 SSLMODES = {"disable", "prefer", "require", "verify-ca", "verify-full"}
+CHANNEL_BINDINGS = ("disable", "prefer", "require")
+AUTH_METHODS = {"password", "md5", "gss", "sspi", "scram-sha-256", "none"}
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+$")
 
 
 class ConfigError(Exception):
     """A configuration problem; the message names the key."""
+
+
+class TableList(list):  # type: ignore[type-arg]
+    """The kind of a key holding a TOML array of tables (`[[jwt.issuers]]`); JSON in the environment."""
 
 
 # (section, key) -> (type, default). Section "" holds top-level keys. `None` default means unset.
@@ -66,21 +74,37 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("upstream", "sslcert"): (str, None),
     ("upstream", "sslkey"): (str, None),
     ("upstream", "connect_timeout_seconds"): (float, 10.0),
+    ("upstream", "channel_binding"): (str, "prefer"),
+    ("upstream", "require_auth"): (str, None),
     ("jwt", "algorithms"): (list, ["HS256"]),
     ("jwt", "secret"): (str, None),
     ("jwt", "secret_file"): (str, None),
     ("jwt", "public_key_file"): (str, None),
     ("jwt", "jwks_file"): (str, None),
     ("jwt", "jwks_url"): (str, None),
-    ("jwt", "audience"): (str, None),
+    ("jwt", "audience"): (list, None),
     ("jwt", "issuer"): (str, None),
+    ("jwt", "discovery"): (bool, False),
+    ("jwt", "issuers"): (TableList, []),
+    ("jwt", "required_claims"): (dict, {}),
     ("jwt", "leeway_seconds"): (int, 0),
     ("jwt", "tenant_claim"): (str, "tenant_id"),
     ("jwt", "tenant_pattern"): (str, UUID_PATTERN),
+    ("jwt", "jwks_refresh_seconds"): (float, 300.0),
+    ("jwt", "jwks_min_refresh_seconds"): (float, 60.0),
+    ("jwt", "jwks_max_refresh_seconds"): (float, 3600.0),
+    ("jwt", "jwks_refetch_interval_seconds"): (float, 10.0),
+    ("jwt", "jwks_max_stale_seconds"): (float, 3600.0),
+    ("jwt", "jwks_timeout_seconds"): (float, 5.0),
+    ("jwt", "denylist_file"): (str, None),
     ("tenant", "setting"): (str, "app.current_tenant"),
     ("tenant", "proof_setting"): (str, "tenant_proxy.proof"),
     ("tenant", "signing_key"): (str, None),
     ("tenant", "signing_key_file"): (str, None),
+    ("tenant", "claims"): (list, ["sub", "role"]),
+    ("tenant", "max_claims_bytes"): (int, 4096),
+    ("tenant", "claims_setting"): (str, "request.jwt.claims"),
+    ("tenant", "claims_proof_setting"): (str, "tenant_proxy.claims_proof"),
     ("pool", "mode"): (str, "session"),
     ("pool", "size"): (int, 20),
     ("pool", "min_size"): (int, 0),
@@ -123,6 +147,8 @@ class UpstreamSettings:
     sslcert: str | None
     sslkey: str | None
     connect_timeout_seconds: float
+    channel_binding: str = "prefer"
+    require_auth: str | None = None
 
     def allowed(self, database: str) -> bool:
         """Whether a client may reach `database`, the name in its startup packet (the user name when it
@@ -133,17 +159,43 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
-class JwtSettings:
+class IssuerSettings:
+    """One identity provider: how its tokens are selected (`issuer`), keyed and checked."""
+
+    issuer: str | None
+    discovery: bool
     algorithms: list[str]
-    secret: str | None
+    secret: str | None = field(repr=False)
     public_key_file: str | None
     jwks_file: str | None
     jwks_url: str | None
-    audience: str | None
-    issuer: str | None
-    leeway_seconds: int
+    audience: list[str] | None
+    required_claims: dict[str, list[Any]]
     tenant_claim: str
     tenant_pattern: str
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """`issuers` is the single-issuer form's one entry, or the `[[jwt.issuers]]` tables; `sql_claims`
+    and `max_claims_bytes` come from `[tenant] claims` and `[tenant] max_claims_bytes`."""
+
+    issuers: list[IssuerSettings]
+    leeway_seconds: int = 0
+    jwks_refresh_seconds: float = 300.0
+    jwks_min_refresh_seconds: float = 60.0
+    jwks_max_refresh_seconds: float = 3600.0
+    jwks_refetch_interval_seconds: float = 10.0
+    jwks_max_stale_seconds: float = 3600.0
+    jwks_timeout_seconds: float = 5.0
+    denylist_file: str | None = None
+    sql_claims: list[str] = field(default_factory=lambda: ["sub", "role"])
+    max_claims_bytes: int = 4096
+
+    @property
+    def secret(self) -> str | None:
+        """The HS secret (shared by all issuers)."""
+        return self.issuers[0].secret
 
 
 @dataclass(frozen=True)
@@ -151,6 +203,8 @@ class TenantSettings:
     setting: str
     proof_setting: str
     signing_key: str
+    claims_setting: str = "request.jwt.claims"
+    claims_proof_setting: str = "tenant_proxy.claims_proof"
 
 
 @dataclass(frozen=True)
@@ -230,8 +284,12 @@ def _dotted(section: str, key: str) -> str:
 
 def _coerce(section: str, key: str, kind: type, value: Any, from_env: bool) -> Any:
     name = _dotted(section, key)
+    if kind in (dict, TableList):
+        return _coerce_structure(name, kind, value, from_env)
     if from_env:
         text = str(value).strip()
+        if kind is list and text.startswith("["):
+            return _coerce(section, key, kind, _json(name, text), False)
         if kind is list:
             return [item.strip() for item in text.split(",") if item.strip()]
         if kind is bool:
@@ -254,6 +312,24 @@ def _coerce(section: str, key: str, kind: type, value: Any, from_env: bool) -> A
         return value
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _json(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not valid JSON: {exc}") from exc
+
+
+def _coerce_structure(name: str, kind: type, value: Any, from_env: bool) -> Any:
+    """A table (a JSON object in the environment) or an array of tables (a JSON array of objects)."""
+    if from_env:
+        value = _json(name, str(value))
+    if kind is dict and not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table")
+    if kind is TableList and not (isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+        raise ConfigError(f"{name}: expected an array of tables ([[{name}]])")
     return value
 
 
@@ -345,6 +421,146 @@ def _parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+ISSUER_KEYS = (
+    "issuer", "discovery", "jwks_url", "jwks_file", "public_key_file",
+    "algorithms", "audience", "required_claims", "tenant_claim", "tenant_pattern",
+)
+KEY_SOURCES = ("public_key_file", "jwks_file", "jwks_url", "discovery")
+
+
+def _build_jwt(values: dict[tuple[str, str], Any]) -> JwtSettings:
+    """[jwt]: the single-issuer form, or `[[jwt.issuers]]` whose tables default to the [jwt] keys."""
+    secret = _read_secret(values, "jwt", "secret")
+    if secret is not None and len(secret.encode()) < 32:
+        raise ConfigError("jwt.secret: must be at least 32 bytes")
+    top = {key: values[("jwt", key)] for key in ISSUER_KEYS}
+    tables = values[("jwt", "issuers")]
+    if tables:
+        for key in ("issuer", *KEY_SOURCES):
+            if top[key]:
+                raise ConfigError(f"jwt.{key}: set it in each [[jwt.issuers]] table, not in [jwt]")
+        issuers = [_issuer(f"jwt.issuers[{n}]", {**top, **table}, table, secret) for n, table in enumerate(tables)]
+        names = [issuer.issuer for issuer in issuers]
+        if len(set(names)) != len(names):
+            raise ConfigError("jwt.issuers: two tables name the same issuer")
+    else:
+        issuers = [_issuer("jwt", top, top, secret)]
+    for key in ("jwks_refresh_seconds", "jwks_min_refresh_seconds", "jwks_max_refresh_seconds",
+                "jwks_refetch_interval_seconds", "jwks_max_stale_seconds", "jwks_timeout_seconds"):
+        if values[("jwt", key)] <= 0:
+            raise ConfigError(f"jwt.{key}: must be a positive number of seconds")
+    if values[("jwt", "jwks_min_refresh_seconds")] > values[("jwt", "jwks_max_refresh_seconds")]:
+        raise ConfigError("jwt.jwks_min_refresh_seconds: must not exceed jwt.jwks_max_refresh_seconds")
+    if values[("jwt", "jwks_refetch_interval_seconds")] < 1:
+        raise ConfigError("jwt.jwks_refetch_interval_seconds: must be at least 1 second")
+    _require_file(values, "jwt", "denylist_file")
+    claims = values[("tenant", "claims")]
+    if "*" in claims and claims != ["*"] or not all(claims):
+        raise ConfigError('tenant.claims: a list of claim names, or "*" alone for all claims')
+    if values[("tenant", "max_claims_bytes")] < 2:
+        raise ConfigError("tenant.max_claims_bytes: must be at least 2 bytes")
+    return JwtSettings(
+        issuers=issuers,
+        leeway_seconds=values[("jwt", "leeway_seconds")],
+        jwks_refresh_seconds=values[("jwt", "jwks_refresh_seconds")],
+        jwks_min_refresh_seconds=values[("jwt", "jwks_min_refresh_seconds")],
+        jwks_max_refresh_seconds=values[("jwt", "jwks_max_refresh_seconds")],
+        jwks_refetch_interval_seconds=values[("jwt", "jwks_refetch_interval_seconds")],
+        jwks_max_stale_seconds=values[("jwt", "jwks_max_stale_seconds")],
+        jwks_timeout_seconds=values[("jwt", "jwks_timeout_seconds")],
+        denylist_file=values[("jwt", "denylist_file")],
+        sql_claims=claims,
+        max_claims_bytes=values[("tenant", "max_claims_bytes")],
+    )
+
+
+def _issuer(name: str, merged: dict[str, Any], own: dict[str, Any], secret: str | None) -> IssuerSettings:
+    """One issuer's settings from `merged` (its table over the [jwt] keys); `own` is its table alone."""
+    for key in own:
+        if key not in ISSUER_KEYS:
+            raise ConfigError(f"{name}.{key}: unknown key (an issuer table takes {', '.join(ISSUER_KEYS)})")
+    for key in ISSUER_KEYS:
+        if key in own and own is not merged:
+            kind = SCHEMA[("jwt", key)][0]
+            merged[key] = _coerce("jwt", key, kind, own[key], False)
+    if name != "jwt" and not merged["issuer"]:
+        raise ConfigError(f"{name}.issuer: required in each [[jwt.issuers]] table")
+    algorithms = merged["algorithms"]
+    if not algorithms:
+        raise ConfigError(f"{name}.algorithms: at least one algorithm is required")
+    for algorithm in algorithms:
+        if algorithm not in HS_ALGORITHMS | KEY_ALGORITHMS:
+            raise ConfigError(f"{name}.algorithms: {algorithm!r} is not allowed (never 'none')")
+    for key in ("public_key_file", "jwks_file"):
+        if merged[key] is not None and not Path(merged[key]).is_file():
+            raise ConfigError(f"{name}.{key}: file {merged[key]} does not exist")
+    if merged["jwks_url"] is not None and not merged["jwks_url"].lower().startswith(("https://", "http://")):
+        raise ConfigError(f"{name}.jwks_url: must be an http(s) URL")
+    if merged["discovery"] and not merged["issuer"]:
+        raise ConfigError(f"{name}.discovery: needs {name}.issuer (discovery reads <issuer>/.well-known/openid-configuration)")
+    sources = [key for key in KEY_SOURCES if merged[key]]
+    if len(sources) > 1:
+        raise ConfigError(f"{name}: {' and '.join(name + '.' + k for k in sources)} are exclusive; choose one")
+    if set(algorithms) & HS_ALGORITHMS and not secret:
+        raise ConfigError("jwt.secret: required for HS* algorithms (or set jwt.secret_file)")
+    if set(algorithms) & KEY_ALGORITHMS and not sources:
+        raise ConfigError(f"{name}.public_key_file: required for asymmetric algorithms (or jwks_file / jwks_url / discovery)")
+    try:
+        re.compile(merged["tenant_pattern"])
+    except re.error as exc:
+        raise ConfigError(f"{name}.tenant_pattern: not a valid regular expression: {exc}") from exc
+    if not merged["tenant_claim"]:
+        raise ConfigError(f"{name}.tenant_claim: must not be empty")
+    for path in (merged["tenant_claim"], *merged["required_claims"]):
+        try:
+            parse_claim_path(path)
+        except ClaimPathError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+    required = {path: value if isinstance(value, list) else [value] for path, value in merged["required_claims"].items()}
+    return IssuerSettings(
+        issuer=merged["issuer"],
+        discovery=merged["discovery"],
+        algorithms=algorithms,
+        secret=secret,
+        public_key_file=merged["public_key_file"],
+        jwks_file=merged["jwks_file"],
+        jwks_url=merged["jwks_url"],
+        audience=merged["audience"],
+        required_claims=required,
+        tenant_claim=merged["tenant_claim"],
+        tenant_pattern=merged["tenant_pattern"],
+    )
+
+
+def _check_claims_settings(values: dict[tuple[str, str], Any]) -> None:
+    names = [values[("tenant", key)] for key in ("setting", "proof_setting", "claims_setting", "claims_proof_setting")]
+    for key in ("claims_setting", "claims_proof_setting"):
+        if not SETTING_NAME.match(values[("tenant", key)]):
+            raise ConfigError(f"tenant.{key}: expected a custom setting name like 'request.jwt.claims'")
+    if len({name.lower() for name in names}) != len(names):
+        raise ConfigError("tenant.claims_setting and tenant.claims_proof_setting: must differ from each other and "
+                          "from tenant.setting and tenant.proof_setting")
+
+
+def _require_auth(values: dict[tuple[str, str], Any]) -> str | None:
+    """[upstream] require_auth and channel_binding, checked with libpq's rules."""
+    if values[("upstream", "channel_binding")] not in CHANNEL_BINDINGS:
+        raise ConfigError(f"upstream.channel_binding: expected one of {', '.join(CHANNEL_BINDINGS)}")
+    if values[("upstream", "channel_binding")] == "require" and values[("upstream", "sslmode")] == "disable":
+        raise ConfigError("upstream.channel_binding: 'require' needs TLS, but upstream.sslmode is 'disable'")
+    text = values[("upstream", "require_auth")]
+    if text is None:
+        return None
+    methods = [item.strip() for item in text.split(",")]
+    negated = [method.startswith("!") for method in methods]
+    if any(negated) and not all(negated):
+        raise ConfigError("upstream.require_auth: negative and positive methods cannot be mixed")
+    for method in methods:
+        if method.lstrip("!") not in AUTH_METHODS:
+            raise ConfigError(f"upstream.require_auth: {method!r} is not one of {', '.join(sorted(AUTH_METHODS))}")
+    return ",".join(methods)
+
+
 def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
     listen_host, listen_port = _parse_listen(values[("", "listen")])
     if values[("", "workers")] < 1:
@@ -371,45 +587,12 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
         sslcert=values[("upstream", "sslcert")],
         sslkey=values[("upstream", "sslkey")],
         connect_timeout_seconds=values[("upstream", "connect_timeout_seconds")],
+        channel_binding=values[("upstream", "channel_binding")],
+        require_auth=_require_auth(values),
     )
     _check_client_certificate(upstream)
 
-    algorithms = values[("jwt", "algorithms")]
-    if not algorithms:
-        raise ConfigError("jwt.algorithms: at least one algorithm is required")
-    for algorithm in algorithms:
-        if algorithm not in HS_ALGORITHMS | KEY_ALGORITHMS:
-            raise ConfigError(f"jwt.algorithms: {algorithm!r} is not allowed (never 'none')")
-    secret = _read_secret(values, "jwt", "secret")
-    for key in ("public_key_file", "jwks_file"):
-        _require_file(values, "jwt", key)
-    key_sources = [k for k in ("public_key_file", "jwks_file", "jwks_url") if values[("jwt", k)]]
-    if len(key_sources) > 1:
-        raise ConfigError(f"jwt: {' and '.join('jwt.' + k for k in key_sources)} are exclusive; choose one")
-    if set(algorithms) & HS_ALGORITHMS and not secret:
-        raise ConfigError("jwt.secret: required for HS* algorithms (or set jwt.secret_file)")
-    if set(algorithms) & KEY_ALGORITHMS and not key_sources:
-        raise ConfigError("jwt.public_key_file: required for asymmetric algorithms (or jwks_file / jwks_url)")
-    if secret is not None and len(secret.encode()) < 32:
-        raise ConfigError("jwt.secret: must be at least 32 bytes")
-    try:
-        re.compile(values[("jwt", "tenant_pattern")])
-    except re.error as exc:
-        raise ConfigError(f"jwt.tenant_pattern: not a valid regular expression: {exc}") from exc
-    if not values[("jwt", "tenant_claim")]:
-        raise ConfigError("jwt.tenant_claim: must not be empty")
-    jwt = JwtSettings(
-        algorithms=algorithms,
-        secret=secret,
-        public_key_file=values[("jwt", "public_key_file")],
-        jwks_file=values[("jwt", "jwks_file")],
-        jwks_url=values[("jwt", "jwks_url")],
-        audience=values[("jwt", "audience")],
-        issuer=values[("jwt", "issuer")],
-        leeway_seconds=values[("jwt", "leeway_seconds")],
-        tenant_claim=values[("jwt", "tenant_claim")],
-        tenant_pattern=values[("jwt", "tenant_pattern")],
-    )
+    jwt = _build_jwt(values)
 
     signing_key = _read_secret(values, "tenant", "signing_key")
     if not signing_key:
@@ -421,7 +604,14 @@ def _build(values: dict[tuple[str, str], Any], source: str) -> Settings:
             raise ConfigError(f"tenant.{key}: expected a custom setting name like 'app.current_tenant'")
     if values[("tenant", "setting")].lower() == values[("tenant", "proof_setting")].lower():
         raise ConfigError("tenant.proof_setting: must differ from tenant.setting")
-    tenant = TenantSettings(values[("tenant", "setting")], values[("tenant", "proof_setting")], signing_key)
+    _check_claims_settings(values)
+    tenant = TenantSettings(
+        values[("tenant", "setting")],
+        values[("tenant", "proof_setting")],
+        signing_key,
+        values[("tenant", "claims_setting")],
+        values[("tenant", "claims_proof_setting")],
+    )
 
     if values[("pool", "mode")] not in POOL_MODES:
         raise ConfigError(f"pool.mode: expected one of {', '.join(POOL_MODES)}, got {values[('pool', 'mode')]!r}")

@@ -63,9 +63,12 @@ class ProxyServer:
         self.settings = settings
         self.worker = worker
         self.verifier = TokenVerifier(settings.jwt)
-        self.context = ContextBuilder(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
+        tenant = settings.tenant
+        self.context = ContextBuilder(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
+                                      tenant.claims_proof_setting)
         protected = ProtectedSettings(
-            [settings.tenant.setting, settings.tenant.proof_setting], settings.guard.protected_prefixes
+            [tenant.setting, tenant.proof_setting, tenant.claims_setting, tenant.claims_proof_setting],
+            settings.guard.protected_prefixes,
         )
         self.policy = ParameterPolicy(settings.client.allowed_parameters, protected)
         transaction_mode = settings.pool.mode == "transaction"

@@ -11,7 +11,6 @@ end; the proxy run must give the same messages. Message formats follow the Postg
 
 from __future__ import annotations
 
-import secrets
 import select
 import socket
 import struct
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 
 from proxy.protocol import messages
 from proxy.protocol.framing import MessageReader
-from proxy.protocol.scram import MECHANISM, ScramClient
+from proxy.protocol.upstream_auth import UpstreamAuth
 
 Reply = tuple[bytes, bytes]
 READ_TIMEOUT = 5.0
@@ -253,20 +252,8 @@ def _login(wire: Wire, startup: bytes, answer: Callable[[int, bytes], bytes | No
 def connect_direct(port: int, user: str, password: str, database: str, name: str = "direct") -> Wire:
     """Log in to Postgres over TCP with SCRAM-SHA-256 (RFC 7677) or cleartext, as the server asks."""
     wire = Wire(socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT), name)
-    scram = ScramClient(password, secrets.token_urlsafe(18))
-
-    def answer(code: int, data: bytes) -> bytes | None:
-        if code == messages.AUTH_SASL:
-            return messages.sasl_initial_response(MECHANISM, scram.client_first())
-        if code == messages.AUTH_SASL_CONTINUE:
-            return messages.sasl_response(scram.client_final(data))
-        if code == messages.AUTH_SASL_FINAL:
-            scram.verify_server_final(data)
-        elif code == messages.AUTH_CLEARTEXT_PASSWORD:
-            return messages.password_message(password)
-        return None
-
-    return _login(wire, messages.startup_message({"user": user, "database": database}), answer)
+    authentication = UpstreamAuth(user, password, None)
+    return _login(wire, messages.startup_message({"user": user, "database": database}), authentication.respond)
 
 
 def connect_proxy(port: int, token: str, name: str = "proxy", **parameters: str) -> Wire:

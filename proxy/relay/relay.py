@@ -87,6 +87,8 @@ class Hooks(Protocol):
 
     def refused(self, refusal: Refusal) -> None: ...
 
+    def transactions_ended(self, count: int) -> None: ...
+
 
 @dataclass
 class ServerState:
@@ -114,6 +116,9 @@ class Identity(Protocol):
 
     @property
     def expires_at(self) -> int: ...
+
+    @property
+    def claims_json(self) -> str: ...
 
 
 def refusal_error(refusal: Refusal) -> bytes:
@@ -173,6 +178,7 @@ class Relay:
         self.client_view: dict[str, str] = {}  # ParameterStatus values the client has seen
         self._pending_parameters: dict[str, str] = {}
         self.terminated = False  # the client sent Terminate
+        self.transactions_ended = 0  # client transactions ended (ReadyForQuery 'I') since the hooks were told
         self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
         self.mode: SessionMode | TransactionMode = (
             TransactionMode(self, max_statement_bytes) if transaction_mode else SessionMode(self)
@@ -209,6 +215,9 @@ class Relay:
         out = queue.feed(data)
         if out:
             self.hooks.send_client(out)
+        if self.transactions_ended:
+            ended, self.transactions_ended = self.transactions_ended, 0
+            self.hooks.transactions_ended(ended)
         if self.server is None:
             return
         if self.preparing:
@@ -225,8 +234,9 @@ class Relay:
 
     # -- ReplyQueue's listener -------------------------------------------------------------------
 
-    def group_ended(self, status: bytes) -> None:
-        self.mode.group_ended(status)
+    def group_ended(self, status: bytes, own: bool) -> None:
+        if not own and status == b"I":
+            self.transactions_ended += 1
 
     def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
         if self.server is not None:
@@ -463,7 +473,8 @@ class SessionMode:
         assert relay.server is not None
         identity = relay.identity
         request = OwnRequest(self._context_ended)
-        for raw, kind in relay.context.session_messages(identity.tenant, relay.server.process_id, identity.expires_at):
+        for raw, kind in relay.context.session_messages(identity.tenant, relay.server.process_id, identity.expires_at,
+                                                    identity.claims_json):
             relay.own(raw, kind, request if kind is Request.SYNC else None)
 
     def _context_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
@@ -549,9 +560,6 @@ class SessionMode:
         if self.reassert_due and not self.relay.mid_group:
             self.reassert_due = False
             self._send_context()
-
-    def group_ended(self, status: bytes) -> None:
-        """Session mode keeps its connection: nothing to decide at ReadyForQuery."""
 
     def read_done(self) -> None:
         """Nothing to add at the end of a client read in session mode."""
@@ -650,7 +658,8 @@ class TransactionMode:
         self.context_reset = False
         identity = relay.identity
         self._own_statement(relay.context.statement_name, relay.context.statement)
-        bind, execute, close = relay.context.transaction_messages(identity.tenant, relay.server.process_id, identity.expires_at)
+        bind, execute, close = relay.context.transaction_messages(
+            identity.tenant, relay.server.process_id, identity.expires_at, identity.claims_json)
         relay.own(bind, Request.BIND, speaks=CONTEXT_FAILED)
         relay.own(execute, Request.EXECUTE, OwnRequest(self._context_failed) if group_end else None, speaks=CONTEXT_FAILED)
         relay.own(close, Request.CLOSE, speaks=CONTEXT_FAILED)
@@ -961,9 +970,6 @@ class TransactionMode:
                 relay.server.state.settings = dict(relay.settings.current)
         else:
             relay.settings.stale = False  # keep what is known rather than hold the connection forever
-
-    def group_ended(self, status: bytes) -> None:
-        """ReadyForQuery arrived (of any owner)."""
 
     def read_done(self) -> None:
         """The client's read is used up. A client that prepares with Parse / Describe / Flush and no Sync

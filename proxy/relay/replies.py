@@ -76,7 +76,7 @@ class Watcher(Protocol):
 class Listener(Protocol):
     """The relay's side of the queue: what it must know as replies arrive."""
 
-    def group_ended(self, status: bytes) -> None: ...
+    def group_ended(self, status: bytes, own: bool) -> None: ...
 
     def parameter_status(self, name: str, value: str, forwarded: bool) -> None: ...
 
@@ -243,7 +243,7 @@ class ReplyQueue:
             self.entries.popleft()
             self.client_group_ends -= 1
             self.status = message.raw[5:6]
-            self.listener.group_ended(self.status)
+            self.listener.group_ended(self.status, False)
         elif kind == b"G" and self.entries:
             self._copy_started()
         elif kind == b"S":
@@ -353,7 +353,7 @@ class ReplyQueue:
         self._ambiguous_answered += head.in_copy
         self.status = message.raw[5:6]
         self._pop(Outcome.FAILED if head.failed else Outcome.COMPLETED, head.failed)
-        self.listener.group_ended(self.status)
+        self.listener.group_ended(self.status, head.owner is Owner.OWN)
 
     def _pop(self, outcome: Outcome, error: dict[str, str] | None) -> None:
         entry = self.entries.popleft()
@@ -384,7 +384,7 @@ class ReplyQueue:
             out.append(self.listener.pending_parameters())
             out.append(messages.ready_for_query(self.status))
             self._pop(Outcome.COMPLETED, None)
-            self.listener.group_ended(self.status)
+            self.listener.group_ended(self.status, False)
 
     # -- COPY ------------------------------------------------------------------------------------
 
@@ -448,7 +448,7 @@ def _renamed(raw: bytes, rename: bytes) -> bytes:
 class _NoListener:
     """Stands in before a relay attaches (replies then are the proxy's own)."""
 
-    def group_ended(self, status: bytes) -> None:
+    def group_ended(self, status: bytes, own: bool) -> None:
         """Nobody to tell."""
 
     def parameter_status(self, name: str, value: str, forwarded: bool) -> None:

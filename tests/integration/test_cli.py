@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jwt
@@ -60,3 +61,32 @@ def test_demo_shows_isolation() -> None:
     assert "ERROR:  permission denied for function pg_stat_get_backend_idset" in sessions, sessions
     assert "psql 'postgresql://acme@127.0.0.1:" in result.stdout
     assert "Stopped and cleaned up." in result.stdout
+
+
+def test_token_command_mints_what_the_configuration_accepts(tmp_path: Path) -> None:
+    """`token --config F`: the same configuration verifies the token (issuer, audience, required claims,
+    a namespaced tenant claim, the configured HS algorithm)."""
+    from proxy import config as config_module
+    from proxy.tokens import TokenVerifier
+
+    config = tmp_path / "proxy.toml"
+    config.write_text(f"""[upstream]
+user = "app"
+database = "app"
+[jwt]
+algorithms = ["HS512"]
+secret = "{"s" * 64}"
+issuer = "https://idp.example/"
+audience = ["tenant-app", "other"]
+tenant_claim = "https://example.com/tenant_id"
+required_claims = {{ token_use = "access", "app.plan" = ["gold", "silver"] }}
+[tenant]
+signing_key = "{"k" * 40}"
+""")
+    result = run("token", "--config", str(config), "--tenant", ACME, "--sub", "bob")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert jwt.get_unverified_header(token)["alg"] == "HS512"
+    identity = TokenVerifier(config_module.load(config, environ={}).jwt, background=False).verify(token, time.time())
+    assert (identity.tenant, identity.subject) == (ACME, "bob")
+    assert identity.claims["app"] == {"plan": "gold"} and identity.claims["aud"] == "tenant-app"

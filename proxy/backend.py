@@ -1,30 +1,29 @@
-"""The upstream side: one asyncio.Protocol per server connection.
+"""The upstream side: one asyncio.Protocol per server connection, glue between a socket and a relay.
 
 A BackendConnection first runs the startup exchange as a coroutine (TLS negotiation, StartupMessage,
-trust / cleartext / md5 / SCRAM-SHA-256, ParameterStatus, BackendKeyData), can then run the proxy's own
-messages (the tenant context), and is finally attached to a client, after which it forwards bytes and
-only watches ReadyForQuery and ErrorResponse headers (and, under transaction pooling, ParseComplete
-and CloseComplete, to swallow the replies to statements the proxy prepares on the client's behalf and to
-tell the client's peer when the transaction is over).
+trust / cleartext / md5 / SCRAM-SHA-256, ParameterStatus, BackendKeyData). Then a client's relay
+(proxy/relay) holds it and every byte from the server goes to that relay, which keeps the queue of
+what the server owes. Between clients it sits in the pool, reading only to notice a close and to drop,
+within a bound, what the server sends on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import secrets
+import enum
 import socket
 import ssl
-from collections import deque
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.config import UpstreamSettings
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
-from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, Message, MessageReader, MessageScanner, Segment
-from proxy.protocol.scram import MECHANISM, ScramClient
-from proxy.transaction import Reply, ServerState, ServerStatements
+from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, MessageScanner
+from proxy.protocol.upstream_auth import UpstreamAuth, UpstreamAuthError, tls_server_end_point
+from proxy.relay.relay import ServerState
+from proxy.relay.replies import ReplyQueue
+from proxy.relay.statements import ServerStatements
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,41 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pg_tenant_proxy")
 
 _MAX_STARTUP_MESSAGE = 1 << 20
-
-
-class Peer(Protocol):
-    """The side a BackendConnection forwards to."""
-
-    transport: asyncio.Transport | None
-
-    def backend_lost(self, backend: BackendConnection) -> None: ...
-
-    def context_failed(self, fields: dict[str, str]) -> None: ...
-
-    def reassert_later(self) -> None: ...
-
-    def transaction_idle(self) -> None: ...
-
-
-class SyncGroup:
-    """The server's replies up to one ReadyForQuery: to the client's Query/Sync, or to the proxy's own.
-
-    A client group may carry refusals: statements the guard replaced by a marker that fails on the
-    server, whose ErrorResponse is rewritten into the refusal on the way back. A client group may
-    also end in a Sync the proxy added (`silent_end`): its replies go to the client, its
-    ReadyForQuery does not.
-    """
-
-    __slots__ = ("own", "refusals", "silent_end")
-
-    def __init__(self, own: bool, refusals: dict[str, bytes] | None = None, silent_end: bool = False) -> None:
-        self.own = own
-        self.refusals = refusals
-        self.silent_end = silent_end
-
-
-CLIENT_GROUP = SyncGroup(own=False)
-OWN_GROUP = SyncGroup(own=True)
+IDLE_INPUT_LIMIT = 64 * 1024  # bytes an idle server connection may send (notifications, notices) before it is closed
 
 
 class UpstreamError(Exception):
@@ -86,19 +51,46 @@ class UpstreamError(Exception):
         )
 
 
+class Lifecycle(enum.Enum):
+    """Where a server connection is; only the pool's `move` changes it (see proxy/pool.py)."""
+
+    LOGIN = "login"  # connecting and authenticating
+    IDLE = "idle"  # in the pool, held by no client
+    ACTIVE = "active"  # held by a client
+    RESETTING = "resetting"  # the pool's own reset runs (session mode)
+    CLOSED = "closed"
+
+
+class Owner(Protocol):
+    """The client side holding a server connection."""
+
+    def server_data(self, data: bytes) -> None: ...
+
+    def server_lost(self) -> None: ...
+
+    def server_backpressure(self, paused: bool) -> None: ...
+
+
 def ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | None:
-    """The TLS context for an sslmode, following libpq's meaning of each mode."""
+    """The TLS context for an sslmode, following libpq's meaning of each mode, with the client
+    certificate `sslcert` / `sslkey` (PEM, key unencrypted) when set, for `cert` authentication
+    (Postgres docs, "Certificate Authentication"). Raises ssl.SSLError when the pair does not load."""
     if settings.sslmode == "disable":
         return None
     context = ssl.create_default_context(cafile=settings.ca_file)
     context.check_hostname = settings.sslmode == "verify-full"
     if settings.sslmode in {"prefer", "require"} and not settings.ca_file:
         context.verify_mode = ssl.CERT_NONE
+    if settings.sslcert and settings.sslkey:
+        context.load_cert_chain(settings.sslcert, settings.sslkey, password="")
     return context
 
 
 class BackendConnection(asyncio.Protocol):
-    """One server connection."""
+    """One server connection: its transport, what it reported at startup, the queue of what it owes
+    (`queue`) and what it holds between clients (`state`). While a client holds it (`owner`), bytes go
+    to that client's relay; while it is idle in the pool, at most `IDLE_INPUT_LIMIT` bytes of
+    notifications or notices are taken in and dropped before the connection is closed."""
 
     def __init__(self, max_prepared_statements: int = 0) -> None:
         self.transport: asyncio.Transport | None = None
@@ -106,29 +98,22 @@ class BackendConnection(asyncio.Protocol):
         self.secret_key = 0
         self.parameters: dict[str, str] = {}
         self.transaction_status = b"I"
-        self.bytes_forwarded = 0
-        self.peer: Peer | None = None
-        self.closed = False
+        self.owner: Owner | None = None
+        self.lifecycle = Lifecycle.LOGIN
+        self.queue = ReplyQueue(MessageScanner(b"ZE", DEFAULT_MAX_MESSAGE))
+        self.state = ServerState(ServerStatements(max_prepared_statements or 1))
         self._incoming = bytearray()
+        self._idle_input = 0
         self._waiter: asyncio.Future[None] | None = None
         self._lost: Exception | None = None
-        # Under transaction pooling (and only then, `state` is set): what the connection holds between
-        # clients; and the ParseComplete / CloseComplete replies owed, in order, with a None at each
-        # group's end (Sync, Query).
-        self.state: ServerState | None = None
-        if max_prepared_statements:
-            self.state = ServerState(ServerStatements(max_prepared_statements))
-        self._replies: deque[Reply | None] = deque()
-        self._own_replies = 0  # replies in _replies to swallow
-        self._scanner = MessageScanner(b"ZE13" if self.state is not None else b"ZE", DEFAULT_MAX_MESSAGE)
-        self.groups: deque[SyncGroup] = deque()
-        self._special_groups = 0  # groups in flight that are the proxy's own or carry refusals
-        self._open_refusals: dict[str, bytes] | None = None  # refusals sent since the client's last Sync
-        self._own_error: dict[str, str] | None = None
         self.on_close: Callable[[], None] | None = None
         self.pool_key: tuple[str, tuple[tuple[str, str], ...]] = ("", ())
         self.opened_at = 0.0  # loop time, set by the pool
         self.idle_since = 0.0
+
+    @property
+    def closed(self) -> bool:
+        return self.lifecycle is Lifecycle.CLOSED
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -140,174 +125,57 @@ class BackendConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is None:
-            self._incoming += data
-            self._wake()
+        owner = self.owner
+        if owner is not None:
+            owner.server_data(data)
             return
-        try:
-            self._forward(peer, data)
-        except Exception as exc:
-            if not isinstance(exc, ProtocolViolation):
-                log.exception("internal error on data from the upstream server")
-            self.close()
-
-    def _forward(self, peer: Peer, data: bytes) -> None:
-        scanner = self._scanner
-        if peer.transport is None:
-            scanner.scan(data)
+        if self.lifecycle is Lifecycle.IDLE:
+            self._idle_input += len(data)
+            if self._idle_input > IDLE_INPUT_LIMIT:
+                log.warning("closing an idle server connection that sent %d bytes while no client held it", self._idle_input)
+                self.close()
             return
-        if not self._special_groups and self._open_refusals is None and not self._own_replies and not scanner.holding():
-            ended = False
-            for message in scanner.watched_messages(data):
-                kind = message.type
-                if kind == b"Z":
-                    self.transaction_status = message.raw[5:6]
-                    if self.groups:
-                        self.groups.popleft()
-                    ended = True
-                if self.state is not None:
-                    self._track_reply(kind)
-            held = scanner.holding()
-            if held:
-                data = data[:-held]
-            self.bytes_forwarded += len(data)
-            peer.transport.write(data)
-        else:
-            ended = self._forward_special(peer, scanner.scan(data))
-        if ended and self.state is not None and not self.groups and self.transaction_status == b"I" and self.peer is peer:
-            peer.transaction_idle()
-
-    def _track_reply(self, kind: bytes) -> bool:
-        """Account for a reply under transaction pooling; True when it answers the proxy's own Parse or
-        Close and must be swallowed."""
-        replies = self._replies
-        assert self.state is not None
-        if kind == b"Z":
-            while replies and replies.popleft() is not None:
-                pass
-        elif kind == b"E":
-            # The server skips the rest of the group: what was owed before its end will not come.
-            while replies and replies[0] is not None:
-                reply = replies.popleft()
-                assert reply is not None
-                self._own_replies -= reply.own
-                self.state.statements.pending.discard(reply.statement)
-        elif replies and replies[0] is not None:
-            reply = replies.popleft()
-            assert reply is not None
-            if reply.statement and kind == b"1":
-                self.state.statements.confirmed(reply.statement)
-            if reply.own:
-                self._own_replies -= 1
-                return True
-        return False
-
-    def expect_reply(self, reply: Reply) -> None:
-        """The client side sent a Parse or Close: its ParseComplete or CloseComplete is owed."""
-        self._replies.append(reply)
-        self._own_replies += reply.own
-
-    def _forward_special(self, peer: Peer, segments: list[Segment]) -> bool:
-        """Forward while a group in flight is the proxy's own (swallowed), carries refusals (rewritten),
-        or holds replies to the proxy's own Parse or Close (swallowed); True when a group ended."""
-        assert peer.transport is not None
-        out: list[bytes | memoryview] = []
-        ended = False
-        for segment in segments:
-            group = self.groups[0] if self.groups else SyncGroup(False, self._open_refusals)
-            if not isinstance(segment, Message):
-                if not group.own:
-                    out.append(segment)
-                continue
-            raw = segment.raw
-            if self.state is not None and not (group.own and segment.type in b"13"):
-                if self._track_reply(segment.type):
-                    continue
-            if segment.type == b"E":
-                if group.own:
-                    self._own_error = self._own_error or messages.parse_error_fields(segment.body)
-                elif group.refusals:
-                    raw = self._rewrite_refusal(group.refusals, segment)
-            elif segment.type == b"Z":
-                ended = True
-                self.transaction_status = raw[5:6]
-                if self.groups:
-                    self.groups.popleft()
-                    if group is not CLIENT_GROUP:
-                        self._special_groups -= 1
-                if group.silent_end:
-                    continue
-                if group.own:
-                    error, self._own_error = self._own_error, None
-                    if error is not None:
-                        if self.transaction_status != b"E":
-                            self._write(peer, out)
-                            peer.context_failed(error)
-                            return False
-                        peer.reassert_later()  # the rollback will restore the old values; try again after it
-                    continue
-            if not group.own:
-                out.append(raw)
-        self._write(peer, out)
-        return ended
-
-    def _write(self, peer: Peer, out: list[bytes | memoryview]) -> None:
-        if out and peer.transport is not None:
-            data = b"".join(out)
-            self.bytes_forwarded += len(data)
-            peer.transport.write(data)
-
-    @staticmethod
-    def _rewrite_refusal(refusals: dict[str, bytes], error: Message) -> bytes:
-        text = messages.parse_error_fields(error.body).get("M", "")
-        for marker, refusal in refusals.items():
-            if marker in text:
-                del refusals[marker]
-                return refusal
-        return error.raw
-
-    def add_refusal(self, marker: str, refusal: bytes) -> None:
-        """A refused statement was replaced by `marker`; its error will come back in the open group, to
-        be replaced by `refusal` (an ErrorResponse)."""
-        if self._open_refusals is None:
-            self._open_refusals = {}
-        self._open_refusals[marker] = refusal
-
-    def expect_group(self, own: bool = False, silent_end: bool = False) -> None:
-        """The client (or the proxy: `own` for its own messages, `silent_end` for a Sync it added to
-        the client's) just sent a Query, Sync or FunctionCall: one more ReadyForQuery is due, closing
-        the group of replies that includes any open refusals."""
-        if self.state is not None:
-            self._replies.append(None)
-        if own:
-            group = OWN_GROUP
-        elif self._open_refusals is not None or silent_end:
-            group = SyncGroup(False, self._open_refusals, silent_end)
-            self._open_refusals = None
-        else:
-            self.groups.append(CLIENT_GROUP)
-            return
-        self.groups.append(group)
-        self._special_groups += 1
+        self._incoming += data
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.lifecycle = Lifecycle.CLOSED
         self._lost = exc or ConnectionResetError("upstream server closed the connection")
         self._wake()
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
-        if self.peer is not None:
-            self.peer.backend_lost(self)
+        if self.owner is not None:
+            self.owner.server_lost()
 
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
+        if self.owner is not None:
+            self.owner.server_backpressure(True)
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
+        if self.owner is not None:
+            self.owner.server_backpressure(False)
+
+    def send(self, data: bytes) -> None:
+        """Write to the server (the relay's hook)."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def attach(self, owner: Owner) -> None:
+        """From now on, what the server sends goes to `owner`."""
+        self._idle_input = 0
+        self.owner = owner
+
+    def detach(self) -> None:
+        """Stop forwarding; the connection reads again (it may be idle in the pool, or run the pool's own
+        reset)."""
+        self.owner = None
+        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def reusable(self) -> bool:
+        """True when the server is idle between messages with nothing owed: it can serve again."""
+        return not self.closed and self.queue.idle() and self.queue.status == b"I" and self.queue.scanner.at_boundary()
 
     # -- startup coroutines ----------------------------------------------------------------------
 
@@ -375,9 +243,12 @@ class BackendConnection(asyncio.Protocol):
         self.transport = tls
 
     async def authenticate(self, settings: UpstreamSettings, parameters: dict[str, str]) -> None:
-        """Send the StartupMessage and run authentication until ReadyForQuery."""
+        """Send the StartupMessage and run authentication (proxy/protocol/upstream_auth.py) until ReadyForQuery."""
         self.write(messages.startup_message(parameters))
-        scram: ScramClient | None = None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        auth = UpstreamAuth(settings.user, settings.password, tls_server_end_point(certificate) if certificate else None,
+                            settings.require_auth, settings.channel_binding)
         while True:
             type_byte, body = await self.read_message()
             if type_byte == b"E":
@@ -387,27 +258,14 @@ class BackendConnection(asyncio.Protocol):
             if type_byte != b"R":
                 raise UpstreamError(errors.PROTOCOL_VIOLATION, "unexpected message from upstream during authentication")
             code, data = messages.parse_authentication(body)
+            try:
+                reply = auth.respond(code, data)
+            except UpstreamAuthError as exc:
+                raise UpstreamError(exc.sqlstate, f"upstream authentication failed: {exc}") from exc
+            if reply is not None:
+                self.write(reply)
             if code == messages.AUTH_OK:
                 break
-            password = settings.password
-            if password is None:
-                raise UpstreamError(errors.INVALID_PASSWORD, "upstream server asks for a password and none is configured")
-            if code == messages.AUTH_CLEARTEXT_PASSWORD:
-                self.write(messages.password_message(password))
-            elif code == messages.AUTH_MD5_PASSWORD:
-                inner = hashlib.md5((password + settings.user).encode()).hexdigest()
-                self.write(messages.password_message("md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest()))
-            elif code == messages.AUTH_SASL:
-                if MECHANISM.encode() not in data.split(b"\0"):
-                    raise UpstreamError(errors.FEATURE_NOT_SUPPORTED, "upstream server offers no supported SASL mechanism")
-                scram = ScramClient(password, secrets.token_urlsafe(18))
-                self.write(messages.sasl_initial_response(MECHANISM, scram.client_first()))
-            elif code == messages.AUTH_SASL_CONTINUE and scram is not None:
-                self.write(messages.sasl_response(scram.client_final(data)))
-            elif code == messages.AUTH_SASL_FINAL and scram is not None:
-                scram.verify_server_final(data)
-            else:
-                raise UpstreamError(errors.FEATURE_NOT_SUPPORTED, f"upstream authentication method {code} is not supported")
         while True:
             type_byte, body = await self.read_message()
             if type_byte == b"S":
@@ -419,6 +277,7 @@ class BackendConnection(asyncio.Protocol):
                 raise UpstreamError.from_fields(messages.parse_error_fields(body), "upstream server: ")
             elif type_byte == b"Z":
                 self.transaction_status = body
+                self.queue.status = body
                 return
 
     async def run(
@@ -441,62 +300,19 @@ class BackendConnection(asyncio.Protocol):
                 name, value = messages.parse_parameter_status(body)
                 self.parameters[name] = value
             elif type_byte == b"Z":
-                self.transaction_status = body
+                self.transaction_status = self.queue.status = body
                 groups -= 1
                 if not groups:
                     return failure
-
-    # -- forwarding ------------------------------------------------------------------------------
-
-    def attach(self, peer: Peer) -> None:
-        """From now on forward everything the server sends to `peer`.
-
-        Whatever arrived while no client held the connection (a notification, a notice) is dropped,
-        except ParameterStatus, which updates `parameters`.
-        """
-        if self._incoming:
-            reader = MessageReader(_MAX_STARTUP_MESSAGE)
-            reader.feed(bytes(self._incoming))
-            self._incoming.clear()
-            for type_byte, body in reader:
-                if type_byte == b"S":
-                    name, value = messages.parse_parameter_status(body)
-                    self.parameters[name] = value
-        self.peer = peer
-
-    def reusable(self) -> bool:
-        """True when the server is idle between messages with nothing in flight: it can be reset.
-
-        Only an attached connection qualifies: one still in the proxy's own exchange (a client that
-        left while its context was being set) has replies in flight that a reset would misread."""
-        return (
-            not self.closed
-            and self.peer is not None
-            and self.transaction_status == b"I"
-            and not self.groups
-            and self._open_refusals is None
-            and not self._replies
-            and self._scanner.at_boundary()
-        )
-
-    def detach(self) -> None:
-        """Stop forwarding; the server's output is read by the proxy's own exchanges again."""
-        self.peer = None
-        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
-            self.transport.resume_reading()
-
-    def at_message_boundary(self) -> bool:
-        """True when everything forwarded to the peer so far ends with a whole message."""
-        return self._scanner.at_boundary()
 
     def close(self) -> None:
         """Say Terminate if the session is up and idle (an open transaction is rolled back by the close), then close."""
         transport = self.transport
         if transport is not None and not self.closed and not transport.is_closing():
-            if self.process_id and self.transaction_status == b"I":
+            if self.process_id and self.queue.idle() and self.queue.status == b"I":
                 transport.write(messages.terminate())
             transport.close()
-        self.closed = True
+        self.lifecycle = Lifecycle.CLOSED
 
 
 async def connect(

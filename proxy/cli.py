@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 from proxy import __version__, config, logs
+from proxy.auth.claims import ClaimPathError, parse_claim_path
+from proxy.hardening import hardening_sql
 from proxy.tokens import mint
 from proxy.verifier import verifier_sql
 
@@ -59,8 +61,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if args.connect:
+        from proxy import doctor
         from proxy.preflight import connect_problems
 
+        if doctor.psycopg is None:
+            print(doctor.EXTRA_MISSING, file=sys.stderr)
+            return 2
         problems = connect_problems(settings, args.database)
         for problem in problems:
             print(f"pg-tenant-proxy: {problem}", file=sys.stderr)
@@ -78,47 +84,81 @@ def _claim_value(text: str) -> Any:
 
 
 def _set_path(claims: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
+    """Put `value` at a claim path (see proxy/auth/claims.py); a literal claim name is used as is."""
+    try:
+        steps = [step for step in parse_claim_path(path) if isinstance(step, str)]
+    except ClaimPathError:
+        steps = [path]
+    if "/" in path:
+        steps = [path]  # a namespaced claim (Auth0 style: a URL) is one top-level name
     target = claims
-    for part in parts[:-1]:
+    for part in steps[:-1]:
         target = target.setdefault(part, {})
-    target[parts[-1]] = value
+    target[steps[-1]] = value
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    secret = args.secret
-    tenant_claim = args.tenant_claim
-    if args.config:
-        settings = config.load(args.config)
-        secret = secret or settings.jwt.secret
-        tenant_claim = tenant_claim or settings.jwt.tenant_claim
-    if not secret:
-        print("error: give --secret, or --config with jwt.secret set", file=sys.stderr)
-        return 2
+def _issuer_for_token(settings: config.Settings, name: str | None) -> config.IssuerSettings:
+    """The issuer a development token is minted for: `name`, or the first that accepts HS* tokens."""
+    for issuer in settings.jwt.issuers:
+        if (name is None or issuer.issuer == name) and set(issuer.algorithms) & config.HS_ALGORITHMS:
+            return issuer
+    raise config.ConfigError(f"jwt: no issuer{' ' + name if name else ''} accepts HS* tokens, so none can be minted")
+
+
+def _token_claims(args: argparse.Namespace, issuer: config.IssuerSettings | None) -> dict[str, Any]:
+    """The claims of a development token: what `issuer` requires, then the command line's."""
     now = int(time.time())
     claims: dict[str, Any] = {"iat": now, "exp": now + args.ttl}
+    if issuer is not None:
+        if issuer.issuer:
+            claims["iss"] = issuer.issuer
+        if issuer.audience:
+            claims["aud"] = issuer.audience[0]
+        for path, accepted in issuer.required_claims.items():
+            _set_path(claims, path, accepted[0])
     if args.sub:
         claims["sub"] = args.sub
     for item in args.claim:
         name, sep, value = item.partition("=")
         if not sep:
-            print(f"error: --claim expects name=value, got {item!r}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--claim expects name=value, got {item!r}")
         _set_path(claims, name, _claim_value(value))
-    _set_path(claims, tenant_claim or "tenant_id", args.tenant)
-    print(mint(secret, claims, args.algorithm))
+    tenant_claim = args.tenant_claim or (issuer.tenant_claim if issuer else "tenant_id")
+    _set_path(claims, tenant_claim, args.tenant)
+    return claims
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    secret, algorithm, issuer = args.secret, args.algorithm, None
+    if args.config:
+        settings = config.load(args.config)
+        issuer = _issuer_for_token(settings, args.issuer)
+        secret = secret or settings.jwt.secret
+        allowed = [name for name in issuer.algorithms if name in config.HS_ALGORITHMS]
+        algorithm = algorithm or allowed[0]
+    if not secret:
+        print("error: give --secret, or --config with jwt.secret set", file=sys.stderr)
+        return 2
+    try:
+        claims = _token_claims(args, issuer)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(mint(secret, claims, algorithm or "HS256"))
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     if args.config:
         settings = config.load(args.config)
-        sys.stdout.write(
-            verifier_sql(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
-        )
+        tenant = settings.tenant
+        sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
+                                      tenant.claims_proof_setting))
+        sys.stdout.write("\n" + hardening_sql(settings.upstream.user))
     else:
         defaults = config.SCHEMA
         sys.stdout.write(verifier_sql(defaults[("tenant", "setting")][1], defaults[("tenant", "proof_setting")][1], None))
+        sys.stdout.write("\n" + hardening_sql(None))
     return 0
 
 
@@ -126,7 +166,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from proxy.doctor import run_doctor
 
     settings = config.load(args.config)
-    return run_doctor(settings, args.database, args.admin_dsn, args.json, args.tenant_column)
+    return run_doctor(settings, args.database, args.admin_dsn, args.json, args.tenant_column, args.allow_plain_policies)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -161,38 +201,51 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     token = commands.add_parser(
-        "token", help="mint a development token", description="Mint an HS-signed development token."
+        "token",
+        help="mint a development token",
+        description="Mint an HS-signed development token. With --config the token is one that configuration "
+        "accepts: its secret and algorithm, issuer, first audience, required claims and tenant claim.",
     )
     token.add_argument("--secret", help="the HS secret (default: jwt.secret of --config)")
-    token.add_argument("--config", metavar="FILE", help="take the secret and tenant claim from this configuration")
+    token.add_argument("--config", metavar="FILE", help="mint a token this configuration accepts")
+    token.add_argument("--issuer", help="with --config and [[jwt.issuers]]: the issuer to mint for (default: the first accepting HS*)")
     token.add_argument("--tenant", required=True, help="the tenant id to put in the tenant claim")
-    token.add_argument("--tenant-claim", help="claim path for the tenant (default: tenant_id)")
+    token.add_argument("--tenant-claim", help="claim path for the tenant (default: the configuration's, or tenant_id)")
     token.add_argument("--sub", help="the subject claim")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires (default 3600)")
     token.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE", help="an extra claim (JSON value or text)")
-    token.add_argument("--algorithm", default="HS256", choices=sorted(config.HS_ALGORITHMS))
+    token.add_argument("--algorithm", choices=sorted(config.HS_ALGORITHMS),
+                       help="default: the configuration's first HS* algorithm, or HS256")
     token.set_defaults(func=cmd_token)
 
     sql = commands.add_parser(
         "sql",
-        help="print the SQL that installs the verifier",
-        description="Print the idempotent SQL that installs tenant_proxy.current_tenant(). "
-        "With --config it includes that configuration's signing key (re-run to rotate).",
+        help="print the SQL that installs the verifier and hardens the upstream role",
+        description="Print the idempotent SQL that installs tenant_proxy.current_tenant(), then the SQL that "
+        "takes from the upstream role every capability that reaches across tenants (see docs/security.md). "
+        "Run it as the database owner or a superuser, in each database the proxy serves. With --config it "
+        "includes that configuration's signing key (re-run to rotate) and upstream role; without, pass the "
+        "role to psql: psql -v upstream_role=NAME.",
     )
-    sql.add_argument("--config", metavar="FILE", help="include this configuration's setting names and signing key")
+    sql.add_argument("--config", metavar="FILE",
+                     help="include this configuration's setting names, signing key and upstream role")
     sql.set_defaults(func=cmd_sql)
 
     doctor = commands.add_parser(
         "doctor",
         help="audit the database for setups that leak tenants",
-        description="Check the upstream role, RLS, policies, views, indexes and the verifier; print each "
-        "finding with its fix. Exits 1 when any check fails.",
+        description="Check the upstream role (every capability the hardening SQL removes, checked with "
+        "Postgres's privilege functions), RLS, policies, views, indexes and the verifier; print each finding "
+        "with its fix. Exits 1 when any check fails.",
     )
     doctor.add_argument("--config", metavar="FILE", required=True, help="the proxy's configuration")
     doctor.add_argument("--admin-dsn", metavar="DSN", help="also read the catalog as this (admin) connection")
     doctor.add_argument("--database", help="the database to audit (default: [upstream] database)")
     doctor.add_argument("--tenant-column", default="tenant_id", help="the column that marks tenant tables")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--allow-plain-policies", action="store_true",
+                        help="only warn (not fail) on policies that read the plain tenant setting, which any "
+                        "client can forge; for teams that accept that risk")
     doctor.set_defaults(func=cmd_doctor)
 
     demo = commands.add_parser(

@@ -24,6 +24,10 @@ from urllib.parse import urlsplit
 import jwt as pyjwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from proxy.auth.claims import ClaimPathError, parse_claim_path
+from proxy.auth.keys import FetchError, Keys
+from proxy.guard import DEFAULT_MAX_PARSE_BYTES
+
 POOL_MODES = ("session", "transaction")
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
@@ -50,6 +54,8 @@ DEFAULT_ALLOWED_PARAMETERS = [
 HS_ALGORITHMS = {"HS256", "HS384", "HS512"}
 KEY_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 SSLMODES = {"disable", "prefer", "require", "verify-ca", "verify-full"}
+CHANNEL_BINDINGS = ("disable", "prefer", "require")
+AUTH_METHODS = {"password", "md5", "gss", "sspi", "scram-sha-256", "none"}
 # What the proxy asks of its clients' transport (PgBouncer's client_tls_sslmode, libpq's names).
 CLIENT_SSLMODES = ("disable", "allow", "require", "verify-ca")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -70,6 +76,10 @@ class ListenError(ConfigError):
     """A configured listen address cannot be bound (in use, not permitted, no such address)."""
 
 
+class TableList(list):  # type: ignore[type-arg]
+    """The kind of a key holding a TOML array of tables (`[[jwt.issuers]]`); JSON in the environment."""
+
+
 # (section, key) -> (type, default). Section "" holds top-level keys. `None` default means unset.
 SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("", "listen"): (str, "127.0.0.1:6432"),
@@ -83,24 +93,43 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("upstream", "password"): (str, None),
     ("upstream", "password_file"): (str, None),
     ("upstream", "database"): (str, None),
+    ("upstream", "databases"): (list, None),
     ("upstream", "sslmode"): (str, "prefer"),
     ("upstream", "ca_file"): (str, None),
+    ("upstream", "sslcert"): (str, None),
+    ("upstream", "sslkey"): (str, None),
     ("upstream", "connect_timeout_seconds"): (float, 10.0),
+    ("upstream", "channel_binding"): (str, "prefer"),
+    ("upstream", "require_auth"): (str, None),
     ("jwt", "algorithms"): (list, ["HS256"]),
     ("jwt", "secret"): (str, None),
     ("jwt", "secret_file"): (str, None),
     ("jwt", "public_key_file"): (str, None),
     ("jwt", "jwks_file"): (str, None),
     ("jwt", "jwks_url"): (str, None),
-    ("jwt", "audience"): (str, None),
+    ("jwt", "audience"): (list, None),
     ("jwt", "issuer"): (str, None),
+    ("jwt", "discovery"): (bool, False),
+    ("jwt", "issuers"): (TableList, []),
+    ("jwt", "required_claims"): (dict, {}),
     ("jwt", "leeway_seconds"): (int, 0),
     ("jwt", "tenant_claim"): (str, "tenant_id"),
     ("jwt", "tenant_pattern"): (str, UUID_PATTERN),
+    ("jwt", "jwks_refresh_seconds"): (float, 300.0),
+    ("jwt", "jwks_min_refresh_seconds"): (float, 60.0),
+    ("jwt", "jwks_max_refresh_seconds"): (float, 3600.0),
+    ("jwt", "jwks_refetch_interval_seconds"): (float, 10.0),
+    ("jwt", "jwks_max_stale_seconds"): (float, 3600.0),
+    ("jwt", "jwks_timeout_seconds"): (float, 5.0),
+    ("jwt", "denylist_file"): (str, None),
     ("tenant", "setting"): (str, "app.current_tenant"),
     ("tenant", "proof_setting"): (str, "tenant_proxy.proof"),
     ("tenant", "signing_key"): (str, None),
     ("tenant", "signing_key_file"): (str, None),
+    ("tenant", "claims"): (list, ["sub", "role"]),
+    ("tenant", "max_claims_bytes"): (int, 4096),
+    ("tenant", "claims_setting"): (str, "request.jwt.claims"),
+    ("tenant", "claims_proof_setting"): (str, "tenant_proxy.claims_proof"),
     ("pool", "mode"): (str, "session"),
     ("pool", "size"): (int, 20),
     ("pool", "min_size"): (int, 0),
@@ -123,6 +152,13 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("guard", "enabled"): (bool, True),
     ("guard", "allow_do"): (bool, False),
     ("guard", "protected_prefixes"): (list, ["app.", "request.jwt."]),
+    ("guard", "max_parse_bytes"): (int, DEFAULT_MAX_PARSE_BYTES),
+    ("guard", "allow_explain"): (bool, False),
+    ("guard", "allow_strong_locks"): (bool, False),
+    ("guard", "allow_notifications"): (bool, False),
+    ("guard", "allow_large_objects"): (bool, False),
+    ("guard", "allow_backend_signals"): (bool, False),
+    ("guard", "allow_function_call"): (bool, False),
     ("http", "listen"): (str, None),
     ("http", "upstream_check_interval"): (float, 5.0),
     ("http", "tenant_metrics"): (bool, False),
@@ -136,6 +172,13 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("upstream", "port"): (1, 65_535),
     ("upstream", "connect_timeout_seconds"): (0.1, 3_600),
     ("jwt", "leeway_seconds"): (0, 3_600),
+    ("jwt", "jwks_refresh_seconds"): (1, 30 * DAY),
+    ("jwt", "jwks_min_refresh_seconds"): (1, 30 * DAY),
+    ("jwt", "jwks_max_refresh_seconds"): (1, 30 * DAY),
+    ("jwt", "jwks_refetch_interval_seconds"): (1, DAY),
+    ("jwt", "jwks_max_stale_seconds"): (1, 30 * DAY),
+    ("jwt", "jwks_timeout_seconds"): (0.1, 300),
+    ("tenant", "max_claims_bytes"): (2, 1 << 20),
     ("pool", "size"): (1, 10_000),
     ("pool", "min_size"): (0, 10_000),
     ("pool", "max_client_connections"): (1, 1_000_000),
@@ -148,6 +191,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("client", "max_auth_message"): (64, 1 << 24),
     ("client", "max_message"): (64, (1 << 31) - 1),
     ("client", "max_prepared_statement_bytes"): (64, (1 << 31) - 1),
+    ("guard", "max_parse_bytes"): (1024, (1 << 31) - 1),
     ("http", "upstream_check_interval"): (0.05, 3_600),
     ("http", "max_tenant_series"): (1, 100_000),
 }
@@ -160,23 +204,61 @@ class UpstreamSettings:
     user: str
     password: str | None
     database: str | None
+    databases: list[str] | None
     sslmode: str
     ca_file: str | None
+    sslcert: str | None
+    sslkey: str | None
     connect_timeout_seconds: float
+    channel_binding: str = "prefer"
+    require_auth: str | None = None
+
+    def allowed(self, database: str) -> bool:
+        """Whether a client may reach `database`, the name in its startup packet (the user name when it
+        names none). The allowlist is `databases` when set, else only `database`; `load` refuses a
+        configuration with neither. A client refused here gets 3D000 with a message that does not say
+        whether the database exists."""
+        return database in (self.databases if self.databases is not None else [self.database])
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    """One identity provider: how its tokens are selected (`issuer`), keyed and checked."""
+
+    issuer: str | None
+    discovery: bool
+    algorithms: list[str]
+    secret: str | None = field(repr=False)
+    public_key_file: str | None
+    jwks_file: str | None
+    jwks_url: str | None
+    audience: list[str] | None
+    required_claims: dict[str, list[Any]]
+    tenant_claim: str
+    tenant_pattern: str
 
 
 @dataclass(frozen=True)
 class JwtSettings:
-    algorithms: list[str]
-    secret: str | None
-    public_key_file: str | None
-    jwks_file: str | None
-    jwks_url: str | None
-    audience: str | None
-    issuer: str | None
-    leeway_seconds: int
-    tenant_claim: str
-    tenant_pattern: str
+    """`issuers` is the single-issuer form's one entry, or the `[[jwt.issuers]]` tables; `sql_claims`
+    and `max_claims_bytes` come from `[tenant] claims` and `[tenant] max_claims_bytes`."""
+
+    issuers: list[IssuerSettings]
+    leeway_seconds: int = 0
+    jwks_refresh_seconds: float = 300.0
+    jwks_min_refresh_seconds: float = 60.0
+    jwks_max_refresh_seconds: float = 3600.0
+    jwks_refetch_interval_seconds: float = 10.0
+    jwks_max_stale_seconds: float = 3600.0
+    jwks_timeout_seconds: float = 5.0
+    denylist_file: str | None = None
+    sql_claims: list[str] = field(default_factory=lambda: ["sub", "role"])
+    max_claims_bytes: int = 4096
+
+    @property
+    def secret(self) -> str | None:
+        """The HS secret (shared by all issuers)."""
+        return self.issuers[0].secret
 
 
 @dataclass(frozen=True)
@@ -184,6 +266,8 @@ class TenantSettings:
     setting: str
     proof_setting: str
     signing_key: str
+    claims_setting: str = "request.jwt.claims"
+    claims_proof_setting: str = "tenant_proxy.claims_proof"
 
 
 @dataclass(frozen=True)
@@ -222,6 +306,13 @@ class GuardSettings:
     enabled: bool
     allow_do: bool
     protected_prefixes: list[str]
+    max_parse_bytes: int
+    allow_explain: bool
+    allow_strong_locks: bool
+    allow_notifications: bool
+    allow_large_objects: bool
+    allow_backend_signals: bool
+    allow_function_call: bool
 
 
 @dataclass(frozen=True)
@@ -288,8 +379,12 @@ def _dotted(section: str, key: str) -> str:
 
 def _coerce(section: str, key: str, kind: type, value: Any, from_env: bool) -> Any:
     name = _dotted(section, key)
+    if kind in (dict, TableList):
+        return _coerce_structure(name, kind, value, from_env)
     if from_env:
         text = str(value).strip()
+        if kind is list and text.startswith("["):
+            return _coerce(section, key, kind, _json(name, text), False)
         if kind is list:
             return [item.strip() for item in text.split(",") if item.strip()]
         if kind is bool:
@@ -313,6 +408,25 @@ def _coerce(section: str, key: str, kind: type, value: Any, from_env: bool) -> A
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _json(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not valid JSON: {exc}") from exc
+
+
+def _coerce_structure(name: str, kind: type, value: Any, from_env: bool) -> Any:
+    """A table (a JSON object in the environment) or an array of tables (a JSON array of objects)."""
+    if from_env:
+        value = _json(name, str(value))
+    if kind is dict and not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table")
+    if kind is TableList and not (isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+        raise ConfigError(f"{name}: expected an array of tables ([[{name}]])")
+    return value
+
 
 
 Problems = list[str]
@@ -413,7 +527,7 @@ def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | N
     _check_ranges(values, problems)
     settings = _build(values, str(path) if path is not None else "<environment>", problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))  # several issuers may share one problem
     return settings
 
 
@@ -491,75 +605,199 @@ def _upstream(values: dict[tuple[str, str], Any], problems: Problems) -> Upstrea
     if values[("upstream", "sslmode")] in {"verify-ca", "verify-full"} and not values[("upstream", "ca_file")]:
         problems.append(f"upstream.ca_file: required with sslmode={values[('upstream', 'sslmode')]}")
     _check_ca_file(values, "upstream", "ca_file", problems)
-    return UpstreamSettings(
+    upstream = UpstreamSettings(
         host=values[("upstream", "host")],
         port=values[("upstream", "port")],
         user=values[("upstream", "user")],
         password=_read_secret(values, "upstream", "password", problems),
         database=values[("upstream", "database")],
+        databases=_allowed_databases(values, problems),
         sslmode=values[("upstream", "sslmode")],
         ca_file=values[("upstream", "ca_file")],
+        sslcert=values[("upstream", "sslcert")],
+        sslkey=values[("upstream", "sslkey")],
         connect_timeout_seconds=values[("upstream", "connect_timeout_seconds")],
+        channel_binding=values[("upstream", "channel_binding")],
+        require_auth=_require_auth(values, problems),
     )
+    _check_client_certificate(upstream, problems)
+    return upstream
+
+
+def _allowed_databases(values: dict[tuple[str, str], Any], problems: Problems) -> list[str] | None:
+    """`[upstream] databases`, checked against `database`: one of them is required."""
+    database, databases = values[("upstream", "database")], values[("upstream", "databases")]
+    if database is None and not databases:
+        problems.append("upstream.database or upstream.databases: set one; without either a client could "
+                        "reach every database of the server, postgres and template1 included")
+    if database is not None and databases is not None:
+        problems.append("upstream.database and upstream.databases are exclusive: database sends every client "
+                        "to one database, databases lets clients choose among several")
+    return databases
+
+
+def _check_client_certificate(upstream: UpstreamSettings, problems: Problems) -> None:
+    """sslcert and sslkey: both or neither, readable files, and TLS on."""
+    if bool(upstream.sslcert) != bool(upstream.sslkey):
+        problems.append("upstream.sslcert and upstream.sslkey: set both or neither")
+        return
+    if upstream.sslcert and upstream.sslmode == "disable":
+        problems.append("upstream.sslcert: a client certificate needs TLS; sslmode = disable turns it off")
+    unreadable = [key for key, path in (("sslcert", upstream.sslcert), ("sslkey", upstream.sslkey))
+                  if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK))]
+    for key in unreadable:
+        problems.append(f"upstream.{key}: cannot read {getattr(upstream, key)}")
+    if upstream.sslcert and upstream.sslkey and not unreadable:
+        try:
+            ssl.create_default_context().load_cert_chain(upstream.sslcert, upstream.sslkey, password="")
+        except ssl.SSLError as exc:
+            problems.append("upstream.sslcert and upstream.sslkey: not a certificate and its unencrypted "
+                            f"private key in PEM ({exc.reason or exc})")
+
+
+def _require_auth(values: dict[tuple[str, str], Any], problems: Problems) -> str | None:
+    """[upstream] require_auth and channel_binding, checked with libpq's rules."""
+    _choice(values, "upstream", "channel_binding", CHANNEL_BINDINGS, problems)
+    if values[("upstream", "channel_binding")] == "require" and values[("upstream", "sslmode")] == "disable":
+        problems.append("upstream.channel_binding: 'require' needs TLS, but upstream.sslmode is 'disable'")
+    text = values[("upstream", "require_auth")]
+    if text is None:
+        return None
+    methods = [item.strip() for item in text.split(",")]
+    negated = [method.startswith("!") for method in methods]
+    if any(negated) and not all(negated):
+        problems.append("upstream.require_auth: negative and positive methods cannot be mixed")
+    for method in methods:
+        if method.lstrip("!") not in AUTH_METHODS:
+            problems.append(f"upstream.require_auth: {method!r} is not one of {', '.join(sorted(AUTH_METHODS))}")
+    return ",".join(methods)
+
+
+ISSUER_KEYS = (
+    "issuer", "discovery", "jwks_url", "jwks_file", "public_key_file",
+    "algorithms", "audience", "required_claims", "tenant_claim", "tenant_pattern",
+)
+KEY_SOURCES = ("public_key_file", "jwks_file", "jwks_url", "discovery")
+JWKS_TIMING = ("jwks_refresh_seconds", "jwks_min_refresh_seconds", "jwks_max_refresh_seconds",
+               "jwks_refetch_interval_seconds", "jwks_max_stale_seconds", "jwks_timeout_seconds")
 
 
 def _jwt(values: dict[tuple[str, str], Any], problems: Problems) -> JwtSettings:
-    algorithms = values[("jwt", "algorithms")]
-    if not algorithms:
-        problems.append("jwt.algorithms: at least one algorithm is required")
-    for algorithm in algorithms:
-        if algorithm not in HS_ALGORITHMS | KEY_ALGORITHMS:
-            problems.append(f"jwt.algorithms: {algorithm!r} is not allowed (never 'none')")
+    """[jwt]: the single-issuer form, or `[[jwt.issuers]]` whose tables default to the [jwt] keys."""
     secret = _read_secret(values, "jwt", "secret", problems)
-    key_sources = [k for k in ("public_key_file", "jwks_file", "jwks_url") if values[("jwt", k)]]
-    if len(key_sources) > 1:
-        problems.append(f"jwt: {' and '.join('jwt.' + k for k in key_sources)} are exclusive; choose one")
-    if set(algorithms) & HS_ALGORITHMS and not secret:
-        problems.append("jwt.secret: required for HS* algorithms (or set jwt.secret_file)")
-    if set(algorithms) & KEY_ALGORITHMS and not key_sources:
-        problems.append("jwt.public_key_file: required for asymmetric algorithms (or jwks_file / jwks_url)")
     if secret is not None and len(secret.encode()) < 32:
         problems.append("jwt.secret: must be at least 32 bytes")
-    try:
-        re.compile(values[("jwt", "tenant_pattern")])
-    except re.error as exc:
-        problems.append(f"jwt.tenant_pattern: not a valid regular expression: {exc}")
-    if not values[("jwt", "tenant_claim")]:
-        problems.append("jwt.tenant_claim: must not be empty")
-    _check_jwt_keys(values, problems)
+    top = {key: values[("jwt", key)] for key in ISSUER_KEYS}
+    tables = values[("jwt", "issuers")]
+    if tables:
+        for key in ("issuer", *KEY_SOURCES):
+            if top[key]:
+                problems.append(f"jwt.{key}: set it in each [[jwt.issuers]] table, not in [jwt]")
+        issuers = [_issuer(f"jwt.issuers[{n}]", {**top}, table, secret, problems) for n, table in enumerate(tables)]
+        names = [issuer.issuer for issuer in issuers]
+        if len(set(names)) != len(names):
+            problems.append("jwt.issuers: two tables name the same issuer")
+    else:
+        issuers = [_issuer("jwt", top, {}, secret, problems)]
+    if values[("jwt", "jwks_min_refresh_seconds")] > values[("jwt", "jwks_max_refresh_seconds")]:
+        problems.append("jwt.jwks_min_refresh_seconds: must not exceed jwt.jwks_max_refresh_seconds")
+    _require_file(values, "jwt", "denylist_file", problems)
+    claims = values[("tenant", "claims")]
+    if "*" in claims and claims != ["*"] or not all(claims):
+        problems.append('tenant.claims: a list of claim names, or "*" alone for all claims')
     return JwtSettings(
-        algorithms=algorithms,
-        secret=secret,
-        public_key_file=values[("jwt", "public_key_file")],
-        jwks_file=values[("jwt", "jwks_file")],
-        jwks_url=values[("jwt", "jwks_url")],
-        audience=values[("jwt", "audience")],
-        issuer=values[("jwt", "issuer")],
+        issuers=issuers,
         leeway_seconds=values[("jwt", "leeway_seconds")],
-        tenant_claim=values[("jwt", "tenant_claim")],
-        tenant_pattern=values[("jwt", "tenant_pattern")],
+        **{key: values[("jwt", key)] for key in JWKS_TIMING},
+        denylist_file=values[("jwt", "denylist_file")],
+        sql_claims=claims,
+        max_claims_bytes=values[("tenant", "max_claims_bytes")],
     )
 
 
-def _check_jwt_keys(values: dict[tuple[str, str], Any], problems: Problems) -> None:
+def _issuer(name: str, merged: dict[str, Any], own: dict[str, Any], secret: str | None,
+            problems: Problems) -> IssuerSettings:
+    """One issuer's settings from `merged` (the [jwt] keys) overridden by `own` (its table, if any)."""
+    for key, value in own.items():
+        if key not in ISSUER_KEYS:
+            problems.append(f"{name}.{key}: unknown key (an issuer table takes {', '.join(ISSUER_KEYS)})")
+            continue
+        try:
+            merged[key] = _coerce("jwt", key, SCHEMA[("jwt", key)][0], value, False)
+        except ConfigError as exc:
+            problems += [f"{name}.{key}: {problem.partition(': ')[2]}" for problem in exc.problems]
+    if name != "jwt" and not merged["issuer"]:
+        problems.append(f"{name}.issuer: required in each [[jwt.issuers]] table")
+    algorithms = merged["algorithms"]
+    if not algorithms:
+        problems.append(f"{name}.algorithms: at least one algorithm is required")
+    for algorithm in algorithms:
+        if algorithm not in HS_ALGORITHMS | KEY_ALGORITHMS:
+            problems.append(f"{name}.algorithms: {algorithm!r} is not allowed (never 'none')")
+    if merged["discovery"] and not merged["issuer"]:
+        problems.append(f"{name}.discovery: needs {name}.issuer (discovery reads <issuer>/.well-known/openid-configuration)")
+    sources = [key for key in KEY_SOURCES if merged[key]]
+    if len(sources) > 1:
+        problems.append(f"{name}: {' and '.join(name + '.' + k for k in sources)} are exclusive; choose one")
+    if set(algorithms) & HS_ALGORITHMS and not secret:
+        problems.append("jwt.secret: required for HS* algorithms (or set jwt.secret_file)")
+    if set(algorithms) & KEY_ALGORITHMS and not sources:
+        problems.append(f"{name}.public_key_file: required for asymmetric algorithms (or jwks_file / jwks_url / discovery)")
+    _check_issuer_keys(name, merged, problems)
+    _check_claim_rules(name, merged, problems)
+    return IssuerSettings(
+        issuer=merged["issuer"],
+        discovery=merged["discovery"],
+        algorithms=algorithms,
+        secret=secret,
+        public_key_file=merged["public_key_file"],
+        jwks_file=merged["jwks_file"],
+        jwks_url=merged["jwks_url"],
+        audience=merged["audience"],
+        required_claims={path: value if isinstance(value, list) else [value]
+                         for path, value in merged["required_claims"].items()},
+        tenant_claim=merged["tenant_claim"],
+        tenant_pattern=merged["tenant_pattern"],
+    )
+
+
+def _check_claim_rules(name: str, merged: dict[str, Any], problems: Problems) -> None:
+    """The tenant pattern compiles, the tenant claim and the required claims are claim paths."""
+    try:
+        re.compile(merged["tenant_pattern"])
+    except re.error as exc:
+        problems.append(f"{name}.tenant_pattern: not a valid regular expression: {exc}")
+    if not merged["tenant_claim"]:
+        problems.append(f"{name}.tenant_claim: must not be empty")
+    for path in (merged["tenant_claim"], *merged["required_claims"]):
+        try:
+            parse_claim_path(path)
+        except ClaimPathError as exc:
+            problems.append(f"{name}: {exc}")
+
+
+def _check_issuer_keys(name: str, merged: dict[str, Any], problems: Problems) -> None:
     """Read the public key or key set the verifier will use, as it will read it; check the JWKS URL."""
-    public_key, jwks = values[("jwt", "public_key_file")], values[("jwt", "jwks_file")]
-    if public_key is not None and _require_file(values, "jwt", "public_key_file", problems):
+    public_key, jwks, url = merged["public_key_file"], merged["jwks_file"], merged["jwks_url"]
+    for key, path in (("public_key_file", public_key), ("jwks_file", jwks)):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"{name}.{key}: file {path} does not exist")
+    if public_key is not None and Path(public_key).is_file():
         try:
             load_pem_public_key(Path(public_key).read_bytes())
         except (OSError, ValueError, TypeError, pyjwt.exceptions.PyJWTError) as exc:
-            problems.append(f"jwt.public_key_file: {public_key} is not a PEM public key ({type(exc).__name__})")
-    if jwks is not None and _require_file(values, "jwt", "jwks_file", problems):
+            problems.append(f"{name}.public_key_file: {public_key} is not a PEM public key ({type(exc).__name__})")
+    if jwks is not None and Path(jwks).is_file():
         try:
-            pyjwt.PyJWKSet.from_dict(json.loads(Path(jwks).read_text()))
-        except (OSError, ValueError, TypeError, AttributeError, pyjwt.exceptions.PyJWTError) as exc:
-            problems.append(f"jwt.jwks_file: {jwks} is not a usable JSON Web Key Set ({type(exc).__name__})")
-    url = values[("jwt", "jwks_url")]
+            if not Keys(json.loads(Path(jwks).read_text())).by_kid:
+                raise FetchError("no usable signing key")
+        except (OSError, ValueError, FetchError) as exc:
+            problems.append(f"{name}.jwks_file: {jwks} is not a usable JSON Web Key Set ({type(exc).__name__})")
     if url is not None:
         parts = urlsplit(url)
         plain_loopback = parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS
         if not parts.hostname or not (parts.scheme == "https" or plain_loopback):
-            problems.append(f"jwt.jwks_url: expected an https:// URL (http:// only to localhost), got {url!r}")
+            problems.append(f"{name}.jwks_url: expected an https:// URL (http:// only to localhost), got {url!r}")
 
 
 def _tenant(values: dict[tuple[str, str], Any], problems: Problems) -> TenantSettings:
@@ -573,7 +811,24 @@ def _tenant(values: dict[tuple[str, str], Any], problems: Problems) -> TenantSet
             problems.append(f"tenant.{key}: expected a custom setting name like 'app.current_tenant'")
     if values[("tenant", "setting")].lower() == values[("tenant", "proof_setting")].lower():
         problems.append("tenant.proof_setting: must differ from tenant.setting")
-    return TenantSettings(values[("tenant", "setting")], values[("tenant", "proof_setting")], signing_key or "")
+    _check_claims_settings(values, problems)
+    return TenantSettings(
+        values[("tenant", "setting")],
+        values[("tenant", "proof_setting")],
+        signing_key or "",
+        values[("tenant", "claims_setting")],
+        values[("tenant", "claims_proof_setting")],
+    )
+
+
+def _check_claims_settings(values: dict[tuple[str, str], Any], problems: Problems) -> None:
+    names = [values[("tenant", key)] for key in ("setting", "proof_setting", "claims_setting", "claims_proof_setting")]
+    for key in ("claims_setting", "claims_proof_setting"):
+        if not SETTING_NAME.match(values[("tenant", key)]):
+            problems.append(f"tenant.{key}: expected a custom setting name like 'request.jwt.claims'")
+    if len({name.lower() for name in names}) != len(names):
+        problems.append("tenant.claims_setting and tenant.claims_proof_setting: must differ from each other and "
+                        "from tenant.setting and tenant.proof_setting")
 
 
 def _pool(values: dict[tuple[str, str], Any], problems: Problems) -> PoolSettings:

@@ -1,5 +1,6 @@
-"""The embedded demo: a throwaway Postgres, the seed's `leads` table under the strict policy, the proxy,
-and psql showing that each tenant sees only its rows and that forging the setting gets nothing."""
+"""The embedded demo: a throwaway Postgres, the seed's `leads` table under the strict policy and the
+hardened upstream role, the proxy, and psql showing that each tenant sees only its rows and that
+forging the setting gets nothing."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from proxy.config import ListenError
 from proxy.embedded import EmbeddedPostgres
+from proxy.hardening import hardening_sql
 from proxy.listeners import probe_tcp
 from proxy.tokens import mint
 from proxy.verifier import demo_sql, verifier_sql
@@ -45,7 +47,8 @@ class TenantDatabase:
 
 
 def prepare_database(pg: EmbeddedPostgres, database: str = "app", app_role: str = "tenant_app") -> TenantDatabase:
-    """Create the application role and database, install the verifier and the seed schema with rows."""
+    """Create the application role and database, install the verifier and the seed schema with rows, and
+    harden the role (proxy/sql/hardening.sql), so the demo and the tests run the setup the docs prescribe."""
     password = secrets.token_urlsafe(24)
     signing_key = secrets.token_urlsafe(32)
     pg.psql(
@@ -56,6 +59,7 @@ def prepare_database(pg: EmbeddedPostgres, database: str = "app", app_role: str 
     )
     pg.psql(verifier_sql("app.current_tenant", "tenant_proxy.proof", signing_key), database)
     pg.psql(demo_sql(app_role), database)
+    pg.psql(hardening_sql(app_role), database)
     rows = ",".join(
         f"('{TENANTS[tenant]}', '{name}', '{email}')" for tenant, leads in LEADS.items() for name, email in leads
     )
@@ -170,6 +174,10 @@ def run_demo(port: int = 6432, serve: bool = True) -> int:
         )
         print(_psql(port, tokens["acme"], sneaky), "\n")
         print("   The proof no longer matches, so tenant_proxy.current_tenant() is NULL: no rows.\n")
+        print("== Tenant acme tries to read the other sessions of the shared upstream role")
+        print(_psql(port, tokens["acme"], "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s"))
+        print("   The hardening SQL (pg-tenant-proxy sql) took that from the role, with every other way to\n"
+              "   reach another tenant's sessions, backends or large objects (docs/security.md).\n")
         print("== Try it yourself:")
         for name, token in tokens.items():
             print(f"PGPASSWORD='{token}' \\\n  psql 'postgresql://{name}@127.0.0.1:{port}/app?sslmode=disable'\n")

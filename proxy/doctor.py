@@ -10,6 +10,7 @@ DSN is given, the catalog checks run as the admin too.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,10 +20,13 @@ from typing import Any
 import psycopg
 
 from proxy.config import Settings
+from proxy.hardening import PRIVILEGED_ROLES, REVOCATIONS, Revocation
 from proxy.tenant import quote_literal, sign
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 SELF_TEST_TENANT = "00000000-0000-4000-8000-00000000d0c7"
+PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
+MAX_FIX_LINES = 10  # per finding in the terminal table; --json has them all
 USER_SCHEMAS = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenant_proxy') AND n.nspname !~ '^pg_toast'"
 
 
@@ -45,6 +49,7 @@ class Audit:
     admin: psycopg.Connection[Any] | None
     settings: Settings
     tenant_column: str
+    allow_plain_policies: bool = False
 
     @property
     def catalog(self) -> psycopg.Connection[Any]:
@@ -66,6 +71,11 @@ class Audit:
                 (self.tenant_column,),
             )
         ]
+
+
+def _ident(name: str) -> str:
+    """A SQL identifier for the fixes the doctor prints: as it is when plain, else double-quoted."""
+    return name if PLAIN_IDENTIFIER.fullmatch(name) else '"' + name.replace('"', '""') + '"'
 
 
 def _finding(check: str, objects: list[str], status: str, fix: str, detail: str = "") -> Finding:
@@ -100,18 +110,120 @@ def check_ownership(audit: Audit) -> list[Finding]:
 def check_create_and_temp(audit: Audit) -> list[Finding]:
     schemas = [row[0] for row in audit.rows(
         "SELECT n.nspname FROM pg_namespace n WHERE has_schema_privilege(current_user, n.oid, 'CREATE')"
-        f" AND {USER_SCHEMAS} ORDER BY 1", as_admin=False)]
-    (temp,), = audit.rows("SELECT has_database_privilege(current_database(), 'TEMP')", as_admin=False)
-    role = audit.settings.upstream.user
-    database = audit.upstream.info.dbname
+        " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'"
+        " ORDER BY 1", as_admin=False)]
+    (temp, create), = audit.rows("SELECT has_database_privilege(current_database(), 'TEMP'),"
+                                 " has_database_privilege(current_database(), 'CREATE')", as_admin=False)
+    role = _ident(audit.settings.upstream.user)
+    database = _ident(audit.upstream.info.dbname)
+    granted = [privilege for privilege, held in (("TEMPORARY", temp), ("CREATE", create)) if held]
     return [
-        _finding("upstream role can CREATE in a schema", schemas, WARN,
-                 "\n".join(f"REVOKE CREATE ON SCHEMA {s} FROM PUBLIC, {role};" for s in schemas),
-                 "objects a client creates can shadow names or hide dynamic SQL"),
-        _finding("upstream role can create TEMP tables", [database] if temp else [], WARN,
-                 f"REVOKE TEMP ON DATABASE {database} FROM PUBLIC, {role};",
-                 "temporary objects can shadow names on search_path"),
+        _finding("upstream role can CREATE in a schema", schemas, FAIL,
+                 "\n".join(f"REVOKE CREATE ON SCHEMA {_ident(s)} FROM PUBLIC, {role};" for s in schemas),
+                 "a function created by a tenant hides any SQL from the guard (ALTER ROLE, set_config); "
+                 "objects on search_path change what other queries mean"),
+        _finding("upstream role can create TEMP objects or schemas", granted, FAIL,
+                 f"REVOKE {', '.join(granted)} ON DATABASE {database} FROM PUBLIC, {role};",
+                 "a plpgsql function in pg_temp runs dynamic SQL past the guard; CREATE on the database makes "
+                 "schemas, publications and trusted extensions"),
     ]
+
+
+def check_languages(audit: Audit) -> list[Finding]:
+    usable = [row[0] for row in audit.rows(
+        "SELECT lanname FROM pg_language WHERE lanpltrusted AND lanname <> 'sql'"
+        " AND has_language_privilege(oid, 'USAGE') ORDER BY 1", as_admin=False)]
+    role = _ident(audit.settings.upstream.user)
+    return [_finding("upstream role can use a procedural language", usable, FAIL,
+                     "\n".join(f"REVOKE USAGE ON LANGUAGE {_ident(name)} FROM PUBLIC, {role};" for name in usable),
+                     "a DO block runs dynamic SQL: EXECUTE 'ALTER ROLE CURRENT_USER PASSWORD ...' gets past the "
+                     "guard and locks every tenant out")]
+
+
+def check_table_privileges(audit: Audit) -> list[Finding]:
+    held = audit.rows(
+        "SELECT c.oid::regclass::text, string_agg(p.privilege, ', ' ORDER BY p.privilege)"
+        " FROM pg_class c CROSS JOIN (VALUES ('TRUNCATE'), ('TRIGGER'), ('REFERENCES')) AS p (privilege)"
+        " WHERE c.relrowsecurity AND c.relkind IN ('r', 'p') AND has_table_privilege(c.oid, p.privilege)"
+        " GROUP BY 1 ORDER BY 1", as_admin=False)
+    role = _ident(audit.settings.upstream.user)
+    return [_finding("upstream role holds privileges that bypass RLS", [f"{name} ({privileges})" for name, privileges in held],
+                     FAIL, "\n".join(f"REVOKE {privileges} ON TABLE {name} FROM PUBLIC, {role};" for name, privileges in held),
+                     "TRUNCATE empties every tenant's rows; TRIGGER runs code on every tenant's writes; REFERENCES "
+                     "tests other tenants' keys through a foreign key")]
+
+
+def check_memberships(audit: Audit) -> list[Finding]:
+    roles = [row[0] for row in audit.rows(
+        "SELECT r FROM unnest(%s::text[]) AS r WHERE pg_has_role(current_user, r, 'MEMBER') ORDER BY 1",
+        (list(PRIVILEGED_ROLES),), as_admin=False)]
+    role = _ident(audit.settings.upstream.user)
+    return [_finding("upstream role is a member of a privileged predefined role", roles, FAIL,
+                     "\n".join(f"REVOKE {name} FROM {role}; -- or from the role it inherits {name} through"
+                                for name in roles),
+                     "these roles read all data or all sessions, signal any backend, or reach server files")]
+
+
+def _revocable_objects(audit: Audit, revocation: Revocation) -> list[tuple[str, str, str]]:
+    """(object type, privilege, qualified name) of the revocation's objects the upstream role still holds."""
+    member = ("SELECT d.objid FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid"
+              " WHERE d.classid = %s::regclass AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'"
+              " AND e.extname LIKE ANY (%s)")
+    kind = revocation.kind.value
+    patterns = list(revocation.patterns)
+    return [(row[0], row[1], row[2]) for row in audit.rows(
+        "SELECT 'FUNCTION', 'EXECUTE', quote_ident(n.nspname) || '.' || quote_ident(p.proname)"
+        "  || '(' || oidvectortypes(p.proargtypes) || ')'"
+        " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE has_function_privilege(p.oid, 'EXECUTE') AND ((%s = 'function' AND n.nspname = 'pg_catalog'"
+        f"  AND p.proname LIKE ANY (%s)) OR (%s = 'extension' AND p.oid IN ({member})))"
+        " UNION ALL"
+        " SELECT 'TABLE', 'SELECT', quote_ident(n.nspname) || '.' || quote_ident(c.relname)"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'v', 'm') AND has_table_privilege(c.oid, 'SELECT') AND ((%s = 'relation'"
+        f"  AND n.nspname = 'pg_catalog' AND c.relname LIKE ANY (%s)) OR (%s = 'extension' AND c.oid IN ({member})))"
+        " ORDER BY 3",
+        (kind, patterns, kind, "pg_proc", patterns, kind, patterns, kind, "pg_class", patterns), as_admin=False)]
+
+
+def check_revocations(audit: Audit) -> list[Finding]:
+    """One finding per capability of proxy.hardening.REVOCATIONS the upstream role still holds."""
+    role = _ident(audit.settings.upstream.user)
+    findings: list[Finding] = []
+    for revocation in REVOCATIONS:
+        held = _revocable_objects(audit, revocation)
+        fix = [f"REVOKE {privilege} ON {kind} {name} FROM PUBLIC, {role};" for kind, privilege, name in held]
+        if revocation.kept_by:
+            fix += [f"GRANT {privilege} ON {kind} {name} TO {revocation.kept_by};" for kind, privilege, name in held]
+        findings.append(_finding(f"upstream role can {revocation.capability}", [name for _, _, name in held], FAIL,
+                                 "\n".join(fix), revocation.risk))
+    return findings
+
+
+def check_server_settings(audit: Audit) -> list[Finding]:
+    (lo_compat, prepared), = audit.rows(
+        "SELECT current_setting('lo_compat_privileges'), current_setting('max_prepared_transactions')::int",
+        as_admin=False)
+    return [
+        _finding("large objects skip privilege checks", ["lo_compat_privileges = on"] if lo_compat == "on" else [],
+                 FAIL, "ALTER SYSTEM SET lo_compat_privileges = off; -- superuser, or the provider's parameter group",
+                 "with lo_compat_privileges on, any role reads and writes every large object"),
+        _finding("prepared transactions are enabled", [f"max_prepared_transactions = {prepared}"] if prepared else [],
+                 FAIL, "ALTER SYSTEM SET max_prepared_transactions = 0; -- then restart (or the parameter group)",
+                 "a transaction one tenant PREPAREs can be committed or rolled back by any other: COMMIT PREPARED "
+                 "only requires the same role"),
+    ]
+
+
+def check_password_login(audit: Audit) -> list[Finding]:
+    used = bool(audit.upstream.pgconn.used_password)
+    role = audit.settings.upstream.user
+    return [_finding("upstream role logs in with a password it can change", [role] if used else [], WARN,
+                     "-- in pg_hba.conf: hostssl <database> <role> <proxy address> cert\n"
+                     "-- in the proxy's configuration: [upstream] sslcert = FILE and sslkey = FILE",
+                     "any role may run ALTER ROLE CURRENT_USER PASSWORD; if SQL ever got past the guard, a tenant "
+                     "could lock every other tenant out and log in directly. A client certificate cannot be changed "
+                     "from SQL")]
 
 
 def check_rls(audit: Audit) -> list[Finding]:
@@ -155,9 +267,11 @@ def check_policies(audit: Audit) -> list[Finding]:
         " WHERE p.provolatile = 'i' AND p.pronamespace <> 'pg_catalog'::regnamespace ORDER BY 1, 2")]
     strict = "(SELECT tenant_proxy.current_tenant())"
     return [
-        _finding("policies read the raw tenant setting", raw, WARN,
+        _finding("policies read the raw tenant setting", raw, WARN if audit.allow_plain_policies else FAIL,
                  f"-- replace current_setting('{setting}') by {strict} in USING and WITH CHECK",
-                 "any role can change a custom setting; only the verifier checks the proxy's proof"),
+                 "any client can set a custom setting (set_config hidden from the guard), so such a policy "
+                 "shows whichever tenant it names; only the verifier checks the proxy's proof"
+                 + (" (allowed by --allow-plain-policies)" if audit.allow_plain_policies else "")),
         _finding("policies call an IMMUTABLE function", immutable, FAIL,
                  "-- mark each function STABLE: ALTER FUNCTION <name> STABLE;",
                  "a cached plan freezes an IMMUTABLE function's value across tenants"),
@@ -260,28 +374,21 @@ def _self_test(audit: Audit) -> tuple[str | None, str | None]:
     return answers[0], answers[1]
 
 
-def check_activity_visible(audit: Audit) -> list[Finding]:
-    (visible,), = audit.rows(
-        "SELECT has_table_privilege('pg_catalog.pg_stat_activity', 'SELECT')"
-        " AND has_function_privilege('pg_catalog.pg_stat_get_activity(integer)', 'EXECUTE')",
-        as_admin=False,
-    )
-    return [_finding("other sessions of the upstream role are visible", ["pg_stat_activity"] if visible else [], WARN,
-                     "REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC;\n"
-                     "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) FROM PUBLIC;",
-                     "all tenants share one role, so each sees the others' query text")]
-
-
 CHECKS: list[Callable[[Audit], list[Finding]]] = [
     check_role_attributes,
     check_ownership,
     check_create_and_temp,
+    check_languages,
+    check_table_privileges,
+    check_memberships,
+    check_revocations,
+    check_server_settings,
+    check_password_login,
     check_rls,
     check_policies,
     check_views,
     check_indexes,
     check_verifier,
-    check_activity_visible,
 ]
 
 
@@ -295,8 +402,9 @@ def run_checks(audit: Audit) -> list[Finding]:
 def connect_upstream(settings: Settings, database: str) -> psycopg.Connection[Any]:
     upstream = settings.upstream
     options: dict[str, Any] = {"sslmode": upstream.sslmode}
-    if upstream.ca_file:
-        options["sslrootcert"] = upstream.ca_file
+    for option, value in (("sslrootcert", upstream.ca_file), ("sslcert", upstream.sslcert), ("sslkey", upstream.sslkey)):
+        if value:
+            options[option] = value
     return psycopg.connect(
         host=upstream.host, port=upstream.port, user=upstream.user, password=upstream.password or "",
         dbname=database, autocommit=True, connect_timeout=int(upstream.connect_timeout_seconds), **options,
@@ -318,19 +426,24 @@ def render_table(findings: list[Finding], colour: bool) -> str:
         lines.append(f"{status}  {finding.check.ljust(width)}  {', '.join(shown)}")
         if finding.detail:
             lines.append(f"      {' ' * width}  why: {finding.detail}")
-        for fix_line in finding.fix.splitlines():
+        fix_lines = finding.fix.splitlines()
+        for fix_line in fix_lines[:MAX_FIX_LINES]:
             lines.append(f"      {' ' * width}  fix: {fix_line}")
+        if len(fix_lines) > MAX_FIX_LINES:
+            lines.append(f"      {' ' * width}  fix: ... {len(fix_lines) - MAX_FIX_LINES} more lines (--json shows all;"
+                         " pg-tenant-proxy sql --config FILE fixes all)")
     counts = {status: sum(f.status == status for f in findings) for status in (OK, WARN, FAIL)}
     lines.append(f"\n{counts[OK]} ok, {counts[WARN]} warn, {counts[FAIL]} fail")
     return "\n".join(lines)
 
 
 def run_doctor(settings: Settings, database: str | None, admin_dsn: str | None, as_json: bool,
-               tenant_column: str) -> int:
-    """Run every check and print the report; exit status 1 when any check fails."""
-    database = database or settings.upstream.database
+               tenant_column: str, allow_plain_policies: bool = False) -> int:
+    """Run every check and print the report; exit status 1 when any check fails, 2 when it cannot run."""
+    allowed = settings.upstream.databases or []
+    database = database or settings.upstream.database or (allowed[0] if len(allowed) == 1 else None)
     if not database:
-        print("error: give --database, or set [upstream] database", file=sys.stderr)
+        print(f"error: give --database, one of [upstream] databases ({', '.join(allowed)}); audit each", file=sys.stderr)
         return 2
     try:
         upstream = connect_upstream(settings, database)
@@ -339,7 +452,7 @@ def run_doctor(settings: Settings, database: str | None, admin_dsn: str | None, 
         print(f"error: cannot connect: {str(exc).strip()}", file=sys.stderr)
         return 2
     try:
-        findings = run_checks(Audit(upstream, admin, settings, tenant_column))
+        findings = run_checks(Audit(upstream, admin, settings, tenant_column, allow_plain_policies))
     finally:
         upstream.close()
         if admin is not None:

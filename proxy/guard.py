@@ -1,102 +1,172 @@
-"""The SQL guard: classify client SQL with the real Postgres parser (pglast) and decide what happens.
+"""The SQL guard: read client SQL with Postgres's own parser (pglast) and decide what happens to it.
 
-Every simple Query and every Parse is checked. A statement that writes a protected setting, changes
-the session's role or identity, alters roles, databases or the system, loads a library, or (unless
-allowed) runs a DO block is refused with SQLSTATE 42501. RESET ALL and DISCARD ALL are allowed and
-make the proxy re-assert the tenant context afterwards.
+Every simple Query and every Parse is checked, and so is every FunctionCall message (`function_call`).
+The answer is a `Decision`: a `Refusal` (SQLSTATE, message, hint) for a statement the proxy will not
+forward, else what the text does to the session that the relay must track (settings written at session
+level, prepared statements dropped, statements that refuse a transaction block).
 
-Under transaction pooling a server connection passes between clients after every transaction, so the
-session features that would outlive it are refused too (LISTEN, cursors WITH HOLD, SQL-level
-PREPARE / EXECUTE / DEALLOCATE, session advisory locks, temporary objects that outlive the
-transaction), and statements that change session settings are flagged so the proxy can carry the
-client's settings to its next server connection.
+Refused by default (docs/guard.md lists each with its switch):
+- writes of the protected settings, SET ROLE / SET SESSION AUTHORIZATION, ALTER ROLE / DATABASE /
+  SYSTEM, LOAD, DO blocks, and writes to pg_settings (42501);
+- settings that change how the server lexes SQL, which the guard does not model (0A000, `proxy.lexing`);
+- what carries other tenants' data past row-level security or blocks every tenant: EXPLAIN with row
+  counts or estimates, LOCK TABLE stronger than ROW EXCLUSIVE, TRUNCATE, LISTEN / NOTIFY /
+  pg_notify(), large-object functions, pg_cancel_backend() / pg_terminate_backend() (42501);
+- under transaction pooling, session features that would outlive the server connection (0A000).
 
-The guard is defense in depth, not the boundary: dynamic SQL gets past any parser, and SQL that
-pglast cannot parse is passed on so the server reports the error. The signed context is the boundary.
-Most statements never reach the parser: a pre-scan (two regular expressions) lets through text that
-cannot hold a refused statement, and parsed decisions are cached by statement text.
+It fails closed: text it cannot read with certainty is refused, never allowed: a parser error (42601,
+Postgres's own message), nesting too deep to walk (54001), text longer than `max_parse_bytes` (54000),
+anything unexpected (XX000). The guard is defense in depth, not the boundary: dynamic SQL gets past any
+parser, and the signed context is the boundary. Most statements never reach the parser: a pre-scan
+(first words and substrings) clears text that cannot hold anything the guard acts on. Of a parsed text,
+only the subtrees that hold a node the guard acts on are decoded from pglast's JSON, and decisions are
+cached by statement text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import string
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from pglast import parser
 
+from proxy import lexing
 from proxy.parameters import ProtectedSettings
+from proxy.protocol import errors
+
+if TYPE_CHECKING:
+    from proxy.config import GuardSettings
+
+log = logging.getLogger("pg_tenant_proxy")
 
 CACHE_SIZE = 4096
 CACHEABLE_LENGTH = 16_384
-
-_REFUSED_STATEMENTS = {
-    "AlterRoleStmt": "ALTER ROLE",
-    "AlterRoleSetStmt": "ALTER ROLE ... SET",
-    "AlterDatabaseStmt": "ALTER DATABASE",
-    "AlterDatabaseSetStmt": "ALTER DATABASE ... SET",
-    "AlterDatabaseRefreshCollStmt": "ALTER DATABASE",
-    "AlterSystemStmt": "ALTER SYSTEM",
-    "LoadStmt": "LOAD",
-}
-_IDENTITY_SETTINGS = {"role": "SET ROLE / RESET ROLE", "session_authorization": "SET SESSION AUTHORIZATION"}
-
-# Words that can only appear in text the guard must parse. Besides these, SET matters only where it can
-# start a statement (at the start, or after ';' or a comment); elsewhere it is UPDATE ... SET, ALTER ...
-# SET or CREATE FUNCTION ... SET, which the words above already send to the parser. "u&" catches
-# identifiers spelled with Unicode escapes. Substring tests run first: they are much cheaper than regexes.
-_WORDS = tuple((word, re.compile(rf"\b{word}\b")) for word in ("reset", "alter", "load", "do", "discard", "function", "procedure"))
-_SET_WORD = re.compile(r"\bset\b")
-_STARTS_WITH_SET = re.compile(r"\s*set\b")
-# Words that can only appear in text holding a session feature refused under transaction pooling.
-_SESSION_WORDS = tuple(
-    (word, re.compile(rf"\b{word}\b"))
-    for word in ("listen", "hold", "prepare", "execute", "deallocate", "temp", "temporary")
-)
-_SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
-_CURSOR_OPT_HOLD = 0x0020
-_SESSION_MODE_HINT = "; use a pool in session mode ([pool] mode = \"session\") for session features"
+DEFAULT_MAX_PARSE_BYTES = 16_384
+# Nesting levels of pglast's JSON tree the guard reads; json.loads recurses once per level, each level
+# takes about 160 bytes of C stack, so this stays far below a thread's 8 MiB stack.
+JSON_DEPTH = 12_000
+_DECODER = json.JSONDecoder()
 
 
-def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
-    """False when the text cannot contain a statement the guard refuses, re-asserts after, or (under
-    transaction pooling) a session feature or a change of session settings."""
-    text = sql.lower()
-    if "set_config" in text or "u&" in text:
-        return True
-    for word, pattern in _WORDS:
-        if word in text and pattern.search(text):
-            return True
-    if transaction_mode:
-        if "advisory" in text:
-            return True
-        for word, pattern in _SESSION_WORDS:
-            if word in text and pattern.search(text):
-                return True
-    if "set" not in text or _SET_WORD.search(text) is None:
-        return False
-    return bool(_STARTS_WITH_SET.match(text)) or ";" in text or "/*" in text or "--" in text
+@dataclass(frozen=True)
+class Refusal:
+    """Why a statement or message is not forwarded: the ErrorResponse's SQLSTATE, message and hint."""
+
+    sqlstate: str
+    message: str
+    hint: str
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with one Query or Parse: refuse it (with a reason), re-assert the context after it
-    (RESET ALL, DISCARD ALL), note that it may change session settings, or that it drops the server's
-    prepared statements (DISCARD ALL)."""
+    """What the relay does with one Query's or Parse's text (docs/guard.md, "Decision").
 
-    refusal: str | None = None
-    reassert: bool = False
-    settings: bool = False
+    Refused when `refusal` is set; then the other fields are left at their defaults. Otherwise the fields
+    say what the text does to the session: settings written at session level (not SET LOCAL, not
+    set_config(..., true)), prepared statements dropped by SQL, the number of statements, and whether it
+    is one statement that Postgres refuses inside a transaction block. Setting names are lower case;
+    prepared-statement names are as Postgres folds identifiers. Text the pre-scan clears gets `ALLOW`."""
+
+    refusal: Refusal | None = None
+    resets_all: bool = False
+    reset_names: frozenset[str] = frozenset()
+    set_names: frozenset[str] = frozenset()
+    unknown_settings: bool = False
+    deallocates: frozenset[str] = frozenset()
     drops_statements: bool = False
+    statement_count: int = 1
+    no_transaction_block: bool = False
 
 
 ALLOW = Decision()
 
+# -- the pre-scan ------------------------------------------------------------------------------------
+
+# Substrings that matter wherever they appear: functions the guard refuses or reads, the pg_settings
+# view, identifiers and strings with Unicode escapes ("u&"); under transaction pooling also session
+# advisory locks. Substring tests are the cheapest check, so they run first.
+_ANYWHERE = ("set_config", "u&", "pg_notify", "pg_settings", "_backend")
+_SESSION_ANYWHERE = (*_ANYWHERE, "advisory")
+# Words that matter wherever they appear: the large-object functions, and under transaction pooling
+# TEMP / TEMPORARY (SELECT ... INTO TEMP).
+_LARGE_OBJECT_WORDS = frozenset({
+    "lo_close", "lo_creat", "lo_create", "lo_export", "lo_from_bytea", "lo_get", "lo_import", "lo_lseek",
+    "lo_lseek64", "lo_open", "lo_put", "lo_tell", "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink",
+    "loread", "lowrite",
+})
+# The first word of every other statement the guard refuses or reports (COMMIT and ROLLBACK only as
+# COMMIT PREPARED / ROLLBACK PREPARED, found by the word "prepared").
+_FIRST_WORDS = frozenset({
+    "set", "reset", "do", "alter", "load", "discard", "deallocate", "explain", "lock", "truncate", "listen",
+    "notify", "vacuum", "cluster", "reindex", "create", "drop",
+})
+_SESSION_FIRST_WORDS = _FIRST_WORDS | {"prepare", "execute", "declare"}
+# The words searched for, by (transaction mode, text of several statements or with comments).
+_SEARCHED_WORDS = {
+    (False, False): _LARGE_OBJECT_WORDS,
+    (True, False): _LARGE_OBJECT_WORDS | {"temp", "temporary"},
+    (False, True): _LARGE_OBJECT_WORDS | _FIRST_WORDS | {"prepared"},
+    (True, True): _LARGE_OBJECT_WORDS | {"temp", "temporary"} | _SESSION_FIRST_WORDS | {"prepared"},
+}
+# Words as Postgres's lexer splits them: letters, digits, '_', '$' and every character above 0x7F.
+_SEPARATORS = str.maketrans({char: " " for char in string.punctuation + string.whitespace if char not in "_$"})
+_FIRST_WORD = re.compile(r"[\s(]*([a-z0-9_$]*)")
+
+
+def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
+    """False when the text cannot contain anything the guard refuses or reports in a Decision (in
+    transaction mode, also a session feature); True means the guard must parse it.
+
+    Text without ';' and comments is one statement: its first word says what kind it is, so a long
+    INSERT ... ON CONFLICT DO UPDATE SET is cleared by its first word. Other text needs parsing when any
+    of those words appears in it as a word. Costs about 10 ms per MB at worst (splitting into words)."""
+    text = sql.lower()
+    if any(substring in text for substring in (_SESSION_ANYWHERE if transaction_mode else _ANYWHERE)):
+        return True
+    several = ";" in text or "/*" in text or "--" in text
+    if several or "lo" in text or (transaction_mode and "temp" in text):
+        if not _SEARCHED_WORDS[transaction_mode, several].isdisjoint(text.translate(_SEPARATORS).split()):
+            return True
+        if several:
+            return False
+    first = _FIRST_WORD.match(text)
+    word = first.group(1) if first else ""
+    if word in ("commit", "rollback"):
+        return "prepared" in text
+    return word in (_SESSION_FIRST_WORDS if transaction_mode else _FIRST_WORDS) or (not word and bool(text.strip()))
+
+
+# -- reading pglast's JSON tree ----------------------------------------------------------------------
+
+def parse_json(sql: str) -> str:
+    """pglast's parse tree of `sql` as JSON text: {"version": N, "stmts": [{"stmt": {NodeType: {...}}, ...}]}.
+    Raises pglast.parser.ParseError for text Postgres's grammar rejects (also "stack depth limit exceeded")."""
+    return parser.parse_sql_json(sql)
+
+
+def decode_node(text: str, start: int) -> tuple[dict[str, Any], int]:
+    """The JSON object that begins at `start` in `text`, and the offset just past it. Raises
+    RecursionError for an object nested more than JSON_DEPTH levels."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, JSON_DEPTH))
+    try:
+        node, end = _DECODER.raw_decode(text, start)
+    finally:
+        sys.setrecursionlimit(limit)
+    if not isinstance(node, dict):
+        raise ValueError("a parse tree node is not a JSON object")
+    return node, end
+
 
 def _nodes(tree: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every (node type, node) pair in a pglast JSON parse tree, depth first."""
+    """Every (node type, node) pair in a pglast JSON parse tree, depth first, without recursion."""
     stack = [tree]
     while stack:
         item = stack.pop()
@@ -110,30 +180,329 @@ def _nodes(tree: Any) -> Iterator[tuple[str, dict[str, Any]]]:
             stack.extend(item)
 
 
-def _string_constant(node: Any) -> str | None:
-    """The text of a string literal argument, looking through casts ('app.x'::text)."""
-    if not isinstance(node, dict):
+def _only_node(wrapper: Any) -> tuple[str, dict[str, Any]]:
+    """The (type, node) of a one-key node wrapper such as {"VariableSetStmt": {...}}, or ("", {})."""
+    if isinstance(wrapper, dict) and len(wrapper) == 1:
+        kind, node = next(iter(wrapper.items()))
+        if isinstance(node, dict):
+            return kind, node
+    return "", {}
+
+
+def _literal(node: Any) -> str | None:
+    """The text of a constant (string, number, boolean), looking through casts ('x'::text); None for
+    anything computed or NULL. pglast leaves out zero and false values: {"ival": {}} is 0."""
+    kind, body = _only_node(node)
+    while kind == "TypeCast":
+        kind, body = _only_node(body.get("arg"))
+    if kind == "A_Const":
+        kind, body = next(((key, value) for key, value in body.items() if isinstance(value, dict)), ("", {}))
+        kind = {"sval": "String", "ival": "Integer", "fval": "Float", "boolval": "Boolean", "bsval": "BitString"}.get(kind, "")
+    value = {"String": "sval", "Integer": "ival", "Float": "fval", "Boolean": "boolval", "BitString": "bsval"}.get(kind)
+    if value is None:
         return None
-    if "TypeCast" in node:
-        return _string_constant(node["TypeCast"].get("arg"))
-    constant = node.get("A_Const")
-    if isinstance(constant, dict) and isinstance(constant.get("sval"), dict):
-        value = constant["sval"].get("sval")
-        return value if isinstance(value, str) else None
+    default = {"ival": 0, "boolval": False}.get(value, "")
+    constant = body.get(value, default)
+    return str(constant).lower() if isinstance(constant, bool) else str(constant)
+
+
+def _function_name(node: dict[str, Any]) -> str | None:
+    """The name of a called function when it is unqualified or in pg_catalog, else None."""
+    names = [part.get("String", {}).get("sval") for part in node.get("funcname", []) if isinstance(part, dict)]
+    if not names or names[:-1] not in ([], ["pg_catalog"]):
+        return None
+    return names[-1]
+
+
+def _option_on(options: Any, name: str, default: bool) -> bool:
+    """Whether a DefElem option (EXPLAIN, REINDEX) is on; an option without a value is on, a value that
+    is not a clear boolean counts as on."""
+    for option in options or []:
+        _, element = _only_node(option)
+        if element.get("defname", "").lower() == name:
+            if element.get("arg") is None:
+                return True
+            value = _literal(element["arg"])
+            return lexing.parse_bool(value) is not False if value is not None else True
+    return default
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+_BY_PROXY = "through pg-tenant-proxy"
+_ADMIN_HINT = "make this change over a direct administrator connection to Postgres, not through the proxy"
+_PROTECTED_HINT = "the proxy sets this setting from your token; keep your own values under another name"
+_ROLE_HINT = "the session's role is the proxy's upstream role; ask the database owner to grant it what you need"
+_SESSION_MODE_HINT = 'use a pool in session mode ([pool] mode = "session") for session features'
+_PARSE_HINT = (
+    "pg-tenant-proxy's SQL guard reads every statement with Postgres's own parser before forwarding it, and "
+    "refuses what it cannot parse: correct the statement"
+)
+TOO_COMPLEX = Refusal(
+    errors.STATEMENT_TOO_COMPLEX,
+    "statement is nested too deeply for pg-tenant-proxy's SQL guard to read",
+    "split the expression or the statement; the guard reads a few thousand levels of nesting",
+)
+
+_REFUSED_STATEMENTS = {
+    "AlterRoleStmt": "ALTER ROLE",
+    "AlterRoleSetStmt": "ALTER ROLE ... SET",
+    "AlterDatabaseStmt": "ALTER DATABASE",
+    "AlterDatabaseSetStmt": "ALTER DATABASE ... SET",
+    "AlterDatabaseRefreshCollStmt": "ALTER DATABASE",
+    "AlterSystemStmt": "ALTER SYSTEM",
+    "LoadStmt": "LOAD",
+}
+_IDENTITY_SETTINGS = {"role": "SET ROLE / RESET ROLE", "session_authorization": "SET SESSION AUTHORIZATION"}
+_LEXING_SETTINGS = ("standard_conforming_strings", "client_encoding")
+_LOCK_MODES = {
+    1: "ACCESS SHARE", 2: "ROW SHARE", 3: "ROW EXCLUSIVE", 4: "SHARE UPDATE EXCLUSIVE",
+    5: "SHARE", 6: "SHARE ROW EXCLUSIVE", 7: "EXCLUSIVE", 8: "ACCESS EXCLUSIVE",
+}
+_ROW_EXCLUSIVE = 3
+# UNLISTEN only drops the session's own registrations (asyncpg's pool reset sends UNLISTEN *): allowed.
+_NOTIFICATION_STATEMENTS = {"ListenStmt": "LISTEN", "NotifyStmt": "NOTIFY"}
+LARGE_OBJECT_FUNCTIONS = _LARGE_OBJECT_WORDS
+SIGNAL_FUNCTIONS = frozenset({"pg_cancel_backend", "pg_terminate_backend"})
+# The node types `Guard._node` acts on. The guard finds them in pglast's JSON text and decodes only those
+# subtrees: FuncCall only for the functions it reads, INSERT / UPDATE / DELETE / MERGE only when the text
+# names pg_settings, the temporary-object statements only when it holds a temporary relation.
+_WALKED_KINDS = frozenset({
+    "VariableSetStmt", "FuncCall", "DoStmt", *_REFUSED_STATEMENTS, *_NOTIFICATION_STATEMENTS,
+    "UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt", "ExplainStmt", "LockStmt", "TruncateStmt",
+})
+_SESSION_WALKED_KINDS = _WALKED_KINDS | {
+    "CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt", "DeclareCursorStmt",
+    "PrepareStmt", "ExecuteStmt",
+}
+_WRITES = ("UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt")
+_TEMPORARY = ("CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt")
+_READ_FUNCTIONS = r"set_config|pg_notify|lo_\w*|loread|lowrite|pg_cancel_backend|pg_terminate_backend"
+_SESSION_FUNCTIONS = r"|pg_advisory\w*|pg_try_advisory\w*"
+# A top-level statement: the only JSON key "stmt" is RawStmt's.
+_STATEMENT = re.compile(r'\{"stmt":\{"(\w+)":(?=\{)')
+
+
+@lru_cache(maxsize=8)
+def _occurrences(transaction_mode: bool, writes: bool, temporary: bool) -> re.Pattern[str]:
+    """A regex over pglast's JSON text whose matches end where a node the guard acts on begins."""
+    kinds = set((_SESSION_WALKED_KINDS if transaction_mode else _WALKED_KINDS) - {"FuncCall"})
+    kinds -= set(() if writes else _WRITES) | set(() if temporary and transaction_mode else _TEMPORARY)
+    functions = _READ_FUNCTIONS + (_SESSION_FUNCTIONS if transaction_mode else "")
+    calls = rf'"FuncCall":(?=\{{"funcname":\[(?:\{{"String":\{{"sval":"pg_catalog"\}}\}},)?\{{"String":\{{"sval":"(?:{functions})"\}}\}}\])'
+    return re.compile(rf'"(?:{"|".join(sorted(kinds))})":(?=\{{)|{calls}')
+
+
+_SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
+_CURSOR_OPT_HOLD = 0x0020
+
+# Builtin functions by OID (pg_proc on Postgres 15), for FunctionCall messages, which name no function.
+SET_CONFIG_OID = 2078
+PG_NOTIFY_OID = 3036
+SIGNAL_OIDS = {2171: "pg_cancel_backend", 2096: "pg_terminate_backend"}
+LARGE_OBJECT_OIDS = {
+    953: "lo_close", 957: "lo_creat", 715: "lo_create", 765: "lo_export", 3457: "lo_from_bytea", 3458: "lo_get",
+    3459: "lo_get", 764: "lo_import", 767: "lo_import", 956: "lo_lseek", 3170: "lo_lseek64", 952: "lo_open",
+    3460: "lo_put", 958: "lo_tell", 3171: "lo_tell64", 1004: "lo_truncate", 3172: "lo_truncate64",
+    964: "lo_unlink", 954: "loread", 955: "lowrite",
+}
+
+
+def _refused(what: str, why: str, hint: str, sqlstate: str = errors.INSUFFICIENT_PRIVILEGE) -> Refusal:
+    return Refusal(sqlstate, f"{what} is not allowed {_BY_PROXY}: {why}", hint)
+
+
+def _notifications(what: str) -> Refusal:
+    return _refused(what, "notification channels are shared by every tenant",
+                    "[guard] allow_notifications = true allows notifications (every tenant can then use every channel)")
+
+
+def _large_objects(what: str) -> Refusal:
+    return _refused(what, "large objects are shared by every tenant, row-level security does not apply to them",
+                    "keep the data in a bytea column of a table with a tenant policy; "
+                    "[guard] allow_large_objects = true allows large objects")
+
+
+def _signals(what: str) -> Refusal:
+    return _refused(what, "every tenant's server connections log in as the same role, so it reaches other tenants",
+                    "cancel your own query with a cancel request (psql: Ctrl-C); "
+                    "[guard] allow_backend_signals = true allows it")
+
+
+def _lexing(name: str, value: str | None) -> Refusal | None:
+    """The refusal for writing a setting that changes how SQL is lexed, or None."""
+    if value is None:
+        return Refusal(lexing.SQLSTATE, f"{name} set to a computed value is not allowed {_BY_PROXY}",
+                       "set it with a constant value, which the proxy's SQL guard can check")
+    problem = lexing.lexing_problem(name, value)
+    return Refusal(lexing.SQLSTATE, *problem) if problem is not None else None
+
+
+def _session_feature(kind: str, node: dict[str, Any]) -> str | None:
+    """Which session feature a node is that cannot work under transaction pooling, or None."""
+    relation = {"CreateStmt": "relation", "ViewStmt": "view", "CreateSeqStmt": "sequence"}.get(kind)
+    if relation and (node.get(relation) or {}).get("relpersistence") == "t":
+        if kind != "CreateStmt" or node.get("oncommit") != "ONCOMMIT_DROP":
+            return {"CreateStmt": "CREATE TEMP TABLE without ON COMMIT DROP", "ViewStmt": "CREATE TEMP VIEW",
+                    "CreateSeqStmt": "CREATE TEMP SEQUENCE"}[kind]
+    if kind == "CreateTableAsStmt":
+        into = node.get("into") or {}
+        if (into.get("rel") or {}).get("relpersistence") == "t" and into.get("onCommit") != "ONCOMMIT_DROP":
+            return "CREATE TEMP TABLE ... AS without ON COMMIT DROP"
+    if kind == "SelectStmt" and ((node.get("intoClause") or {}).get("rel") or {}).get("relpersistence") == "t":
+        return "SELECT ... INTO TEMP"
+    if kind == "DeclareCursorStmt" and int(node.get("options", 0)) & _CURSOR_OPT_HOLD:
+        return "DECLARE ... WITH HOLD"
+    if kind in ("PrepareStmt", "ExecuteStmt", "ListenStmt"):
+        return {"PrepareStmt": "SQL-level PREPARE", "ExecuteStmt": "SQL-level EXECUTE", "ListenStmt": "LISTEN"}[kind]
+    if kind == "FuncCall" and _function_name(node) in _SESSION_ADVISORY_LOCKS:
+        return f"{_function_name(node)}() (a session advisory lock; pg_advisory_xact_lock() works)"
     return None
 
 
-class Guard:
-    """Decides on client SQL; one instance per proxy process, with a bounded decision cache."""
+def _no_transaction_block(kind: str, node: dict[str, Any]) -> bool:
+    """Whether Postgres 15 refuses this statement inside a transaction block (PreventInTransactionBlock).
+    Where that depends on the catalog (CLUSTER or REINDEX of a partitioned table, subscriptions with
+    or without a slot), the answer is the one that needs no transaction block."""
+    if kind in ("CreatedbStmt", "DropdbStmt", "CreateTableSpaceStmt", "DropTableSpaceStmt", "AlterSystemStmt",
+                "CreateSubscriptionStmt", "DropSubscriptionStmt"):
+        return True
+    if kind == "VacuumStmt":
+        return bool(node.get("is_vacuumcmd"))
+    if kind in ("IndexStmt", "DropStmt"):
+        return bool(node.get("concurrent"))
+    if kind == "ReindexStmt":
+        multiple = node.get("kind") in ("REINDEX_OBJECT_SCHEMA", "REINDEX_OBJECT_SYSTEM", "REINDEX_OBJECT_DATABASE")
+        return multiple or _option_on(node.get("params"), "concurrently", False)
+    if kind == "ClusterStmt":
+        return node.get("relation") is None
+    if kind == "DiscardStmt":
+        return node.get("target") == "DISCARD_ALL"
+    if kind == "TransactionStmt":
+        return node.get("kind") in ("TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED")
+    if kind == "AlterSubscriptionStmt":
+        return node.get("kind") in ("ALTER_SUBSCRIPTION_REFRESH", "ALTER_SUBSCRIPTION_SET_PUBLICATION",
+                                    "ALTER_SUBSCRIPTION_ADD_PUBLICATION", "ALTER_SUBSCRIPTION_DROP_PUBLICATION")
+    if kind == "AlterTableStmt":
+        return any(_only_node(cmd)[1].get("subtype") == "AT_DetachPartition"
+                   and _only_node(_only_node(cmd)[1].get("def"))[1].get("concurrent") for cmd in node.get("cmds", []))
+    return False
 
-    def __init__(self, protected: ProtectedSettings, allow_do: bool, transaction_mode: bool = False) -> None:
+
+_NO_BLOCK_KINDS = frozenset({
+    "CreatedbStmt", "DropdbStmt", "CreateTableSpaceStmt", "DropTableSpaceStmt", "AlterSystemStmt", "CreateSubscriptionStmt",
+    "DropSubscriptionStmt", "VacuumStmt", "IndexStmt", "DropStmt", "ReindexStmt", "ClusterStmt", "DiscardStmt",
+    "TransactionStmt", "AlterSubscriptionStmt", "AlterTableStmt",
+})
+
+
+def _alone(text: str, statement: re.Match[str]) -> bool:
+    """Whether the one statement of a text, found at `statement` in its JSON, refuses a transaction block."""
+    kind = statement.group(1)
+    if kind not in _NO_BLOCK_KINDS or (kind == "AlterTableStmt" and '"AT_DetachPartition"' not in text):
+        return False
+    return _no_transaction_block(kind, decode_node(text, statement.end())[0])
+
+
+@dataclass
+class _Effects:
+    """What the statements read so far do to the session; becomes a Decision."""
+
+    KINDS = frozenset({"VariableSetStmt", "DiscardStmt", "DeallocateStmt"})  # the statements `statement` reads
+
+    resets_all: bool = False
+    reset_names: set[str] = field(default_factory=set)
+    set_names: set[str] = field(default_factory=set)
+    unknown_settings: bool = False
+    deallocates: set[str] = field(default_factory=set)
+    drops_statements: bool = False
+
+    def statement(self, kind: str, node: dict[str, Any]) -> None:
+        """Note what one top-level statement does to session settings and prepared statements."""
+        if kind == "VariableSetStmt" and not node.get("is_local"):
+            self._variable_set(node)
+        elif kind == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
+            self.resets_all = self.drops_statements = True
+        elif kind == "DeallocateStmt":
+            if node.get("isall") or node.get("name") is None:
+                self.drops_statements = True
+            else:
+                self.deallocates.add(node["name"])
+
+    def _variable_set(self, node: dict[str, Any]) -> None:
+        name, variant = str(node.get("name", "")), node.get("kind")
+        if variant in ("VAR_SET_VALUE", "VAR_SET_CURRENT"):
+            self.set_names.add(name.lower())
+        elif variant in ("VAR_SET_DEFAULT", "VAR_RESET"):
+            self.reset_names.add(name.lower())
+        elif variant == "VAR_RESET_ALL":
+            self.resets_all = True
+        elif variant == "VAR_SET_MULTI" and name == "SESSION CHARACTERISTICS":
+            for option in node.get("args", []):
+                self.set_names.add("default_" + str(_only_node(option)[1].get("defname", "")).lower())
+
+    def set_config(self, name: str | None, is_local: str | None) -> None:
+        """Note a set_config(name, value, is_local) call; None for an argument that is not a constant."""
+        if is_local is not None and lexing.parse_bool(is_local) is True:
+            return
+        if name is None:
+            self.unknown_settings = True
+        else:
+            self.set_names.add(name.lower())
+
+    def decision(self, statement_count: int, no_transaction_block: bool) -> Decision:
+        decision = Decision(
+            resets_all=self.resets_all, reset_names=frozenset(self.reset_names), set_names=frozenset(self.set_names),
+            unknown_settings=self.unknown_settings, deallocates=frozenset(self.deallocates),
+            drops_statements=self.drops_statements, statement_count=statement_count,
+            no_transaction_block=no_transaction_block,
+        )
+        return ALLOW if decision == ALLOW else decision
+
+
+class Guard:
+    """Decides on client SQL and FunctionCall messages; one instance per proxy process, with a bounded
+    decision cache. The allow_* switches are the `[guard]` keys of the same names (docs/guard.md)."""
+
+    def __init__(
+        self,
+        protected: ProtectedSettings,
+        allow_do: bool,
+        transaction_mode: bool = False,
+        *,
+        max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES,
+        allow_explain: bool = False,
+        allow_strong_locks: bool = False,
+        allow_notifications: bool = False,
+        allow_large_objects: bool = False,
+        allow_backend_signals: bool = False,
+        allow_function_call: bool = False,
+    ) -> None:
         self.protected = protected
         self.allow_do = allow_do
         self.transaction_mode = transaction_mode
+        self.max_parse_bytes = max_parse_bytes
+        self.allow_explain = allow_explain
+        self.allow_strong_locks = allow_strong_locks
+        self.allow_notifications = allow_notifications
+        self.allow_large_objects = allow_large_objects
+        self.allow_backend_signals = allow_backend_signals
+        self.allow_function_call = allow_function_call
         self._cache: dict[str, Decision] = {}
 
+    @classmethod
+    def from_settings(cls, settings: GuardSettings, protected: ProtectedSettings, transaction_mode: bool) -> Guard:
+        """The guard a `[guard]` section configures."""
+        return cls(
+            protected, settings.allow_do, transaction_mode, max_parse_bytes=settings.max_parse_bytes,
+            allow_explain=settings.allow_explain, allow_strong_locks=settings.allow_strong_locks,
+            allow_notifications=settings.allow_notifications, allow_large_objects=settings.allow_large_objects,
+            allow_backend_signals=settings.allow_backend_signals, allow_function_call=settings.allow_function_call,
+        )
+
     def check(self, sql: str) -> Decision:
-        """The decision for a Query's or Parse's SQL text (cached)."""
+        """The decision for a Query's or Parse's SQL text: `ALLOW` itself when the pre-scan clears it,
+        else read with the parser (cached). Never raises: what it cannot read is refused."""
         if not needs_parse(sql, self.transaction_mode):
             return ALLOW
         decision = self._cache.get(sql)
@@ -145,89 +514,172 @@ class Guard:
                 self._cache[sql] = decision
         return decision
 
-    def _decide(self, sql: str) -> Decision:
-        try:
-            tree = json.loads(parser.parse_sql_json(sql))
-        except Exception:  # pglast raises ParseError, and other errors on text it cannot handle
-            return ALLOW
-        reassert = settings = drops_statements = False
-        for kind, node in _nodes(tree):
-            refusal: str | None = None
-            if kind == "VariableSetStmt":
-                refusal = self._variable_set(node)
-                reassert = reassert or node.get("kind") == "VAR_RESET_ALL"
-                settings = settings or not node.get("is_local")
-            elif kind == "DiscardStmt":
-                if node.get("target") == "DISCARD_ALL":
-                    reassert = settings = drops_statements = True
-            elif kind == "FuncCall":
-                refusal = self._func_call(node)
-                settings = settings or _function_name(node) == "set_config"
-            elif kind in _REFUSED_STATEMENTS:
-                refusal = f"{_REFUSED_STATEMENTS[kind]} is not allowed through pg-tenant-proxy"
-            elif kind == "DoStmt" and not self.allow_do:
-                refusal = "DO blocks are not allowed through pg-tenant-proxy (the proxy's [guard] allow_do is off)"
-            if refusal is None and self.transaction_mode:
-                refusal = _session_feature(kind, node)
-            if refusal is not None:
-                return Decision(refusal=refusal)
-        if reassert or settings:
-            return Decision(reassert=reassert, settings=settings, drops_statements=drops_statements)
-        return ALLOW
+    def function_call(self, oid: int) -> Refusal | None:
+        """The refusal for a FunctionCall message ('F', "Message Formats") calling the function `oid`, or
+        None to forward it. Refused (0A000) unless [guard] allow_function_call; set_config() is always
+        refused (42501), and the functions refused in SQL by default keep their own switches."""
+        if not self.allow_function_call:
+            return Refusal(errors.FEATURE_NOT_SUPPORTED,
+                           f"the FunctionCall protocol message is not supported {_BY_PROXY}",
+                           "call the function in SQL (SELECT f(...)); [guard] allow_function_call = true "
+                           "allows FunctionCall messages")
+        if oid == SET_CONFIG_OID:
+            return _refused("FunctionCall of set_config()", "it writes settings the SQL guard cannot see",
+                            "use SET or SELECT set_config(...), where the guard reads the setting's name")
+        if oid == PG_NOTIFY_OID and not self.allow_notifications:
+            return _notifications("FunctionCall of pg_notify()")
+        if oid in LARGE_OBJECT_OIDS and not self.allow_large_objects:
+            return _large_objects(f"FunctionCall of {LARGE_OBJECT_OIDS[oid]}()")
+        if oid in SIGNAL_OIDS and not self.allow_backend_signals:
+            return _signals(f"FunctionCall of {SIGNAL_OIDS[oid]}()")
+        return None
 
-    def _variable_set(self, node: dict[str, Any]) -> str | None:
+    def _decide(self, sql: str) -> Decision:
+        """Read a text the pre-scan did not clear; every failure is a refusal, never an allow."""
+        try:
+            unreadable = self._unreadable(sql)
+            return Decision(refusal=unreadable) if unreadable else self._read(parse_json(sql))
+        except parser.ParseError as exc:
+            message = str(exc.args[0]) if exc.args else "syntax error"
+            if message.startswith(("stack depth limit exceeded", "memory exhausted")):
+                return Decision(refusal=TOO_COMPLEX)
+            return Decision(refusal=Refusal(errors.SYNTAX_ERROR, message, _PARSE_HINT))
+        except RecursionError:
+            return Decision(refusal=TOO_COMPLEX)
+        except Exception as exc:  # never an allow: whatever went wrong, the statement is not forwarded
+            log.warning("SQL guard could not read a statement error=%s", type(exc).__name__)
+            return Decision(refusal=Refusal(
+                errors.INTERNAL_ERROR,
+                f"pg-tenant-proxy's SQL guard could not read this statement ({type(exc).__name__})",
+                "the statement was not run; report this to the proxy's operators",
+            ))
+
+    def _unreadable(self, sql: str) -> Refusal | None:
+        """The refusal for a text the guard will not hand to the parser: a zero byte (08P01; the parser and
+        the server would stop reading there), or more than max_parse_bytes in UTF-8 (54000)."""
+        if "\x00" in sql:
+            return Refusal(errors.PROTOCOL_VIOLATION, "the statement text contains a zero byte",
+                           "SQL text ends at its terminating zero byte; remove the zero byte from the text")
+        size = len(sql.encode(errors="surrogatepass"))
+        if size <= self.max_parse_bytes:
+            return None
+        return Refusal(
+            errors.PROGRAM_LIMIT_EXCEEDED,
+            f"statement of {size} bytes is longer than pg-tenant-proxy's SQL guard reads "
+            f"([guard] max_parse_bytes = {self.max_parse_bytes})",
+            "send large values as Bind parameters or with COPY, or split the text into smaller statements; "
+            "the operator can raise [guard] max_parse_bytes",
+        )
+
+    def _read(self, text: str) -> Decision:
+        """The decision for pglast's JSON text of a statement list. Only the subtrees that hold a node the
+        guard acts on are decoded, each byte at most once: a match inside a decoded subtree is read by
+        walking that subtree, which is walked only when it holds one."""
+        effects = _Effects()
+        statements = list(_STATEMENT.finditer(text))
+        for statement in statements:
+            if statement.group(1) in _Effects.KINDS:
+                effects.statement(statement.group(1), decode_node(text, statement.end())[0])
+        walked = _SESSION_WALKED_KINDS if self.transaction_mode else _WALKED_KINDS
+        pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text, '"relpersistence":"t"' in text)
+        decoded_to = 0
+        for match in pattern.finditer(text):
+            if match.start() < decoded_to:
+                continue
+            node, decoded_to = decode_node(text, match.end())
+            kind = match.group()[1 : match.group().index('"', 1)]
+            nested = pattern.search(text, match.end(), decoded_to) is not None
+            for inner_kind, inner in ((kind, node), *(_nodes(node) if nested else ())):
+                refusal = self._node(inner_kind, inner, effects) if inner_kind in walked else None
+                if refusal is not None:
+                    return Decision(refusal=refusal)
+        return effects.decision(len(statements), len(statements) == 1 and _alone(text, statements[0]))
+
+    def _node(self, kind: str, node: dict[str, Any], effects: _Effects) -> Refusal | None:
+        """The refusal for one node of the tree, at any depth, or None."""
+        if self.transaction_mode:
+            feature = _session_feature(kind, node)
+            if feature is not None:
+                return Refusal(errors.FEATURE_NOT_SUPPORTED, f"{feature} is not available with transaction pooling: "
+                               "the server connection is shared after each transaction", _SESSION_MODE_HINT)
+        if kind == "VariableSetStmt":
+            return self._variable_set(node)
+        if kind == "FuncCall":
+            return self._func_call(node, effects)
+        if kind in _REFUSED_STATEMENTS:
+            return _refused(_REFUSED_STATEMENTS[kind], "it changes roles, databases or the server for every tenant",
+                            _ADMIN_HINT)
+        if kind == "DoStmt" and not self.allow_do:
+            return _refused("DO", "DO blocks run SQL the guard cannot read",
+                            "create a function instead, or set [guard] allow_do = true (the signed context still holds)")
+        if kind in _NOTIFICATION_STATEMENTS and not self.allow_notifications:
+            return _notifications(_NOTIFICATION_STATEMENTS[kind])
+        if kind in ("UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt"):
+            return _settings_write(node)
+        return self._shared_table(kind, node)
+
+    def _shared_table(self, kind: str, node: dict[str, Any]) -> Refusal | None:
+        """Refusals for statements that reach every tenant's rows or block every tenant: EXPLAIN with
+        row counts or estimates, strong LOCK TABLE, TRUNCATE."""
+        if kind == "ExplainStmt" and not self.allow_explain:
+            if _option_on(node.get("options"), "analyze", False):
+                return _refused("EXPLAIN ANALYZE", "its row counts include rows of other tenants that the policies filter",
+                                "use EXPLAIN (COSTS OFF) to see the plan; [guard] allow_explain = true allows it")
+            if _option_on(node.get("options"), "costs", True):
+                return _refused("EXPLAIN with costs", "its row estimates come from statistics over every tenant's rows",
+                                "use EXPLAIN (COSTS OFF) to see the plan; [guard] allow_explain = true allows it")
+        if not self.allow_strong_locks:
+            if kind == "LockStmt" and int(node.get("mode", 8)) > _ROW_EXCLUSIVE:
+                mode = _LOCK_MODES.get(int(node.get("mode", 8)), "this")
+                return _refused(f"LOCK TABLE in {mode} MODE", "it blocks every tenant's use of the table",
+                                "lock rows with SELECT ... FOR UPDATE, or tables in ROW EXCLUSIVE MODE or weaker; "
+                                "[guard] allow_strong_locks = true allows it")
+            if kind == "TruncateStmt":
+                return _refused("TRUNCATE", "it removes every tenant's rows (row-level security does not apply to it) "
+                                "and locks the table against every tenant",
+                                "DELETE removes your own tenant's rows; [guard] allow_strong_locks = true allows TRUNCATE")
+        return None
+
+    def _variable_set(self, node: dict[str, Any]) -> Refusal | None:
         name = node.get("name")
         if not isinstance(name, str):
             return None
         if name.lower() in _IDENTITY_SETTINGS:
-            return f"{_IDENTITY_SETTINGS[name.lower()]} is not allowed through pg-tenant-proxy: the session's role is fixed"
+            return _refused(_IDENTITY_SETTINGS[name.lower()], "the session's role is fixed", _ROLE_HINT)
         if name in self.protected:
-            return f'setting "{name}" is protected: the proxy sets it from your token'
+            return Refusal(errors.INSUFFICIENT_PRIVILEGE, f'setting "{name}" is protected: the proxy sets it from your token',
+                           _PROTECTED_HINT)
+        if name.lower() in _LEXING_SETTINGS and node.get("kind") == "VAR_SET_VALUE":
+            arguments = node.get("args") or [None]
+            return _lexing(name.lower(), _literal(arguments[0]) if len(arguments) == 1 else None)
         return None
 
-    def _func_call(self, node: dict[str, Any]) -> str | None:
-        if _function_name(node) != "set_config":
-            return None
-        arguments = node.get("args") or []
-        setting = _string_constant(arguments[0]) if arguments else None
-        if setting is not None and (setting in self.protected or setting.lower() in _IDENTITY_SETTINGS):
-            return f'set_config() of "{setting}" is refused: the setting is protected, the proxy sets it from your token'
+    def _func_call(self, node: dict[str, Any], effects: _Effects) -> Refusal | None:
+        function = _function_name(node)
+        if function == "set_config":
+            arguments = [*node.get("args", []), None, None, None]
+            named = any(_only_node(argument)[0] == "NamedArgExpr" for argument in arguments if argument)
+            setting = None if named else _literal(arguments[0])
+            effects.set_config(setting, None if named else _literal(arguments[2]))
+            if setting is not None and (setting in self.protected or setting.lower() in _IDENTITY_SETTINGS):
+                return Refusal(errors.INSUFFICIENT_PRIVILEGE, f'set_config() of "{setting}" is refused: the setting is '
+                               "protected, the proxy sets it from your token",
+                               _PROTECTED_HINT if setting in self.protected else _ROLE_HINT)
+            if setting is not None and setting.lower() in _LEXING_SETTINGS:
+                return _lexing(setting.lower(), _literal(arguments[1]))
+        elif function == "pg_notify" and not self.allow_notifications:
+            return _notifications("pg_notify()")
+        elif function in LARGE_OBJECT_FUNCTIONS and not self.allow_large_objects:
+            return _large_objects(f"{function}()")
+        elif function in SIGNAL_FUNCTIONS and not self.allow_backend_signals:
+            return _signals(f"{function}()")
         return None
 
 
-def _function_name(node: dict[str, Any]) -> str | None:
-    """The name of a called function when it is unqualified or in pg_catalog, else None."""
-    names = [part.get("String", {}).get("sval") for part in node.get("funcname", []) if isinstance(part, dict)]
-    if not names or names[:-1] not in ([], ["pg_catalog"]):
-        return None
-    return names[-1]
-
-
-def _is_temporary(relation: Any) -> bool:
-    return isinstance(relation, dict) and relation.get("relpersistence") == "t"
-
-
-def _session_feature(kind: str, node: dict[str, Any]) -> str | None:
-    """Why a statement cannot work under transaction pooling, or None."""
-    feature: str | None = None
-    if kind == "ListenStmt":
-        feature = "LISTEN"
-    elif kind == "DeclareCursorStmt" and int(node.get("options", 0)) & _CURSOR_OPT_HOLD:
-        feature = "DECLARE ... WITH HOLD"
-    elif kind in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt"):
-        feature = "SQL-level " + {"PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE", "DeallocateStmt": "DEALLOCATE"}[kind]
-    elif kind == "FuncCall" and _function_name(node) in _SESSION_ADVISORY_LOCKS:
-        feature = f"{_function_name(node)}() (a session advisory lock; pg_advisory_xact_lock() works)"
-    elif kind == "CreateStmt" and _is_temporary(node.get("relation")) and node.get("oncommit") != "ONCOMMIT_DROP":
-        feature = "CREATE TEMP TABLE without ON COMMIT DROP"
-    elif kind == "CreateTableAsStmt" and _is_temporary(node.get("into", {}).get("rel")) and node["into"].get("onCommit") != "ONCOMMIT_DROP":
-        feature = "CREATE TEMP TABLE ... AS without ON COMMIT DROP"
-    elif kind == "SelectStmt" and _is_temporary((node.get("intoClause") or {}).get("rel")):
-        feature = "SELECT ... INTO TEMP"
-    elif kind == "ViewStmt" and _is_temporary(node.get("view")):
-        feature = "CREATE TEMP VIEW"
-    elif kind == "CreateSeqStmt" and _is_temporary(node.get("sequence")):
-        feature = "CREATE TEMP SEQUENCE"
-    if feature is None:
-        return None
-    return f"{feature} is not available with transaction pooling: the server connection is shared after each transaction" + _SESSION_MODE_HINT
+def _settings_write(node: dict[str, Any]) -> Refusal | None:
+    """The refusal for INSERT, UPDATE, DELETE or MERGE on pg_settings (whose rules call set_config())."""
+    relation = node.get("relation") or {}
+    if relation.get("relname") == "pg_settings" and relation.get("schemaname") in (None, "pg_catalog"):
+        return _refused("writing pg_settings", "it sets settings the SQL guard cannot name",
+                        "use SET name = value, which the guard can read")
+    return None

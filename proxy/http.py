@@ -20,15 +20,16 @@ import socket
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from proxy import logs
 from proxy.config import Settings
-from proxy.metrics import METRICS, Gauges, Snapshot, merge, render
+from proxy.metrics import METRICS, Snapshot, merge, render
 from proxy.protocol import messages
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer, Worker
+    from proxy.tokens import TokenVerifier
 
 log = logs.HTTP
 
@@ -211,35 +212,12 @@ def metrics_socket(peer_dir: str, index: int) -> str:
     return os.path.join(peer_dir, f"worker-{index}.metrics.sock")
 
 
-def jwks_check(verifier: Any) -> Callable[[], str | None] | None:
-    """For a JWKS URL: a blocking check that the key set can be had (PyJWKClient caches it, so this
-    fetches only when the cache is stale). None for keys read at start, which are loaded already."""
-    client = getattr(verifier, "_jwks_client", None)
-    if client is None:
+def jwks_check(verifier: TokenVerifier) -> Callable[[], str | None] | None:
+    """For remote key sets (JWKS URL or discovery): a blocking check that the keys can be had, fetching
+    only when none or only too old ones are held. None when every key was read at start."""
+    if all(issuer.remote is None for issuer in verifier.issuers):
         return None
-
-    def check() -> str | None:
-        try:
-            client.get_jwk_set()
-        except Exception as exc:  # any failure means "not ready", never "ready"
-            return f"the key set at jwt.jwks_url cannot be fetched: {exc}"
-        return None
-
-    return check
-
-
-def sample(proxy: ProxyServer) -> Gauges:
-    """The gauges, read from the live client set and the pool's counts (at scrape time only)."""
-    gauges = Gauges()
-    for client in list(proxy.clients):
-        state = getattr(getattr(client, "phase", None), "value", "unknown")
-        gauges.clients[state] = gauges.clients.get(state, 0) + 1
-    pool = proxy.pool
-    for database, count in dict(getattr(pool, "_open", {})).items():
-        gauges.servers[(database, "open")] = count
-    for database, waiters in dict(getattr(pool, "_waiters", {})).items():
-        gauges.waiting[database] = len(waiters)
-    return gauges
+    return verifier.keys_ready
 
 
 async def start_endpoint(settings: Settings, proxy: ProxyServer, readiness: Readiness, sock: socket.socket | None,
@@ -249,7 +227,7 @@ async def start_endpoint(settings: Settings, proxy: ProxyServer, readiness: Read
     `servers`, the checks' task is returned."""
     METRICS.tenant_metrics = settings.http.tenant_metrics
     METRICS.max_tenant_series = settings.http.max_tenant_series
-    METRICS.sampler = lambda: sample(proxy)
+    METRICS.sampler = proxy.gauges
     if sock is None:
         return None
     peers: list[str] = []

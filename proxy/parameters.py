@@ -2,7 +2,9 @@
 
 The `options` parameter is split as the server splits it, and each `-c name=value` or `--name=value`
 inside it is judged like a startup parameter of its own. Nothing reaches the upstream server that is
-not on the allowlist; protected settings and replication are refused with a reason.
+not on the allowlist; protected settings and replication are refused with a reason, and so are values
+that change how the server lexes SQL (`proxy.lexing`: standard_conforming_strings off, client encodings
+the SQL guard cannot read), with SQLSTATE 0A000.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from proxy import lexing
 from proxy.protocol import errors
 
 
 class ParameterRefused(Exception):
-    """A startup parameter the proxy will not forward; the message names it and says why."""
+    """A startup parameter the proxy will not forward; the message names it and says why, the hint (when
+    there is one) what to do instead."""
 
-    def __init__(self, text: str, sqlstate: str = errors.INSUFFICIENT_PRIVILEGE) -> None:
+    def __init__(self, text: str, sqlstate: str = errors.INSUFFICIENT_PRIVILEGE, hint: str | None = None) -> None:
         super().__init__(text)
         self.sqlstate = sqlstate
+        self.hint = hint
 
 
 @dataclass
@@ -106,16 +111,21 @@ class ParameterPolicy:
         self._allowed = {name.lower(): name for name in allowed}
         self.protected = protected
 
-    def _check(self, name: str) -> None:
+    def _check(self, name: str, value: str) -> None:
         if name in self.protected:
             raise ParameterRefused(f'setting "{name}" is protected: the proxy sets it from your token')
         if name.lower() not in self._allowed:
             raise ParameterRefused(
                 f'startup parameter "{name}" is not allowed through the proxy',
             )
+        problem = lexing.lexing_problem(name, value)
+        if problem is not None:
+            raise ParameterRefused(problem[0], lexing.SQLSTATE, hint=problem[1])
 
     def evaluate(self, parameters: dict[str, str]) -> StartupRequest:
-        """Judge a StartupMessage's parameters; raise ParameterRefused for the first one refused."""
+        """Judge a StartupMessage's parameters; raise ParameterRefused for the first one refused (42501 for
+        a protected or unlisted setting, 0A000 for a value the SQL guard cannot read, 08P01 for a malformed
+        `options` string)."""
         user = parameters.get("user", "")
         if not user:
             raise ParameterRefused('no "user" given in the startup packet', errors.INVALID_AUTHORIZATION)
@@ -129,9 +139,9 @@ class ParameterPolicy:
                 request.unrecognized_protocol_options.append(name)
             elif name == "options":
                 for option, option_value in option_settings(value):
-                    self._check(option)
+                    self._check(option, option_value)
                     request.forwarded[option] = option_value
             else:
-                self._check(name)
+                self._check(name, value)
                 request.forwarded[name] = value
         return request

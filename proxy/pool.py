@@ -27,10 +27,13 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Union
 
-from proxy.backend import BackendConnection, UpstreamError, connect
+from proxy.backend import BackendConnection, Lifecycle, UpstreamError, connect
 from proxy.config import PoolSettings, UpstreamSettings
-from proxy.protocol import errors
-from proxy.transaction import RESET_SERVER
+from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation
+from proxy.relay.replies import Owner
+
+RESET_SERVER = messages.query("DISCARD ALL")
 
 
 PoolKey = tuple[str, tuple[tuple[str, str], ...]]
@@ -172,6 +175,23 @@ class Pool:
         self._open[database] -= 1
         self._wake(database)
 
+    def move(self, backend: BackendConnection, to: Lifecycle) -> None:
+        """The one place a server connection changes lifecycle state; keeps the idle lists true."""
+        if backend.lifecycle is Lifecycle.IDLE:
+            idle = self._idle_list(backend)
+            if backend in idle:
+                idle.remove(backend)
+        if to is Lifecycle.CLOSED:
+            backend.close()
+            return
+        if backend.lifecycle is Lifecycle.CLOSED:
+            return
+        backend.lifecycle = to
+        if to is Lifecycle.IDLE:
+            backend.idle_since = self.loop.time()
+            self._idle_list(backend).append(backend)
+            if self._sweeper is None:
+                self._sweeper = self.loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
     def _wake(self, database: str, backend: BackendConnection | None = None) -> bool:
         """Hand `backend` to the first client waiting for this database, or (None) let it look again;
         False when nobody waits."""
@@ -179,6 +199,8 @@ class Pool:
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
+                if backend is not None:
+                    self.move(backend, Lifecycle.ACTIVE)
                 waiter.finish(backend)
                 return True
         return False
@@ -186,10 +208,10 @@ class Pool:
     def _take_back(self, backend: BackendConnection) -> bool:
         """A connection its client is done with: True when it may serve again (detached from the
         client), else it is closed (busy, broken, or older than `server_lifetime`)."""
-        if not backend.reusable() or self.loop.time() - backend.opened_at > self.settings.server_lifetime:
-            backend.close()
-            return False
         backend.detach()
+        if not backend.reusable() or self.loop.time() - backend.opened_at > self.settings.server_lifetime:
+            self.move(backend, Lifecycle.CLOSED)
+            return False
         return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -197,15 +219,18 @@ class Pool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _keep_idle(self, backend: BackendConnection) -> None:
-        loop = self.loop
-        backend.idle_since = loop.time()
-        self._idle_list(backend).append(backend)
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
 
     def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
         raise NotImplementedError
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """For the gauges, by database: server connections open (any lifecycle but CLOSED), idle in the
+        pool, and clients waiting in its queue."""
+        idle: dict[str, int] = {}
+        for database, backends in self._idle_lists():
+            idle[database] = idle.get(database, 0) + len(backends)
+        waiting = {database: sum(not waiter.done() for waiter in waiters) for database, waiters in self._waiters.items()}
+        return dict(self._open), idle, waiting
 
     def _idle_list(self, backend: BackendConnection) -> list[BackendConnection]:
         """Where `backend` waits while idle."""
@@ -214,7 +239,7 @@ class Pool:
     def hand_back(self, backend: BackendConnection) -> None:
         """Return an idle connection handed over to a client that left before using it."""
         if not self._wake(backend.pool_key[0], backend):
-            self._keep_idle(backend)
+            self.move(backend, Lifecycle.IDLE)
 
     def _sweep(self) -> None:
         """Close idle connections unused for `server_idle_timeout`, keeping `min_size` per database;
@@ -227,8 +252,7 @@ class Pool:
             for backend in [b for b in idle if now - b.idle_since > self.settings.server_idle_timeout]:
                 if self._open.get(database, 0) <= self.settings.min_size:
                     break
-                idle.remove(backend)
-                backend.close()
+                self.move(backend, Lifecycle.CLOSED)
         self._sweeper = None
         if any(idle for _, idle in self._idle_lists()):
             self._sweeper = loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
@@ -254,11 +278,15 @@ class SessionPool(Pool):
         while True:
             idle = self._idle_by_key.get(key)
             while idle:
-                backend = idle.pop()
+                backend = idle[-1]
                 if not backend.closed:
+                    self.move(backend, Lifecycle.ACTIVE)
                     return backend
+                idle.pop()
             if self._open.get(database, 0) < self.settings.size:
-                return await self._open_new(database, parameters)
+                backend = await self._open_new(database, parameters)
+                self.move(backend, Lifecycle.ACTIVE)
+                return backend
             self._close_one_idle(database)
             await self._wait(database, deadline)
 
@@ -266,12 +294,13 @@ class SessionPool(Pool):
         """Free a slot held by an idle connection kept for other startup parameters."""
         for key, idle in self._idle_by_key.items():
             if key[0] == database and idle:
-                idle.pop(0).close()
+                self.move(idle[0], Lifecycle.CLOSED)
                 return
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection whose client left: reset and keep it, or close it."""
         if self._take_back(backend):
+            self.move(backend, Lifecycle.RESETTING)
             self._spawn(self._reset(backend))
 
     async def _reset(self, backend: BackendConnection) -> None:
@@ -280,9 +309,10 @@ class SessionPool(Pool):
         except (UpstreamError, asyncio.TimeoutError):
             failure = {}
         if failure is not None or backend.closed or backend.transaction_status != b"I":
-            backend.close()
+            self.move(backend, Lifecycle.CLOSED)
             return
-        self._keep_idle(backend)
+        backend.state.statements.dropped()
+        self.move(backend, Lifecycle.IDLE)
         self._wake(backend.pool_key[0])  # a waiting client may take it, if its parameters match
 
 
@@ -313,9 +343,12 @@ class TransactionPool(Pool):
             if backend is not None:
                 return backend
             if self._open.get(database, 0) < self.settings.size:
-                return await self._open_new(database, {}, self.settings.max_prepared_statements)
+                backend = await self._open_new(database, {}, self.settings.max_prepared_statements)
+                self.move(backend, Lifecycle.ACTIVE)
+                return backend
             backend = await self._wait(database, deadline)
             if backend is not None:
+                self.move(backend, Lifecycle.ACTIVE)
                 return backend
 
     def take(self, database: str, tenant: str) -> BackendConnection | None:
@@ -324,28 +357,41 @@ class TransactionPool(Pool):
         idle = self._idle_by_database.get(database)
         if not idle or self._waiters.get(database):
             return None  # clients already waiting come first
+        chosen = self._choose(idle, tenant)
+        if chosen is not None:
+            self.move(chosen, Lifecycle.ACTIVE)
+        return chosen
+
+    @staticmethod
+    def _choose(idle: list[BackendConnection], tenant: str) -> BackendConnection | None:
         last = idle[-1]
-        if last.state is not None and last.state.tenant == tenant and not last.closed:
-            return idle.pop()  # the common case: the connection this tenant used last
+        if last.state.tenant == tenant and not last.closed:
+            return last  # the common case: the connection this tenant used last
         for backend in [b for b in idle if b.closed]:
             idle.remove(backend)
         for index in range(len(idle) - 1, -1, -1):
-            state = idle[index].state
-            if state is not None and state.tenant == tenant:
-                return idle.pop(index)
-        for index, backend in enumerate(idle):
-            if backend.state is not None and backend.state.tenant is None:
-                return idle.pop(index)
-        return idle.pop(0) if idle else None
+            if idle[index].state.tenant == tenant:
+                return idle[index]
+        for backend in idle:
+            if backend.state.tenant is None:
+                return backend
+        return idle[0] if idle else None
 
     def full(self, database: str) -> bool:
         """True when `database` has `size` connections open: a client must wait for one."""
         return self._open.get(database, 0) >= self.settings.size
 
     def release(self, backend: BackendConnection) -> None:
-        """Take back a connection at the end of a transaction: keep it as it is, or close it."""
+        """Take back a connection at the end of a transaction: keep it as it is, or close it. One whose
+        client left while only the proxy's own requests were in flight is kept once they are answered."""
+        if backend.lifecycle is not Lifecycle.CLOSED and backend.queue.entries and all(
+            entry.owner is Owner.OWN for entry in backend.queue.entries
+        ):
+            backend.attach(_Drain(self, backend))
+            return
         if self._take_back(backend):
             self.hand_back(backend)
+
 
     def _fill(self, database: str) -> None:
         """Open connections in the background while the database has fewer than `min_size`."""
@@ -363,3 +409,27 @@ class TransactionPool(Pool):
             pass  # the next checkout reports the failure to its client
         finally:
             self._filling.discard(database)
+
+
+class _Drain:
+    """Holds a server connection until the proxy's own requests in flight are answered, then releases it."""
+
+    def __init__(self, pool: TransactionPool, backend: BackendConnection) -> None:
+        self.pool = pool
+        self.backend = backend
+
+    def server_data(self, data: bytes) -> None:
+        queue = self.backend.queue
+        try:
+            queue.feed(data)
+        except ProtocolViolation:
+            self.pool.move(self.backend, Lifecycle.CLOSED)
+            return
+        if queue.idle():
+            self.pool.release(self.backend)
+
+    def server_lost(self) -> None:
+        """Closed while draining: the pool's close callback counts it."""
+
+    def server_backpressure(self, paused: bool) -> None:
+        """Nothing reads from a drained connection's client."""

@@ -18,12 +18,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.backend import send_cancel
+from proxy.backend import Lifecycle, send_cancel
 from proxy.client import ClientConnection
 from proxy.config import Settings
 from proxy.guard import Guard
-from proxy.http import Lifecycle, Readiness, start_endpoint
+from proxy.http import Lifecycle as ServerLifecycle, Readiness, start_endpoint
 from proxy.listeners import Listeners, bind_listeners, listen_error
+from proxy.metrics import Gauges
 from proxy.parameters import ParameterPolicy, ProtectedSettings
 from proxy.pool import SessionPool, TransactionPool
 from proxy.protocol import errors, messages
@@ -72,13 +73,16 @@ class ProxyServer:
         self.settings = settings
         self.worker = worker
         self.verifier = TokenVerifier(settings.jwt)
-        self.context = ContextBuilder(settings.tenant.setting, settings.tenant.proof_setting, settings.tenant.signing_key)
+        tenant = settings.tenant
+        self.context = ContextBuilder(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
+                                      tenant.claims_proof_setting)
         protected = ProtectedSettings(
-            [settings.tenant.setting, settings.tenant.proof_setting], settings.guard.protected_prefixes
+            [tenant.setting, tenant.proof_setting, tenant.claims_setting, tenant.claims_proof_setting],
+            settings.guard.protected_prefixes,
         )
         self.policy = ParameterPolicy(settings.client.allowed_parameters, protected)
         transaction_mode = settings.pool.mode == "transaction"
-        self.guard = Guard(protected, settings.guard.allow_do, transaction_mode) if settings.guard.enabled else None
+        self.guard = Guard.from_settings(settings.guard, protected, transaction_mode) if settings.guard.enabled else None
         self.pool: SessionPool | TransactionPool = (
             TransactionPool(settings.upstream, settings.pool) if transaction_mode else SessionPool(settings.upstream, settings.pool)
         )
@@ -86,6 +90,31 @@ class ProxyServer:
         self.clients: set[ClientConnection] = set()
         self._keys: dict[int, ClientConnection] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def gauges(self) -> Gauges:
+        """The gauges of /metrics, read at scrape time: clients by session state; server connections by
+        database and lifecycle (those held by clients by their own, the pool's idle ones "idle", the
+        rest of the open ones "login": being opened, authenticated or reset); clients waiting in the
+        pool's queue by database."""
+        gauges = Gauges()
+        open_, idle, gauges.waiting = self.pool.counts()
+        for database, count in idle.items():
+            gauges.servers[(database, Lifecycle.IDLE.value)] = count
+        held: dict[str, int] = {}
+        for client in list(self.clients):
+            state = client.session.state.value
+            gauges.clients[state] = gauges.clients.get(state, 0) + 1
+            backend = client.backend
+            if backend is not None and client.request is not None:
+                key = (client.database, backend.lifecycle.value)
+                gauges.servers[key] = gauges.servers.get(key, 0) + 1
+                held[client.database] = held.get(client.database, 0) + 1
+        for database, count in open_.items():
+            rest = count - idle.get(database, 0) - held.get(database, 0)
+            if rest > 0:
+                key = (database, Lifecycle.LOGIN.value)
+                gauges.servers[key] = gauges.servers.get(key, 0) + rest
+        return gauges
 
     def connection(self) -> ClientConnection:
         client = ClientConnection(self)
@@ -180,7 +209,7 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    readiness.lifecycle = Lifecycle.SERVING
+    readiness.lifecycle = ServerLifecycle.SERVING
     log.info(
         "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",
         f"worker {worker.index}/{worker.count} " if worker else "",

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from proxy.auth.claims import sign_claims
 from proxy.protocol import messages
+from proxy.relay.replies import Request
 
 # The hash block size of SHA-256; keys longer than this are hashed first (RFC 2104).
 BLOCK_SIZE = 64
@@ -36,33 +38,78 @@ def quote_literal(text: str) -> str:
 
 
 class ContextBuilder:
-    """Builds the protocol messages that put a tenant's signed context on a backend."""
+    """Builds the protocol messages that put a tenant's signed context on a backend.
 
-    def __init__(self, setting: str, proof_setting: str, signing_key: str) -> None:
+    The values travel as Bind parameters of the proxy's own named statement and portal (never the
+    unnamed ones, which belong to the client), so they never appear in pg_stat_activity.query.
+    """
+
+    statement_name = b"pg_tenant_proxy_context"
+    _session_name = "pg_tenant_proxy_session_context"
+    _portal = "pg_tenant_proxy_context"
+
+    def __init__(self, setting: str, proof_setting: str, signing_key: str,
+                 claims_setting: str = "request.jwt.claims", claims_proof_setting: str = "tenant_proxy.claims_proof") -> None:
         self.setting = setting
         self.proof_setting = proof_setting
+        self.claims_setting = claims_setting
+        self.claims_proof_setting = claims_proof_setting
         self._key = signing_key.encode()
-        self.statement = (
-            f"SELECT pg_catalog.set_config({quote_literal(setting)}, $1, false),"
-            f" pg_catalog.set_config({quote_literal(proof_setting)}, $2, false)"
+        self.statement = self._sql(is_local=True)
+        self._session_statement = self._sql(is_local=False)
+        self._values: dict[tuple[str, int, int, str], list[str | None]] = {}
+        self._close_portal = messages.message(b"C", b"P" + self._portal.encode() + b"\0")
+
+    def _sql(self, is_local: bool) -> str:
+        local = "true" if is_local else "false"
+        return (
+            f"SELECT pg_catalog.set_config({quote_literal(self.setting)}, $1, {local}),"
+            f" pg_catalog.set_config({quote_literal(self.proof_setting)}, $2, {local}),"
+            f" pg_catalog.set_config({quote_literal(self.claims_setting)}, $3, {local}),"
+            f" pg_catalog.set_config({quote_literal(self.claims_proof_setting)}, $4, {local})"
         )
 
     def proof(self, tenant: str, backend_pid: int, expires_at: int) -> str:
         return sign(self._key, tenant, backend_pid, expires_at)
 
-    def context_messages(self, tenant: str, backend_pid: int, expires_at: int) -> bytes:
-        """Parse, Bind and Execute (of the unnamed statement) that set the context for the session.
+    def values(self, tenant: str, backend_pid: int, expires_at: int, claims_json: str) -> list[str | None]:
+        """The four Bind parameters: tenant, its proof, the claims (PostgREST's request.jwt.claims) and
+        their proof. Remembered per (tenant, backend, expiry, claims): a pooled connection serves the
+        same tenant many times."""
+        key = (tenant, backend_pid, expires_at, claims_json)
+        values = self._values.get(key)
+        if values is None:
+            if len(self._values) >= 65536:
+                self._values.clear()
+            values = self._values[key] = [
+                tenant,
+                sign(self._key, tenant, backend_pid, expires_at),
+                claims_json,
+                sign_claims(self._key, tenant, backend_pid, expires_at, claims_json),
+            ]
+        return values
 
-        The values travel as Bind parameters, so they never appear in pg_stat_activity.query.
-        """
-        return b"".join(
-            (
-                messages.parse("", self.statement),
-                messages.bind("", "", [tenant, self.proof(tenant, backend_pid, expires_at)]),
-                messages.execute(),
-            )
+    def transaction_messages(self, tenant: str, backend_pid: int, expires_at: int, claims_json: str = "{}") -> tuple[bytes, bytes, bytes]:
+        """Bind, Execute and Close (of the portal, so the client never sees it in pg_cursors) of the
+        prepared context statement (`statement_name`, `statement`): sets the context for the current
+        transaction only. Sent with no Sync after it, directly before the client's first statement of a
+        transaction."""
+        return (
+            messages.bind(self._portal, self.statement_name.decode(), self.values(tenant, backend_pid, expires_at, claims_json)),
+            messages.execute(self._portal),
+            self._close_portal,
         )
 
-    def session_messages(self, tenant: str, backend_pid: int, expires_at: int) -> bytes:
-        """The context messages and a Sync: one group of replies of the proxy's own."""
-        return self.context_messages(tenant, backend_pid, expires_at) + messages.sync()
+    def session_messages(self, tenant: str, backend_pid: int, expires_at: int, claims_json: str = "{}") -> list[tuple[bytes, Request]]:
+        """A Sync group of the proxy's own that sets the context for the whole session: Parse, Bind,
+        Execute of its own statement, then Close of the portal and the statement (a client never finds
+        them in pg_cursors or pg_prepared_statements) and Sync; each with the reply the server owes."""
+        name = self._session_name
+        return [
+            (messages.parse(name, self._session_statement), Request.PARSE),
+            (messages.bind(self._portal, name, self.values(tenant, backend_pid, expires_at, claims_json)), Request.BIND),
+            (messages.execute(self._portal), Request.EXECUTE),
+            (self._close_portal, Request.CLOSE),
+            (messages.message(b"C", b"S" + name.encode() + b"\0"), Request.CLOSE),
+            (messages.sync(), Request.SYNC),
+        ]

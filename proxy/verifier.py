@@ -11,10 +11,18 @@ def _template(name: str) -> str:
     return resources.files("proxy.sql").joinpath(name).read_text()
 
 
-def verifier_sql(setting: str, proof_setting: str, signing_key: str | None) -> str:
+def verifier_sql(
+    setting: str,
+    proof_setting: str,
+    signing_key: str | None,
+    claims_setting: str = "request.jwt.claims",
+    claims_proof_setting: str = "tenant_proxy.claims_proof",
+) -> str:
     """The idempotent install script; with a key it also installs (or rotates to) that key."""
     script = _template("verifier.sql").replace("@SETTING@", quote_literal(setting))
     script = script.replace("@PROOF_SETTING@", quote_literal(proof_setting))
+    script = script.replace("@CLAIMS_SETTING@", quote_literal(claims_setting))
+    script = script.replace("@CLAIMS_PROOF_SETTING@", quote_literal(claims_proof_setting))
     if signing_key is None:
         script += (
             "\n-- No signing key was given: run `pg-tenant-proxy sql --config FILE` to include the key\n"

@@ -92,10 +92,10 @@ class ProxyProcess:
         extra = "".join(f" {k}={v}" for k, v in params.items())
         return f"host=127.0.0.1 port={self.port} user={user} dbname={database} sslmode=disable{extra}"
 
-    def psql(self, token: str, sql: str, **env: str) -> subprocess.CompletedProcess[str]:
+    def psql(self, token: str, sql: str, database: str = "app", **env: str) -> subprocess.CompletedProcess[str]:
         environment = {**os.environ, "PGPASSWORD": token, "PGCONNECT_TIMEOUT": "10", **env}
         return subprocess.run(
-            ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", self.dsn(), "-c", sql],
+            ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", self.dsn(database=database), "-c", sql],
             capture_output=True,
             text=True,
             env=environment,

@@ -5,15 +5,26 @@ CONNECTION_FAILURE = "08006"
 PROTOCOL_VIOLATION = "08P01"
 # Class 0A: feature not supported
 FEATURE_NOT_SUPPORTED = "0A000"
+# Class 25: invalid transaction state
+IN_FAILED_TRANSACTION = "25P02"
+# Class 26: invalid SQL statement name
+INVALID_STATEMENT_NAME = "26000"
 # Class 28: invalid authorization specification
 INVALID_AUTHORIZATION = "28000"
 INVALID_PASSWORD = "28P01"
+# Class 3D: invalid catalog name
+INVALID_CATALOG_NAME = "3D000"
 # Class 42: syntax error or access rule violation
 INSUFFICIENT_PRIVILEGE = "42501"
+DUPLICATE_PREPARED_STATEMENT = "42P05"
+SYNTAX_ERROR = "42601"
 UNDEFINED_OBJECT = "42704"
 # Class 53: insufficient resources
 TOO_MANY_CONNECTIONS = "53300"
 CONFIGURATION_LIMIT_EXCEEDED = "53400"
+# Class 54: program limit exceeded
+PROGRAM_LIMIT_EXCEEDED = "54000"
+STATEMENT_TOO_COMPLEX = "54001"
 # Class 57: operator intervention
 ADMIN_SHUTDOWN = "57P01"
 CANNOT_CONNECT_NOW = "57P03"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jwt
@@ -22,7 +23,7 @@ def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> s
 def test_config_error_names_the_key_and_exits_before_listening(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "bad.toml"
-    config.write_text(f'listen = "127.0.0.1:{port}"\n[upstream]\nuser = "app"\n[jwt]\nsecret = "{"s" * 40}"\n')
+    config.write_text(f'listen = "127.0.0.1:{port}"\n[upstream]\nuser = "app"\ndatabase = "app"\n[jwt]\nsecret = "{"s" * 40}"\n')
     result = run("run", "--config", str(config))
     assert result.returncode == 2
     assert "tenant.signing_key" in result.stderr
@@ -56,5 +57,36 @@ def test_demo_shows_isolation() -> None:
     assert "Grace Hopper" in globex and "Ada Lovelace" not in globex
     assert 'ERROR:  setting "app.current_tenant" is protected' in attempts
     assert re.search(r"globex_rows_seen\s*\n-+\s*\n\s*0\s*\n", attempts), attempts
+    sessions = result.stdout.split("== ")[4]
+    assert "ERROR:  permission denied for function pg_stat_get_backend_idset" in sessions, sessions
     assert "psql 'postgresql://acme@127.0.0.1:" in result.stdout
     assert "Stopped and cleaned up." in result.stdout
+
+
+def test_token_command_mints_what_the_configuration_accepts(tmp_path: Path) -> None:
+    """`token --config F`: the same configuration verifies the token (issuer, audience, required claims,
+    a namespaced tenant claim, the configured HS algorithm)."""
+    from proxy import config as config_module
+    from proxy.tokens import TokenVerifier
+
+    config = tmp_path / "proxy.toml"
+    config.write_text(f"""[upstream]
+user = "app"
+database = "app"
+[jwt]
+algorithms = ["HS512"]
+secret = "{"s" * 64}"
+issuer = "https://idp.example/"
+audience = ["tenant-app", "other"]
+tenant_claim = "https://example.com/tenant_id"
+required_claims = {{ token_use = "access", "app.plan" = ["gold", "silver"] }}
+[tenant]
+signing_key = "{"k" * 40}"
+""")
+    result = run("token", "--config", str(config), "--tenant", ACME, "--sub", "bob")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert jwt.get_unverified_header(token)["alg"] == "HS512"
+    identity = TokenVerifier(config_module.load(config, environ={}).jwt, background=False).verify(token, time.time())
+    assert (identity.tenant, identity.subject) == (ACME, "bob")
+    assert identity.claims["app"] == {"plan": "gold"} and identity.claims["aud"] == "tenant-app"

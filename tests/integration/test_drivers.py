@@ -81,7 +81,9 @@ def test_write_of_other_tenant_row_is_refused(proxy: ProxyProcess) -> None:
 
 def test_context_values_are_not_in_pg_stat_activity(proxy: ProxyProcess) -> None:
     with psycopg.connect(proxy.dsn(), password=proxy.token(ACME), autocommit=True) as conn:
-        queries = [row[0] for row in conn.execute("SELECT query FROM pg_stat_activity WHERE query <> ''")]
+        conn.execute("SELECT count(*) FROM leads")
+        # pg_stat_activity is revoked from the hardened upstream role: read it as the administrator
+        queries = proxy.pg.psql("SELECT query FROM pg_stat_activity WHERE usename = 'tenant_app' AND query <> ''").splitlines()
         assert queries
         assert not [q for q in queries if ACME in q or re.search("[0-9a-f]{64}", q)]
 

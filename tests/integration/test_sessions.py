@@ -144,11 +144,11 @@ def test_workers_share_the_port_and_route_cancels(make_proxy: Any, pg: EmbeddedP
 
 
 async def test_client_database_selects_the_upstream_database(make_proxy: Any) -> None:
-    """With [upstream] database unset, the client's database is the upstream one; a missing one is the
-    server's own error."""
-    open_proxy = make_proxy({"upstream": {"database": None}})
+    """With [upstream] databases (and no fixed database), the client's database is the upstream one; a
+    listed one that does not exist is the server's own error."""
+    open_proxy = make_proxy({"upstream": {"database": None, "databases": ["app", "nowhere"]}})
     # write_config leaves out None values, so [upstream] database is unset
-    assert "database" not in open_proxy.config.read_text().split("[upstream]")[1].split("[")[0]
+    assert "\ndatabase =" not in open_proxy.config.read_text().split("[upstream]")[1].split("[")[0]
     conn = await asyncpg.connect(host="127.0.0.1", port=open_proxy.port, user="alice", database="app",
                                  password=open_proxy.token(), ssl=False)
     assert await conn.fetchval("SELECT current_database()") == "app"

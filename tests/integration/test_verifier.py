@@ -89,9 +89,9 @@ def test_sql_command_installs_and_rotates(pg: EmbeddedPostgres, tenant_db: Tenan
                     f"INSERT INTO t VALUES ('{ACME}'), ('{GLOBEX}'); GRANT SELECT ON t TO {tenant_db.app_role};",
                     "rotation")
         current = make_proxy(overrides)
-        assert current.psql(current.token(GLOBEX), "SELECT tenant_id FROM t").stdout.split() == [GLOBEX]
+        assert current.psql(current.token(GLOBEX), "SELECT tenant_id FROM t", "rotation").stdout.split() == [GLOBEX]
     stale = make_proxy({"upstream": {"database": "rotation"}, "tenant": {"signing_key": "first-key-" + "a" * 32}})
-    assert stale.psql(stale.token(GLOBEX), "SELECT count(*) FROM t").stdout.split() == ["0"]
+    assert stale.psql(stale.token(GLOBEX), "SELECT count(*) FROM t", "rotation").stdout.split() == ["0"]
 
 
 def test_sql_command_without_config_has_no_key() -> None:

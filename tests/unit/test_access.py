@@ -36,7 +36,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 def settings(tmp_path: Path, certs: tuple[Path, Path, Path], mode: str, networks: str = "") -> config.Settings:
     ca, cert, key = certs
     environ = {
-        "PGTP_UPSTREAM_USER": "app", "PGTP_JWT_SECRET": "j" * 32, "PGTP_TENANT_SIGNING_KEY": "k" * 32,
+        "PGTP_UPSTREAM_USER": "app", "PGTP_UPSTREAM_DATABASE": "app", "PGTP_JWT_SECRET": "j" * 32,
+        "PGTP_TENANT_SIGNING_KEY": "k" * 32,
         "PGTP_TLS_CERT_FILE": str(cert), "PGTP_TLS_KEY_FILE": str(key), "PGTP_TLS_CLIENT_SSLMODE": mode,
         "PGTP_CLIENT_ALLOWED_NETWORKS": networks,
     }

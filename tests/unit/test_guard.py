@@ -1,59 +1,210 @@
-"""The SQL guard's decisions, statement by statement."""
+"""The SQL guard's decisions, statement by statement: refusals with their SQLSTATEs, failing closed, the
+Decision fields the relay acts on, the pre-scan, and FunctionCall messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pglast import parser
 
-from proxy.guard import ALLOW, Guard, needs_parse
+from proxy import guard as guard_module
+from proxy.guard import ALLOW, Decision, Guard, needs_parse
 from proxy.parameters import ProtectedSettings
 
+PROTECTED = ProtectedSettings(["app.current_tenant", "tenant_proxy.proof"], ["app.", "request.jwt."])
+NESTED = "ALTER ROLE CURRENT_USER PASSWORD 'x'; SELECT " + "1+(" * 1000 + "1" + ")" * 1000
 
-@pytest.fixture
-def guard() -> Guard:
-    return Guard(ProtectedSettings(["app.current_tenant", "tenant_proxy.proof"], ["app.", "request.jwt."]), allow_do=False)
+
+def make(transaction_mode: bool = False, **switches: Any) -> Guard:
+    return Guard(PROTECTED, allow_do=switches.pop("allow_do", False), transaction_mode=transaction_mode, **switches)
+
+
+@pytest.fixture(params=[False, True], ids=["session", "transaction"])
+def guard(request: pytest.FixtureRequest) -> Guard:
+    return make(request.param)
+
+
+def refusal(guard: Guard, sql: str) -> tuple[str, str, str]:
+    decision = guard.check(sql)
+    assert decision.refusal is not None, decision
+    return decision.refusal.sqlstate, decision.refusal.message, decision.refusal.hint
 
 
 @pytest.mark.parametrize(
-    "sql, reason",
+    "sql, sqlstate, reason",
     [
-        ("SET app.current_tenant = 'x'", 'setting "app.current_tenant" is protected'),
-        ("SET SESSION app.current_tenant TO 'x'", "protected"),
-        ("set local APP.CURRENT_TENANT = 'x'", "protected"),
-        ('SET "app.current_tenant" = DEFAULT', "protected"),
-        ("RESET app.current_tenant", "protected"),
-        ("SET tenant_proxy.proof = '1:2'", "protected"),
-        ("SET request.jwt.claims = '{}'", "protected"),
-        ("SELECT set_config('app.current_tenant', 'x', false)", "set_config() of \"app.current_tenant\""),
-        ("SELECT pg_catalog.set_config('app.current_tenant'::text, 'x', true)", "set_config()"),
-        ("WITH c AS (SELECT set_config('tenant_proxy.proof', 'x', false)) SELECT * FROM c", "set_config()"),
-        ("SELECT * FROM leads WHERE set_config('app.current_tenant', 'x', false) IS NOT NULL", "set_config()"),
-        ("SELECT set_config('role', 'postgres', false)", "set_config()"),
-        ("SET ROLE postgres", "SET ROLE"),
-        ("RESET ROLE", "SET ROLE / RESET ROLE"),
-        ("SET SESSION AUTHORIZATION postgres", "SET SESSION AUTHORIZATION"),
-        ("SET SESSION AUTHORIZATION DEFAULT", "SET SESSION AUTHORIZATION"),
-        ("ALTER ROLE CURRENT_USER SET app.current_tenant = 'x'", "ALTER ROLE"),
-        ("ALTER ROLE tenant_app BYPASSRLS", "ALTER ROLE"),
-        ("ALTER USER CURRENT_USER SET app.current_tenant = 'x'", "ALTER ROLE"),
-        ("RESET SESSION AUTHORIZATION", "SET SESSION AUTHORIZATION"),
-        ("ALTER DATABASE app SET app.current_tenant = 'x'", "ALTER DATABASE"),
-        ("ALTER SYSTEM SET work_mem = '1GB'", "ALTER SYSTEM"),
-        ("LOAD 'auto_explain'", "LOAD"),
-        ("DO $$ BEGIN PERFORM 1; END $$", "DO blocks"),
-        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET app.current_tenant = 'x' AS $$ SELECT 1 $$", "protected"),
-        ("CREATE PROCEDURE p() LANGUAGE sql SET tenant_proxy.proof = 'x' AS $$ SELECT 1 $$", "protected"),
-        ("ALTER FUNCTION f() SET app.current_tenant = 'x'", "protected"),
-        ("SELECT 1; SET app.current_tenant = 'x'; SELECT 2", "protected"),
-        ("BEGIN; SET LOCAL ROLE postgres; COMMIT", "SET ROLE"),
-        ("/* comment */ SET app.current_tenant = 'x'", "protected"),
-        ("-- comment\nSET app.current_tenant = 'x'", "protected"),
-        ("/* a /* nested */ comment */ SET app.current_tenant = 'x'", "protected"),
-        ("  \n\tset app.current_tenant = 'x'", "protected"),
-        ('SELECT U&"\\0073et_config"(\'app.current_tenant\', \'x\', false)', "set_config()"),
-        ("SELECT \"set_config\"('app.current_tenant', 'x', false)", "set_config()"),
+        ("SET app.current_tenant = 'x'", "42501", 'setting "app.current_tenant" is protected'),
+        ("SET SESSION app.current_tenant TO 'x'", "42501", "protected"),
+        ("set local APP.CURRENT_TENANT = 'x'", "42501", "protected"),
+        ('SET "app.current_tenant" = DEFAULT', "42501", "protected"),
+        ("RESET app.current_tenant", "42501", "protected"),
+        ("SET tenant_proxy.proof = '1:2'", "42501", "protected"),
+        ("SET request.jwt.claims = '{}'", "42501", "protected"),
+        ("SELECT set_config('app.current_tenant', 'x', false)", "42501", 'set_config() of "app.current_tenant"'),
+        ("SELECT pg_catalog.set_config('app.current_tenant'::text, 'x', true)", "42501", "set_config()"),
+        ("WITH c AS (SELECT set_config('tenant_proxy.proof', 'x', false)) SELECT * FROM c", "42501", "set_config()"),
+        ("SELECT * FROM leads WHERE set_config('app.current_tenant', 'x', false) IS NOT NULL", "42501", "set_config()"),
+        ("SELECT set_config('role', 'postgres', false)", "42501", "set_config()"),
+        ("SELECT set_config(E'app\\x2ecurrent_tenant', 'x', false)", "42501", "set_config()"),
+        ("SELECT * FROM set_config('app.current_tenant', 'x', false)", "42501", "set_config()"),
+        ("SELECT * FROM ROWS FROM (set_config('app.current_tenant', 'x', false))", "42501", "set_config()"),
+        ("COPY (SELECT set_config('app.current_tenant', 'x', false)) TO STDOUT", "42501", "set_config()"),
+        ("VALUES (1, upper(set_config('app.current_tenant', 'x', false)))", "42501", "set_config()"),
+        ("SELECT CASE WHEN true THEN set_config('tenant_proxy.proof', 'x', false) END", "42501", "set_config()"),
+        ("SELECT (SELECT max(set_config('app.current_tenant', name, false)) FROM leads)", "42501", "set_config()"),
+        ("SET ROLE postgres", "42501", "SET ROLE"),
+        ("RESET ROLE", "42501", "SET ROLE / RESET ROLE"),
+        ("SET SESSION AUTHORIZATION postgres", "42501", "SET SESSION AUTHORIZATION"),
+        ("SET SESSION AUTHORIZATION DEFAULT", "42501", "SET SESSION AUTHORIZATION"),
+        ("RESET SESSION AUTHORIZATION", "42501", "SET SESSION AUTHORIZATION"),
+        ("ALTER ROLE CURRENT_USER SET app.current_tenant = 'x'", "42501", "ALTER ROLE"),
+        ("ALTER ROLE tenant_app BYPASSRLS", "42501", "ALTER ROLE"),
+        ("ALTER USER CURRENT_USER SET app.current_tenant = 'x'", "42501", "ALTER ROLE"),
+        ("ALTER DATABASE app SET app.current_tenant = 'x'", "42501", "ALTER DATABASE"),
+        ("ALTER SYSTEM SET work_mem = '1GB'", "42501", "ALTER SYSTEM"),
+        ("LOAD 'auto_explain'", "42501", "LOAD"),
+        ("DO $$ BEGIN PERFORM 1; END $$", "42501", "DO blocks"),
+        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET app.current_tenant = 'x' AS $$ SELECT 1 $$", "42501", "protected"),
+        ("CREATE PROCEDURE p() LANGUAGE sql SET tenant_proxy.proof = 'x' AS $$ SELECT 1 $$", "42501", "protected"),
+        ("ALTER FUNCTION f() SET app.current_tenant = 'x'", "42501", "protected"),
+        ("SELECT 1; SET app.current_tenant = 'x'; SELECT 2", "42501", "protected"),
+        ("BEGIN; SET LOCAL ROLE postgres; COMMIT", "42501", "SET ROLE"),
+        ("/* comment */ SET app.current_tenant = 'x'", "42501", "protected"),
+        ("-- comment\nSET app.current_tenant = 'x'", "42501", "protected"),
+        ("/* a /* nested */ comment */ SET app.current_tenant = 'x'", "42501", "protected"),
+        ("  \n\tset app.current_tenant = 'x'", "42501", "protected"),
+        ('SELECT U&"\\0073et_config"(\'app.current_tenant\', \'x\', false)', "42501", "set_config()"),
+        ("SELECT \"set_config\"('app.current_tenant', 'x', false)", "42501", "set_config()"),
+        ("UPDATE pg_settings SET setting = 'x' WHERE name = 'app.current_tenant'", "42501", "pg_settings"),
+        ("WITH u AS (UPDATE pg_catalog.pg_settings SET setting = 'x' RETURNING 1) SELECT 1", "42501", "pg_settings"),
+        # What carries other tenants' data past RLS, or blocks every tenant.
+        ("EXPLAIN ANALYZE SELECT * FROM leads WHERE name = 'x'", "42501", "EXPLAIN ANALYZE"),
+        ("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT 1", "42501", "EXPLAIN ANALYZE"),
+        ("EXPLAIN (ANALYZE 1) SELECT 1", "42501", "EXPLAIN ANALYZE"),
+        ("explain analyze verbose select 1", "42501", "EXPLAIN ANALYZE"),
+        ("EXPLAIN SELECT * FROM leads", "42501", "EXPLAIN with costs"),
+        ("EXPLAIN (FORMAT JSON) SELECT 1", "42501", "EXPLAIN with costs"),
+        ("EXPLAIN (COSTS ON) SELECT 1", "42501", "EXPLAIN with costs"),
+        ("LOCK TABLE leads IN ACCESS EXCLUSIVE MODE", "42501", "ACCESS EXCLUSIVE MODE"),
+        ("LOCK leads", "42501", "ACCESS EXCLUSIVE MODE"),
+        ("BEGIN; LOCK TABLE leads IN SHARE MODE; COMMIT", "42501", "in SHARE MODE"),
+        ("LOCK TABLE leads IN SHARE UPDATE EXCLUSIVE MODE", "42501", "SHARE UPDATE EXCLUSIVE"),
+        ("LOCK TABLE leads IN EXCLUSIVE MODE NOWAIT", "42501", "in EXCLUSIVE MODE"),
+        ("TRUNCATE leads", "42501", "TRUNCATE"),
+        ("NOTIFY news, 'hello'", "42501", "NOTIFY"),
+        ("SELECT pg_notify('news', 'x')", "42501", "pg_notify()"),
+        ("SELECT pg_catalog.pg_notify('news', 'x')", "42501", "pg_notify()"),
+        ("SELECT lo_get(16384)", "42501", "lo_get()"),
+        ("SELECT lo_unlink(oid) FROM pg_largeobject_metadata", "42501", "lo_unlink()"),
+        ("SELECT loread(lo_open(1, 262144), 10)", "42501", "large objects"),
+        ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity", "42501", "pg_terminate_backend()"),
+        ("SELECT pg_cancel_backend(42)", "42501", "pg_cancel_backend()"),
+        # Lexing modes the guard does not model.
+        ("SET standard_conforming_strings = off", "0A000", "standard_conforming_strings"),
+        ("SET standard_conforming_strings TO false", "0A000", "standard_conforming_strings"),
+        ("SET standard_conforming_strings = 0", "0A000", "standard_conforming_strings"),
+        ("SET standard_conforming_strings = 'no'", "0A000", "standard_conforming_strings"),
+        ("SET LOCAL standard_conforming_strings = of", "0A000", "standard_conforming_strings"),
+        ("SELECT set_config('standard_conforming_strings', 'off', false)", "0A000", "standard_conforming_strings"),
+        ("SELECT set_config('standard_conforming_strings', $1, false)", "0A000", "computed value"),
+        # The attack: with strings read non-standard, the server runs a SET ROLE the guard reads as a string.
+        ("SET standard_conforming_strings = off; SELECT 'a\\'  ,'  ; SET ROLE postgres; --'", "0A000",
+         "standard_conforming_strings"),
+        ("SET client_encoding = 'SJIS'", "0A000", 'client_encoding "SJIS"'),
+        ("SET NAMES 'Shift_JIS'", "0A000", "Shift_JIS"),
+        ("SET NAMES 'BIG5'", "0A000", "BIG5"),
+        ("SET client_encoding TO gbk", "0A000", "gbk"),
+        ("SET client_encoding = 'WIN936'", "0A000", "WIN936"),
+        ("SET client_encoding = 'windows-950'", "0A000", "windows-950"),
+        ("SET client_encoding = 'GB18030'", "0A000", "GB18030"),
+        ("SET client_encoding = 'JOHAB'", "0A000", "JOHAB"),
+        ("SET client_encoding = 'mskanji'", "0A000", "mskanji"),
+        ("SET client_encoding = 'SHIFT_JIS_2004'", "0A000", "SHIFT_JIS_2004"),
+        ("SELECT set_config('client_encoding', 'sjis', true)", "0A000", "sjis"),
+        # Text the guard cannot read with certainty.
+        ("SELECT set_config('a.b', 'c', false", "42601", "syntax error at end of input"),
+        ("SET x = ;", "42601", 'syntax error at or near ";"'),
     ],
 )
-def test_refused(guard: Guard, sql: str, reason: str) -> None:
-    decision = guard.check(sql)
-    assert decision.refusal is not None and reason in decision.refusal, decision
+def test_refused(guard: Guard, sql: str, sqlstate: str, reason: str) -> None:
+    state, message, hint = refusal(guard, sql)
+    assert state == sqlstate and reason in message, message
+    assert hint and hint != message
+
+
+def test_each_kind_has_its_own_hint() -> None:
+    guard = make()
+    hints = {refusal(guard, sql)[2] for sql in (
+        "SET app.current_tenant = 'x'", "SET ROLE x", "ALTER SYSTEM SET a = 1", "DO $$ $$", "EXPLAIN SELECT 1",
+        "LOCK leads", "NOTIFY x", "SELECT lo_get(1)", "SELECT pg_cancel_backend(1)", "SET NAMES 'SJIS'",
+        "SET standard_conforming_strings = off", "SET x =", "UPDATE pg_settings SET setting = 1",
+    )}
+    assert len(hints) == 13
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT set_config('a.b', 'c', false) + " + "1+(" * 5000 + "1" + ")" * 5000,  # the grammar's stack ("memory exhausted")
+        "SELECT set_config('a.b', 'c', false)" + "+1" * 20_000,  # the parser's own stack depth limit
+        "SELECT set_config('a.b', 'c'" + "::text" * 9_000 + ", false)",  # deeper than JSON_DEPTH
+    ],
+)
+def test_nesting_too_deep_to_read_is_refused(sql: str) -> None:
+    state, message, hint = refusal(make(max_parse_bytes=1 << 20), sql)
+    assert state == "54001" and "nested too deeply" in message and "split" in hint
+
+
+def test_deep_nesting_without_a_node_the_guard_acts_on_is_read() -> None:
+    """Only the subtrees that hold a node the guard acts on are decoded: deep arithmetic around them is
+    read as text, whatever its depth."""
+    decision = make(max_parse_bytes=1 << 20).check("SELECT set_config('a.b', 'c', false)" + "::text" * 9_000)
+    assert decision.refusal is None and decision.set_names == {"a.b"}
+
+
+def test_the_nested_alter_role_is_read_and_refused(guard: Guard) -> None:
+    """The issue's input: 1,000 levels of nesting (4 kB) after ALTER ROLE; the guard reads all of it."""
+    assert len(NESTED) < 4100
+    state, message, _ = refusal(guard, NESTED)
+    assert (state, message.split(" is ")[0]) == ("42501", "ALTER ROLE")
+
+
+def test_any_exception_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(sql: str) -> str:
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(guard_module, "parse_json", broken)
+    state, message, _ = refusal(make(), "SET x = 1")
+    assert state == "XX000" and "ValueError" in message
+
+
+def test_a_zero_byte_inside_the_text_refuses() -> None:
+    """pglast, like the server, would stop reading at the zero byte and never see what follows."""
+    assert refusal(make(), "SET search_path = x\x00; SET ROLE postgres")[0] == "08P01"
+
+
+def test_unencodable_text_refuses() -> None:
+    assert refusal(make(), "SET search_path = '\udcff'")[0] == "XX000"
+
+
+def test_recursion_anywhere_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    def deep(sql: str) -> str:
+        raise RecursionError
+
+    monkeypatch.setattr(guard_module, "parse_json", deep)
+    assert refusal(make(), "SET x = 1")[0] == "54001"
+
+
+def test_text_longer_than_max_parse_bytes_is_refused_only_when_it_needs_parsing() -> None:
+    guard = make(max_parse_bytes=1000)
+    state, message, hint = refusal(guard, "SET search_path = '" + "é" * 600 + "'")
+    assert state == "54000" and "1220 bytes" in message and "max_parse_bytes = 1000" in message
+    assert "Bind parameters" in hint
+    assert guard.check("SELECT '" + "a" * 100_000 + "'") is ALLOW
 
 
 @pytest.mark.parametrize(
@@ -71,23 +222,185 @@ def test_refused(guard: Guard, sql: str, reason: str) -> None:
         "COPY leads TO STDOUT",
         "SELECT 'SET app.current_tenant = 1'",
         "this is not sql at all",
-        "CREATE TEMP TABLE t (id int)",
+        "SELECT * FROM pg_settings WHERE name = 'search_path'",
+        "EXPLAIN (COSTS OFF) SELECT * FROM leads",
+        "EXPLAIN (ANALYZE false, COSTS false) SELECT 1",
+        "EXPLAIN (COSTS 0, VERBOSE) SELECT 1",
+        "LOCK TABLE leads IN ROW EXCLUSIVE MODE",
+        "LOCK TABLE leads IN ACCESS SHARE MODE",
+        "SELECT * FROM leads FOR UPDATE",
+        "SET standard_conforming_strings = on",
+        "SET standard_conforming_strings TO 'true'",
+        "SET client_encoding = 'UTF8'",
+        "SET client_encoding = 'UHC'",
+        "SET NAMES 'LATIN1'",
+        "RESET client_encoding",
+        "SET client_encoding TO DEFAULT",
+        "SELECT pg_advisory_xact_lock(1)",
+        "SELECT hello_world FROM t",
+        "DISCARD PLANS",
+        "DISCARD TEMP",
+        "DEALLOCATE stmt",
+        "DEALLOCATE ALL",
+        "DISCARD ALL",
+        "UNLISTEN *",
+        "UNLISTEN news",
     ],
 )
 def test_allowed(guard: Guard, sql: str) -> None:
-    decision = guard.check(sql)
-    assert decision.refusal is None and not decision.reassert
+    assert guard.check(sql).refusal is None
 
 
-@pytest.mark.parametrize("sql", ["RESET ALL", "DISCARD ALL", "SELECT 1; RESET ALL", "discard all"])
-def test_reset_all_and_discard_all_reassert(guard: Guard, sql: str) -> None:
-    decision = guard.check(sql)
-    assert decision.refusal is None and decision.reassert
+def test_cleared_text_is_the_allow_singleton() -> None:
+    guard = make()
+    assert guard.check("SELECT abalance FROM pgbench_accounts WHERE aid = 1") is ALLOW
+    assert guard.check("SHOW search_path") is ALLOW
 
 
-def test_do_allowed_when_configured() -> None:
-    guard = Guard(ProtectedSettings(["app.current_tenant"], ["app."]), allow_do=True)
-    assert guard.check("DO $$ BEGIN PERFORM 1; END $$") == ALLOW
+@pytest.mark.parametrize(
+    "switch, sql",
+    [
+        ("allow_do", "DO $$ BEGIN PERFORM 1; END $$"),
+        ("allow_explain", "EXPLAIN ANALYZE SELECT 1"),
+        ("allow_explain", "EXPLAIN SELECT 1"),
+        ("allow_strong_locks", "LOCK TABLE leads IN ACCESS EXCLUSIVE MODE"),
+        ("allow_strong_locks", "TRUNCATE leads"),
+        ("allow_notifications", "NOTIFY news"),
+        ("allow_notifications", "SELECT pg_notify('news', 'x')"),
+        ("allow_large_objects", "SELECT lo_get(1)"),
+        ("allow_backend_signals", "SELECT pg_cancel_backend(1)"),
+    ],
+)
+def test_switches_allow(switch: str, sql: str) -> None:
+    assert make().check(sql).refusal is not None
+    assert make(**{switch: True}).check(sql).refusal is None
+
+
+def test_listen_in_session_mode_follows_the_switch() -> None:
+    assert refusal(make(), "LISTEN news")[0] == "42501"
+    assert make(allow_notifications=True).check("LISTEN news").refusal is None
+
+
+# -- transaction pooling ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql, feature",
+    [
+        ("LISTEN news", "LISTEN"),
+        ("BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT", "WITH HOLD"),
+        ("PREPARE p AS SELECT 1", "PREPARE"),
+        ("EXECUTE p", "EXECUTE"),
+        ("SELECT pg_advisory_lock(7)", "pg_advisory_lock"),
+        ("CREATE TEMP TABLE scratch (a int)", "CREATE TEMP TABLE"),
+        ("CREATE TEMP TABLE t AS SELECT 1", "CREATE TEMP TABLE ... AS"),
+        ("SELECT 1 INTO TEMP t", "SELECT ... INTO TEMP"),
+        ("CREATE TEMP VIEW v AS SELECT 1", "CREATE TEMP VIEW"),
+        ("CREATE TEMP SEQUENCE s", "CREATE TEMP SEQUENCE"),
+    ],
+)
+def test_session_features_under_transaction_pooling(sql: str, feature: str) -> None:
+    state, message, hint = refusal(make(transaction_mode=True), sql)
+    assert state == "0A000" and feature in message and "transaction pooling" in message
+    assert 'mode = "session"' in hint
+    assert make(allow_notifications=True).check(sql).refusal is None
+
+
+@pytest.mark.parametrize("sql", ["CREATE TEMP TABLE t (a int) ON COMMIT DROP", "DEALLOCATE p", "DISCARD ALL"])
+def test_transaction_pooling_allows(sql: str) -> None:
+    assert make(transaction_mode=True).check(sql).refusal is None
+
+
+# -- the Decision the relay acts on -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql, fields",
+    [
+        ("SET search_path = public", {"set_names": {"search_path"}}),
+        ("SET SESSION Work_Mem TO '64MB'", {"set_names": {"work_mem"}}),
+        ("SET TIME ZONE 'UTC'", {"set_names": {"timezone"}}),
+        ("SET NAMES 'UTF8'", {"set_names": {"client_encoding"}}),
+        ("SET SCHEMA 'app'", {"set_names": {"search_path"}}),
+        ("SET XML OPTION DOCUMENT", {"set_names": {"xmloption"}}),
+        ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+         {"set_names": {"default_transaction_isolation", "default_transaction_read_only"}}),
+        ("SET LOCAL search_path = public", {}),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", {}),
+        ("RESET search_path", {"reset_names": {"search_path"}}),
+        ("SET search_path TO DEFAULT", {"reset_names": {"search_path"}}),
+        ("SET search_path = DEFAULT", {"reset_names": {"search_path"}}),
+        ("RESET ALL", {"resets_all": True}),
+        ("SELECT 1; RESET ALL", {"resets_all": True, "statement_count": 2}),
+        ("DISCARD ALL", {"resets_all": True, "drops_statements": True, "no_transaction_block": True}),
+        ("discard all; SELECT 1", {"resets_all": True, "drops_statements": True, "statement_count": 2}),
+        ("SELECT set_config('search_path', 'public', false)", {"set_names": {"search_path"}}),
+        ("SELECT set_config('Search_Path', 'public', 'f')", {"set_names": {"search_path"}}),
+        ("SELECT set_config('search_path', 'public', true)", {}),
+        ("SELECT set_config('search_path', 'public', 'on')", {}),
+        ("SELECT set_config('search_path', 'public', $1)", {"set_names": {"search_path"}}),
+        ("SELECT set_config($1, 'public', false)", {"unknown_settings": True}),
+        ("SELECT set_config('a.' || 'b', 'c', false)", {"unknown_settings": True}),
+        ("SELECT set_config($1, 'public', true)", {}),
+        ("DEALLOCATE Foo", {"deallocates": {"foo"}}),
+        ('DEALLOCATE PREPARE "Foo"', {"deallocates": {"Foo"}}),
+        ("DEALLOCATE a; DEALLOCATE b", {"deallocates": {"a", "b"}, "statement_count": 2}),
+        ("DEALLOCATE ALL", {"drops_statements": True}),
+        ("DEALLOCATE PREPARE ALL", {"drops_statements": True}),
+        ("SELECT 1; SELECT 2; SELECT 3; SET a.b = 1", {"statement_count": 4, "set_names": {"a.b"}}),
+        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = public AS 'SELECT 1'", {}),
+    ],
+)
+def test_decision_fields(guard: Guard, sql: str, fields: dict[str, Any]) -> None:
+    expected = {key: frozenset(value) if isinstance(value, set) else value for key, value in fields.items()}
+    assert guard.check(sql) == Decision(**expected)
+
+
+@pytest.mark.parametrize(
+    "sql, alone",
+    [
+        ("VACUUM", True),
+        ("VACUUM (ANALYZE) leads", True),
+        ("vacuum full leads", True),
+        ("ANALYZE leads", False),
+        ("CREATE INDEX CONCURRENTLY i ON leads (name)", True),
+        ("CREATE INDEX i ON leads (name)", False),
+        ("DROP INDEX CONCURRENTLY i", True),
+        ("DROP INDEX i", False),
+        ("REINDEX (CONCURRENTLY) TABLE leads", True),
+        ("REINDEX TABLE CONCURRENTLY leads", True),
+        ("REINDEX TABLE leads", False),
+        ("REINDEX SCHEMA public", True),
+        ("REINDEX DATABASE app", True),
+        ("REINDEX SYSTEM app", True),
+        ("CREATE DATABASE other", True),
+        ("DROP DATABASE other", True),
+        ("CREATE TABLESPACE t LOCATION '/tmp'", True),
+        ("DROP TABLESPACE t", True),
+        ("DISCARD ALL", True),
+        ("DISCARD PLANS", False),
+        ("CLUSTER", True),
+        ("CLUSTER leads", False),
+        ("COMMIT PREPARED 'x'", True),
+        ("ROLLBACK PREPARED 'x'", True),
+        ("PREPARE TRANSACTION 'x'", False),
+        ("CREATE SUBSCRIPTION s CONNECTION 'x' PUBLICATION p", True),
+        ("DROP SUBSCRIPTION s", True),
+        ("ALTER SUBSCRIPTION s REFRESH PUBLICATION", True),
+        ("ALTER SUBSCRIPTION s DISABLE", False),
+        ("ALTER TABLE t DETACH PARTITION p CONCURRENTLY", True),
+        ("ALTER TABLE t DETACH PARTITION p", False),
+        ("VACUUM; SELECT 1", False),
+        ("SELECT 1; VACUUM", False),
+    ],
+)
+def test_no_transaction_block(sql: str, alone: bool) -> None:
+    guard = make(transaction_mode=True)
+    assert needs_parse(sql, True) or not alone
+    assert guard.check(sql).no_transaction_block is alone
+
+
+# -- the pre-scan --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -95,17 +408,171 @@ def test_do_allowed_when_configured() -> None:
     [
         ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", False),
         ("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1", False),
-        ("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 1", True),
+        ("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 1", False),
+        ("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 1; SELECT 1", True),
+        ("  (SELECT 1) UNION (SELECT 2)", False),
+        ("(((set x = 1", True),
+        ("COMMIT", False),
+        ("COMMIT PREPARED 'x'", True),
+        ("'garbage", True),
+        ("", False),
         ("UPDATE t SET v = 1; SELECT 1", True),
         ("SET search_path = public", True),
         ("SELECT set_config('a.b', 'c', false)", True),
         ("SELECT settings FROM t", False),
+        ("SELECT hello_world, block FROM t", False),
+        ("SELECT lo_get(1)", True),
     ],
 )
 def test_pre_scan(sql: str, expected: bool) -> None:
     assert needs_parse(sql) is expected
 
 
-def test_decisions_are_cached(guard: Guard) -> None:
+# Statements that set a Decision field or are refused, written the ways a client may write them.
+FIELD_STATEMENTS = [
+    "SET {name} = 1", "SET SESSION {name} TO 'x'", "RESET {name}", "SET {name} TO DEFAULT", "RESET ALL",
+    "SET TIME ZONE 'UTC'", "SET NAMES 'UTF8'", "SET SCHEMA 'x'", "DISCARD ALL", "DEALLOCATE {name}",
+    "DEALLOCATE PREPARE ALL", "SELECT set_config('{name}', 'x', false)", "SELECT pg_catalog.set_config($1, 'x', false)",
+    "VACUUM", "VACUUM {name}", "CREATE INDEX CONCURRENTLY ON t ({name})", "DROP INDEX CONCURRENTLY {name}",
+    "REINDEX SCHEMA {name}", "CREATE DATABASE {name}", "DROP TABLESPACE {name}", "CLUSTER", "COMMIT PREPARED 'x'",
+    "DROP SUBSCRIPTION {name}", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "LOCK {name}", "TRUNCATE {name}", "NOTIFY {name}", "LISTEN {name}", "SELECT pg_notify('{name}', '')",
+    "EXPLAIN SELECT 1", "SELECT lo_get(1)", "SELECT pg_terminate_backend(1)", "SET ROLE {name}",
+    "UPDATE pg_settings SET setting = 1",
+]
+# Statements whose only effect is no_transaction_block, which needs them alone in the text.
+ALONE_ONLY = {
+    "VACUUM", "VACUUM {name}", "CREATE INDEX CONCURRENTLY ON t ({name})", "DROP INDEX CONCURRENTLY {name}",
+    "REINDEX SCHEMA {name}", "CREATE DATABASE {name}", "DROP TABLESPACE {name}", "CLUSTER", "COMMIT PREPARED 'x'",
+    "DROP SUBSCRIPTION {name}",
+}
+PREFIXES = ["", "SELECT 1; ", "/* note */ ", "-- note\n", "BEGIN;", "\n\t  ", "select 'set';"]
+
+
+def case_variant(text: str, pattern: list[bool]) -> str:
+    return "".join(char.upper() if upper else char.lower() for char, upper in zip(text, pattern * len(text)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    template=st.sampled_from(FIELD_STATEMENTS),
+    name=st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
+    prefix=st.sampled_from(PREFIXES),
+    suffix=st.sampled_from(["", ";", "; SELECT 2", " -- done"]),
+    pattern=st.lists(st.booleans(), min_size=1, max_size=5),
+    transaction_mode=st.booleans(),
+)
+def test_pre_scan_never_clears_a_statement_that_matters(
+    template: str, name: str, prefix: str, suffix: str, pattern: list[bool], transaction_mode: bool
+) -> None:
+    """Property: a text holding a statement that sets a Decision field or is refused always reaches the
+    parser, whatever the case, comments, prefix and neighbours; and the parsed decision says so."""
+    sql = prefix + case_variant(template.format(name=name), pattern) + suffix
+    assert needs_parse(sql, transaction_mode), sql
+    decision = make(transaction_mode).check(sql)
+    if template not in ALONE_ONLY or decision.statement_count == 1:
+        assert decision != Decision(statement_count=decision.statement_count), sql
+
+
+def test_decisions_are_cached_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    guard = make()
     first = guard.check("SET ROLE postgres")
     assert guard.check("SET ROLE postgres") is first
+    monkeypatch.setattr(guard_module, "CACHE_SIZE", 3)
+    for index in range(10):
+        guard.check(f"SET a.b = {index}")
+    assert len(guard._cache) == 3
+
+
+# -- FunctionCall messages -----------------------------------------------------------------------------
+
+
+def test_function_call_is_refused_unless_allowed() -> None:
+    refused = make().function_call(1)
+    assert refused is not None and refused.sqlstate == "0A000" and "allow_function_call" in refused.hint
+    assert make(allow_function_call=True).function_call(1) is None
+
+
+def test_function_call_of_set_config_is_always_refused() -> None:
+    every_switch = make(allow_function_call=True, allow_notifications=True, allow_large_objects=True,
+                        allow_backend_signals=True)
+    refused = every_switch.function_call(guard_module.SET_CONFIG_OID)
+    assert refused is not None and refused.sqlstate == "42501" and "set_config()" in refused.message
+
+
+@pytest.mark.parametrize(
+    "oid, switch, name",
+    [
+        (3036, "allow_notifications", "pg_notify()"),
+        (3458, "allow_large_objects", "lo_get()"),
+        (964, "allow_large_objects", "lo_unlink()"),
+        (955, "allow_large_objects", "lowrite()"),
+        (2096, "allow_backend_signals", "pg_terminate_backend()"),
+    ],
+)
+def test_function_call_keeps_the_sql_switches(oid: int, switch: str, name: str) -> None:
+    refused = make(allow_function_call=True).function_call(oid)
+    assert refused is not None and refused.sqlstate == "42501" and name in refused.message
+    assert make(allow_function_call=True, **{switch: True}).function_call(oid) is None
+
+
+def test_from_settings_reads_every_guard_key(tmp_path: Any) -> None:
+    from proxy import config
+
+    path = tmp_path / "proxy.toml"
+    switches = ["allow_do", "allow_explain", "allow_strong_locks", "allow_notifications", "allow_large_objects",
+                "allow_backend_signals", "allow_function_call"]
+    base = '[upstream]\nuser = "app"\ndatabase = "app"\n[jwt]\nsecret = "' + "s" * 40 + '"\n[tenant]\nsigning_key = "' + "k" * 40 + '"\n'
+    path.write_text(base + "[guard]\nmax_parse_bytes = 4096\n" + "".join(f"{switch} = true\n" for switch in switches))
+    settings = config.load(path, environ={}).guard
+    guard = Guard.from_settings(settings, PROTECTED, transaction_mode=True)
+    assert guard.max_parse_bytes == 4096 and guard.transaction_mode
+    assert all(getattr(guard, switch) is True for switch in switches)
+    path.write_text(base)
+    assert config.load(path, environ={}).guard.max_parse_bytes == guard_module.DEFAULT_MAX_PARSE_BYTES
+
+
+# -- the targeted reading against a full walk -----------------------------------------------------------
+
+
+def full_walk(guard: Guard, sql: str) -> Decision:
+    """The reference reading: decode pglast's whole tree and walk every node."""
+    tree = json.loads(guard_module.parse_json(sql))
+    effects = guard_module._Effects()
+    walked = guard_module._SESSION_WALKED_KINDS if guard.transaction_mode else guard_module._WALKED_KINDS
+    statements = tree.get("stmts", [])
+    for statement in statements:
+        effects.statement(*guard_module._only_node(statement["stmt"]))
+        for kind, node in guard_module._nodes(statement):
+            found = guard._node(kind, node, effects) if kind in walked else None
+            if found is not None:
+                return Decision(refusal=found)
+    alone = len(statements) == 1 and guard_module._no_transaction_block(*guard_module._only_node(statements[0]["stmt"]))
+    return effects.decision(len(statements), alone)
+
+
+CORPUS = sorted({case[0] for mark in test_refused.pytestmark for case in mark.args[1]}
+                | set(test_allowed.pytestmark[0].args[1]) | {case[0] for case in test_decision_fields.pytestmark[0].args[1]})
+
+
+@pytest.mark.parametrize("transaction_mode", [False, True])
+def test_reading_only_what_matters_agrees_with_a_full_walk(transaction_mode: bool) -> None:
+    """Differential: the targeted reading and a walk of the whole tree refuse the same texts and report
+    the same effects."""
+    guard = make(transaction_mode, max_parse_bytes=1 << 20)
+    for sql in CORPUS:
+        try:
+            expected = full_walk(guard, sql)
+        except (parser.ParseError, RecursionError):
+            continue
+        decision = guard._decide(sql)
+        assert (decision.refusal is None) == (expected.refusal is None), sql
+        assert decision.refusal is not None or decision == expected, sql
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.text(max_size=200), template=st.sampled_from(FIELD_STATEMENTS + ["SELECT {name}", "{name}"]))
+def test_check_never_raises(body: str, template: str) -> None:
+    """Property: whatever the text, the guard answers with a Decision (a refusal if it cannot read it)."""
+    for sql in (template.format(name=body), body + "; " + template.format(name="x")):
+        assert isinstance(make(transaction_mode=True).check(sql), Decision)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from proxy import lexing
 from proxy.config import DEFAULT_ALLOWED_PARAMETERS
 from proxy.parameters import ParameterPolicy, ParameterRefused, ProtectedSettings, option_settings, split_options
 from proxy.protocol import errors
@@ -77,3 +78,63 @@ def test_protocol_extensions_are_collected_not_forwarded() -> None:
     request = policy().evaluate({"user": "alice", "_pq_.compression": "on"})
     assert request.unrecognized_protocol_options == ["_pq_.compression"]
     assert request.forwarded == {}
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"standard_conforming_strings": "off"},
+        {"standard_conforming_strings": "false"},
+        {"standard_conforming_strings": "0"},
+        {"standard_conforming_strings": "no"},
+        {"standard_conforming_strings": "OF"},
+        {"Standard_Conforming_Strings": "f"},
+        {"standard_conforming_strings": "maybe"},
+        {"options": "-c standard_conforming_strings=off"},
+        {"options": "--standard-conforming-strings=false"},
+        {"client_encoding": "SJIS"},
+        {"client_encoding": "Shift_JIS"},
+        {"client_encoding": "BIG5"},
+        {"client_encoding": "gbk"},
+        {"client_encoding": "GB18030"},
+        {"client_encoding": "JOHAB"},
+        {"client_encoding": "WIN932"},
+        {"client_encoding": "windows-936"},
+        {"client_encoding": "win950"},
+        {"client_encoding": "SHIFT_JIS_2004"},
+        {"options": "-c client_encoding=sjis"},
+    ],
+)
+def test_lexing_settings_the_guard_cannot_read_are_refused(parameters: dict[str, str]) -> None:
+    with pytest.raises(ParameterRefused, match="is not supported through pg-tenant-proxy") as info:
+        policy().evaluate({"user": "alice", **parameters})
+    assert info.value.sqlstate == errors.FEATURE_NOT_SUPPORTED
+    assert info.value.hint and ("UTF8" in info.value.hint or "standard_conforming_strings on" in info.value.hint)
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"standard_conforming_strings": "on"},
+        {"standard_conforming_strings": "true"},
+        {"standard_conforming_strings": "1"},
+        {"client_encoding": "UTF8"},
+        {"client_encoding": "utf-8"},
+        {"client_encoding": "LATIN1"},
+        {"client_encoding": "EUC_JP"},
+        {"client_encoding": "UHC"},
+        {"options": "-c client_encoding=UTF8 -c standard_conforming_strings=on"},
+    ],
+)
+def test_lexing_settings_the_guard_reads_pass(parameters: dict[str, str]) -> None:
+    assert policy().evaluate({"user": "alice", **parameters}).forwarded
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("on", True), ("ON", True), ("t", True), ("tru", True), ("yes", True), ("y", True), ("1", True),
+     ("off", False), ("of", False), ("f", False), ("no", False), ("n", False), ("0", False),
+     ("o", None), ("", None), ("2", None), ("onn", None), ("truee", None)],
+)
+def test_parse_bool_reads_as_postgres(value: str, expected: bool | None) -> None:
+    assert lexing.parse_bool(value) is expected

@@ -29,15 +29,30 @@ def test_pads_reproduce_hmac_with_plain_sha256() -> None:
 
 
 def test_context_values_travel_as_bind_parameters() -> None:
+    """Session mode: the proxy's own named statement and portal, closed again; the values only in Bind."""
     builder = ContextBuilder("app.current_tenant", "tenant_proxy.proof", "k" * 40)
     reader = MessageReader(1 << 20)
-    reader.feed(builder.session_messages("tenant-a", 77, 5000))
+    reader.feed(b"".join(raw for raw, _ in builder.session_messages("tenant-a", 77, 5000)))
     parsed = list(reader)
-    assert [t for t, _ in parsed] == [b"P", b"B", b"E", b"S"]
+    assert [t for t, _ in parsed] == [b"P", b"B", b"E", b"C", b"C", b"S"]
     statement = parsed[0][1]
-    assert b"tenant-a" not in statement and b"5000" not in statement
+    assert statement.startswith(b"pg_tenant_proxy_session_context\0")
+    assert b"tenant-a" not in statement and b"5000" not in statement and b", false)" in statement
     assert b"tenant-a" in parsed[1][1]
     assert builder.proof("tenant-a", 77, 5000).encode() in parsed[1][1]
+    assert parsed[3][1] == b"Ppg_tenant_proxy_context\0" and parsed[4][1] == b"Spg_tenant_proxy_session_context\0"
+
+
+def test_transaction_context_is_local_and_never_unnamed() -> None:
+    """Transaction mode: Bind, Execute and Close of the proxy's own portal, for the transaction only."""
+    builder = ContextBuilder("app.current_tenant", "tenant_proxy.proof", "k" * 40)
+    assert ", true)" in builder.statement and ", false)" not in builder.statement
+    reader = MessageReader(1 << 20)
+    reader.feed(b"".join(builder.transaction_messages("tenant-a", 77, 5000)))
+    parsed = list(reader)
+    assert [t for t, _ in parsed] == [b"B", b"E", b"C"]
+    assert parsed[0][1].startswith(b"pg_tenant_proxy_context\0pg_tenant_proxy_context\0")
+    assert parsed[1][1].startswith(b"pg_tenant_proxy_context\0")
 
 
 def test_quote_literal() -> None:

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.config import UUID_PATTERN, JwtSettings
+from proxy.config import UUID_PATTERN, IssuerSettings, JwtSettings
 from proxy.tokens import TokenRejected, TokenVerifier, claim_at
 
 SECRET = "s" * 40
@@ -20,21 +21,26 @@ TENANT = "11111111-1111-4111-8111-111111111111"
 NOW = 1_800_000_000
 
 
-def settings(**overrides: Any) -> JwtSettings:
+def issuer(**overrides: Any) -> IssuerSettings:
     values: dict[str, Any] = dict(
+        issuer=None,
+        discovery=False,
         algorithms=["HS256"],
         secret=SECRET,
         public_key_file=None,
         jwks_file=None,
         jwks_url=None,
         audience=None,
-        issuer=None,
-        leeway_seconds=0,
+        required_claims={},
         tenant_claim="tenant_id",
         tenant_pattern=UUID_PATTERN,
     )
     values.update(overrides)
-    return JwtSettings(**values)
+    return IssuerSettings(**values)
+
+
+def settings(leeway_seconds: int = 0, **overrides: Any) -> JwtSettings:
+    return JwtSettings(issuers=[issuer(**overrides)], leeway_seconds=leeway_seconds)
 
 
 def token(claims: dict[str, Any] | None = None, key: Any = SECRET, algorithm: str = "HS256", **headers: Any) -> str:
@@ -57,8 +63,8 @@ def test_valid_token() -> None:
         ({"exp": "soon"}, {}, "'exp' is not a number"),
         ({"nbf": NOW + 10}, {}, "token not yet valid"),
         ({"iat": NOW + 10}, {}, "issued in the future"),
-        ({"aud": "other"}, {"audience": "app"}, "audience does not match"),
-        ({}, {"audience": "app"}, "no 'aud' claim"),
+        ({"aud": "other"}, {"audience": ["app"]}, "audience does not match"),
+        ({}, {"audience": ["app"]}, "no 'aud' claim"),
         ({"iss": "evil"}, {"issuer": "https://issuer"}, "issuer does not match"),
         ({"tenant_id": None}, {}, "tenant claim 'tenant_id' missing"),
         ({"tenant_id": ""}, {}, "tenant claim 'tenant_id' missing"),
@@ -182,3 +188,106 @@ def test_rejected_tokens_are_not_cached() -> None:
     with pytest.raises(TokenRejected, match="not yet valid"):
         verifier.verify(early, NOW)
     assert verifier.verify(early, NOW + 20).tenant == TENANT
+
+
+@pytest.mark.parametrize(
+    "required, claims, reason",
+    [
+        ({"token_use": ["access"]}, {"token_use": "access"}, None),
+        ({"token_use": ["access"]}, {"token_use": "id"}, "claim 'token_use' does not have a required value"),
+        ({"client_id": ["a", "b"]}, {"client_id": "b"}, None),
+        ({"client_id": ["a", "b"]}, {}, "token has no 'client_id' claim"),
+        ({"groups": ["admin"]}, {"groups": ["staff", "admin"]}, None),
+        ({"groups[1]": ["admin"]}, {"groups": ["admin", "staff"]}, "claim 'groups\\[1\\]' does not have"),
+        ({"app.plan": ["gold"]}, {"app": {"plan": "gold"}}, None),
+        ({"https://example.com/plan": ["gold"]}, {"https://example.com/plan": "gold"}, None),
+        ({"level": [1]}, {"level": True}, "does not have a required value"),
+        ({"level": [1]}, {"level": 1.0}, None),
+    ],
+)
+def test_required_claims(required: dict[str, list[Any]], claims: dict[str, Any], reason: str | None) -> None:
+    verifier = TokenVerifier(settings(required_claims=required))
+    if reason is None:
+        assert verifier.verify(token(claims), NOW).tenant == TENANT
+    else:
+        with pytest.raises(TokenRejected, match=reason):
+            verifier.verify(token(claims), NOW)
+
+
+def test_audience_list_accepts_any_listed_audience() -> None:
+    verifier = TokenVerifier(settings(audience=["api://a", "api://b"]))
+    assert verifier.verify(token({"aud": ["other", "api://b"]}), NOW).tenant == TENANT
+    with pytest.raises(TokenRejected, match="audience does not match"):
+        verifier.verify(token({"aud": "a,b"}), NOW)
+
+
+def test_the_token_iss_selects_one_issuer_and_only_its_settings() -> None:
+    first = issuer(issuer="https://a.example", tenant_claim="org")
+    second = issuer(issuer="https://b.example", required_claims={"token_use": ["access"]})
+    verifier = TokenVerifier(JwtSettings(issuers=[first, second]))
+    assert verifier.verify(token({"iss": "https://a.example", "org": TENANT, "tenant_id": None}), NOW).tenant == TENANT
+    with pytest.raises(TokenRejected, match="tenant claim 'org' missing"):
+        verifier.verify(token({"iss": "https://a.example"}), NOW)
+    with pytest.raises(TokenRejected, match="no 'token_use' claim"):
+        verifier.verify(token({"iss": "https://b.example"}), NOW)
+    numeric = _hs256_by_hand({"iss": 7, "tenant_id": TENANT, "exp": NOW + 60}, SECRET.encode())
+    for other in (token({"iss": "https://c.example"}), token({"iss": None}), numeric):
+        with pytest.raises(TokenRejected, match="issuer does not match"):
+            verifier.verify(other, NOW)
+
+
+def test_claims_for_sql_are_selected_and_canonical() -> None:
+    claims = {"role": "editor", "email": "a@example.com", "zeta": {"b": 1, "a": "é"}}
+    default = TokenVerifier(settings()).verify(token(claims), NOW)
+    assert default.claims_json == '{"role":"editor","sub":"alice"}'
+    everything = TokenVerifier(JwtSettings(issuers=[issuer()], sql_claims=["*"])).verify(token(claims), NOW)
+    assert everything.claims_json == (
+        '{"email":"a@example.com","exp":%d,"role":"editor","sub":"alice","tenant_id":"%s","zeta":{"a":"é","b":1}}'
+        % (NOW + 60, TENANT))
+    assert json.loads(everything.claims_json) == everything.claims
+
+
+def test_claims_over_the_size_bound_are_refused_with_54000() -> None:
+    verifier = TokenVerifier(JwtSettings(issuers=[issuer()], sql_claims=["*"], max_claims_bytes=200))
+    with pytest.raises(TokenRejected, match="more than tenant.max_claims_bytes") as info:
+        verifier.verify(token({"padding": "p" * 200}), NOW)
+    assert info.value.sqlstate == "54000"
+
+
+@pytest.mark.parametrize("value", ["nul\x00inside", 1e400])
+def test_claims_jsonb_cannot_hold_are_refused(value: Any) -> None:
+    text = _hs256_by_hand({"tenant_id": TENANT, "exp": NOW + 60, "sub": "alice", "role": value}, SECRET.encode())
+    with pytest.raises(TokenRejected, match="cannot be passed to SQL"):
+        TokenVerifier(settings()).verify(text, NOW)
+
+
+def test_sign_claims_matches_the_documented_format() -> None:
+    from proxy.auth.claims import sign_claims
+
+    proof = sign_claims(b"k" * 32, TENANT, 4242, NOW, '{"sub":"alice"}')
+    mac = hmac.new(b"k" * 32, f'4242:{NOW}:{TENANT}:{{"sub":"alice"}}'.encode(), hashlib.sha256).hexdigest()
+    assert proof == f"{NOW}:{mac}"
+
+
+def test_the_denylist_refuses_listed_ids_and_subjects(tmp_path: Path) -> None:
+    denylist = tmp_path / "denylist"
+    denylist.write_text("# revoked tokens\n\n")
+    verifier = TokenVerifier(JwtSettings(issuers=[issuer()], denylist_file=str(denylist)))
+    listed = token({"jti": "t-1"})
+    identity = verifier.verify(listed, NOW)
+    assert not verifier.revoked(identity, NOW)
+    denylist.write_text("t-1\n")
+    os.utime(denylist, ns=(1, 1))  # a different mtime, whatever the file system's resolution
+    assert not verifier.revoked(identity, NOW + 0.5)  # looked at once a second at most
+    assert verifier.revoked(identity, NOW + 1)
+    with pytest.raises(TokenRejected, match="^token revoked$"):
+        verifier.verify(listed, NOW + 1)  # the accepted-token cache does not bypass it
+    assert verifier.verify(token({"jti": "t-2"}), NOW + 1).token_id == "t-2"
+    denylist.write_text("alice\n")
+    os.utime(denylist, ns=(2, 2))
+    with pytest.raises(TokenRejected, match="^token revoked$"):
+        verifier.verify(token({"jti": "t-3"}), NOW + 2)
+    denylist.unlink()  # unreadable: the entries read before stay in force
+    assert verifier.revoked(identity, NOW + 3)
+    with pytest.raises(TokenRejected, match="^token revoked$"):
+        verifier.verify(token({"jti": "t-4"}), NOW + 3)

@@ -1,0 +1,1032 @@
+"""The client-to-server stream of one session: every client message, what goes upstream for it, and
+what the server will owe (`ReplyQueue`), in session or transaction mode.
+
+The relay does no I/O. Bytes from the client come in through `client_data`, bytes from the server
+through `server_data`; what must happen goes out through the few hooks of `Hooks` (write to either
+side, ask for a server connection, give it back, end the session). The mode is a strategy:
+
+- **SessionMode**: the client keeps its server connection. The signed context is set for the whole
+  session in a Sync group of the proxy's own before any client message (never pipelined, so no client
+  rollback can undo it), and again right after a RESET ALL or DISCARD ALL.
+- **TransactionMode**: the client holds a server connection for one transaction at a time. Before the
+  first statement of each transaction the proxy's own Bind and Execute set the context with
+  `set_config(..., true)`, in the same write and the same implicit transaction as the client's
+  statement, with no Sync between: if it fails the server skips the client's messages, a rollback
+  takes the context with it, and a server connection between transactions holds none. Named and
+  unnamed prepared statements, settings and the unnamed statement follow the client
+  (`statements`, `settings`).
+
+Every message is read whole (the hot path: one simple Query per read is forwarded as it came, with
+only its header looked at and the guard's pre-scan run on its text).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.guard import ALLOW, Decision, Refusal
+from proxy.metrics import METRICS
+from proxy.protocol import errors, messages
+from proxy.protocol.framing import Message, MessageScanner, Segment
+from proxy.relay.replies import Outcome, Owner, ReplyQueue, Request
+from proxy.relay.settings import (
+    APPLY_SQL,
+    APPLY_STATEMENT,
+    READ_SQL,
+    READ_STATEMENT,
+    ClientSettings,
+    apply_bind,
+    read_bind,
+    reset_query,
+)
+from proxy.relay.statements import NEVER_PREPARED, PREFIX, ClientStatements, ServerStatements, Statement, statement_for
+
+if TYPE_CHECKING:
+    from proxy.guard import Guard
+    from proxy.tenant import ContextBuilder
+
+CLIENT_WATCHED = b"QPBDESCHFXcf"  # everything but CopyData
+HELD_HIGH_WATER = 256 * 1024  # bytes held from a client waiting for its server connection before reading pauses
+RESERVED_HINT = "names starting with pg_tenant_proxy_ belong to the proxy; choose another name"
+# What a tenant may leave on a server connection, reset when the next client is another tenant's:
+# DISCARD ALL but for DEALLOCATE ALL and DISCARD PLANS, so the prepared statements the proxy shares
+# (by digest, tenant-neutral) survive. SQL-level PREPARE is refused by the guard in transaction mode;
+# with the guard off, DEALLOCATE ALL is added.
+TENANT_SWITCH_RESET = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; UNLISTEN *;"
+    " SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+)
+GUARDED_RESET = messages.query(TENANT_SWITCH_RESET)
+UNGUARDED_RESET = messages.query(TENANT_SWITCH_RESET + "; DEALLOCATE ALL")
+_MARKER = "pg_tenant_proxy_refused"
+CONTEXT_FAILED = b"could not set the tenant context: "
+_DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
+
+
+class Hooks(Protocol):
+    """What the relay needs from the asyncio side."""
+
+    def send_upstream(self, data: bytes) -> None: ...
+
+    def send_client(self, data: bytes | memoryview) -> None: ...
+
+    def need_server(self) -> None: ...
+
+    def release_server(self) -> None: ...
+
+    def prepared(self) -> None: ...
+
+    def fail(self, sqlstate: str, text: str, hint: str | None = None) -> None: ...
+
+    def terminated(self) -> None: ...
+
+    def hold_client(self, held: bool) -> None: ...
+
+    def refused(self, refusal: Refusal) -> None: ...
+
+    def transactions_ended(self, count: int) -> None: ...
+
+
+@dataclass
+class ServerState:
+    """What one server connection holds between clients: the tenant it last served (under transaction
+    pooling, the one whose session state it may carry), its session settings, its statements, the
+    parameters it reported."""
+
+    statements: ServerStatements
+    tenant: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+class ServerLink(Protocol):
+    """A server connection as the relay sees it."""
+
+    process_id: int
+    queue: ReplyQueue
+    state: ServerState
+
+
+class Identity(Protocol):
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def expires_at(self) -> int: ...
+
+    @property
+    def claims_json(self) -> str: ...
+
+
+def refusal_error(refusal: Refusal) -> bytes:
+    return messages.error_response("ERROR", refusal.sqlstate, refusal.message, hint=refusal.hint)
+
+
+def reserved(kind: str, name: bytes) -> Refusal:
+    return Refusal(
+        errors.INSUFFICIENT_PRIVILEGE, f'{kind} name "{name.decode(errors="replace")}" is reserved for pg-tenant-proxy', RESERVED_HINT
+    )
+
+
+class OwnRequest:
+    """A request of the proxy's own: its outcome goes to `on_end`, its DataRows to `rows`."""
+
+    __slots__ = ("on_end", "rows")
+
+    def __init__(self, on_end: object, rows: list[list[bytes | None]] | None = None) -> None:
+        self.on_end = on_end
+        self.rows = rows
+
+    def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        self.on_end(outcome, error)  # type: ignore[operator]
+
+    def row(self, values: list[bytes | None]) -> None:
+        if self.rows is not None:
+            self.rows.append(values)
+
+
+class Relay:
+    """One client session's stream. See the module docstring."""
+
+    def __init__(
+        self,
+        hooks: Hooks,
+        guard: Guard | None,
+        context: ContextBuilder,
+        identity: Identity,
+        settings: ClientSettings,
+        transaction_mode: bool,
+        max_message: int,
+        max_statement_bytes: int,
+    ) -> None:
+        self.hooks = hooks
+        self.guard = guard
+        self.context = context
+        self.identity = identity
+        self.settings = settings
+        self.scanner = MessageScanner(CLIENT_WATCHED, max_message)
+        self.server: ServerLink | None = None
+        self.queue: ReplyQueue | None = None
+        self.held: deque[Segment] = deque()
+        self.held_bytes = 0
+        self.preparing = False  # the proxy's own exchange runs before the client's messages
+        self.mid_group = False  # extended-query messages sent since the last Sync
+        self.describing = True  # ... and they were only Parse, Describe, Close and Flush
+        self.client_view: dict[str, str] = {}  # ParameterStatus values the client has seen
+        self._pending_parameters: dict[str, str] = {}
+        self.terminated = False  # the client sent Terminate
+        self.transactions_ended = 0  # client transactions ended (ReadyForQuery 'I') since the hooks were told
+        self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
+        self.mode: SessionMode | TransactionMode = (
+            TransactionMode(self, max_statement_bytes) if transaction_mode else SessionMode(self)
+        )
+        self._out: list[bytes | memoryview] = []
+
+    # -- server connection -----------------------------------------------------------------------
+
+    def attach(self, server: ServerLink, wait: bool = False) -> None:
+        """Start relaying on `server`. The mode's own messages for it go first; with `wait` (or when the
+        mode must), the client's messages wait until the server has answered them, and
+        `hooks.prepared()` is called then."""
+        self.server = server
+        self.queue = server.queue
+        server.queue.listener = self
+        must_wait = self.mode.attached(server) or wait
+        self.preparing = must_wait and not server.queue.idle()
+        if self.preparing or not self.held:
+            self._flush()
+        else:
+            self._resume()
+        if must_wait and not self.preparing:
+            self.hooks.prepared()
+            self.mode.maybe_release()
+
+    def detach(self) -> None:
+        self.server = None
+        self.queue = None
+
+    def server_data(self, data: bytes) -> None:
+        """Bytes from the server: account for them and pass on what is the client's."""
+        queue = self.queue
+        assert queue is not None
+        out = queue.feed(data)
+        if out:
+            self.hooks.send_client(out)
+        if self.transactions_ended:
+            ended, self.transactions_ended = self.transactions_ended, 0
+            self.hooks.transactions_ended(ended)
+        if self.server is None:
+            return
+        if self.preparing:
+            if queue.idle():
+                self.preparing = False
+                self.hooks.prepared()
+                self._resume()
+                self.mode.maybe_release()
+            return
+        if self.held and not queue.client_group_ends:
+            self._resume()
+        if not self.terminated:
+            self.mode.maybe_release()
+
+    # -- ReplyQueue's listener -------------------------------------------------------------------
+
+    def group_ended(self, status: bytes, own: bool) -> None:
+        if not own and status == b"I":
+            self.transactions_ended += 1
+
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+        if self.server is not None:
+            self.server.state.parameters[name] = value
+        if forwarded:
+            self.client_view[name] = value
+            self._pending_parameters.pop(name, None)
+        elif self.client_view.get(name) != value:
+            self._pending_parameters[name] = value
+        else:
+            self._pending_parameters.pop(name, None)
+        if self.queue is not None:
+            self.queue.parameters_pending = bool(self._pending_parameters)
+
+    def pending_parameters(self) -> bytes:
+        """ParameterStatus for what the proxy's own requests changed, sent before the client's next
+        ReadyForQuery so the client's view stays true."""
+        if not self._pending_parameters:
+            return b""
+        pending, self._pending_parameters = self._pending_parameters, {}
+        self.client_view.update(pending)
+        if self.queue is not None:
+            self.queue.parameters_pending = False
+        return b"".join(messages.parameter_status(name, value) for name, value in pending.items())
+
+    # -- client bytes ----------------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        """Bytes from the client (logged in). Raises ProtocolViolation on a malformed stream."""
+        if self.terminated:
+            return
+        if self.server is None and not self.held and self.scanner.lone(data) == 88:  # 'X' alone: nothing to check out for
+            self.terminated = True
+            self.hooks.terminated()
+            return
+        if self.server is None or self.held or self.preparing:
+            self._hold(self.scanner.scan(data))
+            if self.server is None:
+                self.hooks.need_server()
+            return
+        if self.scanner.lone(data) == 81:  # 'Q': the common read, one whole simple Query
+            self._run((Message(b"Q", data),))
+        else:
+            self._run(self.scanner.scan(data))
+
+    def _hold(self, segments: Sequence[Segment]) -> None:
+        for segment in segments:
+            self.held.append(segment)
+            self.held_bytes += len(segment.raw) if type(segment) is Message else len(segment)  # type: ignore[union-attr,arg-type]
+        if self.held_bytes > HELD_HIGH_WATER:
+            self.hooks.hold_client(True)
+
+    def _resume(self) -> None:
+        """Go on with held client messages (a server connection arrived, or a group ended)."""
+        if not self.held:
+            return
+        segments = list(self.held)
+        self.held.clear()
+        self.held_bytes = 0
+        self.hooks.hold_client(False)
+        self._run(segments)
+
+    def _run(self, segments: Sequence[Segment]) -> None:
+        """Handle client messages in order until one must wait; go on at once when what it waited for
+        is already there (a ReadyForQuery the proxy answered itself)."""
+        while True:
+            stopped = self._process(segments)
+            self._flush()
+            if self.terminated:  # Terminate: not forwarded, so the server connection can serve again
+                self.hooks.terminated()
+                return
+            queue = self.queue
+            if stopped is None or queue is None or queue.client_group_ends or self.mode.waiting():
+                break
+            segments = stopped
+        if stopped is not None:
+            self._hold(stopped)
+        self.mode.maybe_release()
+
+    def _process(self, segments: Sequence[Segment]) -> Sequence[Segment] | None:
+        """Handle the segments; the ones left when a message must wait (that one first), else None."""
+        out = self._out
+        for index, segment in enumerate(segments):
+            if type(segment) is not Message:
+                out.append(segment)  # type: ignore[arg-type]  # CopyData
+                assert self.queue is not None
+                self.queue.expect(Request.COPY_DATA)
+                continue
+            if not self._message(segment):  # type: ignore[arg-type]
+                return None if self.terminated else segments[index:]
+        self.mode.read_done()
+        return None
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            self.hooks.send_upstream(data)
+        queue = self.queue
+        if queue is not None and queue.entries and queue.entries[0].owner is Owner.ANSWERED:
+            answer = queue.answer_ready()
+            if answer:
+                self.hooks.send_client(answer)
+
+    def _message(self, message: Message) -> bool:
+        """Handle one client message; False when it must wait (the mode needs the server's status)."""
+        kind = message.type
+        mode = self.mode
+        if mode.waiting():
+            return False
+        if self.skip_group and kind != b"X":
+            if kind == b"S":  # the window the client is in ends here: the proxy answers its Sync
+                self.skip_group = False
+                assert self.queue is not None
+                self.queue.expect(Request.SYNC, Owner.ANSWERED)
+                self.mid_group = False
+            return True
+        if kind == b"Q":
+            return _counted(mode.query(message))
+        if kind == b"B":
+            mode.bind(message)
+        elif kind == b"E":
+            return mode.execute(message)
+        elif kind == b"S":
+            self.send(message.raw, Request.SYNC)
+            METRICS.queries += 1
+            self.mid_group = False
+            self.describing = True
+            mode.group_sent()
+        elif kind == b"P":
+            mode.parse(message)
+        elif kind == b"D":
+            mode.describe(message)
+        elif kind == b"C":
+            mode.close(message)
+        elif kind == b"H":
+            self._out.append(message.raw)
+        elif kind == b"F":
+            return self._function_call(message)
+        elif kind == b"X":
+            self.terminated = True
+            return False
+        else:  # CopyDone, CopyFail
+            self.send(message.raw, Request.COPY_END)
+        return True
+
+    def _function_call(self, message: Message) -> bool:
+        """FunctionCall ('F'): refused by the guard unless configured; otherwise like a Query."""
+        if self.guard is not None:
+            (oid,) = struct.unpack_from("!I", message.body) if len(message.body) >= 4 else (0,)
+            refusal = self.guard.function_call(oid)
+            if refusal is not None:
+                self.refuse_group(refusal)
+                return True
+        return _counted(self.mode.function_call(message))
+
+    # -- what goes upstream ----------------------------------------------------------------------
+
+    def send(self, raw: bytes | memoryview, request: Request, owner: Owner = Owner.CLIENT, watcher: OwnRequest | None = None,
+             reply: bytes = b"", rows: bool = False) -> None:
+        assert self.queue is not None
+        self._out.append(raw)
+        self.queue.expect(request, owner, reply, watcher, rows)
+        if request in EXTENDED_REQUESTS:
+            self.mid_group = True
+            if request is Request.BIND or request is Request.EXECUTE:
+                self.describing = False
+
+    def own(self, raw: bytes, request: Request, watcher: OwnRequest | None = None, rows: bool = False,
+            speaks: bytes = b"") -> None:
+        """A message of the proxy's own; `speaks`: on failure, the client gets an error with this prefix."""
+        assert self.queue is not None
+        self._out.append(raw)
+        self.queue.expect(request, Owner.OWN, speaks, watcher, rows)
+
+    def flush_own(self) -> None:
+        """Send what the proxy added while handling the server's replies."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            self.hooks.send_upstream(data)
+
+    def refuse_group(self, refusal: Refusal) -> None:
+        """Refuse a Query or FunctionCall: a Query that fails on the server takes its place."""
+        self.hooks.refused(refusal)
+        self.send(messages.query(_MARKER), Request.QUERY, Owner.REFUSED, reply=refusal_error(refusal))
+        self.mode.group_sent()
+
+    def refuse_extended(self, refusal: Refusal) -> None:
+        """Refuse an extended-query message: a Parse that fails takes its place (the server then skips
+        to Sync, as for any failing extended message)."""
+        self.hooks.refused(refusal)
+        self.send(messages.parse(_MARKER, _MARKER), Request.PARSE, Owner.REFUSED, reply=refusal_error(refusal))
+
+    def decide(self, text: bytes) -> Decision:
+        """The guard's decision on a Query's or Parse's text (NUL terminator excluded)."""
+        guard = self.guard
+        if guard is None:
+            return ALLOW
+        return guard.check(text.decode("utf-8", "replace"))
+
+
+EXTENDED_REQUESTS = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE})
+
+
+def split_parse(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """Name, query text and the definition (everything after the name) of a Parse body."""
+    name, end = messages.split_name(body)
+    text, _ = messages.split_name(body, end)
+    return name, text, body[end:]
+
+
+def split_bind(body: bytes) -> tuple[bytes, bytes, int]:
+    """Portal, statement and the offset of the rest of a Bind body."""
+    portal, start = messages.split_name(body)
+    statement, end = messages.split_name(body, start)
+    return portal, statement, end
+
+
+def _counted(handled: bool) -> bool:
+    """Count a client Query or FunctionCall once it is handled (False: it waits and comes back)."""
+    METRICS.queries += handled
+    return handled
+
+
+class SessionMode:
+    """Session pooling: the client keeps its server connection; the context is set once, in its own
+    Sync group before any client message, and again after RESET ALL or DISCARD ALL."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.reassert_due = False
+        self.resetting: set[bytes] = set()  # statements and portals (b"P" + name) whose text resets all settings
+
+    def attached(self, server: ServerLink) -> bool:
+        self._send_context()
+        return True
+
+    def _send_context(self) -> None:
+        relay = self.relay
+        assert relay.server is not None
+        identity = relay.identity
+        request = OwnRequest(self._context_ended)
+        for raw, kind in relay.context.session_messages(identity.tenant, relay.server.process_id, identity.expires_at,
+                                                    identity.claims_json):
+            relay.own(raw, kind, request if kind is Request.SYNC else None)
+        METRICS.context_sets += 1
+
+    def _context_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        relay = self.relay
+        if outcome is Outcome.COMPLETED:
+            return
+        assert relay.queue is not None
+        if relay.queue.status == b"E":
+            self.reassert_due = True  # inside a failed block: the rollback restores the context; set it again after
+            return
+        fields = error or {}
+        relay.hooks.fail(
+            fields.get("C", errors.INTERNAL_ERROR), "could not set the tenant context: " + fields.get("M", "unknown error")
+        )
+
+    def query(self, message: Message) -> bool:
+        relay = self.relay
+        decision = relay.decide(message.body[:-1])
+        if decision.refusal is not None:
+            relay.refuse_group(decision.refusal)
+            return True
+        relay.send(message.raw, Request.QUERY)
+        self.reassert_due = self.reassert_due or decision.resets_all
+        self.group_sent()
+        return True
+
+    def parse(self, message: Message) -> None:
+        relay = self.relay
+        name, text, _ = split_parse(message.body)
+        if name.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement", name))
+            return
+        decision = relay.decide(text)
+        if decision.refusal is not None:
+            relay.refuse_extended(decision.refusal)
+            return
+        if decision.resets_all:
+            self.resetting.add(name)
+        else:
+            self.resetting.discard(name)
+        relay.send(message.raw, Request.PARSE)
+
+    def bind(self, message: Message) -> None:
+        relay = self.relay
+        portal, statement, _ = split_bind(message.body)
+        if statement.startswith(PREFIX) or portal.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement or portal", statement if statement.startswith(PREFIX) else portal))
+            return
+        if statement in self.resetting:
+            self.resetting.add(b"P" + portal)
+        else:
+            self.resetting.discard(b"P" + portal)
+        relay.send(message.raw, Request.BIND)
+
+    def execute(self, message: Message) -> bool:
+        portal, _ = messages.split_name(message.body)
+        if b"P" + portal in self.resetting:
+            self.reassert_due = True
+        self.relay.send(message.raw, Request.EXECUTE)
+        return True
+
+    def describe(self, message: Message) -> None:
+        self._named(message, Request.DESCRIBE)
+
+    def close(self, message: Message) -> None:
+        self._named(message, Request.CLOSE)
+
+    def _named(self, message: Message, request: Request) -> None:
+        relay = self.relay
+        name, _ = messages.split_name(message.body, 1)
+        if name.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement or portal", name))
+            return
+        relay.send(message.raw, request)
+
+    def function_call(self, message: Message) -> bool:
+        self.relay.send(message.raw, Request.FUNCTION_CALL)
+        self.group_sent()
+        return True
+
+    def group_sent(self) -> None:
+        """A Query, Sync or FunctionCall went upstream: set the context again now if it was reset."""
+        if self.reassert_due and not self.relay.mid_group:
+            self.reassert_due = False
+            self._send_context()
+
+    def read_done(self) -> None:
+        """Nothing to add at the end of a client read in session mode."""
+
+    def waiting(self) -> bool:
+        """Session mode never holds a client message for the server's answer."""
+        return False
+
+    def maybe_release(self) -> None:
+        """The connection is released when the client leaves, not here."""
+
+
+class TransactionMode:
+    """Transaction pooling; see the module docstring."""
+
+    def __init__(self, relay: Relay, max_statement_bytes: int) -> None:
+        self.relay = relay
+        self.statements = ClientStatements(max_statement_bytes)
+        self.portals: dict[bytes, Decision] = {}  # portals of statements with effects, by portal name
+        self.context_set = False  # the context is in force for the transaction the client is in
+        self.context_reset = False  # a RESET ALL / DISCARD ALL went upstream: set it again before the next statement
+        self.reapply: dict[str, str] = {}  # startup values to apply again behind the current group
+        self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
+        self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
+
+    # -- checkout --------------------------------------------------------------------------------
+
+    def attached(self, server: ServerLink) -> bool:
+        """Reset what the previous tenant left, apply the client's settings: pipelined, no waiting."""
+        relay = self.relay
+        state = server.state
+        state.statements.in_use.clear()
+        tenant = relay.identity.tenant
+        if state.tenant is not None and state.tenant != tenant:
+            METRICS.tenant_switches += 1
+            relay.own(GUARDED_RESET if relay.guard is not None else UNGUARDED_RESET, Request.QUERY, OwnRequest(self._prelude_ended))
+            if relay.guard is None:
+                state.statements.dropped()
+            state.settings = {}
+        state.tenant = tenant
+        self.context_set = False
+        self._apply(relay.settings.current)
+        return False
+
+    def _apply(self, wanted: dict[str, str]) -> None:
+        """Bring the server connection's settings to `wanted`: reset what it has beyond them, set what
+        differs; one group of the proxy's own (two when a reset is needed)."""
+        relay = self.relay
+        assert relay.server is not None
+        state = relay.server.state
+        stale = [name for name in state.settings if name not in wanted]
+        changed = {name: value for name, value in wanted.items() if state.settings.get(name) != value}
+        if stale:
+            relay.own(reset_query(stale), Request.QUERY, OwnRequest(self._prelude_ended))
+        if changed:
+            self._own_statement(APPLY_STATEMENT, APPLY_SQL)
+            relay.own(apply_bind(changed), Request.BIND, OwnRequest(self._prelude_ended))
+            relay.own(messages.execute(APPLY_STATEMENT.decode()), Request.EXECUTE, OwnRequest(self._prelude_ended))
+            relay.own(messages.sync(), Request.SYNC)
+        state.settings = dict(wanted)
+
+    def _prelude_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        if outcome is Outcome.FAILED:
+            fields = error or {}
+            self.relay.hooks.fail(
+                fields.get("C", errors.CONNECTION_FAILURE),
+                "could not prepare a server connection for this session: " + fields.get("M", "unknown error"),
+            )
+
+    def _own_statement(self, name: bytes, sql: str) -> None:
+        """Prepare one of the proxy's own statements on this server connection unless it holds it."""
+        relay = self.relay
+        assert relay.server is not None
+        statements = relay.server.state.statements
+        statements.in_use.add(name)
+        if statements.has(name):
+            return
+        relay.own(messages.close_statement(name), Request.CLOSE)
+        relay.own(messages.parse(name.decode(), sql), Request.PARSE, OwnRequest(statements.parse_sent(name).ended))
+
+    # -- the context -----------------------------------------------------------------------------
+
+    def _context(self, decision: Decision, group_end: bool) -> bool:
+        """Before a statement-running message: put the context in front of it when a transaction starts
+        here. False: the server's status is not known yet (a group is in flight), so the message waits.
+        `group_end`: the message is a Query or FunctionCall, which the server skips if the context fails;
+        a Sync of the proxy's own then ends that skip, and its ReadyForQuery is the client's."""
+        relay = self.relay
+        if self.context_set and not self.context_reset:
+            return True
+        queue = relay.queue
+        assert queue is not None and relay.server is not None
+        if queue.client_group_ends:
+            return False
+        if decision.no_transaction_block or not (queue.status == b"I" or (self.context_reset and queue.status == b"T")):
+            return True
+        self.context_reset = False
+        identity = relay.identity
+        self._own_statement(relay.context.statement_name, relay.context.statement)
+        bind, execute, close = relay.context.transaction_messages(
+            identity.tenant, relay.server.process_id, identity.expires_at, identity.claims_json)
+        relay.own(bind, Request.BIND, speaks=CONTEXT_FAILED)
+        relay.own(execute, Request.EXECUTE, OwnRequest(self._context_failed) if group_end else None, speaks=CONTEXT_FAILED)
+        relay.own(close, Request.CLOSE, speaks=CONTEXT_FAILED)
+        METRICS.context_sets += 1
+        self.context_set = True
+        return True
+
+    def _context_failed(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """The context failed in front of a Query or FunctionCall: the server skips it and waits for a
+        Sync, which the proxy sends (the queue gives its ReadyForQuery to the client)."""
+        if outcome is not Outcome.FAILED:
+            return
+        relay = self.relay
+        relay.own(messages.sync(), Request.SYNC)
+        relay.flush_own()
+
+    # -- client messages -------------------------------------------------------------------------
+
+    def query(self, message: Message) -> bool:
+        relay = self.relay
+        decision = relay.decide(message.body[:-1])
+        if decision.refusal is not None:
+            relay.refuse_group(decision.refusal)
+            return True
+        answered = self._deallocate(decision)
+        if answered is not None:
+            relay.send(b"", Request.QUERY, Owner.ANSWERED, reply=_DEALLOCATE_COMPLETE, watcher=answered)
+            self.group_sent()
+            return True
+        if not self._context(decision, group_end=True):
+            return False
+        self.statements.unnamed = None  # a simple Query drops the unnamed statement
+        assert relay.server is not None
+        relay.server.state.statements.unnamed = None
+        relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
+        self.group_sent()
+        return True
+
+    def _deallocate(self, decision: Decision) -> OwnRequest | None:
+        """A Query that is one `DEALLOCATE name` of the client's own statement: the proxy answers it."""
+        if len(decision.deallocates) != 1 or decision.statement_count != 1:
+            return None
+        (name,) = decision.deallocates
+        encoded = name.encode()
+        if encoded not in self.statements.by_name:
+            return None
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            if outcome is Outcome.COMPLETED and self.relay.queue is not None and self.relay.queue.status != b"E":
+                self.statements.forget(encoded)
+
+        return OwnRequest(ended)
+
+    def _effects(self, decision: Decision) -> OwnRequest | None:
+        """Act on what a statement does to session state as it goes upstream: statements dropped on the
+        server, settings to read back (and startup values to apply again after a reset)."""
+        if decision is ALLOW:
+            return None
+        relay = self.relay
+        watcher: OwnRequest | None = None
+        self.context_reset = self.context_reset or decision.resets_all
+        if decision.drops_statements:
+            assert relay.server is not None
+            relay.server.state.statements.dropped()
+
+            def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+                if outcome is Outcome.COMPLETED:
+                    self.statements.forget_all()
+
+            watcher = OwnRequest(ended)
+        if decision.set_names or decision.reset_names or decision.resets_all or decision.unknown_settings:
+            assert relay.server is not None
+            held = relay.server.state.settings
+            if decision.resets_all:
+                held.clear()  # the server's defaults from here on (a read-back corrects a rollback)
+            for name in decision.reset_names:
+                held.pop(name, None)
+            reapply = relay.settings.changed(decision.set_names, decision.reset_names, decision.resets_all, decision.unknown_settings)
+            self.reapply.update(reapply)
+        return watcher
+
+    def parse(self, message: Message) -> None:
+        relay = self.relay
+        name, text, definition = split_parse(message.body)
+        if name.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement", name))
+            return
+        decision = relay.decide(text)
+        if decision.refusal is not None:
+            relay.refuse_extended(decision.refusal)
+            return
+        if not self.statements.room_for(name, definition):
+            relay.refuse_extended(Refusal(
+                errors.CONFIGURATION_LIMIT_EXCEEDED,
+                f"too much kept in prepared statements: this client may keep {self.statements.limit} bytes of them",
+                "close (deallocate) prepared statements the client no longer uses, or raise [client] max_prepared_statement_bytes",
+            ))
+            return
+        if name and name in self.statements.by_name:
+            self._parse_again(name, definition)
+            return
+        assert relay.server is not None
+        server = relay.server.state.statements
+        statement = statement_for(definition, relay.settings.current.get("search_path", ""), decision)
+        self.statements.remember(name, statement)
+        if name:
+            self._prepare(statement, server, Owner.CLIENT, name)
+            return
+        server.unnamed = statement
+        relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._unnamed_parsed(server, statement)))
+
+    def _close_ended(self, name: bytes, statement: Statement) -> object:
+        """A client's Close of its statement was forgotten when sent; skipped in an error window, it
+        closed nothing, as in Postgres."""
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            if outcome is not Outcome.COMPLETED and name in self.statements.by_name:
+                return  # a Parse of the name follows in the same window: its end restores this one
+            if self.closing.get(name) is statement:
+                del self.closing[name]
+            if outcome is not Outcome.COMPLETED:
+                self.statements.remember(name, statement)
+
+        return ended
+
+    def _parse_again(self, name: bytes, definition: bytes) -> None:
+        """A Parse of a name the client already holds: Postgres checks the text first, then refuses the
+        name (42P05). Parsing the text under the server-side name of the client's statement, which the
+        server connection is made to hold, fails the same way, and the error is renamed on the way back."""
+        relay = self.relay
+        existing = self._ensure(name)
+        assert existing is not None and relay.server is not None
+        server = relay.server.state.statements
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            if outcome is Outcome.COMPLETED:  # it was not there after all: whatever holds the name now is unknown
+                server.dropped()
+
+        relay.send(messages.message(b"P", existing.server_name + b"\0" + definition), Request.PARSE,
+                   watcher=OwnRequest(ended), reply=existing.server_name + b"\0" + name)
+
+    @staticmethod
+    def _unnamed_parsed(server: ServerStatements, statement: Statement) -> object:
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            if outcome is not Outcome.COMPLETED and server.unnamed is statement:
+                server.unnamed = None
+
+        return ended
+
+    def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner, client_name: bytes = b"") -> None:
+        """Close the server-side name first (it may be there, or half-known after a failed group), make
+        room, then Parse it; OWN: its ParseComplete is swallowed."""
+        relay = self.relay
+        relay.own(messages.close_statement(statement.server_name), Request.CLOSE)
+        for victim in server.evictions():
+            relay.own(messages.close_statement(victim), Request.CLOSE)
+        server.in_use.add(statement.server_name)
+        parsed = server.parse_sent(statement.server_name).ended
+        raw = messages.message(b"P", statement.server_name + b"\0" + statement.definition)
+        if owner is Owner.OWN:
+            relay.own(raw, Request.PARSE, OwnRequest(parsed))
+            return
+
+        def client_parse_ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            parsed(outcome, error)
+            if outcome is not Outcome.COMPLETED and self.statements.by_name.get(client_name) is statement:
+                self.statements.forget(client_name)  # as in Postgres, a failed Parse creates nothing
+                closed = self.closing.pop(client_name, None)
+                if closed is not None:  # ... and a Close skipped with it closed nothing
+                    self.statements.remember(client_name, closed)
+
+        relay.send(raw, Request.PARSE, watcher=OwnRequest(client_parse_ended), reply=statement.server_name + b"\0" + client_name)
+
+    def _ensure(self, name: bytes) -> Statement | None:
+        """Make sure the server connection holds the client's statement `name` (b"" for the unnamed);
+        None when the client has no such statement (the server then reports it, as Postgres would)."""
+        relay = self.relay
+        assert relay.server is not None
+        server = relay.server.state.statements
+        statement = self.statements.lookup(name)
+        if statement is None:
+            if not name and server.unnamed is not None:
+                relay.own(messages.message(b"C", b"S\0"), Request.CLOSE)  # another client's: gone, as for this client
+                server.unnamed = None
+            return None
+        if not name:
+            if server.unnamed is not statement:
+                server.unnamed = statement
+                relay.own(messages.message(b"P", b"\0" + statement.definition), Request.PARSE,
+                          OwnRequest(self._unnamed_parsed(server, statement)))
+            return statement
+        server.in_use.add(statement.server_name)
+        if not server.has(statement.server_name):
+            self._prepare(statement, server, Owner.OWN)
+        return statement
+
+    def bind(self, message: Message) -> None:
+        relay = self.relay
+        body = message.body
+        portal, name, end = split_bind(body)
+        if name.startswith(PREFIX) or portal.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement or portal", name if name.startswith(PREFIX) else portal))
+            return
+        statement = self._ensure(name)
+        if statement is not None and statement.decision is not ALLOW:
+            self.portals[portal] = statement.decision
+        else:
+            self.portals.pop(portal, None)
+        if statement is None or not name:
+            relay.send(message.raw, Request.BIND)
+            return
+        relay.send(messages.message(b"B", portal + b"\0" + statement.server_name + b"\0" + body[end:]), Request.BIND,
+                   reply=statement.server_name + b"\0" + name)
+
+    def describe(self, message: Message) -> None:
+        relay = self.relay
+        body = message.body
+        name, _ = messages.split_name(body, 1)
+        if name.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement or portal", name))
+            return
+        if body[:1] != b"S":
+            relay.send(message.raw, Request.DESCRIBE)
+            return
+        statement = self._ensure(name)
+        if statement is None or not name:
+            relay.send(message.raw, Request.DESCRIBE)
+            return
+        relay.send(messages.message(b"D", b"S" + statement.server_name + b"\0"), Request.DESCRIBE,
+                   reply=statement.server_name + b"\0" + name)
+
+    def close(self, message: Message) -> None:
+        """A client's Close of its statement forgets it; the server-side statement may be shared, so a
+        Close of a name never prepared stands in for it, keeping the CloseComplete in order."""
+        relay = self.relay
+        body = message.body
+        name, _ = messages.split_name(body, 1)
+        if name.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement or portal", name))
+            return
+        if body[:1] == b"S":
+            if not name:
+                self.statements.unnamed = None
+            else:
+                statement = self.statements.by_name.get(name)
+                if statement is not None:
+                    self.statements.forget(name)
+                    self.closing[name] = statement
+                    relay.send(messages.close_statement(NEVER_PREPARED), Request.CLOSE,
+                               watcher=OwnRequest(self._close_ended(name, statement)))
+                    return
+        else:
+            self.portals.pop(name, None)
+        relay.send(message.raw, Request.CLOSE)
+
+    def execute(self, message: Message) -> bool:
+        relay = self.relay
+        portal, _ = messages.split_name(message.body)
+        decision = self.portals.get(portal, ALLOW)
+        if not self._context(decision, group_end=False):
+            return False
+        watcher = self._effects(decision)
+        relay.send(message.raw, Request.EXECUTE, watcher=watcher)
+        return True
+
+    def function_call(self, message: Message) -> bool:
+        if not self._context(ALLOW, group_end=True):
+            return False
+        self.relay.send(message.raw, Request.FUNCTION_CALL)
+        self.group_sent()
+        return True
+
+    # -- group ends ------------------------------------------------------------------------------
+
+    def group_sent(self) -> None:
+        """A Query, Sync or FunctionCall went upstream. Behind it, when the client is between groups:
+        its startup values again after a reset, then a read-back of its settings if they may have changed."""
+        relay = self.relay
+        self.context_set = False
+        if relay.mid_group:
+            return
+        if self.reapply:
+            self._apply({**relay.server.state.settings, **self.reapply} if relay.server is not None else self.reapply)
+            self.reapply = {}
+        if relay.settings.stale:
+            self._read_settings()
+
+    def _read_settings(self) -> None:
+        relay = self.relay
+        rows: list[list[bytes | None]] = []
+        self._own_statement(READ_STATEMENT, READ_SQL)
+        relay.own(read_bind(relay.settings.names_to_read()), Request.BIND)
+        relay.own(messages.execute(READ_STATEMENT.decode()), Request.EXECUTE, OwnRequest(lambda o, e: None, rows), rows=True)
+        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(outcome, rows)))
+
+    def _settings_read(self, outcome: Outcome, rows: list[list[bytes | None]]) -> None:
+        relay = self.relay
+        assert relay.queue is not None
+        if relay.queue.status != b"I":
+            return  # read inside a transaction block: read again at the next group end
+        if outcome is Outcome.COMPLETED:
+            values = [
+                (row[0].decode(errors="replace"), row[1].decode(errors="replace"))
+                for row in rows
+                if len(row) == 2 and row[0] is not None and row[1] is not None
+            ]
+            relay.settings.read(values)
+            if relay.server is not None:
+                relay.server.state.settings = dict(relay.settings.current)
+        else:
+            relay.settings.stale = False  # keep what is known rather than hold the connection forever
+
+    def read_done(self) -> None:
+        """The client's read is used up. A client that prepares with Parse / Describe / Flush and no Sync
+        (asyncpg does) leaves the server inside an implicit transaction; a Sync of the proxy's own, whose
+        ReadyForQuery is swallowed, ends it so the connection can go back to the pool meanwhile."""
+        relay = self.relay
+        out = relay._out
+        if (
+            relay.mid_group
+            and relay.describing
+            and out
+            and bytes(out[-1][:1]) == b"H"
+            and relay.scanner.at_boundary()
+        ):
+            relay.own(messages.sync(), Request.SYNC, OwnRequest(self._flush_sync_ended))
+            relay.mid_group = False
+            self.flush_sync_pending = True
+
+    def _flush_sync_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """The proxy's Sync after a Flush is answered. If the client's messages before it failed, the
+        client is still inside the error window Postgres would keep until the client's own Sync."""
+        self.flush_sync_pending = False
+        if outcome is Outcome.FAILED:
+            self.relay.skip_group = True
+
+    def waiting(self) -> bool:
+        """The client's messages wait while the proxy's Sync after a Flush is unanswered: the server's
+        error window, if any, is not known yet."""
+        return self.flush_sync_pending
+
+    def maybe_release(self) -> None:
+        """At ReadyForQuery 'I' with nothing owed, nothing held and the client between groups, the server
+        connection goes back to the pool. The one place that decides it."""
+        relay = self.relay
+        queue = relay.queue
+        if (
+            queue is None
+            or not queue.idle()
+            or queue.status != b"I"
+            or relay.mid_group
+            or relay.held
+            or relay.skip_group
+            or relay.preparing
+            or relay.settings.stale
+            or not relay.scanner.at_boundary()
+        ):
+            return
+        relay.detach()
+        relay.hooks.release_server()

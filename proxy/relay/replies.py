@@ -1,0 +1,461 @@
+"""The one queue of what the server owes, and the answer to the one question each server message asks.
+
+Every message the relay sends upstream that the server answers appends an entry (`expect`); every
+message from the server is matched against the entry at the head (`feed`): forward it to the client,
+swallow it (a request of the proxy's own), replace it (a refused client message), or, at
+ReadyForQuery, end a group. It follows Postgres's rules ("Message Flow", 55.2.3 Extended Query and
+55.2.6 COPY Operations, and postgres.c):
+
+- after an ErrorResponse to an extended-query message (Parse, Bind, Describe, Execute, Close) the server
+  skips every message up to the next Sync, a simple Query or FunctionCall inside that window included;
+- an ErrorResponse to a Query, FunctionCall or Sync (a commit that fails) is followed by ReadyForQuery;
+- a Sync or Flush the server reads during COPY IN is ignored; CopyData, CopyDone and CopyFail that
+  arrive after the COPY ended (or failed) are ignored too;
+- Describe of a statement answers ParameterDescription then RowDescription or NoData; Execute ends with
+  CommandComplete, EmptyQueryResponse or PortalSuspended;
+- NoticeResponse, NotificationResponse and ParameterStatus may come at any time.
+
+A client Query the proxy answers itself (`Owner.ANSWERED`) is answered when it reaches the head, as
+Postgres would at that point: skipped inside an error window, refused with 25P02 in a failed
+transaction. A server message that fits no entry is a desync: `ProtocolViolation`, and the session ends.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Protocol
+
+from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.framing import Message, MessageScanner
+
+
+class Request(enum.Enum):
+    """What the relay sent upstream that the server owes something for."""
+
+    PARSE = "Parse"
+    BIND = "Bind"
+    DESCRIBE = "Describe"
+    EXECUTE = "Execute"
+    CLOSE = "Close"
+    SYNC = "Sync"
+    QUERY = "Query"
+    FUNCTION_CALL = "FunctionCall"
+    COPY_END = "CopyDone/CopyFail"  # answered by the Execute or Query that started the COPY
+    COPY_DATA = "CopyData"  # answered by nothing: marks where the client's data began
+
+
+EXTENDED = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE})
+GROUP_ENDS = frozenset({Request.SYNC, Request.QUERY, Request.FUNCTION_CALL})
+
+
+class Owner(enum.Enum):
+    """Whose the replies are."""
+
+    CLIENT = "client"  # forwarded
+    OWN = "own"  # the proxy's own request: swallowed, its outcome told to its watcher
+    REFUSED = "refused"  # a client message replaced by one that fails: the error becomes the refusal
+    ANSWERED = "answered"  # a client Query the proxy answers itself, in order
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # inside an error window: the server never ran it
+
+
+class Watcher(Protocol):
+    """Told how one request of the proxy's own (or a client Parse it keeps track of) ended."""
+
+    def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None: ...
+
+    def row(self, values: list[bytes | None]) -> None: ...
+
+
+class Listener(Protocol):
+    """The relay's side of the queue: what it must know as replies arrive."""
+
+    def group_ended(self, status: bytes, own: bool) -> None: ...
+
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> None: ...
+
+    def pending_parameters(self) -> bytes: ...
+
+
+class Owed:
+    """One entry: the request, whose replies they are, and for REFUSED / ANSWERED the bytes to send."""
+
+    __slots__ = ("request", "owner", "reply", "watcher", "rows", "failed", "in_copy")
+
+    def __init__(self, request: Request, owner: Owner, reply: bytes, watcher: Watcher | None, rows: bool) -> None:
+        self.request = request
+        self.owner = owner
+        self.reply = reply  # REFUSED: the ErrorResponse; ANSWERED: the reply; OWN: a prefix for the client's error;
+        # CLIENT: for a message naming a statement by its server name, that name, NUL, the client's name
+        self.watcher = watcher
+        self.rows = rows  # the watcher collects DataRows
+        self.failed: dict[str, str] | None = None
+        self.in_copy = False  # a Sync sent among CopyData: ignored if the COPY succeeds
+
+    def client_group_end(self) -> bool:
+        return self.request in GROUP_ENDS and self.owner is not Owner.OWN
+
+    def __repr__(self) -> str:
+        return f"Owed({self.request.name}, {self.owner.name})"
+
+
+class CopyState(enum.Enum):
+    NONE = "none"
+    IN = "in"  # the server reads CopyData; Sync and Flush are ignored until CopyDone / CopyFail
+
+
+class CopySyncs(enum.Enum):
+    """What a Sync the client sends while the server is in COPY IN (before its CopyDone) will be."""
+
+    REAL = "real"  # not inside a COPY IN
+    IGNORED = "ignored"  # no CopyData sent yet: the server reads and ignores it before any data
+    AMBIGUOUS = "ambiguous"  # after some CopyData: ignored if the COPY succeeds, real if it failed first
+
+
+# Server messages by their role. The fast path, while every entry is a client Query, needs only three.
+FAST_WATCHED = frozenset(b"ZEGS")
+FULL_WATCHED = frozenset(b"ZE123tTnCIsGHVNAS")
+ROWS_WATCHED = FULL_WATCHED | frozenset(b"D")
+_ASYNC = frozenset(b"NAS")
+_ENDS = {
+    Request.PARSE: frozenset(b"1"),
+    Request.BIND: frozenset(b"2"),
+    Request.DESCRIBE: frozenset(b"Tn"),
+    Request.EXECUTE: frozenset(b"CIs"),
+    Request.CLOSE: frozenset(b"3"),
+}
+_CONTINUES = {
+    Request.DESCRIBE: frozenset(b"t"),
+    Request.EXECUTE: frozenset(b"DHdc"),
+    Request.QUERY: frozenset(b"TDCIHdcs"),
+    Request.FUNCTION_CALL: frozenset(b"V"),
+    Request.SYNC: frozenset(),
+}
+ABORTED = messages.error_response(
+    "ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block"
+)
+
+
+class ReplyQueue:
+    """What one server connection owes, in order, for the relay currently attached to it."""
+
+    def __init__(self, scanner: MessageScanner, listener: Listener | None = None) -> None:
+        self.scanner = scanner
+        self.listener: Listener = listener or _NO_LISTENER
+        self.entries: deque[Owed] = deque()
+        self.status = b"I"  # transaction status of the last ReadyForQuery
+        self.copy = CopyState.NONE
+        self._special = 0  # entries that are not a client Query: the fast path needs none
+        self._copy_syncs = CopySyncs.REAL  # COPY IN started and no CopyDone / CopyFail sent yet
+        self._copy_end_ignored = 0  # CopyDone / CopyFail the server will ignore (the COPY already failed)
+        self._ambiguous_answered = 0  # ReadyForQuery taken for Syncs sent among CopyData of a failed COPY
+        self._skipping = False  # the server skips to the next Sync, and none is owed yet
+        self._skipped_client_group = False  # ... and it skipped a client Query or FunctionCall meanwhile
+        self._rows = 0  # entries whose DataRows a watcher collects
+        self.client_group_ends = 0  # client Queries, Syncs and FunctionCalls owed: the status is not known
+        self.parameters_pending = False  # the listener has ParameterStatus to send before the next ReadyForQuery
+
+    # -- what is owed ----------------------------------------------------------------------------
+
+    def expect(self, request: Request, owner: Owner = Owner.CLIENT, reply: bytes = b"", watcher: Watcher | None = None,
+               rows: bool = False) -> None:
+        """The relay sent `request` upstream (or, ANSWERED, will answer it itself in order)."""
+        if self._skipping:
+            if request is not Request.SYNC:
+                self._skipped_client_group = self._skipped_client_group or (
+                    request in GROUP_ENDS and owner is not Owner.OWN
+                )
+                if watcher is not None:
+                    watcher.ended(Outcome.SKIPPED, None)
+                return
+            self._skipping = False
+            if self._skipped_client_group and owner is Owner.OWN:
+                owner = Owner.CLIENT
+            self._skipped_client_group = False
+        if request is Request.SYNC and self._copy_syncs is CopySyncs.IGNORED:
+            return
+        if request is Request.COPY_DATA or request is Request.COPY_END:
+            if not self.entries:
+                return  # nothing pending: the server ignores CopyData, CopyDone and CopyFail
+            if request is Request.COPY_DATA:
+                if self._copy_syncs is CopySyncs.IGNORED:
+                    self._copy_syncs = CopySyncs.AMBIGUOUS
+                if self.entries[-1].request is Request.COPY_DATA:
+                    return
+            else:
+                self._copy_syncs = CopySyncs.REAL
+                if self._copy_end_ignored:
+                    self._copy_end_ignored -= 1
+                    return
+        entry = Owed(request, owner, reply, watcher, rows)
+        entry.in_copy = request is Request.SYNC and self._copy_syncs is CopySyncs.AMBIGUOUS
+        if owner is not Owner.CLIENT or request is not Request.QUERY:
+            self._special += 1
+        self._rows += rows
+        self.client_group_ends += entry.client_group_end()
+        self.entries.append(entry)
+
+    def idle(self) -> bool:
+        """Nothing is owed: every request sent has been answered."""
+        return not self.entries
+
+    def answer_ready(self) -> bytes:
+        """Replies the proxy owes the client now, for ANSWERED entries at the head (sent when the
+        queue was otherwise idle)."""
+        out: list[bytes | memoryview] = []
+        self._answer_heads(out)
+        return b"".join(out)
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes | memoryview:
+        """Account for bytes from the server; return what goes to the client.
+
+        Raises ProtocolViolation when the server sends a message no entry can explain."""
+        scanner = self.scanner
+        if not self._special and self.copy is CopyState.NONE and not self.parameters_pending and not scanner.holding():
+            scanner.watched = FAST_WATCHED
+            for message in scanner.watched_messages(data):
+                self._fast(message)
+            held = scanner.holding()
+            return data[:-held] if held else data
+        scanner.watched = ROWS_WATCHED if self._rows else FULL_WATCHED
+        out: list[bytes | memoryview] = []
+        for segment in scanner.scan(data):
+            if type(segment) is Message:
+                self._message(segment, out)
+            elif not self.entries or self.entries[0].owner is Owner.CLIENT:
+                out.append(segment)  # type: ignore[arg-type]  # DataRow, CopyData: where the head's replies go
+        return b"".join(out)
+
+    def _fast(self, message: Message) -> None:
+        """While every entry is a client Query: only ReadyForQuery and the start of a COPY matter."""
+        kind = message.type
+        if kind == b"Z":
+            if not self.entries:
+                raise ProtocolViolation("server sent ReadyForQuery with nothing owed")
+            self.entries.popleft()
+            self.client_group_ends -= 1
+            self.status = message.raw[5:6]
+            self.listener.group_ended(self.status, False)
+        elif kind == b"G" and self.entries:
+            self._copy_started()
+        elif kind == b"S":
+            self.listener.parameter_status(*messages.parse_parameter_status(message.body), True)
+
+    def _message(self, message: Message, out: list[bytes | memoryview]) -> None:
+        kind = message.type
+        entries = self.entries
+        head = entries[0] if entries else None
+        if kind[0] in _ASYNC:
+            forwarded = head is None or head.owner is not Owner.OWN
+            if kind == b"S":
+                self.listener.parameter_status(*messages.parse_parameter_status(message.body), forwarded)
+            if forwarded:
+                out.append(message.raw)
+            return
+        if head is None:
+            if kind == b"E":  # a FATAL the server sends on its own (shutdown, idle timeout)
+                out.append(message.raw)
+                return
+            raise ProtocolViolation(f"server sent message {kind!r} with nothing owed")
+        if kind != b"Z" and head.request is Request.SYNC:
+            head = self._settle_copy_syncs(head)
+        if kind == b"E":
+            self._error(head, message, out)
+        elif kind == b"Z":
+            self._ready(head, message, out)
+        else:
+            self._ambiguous_answered = 0
+            self._progress(head, message, out)
+        self._answer_heads(out)
+
+    def _settle_copy_syncs(self, head: Owed) -> Owed:
+        """After a COPY failed, the Syncs the client sent among its CopyData were read as Syncs only if
+        the server read them after the failure, which nothing but the count of ReadyForQuery tells. A
+        ReadyForQuery is taken for each in turn; once another reply comes, the Syncs still owed before it
+        were ignored (or had their ReadyForQuery taken by an earlier one)."""
+        while head.request is Request.SYNC and (head.in_copy or self._ambiguous_answered):
+            if not head.in_copy:
+                self._ambiguous_answered -= 1
+            self.entries.popleft()
+            self._special -= 1
+            self.client_group_ends -= head.client_group_end()
+            if not self.entries:
+                raise ProtocolViolation("server sent a reply with nothing owed after a failed COPY")
+            head = self.entries[0]
+        return head
+
+    def _progress(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
+        kind = message.type
+        code = kind[0]
+        request = head.request
+        if code == ord("C") and self.copy is CopyState.IN:
+            self._copy_ended(succeeded=True)
+        if code in _ENDS.get(request, ()):
+            self._pop(Outcome.COMPLETED, None)
+        elif code == ord("G") and request in (Request.EXECUTE, Request.QUERY):
+            self._copy_started()
+        elif code not in _CONTINUES.get(request, ()):
+            raise ProtocolViolation(f"server sent message {kind!r} while it owes the reply to {request.value}")
+        elif code == ord("D") and head.rows:
+            head.watcher.row(messages.parse_data_row(message.body))  # type: ignore[union-attr]
+        if head.owner is Owner.CLIENT:
+            out.append(message.raw)
+
+    def _error(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
+        fields = messages.parse_error_fields(message.body)
+        if head.owner is Owner.CLIENT:
+            out.append(_renamed(message.raw, head.reply) if head.reply else message.raw)
+        elif head.owner is Owner.REFUSED:
+            out.append(head.reply)
+        elif head.reply:  # the proxy's own request, whose failure the client must hear of
+            out.append(messages.error_response(
+                "ERROR", fields.get("C", errors.INTERNAL_ERROR), head.reply.decode() + fields.get("M", ""), hint=fields.get("H")
+            ))
+        if self.copy is CopyState.IN:
+            self._copy_ended(succeeded=False)
+        if head.request in EXTENDED:
+            self._pop(Outcome.FAILED, fields)
+            self._skip_to_sync(fields)
+        else:
+            head.failed = head.failed or fields
+
+    def _skip_to_sync(self, fields: dict[str, str]) -> None:
+        """Drop what the server skips after an error in extended-query mode. A client Query or
+        FunctionCall skipped there gets its ReadyForQuery from the proxy's own Sync behind it."""
+        client_group_skipped = False
+        while self.entries and self.entries[0].request is not Request.SYNC:
+            client_group_skipped = client_group_skipped or self.entries[0].client_group_end()
+            self._pop(Outcome.SKIPPED, None)
+        if not self.entries:
+            self._skipping = True  # the Sync that ends it is not sent yet
+            self._skipped_client_group = client_group_skipped
+        elif self.entries[0].owner is Owner.OWN:
+            if client_group_skipped:
+                self.entries[0].owner = Owner.CLIENT
+                self.client_group_ends += 1
+            else:
+                self.entries[0].failed = fields  # the proxy's Sync ends a window its client is still in
+
+    def _ready(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
+        if head.request not in GROUP_ENDS:
+            raise ProtocolViolation(f"server sent ReadyForQuery while it owes the reply to {head.request.value}")
+        if head.owner is not Owner.OWN:
+            out.append(self.listener.pending_parameters())
+            out.append(message.raw)
+        self._ambiguous_answered += head.in_copy
+        self.status = message.raw[5:6]
+        self._pop(Outcome.FAILED if head.failed else Outcome.COMPLETED, head.failed)
+        self.listener.group_ended(self.status, head.owner is Owner.OWN)
+
+    def _pop(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        entry = self.entries.popleft()
+        if entry.owner is not Owner.CLIENT or entry.request is not Request.QUERY:
+            self._special -= 1
+        self._rows -= entry.rows
+        self.client_group_ends -= entry.client_group_end()
+        if entry.watcher is not None:
+            entry.watcher.ended(outcome, error)
+        self._drop_markers()
+
+    def _drop_markers(self) -> None:
+        """Entries nothing answers, once at the head: CopyData markers, and a CopyDone / CopyFail the
+        server ignores because no COPY is running."""
+        entries = self.entries
+        while entries and (
+            entries[0].request is Request.COPY_DATA or (entries[0].request is Request.COPY_END and self.copy is CopyState.NONE)
+        ):
+            entries.popleft()
+            self._special -= 1
+
+    def _answer_heads(self, out: list[bytes | memoryview]) -> None:
+        """Send what the proxy answers itself for the client Queries now at the head."""
+        while self.entries and self.entries[0].owner is Owner.ANSWERED:
+            entry = self.entries[0]
+            if entry.request is Request.QUERY:
+                out.append(ABORTED if self.status == b"E" else entry.reply)
+            out.append(self.listener.pending_parameters())
+            out.append(messages.ready_for_query(self.status))
+            self._pop(Outcome.COMPLETED, None)
+            self.listener.group_ended(self.status, False)
+
+    # -- COPY ------------------------------------------------------------------------------------
+
+    def _copy_started(self) -> None:
+        """CopyInResponse. The server ignores the Syncs it reads before the client's CopyDone / CopyFail:
+        those sent before any CopyData for certain; those sent among CopyData unless the COPY fails
+        before the server reads them (the server reads CopyData one message at a time)."""
+        self.copy = CopyState.IN
+        self._special += 1  # the full walk, until the COPY ends
+        kept: deque[Owed] = deque([self.entries.popleft()])
+        state = CopySyncs.IGNORED
+        while self.entries:
+            entry = self.entries.popleft()
+            if state is not CopySyncs.REAL:
+                if entry.request is Request.COPY_DATA:
+                    state = CopySyncs.AMBIGUOUS
+                elif entry.request is Request.COPY_END:
+                    state = CopySyncs.REAL
+                elif entry.request is Request.SYNC:
+                    if state is CopySyncs.IGNORED:
+                        self._special -= 1
+                        self.client_group_ends -= entry.client_group_end()
+                        continue
+                    entry.in_copy = True
+            kept.append(entry)
+        self.entries = kept
+        self._copy_syncs = state
+
+    def _copy_ended(self, succeeded: bool) -> None:
+        """CommandComplete (`succeeded`) or ErrorResponse of the COPY. Its CopyDone / CopyFail is answered
+        (or, not sent yet, will be ignored by the server). Syncs sent among the CopyData were ignored if
+        the COPY succeeded; after a failure the server reads them as Syncs."""
+        self.copy = CopyState.NONE
+        self._special -= 1
+        self._copy_syncs = CopySyncs.REAL
+        kept: deque[Owed] = deque()
+        end_found = False
+        for entry in self.entries:
+            if not end_found:
+                if entry.request is Request.COPY_END:
+                    end_found = True
+                    self._special -= 1
+                    continue
+                if entry.in_copy and succeeded:
+                    self._special -= 1
+                    self.client_group_ends -= entry.client_group_end()
+                    continue
+            kept.append(entry)
+        self.entries = kept
+        if not end_found:
+            self._copy_end_ignored += 1
+
+
+def _renamed(raw: bytes, rename: bytes) -> bytes:
+    """An ErrorResponse naming the server-side name of a client's statement, with the client's name:
+    `rename` is the server name, NUL, the client name."""
+    server_name, _, client_name = rename.partition(b"\0")
+    return messages.message(b"E", raw[5:].replace(server_name, client_name))
+
+
+class _NoListener:
+    """Stands in before a relay attaches (replies then are the proxy's own)."""
+
+    def group_ended(self, status: bytes, own: bool) -> None:
+        """Nobody to tell."""
+
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+        """Nobody to tell."""
+
+    def pending_parameters(self) -> bytes:
+        return b""
+
+
+_NO_LISTENER = _NoListener()

@@ -1,0 +1,88 @@
+"""Session settings under transaction pooling: a client's settings follow it between server connections.
+
+A client's settings are its startup parameters, then whatever its statements leave in force at session
+level. The SQL guard names the settings a statement may write; after a group that may have changed
+some, the proxy reads them back from the server (pipelined behind the group, its replies swallowed),
+so a SET rolled back with its transaction is not kept, and custom placeholder settings
+(`myapp.user_id`), which pg_settings does not list, are read by name. A read counts only when it ran
+outside a transaction block; inside one, the next group end reads again.
+
+`RESET x`, `RESET ALL`, `SET x TO DEFAULT` and `DISCARD ALL` return to the client's startup values, as
+they do in a direct session: the proxy applies those values again right behind the statement, in the
+same transaction, so a rollback undoes both.
+
+When a client gets a server connection holding other settings, the proxy resets the names the client
+does not have and applies the values that differ, in a group of its own sent ahead of the client's
+messages, without waiting for it.
+"""
+
+from __future__ import annotations
+
+from proxy.protocol import messages
+
+READ_STATEMENT = b"pg_tenant_proxy_read_settings"
+READ_SQL = (
+    "SELECT s.name, pg_catalog.current_setting(s.name, true) FROM ("
+    "SELECT pg_catalog.lower(name) FROM pg_catalog.pg_settings WHERE source = 'session'"
+    " UNION SELECT pg_catalog.lower(n) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n) AS s(name)"
+)
+APPLY_STATEMENT = b"pg_tenant_proxy_apply_settings"
+APPLY_SQL = (
+    "SELECT pg_catalog.set_config(n, v, false)"
+    " FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[])) AS t(n, v)"
+)
+
+
+def text_array(values: list[str]) -> str:
+    """A text[] literal ("Arrays", 8.15.6 Array Input and Output Syntax): every element quoted."""
+    quoted = ('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+    return "{" + ",".join(quoted) + "}"
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def reset_query(names: list[str]) -> bytes:
+    """A Query resetting each named setting to the server connection's default."""
+    return messages.query("; ".join(f"RESET {quote_identifier(name)}" for name in sorted(names)))
+
+
+def apply_bind(values: dict[str, str]) -> bytes:
+    """Bind of the apply statement (to the proxy's own portal) for these settings."""
+    names = sorted(values)
+    return messages.bind(
+        APPLY_STATEMENT.decode(), APPLY_STATEMENT.decode(), [text_array(names), text_array([values[n] for n in names])]
+    )
+
+
+def read_bind(names: set[str]) -> bytes:
+    return messages.bind(READ_STATEMENT.decode(), READ_STATEMENT.decode(), [text_array(sorted(names))])
+
+
+class ClientSettings:
+    """What one client's session settings are, and whether the server may have changed them."""
+
+    def __init__(self, startup: dict[str, str], protected: object) -> None:
+        self.startup = {name.lower(): value for name, value in startup.items()}
+        self.current = dict(self.startup)
+        self.protected = protected
+        self.to_read: set[str] = set()  # names to read back at the next group end
+        self.stale = False
+
+    def changed(self, set_names: frozenset[str], reset_names: frozenset[str], resets_all: bool, unknown: bool) -> dict[str, str]:
+        """A statement that may change settings went upstream; the startup values to apply right behind it."""
+        self.stale = True
+        self.to_read |= set_names | reset_names
+        if resets_all:
+            return dict(self.startup)
+        return {name: self.startup[name] for name in reset_names if name in self.startup}
+
+    def names_to_read(self) -> set[str]:
+        return self.to_read | set(self.current) | set(self.startup)
+
+    def read(self, rows: list[tuple[str, str]]) -> None:
+        """The settings read back outside a transaction block: they are the client's now."""
+        self.current = {name: value for name, value in rows if name not in self.protected}  # type: ignore[operator]
+        self.to_read.clear()
+        self.stale = False

@@ -1,0 +1,359 @@
+"""The randomized comparison of issue 12: random interleavings of extended-protocol messages, simple
+Queries, Close, Flush and COPY, with random errors, sent directly to Postgres and through the proxy in
+both pool modes; the two reply streams must be equal, message by message.
+
+Hypothesis generates the scenarios with a fixed seed (derandomize) and a bounded number of examples.
+Shrinking is off: a failing scenario can cost a read timeout per try, and the failure message already
+holds the whole protocol trace (what was sent, both reply streams side by side). Statements touch only
+`diff_scratch`, a table without Row-Level Security, so their results do not depend on the tenant
+context, and they contain nothing the SQL guard refuses. Between writes that leave the client idle, a
+client of another tenant runs the unnamed statement and a statement named like the scenario's, so in
+transaction mode (one server connection) every write may land on a server connection that another
+client used in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from differential import (
+    COPY_DONE,
+    FLUSH,
+    SYNC,
+    Step,
+    Transcript,
+    Wire,
+    Write,
+    run_and_compare,
+    connect_direct,
+    connect_proxy,
+    first_difference,
+    flush_write,
+    run_direct,
+    step_bind,
+    step_close,
+    step_copy_data,
+    step_copy_fail,
+    step_describe,
+    step_execute,
+    step_parse,
+    step_query,
+)
+from proxy.demo import TenantDatabase
+from proxy.embedded import EmbeddedPostgres
+from support import ACME, GLOBEX, ProxyProcess
+
+MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 1}}}
+EXAMPLES_PER_MODE = 100
+SEED_ROWS = "INSERT INTO diff_scratch VALUES (1, 'one'), (2, 'two')"
+
+STATEMENTS = ("", "s1", "s2")
+PORTALS = ("", "p1")
+SIMPLE_QUERIES = (
+    "SELECT 1",
+    "SELECT n, t FROM diff_scratch ORDER BY n",
+    "INSERT INTO diff_scratch VALUES (3, 'three')",
+    "INSERT INTO diff_scratch VALUES (1, 'again')",
+    "UPDATE diff_scratch SET t = 'changed' WHERE n = 2",
+    "DELETE FROM diff_scratch WHERE n = 3",
+    "SELECT 1/0",
+    "SELEC 1",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "SAVEPOINT a",
+    "ROLLBACK TO a",
+    "RELEASE a",
+    "",
+    ";",
+    "SELECT 1; SELECT 2",
+    "INSERT INTO diff_scratch VALUES (4, 'four'); SELECT 1/0; SELECT 3",
+    "BEGIN; INSERT INTO diff_scratch VALUES (5, 'five'); COMMIT",
+    "SELECT generate_series(1, 3)",
+    "COPY (SELECT n, t FROM diff_scratch ORDER BY n) TO STDOUT",
+    "SET application_name = 'renamed'",
+    "RESET ALL",
+)
+PARSE_TEXTS = (
+    "SELECT $1::int + 1",
+    "SELECT $1::text, $2::text",
+    "INSERT INTO diff_scratch VALUES ($1::int, $2::text)",
+    "SELECT n, t FROM diff_scratch ORDER BY n",
+    "SELECT generate_series(1, $1::int)",
+    "SELECT 1/0",
+    "SELEC 1",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "",
+    "COPY (SELECT n FROM diff_scratch ORDER BY n) TO STDOUT",
+)
+VALUES = ("1", "2", "3", "4", "x", "hello", None)
+COPY_ROWS = (b"6\tsix\n", b"7\tseven\n", b"x\tnot a number\n", b"1\tduplicate\n", b"8\n", b"9\tni", b"ne\n")
+
+# ---------------------------------------------------------------------------------------------
+# Strategies.
+
+single_steps = st.one_of(
+    st.builds(step_query, st.sampled_from(SIMPLE_QUERIES)),
+    st.builds(step_parse, st.sampled_from(STATEMENTS), st.sampled_from(PARSE_TEXTS)),
+    st.builds(step_bind, st.sampled_from(PORTALS), st.sampled_from(STATEMENTS), st.lists(st.sampled_from(VALUES), max_size=2)),
+    st.builds(step_describe, st.sampled_from("SP"), st.sampled_from(STATEMENTS + PORTALS)),
+    st.builds(step_execute, st.sampled_from(PORTALS), st.sampled_from((0, 0, 1, 2))),
+    st.builds(step_close, st.sampled_from("SP"), st.sampled_from(STATEMENTS + PORTALS)),
+    st.just(SYNC),
+    st.just(FLUSH),
+)
+
+
+@st.composite
+def copy_in_block(draw: Any) -> tuple[Step, ...]:
+    """COPY FROM STDIN, by simple Query or by Parse/Bind/Execute of statement names no other step uses,
+    some CopyData (maybe bad rows, so the server fails the COPY and later CopyData comes after the
+    failure), maybe a Sync or Flush inside, and CopyDone or CopyFail: no COPY is left open."""
+    if draw(st.booleans()):
+        start: tuple[Step, ...] = (step_query("COPY diff_scratch FROM STDIN"),)
+    else:
+        start = (step_parse("copy_in", "COPY diff_scratch FROM STDIN"), step_bind("copy_p", "copy_in", []), step_execute("copy_p"))
+    body = [step_copy_data(row) for row in draw(st.lists(st.sampled_from(COPY_ROWS), max_size=3))]
+    for inside in draw(st.lists(st.sampled_from((SYNC, FLUSH)), max_size=1)):
+        body.insert(draw(st.integers(0, len(body))), inside)
+    end = draw(st.sampled_from((COPY_DONE, step_copy_fail("the client gave up"))))
+    closing = () if len(start) == 1 else (SYNC, step_close("S", "copy_in"))
+    return start + tuple(body) + (end,) + closing
+
+
+copy_out = st.builds(
+    lambda extended: (
+        (step_parse("", "COPY (SELECT n, t FROM diff_scratch ORDER BY n) TO STDOUT"), step_bind("", "", []), step_execute(""))
+        if extended
+        else (step_query("COPY (SELECT n, t FROM diff_scratch ORDER BY n) TO STDOUT"),)
+    ),
+    st.booleans(),
+)
+
+
+@st.composite
+def extended_block(draw: Any) -> tuple[Step, ...]:
+    """Maybe Close of the statement (so a named Parse need not fail), Parse, Bind (usually with as
+    many values as the text has parameters), maybe Describe of the portal, Execute, maybe with a row
+    limit that suspends the portal, and maybe a Sync."""
+    statement, portal, sql = draw(st.sampled_from(STATEMENTS)), draw(st.sampled_from(PORTALS)), draw(st.sampled_from(PARSE_TEXTS))
+    count = draw(st.one_of(st.just(sql.count("$")), st.integers(0, 2)))
+    values = draw(st.lists(st.sampled_from(VALUES), min_size=count, max_size=count))
+    steps = [step_close("S", statement)] if statement and draw(st.booleans()) else []
+    steps += [step_parse(statement, sql), step_bind(portal, statement, values)]
+    if draw(st.booleans()):
+        steps.append(step_describe("P", portal))
+    steps += [step_execute(portal, max_rows) for max_rows in draw(st.lists(st.sampled_from((0, 1, 2)), min_size=1, max_size=2))]
+    if draw(st.booleans()):
+        steps.append(SYNC)
+    return tuple(steps)
+
+
+single_items = single_steps.map(lambda step: (step,))
+items = st.one_of(single_items, extended_block(), extended_block(), extended_block(), copy_in_block(), copy_out)
+terminated_writes = st.lists(items, min_size=1, max_size=6).map(lambda parts: Write(tuple(s for part in parts for s in part)))
+# A Flush-ended write is followed by a terminated one, as drivers do: after an error in it, Postgres
+# skips everything up to the next Sync, so a second Flush-ended write would get no reply at all.
+flush_pairs = st.tuples(st.builds(flush_write, st.sampled_from(STATEMENTS), st.sampled_from(PARSE_TEXTS)), terminated_writes)
+FINAL = Write((step_query("ROLLBACK"), step_query("SELECT n, t FROM diff_scratch ORDER BY n")))
+scenarios = st.lists(st.one_of(terminated_writes.map(lambda write: (write,)), flush_pairs), min_size=1, max_size=5).map(
+    lambda groups: [write for group in groups for write in group] + [FINAL]
+)
+
+# The inputs of issue 12 that fit a single client, and the kinds the random search may reach late.
+UNNAMED_ACROSS_SYNCS = [
+    Write((step_parse("", "SELECT $1::text, $2::text"), SYNC)),
+    Write((step_describe("S", ""), SYNC, step_bind("", "", ["hello", "world"]), step_execute(""), SYNC)),
+    FINAL,
+]
+QUERY_BEHIND_FAILING_PARSE = [
+    Write((step_parse("", "SELEC 1"), step_query("SELECT 1"), SYNC)),
+    Write((step_query("RESET ALL"),)),
+    Write((step_query("SELECT 1"),)),
+    FINAL,
+]
+ASYNCPG_FLUSH = [
+    flush_write("", "SELECT $1::int + 1"),
+    Write((step_bind("", "", ["41"]), step_execute(""), SYNC)),
+    flush_write("s1", "SELECT $1::text, $2::text"),
+    Write((step_bind("p1", "s1", ["a", "b"]), step_describe("P", "p1"), step_execute("p1", 1), SYNC)),
+    FINAL,
+]
+COPY_WITH_SYNC_AND_FAILURE = [
+    Write((step_query("BEGIN"),)),
+    Write((step_parse("copy_in", "COPY diff_scratch FROM STDIN"), step_bind("copy_p", "copy_in", []), step_execute("copy_p"),
+           step_copy_data(b"6\tsix\n"), SYNC, step_copy_data(b"x\tbad\n"), step_copy_data(b"7\tseven\n"), COPY_DONE, SYNC)),
+    Write((step_query("ROLLBACK"), step_query("COPY diff_scratch FROM STDIN"), step_copy_data(b"6\tsix\n"), step_copy_fail("stop"))),
+    FINAL,
+]
+PORTAL_SUSPENDED_IN_TRANSACTION = [
+    Write((step_query("BEGIN"), step_parse("s1", "SELECT generate_series(1, $1::int)"), step_bind("p1", "s1", ["5"]),
+           step_execute("p1", 2), SYNC)),
+    Write((step_execute("p1", 2), FLUSH, step_execute("p1", 0), SYNC)),
+    Write((step_query("SAVEPOINT a"), step_query("SELECT 1/0"), step_query("ROLLBACK TO a"), step_query("COMMIT"))),
+    FINAL,
+]
+
+INPUTS = {
+    "unnamed-statement-across-syncs": UNNAMED_ACROSS_SYNCS,
+    "query-behind-failing-parse": QUERY_BEHIND_FAILING_PARSE,
+    "asyncpg-flush": ASYNCPG_FLUSH,
+    "copy-with-sync-and-failure": COPY_WITH_SYNC_AND_FAILURE,
+    "portal-suspended-in-transaction": PORTAL_SUSPENDED_IN_TRANSACTION,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and the tests.
+
+
+@pytest.fixture(scope="module")
+def scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[psycopg.Connection[Any]]:
+    """`diff_scratch` (no RLS, granted to the application role) and a superuser connection that
+    refills it before each run."""
+    pg.psql(
+        f"CREATE TABLE diff_scratch (n int PRIMARY KEY, t text NOT NULL);\n"
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON diff_scratch TO {tenant_db.app_role};\n",
+        database=tenant_db.database,
+    )
+    admin = psycopg.connect(pg.admin_dsn(tenant_db.database), autocommit=True)
+    admin.execute("SET lock_timeout = '10s'")
+    yield admin
+    admin.close()
+    pg.psql("DROP TABLE diff_scratch", database=tenant_db.database)
+
+
+def seeded(examples: int) -> settings:
+    """Hypothesis settings: a fixed seed, `examples` scenarios, no shrinking (see the module docstring)."""
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=(Phase.generate,),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def refill(admin: psycopg.Connection[Any]) -> None:
+    """Back to the two seed rows; waits (up to lock_timeout) for a rolled-back client to let go."""
+    admin.execute("TRUNCATE diff_scratch")
+    admin.execute(SEED_ROWS)
+
+
+NOISE = Write(
+    (
+        step_close("S", "s1"),
+        step_parse("", "SELECT 'noise'::text, $1::int"),
+        step_parse("s1", "SELECT $1::int * 100"),
+        step_bind("", "s1", ["7"]),
+        step_execute(""),
+        SYNC,
+        step_query("SELECT 'noise'"),
+    )
+)
+
+
+class OtherTenant:
+    """A client of another tenant that uses the unnamed statement and the name s1 between writes;
+    its replies must be what the same steps give directly."""
+
+    def __init__(self, wire: Wire, expected: list[tuple[bytes, bytes]]) -> None:
+        self.wire = wire
+        self.expected = expected
+
+    def __call__(self, _scenario_client: Wire) -> None:
+        try:
+            replies = self.wire.run(NOISE)
+        except AssertionError as exc:
+            raise AssertionError(f"the other tenant's client got no complete answer: {exc}") from None
+        difference = first_difference(self.expected, replies)
+        assert difference is None, f"the other tenant's client got a different answer: {difference}"
+
+
+class Comparison:
+    """One proxy in one pool mode, the other tenant's client, and the way to run a scenario on both
+    sides: refill the table, run it directly, refill again, run it through the proxy and compare."""
+
+    def __init__(self, mode: str, proxy: ProxyProcess, pg: EmbeddedPostgres, db: TenantDatabase, admin: psycopg.Connection[Any]):
+        self.mode, self.proxy, self.pg, self.db, self.admin = mode, proxy, pg, db, admin
+        noise_direct = self.direct("other tenant, direct")
+        expected = noise_direct.run(NOISE)
+        noise_direct.close()
+        self.other = OtherTenant(connect_proxy(proxy.port, proxy.token(GLOBEX), "other tenant"), expected)
+
+    def direct(self, name: str) -> Wire:
+        return connect_direct(self.pg.port, self.db.app_role, self.db.app_password, self.db.database, name)
+
+    def check(self, scenario: list[Write]) -> None:
+        refill(self.admin)
+        wire = self.direct("direct")
+        try:
+            expected = run_direct(wire, scenario)
+        finally:
+            wire.close()
+        refill(self.admin)
+        wire = connect_proxy(self.proxy.port, self.proxy.token(ACME))
+        try:
+            run_and_compare(wire, scenario, expected, Transcript(self.mode), between_writes=self.other)
+        finally:
+            wire.close()
+
+
+@pytest.fixture(params=list(MODES))
+def comparison(
+    request: pytest.FixtureRequest, make_proxy: Any, pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+    scratch: psycopg.Connection[Any],
+) -> Iterator[Comparison]:
+    proxy: ProxyProcess = make_proxy(MODES[request.param])
+    comparison = Comparison(request.param, proxy, pg, tenant_db, scratch)
+    yield comparison
+    comparison.other.wire.close()
+    assert proxy.alive()
+
+
+@pytest.mark.parametrize("scenario", list(INPUTS.values()), ids=list(INPUTS))
+def test_input_answers_as_directly(comparison: Comparison, scenario: list[Write]) -> None:
+    comparison.check(scenario)
+
+
+def test_random_message_sequences_answer_as_directly(comparison: Comparison) -> None:
+    @seeded(EXAMPLES_PER_MODE)
+    @given(scenarios)
+    def check(scenario: list[Write]) -> None:
+        comparison.check(scenario)
+
+    check()
+
+
+def test_two_direct_sessions_answer_alike(pg: EmbeddedPostgres, tenant_db: TenantDatabase, scratch: psycopg.Connection[Any]) -> None:
+    """The harness itself: a second direct session gives the same streams as the first for the same
+    scenarios, so a difference through the proxy is the proxy's, not the harness's."""
+
+    def direct(name: str) -> Wire:
+        return connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database, name)
+
+    @seeded(30)
+    @given(scenarios)
+    def check(scenario: list[Write]) -> None:
+        refill(scratch)
+        first = direct("first direct session")
+        try:
+            expected = run_direct(first, scenario)
+        finally:
+            first.close()
+        refill(scratch)
+        second = direct("second direct session")
+        try:
+            run_and_compare(second, scenario, expected, Transcript("none (direct)"))
+        finally:
+            second.close()
+
+    check()

@@ -5,6 +5,9 @@ policy that reads the raw setting, an IMMUTABLE helper, a view owned by a privil
 returns findings with a status (ok / warn / fail), the objects concerned and the fix as SQL. The
 checks run as the proxy's upstream role (what it can do is what a client can do) and, when an admin
 DSN is given, the catalog checks run as the admin too.
+
+psycopg comes with the `doctor` extra (`pip install 'pg-tenant-proxy[doctor]'`); the proxy itself never
+imports it, and without it `doctor` exits 2 saying which extra to install.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psycopg
+try:
+    import psycopg
+except ImportError:  # the `doctor` extra is not installed: run_doctor says so instead of a traceback
+    psycopg = None  # type: ignore[assignment]
 
 from proxy.config import Settings
 from proxy.tenant import quote_literal, sign
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+EXTRA_MISSING = "pg-tenant-proxy doctor needs psycopg, which comes with the doctor extra: pip install 'pg-tenant-proxy[doctor]'"
 SELF_TEST_TENANT = "00000000-0000-4000-8000-00000000d0c7"
 USER_SCHEMAS = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenant_proxy') AND n.nspname !~ '^pg_toast'"
 
@@ -327,7 +334,10 @@ def render_table(findings: list[Finding], colour: bool) -> str:
 
 def run_doctor(settings: Settings, database: str | None, admin_dsn: str | None, as_json: bool,
                tenant_column: str) -> int:
-    """Run every check and print the report; exit status 1 when any check fails."""
+    """Run every check and print the report; exit status 1 when any check fails, 2 when it cannot run."""
+    if psycopg is None:
+        print(f"error: {EXTRA_MISSING}", file=sys.stderr)
+        return 2
     database = database or settings.upstream.database
     if not database:
         print("error: give --database, or set [upstream] database", file=sys.stderr)

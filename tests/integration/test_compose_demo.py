@@ -1,10 +1,10 @@
 """docker-compose.yml's scripts work, run outside Docker (there is none here) on a fresh cluster: the
 `secrets` service's make-secrets.sh and the `db` service's init script build a database that the proxy,
-with the compose configuration, serves with each tenant isolated.
+with the compose configuration and without psycopg (as in the image), serves with each tenant isolated.
 
 Only what Docker would provide is stood in for: the container paths become local ones, the `db` host
-and ports become the cluster's and a free one, and the `[http]` table is left out while proxy.config
-does not know it yet (see OPERATIONS_KEYS in tests/unit/test_manifests.py)."""
+and the ports become the cluster's and free ones, and the `[http]` table is left out while proxy.config
+does not know it yet (see OPERATIONS_KEYS in tests/examples.py)."""
 
 from __future__ import annotations
 
@@ -17,22 +17,21 @@ from pathlib import Path
 from proxy import config
 from proxy.demo import TENANTS, wait_for_port
 from proxy.embedded import EmbeddedPostgres, free_port
+from examples import WITHOUT_PSYCOPG, toml_text
 from support import REPO
 
 COMPOSE = REPO / "config" / "compose"
 
 
 def compose_config(pg: EmbeddedPostgres, secrets: Path, port: int) -> str:
+    """config/compose/pg-tenant-proxy.toml pointed at this cluster, the secrets directory and free ports."""
     raw = tomllib.loads((COMPOSE / "pg-tenant-proxy.toml").read_text())
     raw["listen"] = f"127.0.0.1:{port}"
+    raw["http"]["listen"] = f"127.0.0.1:{free_port()}"
     raw["upstream"].update(host="127.0.0.1", port=pg.port)
     if ("http", "listen") not in config.SCHEMA:
         del raw["http"]
-    lines = [f'listen = "{raw.pop("listen")}"']
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {value!r}".replace("'", '"') for key, value in values.items()]
-    return "\n".join(lines).replace("/run/secrets/pgtp", str(secrets)) + "\n"
+    return toml_text(raw).replace("/run/secrets/pgtp", str(secrets))
 
 
 def run_script(script: Path, replacements: dict[str, str], env: dict[str, str], shell: str) -> None:
@@ -58,7 +57,7 @@ def test_compose_scripts_build_an_isolated_database(tmp_path: Path) -> None:
                  "/demo/demo.sql": str(REPO / "proxy" / "sql" / "demo.sql")}
         run_script(COMPOSE / "make-secrets.sh", paths, env, "sh")
         run_script(COMPOSE / "initdb.sh", paths, env, "bash")
-        proxy = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(proxy_config)],
+        proxy = subprocess.Popen([sys.executable, "-c", WITHOUT_PSYCOPG, "run", "--config", str(proxy_config)],
                                  stderr=subprocess.DEVNULL, cwd=REPO)
         wait_for_port(port, proxy)
         for tenant in TENANTS.values():

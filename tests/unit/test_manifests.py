@@ -9,7 +9,6 @@ every file the configuration names is mounted, and the shutdown timeout fits the
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from pathlib import Path
@@ -19,17 +18,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy import config
+from examples import file_paths, load_with_stand_ins
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERNETES = REPO / "config" / "kubernetes"
 SCHEMA_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 PROXY_CONTAINER = "pg-tenant-proxy"
-# Keys the manifests use that the operations work adds to proxy.config ([http], the Unix listener, JSON
-# logs, drain, client TLS policy). While proxy.config does not know one yet, it is checked here from the
-# raw TOML only; once it does, proxy.config validates it like every other key.
-OPERATIONS_KEYS = {("http", "listen"), ("", "listen_unix"), ("", "log_format"), ("", "shutdown_timeout"),
-                   ("tls", "client_sslmode")}
 
 
 def documents(example: str) -> list[dict[str, Any]]:
@@ -77,42 +71,13 @@ def files_in(volume: dict[str, Any], docs: list[dict[str, Any]]) -> set[str]:
     return {item["path"] for item in volume["secret"]["items"]}
 
 
-def proxy_toml(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    """The proxy's configuration as the Deployment mounts it: (raw TOML, its text)."""
+def proxy_toml(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The proxy's configuration as the Deployment mounts it, parsed."""
     pod = pod_spec(docs)
     container = proxy_container(pod)
     volume, name = mount_for(container, pod, config_path(container))
     (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]]
-    text = configmap["data"][name]
-    return tomllib.loads(text), text
-
-
-def file_paths(raw: dict[str, Any]) -> list[str]:
-    return [value for section in raw.values() if isinstance(section, dict)
-            for key, value in section.items() if key.endswith("_file")]
-
-
-def load_settings(raw: dict[str, Any], text: str, tmp_path: Path) -> config.Settings:
-    """proxy.config's reading of the ConfigMap, with each named file replaced by a local stand-in."""
-    for path in file_paths(raw):
-        stand_in = tmp_path / path.strip("/").replace("/", "_")
-        stand_in.write_text("x" * 40)
-        text = text.replace(f'"{path}"', f'"{stand_in}"')
-    known = tomllib.loads(text)
-    for section, key in OPERATIONS_KEYS:
-        if (section, key) not in config.SCHEMA:
-            (known.get(section, {}) if section else known).pop(key, None)
-    target = tmp_path / "configmap.toml"
-    target.write_text("".join(_toml_lines(known)))
-    return config.load(target, environ={})
-
-
-def _toml_lines(raw: dict[str, Any]) -> list[str]:
-    lines = [f"{key} = {json.dumps(value)}\n" for key, value in raw.items() if not isinstance(value, dict)]
-    for section, values in raw.items():
-        if isinstance(values, dict) and values:
-            lines += [f"[{section}]\n"] + [f"{key} = {json.dumps(value)}\n" for key, value in values.items()]
-    return lines
+    return tomllib.loads(configmap["data"][name])
 
 
 def probe_target(container: dict[str, Any], probe: str) -> tuple[str, int]:
@@ -153,8 +118,8 @@ def test_ports_probes_and_files_match_the_configuration(example: str, tmp_path: 
     docs = documents(example)
     pod = pod_spec(docs)
     container = proxy_container(pod)
-    raw, text = proxy_toml(docs)
-    settings = load_settings(raw, text, tmp_path)
+    raw = proxy_toml(docs)
+    settings = load_with_stand_ins(raw, tmp_path)
     http_port = port_of(raw["http"]["listen"])
     assert probe_target(container, "livenessProbe") == ("/healthz", http_port)
     assert probe_target(container, "startupProbe") == ("/healthz", http_port)
@@ -189,7 +154,7 @@ def test_sidecar_is_native_and_shares_the_socket_directory() -> None:
     pod = pod_spec(docs)
     (sidecar,) = pod["initContainers"]
     assert sidecar["name"] == PROXY_CONTAINER and sidecar["restartPolicy"] == "Always"
-    raw, _ = proxy_toml(docs)
+    raw = proxy_toml(docs)
     socket_path = raw["listen_unix"]
     directory, _, name = socket_path.rpartition("/")
     match = re.fullmatch(r"\.s\.PGSQL\.(\d+)", name)
@@ -206,7 +171,7 @@ def test_central_example_drains_within_the_grace_period() -> None:
     docs = documents("central")
     pod = pod_spec(docs)
     container = proxy_container(pod)
-    raw, _ = proxy_toml(docs)
+    raw = proxy_toml(docs)
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     assert pod["terminationGracePeriodSeconds"] > int(command[1]) + raw["shutdown_timeout"]
@@ -220,7 +185,7 @@ def test_central_example_service_and_scrape() -> None:
     labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     container = proxy_container(pod_spec(docs))
     named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    raw, _ = proxy_toml(docs)
+    raw = proxy_toml(docs)
     service = one(docs, "Service")
     assert service["spec"]["selector"].items() <= labels.items()
     assert one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -238,5 +203,5 @@ def test_image_and_config_path_match_the_dockerfile(example: str) -> None:
     assert container["image"] == f"pg-tenant-proxy:{version}"
     dockerfile = (REPO / "Dockerfile").read_text()
     assert f'CMD ["run", "--config", "{config_path(container)}"]' in dockerfile
-    raw, _ = proxy_toml(documents(example))
+    raw = proxy_toml(documents(example))
     assert f"HEALTHCHECK_URL=http://127.0.0.1:{port_of(raw['http']['listen'])}/healthz" in dockerfile

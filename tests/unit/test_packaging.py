@@ -1,6 +1,7 @@
 """The container image and the compose demo, checked without Docker (there is none here): the Dockerfile
 and docker-compose.yml are parsed and held to what the proxy needs, the pinned constraints cover every
-runtime dependency, and the proxy's run path works without psycopg (the `doctor` extra)."""
+runtime dependency, and `doctor` says which extra it needs when psycopg is missing (the proxy serving
+without it is tested in tests/integration/test_compose_demo.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from test_manifests import file_paths, load_settings, port_of
+from examples import WITHOUT_PSYCOPG, file_paths, load_with_stand_ins
+from test_manifests import port_of
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -98,23 +100,11 @@ def test_psycopg_is_only_in_the_doctor_and_test_extras() -> None:
     assert "psycopg" in names(project["optional-dependencies"]["test"])
 
 
-WITHOUT_PSYCOPG = """
-import importlib, pkgutil, sys
-sys.modules["psycopg"] = None  # any import of psycopg now raises ImportError
-import proxy
-for module in pkgutil.walk_packages(proxy.__path__, "proxy."):
-    if module.name != "proxy.__main__":  # that one runs the command line
-        importlib.import_module(module.name)
-from proxy.cli import main
-sys.exit(main(["doctor", "--config", sys.argv[1]]))
-"""
-
-
-def test_proxy_runs_without_psycopg_and_doctor_names_the_extra(tmp_path: Path) -> None:
+def test_doctor_without_psycopg_names_the_extra(tmp_path: Path) -> None:
     config = tmp_path / "proxy.toml"
     config.write_text(f'[upstream]\nuser = "app"\ndatabase = "app"\n[jwt]\nsecret = "{"s" * 40}"\n'
                       f'[tenant]\nsigning_key = "{"k" * 40}"\n')
-    result = subprocess.run([sys.executable, "-c", WITHOUT_PSYCOPG, str(config)],
+    result = subprocess.run([sys.executable, "-c", WITHOUT_PSYCOPG, "doctor", "--config", str(config)],
                             capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2, result.stderr
     assert "pip install 'pg-tenant-proxy[doctor]'" in result.stderr
@@ -149,9 +139,8 @@ def test_compose_demo_services_start_in_order() -> None:
 def test_compose_proxy_configuration_matches_its_ports(tmp_path: Path) -> None:
     proxy = compose()["services"]["proxy"]
     (mount,) = [m for m in proxy["volumes"] if m.split(":")[1] == CONTAINER_CONFIG]
-    text = host_file(mount).read_text()
-    raw = tomllib.loads(text)
-    settings = load_settings(raw, text, tmp_path)
+    raw = tomllib.loads(host_file(mount).read_text())
+    settings = load_with_stand_ins(raw, tmp_path)
     assert settings.upstream.host == "db" and settings.upstream.password is not None
     published = {int(port.split(":")[-1]) for port in proxy["ports"]}
     assert published == {settings.listen_port, port_of(raw["http"]["listen"])}

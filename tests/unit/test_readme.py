@@ -11,8 +11,9 @@ from proxy.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
-# Pages the README points to that other branches of this round write (operations, identity providers).
-WRITTEN_ELSEWHERE = {"docs/operations.md", "docs/identity.md"}
+# Pages the README points to that other branches of this round write (operations, identity providers,
+# the security model with the hardening SQL).
+WRITTEN_ELSEWHERE = {"docs/operations.md", "docs/identity.md", "docs/security.md"}
 # Commands the README documents that another branch of this round adds (the operations work's `check`).
 COMMANDS_ELSEWHERE = {"check"}
 

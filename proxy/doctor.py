@@ -5,6 +5,9 @@ policy that reads the raw setting, an IMMUTABLE helper, a view owned by a privil
 returns findings with a status (ok / warn / fail), the objects concerned and the fix as SQL. The
 checks run as the proxy's upstream role (what it can do is what a client can do) and, when an admin
 DSN is given, the catalog checks run as the admin too.
+
+psycopg comes with the `doctor` extra (`pip install 'pg-tenant-proxy[doctor]'`); the proxy itself never
+imports it, and without it `doctor` exits 2 saying which extra to install.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psycopg
+try:
+    import psycopg
+except ImportError:  # the `doctor` extra is not installed: run_doctor says so instead of a traceback
+    psycopg = None  # type: ignore[assignment]
 
 from proxy.config import Settings
 from proxy.hardening import PRIVILEGED_ROLES, REVOCATIONS, Revocation
 from proxy.tenant import quote_literal, sign
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+EXTRA_MISSING = "pg-tenant-proxy doctor needs psycopg, which comes with the doctor extra: pip install 'pg-tenant-proxy[doctor]'"
 SELF_TEST_TENANT = "00000000-0000-4000-8000-00000000d0c7"
 PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
 MAX_FIX_LINES = 10  # per finding in the terminal table; --json has them all
@@ -440,6 +447,9 @@ def render_table(findings: list[Finding], colour: bool) -> str:
 def run_doctor(settings: Settings, database: str | None, admin_dsn: str | None, as_json: bool,
                tenant_column: str, allow_plain_policies: bool = False) -> int:
     """Run every check and print the report; exit status 1 when any check fails, 2 when it cannot run."""
+    if psycopg is None:
+        print(f"error: {EXTRA_MISSING}", file=sys.stderr)
+        return 2
     allowed = settings.upstream.databases or []
     database = database or settings.upstream.database or (allowed[0] if len(allowed) == 1 else None)
     if not database:

@@ -266,7 +266,9 @@ class RemoteKeySet:
         now = self._clock()
         if self.freshness(now) not in (Freshness.NONE, Freshness.EXPIRED):
             return True
-        self.fetch_unless_fetched_since(now - self.timing.refetch_interval)
+        with self._lock:
+            if now >= self._attempted_at + self.timing.refetch_interval:
+                self._refresh_locked()
         return self.freshness(self._clock()) not in (Freshness.NONE, Freshness.EXPIRED)
 
     # -- fetching (blocking) ---------------------------------------------------------------------

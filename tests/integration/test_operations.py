@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from certificates import make_certificates
-from support import ACME, REPO, ROWS, ProxyProcess, RawClient, startup, wait_until
+from support import ACME, GLOBEX, REPO, ROWS, ProxyProcess, RawClient, startup, wait_until
 from proxy.config import ListenError
 from proxy.demo import prepare_database, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
@@ -95,6 +95,28 @@ def test_metrics_move_with_logins_and_parse(make_proxy: Any) -> None:
         assert name in after, name
     assert after["pgtp_bytes_total"].keys() == {(("direction", "received"),), (("direction", "sent"),)}
     assert get(http, "/nothing")[0] == 404
+
+
+def test_metrics_count_what_the_relay_and_the_pool_do(make_proxy: Any) -> None:
+    """Transaction mode, one server connection: two tenants' sessions each run one transaction on it."""
+    http, overrides = with_http({"pool": {"mode": "transaction", "size": 1}})
+    proxy = make_proxy(overrides)
+    wait_until(lambda: get(http, "/readyz") == (200, "ready\n"))
+    before = scrape(http)
+    for tenant in (ACME, GLOBEX):
+        assert proxy.psql(proxy.token(tenant=tenant), "SELECT count(*) FROM leads").returncode == 0
+    after = scrape(http)
+
+    def moved(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+        return after[name][labels] - before.get(name, {}).get(labels, 0.0)
+
+    assert moved("pgtp_transactions_total") >= 2 and moved("pgtp_queries_total") >= 2
+    assert moved("pgtp_context_sets_total") >= 2  # one per transaction in transaction mode
+    assert moved("pgtp_tenant_switches_total") >= 1  # the one server connection went from acme to globex
+    assert moved("pgtp_checkout_wait_seconds_count") >= 2
+    assert moved("pgtp_bytes_total", (("direction", "received"),)) > 0
+    assert moved("pgtp_bytes_total", (("direction", "sent"),)) > 0
+    assert after["pgtp_server_connections"] == {(("database", "app"), ("state", "idle")): 1.0}
 
 
 def test_metrics_count_for_every_worker(make_proxy: Any) -> None:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from proxy.auth.keys import FetchError, KeySetTiming, max_age
 from proxy.config import UUID_PATTERN, IssuerSettings, JwtSettings
+from proxy.metrics import METRICS
 from proxy.tokens import KeysNeeded, ProviderUnavailable, TokenRejected, TokenVerifier
 
 TENANT = "11111111-1111-4111-8111-111111111111"
@@ -284,3 +285,19 @@ def test_a_lookup_never_waits_for_a_fetch_in_progress(provider: Provider) -> Non
         thread.start()
         thread.join(5)
     assert outcomes == ["accepted", "needs a fetch"]
+
+
+def test_readiness_fetches_only_without_a_usable_set_and_counts_each_fetch(provider: Provider) -> None:
+    clock = FakeClock()
+    check = verifier(provider, clock, discovery=False)
+    counts = dict(METRICS.jwks_fetches)
+    provider.down = True
+    assert check.keys_ready() == f"the key set at {JWKS} cannot be fetched"
+    assert check.keys_ready() is not None and provider.fetches() == 1  # within the refetch interval: no fetch
+    provider.down = False
+    clock.now += TIMING.refetch_interval
+    assert check.keys_ready() is None and provider.fetches() == 2
+    clock.now += TIMING.refresh  # stale but usable: ready without fetching
+    assert check.keys_ready() is None and provider.fetches() == 2
+    assert METRICS.jwks_fetches.get("error", 0) == counts.get("error", 0) + 1
+    assert METRICS.jwks_fetches.get("ok", 0) == counts.get("ok", 0) + 1

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.guard import ALLOW, Decision, Refusal
+from proxy.lexing import SQLSTATE as LEXING_SQLSTATE
+from proxy.lexing import lexing_problem
 from proxy.protocol import errors, messages
 from proxy.protocol.framing import Message, MessageScanner, Segment
 from proxy.relay.replies import Outcome, Owner, ReplyQueue, Request
@@ -239,6 +241,10 @@ class Relay:
             self.transactions_ended += 1
 
     def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+        problem = lexing_problem(name, value) if self.guard is not None else None
+        if problem is not None:  # changed where the guard could not see it (dynamic SQL): it can no longer read this session
+            self.hooks.fail(LEXING_SQLSTATE, problem[0], problem[1])
+            return
         if self.server is not None:
             self.server.state.parameters[name] = value
         if forwarded:

@@ -284,6 +284,8 @@ class Relay:
                 self.hooks.need_server()
             return
         if self.scanner.lone(data) == 81:  # 'Q': the common read, one whole simple Query
+            if self.mode.plain_query(data):
+                return
             self._run((Message(b"Q", data),))
         else:
             self._run(self.scanner.scan(data))
@@ -495,6 +497,17 @@ class SessionMode:
         relay.hooks.fail(
             fields.get("C", errors.INTERNAL_ERROR), "could not set the tenant context: " + fields.get("M", "unknown error")
         )
+
+    def plain_query(self, data: bytes) -> bool:
+        """The hot path: a read holding one whole simple Query that the guard clears goes upstream as it
+        came, owing one plain group. False when it needs the general path."""
+        relay = self.relay
+        if relay.skip_group or self.reassert_due or relay.mid_group or relay.decide(data[5:-1]) is not ALLOW:
+            return False
+        assert relay.queue is not None
+        relay.hooks.send_upstream(data)
+        relay.queue.expect_query()
+        return True
 
     def query(self, message: Message) -> bool:
         relay = self.relay
@@ -1005,6 +1018,10 @@ class TransactionMode:
         """The client's messages wait while the proxy's Sync after a Flush is unanswered: the server's
         error window, if any, is not known yet."""
         return self.flush_sync_pending
+
+    def plain_query(self, data: bytes) -> bool:
+        """Transaction mode always puts the context or its bookkeeping around a Query: the general path."""
+        return False
 
     def maybe_release(self) -> None:
         """At ReadyForQuery 'I' with nothing owed, nothing held and the client between groups, the server

@@ -213,7 +213,8 @@ class ClientConnection(asyncio.Protocol):
         if METRICS.tenant_metrics and self.identity is not None:
             for _ in range(count):
                 METRICS.tenant_transaction(self.identity.tenant)
-        if self.identity is not None and self.server.verifier.revoked(self.identity, time.time()):
+        verifier = self.server.verifier
+        if verifier.revocable and self.identity is not None and verifier.revoked(self.identity, time.time()):
             log.warning("token revoked client=%s tenant=%s", self.address, self.identity.tenant)
             self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
 

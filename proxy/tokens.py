@@ -141,6 +141,7 @@ class TokenVerifier:
         self.issuers = [IssuerVerifier(issuer, timing, clock, fetch, background) for issuer in settings.issuers]
         self._by_name = {issuer.settings.issuer: issuer for issuer in self.issuers}
         self._denylist = Denylist(settings.denylist_file) if settings.denylist_file else None
+        self.revocable = self._denylist is not None  # `revoked` can answer True at all
         self._accepted: dict[bytes, Identity] = {}
 
     def keys_ready(self) -> str | None:

@@ -201,6 +201,11 @@ class ReplyQueue:
         self.client_group_ends += entry.client_group_end()
         self.entries.append(entry)
 
+    def expect_query(self) -> None:
+        """A client's simple Query whose replies are all forwarded (the hot path's one entry, shared)."""
+        self.client_group_ends += 1
+        self.entries.append(_PLAIN_QUERY)
+
     def idle(self) -> bool:
         """Nothing is owed: every request sent has been answered."""
         return not self.entries
@@ -324,7 +329,7 @@ class ReplyQueue:
         if head.request in EXTENDED:
             self._pop(Outcome.FAILED, fields)
             self._skip_to_sync(fields)
-        else:
+        elif head.watcher is not None:  # a Query, FunctionCall or Sync someone waits on: its end says it failed
             head.failed = head.failed or fields
 
     def _skip_to_sync(self, fields: dict[str, str]) -> None:
@@ -443,6 +448,9 @@ def _renamed(raw: bytes, rename: bytes) -> bytes:
     `rename` is the server name, NUL, the client name."""
     server_name, _, client_name = rename.partition(b"\0")
     return messages.message(b"E", raw[5:].replace(server_name, client_name))
+
+
+_PLAIN_QUERY = Owed(Request.QUERY, Owner.CLIENT, b"", None, False)
 
 
 class _NoListener:

@@ -153,3 +153,31 @@ def test_server_connections_past_their_lifetime_are_not_reused(make_proxy: Any) 
         with psycopg.connect(short.dsn(), password=short.token()) as conn:
             pids.add(conn.execute("SELECT pg_backend_pid() FROM pg_sleep(0.3)").fetchone()[0])
     assert len(pids) == 2
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_client_that_sends_and_never_reads_is_bounded(make_proxy: Any, mode: str) -> None:
+    """A client pipelines queries without reading a byte of the answers: the proxy stops reading it (in
+    transaction mode it holds the messages that wait for the server's status, up to a bound) instead of
+    buffering without limit; its memory stays within a bound while the client's writes block."""
+    proxy = make_proxy({"pool": {"mode": mode, "size": 2}})
+    assert proxy.process is not None
+    client = RawClient(proxy.port)
+    try:
+        login(client, proxy.token())
+        before = rss_kib(proxy.process.pid)
+        query = messages.query("SELECT repeat('x', 1000) FROM generate_series(1, 100)")
+        batch = query * 1000  # about 60 kB sent, about 10 MB of answers owed, per batch
+        client.sock.settimeout(0.5)
+        sent = 0
+        try:
+            while sent < 2_000_000_000:
+                client.sock.sendall(batch)  # blocks once the proxy stops reading and the kernel buffers fill
+                sent += len(batch)
+        except (TimeoutError, BlockingIOError):
+            pass
+        assert sent < 500 * len(batch)  # the proxy stopped reading long before 30 MB of queries
+        assert rss_kib(proxy.process.pid) - before < 64 * 1024
+        assert proxy.alive()
+    finally:
+        client.close()

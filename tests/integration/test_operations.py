@@ -93,6 +93,8 @@ def test_metrics_move_with_logins_and_parse(make_proxy: Any) -> None:
     for name in ("pgtp_transactions_total", "pgtp_queries_total", "pgtp_context_sets_total",
                  "pgtp_tenant_switches_total", "pgtp_checkout_wait_seconds_count", "pgtp_workers_reporting"):
         assert name in after, name
+    for name in ("pgtp_transactions_total", "pgtp_queries_total", "pgtp_context_sets_total"):  # session mode's SELECT 1
+        assert after[name][()] >= before[name][()] + 1, name
     assert after["pgtp_bytes_total"].keys() == {(("direction", "received"),), (("direction", "sent"),)}
     assert get(http, "/nothing")[0] == 404
 

@@ -97,6 +97,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("jwt", "jwks_max_stale_seconds"): (float, 3600.0),
     ("jwt", "jwks_timeout_seconds"): (float, 5.0),
     ("jwt", "denylist_file"): (str, None),
+    ("jwt", "max_expiry_seconds"): (int, 366 * 86_400),
     ("tenant", "setting"): (str, "app.current_tenant"),
     ("tenant", "proof_setting"): (str, "tenant_proxy.proof"),
     ("tenant", "signing_key"): (str, None),
@@ -189,6 +190,7 @@ class JwtSettings:
     jwks_max_stale_seconds: float = 3600.0
     jwks_timeout_seconds: float = 5.0
     denylist_file: str | None = None
+    max_expiry_seconds: int = 366 * 86_400
     sql_claims: list[str] = field(default_factory=lambda: ["sub", "role"])
     max_claims_bytes: int = 4096
 
@@ -469,6 +471,7 @@ def _build_jwt(values: dict[tuple[str, str], Any]) -> JwtSettings:
         jwks_max_stale_seconds=values[("jwt", "jwks_max_stale_seconds")],
         jwks_timeout_seconds=values[("jwt", "jwks_timeout_seconds")],
         denylist_file=values[("jwt", "denylist_file")],
+        max_expiry_seconds=values[("jwt", "max_expiry_seconds")],
         sql_claims=claims,
         max_claims_bytes=values[("tenant", "max_claims_bytes")],
     )

@@ -122,6 +122,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("jwt", "jwks_max_stale_seconds"): (float, 3600.0),
     ("jwt", "jwks_timeout_seconds"): (float, 5.0),
     ("jwt", "denylist_file"): (str, None),
+    ("jwt", "max_expiry_seconds"): (int, 366 * 86_400),
     ("tenant", "setting"): (str, "app.current_tenant"),
     ("tenant", "proof_setting"): (str, "tenant_proxy.proof"),
     ("tenant", "signing_key"): (str, None),
@@ -178,6 +179,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("jwt", "jwks_refetch_interval_seconds"): (1, DAY),
     ("jwt", "jwks_max_stale_seconds"): (1, 30 * DAY),
     ("jwt", "jwks_timeout_seconds"): (0.1, 300),
+    ("jwt", "max_expiry_seconds"): (60, 10 * 366 * DAY),
     ("tenant", "max_claims_bytes"): (2, 1 << 20),
     ("pool", "size"): (1, 10_000),
     ("pool", "min_size"): (0, 10_000),
@@ -252,6 +254,7 @@ class JwtSettings:
     jwks_max_stale_seconds: float = 3600.0
     jwks_timeout_seconds: float = 5.0
     denylist_file: str | None = None
+    max_expiry_seconds: int = 366 * 86_400
     sql_claims: list[str] = field(default_factory=lambda: ["sub", "role"])
     max_claims_bytes: int = 4096
 
@@ -710,6 +713,7 @@ def _jwt(values: dict[tuple[str, str], Any], problems: Problems) -> JwtSettings:
         leeway_seconds=values[("jwt", "leeway_seconds")],
         **{key: values[("jwt", key)] for key in JWKS_TIMING},
         denylist_file=values[("jwt", "denylist_file")],
+        max_expiry_seconds=values[("jwt", "max_expiry_seconds")],
         sql_claims=claims,
         max_claims_bytes=values[("tenant", "max_claims_bytes")],
     )

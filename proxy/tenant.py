@@ -58,6 +58,7 @@ class ContextBuilder:
         self.statement = self._sql(is_local=True)
         self._session_statement = self._sql(is_local=False)
         self._values: dict[tuple[str, int, int, str], list[str | None]] = {}
+        self._transaction_messages: dict[tuple[str, int, int, str], bytes] = {}
         self._close_portal = messages.message(b"C", b"P" + self._portal.encode() + b"\0")
 
     def _sql(self, is_local: bool) -> str:
@@ -89,16 +90,22 @@ class ContextBuilder:
             ]
         return values
 
-    def transaction_messages(self, tenant: str, backend_pid: int, expires_at: int, claims_json: str = "{}") -> tuple[bytes, bytes, bytes]:
+    def transaction_messages(self, tenant: str, backend_pid: int, expires_at: int, claims_json: str = "{}") -> bytes:
         """Bind, Execute and Close (of the portal, so the client never sees it in pg_cursors) of the
-        prepared context statement (`statement_name`, `statement`): sets the context for the current
-        transaction only. Sent with no Sync after it, directly before the client's first statement of a
-        transaction."""
-        return (
-            messages.bind(self._portal, self.statement_name.decode(), self.values(tenant, backend_pid, expires_at, claims_json)),
-            messages.execute(self._portal),
-            self._close_portal,
-        )
+        prepared context statement (`statement_name`, `statement`), as one piece of bytes: sets the
+        context for the current transaction only. Sent with no Sync after it, directly before the
+        client's first statement of a transaction. Remembered per (tenant, backend, expiry, claims)."""
+        key = (tenant, backend_pid, expires_at, claims_json)
+        data = self._transaction_messages.get(key)
+        if data is None:
+            if len(self._transaction_messages) >= 65536:
+                self._transaction_messages.clear()
+            data = self._transaction_messages[key] = b"".join((
+                messages.bind(self._portal, self.statement_name.decode(), self.values(tenant, backend_pid, expires_at, claims_json)),
+                messages.execute(self._portal),
+                self._close_portal,
+            ))
+        return data
 
     def session_messages(self, tenant: str, backend_pid: int, expires_at: int, claims_json: str = "{}") -> list[tuple[bytes, Request]]:
         """A Sync group of the proxy's own that sets the context for the whole session: Parse, Bind,

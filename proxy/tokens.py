@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -221,7 +222,7 @@ class TokenVerifier:
 
     def _identity(self, issuer: IssuerVerifier, claims: dict[str, Any], now: float) -> Identity:
         settings = issuer.settings
-        expires_at = _check_times(claims, now, self.settings.leeway_seconds)
+        expires_at = _check_times(claims, now, self.settings.leeway_seconds, self.settings.max_expiry_seconds)
         for path, accepted in settings.required_claims.items():
             value = lookup(claims, path)
             if value is MISSING:
@@ -232,7 +233,7 @@ class TokenVerifier:
         tenant = claim_at(claims, claim)
         if tenant is None or tenant == "":
             raise TokenRejected(f"tenant claim '{claim}' missing")
-        if not isinstance(tenant, str) or not issuer.tenant_pattern.search(tenant):
+        if not isinstance(tenant, str) or not issuer.tenant_pattern.fullmatch(tenant):
             raise TokenRejected(f"tenant claim '{claim}' does not match the tenant pattern")
         subject, token_id = claims.get("sub"), claims.get("jti")
         return Identity(
@@ -290,8 +291,10 @@ def _decode(token: str, key: Any, algorithm: str, settings: IssuerSettings) -> d
         raise TokenRejected("malformed token") from exc
 
 
-def _check_times(claims: dict[str, Any], now: float, leeway: int) -> int:
-    """`exp` (required), `nbf` and `iat` against `now`; return the expiry with leeway (RFC 7519 4.1.4-6)."""
+def _check_times(claims: dict[str, Any], now: float, leeway: int, max_expiry: int) -> int:
+    """`exp` (required), `nbf` and `iat` against `now` (seconds since the epoch); return the expiry with
+    leeway (RFC 7519 4.1.4-6). A time that is not a finite whole number of seconds, or an `exp` more than
+    `max_expiry` seconds ahead, makes the token malformed (28P01)."""
     times: dict[str, float] = {}
     for name in ("exp", "nbf", "iat"):
         value = claims.get(name)
@@ -299,9 +302,13 @@ def _check_times(claims: dict[str, Any], now: float, leeway: int) -> int:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TokenRejected(f"token claim '{name}' is not a number")
+        if not math.isfinite(value) or value != int(value):
+            raise TokenRejected(f"malformed token: claim '{name}' is not a whole number of seconds")
         times[name] = value
     if "exp" not in times:
         raise TokenRejected("token has no 'exp' claim")
+    if times["exp"] > now + max_expiry:
+        raise TokenRejected("malformed token: 'exp' is further ahead than jwt.max_expiry_seconds allows")
     if now > times["exp"] + leeway:
         raise TokenRejected("token expired")
     if "nbf" in times and now < times["nbf"] - leeway:

@@ -639,6 +639,8 @@ class TransactionMode:
         relay = self.relay
         assert relay.server is not None
         state = relay.server.state
+        if state.settings == wanted:
+            return
         stale = [name for name in state.settings if name not in wanted]
         changed = {name: value for name, value in wanted.items() if state.settings.get(name) != value}
         if stale:
@@ -688,11 +690,9 @@ class TransactionMode:
         self.context_reset = False
         identity = relay.identity
         self._own_statement(relay.context.statement_name, relay.context.statement)
-        bind, execute, close = relay.context.transaction_messages(
-            identity.tenant, relay.server.process_id, identity.expires_at, identity.claims_json)
-        relay.own(bind, Request.BIND, speaks=CONTEXT_FAILED)
-        relay.own(execute, Request.EXECUTE, OwnRequest(self._context_failed) if group_end else None, speaks=CONTEXT_FAILED)
-        relay.own(close, Request.CLOSE, speaks=CONTEXT_FAILED)
+        context = relay.context.transaction_messages(identity.tenant, relay.server.process_id, identity.expires_at,
+                                                     identity.claims_json)
+        relay.own(context, Request.CONTEXT, OwnRequest(self._context_failed) if group_end else None, speaks=CONTEXT_FAILED)
         METRICS.context_sets += 1
         self.context_set = True
         return True

@@ -44,9 +44,10 @@ class Request(enum.Enum):
     FUNCTION_CALL = "FunctionCall"
     COPY_END = "CopyDone/CopyFail"  # answered by the Execute or Query that started the COPY
     COPY_DATA = "CopyData"  # answered by nothing: marks where the client's data began
+    CONTEXT = "Bind, Execute, Close"  # the proxy's context in front of a transaction: one entry for the three
 
 
-EXTENDED = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE})
+EXTENDED = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE, Request.CONTEXT})
 GROUP_ENDS = frozenset({Request.SYNC, Request.QUERY, Request.FUNCTION_CALL})
 
 
@@ -86,7 +87,8 @@ class Listener(Protocol):
 class Owed:
     """One entry: the request, whose replies they are, and for REFUSED / ANSWERED the bytes to send."""
 
-    __slots__ = ("request", "owner", "reply", "watcher", "rows", "failed", "in_copy")
+    __slots__ = ("request", "owner", "reply", "watcher", "rows", "failed", "in_copy", "ends", "continues", "extended",
+                 "group_end", "counts_as_client_group")
 
     def __init__(self, request: Request, owner: Owner, reply: bytes, watcher: Watcher | None, rows: bool) -> None:
         self.request = request
@@ -97,9 +99,20 @@ class Owed:
         self.rows = rows  # the watcher collects DataRows
         self.failed: dict[str, str] | None = None
         self.in_copy = False  # a Sync sent among CopyData: ignored if the COPY succeeds
+        # Looked up once here rather than per server message (an enum's hash is Python code):
+        self.ends = _ENDS.get(request, _NONE)  # reply types that complete it
+        self.continues = _CONTINUES.get(request, _NONE)  # reply types that may come before that
+        self.extended = request in EXTENDED  # an error skips to Sync
+        self.group_end = request in GROUP_ENDS  # answered with ReadyForQuery
+        self.counts_as_client_group = self.group_end and owner is not Owner.OWN
 
     def client_group_end(self) -> bool:
-        return self.request in GROUP_ENDS and self.owner is not Owner.OWN
+        return self.counts_as_client_group
+
+    def become_clients(self) -> None:
+        """An own Sync whose ReadyForQuery the client gets (its Query was skipped before it)."""
+        self.owner = Owner.CLIENT
+        self.counts_as_client_group = self.group_end
 
     def __repr__(self) -> str:
         return f"Owed({self.request.name}, {self.owner.name})"
@@ -123,7 +136,9 @@ FAST_WATCHED = frozenset(b"ZEGS")
 FULL_WATCHED = frozenset(b"ZE123tTnCIsGHVNAS")
 ROWS_WATCHED = FULL_WATCHED | frozenset(b"D")
 _ASYNC = frozenset(b"NAS")
+_NONE: frozenset[int] = frozenset()
 _ENDS = {
+    Request.CONTEXT: frozenset(b"3"),
     Request.PARSE: frozenset(b"1"),
     Request.BIND: frozenset(b"2"),
     Request.DESCRIBE: frozenset(b"Tn"),
@@ -131,6 +146,7 @@ _ENDS = {
     Request.CLOSE: frozenset(b"3"),
 }
 _CONTINUES = {
+    Request.CONTEXT: frozenset(b"2DC"),
     Request.DESCRIBE: frozenset(b"t"),
     Request.EXECUTE: frozenset(b"DHdc"),
     Request.QUERY: frozenset(b"TDCIHdcs"),
@@ -176,7 +192,7 @@ class ReplyQueue:
                 return
             self._skipping = False
             if self._skipped_client_group and owner is Owner.OWN:
-                owner = Owner.CLIENT
+                owner = Owner.CLIENT  # the client's Query was skipped: this Sync's ReadyForQuery is its
             self._skipped_client_group = False
         if request is Request.SYNC and self._copy_syncs is CopySyncs.IGNORED:
             return
@@ -300,15 +316,14 @@ class ReplyQueue:
     def _progress(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
         kind = message.type
         code = kind[0]
-        request = head.request
-        if code == ord("C") and self.copy is CopyState.IN:
+        if code == 67 and self.copy is CopyState.IN:  # 'C'
             self._copy_ended(succeeded=True)
-        if code in _ENDS.get(request, ()):
+        if code in head.ends:
             self._pop(Outcome.COMPLETED, None)
-        elif code == ord("G") and request in (Request.EXECUTE, Request.QUERY):
+        elif code == 71 and head.request in (Request.EXECUTE, Request.QUERY):  # 'G'
             self._copy_started()
-        elif code not in _CONTINUES.get(request, ()):
-            raise ProtocolViolation(f"server sent message {kind!r} while it owes the reply to {request.value}")
+        elif code not in head.continues:
+            raise ProtocolViolation(f"server sent message {kind!r} while it owes the reply to {head.request.value}")
         elif code == ord("D") and head.rows:
             head.watcher.row(messages.parse_data_row(message.body))  # type: ignore[union-attr]
         if head.owner is Owner.CLIENT:
@@ -326,7 +341,7 @@ class ReplyQueue:
             ))
         if self.copy is CopyState.IN:
             self._copy_ended(succeeded=False)
-        if head.request in EXTENDED:
+        if head.extended:
             self._pop(Outcome.FAILED, fields)
             self._skip_to_sync(fields)
         elif head.watcher is not None:  # a Query, FunctionCall or Sync someone waits on: its end says it failed
@@ -344,13 +359,13 @@ class ReplyQueue:
             self._skipped_client_group = client_group_skipped
         elif self.entries[0].owner is Owner.OWN:
             if client_group_skipped:
-                self.entries[0].owner = Owner.CLIENT
+                self.entries[0].become_clients()
                 self.client_group_ends += 1
             else:
                 self.entries[0].failed = fields  # the proxy's Sync ends a window its client is still in
 
     def _ready(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
-        if head.request not in GROUP_ENDS:
+        if not head.group_end:
             raise ProtocolViolation(f"server sent ReadyForQuery while it owes the reply to {head.request.value}")
         if head.owner is not Owner.OWN:
             out.append(self.listener.pending_parameters())

@@ -173,8 +173,8 @@ def test_a_connection_holds_no_context_between_transactions(pg: EmbeddedPostgres
     wire = connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database)
     try:
         pid = int(rows_of(exchange(wire, messages.query("SELECT pg_backend_pid()")))[0][0])
-        bind, execute, close = context.transaction_messages(ACME, pid, 2_000_000_000, "{}")
-        inside = exchange(wire, messages.parse(context.statement_name.decode(), context.statement), bind, execute, close,
+        inside = exchange(wire, messages.parse(context.statement_name.decode(), context.statement),
+                          context.transaction_messages(ACME, pid, 2_000_000_000, "{}"),
                           messages.query("SELECT tenant_proxy.current_tenant(), count(*) FROM leads"))
         assert rows_of(inside)[-1] == [ACME.encode(), str(ROWS[ACME]).encode()]
         after = exchange(wire, messages.query("SELECT coalesce(current_setting('app.current_tenant', true), ''),"

@@ -48,7 +48,7 @@ def test_transaction_context_is_local_and_never_unnamed() -> None:
     builder = ContextBuilder("app.current_tenant", "tenant_proxy.proof", "k" * 40)
     assert ", true)" in builder.statement and ", false)" not in builder.statement
     reader = MessageReader(1 << 20)
-    reader.feed(b"".join(builder.transaction_messages("tenant-a", 77, 5000)))
+    reader.feed(builder.transaction_messages("tenant-a", 77, 5000))
     parsed = list(reader)
     assert [t for t, _ in parsed] == [b"B", b"E", b"C"]
     assert parsed[0][1].startswith(b"pg_tenant_proxy_context\0pg_tenant_proxy_context\0")

@@ -291,3 +291,23 @@ def test_the_denylist_refuses_listed_ids_and_subjects(tmp_path: Path) -> None:
     assert verifier.revoked(identity, NOW + 3)
     with pytest.raises(TokenRejected, match="^token revoked$"):
         verifier.verify(token({"jti": "t-4"}), NOW + 3)
+
+
+@pytest.mark.parametrize("claims, reason", [
+    ({"exp": NOW + 367 * 86_400}, "'exp' is further ahead than jwt.max_expiry_seconds allows"),
+    ({"exp": NOW + 60.5}, "claim 'exp' is not a whole number of seconds"),
+    ({"exp": NOW + 60, "iat": float("nan")}, "claim 'iat' is not a whole number of seconds"),
+    ({"exp": float("inf")}, "claim 'exp' is not a whole number of seconds"),
+])
+def test_times_beyond_the_horizon_or_not_whole_seconds_are_malformed(claims: dict[str, Any], reason: str) -> None:
+    """An expiry far ahead (a token that never really expires) and a non-finite or fractional time are
+    refused as malformed; a service token valid for a year still works."""
+    with pytest.raises(TokenRejected, match=reason):
+        TokenVerifier(settings()).verify(token(claims), NOW)
+    assert TokenVerifier(settings()).verify(token({"exp": NOW + 365 * 86_400}), NOW).expires_at == NOW + 365 * 86_400
+
+
+def test_the_tenant_pattern_must_match_the_whole_claim() -> None:
+    """A tenant that merely contains a matching part (a UUID with a suffix) is refused."""
+    with pytest.raises(TokenRejected, match="does not match the tenant pattern"):
+        TokenVerifier(settings()).verify(token({"tenant_id": TENANT + "' OR true --"}), NOW)

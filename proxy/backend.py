@@ -110,6 +110,7 @@ class BackendConnection(asyncio.Protocol):
         self.pool_key: tuple[str, tuple[tuple[str, str], ...]] = ("", ())
         self.opened_at = 0.0  # loop time, set by the pool
         self.idle_since = 0.0
+        self.holder: str | None = None  # the tenant whose client holds it (the pool's accounting)
 
     @property
     def closed(self) -> bool:

@@ -9,6 +9,7 @@ connection's bookkeeping: it hands the server's bytes to the relay and writes wh
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import socket
 import time
@@ -38,6 +39,15 @@ log = logging.getLogger("pg_tenant_proxy")
 
 WRITE_BUFFER_HIGH = 256 * 1024
 T = TypeVar("T")
+
+
+class Counted(enum.Enum):
+    """In which of the server's connection counts a client connection is."""
+
+    NOT_YET = "not yet"
+    LOGGING_IN = "logging in"
+    LOGGED_IN = "logged in"
+    GONE = "gone"
 
 
 class UpstreamProtocolViolation(Exception):
@@ -70,6 +80,9 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._waiter: Waiter | None = None  # a place in the pool's queue
         self._greeted = False
+        self._counted = Counted.NOT_YET  # in which of the server's counts this connection is
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._message_timer: asyncio.TimerHandle | None = None
         self._token: str | None = None  # the password sent, until the session_start audit event names its kid
         self._waiting_since: float | None = None  # loop time need_server() was called, for the checkout wait
 
@@ -85,16 +98,48 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server = self.server
+        server.logging_in += 1
+        self._counted = Counted.LOGGING_IN
+        if server.logging_in > server.settings.client.max_unauthenticated_connections:
+            self.refuse(errors.TOO_MANY_CONNECTIONS, "too many connections are logging in",
+                        detail="at most [client] max_unauthenticated_connections connections may be logging in at once")
+            return
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.server.settings.client.auth_timeout_seconds, self._auth_timed_out)
+        self._timer = loop.call_later(server.settings.client.startup_timeout_seconds, self._auth_timed_out)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         METRICS.bytes_received += len(data)
-        if self.relay is not None and self._greeted:
-            self._guarded(self.relay.client_data, data)
+        relay = self.relay
+        if relay is not None and self._greeted:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            self._guarded(relay.client_data, data)
+            self._watch_partial_message(relay)
         else:
             self._guarded(self._startup_data, data)
+
+    def _watch_partial_message(self, relay: Relay) -> None:
+        """A message begun must be completed within `[client] message_timeout_seconds` (08P01)."""
+        if relay.scanner.at_boundary():
+            if self._message_timer is not None:
+                self._message_timer.cancel()
+                self._message_timer = None
+        elif self._message_timer is None and self.session.state is not State.CLOSED:
+            self._message_timer = asyncio.get_running_loop().call_later(
+                self.server.settings.client.message_timeout_seconds, self._message_timed_out)
+
+    def _message_timed_out(self) -> None:
+        self._message_timer = None
+        self.terminate(errors.PROTOCOL_VIOLATION, "message not completed in time",
+                       detail="a message must arrive whole within [client] message_timeout_seconds")
+
+    def _idle_transaction_timed_out(self) -> None:
+        self._idle_timer = None
+        self.terminate(errors.IDLE_IN_TRANSACTION_TIMEOUT, "terminating connection due to idle-in-transaction timeout",
+                       detail="the proxy's [pool] idle_transaction_timeout")
 
     def _guarded(self, step: Callable[[T], None], argument: T) -> None:
         """Run one step of the session; malformed client input or a bug ends only this session."""
@@ -115,8 +160,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         logged_in = self._greeted
         self.session.move(Event.CLOSED)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._count(Counted.GONE)
+        for timer in (self._timer, self._idle_timer, self._message_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.relay is not None:
+            self.relay.session_ended()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._waiter is not None:
@@ -142,11 +191,15 @@ class ClientConnection(asyncio.Protocol):
         self._guarded(self._server_step, data)
 
     def _server_step(self, data: bytes) -> None:
-        assert self.relay is not None
+        relay = self.relay
+        assert relay is not None
         try:
-            self.relay.server_data(data)
+            relay.server_data(data)
         except ProtocolViolation as exc:
             raise UpstreamProtocolViolation(str(exc)) from exc
+        timeout = self.server.settings.pool.idle_transaction_timeout
+        if timeout and self._idle_timer is None and relay.idle_in_transaction():
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle_transaction_timed_out)
 
     def server_lost(self) -> None:
         self.terminate(errors.CONNECTION_FAILURE, "upstream server closed the connection")
@@ -331,7 +384,7 @@ class ClientConnection(asyncio.Protocol):
             self.refuse(*refusal)
             return
         limit = self.server.settings.pool.max_client_connections
-        if len(self.server.clients) > limit:
+        if self.server.logged_in >= limit:
             self.refuse(
                 errors.TOO_MANY_CONNECTIONS,
                 "sorry, too many clients already",
@@ -346,6 +399,10 @@ class ClientConnection(asyncio.Protocol):
         if packet.minor > 0 or self.request.unrecognized_protocol_options:
             self.transport.write(messages.negotiate_protocol_version(0, self.request.unrecognized_protocol_options))
         self.session.move(Event.STARTUP_ACCEPTED)
+        if self._timer is not None:  # the startup packet came: the rest of the login has auth_timeout_seconds
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self.server.settings.client.auth_timeout_seconds,
+                                                            self._auth_timed_out)
         self._reader = MessageReader(self.server.settings.client.max_auth_message)
         self.transport.write(messages.authentication(messages.AUTH_CLEARTEXT_PASSWORD))
         if self._buffer:
@@ -384,6 +441,12 @@ class ClientConnection(asyncio.Protocol):
         try:
             identity = await server.verifier.verify_async(token)
             self.identity = identity
+            per_tenant = server.settings.client.max_connections_per_tenant
+            if server.tenant_clients.get(identity.tenant, 0) >= per_tenant:
+                self.refuse(errors.TOO_MANY_CONNECTIONS, "too many connections for this tenant",
+                            detail=f"a tenant may have at most {per_tenant} client connections"
+                            " ([client] max_connections_per_tenant)", token=token)
+                return
             requested = self.request.database or self.request.user
             if not server.settings.upstream.allowed(requested):
                 self.refuse(errors.INVALID_CATALOG_NAME, f'database "{requested}" is not available through this proxy',
@@ -398,6 +461,7 @@ class ClientConnection(asyncio.Protocol):
                 self._transaction_mode,
                 server.settings.client.max_message,
                 server.settings.client.max_prepared_statement_bytes,
+                server.statement_budget,
             )
             parameters = server.pool.known_parameters(self.database, self.request.forwarded)
             if parameters is None:
@@ -424,6 +488,24 @@ class ClientConnection(asyncio.Protocol):
             log.exception("internal error while setting up the session of client=%s", self.address)
             self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while setting up the session")
 
+    def _count(self, to: Counted) -> None:
+        """Move this connection between the server's counts: logging in, logged in (per tenant), gone."""
+        server, was = self.server, self._counted
+        if was is to or was is Counted.GONE:
+            return
+        if was is Counted.LOGGING_IN:
+            server.logging_in -= 1
+        elif was is Counted.LOGGED_IN and self.identity is not None:
+            server.logged_in -= 1
+            tenant = self.identity.tenant
+            server.tenant_clients[tenant] -= 1
+            if not server.tenant_clients[tenant]:
+                del server.tenant_clients[tenant]
+        if to is Counted.LOGGED_IN and self.identity is not None:
+            server.logged_in += 1
+            server.tenant_clients[self.identity.tenant] = server.tenant_clients.get(self.identity.tenant, 0) + 1
+        self._counted = to
+
     @property
     def database(self) -> str:
         """The upstream database this client's session uses (the request must be read)."""
@@ -442,6 +524,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(b"".join(greeting))
         self.relay.client_view.update(parameters)
         self._greeted = True
+        self._count(Counted.LOGGED_IN)
         if self._timer is not None:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
@@ -461,7 +544,7 @@ class ClientConnection(asyncio.Protocol):
         pool = self.server.pool
         if self._transaction_mode:
             return await cast("TransactionPool", pool).acquire(self.database, self.identity.tenant)
-        return await cast("SessionPool", pool).acquire(self.database, self.request.forwarded)
+        return await cast("SessionPool", pool).acquire(self.database, self.request.forwarded, self.identity.tenant)
 
     def _attach_at_login(self, backend: BackendConnection) -> None:
         self._attach(backend, Event.SERVER_GRANTED, wait=True)
@@ -489,9 +572,9 @@ class ClientConnection(asyncio.Protocol):
             if backend is not None:
                 self._attach_checked_out(backend)
                 return
-            if pool.full(self.database):
+            if pool.full(self.database, self.identity.tenant):
                 deadline = pool.loop.time() + self.server.settings.pool.checkout_timeout
-                self._waiter = pool.queue(self.database, deadline, self._handed_over)
+                self._waiter = pool.queue(self.database, deadline, self._handed_over, self.identity.tenant)
                 return
         self._task = asyncio.get_running_loop().create_task(self._checkout_task())
 

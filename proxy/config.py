@@ -139,6 +139,8 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("pool", "checkout_timeout"): (float, 30.0),
     ("pool", "server_idle_timeout"): (float, 600.0),
     ("pool", "server_lifetime"): (float, 3600.0),
+    ("pool", "max_server_connections_per_tenant"): (int, 0),
+    ("pool", "idle_transaction_timeout"): (float, 0.0),
     ("tls", "cert_file"): (str, None),
     ("tls", "key_file"): (str, None),
     ("tls", "client_sslmode"): (str, "allow"),
@@ -150,6 +152,11 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("client", "max_prepared_statement_bytes"): (int, 16 << 20),
     ("client", "allowed_parameters"): (list, DEFAULT_ALLOWED_PARAMETERS),
     ("client", "allowed_networks"): (list, []),
+    ("client", "max_connections_per_tenant"): (int, 1000),
+    ("client", "max_unauthenticated_connections"): (int, 1000),
+    ("client", "startup_timeout_seconds"): (float, 5.0),
+    ("client", "message_timeout_seconds"): (float, 60.0),
+    ("client", "max_total_prepared_statement_bytes"): (int, 256 << 20),
     ("guard", "enabled"): (bool, True),
     ("guard", "allow_do"): (bool, False),
     ("guard", "protected_prefixes"): (list, ["app.", "request.jwt."]),
@@ -196,6 +203,13 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("guard", "max_parse_bytes"): (1024, (1 << 31) - 1),
     ("http", "upstream_check_interval"): (0.05, 3_600),
     ("http", "max_tenant_series"): (1, 100_000),
+    ("pool", "max_server_connections_per_tenant"): (0, 10_000),
+    ("pool", "idle_transaction_timeout"): (0, DAY),
+    ("client", "max_connections_per_tenant"): (1, 1_000_000),
+    ("client", "max_unauthenticated_connections"): (1, 1_000_000),
+    ("client", "startup_timeout_seconds"): (0.01, 3_600),
+    ("client", "message_timeout_seconds"): (0.01, DAY),
+    ("client", "max_total_prepared_statement_bytes"): (64, (1 << 40)),
 }
 
 
@@ -283,6 +297,12 @@ class PoolSettings:
     checkout_timeout: float
     server_idle_timeout: float
     server_lifetime: float
+    max_server_connections_per_tenant: int  # 0: no cap below size
+    idle_transaction_timeout: float  # seconds; 0: off
+
+    def tenant_limit(self) -> int:
+        """Server connections one tenant may hold at once in one database's pool."""
+        return self.max_server_connections_per_tenant or self.size
 
 
 @dataclass(frozen=True)
@@ -302,6 +322,11 @@ class ClientSettings:
     max_prepared_statement_bytes: int
     allowed_parameters: list[str]
     allowed_networks: list[str]
+    max_connections_per_tenant: int
+    max_unauthenticated_connections: int
+    startup_timeout_seconds: float
+    message_timeout_seconds: float
+    max_total_prepared_statement_bytes: int
 
 
 @dataclass(frozen=True)
@@ -839,6 +864,8 @@ def _pool(values: dict[tuple[str, str], Any], problems: Problems) -> PoolSetting
     _choice(values, "pool", "mode", POOL_MODES, problems)
     if values[("pool", "min_size")] > values[("pool", "size")]:
         problems.append("pool.min_size: must be between 0 and pool.size")
+    if values[("pool", "max_server_connections_per_tenant")] > values[("pool", "size")]:
+        problems.append("pool.max_server_connections_per_tenant: must be between 0 (no cap below pool.size) and pool.size")
     return _section(values, "pool", PoolSettings)
 
 

@@ -45,11 +45,12 @@ Handover = Union[BackendConnection, UpstreamError, None]
 class Waiter:
     """A client's place in a pool's queue; see `Pool.queue`."""
 
-    __slots__ = ("callback", "deadline", "_done")
+    __slots__ = ("callback", "deadline", "tenant", "_done")
 
-    def __init__(self, callback: Callable[[Handover], None], deadline: float) -> None:
+    def __init__(self, callback: Callable[[Handover], None], deadline: float, tenant: str) -> None:
         self.callback = callback
         self.deadline = deadline  # loop time
+        self.tenant = tenant
         self._done = False
 
     def done(self) -> bool:
@@ -80,6 +81,7 @@ class Pool:
         self._waiters: dict[str, deque[Waiter]] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}  # per queue: at its earliest deadline
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[tuple[str, str], int] = {}  # (database, tenant) -> server connections held
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,11 +101,45 @@ class Pool:
     def learn_parameters(self, database: str, parameters: dict[str, str], reported: dict[str, str]) -> None:
         self._parameters[pool_key(database, parameters)] = dict(reported)
 
-    def queue(self, database: str, deadline: float, callback: Callable[[Handover], None]) -> Waiter:
+    def holds(self, database: str, tenant: str) -> int:
+        """Server connections of `database` that clients of `tenant` hold now."""
+        return self._held.get((database, tenant), 0)
+
+    def at_limit(self, database: str, tenant: str) -> bool:
+        """`tenant` holds as many server connections of `database` as one tenant may
+        (`[pool] max_server_connections_per_tenant`): its clients wait for one of its own to come back."""
+        return self.holds(database, tenant) >= self.settings.tenant_limit()
+
+    def _hold(self, backend: BackendConnection, tenant: str) -> None:
+        """`backend` now serves a client of `tenant`."""
+        backend.holder = tenant
+        key = (backend.pool_key[0], tenant)
+        self._held[key] = self._held.get(key, 0) + 1
+
+    def _unhold(self, backend: BackendConnection) -> None:
+        """`backend`'s client is done with it (idempotent)."""
+        tenant, backend.holder = backend.holder, None
+        if tenant is not None:
+            key = (backend.pool_key[0], tenant)
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+
+    def _hold_slot(self, database: str, tenant: str) -> None:
+        """A connection being opened for `tenant` counts toward its limit already."""
+        self._held[(database, tenant)] = self._held.get((database, tenant), 0) + 1
+
+    def _release_slot(self, database: str, tenant: str) -> None:
+        key = (database, tenant)
+        self._held[key] -= 1
+        if not self._held[key]:
+            del self._held[key]
+
+    def queue(self, database: str, deadline: float, callback: Callable[[Handover], None], tenant: str) -> Waiter:
         """Join the clients waiting for a connection of `database`: `callback` is called, at once and only
         once, with a connection handed over, with None when one is kept idle or closed (look again), or
-        with UpstreamError 53300 at the deadline."""
-        waiter = Waiter(callback, deadline)
+        with UpstreamError 53300 at the deadline. Waiters are served fairly across tenants (see `_wake`)."""
+        waiter = Waiter(callback, deadline, tenant)
         self._waiters.setdefault(database, deque()).append(waiter)
         timer = self._expiry.get(database)
         if timer is None or deadline < timer.when():  # a coroutine's deadline may predate the queue's
@@ -139,7 +175,7 @@ class Pool:
                 hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
             ))
 
-    async def _wait(self, database: str, deadline: float) -> BackendConnection | None:
+    async def _wait(self, database: str, deadline: float, tenant: str) -> BackendConnection | None:
         """Wait in the queue (see `queue`) from a coroutine."""
         future: asyncio.Future[Handover] = self.loop.create_future()
 
@@ -149,7 +185,7 @@ class Pool:
             elif isinstance(result, BackendConnection):
                 self.hand_back(result)  # the waiting coroutine was cancelled meanwhile
 
-        waiter = self.queue(database, deadline, deliver)
+        waiter = self.queue(database, deadline, deliver, tenant)
         try:
             result = await future
         finally:
@@ -166,7 +202,7 @@ class Pool:
         except BaseException:
             self._closed(database)
             raise
-        backend.on_close = lambda: self._closed(database)
+        backend.on_close = lambda: self._lost(backend)
         backend.pool_key = pool_key(database, parameters)
         backend.opened_at = self.loop.time()
         return backend
@@ -174,6 +210,11 @@ class Pool:
     def _closed(self, database: str) -> None:
         self._open[database] -= 1
         self._wake(database)
+
+    def _lost(self, backend: BackendConnection) -> None:
+        """A server connection closed, whoever closed it: its slot and its tenant's count are free."""
+        self._unhold(backend)
+        self._closed(backend.pool_key[0])
 
     def move(self, backend: BackendConnection, to: Lifecycle) -> None:
         """The one place a server connection changes lifecycle state; keeps the idle lists true."""
@@ -193,21 +234,43 @@ class Pool:
             if self._sweeper is None:
                 self._sweeper = self.loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
     def _wake(self, database: str, backend: BackendConnection | None = None) -> bool:
-        """Hand `backend` to the first client waiting for this database, or (None) let it look again;
-        False when nobody waits."""
+        """Hand `backend` to a client waiting for this database, or (None) let it look again; False when
+        nobody who may take one waits. Fair across tenants: the waiter whose tenant holds the fewest
+        server connections goes first (the earliest among equals), and a tenant at its limit waits for
+        one of its own, so one tenant's queue delays another's checkout by at most one transaction."""
         waiters = self._waiters.get(database)
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                if backend is not None:
-                    self.move(backend, Lifecycle.ACTIVE)
-                waiter.finish(backend)
-                return True
-        return False
+        if not waiters:
+            return False
+        chosen: Waiter | None = None
+        fewest = 0
+        for waiter in waiters:
+            if waiter.done() or self.at_limit(database, waiter.tenant):
+                continue
+            held = self.holds(database, waiter.tenant)
+            if chosen is None or held < fewest:
+                chosen, fewest = waiter, held
+                if not held:
+                    break
+        if chosen is None:
+            while waiters and waiters[0].done():
+                waiters.popleft()
+            return False
+        waiters.remove(chosen)
+        if backend is not None:
+            self.move(backend, Lifecycle.ACTIVE)
+            self._hold(backend, chosen.tenant)
+        chosen.finish(backend)
+        return True
+
+    def _someone_may_take(self, database: str) -> bool:
+        """A client waits for `database` whose tenant is below its limit."""
+        return any(not waiter.done() and not self.at_limit(database, waiter.tenant)
+                   for waiter in self._waiters.get(database, ()))
 
     def _take_back(self, backend: BackendConnection) -> bool:
         """A connection its client is done with: True when it may serve again (detached from the
         client), else it is closed (busy, broken, or older than `server_lifetime`)."""
+        self._unhold(backend)
         backend.detach()
         if not backend.reusable() or self.loop.time() - backend.opened_at > self.settings.server_lifetime:
             self.move(backend, Lifecycle.CLOSED)
@@ -238,6 +301,7 @@ class Pool:
 
     def hand_back(self, backend: BackendConnection) -> None:
         """Return an idle connection handed over to a client that left before using it."""
+        self._unhold(backend)
         if not self._wake(backend.pool_key[0], backend):
             self.move(backend, Lifecycle.IDLE)
 
@@ -271,24 +335,32 @@ class SessionPool(Pool):
     def _idle_list(self, backend: BackendConnection) -> list[BackendConnection]:
         return self._idle_by_key.setdefault(backend.pool_key, [])
 
-    async def acquire(self, database: str, parameters: dict[str, str]) -> BackendConnection:
-        """An authenticated server connection, reset if it served someone before; raises UpstreamError."""
+    async def acquire(self, database: str, parameters: dict[str, str], tenant: str) -> BackendConnection:
+        """An authenticated server connection for a client of `tenant`, reset if it served someone before;
+        raises UpstreamError (53300 when none comes within `checkout_timeout`)."""
         key = pool_key(database, parameters)
         deadline = self.loop.time() + self.settings.checkout_timeout
         while True:
-            idle = self._idle_by_key.get(key)
-            while idle:
-                backend = idle[-1]
-                if not backend.closed:
+            if not self.at_limit(database, tenant):
+                idle = self._idle_by_key.get(key)
+                while idle:
+                    backend = idle[-1]
+                    if not backend.closed:
+                        self.move(backend, Lifecycle.ACTIVE)
+                        self._hold(backend, tenant)
+                        return backend
+                    idle.pop()
+                if self._open.get(database, 0) < self.settings.size:
+                    self._hold_slot(database, tenant)
+                    try:
+                        backend = await self._open_new(database, parameters)
+                    finally:
+                        self._release_slot(database, tenant)
                     self.move(backend, Lifecycle.ACTIVE)
+                    self._hold(backend, tenant)
                     return backend
-                idle.pop()
-            if self._open.get(database, 0) < self.settings.size:
-                backend = await self._open_new(database, parameters)
-                self.move(backend, Lifecycle.ACTIVE)
-                return backend
-            self._close_one_idle(database)
-            await self._wait(database, deadline)
+                self._close_one_idle(database)
+            await self._wait(database, deadline, tenant)
 
     def _close_one_idle(self, database: str) -> None:
         """Free a slot held by an idle connection kept for other startup parameters."""
@@ -335,31 +407,37 @@ class TransactionPool(Pool):
         self._fill(database)
 
     async def acquire(self, database: str, tenant: str) -> BackendConnection:
-        """A server connection, preferably one that last served `tenant`; raises UpstreamError."""
+        """A server connection for a client of `tenant`, preferably one that last served it; raises
+        UpstreamError (53300 when none comes within `checkout_timeout`)."""
         deadline = self.loop.time() + self.settings.checkout_timeout
         self._fill(database)
         while True:
             backend = self.take(database, tenant)
             if backend is not None:
                 return backend
-            if self._open.get(database, 0) < self.settings.size:
-                backend = await self._open_new(database, {}, self.settings.max_prepared_statements)
+            if self._open.get(database, 0) < self.settings.size and not self.at_limit(database, tenant):
+                self._hold_slot(database, tenant)
+                try:
+                    backend = await self._open_new(database, {}, self.settings.max_prepared_statements)
+                finally:
+                    self._release_slot(database, tenant)
                 self.move(backend, Lifecycle.ACTIVE)
+                self._hold(backend, tenant)
                 return backend
-            backend = await self._wait(database, deadline)
+            backend = await self._wait(database, deadline, tenant)
             if backend is not None:
-                self.move(backend, Lifecycle.ACTIVE)
                 return backend
 
     def take(self, database: str, tenant: str) -> BackendConnection | None:
         """Without waiting: the most recently used idle connection of `tenant`, else a fresh one, else
         the least recently used one; None when none is idle."""
         idle = self._idle_by_database.get(database)
-        if not idle or self._waiters.get(database):
-            return None  # clients already waiting come first
+        if not idle or self.at_limit(database, tenant) or self._someone_may_take(database):
+            return None  # a tenant at its limit waits; clients already waiting that may take one come first
         chosen = self._choose(idle, tenant)
         if chosen is not None:
             self.move(chosen, Lifecycle.ACTIVE)
+            self._hold(chosen, tenant)
         return chosen
 
     @staticmethod
@@ -377,13 +455,15 @@ class TransactionPool(Pool):
                 return backend
         return idle[0] if idle else None
 
-    def full(self, database: str) -> bool:
-        """True when `database` has `size` connections open: a client must wait for one."""
-        return self._open.get(database, 0) >= self.settings.size
+    def full(self, database: str, tenant: str) -> bool:
+        """True when a client of `tenant` must wait: `database` has `size` connections open, or the
+        tenant holds as many as it may."""
+        return self._open.get(database, 0) >= self.settings.size or self.at_limit(database, tenant)
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection at the end of a transaction: keep it as it is, or close it. One whose
         client left while only the proxy's own requests were in flight is kept once they are answered."""
+        self._unhold(backend)
         if backend.lifecycle is not Lifecycle.CLOSED and backend.queue.entries and all(
             entry.owner is Owner.OWN for entry in backend.queue.entries
         ):

@@ -26,6 +26,7 @@ from proxy.http import Lifecycle as ServerLifecycle, Readiness, start_endpoint
 from proxy.listeners import Listeners, bind_listeners, listen_error
 from proxy.metrics import Gauges
 from proxy.parameters import ParameterPolicy, ProtectedSettings
+from proxy.relay.statements import StatementBudget
 from proxy.pool import SessionPool, TransactionPool
 from proxy.protocol import errors, messages
 from proxy.tenant import ContextBuilder
@@ -88,6 +89,10 @@ class ProxyServer:
         )
         self.tls_context = server_tls_context(settings)
         self.clients: set[ClientConnection] = set()
+        self.logging_in = 0  # connections not greeted yet (counted apart: [client] max_unauthenticated_connections)
+        self.logged_in = 0  # greeted clients ([pool] max_client_connections)
+        self.tenant_clients: dict[str, int] = {}  # greeted clients per tenant ([client] max_connections_per_tenant)
+        self.statement_budget = StatementBudget(settings.client.max_total_prepared_statement_bytes)
         self._keys: dict[int, ClientConnection] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 

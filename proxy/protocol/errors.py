@@ -7,6 +7,7 @@ PROTOCOL_VIOLATION = "08P01"
 FEATURE_NOT_SUPPORTED = "0A000"
 # Class 25: invalid transaction state
 IN_FAILED_TRANSACTION = "25P02"
+IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 # Class 26: invalid SQL statement name
 INVALID_STATEMENT_NAME = "26000"
 # Class 28: invalid authorization specification

@@ -45,7 +45,15 @@ from proxy.relay.settings import (
     read_bind,
     reset_query,
 )
-from proxy.relay.statements import NEVER_PREPARED, PREFIX, ClientStatements, ServerStatements, Statement, statement_for
+from proxy.relay.statements import (
+    NEVER_PREPARED,
+    PREFIX,
+    ClientStatements,
+    ServerStatements,
+    Statement,
+    StatementBudget,
+    statement_for,
+)
 
 if TYPE_CHECKING:
     from proxy.guard import Guard
@@ -164,6 +172,7 @@ class Relay:
         transaction_mode: bool,
         max_message: int,
         max_statement_bytes: int,
+        budget: StatementBudget | None = None,
     ) -> None:
         self.hooks = hooks
         self.guard = guard
@@ -184,7 +193,7 @@ class Relay:
         self.transactions_ended = 0  # client transactions ended (ReadyForQuery 'I') since the hooks were told
         self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
         self.mode: SessionMode | TransactionMode = (
-            TransactionMode(self, max_statement_bytes) if transaction_mode else SessionMode(self)
+            TransactionMode(self, max_statement_bytes, budget) if transaction_mode else SessionMode(self)
         )
         self._out: list[bytes | memoryview] = []
 
@@ -210,6 +219,16 @@ class Relay:
     def detach(self) -> None:
         self.server = None
         self.queue = None
+
+    def session_ended(self) -> None:
+        """The session ended: give back what it kept (prepared statements count against the proxy's total)."""
+        self.mode.session_ended()
+
+    def idle_in_transaction(self) -> bool:
+        """The client holds a server connection inside a transaction block and owes it nothing: the
+        proxy's own idle-transaction timeout runs (`[pool] idle_transaction_timeout`)."""
+        queue = self.queue
+        return queue is not None and queue.status != b"I" and queue.idle() and not self.held
 
     def server_data(self, data: bytes) -> None:
         """Bytes from the server: account for them and pass on what is the client's."""
@@ -597,6 +616,9 @@ class SessionMode:
         """Session mode never holds a client message for the server's answer."""
         return False
 
+    def session_ended(self) -> None:
+        """Session mode keeps nothing of the client's."""
+
     def maybe_release(self) -> None:
         """The connection is released when the client leaves, not here."""
 
@@ -604,9 +626,9 @@ class SessionMode:
 class TransactionMode:
     """Transaction pooling; see the module docstring."""
 
-    def __init__(self, relay: Relay, max_statement_bytes: int) -> None:
+    def __init__(self, relay: Relay, max_statement_bytes: int, budget: StatementBudget | None) -> None:
         self.relay = relay
-        self.statements = ClientStatements(max_statement_bytes)
+        self.statements = ClientStatements(max_statement_bytes, budget)
         self.portals: dict[bytes, Decision] = {}  # portals of statements with effects, by portal name
         self.context_set = False  # the context is in force for the transaction the client is in
         self.context_reset = False  # a RESET ALL / DISCARD ALL went upstream: set it again before the next statement
@@ -781,11 +803,15 @@ class TransactionMode:
         if decision.refusal is not None:
             relay.refuse_extended(decision.refusal)
             return
-        if not self.statements.room_for(name, definition):
+        bound = self.statements.room_for(name, definition)
+        if bound is not None:
             relay.refuse_extended(Refusal(
                 errors.CONFIGURATION_LIMIT_EXCEEDED,
-                f"too much kept in prepared statements: this client may keep {self.statements.limit} bytes of them",
-                "close (deallocate) prepared statements the client no longer uses, or raise [client] max_prepared_statement_bytes",
+                f"too much kept in prepared statements: this client may keep {self.statements.limit} bytes of them"
+                if bound == "client" else
+                f"too much kept in prepared statements: all clients together may keep {self.statements.budget.limit} bytes",
+                "close (deallocate) prepared statements the client no longer uses, or raise [client] "
+                + ("max_prepared_statement_bytes" if bound == "client" else "max_total_prepared_statement_bytes"),
             ))
             return
         if name and name in self.statements.by_name:
@@ -1034,6 +1060,9 @@ class TransactionMode:
     def plain_query(self, data: bytes) -> bool:
         """Transaction mode always puts the context or its bookkeeping around a Query: the general path."""
         return False
+
+    def session_ended(self) -> None:
+        self.statements.forget_all()
 
     def maybe_release(self) -> None:
         """At ReadyForQuery 'I' with nothing owed, nothing held and the client between groups, the server

@@ -109,12 +109,24 @@ class ParseWatch:
         """Parse answers no rows."""
 
 
-class ClientStatements:
-    """One client's prepared statements, bounded: `limit` bytes, counting names, definitions and a fixed
-    overhead each (the proxy keeps each definition to prepare it on other server connections)."""
+class StatementBudget:
+    """What all clients of one proxy process keep in prepared statements, in bytes, against `limit`."""
+
+    __slots__ = ("limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.used = 0
+
+
+class ClientStatements:
+    """One client's prepared statements, bounded: `limit` bytes, counting names, definitions and a fixed
+    overhead each (the proxy keeps each definition to prepare it on other server connections), and all
+    clients together by the shared `budget`."""
+
+    def __init__(self, limit: int, budget: StatementBudget | None = None) -> None:
+        self.limit = limit
+        self.budget = budget or StatementBudget(1 << 62)
         self.size = 0
         self.by_name: dict[bytes, Statement] = {}
         self.unnamed: Statement | None = None
@@ -123,13 +135,18 @@ class ClientStatements:
     def _size(name: bytes, definition_length: int) -> int:
         return len(name) + definition_length + STATEMENT_OVERHEAD
 
-    def room_for(self, name: bytes, definition: bytes) -> bool:
-        """Whether this Parse fits: an unnamed one always does, a named one replaces its namesake."""
+    def room_for(self, name: bytes, definition: bytes) -> str | None:
+        """None when this Parse fits (an unnamed one always does, a named one replaces its namesake), else
+        which bound it would pass: "client" or "proxy"."""
         if not name:
-            return True
+            return None
         old = self.by_name.get(name)
-        freed = self._size(name, len(old.definition)) if old is not None else 0
-        return self.size - freed + self._size(name, len(definition)) <= self.limit
+        grows = self._size(name, len(definition)) - (self._size(name, len(old.definition)) if old is not None else 0)
+        if self.size + grows > self.limit:
+            return "client"
+        if self.budget.used + grows > self.budget.limit:
+            return "proxy"
+        return None
 
     def remember(self, name: bytes, statement: Statement) -> None:
         if not name:
@@ -137,18 +154,24 @@ class ClientStatements:
             return
         self.forget(name)
         self.by_name[name] = statement
-        self.size += self._size(name, len(statement.definition))
+        size = self._size(name, len(statement.definition))
+        self.size += size
+        self.budget.used += size
 
     def forget(self, name: bytes) -> bool:
         statement = self.by_name.pop(name, None)
         if statement is None:
             return False
-        self.size -= self._size(name, len(statement.definition))
+        size = self._size(name, len(statement.definition))
+        self.size -= size
+        self.budget.used -= size
         return True
 
     def forget_all(self) -> None:
-        """DEALLOCATE ALL / DISCARD ALL: the named statements go; the unnamed one stays, as in Postgres."""
+        """DEALLOCATE ALL / DISCARD ALL, or the session's end: the named statements go (the unnamed one
+        stays, as in Postgres; it is not counted)."""
         self.by_name.clear()
+        self.budget.used -= self.size
         self.size = 0
 
     def lookup(self, name: bytes) -> Statement | None:

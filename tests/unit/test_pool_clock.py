@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.backend import UpstreamError
+from proxy.backend import BackendConnection, Lifecycle, UpstreamError
 from proxy.config import PoolSettings
-from proxy.pool import Handover, Pool
+from proxy.pool import Handover, Pool, TransactionPool
 from proxy.protocol import errors
 
 
@@ -41,6 +41,9 @@ class FakeLoop:
         self.handles.append(handle)
         return handle
 
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Handle:
+        return self.call_at(self.now + delay, callback, *args)
+
     def armed(self) -> list[float]:
         return sorted(h.when() for h in self.handles if not h.cancelled)
 
@@ -56,10 +59,10 @@ class FakeLoop:
         self.now = to
 
 
-def new_pool(checkout_timeout: float = 2.0) -> tuple[Pool, FakeLoop]:
+def new_pool(checkout_timeout: float = 2.0, kind: type[Pool] = Pool) -> tuple[Pool, FakeLoop]:
     settings = PoolSettings(mode="transaction", size=1, min_size=0, max_client_connections=10, max_prepared_statements=10,
                             checkout_timeout=checkout_timeout, server_idle_timeout=60.0, server_lifetime=3600.0)
-    pool = Pool(None, settings)  # type: ignore[arg-type]  # no connection is opened here
+    pool = kind(None, settings)  # type: ignore[arg-type]  # no connection is opened here
     loop = FakeLoop()
     pool._loop = loop  # type: ignore[assignment]
     return pool, loop
@@ -168,3 +171,38 @@ def test_queues_per_database_are_independent() -> None:
     assert refused_at(a) == [1001.0] and b.results == []
     loop.advance(1003.0)
     assert refused_at(b) == [1003.0]
+
+
+def pooled_backend(pool: Pool, loop: FakeLoop) -> BackendConnection:
+    """A server connection (no transport) the pool opened now and a client holds."""
+    backend = BackendConnection(10)
+    backend.pool_key = ("app", ())
+    backend.opened_at = loop.time()
+    backend.lifecycle = Lifecycle.ACTIVE
+    pool._open["app"] = 1
+    return backend
+
+
+def test_connection_past_its_lifetime_closed_when_it_comes_back() -> None:
+    pool, loop = new_pool(kind=TransactionPool)
+    assert isinstance(pool, TransactionPool)
+    backend = pooled_backend(pool, loop)
+    loop.advance(1000.0 + 3599.0)
+    pool.release(backend)
+    assert backend.lifecycle is Lifecycle.IDLE  # younger than server_lifetime: kept
+    assert pool.take("app", "acme") is backend
+    loop.advance(1000.0 + 3600.5)
+    pool.release(backend)
+    assert backend.lifecycle is Lifecycle.CLOSED
+
+
+def test_idle_connection_swept_after_the_idle_timeout() -> None:
+    pool, loop = new_pool(kind=TransactionPool)
+    backend = pooled_backend(pool, loop)
+    pool.release(backend)
+    assert backend.lifecycle is Lifecycle.IDLE
+    loop.advance(1000.0 + 59.0)
+    assert backend.lifecycle is Lifecycle.IDLE
+    loop.advance(1000.0 + 76.0)  # the sweeper looks every server_idle_timeout / 4
+    assert backend.lifecycle is Lifecycle.CLOSED
+    assert loop.armed() == []  # nothing idle left: no sweeper

@@ -377,3 +377,22 @@ def test_reserved_statement_name_refused() -> None:
     out = pair.server(messages.error_response("ERROR", errors.SYNTAX_ERROR, "syntax error") + Z_IDLE)
     assert messages.parse_error_fields(out[5:-len(Z_IDLE)])["C"] == errors.INSUFFICIENT_PRIVILEGE
     assert [r.sqlstate for r in pair.hooks.refusals] == [errors.INSUFFICIENT_PRIVILEGE]
+
+
+def test_query_after_a_copy_failed_at_copydone_with_a_sync_among_the_data() -> None:
+    """Extended COPY IN with a Sync among the CopyData, failing at CopyDone (a unique violation): the
+    server ignored that Sync while copying, so it sends one ReadyForQuery, for the last Sync
+    (postgres.c: CopyGetData ignores Sync and Flush; the error then skips to the next Sync). The
+    client's next Query must reach the server, as it does on a direct connection."""
+    pair, server = RelayPair(), Server(101)
+    copy = messages.parse("", "COPY t FROM STDIN") + messages.bind("", "", []) + messages.execute() + messages.sync()
+    checked_out(pair, server, copy)
+    copy_in = messages.message(b"G", b"\0\0\0")
+    assert pair.server(PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + copy_in) == (
+        PARSE_COMPLETE + BIND_COMPLETE + copy_in)
+    row = messages.message(b"d", b"1\n")
+    pair.client(row + messages.sync() + row + messages.message(b"c") + messages.sync())
+    failure = messages.error_response("ERROR", "23505", "duplicate key value violates unique constraint")
+    assert pair.server(failure + Z_IDLE) == failure + Z_IDLE
+    writes = pair.client(SELECT_1)
+    assert SELECT_1 in b"".join(writes), "the Query is held for a ReadyForQuery the server will never send"

@@ -489,3 +489,46 @@ def test_fatal_with_nothing_owed_forwarded() -> None:
     queue, _ = new_queue()
     fatal = messages.error_response("FATAL", errors.ADMIN_SHUTDOWN, "terminating connection")
     assert feed(queue, fatal) == fatal
+
+
+# -- Syncs among CopyData --------------------------------------------------------------------------
+
+def _extended_copy_with_sync_among_data(queue: ReplyQueue) -> None:
+    expect_all(queue, P, B, E, S)
+    feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN)
+    queue.expect(Request.COPY_DATA)
+    queue.expect(S)  # among CopyData: ignored if the COPY succeeds
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)
+    queue.expect(S)
+
+
+def test_sync_among_copydata_ignored_when_the_copy_succeeds() -> None:
+    queue, _ = new_queue()
+    _extended_copy_with_sync_among_data(queue)
+    trace = complete("COPY 2") + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert queue.idle() and queue.client_group_ends == 0
+
+
+def test_sync_among_copydata_read_after_the_copy_failed() -> None:
+    """The COPY fails on the first CopyData, before the server reads the Sync after it: that Sync ends
+    the error window (ReadyForQuery), the rest is ignored up to the last Sync (another ReadyForQuery)."""
+    queue, _ = new_queue()
+    _extended_copy_with_sync_among_data(queue)
+    trace = error("22P02") + Z_IDLE + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert queue.idle() and queue.client_group_ends == 0
+
+
+def test_sync_among_copydata_read_before_the_copy_failed() -> None:
+    """The COPY fails at CopyDone, after the server ignored the Sync among the data: one ReadyForQuery.
+    The next group's replies settle it; meanwhile the queue must not believe a group end is owed."""
+    queue, _ = new_queue()
+    _extended_copy_with_sync_among_data(queue)
+    trace = error("23505") + Z_IDLE
+    assert feed(queue, trace) == trace
+    queue.expect(Q)
+    rows = T + D1 + C_SELECT + Z_IDLE
+    assert feed(queue, rows) == rows
+    assert queue.idle()

@@ -3,13 +3,7 @@ client messages in both modes, what the client receives for scripted replies, an
 
 from __future__ import annotations
 
-from proxy.protocol import errors, messages
-from proxy.relay.relay import GUARDED_RESET
-from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, read_bind
-from proxy.relay.statements import NEVER_PREPARED, statement_for
-from proxy.guard import ALLOW
-
-from tests.unit.relay_harness import (
+from relay_harness import (
     BIND_COMPLETE,
     CLOSE_COMPLETE,
     CONTEXT,
@@ -24,6 +18,12 @@ from tests.unit.relay_harness import (
     data_row,
     row_description,
 )
+
+from proxy.guard import ALLOW
+from proxy.protocol import errors, messages
+from proxy.relay.relay import GUARDED_RESET
+from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, read_bind
+from proxy.relay.statements import NEVER_PREPARED, statement_for
 
 IDENTITY = Identity()
 SELECT_1 = messages.query("SELECT 1")
@@ -396,3 +396,54 @@ def test_query_after_a_copy_failed_at_copydone_with_a_sync_among_the_data() -> N
     assert pair.server(failure + Z_IDLE) == failure + Z_IDLE
     writes = pair.client(SELECT_1)
     assert SELECT_1 in b"".join(writes), "the Query is held for a ReadyForQuery the server will never send"
+
+
+def test_prepare_with_flush_and_no_sync_gets_a_sync_of_the_proxys_own() -> None:
+    """asyncpg prepares with Parse, Describe, Flush: the proxy ends the implicit transaction with a Sync
+    whose ReadyForQuery it swallows, so the connection goes back to the pool meanwhile."""
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT $1::int"
+    name = server_name(sql)
+    flush = messages.message(b"H")
+    writes = checked_out(pair, server, messages.parse("s1", sql) + messages.message(b"D", b"Ss1\0") + flush)
+    assert writes == [renamed_parse(sql) + messages.message(b"D", b"S" + name + b"\0") + flush + messages.sync()]
+    described = messages.message(b"t", b"\0\1\0\0\0\x17") + row_description("int4")
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + described + Z_IDLE) == PARSE_COMPLETE + described
+    assert pair.hooks.events[-1] == "release_server"
+    assert pair.hooks.ended == 0  # no client transaction ended: the ReadyForQuery was the proxy's
+
+
+def test_parameter_status_from_the_proxys_own_group_reaches_the_client_before_its_ready_for_query() -> None:
+    """Applying the client's DateStyle on a fresh connection makes the server report it; the client,
+    which never saw it, hears it before its next ReadyForQuery; a value it already saw is not repeated."""
+    pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
+    pair.relay.client_view["TimeZone"] = "UTC"
+    checked_out(pair, server, SELECT_1)
+    reported = messages.parameter_status("DateStyle", "ISO, DMY")
+    applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + reported + messages.parameter_status("TimeZone", "UTC")
+               + data_row(b"ISO, DMY") + complete("SELECT 1") + Z_IDLE)
+    assert pair.server(applied) == b""
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + reported + Z_IDLE
+    assert server.state.parameters == {"DateStyle": "ISO, DMY", "TimeZone": "UTC"}
+    assert pair.relay.client_view["DateStyle"] == "ISO, DMY"
+
+
+def _upstream_for_reads(transaction_mode: bool, reads: list[bytes]) -> bytes:
+    pair, server = RelayPair(transaction_mode=transaction_mode), Server(101)
+    pair.attach(server)
+    if not transaction_mode:
+        pair.server(SESSION_CONTEXT_SET)
+    start = len(pair.hooks.upstream)
+    pair.client(*reads)
+    return b"".join(pair.upstream_since(start))
+
+
+def test_client_stream_cut_at_every_byte_gives_the_same_upstream() -> None:
+    extended = (messages.parse("s1", "SELECT $1::int") + messages.bind("", "s1", ["1"]) + messages.message(b"D", b"P\0")
+                + messages.execute() + messages.sync())
+    for transaction_mode, stream in ((False, extended + SELECT_1 + messages.query("SELECT 2")), (True, extended)):
+        whole = _upstream_for_reads(transaction_mode, [stream])
+        if not transaction_mode:
+            assert whole == stream
+        for cut in range(1, len(stream)):
+            assert _upstream_for_reads(transaction_mode, [stream[:cut], stream[cut:]]) == whole, (transaction_mode, cut)

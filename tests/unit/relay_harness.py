@@ -83,9 +83,10 @@ class RelayPair:
     because of them; `server(...)` feeds server messages and returns what reached the client."""
 
     def __init__(self, transaction_mode: bool = True, startup: dict[str, str] | None = None, guarded: bool = True,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, allow_notifications: bool = False) -> None:
         self.hooks = Hooks()
-        guard = Guard(PROTECTED, allow_do=False, transaction_mode=transaction_mode) if guarded else None
+        guard = Guard(PROTECTED, allow_do=False, transaction_mode=transaction_mode,
+                      allow_notifications=allow_notifications) if guarded else None
         self.relay = Relay(self.hooks, guard, CONTEXT, identity or Identity(), ClientSettings(startup or {}, PROTECTED),
                            transaction_mode, max_message=1 << 20, max_statement_bytes=1 << 20)
 

@@ -447,3 +447,19 @@ def test_client_stream_cut_at_every_byte_gives_the_same_upstream() -> None:
             assert whole == stream
         for cut in range(1, len(stream)):
             assert _upstream_for_reads(transaction_mode, [stream[:cut], stream[cut:]]) == whole, (transaction_mode, cut)
+
+
+def test_session_mode_notification_during_the_reasserted_context_reaches_the_client() -> None:
+    """A client that LISTENs, then RESET ALL (which keeps its LISTEN): a NOTIFY from elsewhere may be
+    delivered while the proxy's context group runs; Postgres sends it before that group's ReadyForQuery
+    (55.2.7 Asynchronous Operations). It is the client's and must reach it."""
+    pair, server = RelayPair(transaction_mode=False, allow_notifications=True), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    listen = messages.query("LISTEN jobs")
+    assert pair.client(listen) == [listen]
+    assert pair.server(complete("LISTEN") + Z_IDLE) == complete("LISTEN") + Z_IDLE
+    pair.client(messages.query("RESET ALL"))
+    notification = messages.message(b"A", b"\0\0\0\x2ajobs\0run\0")
+    out = pair.server(complete("RESET") + Z_IDLE + SESSION_CONTEXT_SET[:-len(Z_IDLE)] + notification + Z_IDLE)
+    assert out == complete("RESET") + Z_IDLE + notification

@@ -61,11 +61,17 @@ def test_closing_transport_not_touched() -> None:
     assert not side.reasons
 
 
-def test_client_full_pauses_the_server_and_server_full_the_client() -> None:
+def wired() -> tuple[FlowControl, Transport, Transport]:
+    """Flow control for a client with a server connection attached, both reading."""
     flow = FlowControl()
     client, server = Transport(), Transport()
     flow.client.transport = client
     flow.attach_server(server)
+    return flow, client, server
+
+
+def test_client_full_pauses_the_server_and_server_full_the_client() -> None:
+    flow, client, server = wired()
     flow.client_full(True)
     flow.server_full(True)
     assert server.calls == ["pause"] and client.calls == ["pause"]
@@ -93,10 +99,7 @@ def test_attach_of_a_server_while_the_client_reads_freely() -> None:
 
 
 def test_detach_resumes_the_server_and_clears_peer_full_of_the_client() -> None:
-    flow = FlowControl()
-    client, server = Transport(), Transport()
-    flow.client.transport = client
-    flow.attach_server(server)
+    flow, client, server = wired()
     flow.client_full(True)
     flow.server_full(True)
     flow.client.pause(Reason.HELD)

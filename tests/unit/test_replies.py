@@ -7,6 +7,8 @@ import struct
 
 import pytest
 
+from relay_harness import complete, data_row, row_description
+
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageScanner
@@ -14,22 +16,6 @@ from proxy.relay.replies import ABORTED, Outcome, Owner, ReplyQueue, Request
 
 
 # -- server messages ---------------------------------------------------------------------------
-
-def row_description() -> bytes:
-    field = messages.cstring("x") + struct.pack("!IhIhih", 0, 0, 23, 4, -1, 0)
-    return messages.message(b"T", struct.pack("!h", 1) + field)
-
-
-def data_row(*values: bytes | None) -> bytes:
-    parts = [struct.pack("!h", len(values))]
-    for value in values:
-        parts.append(struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value)
-    return messages.message(b"D", b"".join(parts))
-
-
-def complete(tag: str) -> bytes:
-    return messages.message(b"C", messages.cstring(tag))
-
 
 def error(code: str = errors.SYNTAX_ERROR, text: str = "boom") -> bytes:
     return messages.error_response("ERROR", code, text)
@@ -103,6 +89,12 @@ def feed(queue: ReplyQueue, *replies: bytes) -> bytes:
     return bytes(queue.feed(b"".join(replies)))
 
 
+def passes_whole(queue: ReplyQueue, trace: bytes) -> None:
+    """The trace reaches the client as it came and settles everything owed."""
+    assert feed(queue, trace) == trace
+    assert queue.idle() and queue.client_group_ends == 0
+
+
 P, B, D, E, S, Q = Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.SYNC, Request.QUERY
 
 
@@ -111,9 +103,7 @@ P, B, D, E, S, Q = Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUT
 def test_query_rows_forwarded_and_group_ended() -> None:
     queue, listener = new_queue()
     queue.expect(Q)
-    trace = T + D1 + D2 + C_SELECT + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle() and queue.client_group_ends == 0
+    passes_whole(queue, T + D1 + D2 + C_SELECT + Z_IDLE)
     assert listener.groups == [(b"I", False)]
 
 
@@ -128,18 +118,14 @@ def test_fast_path_returns_the_read_itself() -> None:
 def test_extended_happy_path() -> None:
     queue, listener = new_queue()
     expect_all(queue, P, B, D, E, S)
-    trace = PARSE_COMPLETE + BIND_COMPLETE + T + D1 + C_SELECT + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle()
+    passes_whole(queue, PARSE_COMPLETE + BIND_COMPLETE + T + D1 + C_SELECT + Z_IDLE)
     assert listener.groups == [(b"I", False)]
 
 
 def test_describe_statement_then_no_data() -> None:
     queue, _ = new_queue()
     expect_all(queue, P, D, S)
-    trace = PARSE_COMPLETE + PARAMETER_DESCRIPTION + NO_DATA + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle()
+    passes_whole(queue, PARSE_COMPLETE + PARAMETER_DESCRIPTION + NO_DATA + Z_IDLE)
 
 
 def test_error_skips_every_entry_to_sync_including_a_query() -> None:
@@ -147,9 +133,7 @@ def test_error_skips_every_entry_to_sync_including_a_query() -> None:
     queue, listener = new_queue()
     expect_all(queue, P, B, D, E, Q, S)
     assert queue.client_group_ends == 2
-    trace = PARSE_COMPLETE + error() + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle() and queue.client_group_ends == 0
+    passes_whole(queue, PARSE_COMPLETE + error() + Z_IDLE)
     assert listener.groups == [(b"I", False)]
 
 
@@ -185,9 +169,7 @@ def test_query_error_is_followed_by_ready_for_query() -> None:
 def test_empty_query_response() -> None:
     queue, _ = new_queue()
     expect_all(queue, Q, P, B, E, S)
-    trace = EMPTY_QUERY + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE + EMPTY_QUERY + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle()
+    passes_whole(queue, EMPTY_QUERY + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE + EMPTY_QUERY + Z_IDLE)
 
 
 def test_portal_suspended_ends_execute() -> None:
@@ -306,9 +288,7 @@ def test_copy_in_via_execute_sync_before_copydata_ignored() -> None:
     queue.expect(Request.COPY_DATA)
     queue.expect(Request.COPY_END)
     queue.expect(S)
-    trace = complete("COPY 1") + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle() and queue.client_group_ends == 0
+    passes_whole(queue, complete("COPY 1") + Z_IDLE)
     assert listener.groups == [(b"I", False)]
 
 
@@ -506,9 +486,7 @@ def _extended_copy_with_sync_among_data(queue: ReplyQueue) -> None:
 def test_sync_among_copydata_ignored_when_the_copy_succeeds() -> None:
     queue, _ = new_queue()
     _extended_copy_with_sync_among_data(queue)
-    trace = complete("COPY 2") + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle() and queue.client_group_ends == 0
+    passes_whole(queue, complete("COPY 2") + Z_IDLE)
 
 
 def test_sync_among_copydata_read_after_the_copy_failed() -> None:
@@ -516,9 +494,7 @@ def test_sync_among_copydata_read_after_the_copy_failed() -> None:
     the error window (ReadyForQuery), the rest is ignored up to the last Sync (another ReadyForQuery)."""
     queue, _ = new_queue()
     _extended_copy_with_sync_among_data(queue)
-    trace = error("22P02") + Z_IDLE + Z_IDLE
-    assert feed(queue, trace) == trace
-    assert queue.idle() and queue.client_group_ends == 0
+    passes_whole(queue, error("22P02") + Z_IDLE + Z_IDLE)
 
 
 def test_sync_among_copydata_read_before_the_copy_failed() -> None:

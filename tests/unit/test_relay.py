@@ -463,3 +463,15 @@ def test_session_mode_notification_during_the_reasserted_context_reaches_the_cli
     notification = messages.message(b"A", b"\0\0\0\x2ajobs\0run\0")
     out = pair.server(complete("RESET") + Z_IDLE + SESSION_CONTEXT_SET[:-len(Z_IDLE)] + notification + Z_IDLE)
     assert out == complete("RESET") + Z_IDLE + notification
+
+
+def test_simple_query_drops_the_unnamed_statement() -> None:
+    """As in Postgres (exec_simple_query drops the unnamed statement), a Bind of it after a Query fails
+    on the server with 26000, and the proxy prepares nothing in its place."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("", "SELECT $1::text") + messages.sync())
+    pair.server(PARSE_COMPLETE + Z_IDLE)
+    checked_out(pair, server, SELECT_1)
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)
+    bind = messages.bind("", "", ["x"])
+    assert checked_out(pair, server, bind + messages.sync()) == [bind + messages.sync()]

@@ -249,7 +249,7 @@ class Relay:
                 self._resume()
                 self.mode.maybe_release()
             return
-        if self.held and not queue.client_group_ends:
+        if self.held and not queue.groups_owed():
             self._resume()
         if not self.terminated:
             self.mode.maybe_release()
@@ -338,7 +338,7 @@ class Relay:
                 self.hooks.terminated()
                 return
             queue = self.queue
-            if stopped is None or queue is None or queue.client_group_ends or self.mode.waiting():
+            if stopped is None or queue is None or queue.groups_owed() or self.mode.waiting():
                 break
             segments = stopped
         if stopped is not None:
@@ -705,7 +705,7 @@ class TransactionMode:
             return True
         queue = relay.queue
         assert queue is not None and relay.server is not None
-        if queue.client_group_ends:
+        if queue.groups_owed():
             return False
         if decision.no_transaction_block or not (queue.status == b"I" or (self.context_reset and queue.status == b"T")):
             return True
@@ -720,9 +720,10 @@ class TransactionMode:
         return True
 
     def _context_failed(self, outcome: Outcome, error: dict[str, str] | None) -> None:
-        """The context failed in front of a Query or FunctionCall: the server skips it and waits for a
-        Sync, which the proxy sends (the queue gives its ReadyForQuery to the client)."""
-        if outcome is not Outcome.FAILED:
+        """The context failed (or its statement's Parse did, and it was skipped) in front of a Query or
+        FunctionCall: the server skips it and waits for a Sync, which the proxy sends (the queue gives
+        its ReadyForQuery to the client)."""
+        if outcome is Outcome.COMPLETED:
             return
         relay = self.relay
         relay.own(messages.sync(), Request.SYNC)

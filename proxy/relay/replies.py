@@ -223,8 +223,15 @@ class ReplyQueue:
         self.entries.append(_PLAIN_QUERY)
 
     def idle(self) -> bool:
-        """Nothing is owed: every request sent has been answered."""
-        return not self.entries
+        """Nothing is owed: every request sent has been answered, and the server is not skipping to a
+        Sync not sent yet."""
+        return not self.entries and not self._skipping
+
+    def groups_owed(self) -> int:
+        """Client Queries, Syncs and FunctionCalls whose ReadyForQuery has not come: while any is owed the
+        transaction status is not known. A ReadyForQuery taken for a Sync the client sent among the
+        CopyData of a COPY that then failed may have been the next one's (see `_settle_copy_syncs`)."""
+        return self.client_group_ends - self._ambiguous_answered
 
     def answer_ready(self) -> bytes:
         """Replies the proxy owes the client now, for ANSWERED entries at the head (sent when the
@@ -275,7 +282,7 @@ class ReplyQueue:
         entries = self.entries
         head = entries[0] if entries else None
         if kind[0] in _ASYNC:
-            forwarded = head is None or head.owner is not Owner.OWN
+            forwarded = head is None or head.owner is not Owner.OWN or kind == b"A"  # a notification is the client's
             if kind == b"S":
                 self.listener.parameter_status(*messages.parse_parameter_status(message.body), forwarded)
             if forwarded:

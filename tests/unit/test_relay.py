@@ -1,0 +1,477 @@
+"""The relay wired to scripted server connections (relay_harness.RelayPair): exact bytes upstream for
+client messages in both modes, what the client receives for scripted replies, and which hooks fire."""
+
+from __future__ import annotations
+
+from relay_harness import (
+    BIND_COMPLETE,
+    CLOSE_COMPLETE,
+    CONTEXT,
+    PARSE_COMPLETE,
+    Z_BLOCK,
+    Z_FAILED,
+    Z_IDLE,
+    Identity,
+    RelayPair,
+    Server,
+    complete,
+    data_row,
+    row_description,
+)
+
+from proxy.guard import ALLOW
+from proxy.protocol import errors, messages
+from proxy.relay.relay import GUARDED_RESET
+from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, read_bind
+from proxy.relay.statements import NEVER_PREPARED, statement_for
+
+IDENTITY = Identity()
+SELECT_1 = messages.query("SELECT 1")
+ROWS = row_description() + data_row(b"1") + complete("SELECT 1")
+
+
+def context_statement() -> bytes:
+    """Close then Parse of the proxy's context statement, on a server connection that lacks it."""
+    name = CONTEXT.statement_name
+    return messages.close_statement(name) + messages.parse(name.decode(), CONTEXT.statement)
+
+
+def context(server: Server) -> bytes:
+    """Bind, Execute, Close of the context for one transaction."""
+    return CONTEXT.transaction_messages(IDENTITY.tenant, server.process_id, IDENTITY.expires_at, IDENTITY.claims_json)
+
+
+CONTEXT_PREPARED = CLOSE_COMPLETE + PARSE_COMPLETE
+CONTEXT_SET = BIND_COMPLETE + data_row(b"acme", b"p", b"{}", b"q") + complete("SELECT 1") + CLOSE_COMPLETE
+
+
+def own_statement(name: bytes, sql: str) -> bytes:
+    return messages.close_statement(name) + messages.parse(name.decode(), sql)
+
+
+def server_name(query: str, types: tuple[int, ...] = ()) -> bytes:
+    definition = messages.parse("", query, types)[6:]
+    return statement_for(definition, "", ALLOW).server_name
+
+
+def renamed_parse(query: str) -> bytes:
+    name = server_name(query)
+    return messages.close_statement(name) + messages.parse(name.decode(), query)
+
+
+def checked_out(pair: RelayPair, server: Server, *reads: bytes) -> list[bytes]:
+    """Client reads with no server connection held: the relay asks for one, then goes on when it comes."""
+    assert pair.client(*reads) == []
+    assert pair.hooks.events[-1] == "need_server"
+    return pair.attach(server)
+
+
+# -- transaction mode ------------------------------------------------------------------------------
+
+def test_query_gets_the_context_in_front_in_the_same_write() -> None:
+    pair, server = RelayPair(), Server(101)
+    assert checked_out(pair, server, SELECT_1) == [context_statement() + context(server) + SELECT_1]
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+    assert pair.hooks.events == ["need_server", "hold_client:False", "release_server"]
+    assert pair.hooks.ended == 1
+    assert pair.relay.server is None
+    # the next transaction on the same connection: the context statement is there already
+    assert checked_out(pair, server, SELECT_1) == [context(server) + SELECT_1]
+
+
+def test_replies_split_across_reads() -> None:
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, SELECT_1)
+    replies = CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE
+    assert pair.server(*[replies[i:i + 3] for i in range(0, len(replies), 3)]) == ROWS + Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_no_release_inside_a_transaction_block() -> None:
+    pair, server = RelayPair(), Server(101)
+    begin = messages.query("BEGIN")
+    checked_out(pair, server, begin)
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("BEGIN") + Z_BLOCK) == complete("BEGIN") + Z_BLOCK
+    assert "release_server" not in pair.hooks.events
+    assert pair.client(SELECT_1) == [SELECT_1]  # inside the block: the context is in force already
+    assert pair.server(ROWS + Z_BLOCK) == ROWS + Z_BLOCK
+    commit = messages.query("COMMIT")
+    assert pair.client(commit) == [commit]
+    assert "release_server" not in pair.hooks.events
+    assert pair.server(complete("COMMIT") + Z_IDLE) == complete("COMMIT") + Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+    assert pair.hooks.ended == 1
+
+
+def test_second_group_held_until_the_first_ready_for_query() -> None:
+    pair, server = RelayPair(), Server(101)
+    second = messages.query("SELECT 2")
+    checked_out(pair, server, SELECT_1)
+    assert pair.client(second) == []  # the server's status after the first is not known yet
+    start = len(pair.hooks.upstream)
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS) == ROWS
+    assert pair.upstream_since(start) == []
+    assert pair.server(Z_IDLE) == Z_IDLE
+    assert pair.upstream_since(start) == [context(server) + second]
+    assert "release_server" not in pair.hooks.events
+    assert pair.server(CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+    assert pair.hooks.ended == 2
+
+
+def test_named_parse_renamed_and_closed_first() -> None:
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT $1::int"
+    name = server_name(sql)
+    reads = messages.parse("s1", sql) + messages.bind("", "s1", ["7"]) + messages.execute() + messages.sync()
+    writes = checked_out(pair, server, reads)
+    assert writes == [
+        renamed_parse(sql)
+        + messages.bind("", name.decode(), ["7"])
+        + context_statement() + context(server)
+        + messages.execute() + messages.sync()
+    ]
+    replies = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + data_row(b"7") + complete("SELECT 1")
+    assert pair.server(replies + Z_IDLE) == PARSE_COMPLETE + BIND_COMPLETE + data_row(b"7") + complete("SELECT 1") + Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_error_naming_the_server_side_statement_renamed_for_the_client() -> None:
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT $1::int"
+    name = server_name(sql).decode()
+    checked_out(pair, server, messages.parse("s1", sql) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    writes = checked_out(pair, server, messages.parse("s1", sql) + messages.sync())  # a duplicate: Postgres answers 42P05
+    assert writes == [messages.parse(name, sql) + messages.sync()]  # under the server-side name, which is there
+    server_error = messages.error_response("ERROR", errors.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{name}" already exists')
+    out = pair.server(server_error + Z_IDLE)
+    assert out == messages.error_response("ERROR", errors.DUPLICATE_PREPARED_STATEMENT, 'prepared statement "s1" already exists') + Z_IDLE
+
+
+def test_bind_on_another_server_connection_prepares_the_statement_there() -> None:
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT $1::int"
+    name = server_name(sql).decode()
+    checked_out(pair, first, messages.parse("s1", sql) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    assert pair.hooks.events[-1] == "release_server"
+    writes = checked_out(pair, second, messages.bind("", "s1", ["8"]) + messages.execute() + messages.sync())
+    assert writes == [
+        renamed_parse(sql) + messages.bind("", name, ["8"]) + context_statement() + context(second)
+        + messages.execute() + messages.sync()
+    ]
+    replies = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + data_row(b"8") + complete("SELECT 1")
+    # the proxy's Parse is its own: the client sees no ParseComplete it did not ask for
+    assert pair.server(replies + Z_IDLE) == BIND_COMPLETE + data_row(b"8") + complete("SELECT 1") + Z_IDLE
+    # back on the first connection, which holds it: no Parse
+    writes = checked_out(pair, first, messages.bind("", "s1", ["9"]) + messages.execute() + messages.sync())
+    assert writes == [messages.bind("", name, ["9"]) + context_statement() + context(first) + messages.execute() + messages.sync()]
+
+
+def test_unnamed_statement_prepared_again_on_a_new_server_connection() -> None:
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT $1::text"
+    parse = messages.parse("", sql)
+    checked_out(pair, first, parse + messages.sync())
+    assert pair.server(PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
+    bind = messages.bind("", "", ["x"])
+    writes = checked_out(pair, second, bind + messages.execute() + messages.sync())
+    assert writes == [parse + bind + context_statement() + context(second) + messages.execute() + messages.sync()]
+    replies = PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + data_row(b"x") + complete("SELECT 1") + Z_IDLE
+    assert pair.server(replies) == BIND_COMPLETE + data_row(b"x") + complete("SELECT 1") + Z_IDLE
+
+
+def test_client_close_of_its_statement_stands_in_and_forgets_it() -> None:
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT $1::int"
+    checked_out(pair, server, messages.parse("s1", sql) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    close = messages.close_statement(b"s1")
+    writes = checked_out(pair, server, close + messages.sync())
+    assert writes == [messages.close_statement(NEVER_PREPARED) + messages.sync()]  # the shared statement stays
+    assert pair.server(CLOSE_COMPLETE + Z_IDLE) == CLOSE_COMPLETE + Z_IDLE
+    assert b"s1" not in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
+
+
+def test_deallocate_of_own_statement_answered_by_the_proxy() -> None:
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("s1", "SELECT 1") + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    start = len(pair.hooks.client)
+    writes = checked_out(pair, server, messages.query("DEALLOCATE s1"))
+    assert b"".join(writes) == b""  # nothing upstream: the statement may be shared
+    assert b"".join(pair.hooks.client[start:]) == complete("DEALLOCATE") + Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+    assert b"s1" not in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
+
+
+def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
+    pair, server = RelayPair(), Server(101)
+    set_query = messages.query("SET search_path TO app")
+    writes = checked_out(pair, server, set_query)
+    assert writes == [
+        context_statement() + context(server) + set_query
+        + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
+        + messages.execute(READ_STATEMENT.decode()) + messages.sync()
+    ]
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_IDLE) == complete("SET") + Z_IDLE
+    assert "release_server" not in pair.hooks.events  # the read-back is still owed
+    read = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1") + Z_IDLE
+    assert pair.server(read) == b""
+    assert pair.hooks.events[-1] == "release_server"
+    assert pair.relay.settings.current == {"search_path": "app"}
+    assert server.state.settings == {"search_path": "app"}
+    # another connection gets the client's settings applied, pipelined, before its statement
+    other = Server(202)
+    writes = checked_out(pair, other, SELECT_1)
+    assert writes == [
+        own_statement(APPLY_STATEMENT, APPLY_SQL) + apply_bind({"search_path": "app"})
+        + messages.execute(APPLY_STATEMENT.decode()) + messages.sync()
+        + context_statement() + context(other) + SELECT_1
+    ]
+
+
+def test_reset_all_applies_startup_values_again() -> None:
+    pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
+    applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + messages.sync()
+    apply_replies = BIND_COMPLETE + data_row(b"ISO, DMY") + complete("SELECT 1") + Z_IDLE
+    writes = checked_out(pair, server, SELECT_1)
+    assert writes == [own_statement(APPLY_STATEMENT, APPLY_SQL) + applied + context_statement() + context(server) + SELECT_1]
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + apply_replies + CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+    reset = messages.query("RESET ALL")
+    writes = checked_out(pair, server, reset)
+    assert writes == [
+        context(server) + reset + applied + own_statement(READ_STATEMENT, READ_SQL)
+        + read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + messages.sync()
+    ]
+    assert pair.server(CONTEXT_SET + complete("RESET") + Z_IDLE) == complete("RESET") + Z_IDLE
+    read = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1") + Z_IDLE
+    assert pair.server(apply_replies + read) == b""
+    assert pair.hooks.events[-1] == "release_server"
+    assert pair.relay.settings.current == {"datestyle": "ISO, DMY"}
+
+
+def test_connection_of_another_tenant_is_reset_first() -> None:
+    pair, server = RelayPair(), Server(101)
+    server.state.tenant = "other"
+    writes = checked_out(pair, server, SELECT_1)
+    assert writes == [GUARDED_RESET + context_statement() + context(server) + SELECT_1]
+    reset_replies = complete("SET") + complete("RESET") + complete("CLOSE CURSOR ALL") + complete("UNLISTEN") + Z_IDLE
+    assert pair.server(reset_replies + CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+    assert server.state.tenant == IDENTITY.tenant
+
+
+def test_context_failure_in_front_of_a_query_ends_with_ready_for_query() -> None:
+    """The context's Execute fails: the server skips the client's Query and waits for a Sync, which the
+    proxy sends; the client gets the error and a ReadyForQuery, as for a failed Query."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, SELECT_1)
+    start = len(pair.hooks.upstream)
+    failure = messages.error_response("ERROR", errors.INSUFFICIENT_PRIVILEGE, "permission denied")
+    out = pair.server(CONTEXT_PREPARED + BIND_COMPLETE + failure)
+    assert pair.upstream_since(start) == [messages.sync()]
+    fields = messages.parse_error_fields(out[5:])
+    assert fields["C"] == errors.INSUFFICIENT_PRIVILEGE
+    assert fields["M"] == "could not set the tenant context: permission denied"
+    assert "release_server" not in pair.hooks.events
+    assert pair.server(Z_IDLE) == Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_context_bind_failure_in_front_of_a_query_ends_with_ready_for_query() -> None:
+    """Same, when the context's Bind fails (a late CancelRequest landing on it: 57014): the Execute
+    behind it is skipped, and the server still waits for a Sync before the client's ReadyForQuery."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, SELECT_1)
+    start = len(pair.hooks.upstream)
+    failure = messages.error_response("ERROR", errors.QUERY_CANCELED, "canceling statement due to user request")
+    out = pair.server(CONTEXT_PREPARED + failure)
+    assert pair.upstream_since(start) == [messages.sync()]
+    assert messages.parse_error_fields(out[5:])["C"] == errors.QUERY_CANCELED
+    assert "release_server" not in pair.hooks.events  # the server is still skipping to a Sync
+    assert pair.server(Z_IDLE) == Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_failed_transaction_keeps_the_connection_until_rollback() -> None:
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.query("BEGIN"))
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("BEGIN") + Z_BLOCK)
+    pair.client(SELECT_1)
+    failure = messages.error_response("ERROR", "22012", "division by zero")
+    assert pair.server(failure + Z_FAILED) == failure + Z_FAILED
+    assert "release_server" not in pair.hooks.events
+    rollback = messages.query("ROLLBACK")
+    assert pair.client(rollback) == [rollback]
+    pair.server(complete("ROLLBACK") + Z_IDLE)
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_terminate_with_no_server_connection_asks_for_none() -> None:
+    pair = RelayPair()
+    assert pair.client(messages.terminate()) == []
+    assert pair.hooks.events == ["terminated"]
+
+
+# -- session mode ----------------------------------------------------------------------------------
+
+def session_context(server: Server) -> bytes:
+    return b"".join(raw for raw, _ in CONTEXT.session_messages(IDENTITY.tenant, server.process_id, IDENTITY.expires_at,
+                                                               IDENTITY.claims_json))
+
+
+SESSION_CONTEXT_SET = (PARSE_COMPLETE + BIND_COMPLETE + data_row(b"acme", b"p", b"{}", b"q") + complete("SELECT 1")
+                       + CLOSE_COMPLETE + CLOSE_COMPLETE + Z_IDLE)
+
+
+def test_session_mode_context_first_and_client_held_until_answered() -> None:
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    assert pair.client(SELECT_1) == []
+    assert pair.attach(server) == [session_context(server)]  # the client's Query waits
+    assert "prepared" not in pair.hooks.events
+    start = len(pair.hooks.upstream)
+    assert pair.server(SESSION_CONTEXT_SET[:-len(Z_IDLE)]) == b""
+    assert pair.upstream_since(start) == []
+    assert pair.server(Z_IDLE) == b""
+    assert "prepared" in pair.hooks.events
+    assert pair.upstream_since(start) == [SELECT_1]
+    assert pair.server(ROWS + Z_IDLE) == ROWS + Z_IDLE
+    assert "release_server" not in pair.hooks.events  # session mode keeps its connection
+
+
+def test_session_mode_attach_at_login_with_nothing_held() -> None:
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    assert pair.attach(server) == [session_context(server)]
+    pair.server(SESSION_CONTEXT_SET)
+    assert pair.hooks.events == ["prepared"]
+    assert pair.client(SELECT_1) == [SELECT_1]
+
+
+def test_session_mode_reasserts_the_context_after_reset_all() -> None:
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    reset = messages.query("RESET ALL")
+    assert pair.client(reset) == [reset + session_context(server)]
+    assert pair.server(complete("RESET") + Z_IDLE + SESSION_CONTEXT_SET) == complete("RESET") + Z_IDLE
+    discard = messages.query("DISCARD ALL")
+    assert pair.client(discard) == [discard + session_context(server)]
+
+
+def test_session_mode_context_failure_ends_the_session() -> None:
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    failure = messages.error_response("ERROR", errors.INSUFFICIENT_PRIVILEGE, "permission denied for set_config")
+    assert pair.server(PARSE_COMPLETE + BIND_COMPLETE + failure + Z_IDLE) == b""
+    assert pair.hooks.failures == [(errors.INSUFFICIENT_PRIVILEGE, "could not set the tenant context: permission denied for set_config")]
+
+
+def test_reserved_statement_name_refused() -> None:
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    writes = pair.client(messages.parse("pg_tenant_proxy_context", "SELECT 1") + messages.sync())
+    assert writes == [messages.parse("pg_tenant_proxy_refused", "pg_tenant_proxy_refused") + messages.sync()]
+    out = pair.server(messages.error_response("ERROR", errors.SYNTAX_ERROR, "syntax error") + Z_IDLE)
+    assert messages.parse_error_fields(out[5:-len(Z_IDLE)])["C"] == errors.INSUFFICIENT_PRIVILEGE
+    assert [r.sqlstate for r in pair.hooks.refusals] == [errors.INSUFFICIENT_PRIVILEGE]
+
+
+def test_query_after_a_copy_failed_at_copydone_with_a_sync_among_the_data() -> None:
+    """Extended COPY IN with a Sync among the CopyData, failing at CopyDone (a unique violation): the
+    server ignored that Sync while copying, so it sends one ReadyForQuery, for the last Sync
+    (postgres.c: CopyGetData ignores Sync and Flush; the error then skips to the next Sync). The
+    client's next Query must reach the server, as it does on a direct connection."""
+    pair, server = RelayPair(), Server(101)
+    copy = messages.parse("", "COPY t FROM STDIN") + messages.bind("", "", []) + messages.execute() + messages.sync()
+    checked_out(pair, server, copy)
+    copy_in = messages.message(b"G", b"\0\0\0")
+    assert pair.server(PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + copy_in) == (
+        PARSE_COMPLETE + BIND_COMPLETE + copy_in)
+    row = messages.message(b"d", b"1\n")
+    pair.client(row + messages.sync() + row + messages.message(b"c") + messages.sync())
+    failure = messages.error_response("ERROR", "23505", "duplicate key value violates unique constraint")
+    assert pair.server(failure + Z_IDLE) == failure + Z_IDLE
+    writes = pair.client(SELECT_1)
+    assert SELECT_1 in b"".join(writes), "the Query is held for a ReadyForQuery the server will never send"
+
+
+def test_prepare_with_flush_and_no_sync_gets_a_sync_of_the_proxys_own() -> None:
+    """asyncpg prepares with Parse, Describe, Flush: the proxy ends the implicit transaction with a Sync
+    whose ReadyForQuery it swallows, so the connection goes back to the pool meanwhile."""
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT $1::int"
+    name = server_name(sql)
+    flush = messages.message(b"H")
+    writes = checked_out(pair, server, messages.parse("s1", sql) + messages.message(b"D", b"Ss1\0") + flush)
+    assert writes == [renamed_parse(sql) + messages.message(b"D", b"S" + name + b"\0") + flush + messages.sync()]
+    described = messages.message(b"t", b"\0\1\0\0\0\x17") + row_description("int4")
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + described + Z_IDLE) == PARSE_COMPLETE + described
+    assert pair.hooks.events[-1] == "release_server"
+    assert pair.hooks.ended == 0  # no client transaction ended: the ReadyForQuery was the proxy's
+
+
+def test_parameter_status_from_the_proxys_own_group_reaches_the_client_before_its_ready_for_query() -> None:
+    """Applying the client's DateStyle on a fresh connection makes the server report it; the client,
+    which never saw it, hears it before its next ReadyForQuery; a value it already saw is not repeated."""
+    pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
+    pair.relay.client_view["TimeZone"] = "UTC"
+    checked_out(pair, server, SELECT_1)
+    reported = messages.parameter_status("DateStyle", "ISO, DMY")
+    applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + reported + messages.parameter_status("TimeZone", "UTC")
+               + data_row(b"ISO, DMY") + complete("SELECT 1") + Z_IDLE)
+    assert pair.server(applied) == b""
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + reported + Z_IDLE
+    assert server.state.parameters == {"DateStyle": "ISO, DMY", "TimeZone": "UTC"}
+    assert pair.relay.client_view["DateStyle"] == "ISO, DMY"
+
+
+def _upstream_for_reads(transaction_mode: bool, reads: list[bytes]) -> bytes:
+    pair, server = RelayPair(transaction_mode=transaction_mode), Server(101)
+    pair.attach(server)
+    if not transaction_mode:
+        pair.server(SESSION_CONTEXT_SET)
+    start = len(pair.hooks.upstream)
+    pair.client(*reads)
+    return b"".join(pair.upstream_since(start))
+
+
+def test_client_stream_cut_at_every_byte_gives_the_same_upstream() -> None:
+    extended = (messages.parse("s1", "SELECT $1::int") + messages.bind("", "s1", ["1"]) + messages.message(b"D", b"P\0")
+                + messages.execute() + messages.sync())
+    for transaction_mode, stream in ((False, extended + SELECT_1 + messages.query("SELECT 2")), (True, extended)):
+        whole = _upstream_for_reads(transaction_mode, [stream])
+        if not transaction_mode:
+            assert whole == stream
+        for cut in range(1, len(stream)):
+            assert _upstream_for_reads(transaction_mode, [stream[:cut], stream[cut:]]) == whole, (transaction_mode, cut)
+
+
+def test_session_mode_notification_during_the_reasserted_context_reaches_the_client() -> None:
+    """A client that LISTENs, then RESET ALL (which keeps its LISTEN): a NOTIFY from elsewhere may be
+    delivered while the proxy's context group runs; Postgres sends it before that group's ReadyForQuery
+    (55.2.7 Asynchronous Operations). It is the client's and must reach it."""
+    pair, server = RelayPair(transaction_mode=False, allow_notifications=True), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    listen = messages.query("LISTEN jobs")
+    assert pair.client(listen) == [listen]
+    assert pair.server(complete("LISTEN") + Z_IDLE) == complete("LISTEN") + Z_IDLE
+    pair.client(messages.query("RESET ALL"))
+    notification = messages.message(b"A", b"\0\0\0\x2ajobs\0run\0")
+    out = pair.server(complete("RESET") + Z_IDLE + SESSION_CONTEXT_SET[:-len(Z_IDLE)] + notification + Z_IDLE)
+    assert out == complete("RESET") + Z_IDLE + notification
+
+
+def test_simple_query_drops_the_unnamed_statement() -> None:
+    """As in Postgres (exec_simple_query drops the unnamed statement), a Bind of it after a Query fails
+    on the server with 26000, and the proxy prepares nothing in its place."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("", "SELECT $1::text") + messages.sync())
+    pair.server(PARSE_COMPLETE + Z_IDLE)
+    checked_out(pair, server, SELECT_1)
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)
+    bind = messages.bind("", "", ["x"])
+    assert checked_out(pair, server, bind + messages.sync()) == [bind + messages.sync()]

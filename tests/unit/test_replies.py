@@ -1,0 +1,510 @@
+"""ReplyQueue: server replies matched against what the server owes, driven by byte fixtures that read as
+protocol traces ("Message Flow", 55.2.3 Extended Query, 55.2.6 COPY Operations; postgres.c)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from relay_harness import complete, data_row, row_description
+
+from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.framing import MessageScanner
+from proxy.relay.replies import ABORTED, Outcome, Owner, ReplyQueue, Request
+
+
+# -- server messages ---------------------------------------------------------------------------
+
+def error(code: str = errors.SYNTAX_ERROR, text: str = "boom") -> bytes:
+    return messages.error_response("ERROR", code, text)
+
+
+T = row_description()
+D1 = data_row(b"1")
+D2 = data_row(b"2")
+C_SELECT = complete("SELECT 1")
+PARSE_COMPLETE = messages.message(b"1")
+BIND_COMPLETE = messages.message(b"2")
+CLOSE_COMPLETE = messages.message(b"3")
+NO_DATA = messages.message(b"n")
+PARAMETER_DESCRIPTION = messages.message(b"t", struct.pack("!hI", 1, 23))
+EMPTY_QUERY = messages.message(b"I")
+PORTAL_SUSPENDED = messages.message(b"s")
+COPY_IN = messages.message(b"G", b"\0\0\0")
+COPY_OUT = messages.message(b"H", b"\0\0\0")
+COPY_DATA = messages.message(b"d", b"1\n")
+COPY_DONE = messages.message(b"c")
+NOTICE = messages.notice_response("01000", "careful")
+NOTIFICATION = messages.message(b"A", struct.pack("!i", 42) + b"chan\0payload\0")
+PARAMETER = messages.parameter_status("TimeZone", "UTC")
+Z_IDLE = messages.ready_for_query(b"I")
+Z_BLOCK = messages.ready_for_query(b"T")
+Z_FAILED = messages.ready_for_query(b"E")
+
+
+# -- fakes -------------------------------------------------------------------------------------
+
+class Listener:
+    def __init__(self) -> None:
+        self.groups: list[tuple[bytes, bool]] = []
+        self.parameters: list[tuple[str, str, bool]] = []
+        self.pending = b""
+
+    def group_ended(self, status: bytes, own: bool) -> None:
+        self.groups.append((status, own))
+
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+        self.parameters.append((name, value, forwarded))
+
+    def pending_parameters(self) -> bytes:
+        pending, self.pending = self.pending, b""
+        return pending
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[Outcome, dict[str, str] | None]] = []
+        self.rows: list[list[bytes | None]] = []
+
+    def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        self.outcomes.append((outcome, error))
+
+    def row(self, values: list[bytes | None]) -> None:
+        self.rows.append(values)
+
+
+def new_queue() -> tuple[ReplyQueue, Listener]:
+    listener = Listener()
+    return ReplyQueue(MessageScanner(b"ZE"), listener), listener
+
+
+def expect_all(queue: ReplyQueue, *requests: Request) -> None:
+    for request in requests:
+        queue.expect(request)
+
+
+def feed(queue: ReplyQueue, *replies: bytes) -> bytes:
+    return bytes(queue.feed(b"".join(replies)))
+
+
+def passes_whole(queue: ReplyQueue, trace: bytes) -> None:
+    """The trace reaches the client as it came and settles everything owed."""
+    assert feed(queue, trace) == trace
+    assert queue.idle() and queue.client_group_ends == 0
+
+
+P, B, D, E, S, Q = Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.SYNC, Request.QUERY
+
+
+# -- simple and extended query -------------------------------------------------------------------
+
+def test_query_rows_forwarded_and_group_ended() -> None:
+    queue, listener = new_queue()
+    queue.expect(Q)
+    passes_whole(queue, T + D1 + D2 + C_SELECT + Z_IDLE)
+    assert listener.groups == [(b"I", False)]
+
+
+def test_fast_path_returns_the_read_itself() -> None:
+    """The hot path: only client Queries owed, the read passes on as it came, not copied."""
+    queue, _ = new_queue()
+    queue.expect(Q)
+    data = T + D1 + C_SELECT + Z_IDLE
+    assert queue.feed(data) is data
+
+
+def test_extended_happy_path() -> None:
+    queue, listener = new_queue()
+    expect_all(queue, P, B, D, E, S)
+    passes_whole(queue, PARSE_COMPLETE + BIND_COMPLETE + T + D1 + C_SELECT + Z_IDLE)
+    assert listener.groups == [(b"I", False)]
+
+
+def test_describe_statement_then_no_data() -> None:
+    queue, _ = new_queue()
+    expect_all(queue, P, D, S)
+    passes_whole(queue, PARSE_COMPLETE + PARAMETER_DESCRIPTION + NO_DATA + Z_IDLE)
+
+
+def test_error_skips_every_entry_to_sync_including_a_query() -> None:
+    """An error at Bind: the server skips Describe, Execute and even a simple Query up to Sync."""
+    queue, listener = new_queue()
+    expect_all(queue, P, B, D, E, Q, S)
+    assert queue.client_group_ends == 2
+    passes_whole(queue, PARSE_COMPLETE + error() + Z_IDLE)
+    assert listener.groups == [(b"I", False)]
+
+
+def test_error_before_the_sync_is_sent_skips_what_follows() -> None:
+    queue, _ = new_queue()
+    expect_all(queue, P, B)
+    assert feed(queue, error()) == error()
+    expect_all(queue, E, Q)  # skipped by the server: nothing owed for them
+    assert not queue.entries and not queue.idle()  # but the server skips until a Sync: not reusable yet
+    queue.expect(S)
+    assert feed(queue, Z_IDLE) == Z_IDLE
+    assert queue.idle()
+
+
+def test_query_after_unsynced_extended_messages_ends_the_group() -> None:
+    """P B E then a Query with no Sync: the Query ends the implicit transaction, one ReadyForQuery."""
+    queue, listener = new_queue()
+    expect_all(queue, P, B, E, Q)
+    trace = PARSE_COMPLETE + BIND_COMPLETE + D1 + C_SELECT + T + D2 + C_SELECT + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert queue.idle()
+    assert listener.groups == [(b"I", False)]
+
+
+def test_query_error_is_followed_by_ready_for_query() -> None:
+    queue, listener = new_queue()
+    expect_all(queue, Q, Q)
+    trace = error() + Z_IDLE + T + D1 + C_SELECT + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert listener.groups == [(b"I", False), (b"I", False)]
+
+
+def test_empty_query_response() -> None:
+    queue, _ = new_queue()
+    expect_all(queue, Q, P, B, E, S)
+    passes_whole(queue, EMPTY_QUERY + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE + EMPTY_QUERY + Z_IDLE)
+
+
+def test_portal_suspended_ends_execute() -> None:
+    queue, _ = new_queue()
+    expect_all(queue, P, B, E, E, S)
+    trace = PARSE_COMPLETE + BIND_COMPLETE + D1 + PORTAL_SUSPENDED + D2 + C_SELECT + Z_BLOCK
+    assert feed(queue, trace) == trace
+    assert queue.idle() and queue.status == b"T"
+
+
+# -- the proxy's own, refused and answered entries -------------------------------------------------
+
+def test_own_entries_swallowed_rows_included() -> None:
+    queue, listener = new_queue()
+    watcher = Watcher()
+    queue.expect(P, Owner.OWN)
+    queue.expect(B, Owner.OWN)
+    queue.expect(E, Owner.OWN, watcher=watcher, rows=True)
+    queue.expect(S, Owner.OWN)
+    queue.expect(Q)
+    assert queue.client_group_ends == 1
+    own = PARSE_COMPLETE + BIND_COMPLETE + data_row(b"a", None) + data_row(b"b", b"2") + C_SELECT + Z_IDLE
+    client = T + D1 + C_SELECT + Z_IDLE
+    assert feed(queue, own + client) == client
+    assert watcher.rows == [[b"a", None], [b"b", b"2"]]
+    assert watcher.outcomes == [(Outcome.COMPLETED, None)]
+    assert listener.groups == [(b"I", True), (b"I", False)]
+
+
+def test_own_error_with_prefix_tells_the_client() -> None:
+    queue, _ = new_queue()
+    queue.expect(B, Owner.OWN, reply=b"could not set the tenant context: ")
+    queue.expect(E, Owner.OWN)
+    queue.expect(Q)  # skipped: its ReadyForQuery comes from the Sync behind it
+    queue.expect(S, Owner.OWN)
+    out = feed(queue, error(errors.INSUFFICIENT_PRIVILEGE, "no") + Z_IDLE)
+    fields = messages.parse_error_fields(out[5:len(out) - len(Z_IDLE)])
+    assert fields["C"] == errors.INSUFFICIENT_PRIVILEGE
+    assert fields["M"] == "could not set the tenant context: no"
+    assert out.endswith(Z_IDLE)  # the skipped client Query's ReadyForQuery
+    assert queue.idle() and queue.client_group_ends == 0
+
+
+def test_refused_entry_replaced() -> None:
+    queue, _ = new_queue()
+    refusal = messages.error_response("ERROR", errors.INSUFFICIENT_PRIVILEGE, "refused by the proxy")
+    queue.expect(Q, Owner.REFUSED, reply=refusal)
+    assert feed(queue, error(errors.UNDEFINED_OBJECT, "pg_tenant_proxy_refused") + Z_IDLE) == refusal + Z_IDLE
+    queue.expect(P, Owner.REFUSED, reply=refusal)
+    expect_all(queue, B, E, S)
+    assert feed(queue, error() + Z_IDLE) == refusal + Z_IDLE
+    assert queue.idle()
+
+
+def test_answered_at_the_head() -> None:
+    queue, listener = new_queue()
+    answer = complete("DEALLOCATE")
+    queue.expect(Q)
+    queue.expect(Q, Owner.ANSWERED, reply=answer)
+    assert queue.answer_ready() == b""  # not at the head yet
+    trace = T + C_SELECT + Z_IDLE
+    assert feed(queue, trace) == trace + answer + Z_IDLE
+    assert queue.idle()
+    assert listener.groups == [(b"I", False), (b"I", False)]
+
+
+def test_answered_alone_answered_at_once() -> None:
+    queue, _ = new_queue()
+    answer = complete("DEALLOCATE")
+    queue.expect(Q, Owner.ANSWERED, reply=answer)
+    assert queue.answer_ready() == answer + Z_IDLE
+    assert queue.idle()
+
+
+def test_answered_in_failed_transaction_is_25p02() -> None:
+    queue, _ = new_queue()
+    queue.expect(Q)
+    queue.expect(Q, Owner.ANSWERED, reply=complete("DEALLOCATE"))
+    out = feed(queue, error() + Z_FAILED)
+    assert out == error() + Z_FAILED + ABORTED + Z_FAILED
+    assert messages.parse_error_fields(ABORTED[5:])["C"] == errors.IN_FAILED_TRANSACTION
+
+
+def test_answered_inside_error_window_is_skipped() -> None:
+    """Postgres ignores a Query between a failed extended message and Sync: no reply at all."""
+    queue, _ = new_queue()
+    watcher = Watcher()
+    expect_all(queue, P, B)
+    queue.expect(Q, Owner.ANSWERED, reply=complete("DEALLOCATE"), watcher=watcher)
+    queue.expect(S)
+    assert feed(queue, error() + Z_IDLE) == error() + Z_IDLE
+    assert watcher.outcomes == [(Outcome.SKIPPED, None)]
+
+
+# -- COPY ------------------------------------------------------------------------------------------
+
+def test_copy_in_via_query() -> None:
+    queue, _ = new_queue()
+    queue.expect(Q)
+    assert feed(queue, COPY_IN) == COPY_IN
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)
+    trace = complete("COPY 2") + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert queue.idle()
+
+
+def test_copy_in_via_execute_sync_before_copydata_ignored() -> None:
+    """libpq pipelines Sync after Execute; the server ignores a Sync read during COPY IN, and the
+    client's Sync after CopyDone is the real one."""
+    queue, listener = new_queue()
+    expect_all(queue, P, B, E, S)
+    assert feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN) == PARSE_COMPLETE + BIND_COMPLETE + COPY_IN
+    queue.expect(S)  # another Sync sent after CopyInResponse, still before any CopyData: ignored too
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)
+    queue.expect(S)
+    passes_whole(queue, complete("COPY 1") + Z_IDLE)
+    assert listener.groups == [(b"I", False)]
+
+
+def test_copydata_after_the_server_failed_the_copy_is_ignored() -> None:
+    queue, _ = new_queue()
+    queue.expect(Q)
+    feed(queue, COPY_IN)
+    queue.expect(Request.COPY_DATA)
+    failure = error("22P02", "bad input")
+    assert feed(queue, failure + Z_IDLE) == failure + Z_IDLE
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)
+    assert queue.idle()
+    queue.expect(Q)  # the next group works as usual
+    trace = T + D1 + C_SELECT + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert queue.idle()
+
+
+def test_copy_fail() -> None:
+    queue, _ = new_queue()
+    queue.expect(Q)
+    feed(queue, COPY_IN)
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)  # CopyFail
+    failure = error(errors.QUERY_CANCELED, "COPY from stdin failed: client gave up")
+    assert feed(queue, failure + Z_IDLE) == failure + Z_IDLE
+    assert queue.idle() and queue.copy.value == "none"
+
+
+def test_copy_in_twice_after_a_failed_copy_with_late_copydone() -> None:
+    """A COPY that fails, the client's CopyDone arriving after it, then a second COPY: still in step."""
+    queue, _ = new_queue()
+    for _ in range(3):
+        queue.expect(Q)
+        feed(queue, COPY_IN)
+        queue.expect(Request.COPY_DATA)
+        assert feed(queue, error("22P02") + Z_IDLE) == error("22P02") + Z_IDLE
+        queue.expect(Request.COPY_END)
+    expect_all(queue, P, B, E, S)
+    feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN)
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)
+    queue.expect(S)
+    trace = complete("COPY 1") + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert queue.idle()
+
+
+def test_copy_out() -> None:
+    queue, _ = new_queue()
+    expect_all(queue, Q, P, B, E, S)
+    trace = COPY_OUT + COPY_DATA + COPY_DATA + COPY_DONE + complete("COPY 2") + Z_IDLE
+    extended = PARSE_COMPLETE + BIND_COMPLETE + COPY_OUT + COPY_DATA + COPY_DONE + complete("COPY 1") + Z_IDLE
+    assert feed(queue, trace + extended) == trace + extended
+    assert queue.idle()
+
+
+# -- asynchronous messages -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("asynchronous", [NOTICE, NOTIFICATION, PARAMETER], ids=["notice", "notification", "parameter"])
+def test_asynchronous_messages_anywhere(asynchronous: bytes) -> None:
+    queue, _ = new_queue()
+    expect_all(queue, P, B, E, S)
+    parts = [PARSE_COMPLETE, BIND_COMPLETE, D1, C_SELECT, Z_IDLE]
+    for at in range(len(parts) + 1):
+        expect_all(queue, P, B, E, S)
+        trace = b"".join(parts[:at]) + asynchronous + b"".join(parts[at:])
+        assert feed(queue, trace) == trace
+    assert feed(queue, PARSE_COMPLETE + BIND_COMPLETE + C_SELECT + Z_IDLE)
+    assert queue.idle()
+    assert feed(queue, asynchronous) == asynchronous  # with nothing owed
+
+
+def test_parameter_status_told_to_the_listener() -> None:
+    queue, listener = new_queue()
+    queue.expect(Q)
+    assert feed(queue, PARAMETER + C_SELECT + Z_IDLE) == PARAMETER + C_SELECT + Z_IDLE
+    queue.expect(S, Owner.OWN)
+    assert feed(queue, PARAMETER + Z_IDLE) == b""
+    assert listener.parameters == [("TimeZone", "UTC", True), ("TimeZone", "UTC", False)]
+
+
+def test_notification_during_own_group_reaches_the_client() -> None:
+    """NotificationResponse belongs to the client whatever the server is answering (55.2.7
+    Asynchronous Operations): one sent while the head is the proxy's own request must not be lost."""
+    queue, _ = new_queue()
+    queue.expect(Q, Owner.OWN)
+    assert feed(queue, NOTIFICATION + C_SELECT + Z_IDLE) == NOTIFICATION
+
+
+# -- fast path and full walk -----------------------------------------------------------------------
+
+def test_fast_path_switches_to_full_walk() -> None:
+    queue, listener = new_queue()
+    queue.expect(Q)
+    first = T + D1
+    assert queue.feed(first) is first  # fast path
+    expect_all(queue, P, B, E, S)  # pipelined behind: the rest needs the full walk
+    rest = C_SELECT + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE + D2 + C_SELECT + Z_BLOCK
+    assert feed(queue, rest) == rest
+    assert queue.idle() and queue.status == b"T"
+    queue.expect(Q)
+    back = C_SELECT + Z_IDLE
+    assert queue.feed(back) is back  # fast again
+    assert listener.groups == [(b"I", False), (b"T", False), (b"I", False)]
+
+
+def test_fast_path_copy_in_switches_to_full_walk() -> None:
+    queue, _ = new_queue()
+    queue.expect(Q)
+    queue.feed(COPY_IN)
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)
+    queue.expect(Q)
+    trace = complete("COPY 1") + Z_IDLE + T + C_SELECT + Z_IDLE
+    assert feed(queue, trace) == trace
+    assert queue.idle()
+
+
+# -- reads cut anywhere ----------------------------------------------------------------------------
+
+def _traces() -> list[tuple[list[tuple[Request, Owner]], bytes]]:
+    client = Owner.CLIENT
+    own = Owner.OWN
+    return [
+        ([(Q, client), (Q, client)], T + D1 + D2 + C_SELECT + NOTICE + Z_IDLE + error() + Z_IDLE),
+        (
+            [(B, own), (E, own), (Request.CLOSE, own), (P, client), (B, client), (E, client), (S, client), (Q, client)],
+            BIND_COMPLETE + D1 + C_SELECT + CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + PARAMETER + D2
+            + C_SELECT + Z_IDLE + T + D1 + C_SELECT + Z_IDLE,
+        ),
+        ([(P, client), (B, client), (E, client), (Q, client), (S, client)], PARSE_COMPLETE + error() + Z_IDLE),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_every_cut_gives_the_same_stream(case: int) -> None:
+    entries, stream = _traces()[case]
+
+    def run(reads: list[bytes]) -> tuple[bytes, list[tuple[bytes, bool]]]:
+        queue, listener = new_queue()
+        for request, owner in entries:
+            queue.expect(request, owner)
+        out = b"".join(bytes(queue.feed(read)) for read in reads)
+        assert queue.idle()
+        return out, listener.groups
+
+    whole = run([stream])
+    for cut in range(1, len(stream)):
+        assert run([stream[:cut], stream[cut:]]) == whole, f"cut at {cut}"
+    assert run([stream[i:i + 1] for i in range(len(stream))]) == whole
+
+
+# -- desync ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "owed, reply",
+    [
+        ((), Z_IDLE),
+        ((Q, P), PARSE_COMPLETE),
+        ((P,), BIND_COMPLETE),
+        ((P, S), PARSE_COMPLETE + Z_IDLE + Z_IDLE),
+        ((B,), Z_IDLE),
+    ],
+    ids=["ready-nothing-owed", "parse-complete-for-query", "bind-for-parse",
+         "extra-ready", "ready-while-bind-owed"],
+)
+def test_reply_that_fits_nothing_is_a_violation(owed: tuple[Request, ...], reply: bytes) -> None:
+    """In the full walk (and for ReadyForQuery on the fast path, which looks at nothing else)."""
+    queue, _ = new_queue()
+    expect_all(queue, *owed)
+    with pytest.raises(ProtocolViolation):
+        queue.feed(reply)
+
+
+def test_fatal_with_nothing_owed_forwarded() -> None:
+    queue, _ = new_queue()
+    fatal = messages.error_response("FATAL", errors.ADMIN_SHUTDOWN, "terminating connection")
+    assert feed(queue, fatal) == fatal
+
+
+# -- Syncs among CopyData --------------------------------------------------------------------------
+
+def _extended_copy_with_sync_among_data(queue: ReplyQueue) -> None:
+    expect_all(queue, P, B, E, S)
+    feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN)
+    queue.expect(Request.COPY_DATA)
+    queue.expect(S)  # among CopyData: ignored if the COPY succeeds
+    queue.expect(Request.COPY_DATA)
+    queue.expect(Request.COPY_END)
+    queue.expect(S)
+
+
+def test_sync_among_copydata_ignored_when_the_copy_succeeds() -> None:
+    queue, _ = new_queue()
+    _extended_copy_with_sync_among_data(queue)
+    passes_whole(queue, complete("COPY 2") + Z_IDLE)
+
+
+def test_sync_among_copydata_read_after_the_copy_failed() -> None:
+    """The COPY fails on the first CopyData, before the server reads the Sync after it: that Sync ends
+    the error window (ReadyForQuery), the rest is ignored up to the last Sync (another ReadyForQuery)."""
+    queue, _ = new_queue()
+    _extended_copy_with_sync_among_data(queue)
+    passes_whole(queue, error("22P02") + Z_IDLE + Z_IDLE)
+
+
+def test_sync_among_copydata_read_before_the_copy_failed() -> None:
+    """The COPY fails at CopyDone, after the server ignored the Sync among the data: one ReadyForQuery.
+    The next group's replies settle it; meanwhile the queue must not believe a group end is owed."""
+    queue, _ = new_queue()
+    _extended_copy_with_sync_among_data(queue)
+    trace = error("23505") + Z_IDLE
+    assert feed(queue, trace) == trace
+    queue.expect(Q)
+    rows = T + D1 + C_SELECT + Z_IDLE
+    assert feed(queue, rows) == rows
+    assert queue.idle()

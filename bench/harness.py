@@ -27,8 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from proxy.demo import TenantDatabase, prepare_database, wait_for_port, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
@@ -39,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TENANT_COUNT = 100
 ROWS_PER_TENANT = 1000
+LOOKUP_ROWS_PER_TENANT = 200  # S8's table
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Target:
     port: int
     user: str
     password: str
+    sslmode: str = "disable"  # libpq's, for pgbench's connections
 
 
 @dataclass
@@ -79,12 +83,17 @@ class Bench:
     def __init__(self, workdir: Path, duration: float) -> None:
         self.workdir = workdir
         self.duration = duration
+        self.tls_cert, self.tls_key = write_certificate(workdir)
         self.pg = EmbeddedPostgres(
             settings={
                 "max_connections": "400",
                 "shared_buffers": "256MB",
                 "max_wal_size": "2GB",
                 "log_min_messages": "warning",
+                # For S9; the other targets connect with sslmode disable (PgBouncer's default too).
+                "ssl": "on",
+                "ssl_cert_file": str(self.tls_cert),
+                "ssl_key_file": str(self.tls_key),
             }
         ).start()
         self.db: TenantDatabase = prepare_database(self.pg, database="bench")
@@ -125,13 +134,22 @@ class Bench:
             "CREATE POLICY strict ON orders USING (tenant_id = (SELECT tenant_proxy.current_tenant())::uuid);"
             "ALTER TABLE orders_plain ENABLE ROW LEVEL SECURITY; ALTER TABLE orders_plain FORCE ROW LEVEL SECURITY;"
             "CREATE POLICY plain ON orders_plain USING (tenant_id = current_setting('app.current_tenant', true)::uuid);"
-            f"GRANT SELECT ON orders, orders_plain TO {role}; ANALYZE;",
+            "CREATE TABLE lookups (tenant_id uuid NOT NULL, id int NOT NULL, customer text, amount numeric,"
+            " PRIMARY KEY (tenant_id, id));"
+            f"INSERT INTO lookups SELECT tenant_id, id, customer, amount FROM orders WHERE id <= {LOOKUP_ROWS_PER_TENANT};"
+            "CREATE TABLE lookups_plain AS SELECT * FROM lookups; ALTER TABLE lookups_plain ADD PRIMARY KEY (tenant_id, id);"
+            "ALTER TABLE lookups ENABLE ROW LEVEL SECURITY; ALTER TABLE lookups FORCE ROW LEVEL SECURITY;"
+            "CREATE POLICY strict ON lookups USING (tenant_id = (SELECT tenant_proxy.current_tenant())::uuid);"
+            "ALTER TABLE lookups_plain ENABLE ROW LEVEL SECURITY; ALTER TABLE lookups_plain FORCE ROW LEVEL SECURITY;"
+            "CREATE POLICY plain ON lookups_plain USING (tenant_id = current_setting('app.current_tenant', true)::uuid);"
+            f"GRANT SELECT ON orders, orders_plain, lookups, lookups_plain TO {role}; ANALYZE;",
             "bench",
         )
 
-    def start_proxy(self, name: str, overrides: dict[str, dict[str, object]] | None = None) -> Target:
+    def start_proxy(self, name: str, overrides: dict[str, dict[str, object]] | None = None, sslmode: str = "disable"
+                    ) -> Target:
         port = free_port()
-        settings = {"pool": {"size": 300, "max_client_connections": 20_000}, "": {"log_level": "warning"}, **(overrides or {})}
+        settings: dict[str, dict[str, object]] = {"pool": {"size": 300, "max_client_connections": 20_000}, "": {"log_level": "warning"}, **(overrides or {})}
         config = write_config(self.workdir / f"{name}.toml", self.pg, self.db, port, settings)
         log = open(self.workdir / f"{name}.log", "wb")
         process = subprocess.Popen(
@@ -140,12 +158,16 @@ class Bench:
         )
         shown = ", ".join(f"{section + '.' if section else ''}{key}={value}"
                           for section, values in settings.items() for key, value in values.items())
-        return self._started(Target(name, port, "bench", ""), process, f"pg-tenant-proxy run --config {config.name}  # {shown}")
+        return self._started(Target(name, port, "bench", "", sslmode), process,
+                             f"pg-tenant-proxy run --config {config.name}  # {shown}")
 
-    def start_pgbouncer(self, name: str, pool_mode: str, pool_size: int = 300) -> Target:
+    def start_pgbouncer(self, name: str, pool_mode: str, pool_size: int = 300, tls: bool = False) -> Target:
+        """PgBouncer in `pool_mode`; with `tls`, TLS required from clients and to Postgres (S9)."""
         port = free_port()
         directory = self.workdir / name
         directory.mkdir()
+        tls_lines = (f"client_tls_sslmode = require\nclient_tls_cert_file = {self.tls_cert}\n"
+                     f"client_tls_key_file = {self.tls_key}\nserver_tls_sslmode = require\n") if tls else ""
         (directory / "userlist.txt").write_text(f'"{self.db.app_role}" "{self.db.app_password}"\n')
         (directory / "pgbouncer.ini").write_text(
             "[databases]\n"
@@ -156,6 +178,7 @@ class Bench:
             f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 20000\n"
             "ignore_startup_parameters = extra_float_digits\n"
             f"logfile = {directory / 'pgbouncer.log'}\npidfile = {directory / 'pgbouncer.pid'}\n"
+            + tls_lines
         )
         kwargs: dict[str, object] = {}
         if os.geteuid() == 0:
@@ -166,8 +189,10 @@ class Bench:
         process = subprocess.Popen(  # type: ignore[call-overload]
             ["pgbouncer", str(directory / "pgbouncer.ini")], stderr=subprocess.DEVNULL, cwd=directory, **kwargs
         )
-        return self._started(Target(name, port, self.db.app_role, self.db.app_password), process,
-                             f"pgbouncer pgbouncer.ini  # pool_mode={pool_mode}, auth_type=plain, default_pool_size={pool_size}")
+        shown = f"pool_mode={pool_mode}, auth_type=plain, default_pool_size={pool_size}" + (
+            ", client_tls_sslmode=require, server_tls_sslmode=require" if tls else "")
+        return self._started(Target(name, port, self.db.app_role, self.db.app_password, "require" if tls else "disable"),
+                             process, f"pgbouncer pgbouncer.ini  # {shown}")
 
     def start_copier(self, name: str) -> Target:
         """The byte-copying reference (`bench/copy_proxy.py`): the floor of any Python uvloop proxy."""
@@ -217,7 +242,7 @@ class Bench:
         if record:
             shown = " ".join(a if not a.startswith(str(self.workdir)) else Path(a).name for a in command[1:])
             self.commands.append(f"pgbench {shown}  # against {target.name}")
-        env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+        env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": target.sslmode}
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def finish(self, process: subprocess.Popen[str], target: Target) -> str:
@@ -233,6 +258,26 @@ class Bench:
         if target.name.startswith("proxy"):
             return self.token(tenant or self.tenants[0], "rs" if "rs256" in target.name else "hs")
         return target.password
+
+
+def write_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (P-256), readable by the postgres user that
+    Postgres and PgBouncer run as: the TLS of S9 (clients use sslmode=require, which checks no name)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now.replace(year=now.year + 1)).sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    if os.geteuid() == 0:
+        for path in (cert_file, key_file):
+            shutil.chown(path, "postgres", "postgres")
+    return cert_file, key_file
 
 
 def tps_of(output: str) -> float:
@@ -259,7 +304,7 @@ def pgbench_latencies(bench: Bench, target: Target, args: list[str]) -> list[flo
     return latencies
 
 
-def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
+def build_scenarios(bench: Bench, quick: bool, tenants: int = 64, pool: int = 8) -> list[Scenario]:
     duration = str(int(bench.duration))
     select_only = ["-S", "-c", "16", "-j", "2", "-T", duration]
 
@@ -279,22 +324,29 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
 
         return run
 
-    def s4(target: Target, _: float) -> float:
-        """16 pgbench processes, one client each, each its own tenant (token, or SET LOCAL in the script)."""
-        processes = []
-        for index, tenant in enumerate(bench.tenants[:16]):
-            if target.name.startswith("proxy"):
-                body = "SELECT id, customer, amount FROM orders WHERE id = :id;\n"
-            else:
-                body = (f"BEGIN;\nSET LOCAL app.current_tenant = '{tenant}';\n"
-                        "SELECT id, customer, amount FROM orders_plain WHERE id = :id;\nCOMMIT;\n")
-            script = bench.workdir / f"s4-{target.name}-{index}.sql"
-            script.write_text(f"\\set id random(1, {ROWS_PER_TENANT})\n" + body)
-            processes.append(bench.pgbench_process(
-                target, ["-c", "1", "-j", "1", "-T", duration, "-f", str(script)],
-                bench.password_for(target, tenant), record=index == 0,
-            ))
-        return sum(tps_of(bench.finish(process, target)) for process in processes)
+    def tenant_workload(name: str, table: str, rows: int, tenants: int, clients: int
+                        ) -> Callable[[Target, float], float]:
+        """One pgbench process per tenant, `clients // tenants` clients each, indexed lookups on `table`
+        under RLS: through a proxy the plain SELECT (its token names the tenant, the strict policy checks
+        the verified context); elsewhere the application's own pattern, BEGIN; SET LOCAL; SELECT; COMMIT
+        on `table`_plain, whose policy reads the setting."""
+        def run(target: Target, _: float) -> float:
+            processes = []
+            for index, tenant in enumerate(bench.tenants[:tenants]):
+                if target.name.startswith("proxy"):
+                    body = f"SELECT id, customer, amount FROM {table} WHERE id = :id;\n"
+                else:
+                    body = (f"BEGIN;\nSET LOCAL app.current_tenant = '{tenant}';\n"
+                            f"SELECT id, customer, amount FROM {table}_plain WHERE id = :id;\nCOMMIT;\n")
+                script = bench.workdir / f"{name}-{target.name}-{index}.sql"
+                script.write_text(f"\\set id random(1, {rows})\n" + body)
+                processes.append(bench.pgbench_process(
+                    target, ["-c", str(clients // tenants), "-j", "1", "-T", duration, "-f", str(script)],
+                    bench.password_for(target, tenant), record=index == 0,
+                ))
+            return sum(tps_of(bench.finish(process, target)) for process in processes)
+
+        return run
 
     def s6(target: Target, _: float) -> float:
         """Bytes of resident memory per idle logged-in client (the process's RSS growth / clients)."""
@@ -332,22 +384,31 @@ def build_scenarios(bench: Bench, quick: bool) -> list[Scenario]:
     proxy_pair = ["direct", "pgbouncer", "proxy"]
     with_copy = proxy_pair if quick else [*proxy_pair, "copy"]
     transaction_trio = ["direct", "pgbouncer-tx", "proxy-tx"]
+    s8_title = ("tenant workload, {clients} clients of {tenants} tenants over a pool of " + str(pool)
+                + f": the proxy's plain SELECT vs BEGIN; SET LOCAL; SELECT; COMMIT by the app ({LOOKUP_ROWS_PER_TENANT}"
+                " rows per tenant; direct: one backend per client)")
     scenarios = [
         Scenario("S1", "pgbench -S, 16 clients, simple protocol, session mode", "TPS",
                  proxy_pair if quick else [*with_copy, "proxy-2w"], s1),
+        Scenario("S8", s8_title.format(clients=tenants, tenants=tenants), "TPS", transaction_trio,
+                 tenant_workload("s8", "lookups", LOOKUP_ROWS_PER_TENANT, tenants, tenants)),
         Scenario("S7-p50", "1 client pgbench -S, latency p50", "us", with_copy, s7(0.50, first=True)),
         Scenario("S7-p99", "1 client pgbench -S, latency p99", "us", with_copy, s7(0.99, first=False)),
     ]
     if not quick:
-        scenarios[1:1] = [
+        scenarios[2:2] = [
+            Scenario("S8-200", s8_title.format(clients=200, tenants=100), "TPS", transaction_trio,
+                     tenant_workload("s8-200", "lookups", LOOKUP_ROWS_PER_TENANT, 100, 200)),
+            Scenario("S9", "S1 with TLS: pgbench -S, 16 clients, sslmode=require to the target, and TLS from the"
+                     " proxy and PgBouncer to Postgres", "TPS", ["direct-tls", "pgbouncer-tls", "proxy-tls"], s1),
             Scenario("S2-ext", "pgbench -S -M extended, 16 clients", "TPS", proxy_pair, s2("extended")),
             Scenario("S2-prep", "pgbench -S -M prepared, 16 clients", "TPS", proxy_pair, s2("prepared")),
-            Scenario("S3", "transaction mode, pgbench -S, 64 clients over a pool of 8", "TPS", transaction_trio, s3("simple")),
-            Scenario("S3-prep", "transaction mode, pgbench -S -M prepared, 64 clients over a pool of 8 (PgBouncer"
+            Scenario("S3", f"transaction mode, pgbench -S, 64 clients over a pool of {pool}", "TPS", transaction_trio, s3("simple")),
+            Scenario("S3-prep", f"transaction mode, pgbench -S -M prepared, 64 clients over a pool of {pool} (PgBouncer"
                      " 1.18 cannot: it has no prepared statements in transaction mode)", "TPS",
                      ["direct", "proxy-tx"], s3("prepared")),
             Scenario("S4", "tenant workload, 16 tenants x 1 client: proxy context vs SET LOCAL by the app", "TPS",
-                     proxy_pair, s4),
+                     proxy_pair, tenant_workload("s4", "orders", ROWS_PER_TENANT, 16, 16)),
             Scenario("S5", "connection storm, pgbench -S -C, 8 clients (connections/s)", "TPS",
                      ["pgbouncer", "proxy", "proxy-rs256"], s5),
             Scenario("S6", f"{IDLE_CLIENTS:,} idle clients: resident memory per client (one run: a second one"
@@ -513,7 +574,7 @@ def table(scenarios: list[Scenario], results: dict[str, dict[str, Result]]) -> l
     ]
     for scenario in scenarios:
         row = results[scenario.name]
-        direct = row["direct"].median if "direct" in row else None
+        direct = next((result.median for name, result in row.items() if name.startswith("direct")), None)
         bouncer = next((result.median for name, result in row.items() if name.startswith("pgbouncer")), None)
         for name, result in row.items():
             ratio_direct = f"{result.median / direct:.2f}x" if direct else "-"
@@ -563,6 +624,15 @@ RATIO_TARGETS = [
         (("proxy", "proxy"), ("pgbouncer", "PgBouncer (four statements)")),
         " Each of the proxy's statements runs the verifier, about 25 us of Postgres CPU (a plpgsql call"
         " and a read of the key table), where the application's policy reads a setting (PROFILE.md, the verifier).",
+    ),
+    RatioTarget(
+        "S8 proxy TPS >= 2.0x the app's SET LOCAL pattern through PgBouncer (transaction mode)", "S8", "proxy-tx",
+        "pgbouncer-tx", 2.0,
+        (("proxy-tx", "proxy"), ("pgbouncer-tx", "PgBouncer (four statements)")),
+        " With 64 tenants over 8 connections almost every checkout switches tenant: before the client's"
+        " SELECT the proxy pipelines its reset Query (seven statements, ten replies it tracks in Python) and"
+        " the context Bind/Execute, about 20 server messages per transaction where PgBouncer relays the"
+        " application's four statements untouched (PROFILE.md, the tenant workload).",
     ),
     RatioTarget("S5 proxy (HS256) connections/s >= 0.5x PgBouncer", "S5", "proxy", "pgbouncer", 0.5),
     RatioTarget(
@@ -640,6 +710,23 @@ def shortfalls(results: dict[str, dict[str, Result]], cpu: dict[str, dict[str, R
     return ["Targets missed, by how much, and where the time goes:", "", *lines]
 
 
+def log_findings(bench: Bench) -> list[str]:
+    """What the proxies logged at warning level or above during the run (a healthy run logs nothing):
+    per log, the number of lines and the most frequent messages, without timestamps."""
+    lines: list[str] = []
+    for path in sorted(bench.workdir.glob("proxy*.log")):
+        logged = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        if not logged:
+            continue
+        counts: dict[str, int] = {}
+        for line in logged:
+            message = re.sub(r"^\S+ \S+ ", "", line)[:200]
+            counts[message] = counts.get(message, 0) + 1
+        common = sorted(counts.items(), key=lambda item: -item[1])[:5]
+        lines.append(f"- {path.stem}: {len(logged)} lines; " + "; ".join(f"{n}x `{m}`" for m, n in common))
+    return ["Proxy logs (warnings and errors):", "", *(lines or ["- none"])]
+
+
 def version(command: list[str]) -> str:
     try:
         return subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip().splitlines()[0]
@@ -697,11 +784,14 @@ def running_bench(duration: float) -> Iterator[Bench]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer scenarios, shorter runs (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="S1, S8 and S7 only, shorter runs (about 4 minutes)")
     parser.add_argument("--runs", type=int, help="runs per target (default 3)")
     parser.add_argument("--duration", type=float, help="seconds per pgbench run")
     parser.add_argument("--only", help="comma-separated scenario names, e.g. S1,S7-p50")
     parser.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
+    parser.add_argument("--tenants", type=int, default=64, help="S8: tenants, one client each (default 64)")
+    parser.add_argument("--pool", type=int, default=8,
+                        help="server connections of the transaction-mode proxy and PgBouncer (S3, S8; default 8)")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
     args.runs = args.runs or 3
@@ -715,12 +805,17 @@ def main(argv: list[str] | None = None) -> int:
         bench.targets["direct"] = Target("direct", bench.pg.port, bench.db.app_role, bench.db.app_password)
         bench.start_pgbouncer("pgbouncer", "session")
         bench.start_proxy("proxy")
-        scenarios = build_scenarios(bench, args.quick)
+        bench.start_pgbouncer("pgbouncer-tx", "transaction", pool_size=args.pool)
+        bench.start_proxy("proxy-tx", {"pool": {"mode": "transaction", "size": args.pool, "max_client_connections": 20_000}})
+        scenarios = build_scenarios(bench, args.quick, args.tenants, args.pool)
         bench.targets["guard"] = Target("guard", 0, "", "")
         if not args.quick:
             bench.start_proxy("proxy-noguard", {"guard": {"enabled": False}})
-            bench.start_pgbouncer("pgbouncer-tx", "transaction", pool_size=8)
-            bench.start_proxy("proxy-tx", {"pool": {"mode": "transaction", "size": 8, "max_client_connections": 20_000}})
+            bench.targets["direct-tls"] = Target("direct-tls", bench.pg.port, bench.db.app_role, bench.db.app_password,
+                                                 "require")
+            bench.start_pgbouncer("pgbouncer-tls", "session", tls=True)
+            bench.start_proxy("proxy-tls", {"tls": {"cert_file": str(bench.tls_cert), "key_file": str(bench.tls_key)},
+                                            "upstream": {"sslmode": "require"}}, sslmode="require")
             bench.start_proxy("proxy-2w", {"": {"workers": 2, "log_level": "warning"}})
             bench.start_copier("copy")
             bench.start_proxy("proxy-rs256", {"jwt": {"algorithms": ["RS256"], "secret": None,
@@ -729,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
             wanted = set(args.only.split(","))
             scenarios = [s for s in scenarios if s.name in wanted]
         results, cpu = run_all(bench, scenarios, args.runs)
-        lines = [*table(scenarios, results), "", *cpu_table(scenarios, cpu), "", *shortfalls(results, cpu)]
+        lines = [*table(scenarios, results), "", *cpu_table(scenarios, cpu), "", *shortfalls(results, cpu), "",
+                 *log_findings(bench)]
         print("\n".join(lines))
         write_results(args.output, bench, args, lines, time.monotonic() - started)
         print(f"\nWrote {args.output}")

@@ -17,34 +17,44 @@ CREATE TABLE IF NOT EXISTS tenant_proxy.signing_key (
 REVOKE ALL ON tenant_proxy.signing_key FROM PUBLIC;
 
 -- The verified tenant of this backend, or NULL. STABLE (never IMMUTABLE: a cached plan would freeze
--- one tenant's value), SECURITY DEFINER so it can read the key, with a fixed search_path.
--- PARALLEL RESTRICTED because pg_backend_pid() differs in a parallel worker.
-CREATE OR REPLACE FUNCTION tenant_proxy.current_tenant() RETURNS text
+-- one tenant's value), SECURITY DEFINER so it can read the key. PARALLEL RESTRICTED because
+-- pg_backend_pid() differs in a parallel worker.
+--
+-- No SET search_path clause: it cost about half of each call. Instead every function, operator, type
+-- and table below is schema-qualified, so the caller's search_path and pg_temp name nothing here
+-- (tests/integration/test_verifier.py shadows each of them). Keep it so when editing: no bare
+-- operator, no BETWEEN/LIKE/IN (they expand to operators looked up by search_path), no bare type name;
+-- and parenthesise: OPERATOR(...) has one precedence, left-associative, whatever the operator.
+CREATE OR REPLACE FUNCTION tenant_proxy.current_tenant() RETURNS pg_catalog.text
     LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED
-    SET search_path = pg_catalog, pg_temp
 AS $verifier$
 DECLARE
-    tenant text := current_setting(@SETTING@, true);
-    proof text := current_setting(@PROOF_SETTING@, true);
-    colon integer := strpos(proof, ':');
-    expires text := left(proof, colon - 1);
-    valid boolean;
+    tenant pg_catalog.text := pg_catalog.current_setting(@SETTING@, true);
+    proof pg_catalog.text := pg_catalog.current_setting(@PROOF_SETTING@, true);
+    colon pg_catalog.int4 := pg_catalog.strpos(proof, ':');
+    expires pg_catalog.text := pg_catalog.left(proof, colon OPERATOR(pg_catalog.-) 1);
+    valid pg_catalog.bool;
 BEGIN
     -- The proof is <expiry: 1 to 15 digits>:<64 characters of hex HMAC>. Cheap string tests instead of a
     -- regular expression: this runs once per statement, so every microsecond counts.
-    IF tenant IS NULL OR tenant = '' OR proof IS NULL OR colon NOT BETWEEN 2 AND 16
-       OR length(proof) <> colon + 64 OR ltrim(expires, '0123456789') <> '' THEN
+    IF tenant IS NULL OR tenant OPERATOR(pg_catalog.=) '' OR proof IS NULL
+       OR colon OPERATOR(pg_catalog.<) 2 OR colon OPERATOR(pg_catalog.>) 16
+       OR pg_catalog.length(proof) OPERATOR(pg_catalog.<>) (colon OPERATOR(pg_catalog.+) 64)
+       OR pg_catalog.ltrim(expires, '0123456789') OPERATOR(pg_catalog.<>) '' THEN
         RETURN NULL;
     END IF;
-    IF expires::bigint <= extract(epoch FROM statement_timestamp()) THEN
+    -- EXTRACT is grammar: the parser calls pg_catalog.extract (pg_catalog.date_part before 14) itself.
+    IF expires::pg_catalog.int8 OPERATOR(pg_catalog.<=) EXTRACT(epoch FROM pg_catalog.statement_timestamp()) THEN
         RETURN NULL;
     END IF;
     -- One query reads the key and compares the HMAC (the table holds at most one row): no row, no tenant.
-    SELECT encode(sha256(outer_pad || sha256(inner_pad
-               || convert_to(pg_backend_pid()::text || ':' || expires || ':' || tenant, 'UTF8'))), 'hex')
-           = substr(proof, colon + 1)
+    SELECT pg_catalog.encode(pg_catalog.sha256(k.outer_pad OPERATOR(pg_catalog.||) pg_catalog.sha256(k.inner_pad
+               OPERATOR(pg_catalog.||) pg_catalog.convert_to(pg_catalog.pg_backend_pid()::pg_catalog.text
+                   OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) expires OPERATOR(pg_catalog.||) ':'
+                   OPERATOR(pg_catalog.||) tenant, 'UTF8'))), 'hex')
+           OPERATOR(pg_catalog.=) pg_catalog.substr(proof, colon OPERATOR(pg_catalog.+) 1)
       INTO valid
-      FROM tenant_proxy.signing_key;
+      FROM tenant_proxy.signing_key AS k;
     IF valid THEN
         RETURN tenant;
     END IF;
@@ -59,36 +69,42 @@ GRANT EXECUTE ON FUNCTION tenant_proxy.current_tenant() TO PUBLIC;
 -- "<pid>:<expiry>:<tenant>:<claims>". NULL unless that proof checks for this backend, has not expired,
 -- and current_tenant() is not NULL (so the tenant half of the signed text is the verified tenant).
 -- The claims setting alone is forgeable like any custom setting: read claims only through this.
-CREATE OR REPLACE FUNCTION tenant_proxy.claims() RETURNS jsonb
+-- Schema-qualified throughout, like current_tenant(), instead of a SET search_path clause.
+CREATE OR REPLACE FUNCTION tenant_proxy.claims() RETURNS pg_catalog.jsonb
     LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED
-    SET search_path = pg_catalog, pg_temp
 AS $claims$
 DECLARE
-    claims text := current_setting(@CLAIMS_SETTING@, true);
-    proof text := current_setting(@CLAIMS_PROOF_SETTING@, true);
-    colon integer := strpos(proof, ':');
-    expires text := left(proof, colon - 1);
-    tenant text;
-    valid boolean;
+    claims pg_catalog.text := pg_catalog.current_setting(@CLAIMS_SETTING@, true);
+    proof pg_catalog.text := pg_catalog.current_setting(@CLAIMS_PROOF_SETTING@, true);
+    colon pg_catalog.int4 := pg_catalog.strpos(proof, ':');
+    expires pg_catalog.text := pg_catalog.left(proof, colon OPERATOR(pg_catalog.-) 1);
+    tenant pg_catalog.text;
+    valid pg_catalog.bool;
 BEGIN
-    IF claims IS NULL OR left(claims, 1) <> '{' OR proof IS NULL OR colon NOT BETWEEN 2 AND 16
-       OR length(proof) <> colon + 64 OR ltrim(expires, '0123456789') <> '' THEN
+    IF claims IS NULL OR pg_catalog.left(claims, 1) OPERATOR(pg_catalog.<>) '{' OR proof IS NULL
+       OR colon OPERATOR(pg_catalog.<) 2 OR colon OPERATOR(pg_catalog.>) 16
+       OR pg_catalog.length(proof) OPERATOR(pg_catalog.<>) (colon OPERATOR(pg_catalog.+) 64)
+       OR pg_catalog.ltrim(expires, '0123456789') OPERATOR(pg_catalog.<>) '' THEN
         RETURN NULL;
     END IF;
-    IF expires::bigint <= extract(epoch FROM statement_timestamp()) THEN
+    -- EXTRACT is grammar: the parser calls pg_catalog.extract (pg_catalog.date_part before 14) itself.
+    IF expires::pg_catalog.int8 OPERATOR(pg_catalog.<=) EXTRACT(epoch FROM pg_catalog.statement_timestamp()) THEN
         RETURN NULL;
     END IF;
     tenant := tenant_proxy.current_tenant();
     IF tenant IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT encode(sha256(outer_pad || sha256(inner_pad
-               || convert_to(pg_backend_pid()::text || ':' || expires || ':' || tenant || ':' || claims, 'UTF8'))), 'hex')
-           = substr(proof, colon + 1)
+    SELECT pg_catalog.encode(pg_catalog.sha256(k.outer_pad OPERATOR(pg_catalog.||) pg_catalog.sha256(k.inner_pad
+               OPERATOR(pg_catalog.||) pg_catalog.convert_to(pg_catalog.pg_backend_pid()::pg_catalog.text
+                   OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) expires OPERATOR(pg_catalog.||) ':'
+                   OPERATOR(pg_catalog.||) tenant OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) claims,
+                   'UTF8'))), 'hex')
+           OPERATOR(pg_catalog.=) pg_catalog.substr(proof, colon OPERATOR(pg_catalog.+) 1)
       INTO valid
-      FROM tenant_proxy.signing_key;
+      FROM tenant_proxy.signing_key AS k;
     IF valid THEN
-        RETURN claims::jsonb;
+        RETURN claims::pg_catalog.jsonb;
     END IF;
     RETURN NULL;
 END
@@ -97,12 +113,11 @@ REVOKE ALL ON FUNCTION tenant_proxy.claims() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenant_proxy.claims() TO PUBLIC;
 
 -- One verified top-level claim as text (tenant_proxy.claim('sub')), or NULL. Policies call it in a
--- sub-select, (SELECT tenant_proxy.claim('sub')), so it runs once per statement.
-CREATE OR REPLACE FUNCTION tenant_proxy.claim(name text) RETURNS text
+-- sub-select, (SELECT tenant_proxy.claim('sub')), so it runs once per statement. Schema-qualified.
+CREATE OR REPLACE FUNCTION tenant_proxy.claim(name pg_catalog.text) RETURNS pg_catalog.text
     LANGUAGE sql STABLE SECURITY DEFINER PARALLEL RESTRICTED
-    SET search_path = pg_catalog, pg_temp
 AS $claim$
-    SELECT tenant_proxy.claims() ->> name
+    SELECT tenant_proxy.claims() OPERATOR(pg_catalog.->>) name
 $claim$;
 REVOKE ALL ON FUNCTION tenant_proxy.claim(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenant_proxy.claim(text) TO PUBLIC;

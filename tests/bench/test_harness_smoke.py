@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from harness import Result, cpu_seconds, percentile, shortfalls, tps_of  # noqa: E402
+from harness import Result, cpu_seconds, log_findings, percentile, shortfalls, targets, tps_of  # noqa: E402
 
 
 def test_tps_parsing() -> None:
@@ -52,6 +53,27 @@ def test_shortfalls_say_by_how_much_and_where_the_time_goes() -> None:
     assert "**S4**" not in lines  # 1.6x: met
     assert "adds 60 us per query, 2.00x PgBouncer's 30 us" in lines and "reference adds 40 us" in lines
     assert shortfalls(table({"S1": {"pgbouncer": 100, "proxy": 120}}), {}) == []
+
+
+def test_s8_target_compares_the_transaction_mode_proxy_with_pgbouncer() -> None:
+    results = {"S8": {"direct": Result([8000]), "pgbouncer-tx": Result([5000]), "proxy-tx": Result([3500])}}
+    assert "| S8 proxy TPS >= 2.0x the app's SET LOCAL pattern through PgBouncer (transaction mode) | 0.70x | no |" \
+        in targets(results)
+    lines = "\n".join(shortfalls(results, {"S8": {"proxy-tx": Result([170.0]), "pgbouncer-tx": Result([107.0])}}))
+    assert "**S8** is at 0.70x, 65% short of 2x" in lines and "proxy 170.0 us, PgBouncer (four statements) 107.0 us" in lines
+    results["S8"]["proxy-tx"] = Result([10500])
+    assert shortfalls(results, {}) == []
+
+
+def test_log_findings_count_the_proxies_messages(tmp_path: Path) -> None:
+    (tmp_path / "proxy-tx.log").write_text("2026-01-01 00:00:00 WARNING pool: waited\n" * 3
+                                           + "2026-01-01 00:00:01 ERROR relay: broken\n")
+    (tmp_path / "proxy.log").write_text("")
+    (tmp_path / "pgbouncer.log").write_text("noise\n")
+    lines = log_findings(SimpleNamespace(workdir=tmp_path))  # type: ignore[arg-type]
+    assert lines[2:] == ["- proxy-tx: 4 lines; 3x `WARNING pool: waited`; 1x `ERROR relay: broken`"]
+    (tmp_path / "quiet").mkdir()
+    assert log_findings(SimpleNamespace(workdir=tmp_path / "quiet"))[2:] == ["- none"]  # type: ignore[arg-type]
 
 
 def test_percentile() -> None:

@@ -64,14 +64,17 @@ HELD_HIGH_WATER = 256 * 1024  # bytes held from a client waiting for its server 
 RESERVED_HINT = "names starting with pg_tenant_proxy_ belong to the proxy; choose another name"
 # What a tenant may leave on a server connection, reset when the next client is another tenant's:
 # DISCARD ALL but for DEALLOCATE ALL and DISCARD PLANS, so the prepared statements the proxy shares
-# (by digest, tenant-neutral) survive. SQL-level PREPARE is refused by the guard in transaction mode;
-# with the guard off, DEALLOCATE ALL is added.
+# (by digest, tenant-neutral) survive. With the guard on, tenant_proxy.reset_session() runs the same;
+# with it off, SQL-level PREPARE is possible too, and DEALLOCATE ALL is added.
 TENANT_SWITCH_RESET = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; UNLISTEN *;"
     " SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 )
-GUARDED_RESET = messages.query(TENANT_SWITCH_RESET)
 UNGUARDED_RESET = messages.query(TENANT_SWITCH_RESET + "; DEALLOCATE ALL")
+RESET_STATEMENT = b"pg_tenant_proxy_reset"
+RESET_SQL = "SELECT tenant_proxy.reset_session()"
+RESET_BIND = messages.bind(RESET_STATEMENT.decode(), RESET_STATEMENT.decode(), [])
+RESET_EXECUTE = messages.execute(RESET_STATEMENT.decode())
 _MARKER = "pg_tenant_proxy_refused"
 CONTEXT_FAILED = b"could not set the tenant context: "
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
@@ -644,35 +647,53 @@ class TransactionMode:
         state = server.state
         state.statements.in_use.clear()
         tenant = relay.identity.tenant
+        sync_owed = False
         if state.tenant is not None and state.tenant != tenant:
             METRICS.tenant_switches += 1
-            relay.own(GUARDED_RESET if relay.guard is not None else UNGUARDED_RESET, Request.QUERY, OwnRequest(self._prelude_ended))
-            if relay.guard is None:
-                state.statements.dropped()
-            state.settings = {}
+            sync_owed = self._reset_for_another_tenant()
         state.tenant = tenant
         self.context_set = False
-        self._apply(relay.settings.current)
+        self._apply(relay.settings.current, sync_owed)
         return False
 
-    def _apply(self, wanted: dict[str, str]) -> None:
-        """Bring the server connection's settings to `wanted`: reset what it has beyond them, set what
-        differs; one group of the proxy's own (two when a reset is needed)."""
+    def _reset_for_another_tenant(self) -> bool:
+        """Reset what the previous tenant may have left, pipelined ahead of the client's messages. With the
+        guard on, one call of tenant_proxy.reset_session() (the verifier SQL installs it), whose Sync is
+        owed by the caller: the settings to apply go in the same group. With the guard off, SQL-level
+        prepared statements may be left too: a Query that also deallocates them. True when a Sync is owed."""
         relay = self.relay
         assert relay.server is not None
         state = relay.server.state
-        if state.settings == wanted:
-            return
-        stale = [name for name in state.settings if name not in wanted]
-        changed = {name: value for name, value in wanted.items() if state.settings.get(name) != value}
-        if stale:
-            relay.own(reset_query(stale), Request.QUERY, OwnRequest(self._prelude_ended))
-        if changed:
-            self._own_statement(APPLY_STATEMENT, APPLY_SQL)
-            relay.own(apply_bind(changed), Request.BIND, OwnRequest(self._prelude_ended))
-            relay.own(messages.execute(APPLY_STATEMENT.decode()), Request.EXECUTE, OwnRequest(self._prelude_ended))
+        state.settings = {}
+        if relay.guard is None:
+            relay.own(UNGUARDED_RESET, Request.QUERY, OwnRequest(self._prelude_ended))
+            state.statements.dropped()
+            return False
+        self._own_statement(RESET_STATEMENT, RESET_SQL)
+        relay.own(RESET_BIND, Request.BIND, OwnRequest(self._prelude_ended))
+        relay.own(RESET_EXECUTE, Request.EXECUTE, OwnRequest(self._prelude_ended))
+        return True
+
+    def _apply(self, wanted: dict[str, str], sync_owed: bool = False) -> None:
+        """Bring the server connection's settings to `wanted`: reset what it has beyond them, set what
+        differs; in a group of the proxy's own (after a Query for the names to reset, when there are
+        any). `sync_owed`: the group is open already (a reset), and ends here."""
+        relay = self.relay
+        assert relay.server is not None
+        state = relay.server.state
+        if state.settings != wanted:
+            stale = [name for name in state.settings if name not in wanted]
+            changed = {name: value for name, value in wanted.items() if state.settings.get(name) != value}
+            if stale:
+                relay.own(reset_query(stale), Request.QUERY, OwnRequest(self._prelude_ended))
+            if changed:
+                self._own_statement(APPLY_STATEMENT, APPLY_SQL)
+                relay.own(apply_bind(changed), Request.BIND, OwnRequest(self._prelude_ended))
+                relay.own(messages.execute(APPLY_STATEMENT.decode()), Request.EXECUTE, OwnRequest(self._prelude_ended))
+                sync_owed = True
+            state.settings = dict(wanted)
+        if sync_owed:
             relay.own(messages.sync(), Request.SYNC)
-        state.settings = dict(wanted)
 
     def _prelude_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
         if outcome is Outcome.FAILED:

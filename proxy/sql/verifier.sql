@@ -121,3 +121,24 @@ AS $claim$
 $claim$;
 REVOKE ALL ON FUNCTION tenant_proxy.claim(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenant_proxy.claim(text) TO PUBLIC;
+
+-- What a tenant may leave on a server connection, reset in one call when the proxy (in transaction
+-- mode) passes the connection to another tenant: DISCARD ALL but for DEALLOCATE ALL and DISCARD PLANS,
+-- so the prepared statements the proxy shares (tenant-neutral, by digest) survive. SECURITY INVOKER: it
+-- resets the caller's own session. No SET search_path clause: its restore at exit would undo the reset
+-- of search_path; the one name it calls is schema-qualified, the rest are utility statements.
+CREATE OR REPLACE FUNCTION tenant_proxy.reset_session() RETURNS void
+    LANGUAGE plpgsql VOLATILE
+AS $reset$
+BEGIN
+    EXECUTE 'SET SESSION AUTHORIZATION DEFAULT';
+    EXECUTE 'RESET ALL';
+    EXECUTE 'CLOSE ALL';
+    EXECUTE 'UNLISTEN *';
+    PERFORM pg_catalog.pg_advisory_unlock_all();
+    EXECUTE 'DISCARD TEMP';
+    EXECUTE 'DISCARD SEQUENCES';
+END
+$reset$;
+REVOKE ALL ON FUNCTION tenant_proxy.reset_session() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenant_proxy.reset_session() TO PUBLIC;

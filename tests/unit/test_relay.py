@@ -21,7 +21,7 @@ from relay_harness import (
 
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
-from proxy.relay.relay import GUARDED_RESET
+from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT
 from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, read_bind
 from proxy.relay.statements import NEVER_PREPARED, statement_for
 
@@ -257,8 +257,10 @@ def test_connection_of_another_tenant_is_reset_first() -> None:
     pair, server = RelayPair(), Server(101)
     server.state.tenant = "other"
     writes = checked_out(pair, server, SELECT_1)
-    assert writes == [GUARDED_RESET + context_statement() + context(server) + SELECT_1]
-    reset_replies = complete("SET") + complete("RESET") + complete("CLOSE CURSOR ALL") + complete("UNLISTEN") + Z_IDLE
+    reset = (messages.close_statement(RESET_STATEMENT) + messages.parse(RESET_STATEMENT.decode(), RESET_SQL) + RESET_BIND
+             + RESET_EXECUTE + messages.sync())
+    assert writes == [reset + context_statement() + context(server) + SELECT_1]
+    reset_replies = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"") + complete("SELECT 1") + Z_IDLE
     assert pair.server(reset_replies + CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
     assert server.state.tenant == IDENTITY.tenant
 

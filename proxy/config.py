@@ -194,7 +194,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("pool", "max_prepared_statements"): (1, 100_000),
     ("pool", "checkout_timeout"): (0.01, DAY),
     ("pool", "server_idle_timeout"): (0.01, 30 * DAY),
-    ("pool", "server_lifetime"): (0.01, 30 * DAY),
+    ("pool", "server_lifetime"): (0.000001, 30 * DAY),  # a microsecond: never reused
     ("client", "auth_timeout_seconds"): (0.01, 3_600),
     ("client", "max_startup_packet"): (64, 1 << 20),
     ("client", "max_auth_message"): (64, 1 << 24),

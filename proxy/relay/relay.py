@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -703,8 +703,10 @@ class TransactionMode:
                 "could not prepare a server connection for this session: " + fields.get("M", "unknown error"),
             )
 
-    def _own_statement(self, name: bytes, sql: str) -> None:
-        """Prepare one of the proxy's own statements on this server connection unless it holds it."""
+    def _own_statement(self, name: bytes, sql: str, failed: Callable[[Outcome, dict[str, str] | None], None] | None = None
+                       ) -> None:
+        """Prepare one of the proxy's own statements on this server connection unless it holds it;
+        `failed` is told too when its Parse fails."""
         relay = self.relay
         assert relay.server is not None
         statements = relay.server.state.statements
@@ -712,7 +714,14 @@ class TransactionMode:
         if statements.has(name):
             return
         relay.own(messages.close_statement(name), Request.CLOSE)
-        relay.own(messages.parse(name.decode(), sql), Request.PARSE, OwnRequest(statements.parse_sent(name).ended))
+        parsed = statements.parse_sent(name).ended
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            parsed(outcome, error)
+            if failed is not None:
+                failed(outcome, error)
+
+        relay.own(messages.parse(name.decode(), sql), Request.PARSE, OwnRequest(ended))
 
     # -- the context -----------------------------------------------------------------------------
 
@@ -728,11 +737,13 @@ class TransactionMode:
         assert queue is not None and relay.server is not None
         if queue.groups_owed():
             return False
-        if decision.no_transaction_block or not (queue.status == b"I" or (self.context_reset and queue.status == b"T")):
-            return True
+        if queue.skipping() or decision.no_transaction_block or not (
+            queue.status == b"I" or (self.context_reset and queue.status == b"T")
+        ):
+            return True  # skipping: the server will skip the client's statement too, up to its Sync
         self.context_reset = False
         identity = relay.identity
-        self._own_statement(relay.context.statement_name, relay.context.statement)
+        self._own_statement(relay.context.statement_name, relay.context.statement, self._context_failed if group_end else None)
         context = relay.context.transaction_messages(identity.tenant, relay.server.process_id, identity.expires_at,
                                                      identity.claims_json)
         relay.own(context, Request.CONTEXT, OwnRequest(self._context_failed) if group_end else None, speaks=CONTEXT_FAILED)
@@ -741,10 +752,10 @@ class TransactionMode:
         return True
 
     def _context_failed(self, outcome: Outcome, error: dict[str, str] | None) -> None:
-        """The context failed (or its statement's Parse did, and it was skipped) in front of a Query or
-        FunctionCall: the server skips it and waits for a Sync, which the proxy sends (the queue gives
-        its ReadyForQuery to the client)."""
-        if outcome is Outcome.COMPLETED:
+        """The context (or its statement's Parse) failed in front of a Query or FunctionCall: the server
+        skips it and waits for a Sync, which the proxy sends (the queue gives its ReadyForQuery to the
+        client)."""
+        if outcome is not Outcome.FAILED:
             return
         relay = self.relay
         relay.own(messages.sync(), Request.SYNC)

@@ -227,6 +227,10 @@ class ReplyQueue:
         Sync not sent yet."""
         return not self.entries and not self._skipping
 
+    def skipping(self) -> bool:
+        """The server skips to a Sync not sent yet (an error inside the client's group)."""
+        return self._skipping
+
     def groups_owed(self) -> int:
         """Client Queries, Syncs and FunctionCalls whose ReadyForQuery has not come: while any is owed the
         transaction status is not known. A ReadyForQuery taken for a Sync the client sent among the

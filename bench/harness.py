@@ -146,15 +146,16 @@ class Bench:
             "bench",
         )
 
-    def start_proxy(self, name: str, overrides: dict[str, dict[str, object]] | None = None, sslmode: str = "disable"
-                    ) -> Target:
+    def start_proxy(self, name: str, overrides: dict[str, dict[str, object]] | None = None, sslmode: str = "disable",
+                    checkout: Path = REPO) -> Target:
+        """The proxy of this checkout (or of `checkout`: another revision's tree, see `--baseline`)."""
         port = free_port()
         settings: dict[str, dict[str, object]] = {"pool": {"size": 300, "max_client_connections": 20_000}, "": {"log_level": "warning"}, **(overrides or {})}
         config = write_config(self.workdir / f"{name}.toml", self.pg, self.db, port, settings)
         log = open(self.workdir / f"{name}.log", "wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "--config", str(config)],
-            stderr=log, cwd=REPO,
+            stderr=log, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
         )
         shown = ", ".join(f"{section + '.' if section else ''}{key}={value}"
                           for section, values in settings.items() for key, value in values.items())
@@ -381,6 +382,15 @@ def build_scenarios(bench: Bench, quick: bool, tenants: int = 64, pool: int = 8)
 
         return run
 
+    def s10(target: Target, _: float) -> float:
+        """Issue 12's input 3: every transaction runs set_config(..., true) then a lookup."""
+        script = bench.workdir / "set-config.sql"
+        script.write_text("\\set aid random(1, 100000 * :scale)\n"
+                          "BEGIN;\nSELECT set_config('statement_timeout', '5s', true);\n"
+                          "SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\nEND;\n")
+        args = ["-f", str(script), "-c", "64", "-j", "2", "-T", duration, "-M", "simple"]
+        return tps_of(bench.pgbench(target, args, bench.password_for(target)))
+
     proxy_pair = ["direct", "pgbouncer", "proxy"]
     with_copy = proxy_pair if quick else [*proxy_pair, "copy"]
     transaction_trio = ["direct", "pgbouncer-tx", "proxy-tx"]
@@ -414,6 +424,8 @@ def build_scenarios(bench: Bench, quick: bool, tenants: int = 64, pool: int = 8)
             Scenario("S6", f"{IDLE_CLIENTS:,} idle clients: resident memory per client (one run: a second one"
                      " would reuse the memory the first grew)", "bytes", ["pgbouncer", "proxy"], s6, once=True),
             Scenario("G1", "pgbench -S, 16 clients: guard on vs off", "TPS", ["proxy", "proxy-noguard"], s1),
+            Scenario("S10", f"transaction mode, 64 clients over a pool of {pool}: BEGIN; set_config(..., true);"
+                     " SELECT; END (issue 12's input 3)", "TPS", transaction_trio, s10),
             Scenario("G2-scan", "guard decision, new text cleared by the pre-scan", "us", ["guard"], guard_cost("scan")),
             Scenario("G2-parse", "guard decision, new text parsed by pglast", "us", ["guard"],
                      guard_cost("parse")),
@@ -793,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=8,
                         help="server connections of the transaction-mode proxy and PgBouncer (S3, S8; default 8)")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run S1, S3 and S10 on the proxy of git revision REV (targets proxy-base, proxy-tx-base)")
     args = parser.parse_args(argv)
     args.runs = args.runs or 3
     duration = args.duration or (5.0 if args.quick else 12.0)
@@ -820,6 +834,18 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_copier("copy")
             bench.start_proxy("proxy-rs256", {"jwt": {"algorithms": ["RS256"], "secret": None,
                                                      "public_key_file": str(bench.rsa_public_file)}})
+        if args.baseline:
+            baseline = bench.workdir / "baseline"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(baseline), args.baseline],
+                           check=True, capture_output=True)
+            bench.start_proxy("proxy-base", checkout=baseline)
+            bench.start_proxy("proxy-tx-base", {"pool": {"mode": "transaction", "size": args.pool,
+                                                         "max_client_connections": 20_000}}, checkout=baseline)
+            for scenario in scenarios:
+                if scenario.name == "S1":
+                    scenario.targets = [*scenario.targets, "proxy-base"]
+                elif scenario.name in ("S3", "S10"):
+                    scenario.targets = [*scenario.targets, "proxy-tx-base"]
         if args.only:
             wanted = set(args.only.split(","))
             scenarios = [s for s in scenarios if s.name in wanted]
@@ -829,6 +855,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         write_results(args.output, bench, args, lines, time.monotonic() - started)
         print(f"\nWrote {args.output}")
+        if args.baseline:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(bench.workdir / "baseline")],
+                           check=False, capture_output=True)
     return 0
 
 

@@ -301,10 +301,10 @@ class Relay:
             self.terminated = True
             self.hooks.terminated()
             return
+        if self.server is None and not self.held and not self.preparing:
+            self.hooks.need_server()  # an idle server connection is attached at once when there is one
         if self.server is None or self.held or self.preparing:
             self._hold(self.scanner.scan(data))
-            if self.server is None:
-                self.hooks.need_server()
             return
         if self.scanner.lone(data) == 81:  # 'Q': the common read, one whole simple Query
             if self.mode.plain_query(data):
@@ -1091,8 +1091,30 @@ class TransactionMode:
         return self.flush_sync_pending
 
     def plain_query(self, data: bytes) -> bool:
-        """Transaction mode always puts the context or its bookkeeping around a Query: the general path."""
-        return False
+        """The hot path in transaction mode: a read holding one simple Query that the guard clears, at
+        the start of a transaction on a connection that holds the context statement, goes upstream in
+        one write behind the context, owing one entry for each. False when it needs the general path."""
+        relay = self.relay
+        queue, server = relay.queue, relay.server
+        if (
+            relay.skip_group or relay.mid_group or self.context_set or self.reapply or relay.settings.stale
+            or queue is None or server is None or queue.status != b"I" or queue.groups_owed() or queue.skipping()
+            or not server.state.statements.has(relay.context.statement_name)
+            or relay.decide(data[5:-1]) is not ALLOW
+        ):
+            return False
+        identity = relay.identity
+        context = relay.context.transaction_messages(identity.tenant, server.process_id, identity.expires_at,
+                                                     identity.claims_json)
+        server.state.statements.in_use.add(relay.context.statement_name)
+        self.context_reset = False
+        self.statements.unnamed = None  # a simple Query drops the unnamed statement
+        server.state.statements.unnamed = None
+        relay.hooks.send_upstream(context + data)
+        queue.expect(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, OwnRequest(self._context_failed))
+        queue.expect_query()
+        METRICS.context_sets += 1
+        return True
 
     def session_ended(self) -> None:
         self.statements.forget_all()

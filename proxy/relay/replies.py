@@ -23,6 +23,7 @@ transaction. A server message that fits no entry is a desync: `ProtocolViolation
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from typing import Protocol
 
@@ -137,6 +138,8 @@ FULL_WATCHED = frozenset(b"ZE123tTnCIsGHVNAS")
 ROWS_WATCHED = FULL_WATCHED | frozenset(b"D")
 _ASYNC = frozenset(b"NAS")
 _NONE: frozenset[int] = frozenset()
+_HEADER = struct.Struct("!Bi")
+_CONTEXT_REPLIES = b"2DC3"
 _ENDS = {
     Request.CONTEXT: frozenset(b"3"),
     Request.PARSE: frozenset(b"1"),
@@ -251,6 +254,8 @@ class ReplyQueue:
 
         Raises ProtocolViolation when the server sends a message no entry can explain."""
         scanner = self.scanner
+        if self.entries and self.entries[0].request is Request.CONTEXT and scanner.at_boundary():
+            data = self._context_answered(data)
         if not self._special and self.copy is CopyState.NONE and not self.parameters_pending and not scanner.holding():
             scanner.watched = FAST_WATCHED
             for message in scanner.watched_messages(data):
@@ -265,6 +270,24 @@ class ReplyQueue:
             elif not self.entries or self.entries[0].owner is Owner.CLIENT:
                 out.append(segment)  # type: ignore[arg-type]  # DataRow, CopyData: where the head's replies go
         return b"".join(out)
+
+    def _context_answered(self, data: bytes) -> bytes:
+        """The proxy's context at the head, answered as it is nearly always, whole at the start of the
+        read (BindComplete, DataRow, CommandComplete, CloseComplete): settled with four header reads, and
+        the rest of the read is what follows. Anything else is left to the full walk."""
+        pos = 0
+        end = len(data)
+        for expected in _CONTEXT_REPLIES:
+            if end - pos < 5:
+                return data
+            code, length = _HEADER.unpack_from(data, pos)
+            if code != expected or length < 4:
+                return data
+            pos += 1 + length
+            if pos > end:
+                return data
+        self._pop(Outcome.COMPLETED, None)
+        return data[pos:]
 
     def _fast(self, message: Message) -> None:
         """While every entry is a client Query: only ReadyForQuery and the start of a COPY matter."""

@@ -488,16 +488,19 @@ def test_reset_all_then_savepoint_rollback_keeps_the_context(target: ProxyProces
         exchange(wire, messages.query("ROLLBACK TO a"))
         tenant = scalar(wire, "SELECT tenant_proxy.current_tenant()")
         count = scalar(wire, "SELECT count(*) FROM leads")
-        exchange(wire, messages.query("COMMIT"))
+        committed = exchange(wire, messages.query("COMMIT"))
         assert (tenant, count) == (ACME.encode(), str(ROWS[ACME]).encode())
+        assert (b"C", b"COMMIT\0") in committed, f"COMMIT answered {committed}: the transaction was rolled back"
+        assert rows(exchange(wire, messages.query("SELECT tenant_proxy.current_tenant()"))) == [[ACME.encode()]]
     finally:
         wire.close()
 
 
 def test_context_in_many_positions(target: ProxyProcess) -> None:
     """Attack: read current_setting and current_tenant() as the first statement, after a failed
-    statement and ROLLBACK, after SAVEPOINT / ROLLBACK TO, in a Query behind a Parse/Flush, and after
-    DISCARD ALL; always ACME."""
+    statement and ROLLBACK, after SAVEPOINT / ROLLBACK TO, in a Query behind a Parse/Describe/Flush
+    group left without Sync (asyncpg and pg8000 prepare that way), and after DISCARD ALL sent behind
+    it; always ACME."""
     wire = connect_proxy(target.port, target.token(ACME))
     probe = "SELECT tenant_proxy.current_tenant(), current_setting('app.current_tenant', true)"
     expected = [ACME.encode(), ACME.encode()]
@@ -560,9 +563,12 @@ def test_a_client_that_never_reads_does_not_grow_the_proxy(target: ProxyProcess)
     still_serves(target)
 
 
-def test_a_huge_message_is_refused_with_an_error(target: ProxyProcess) -> None:
-    """Attack: a Query of 300 MB announced in its header (only the header is sent): the proxy must
-    answer with an ErrorResponse (54000 or 08P01) rather than wait for or buffer it, and survive."""
+def test_a_huge_message_is_refused_with_an_error(make_proxy: Any, mode: str) -> None:
+    """Attack: a Query announced as 300 MB (only its header and a few bytes sent) to a proxy whose
+    [client] max_message is 1 MiB: the proxy must answer at once with an ErrorResponse (54000 or
+    08P01) rather than wait for or buffer the body, and keep serving. (With the default of 1 GiB a
+    client may make the proxy buffer up to 1 GiB each.)"""
+    target = make_proxy({**MODES[mode], "client": {"max_message": 1 << 20}})
     wire = connect_proxy(target.port, target.token(ACME))
     try:
         wire.send(b"Q" + (300 * 1024 * 1024).to_bytes(4, "big") + b"SELECT 1")

@@ -22,6 +22,7 @@ only its header looked at and the guard's pre-scan run on its text).
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -464,13 +465,30 @@ class Relay:
         self.send(messages.parse(_MARKER, _MARKER), Request.PARSE, Owner.REFUSED, reply=refusal_error(refusal))
 
     def decide(self, text: bytes) -> Decision:
-        """The guard's decision on a Query's or Parse's text (NUL terminator excluded)."""
+        """The guard's decision on a Query's or Parse's text (NUL terminator excluded), refusing SQL that
+        deallocates or prepares under a name of the proxy's (its own statements, or those it shares
+        between clients)."""
         guard = self.guard
         if guard is None:
             return ALLOW
-        return guard.check(text.decode("utf-8", "replace"))
+        decision = guard.check(text.decode("utf-8", "replace"))
+        if decision.refusal is None and (
+            (decision is not ALLOW and any(name.lower().startswith(RESERVED) for name in decision.deallocates))
+            or _PREPARE_RESERVED.search(text) is not None
+        ):
+            return RESERVED_SQL
+        return decision
 
 
+RESERVED = PREFIX.decode()
+# Text that may end a transaction (and may start another, AND CHAIN): the context is sent again before
+# the next statement. Matching more than that costs only a context sent twice in one transaction.
+_MAY_END_TRANSACTION = re.compile(rb"\b(?:commit|rollback|end|abort)\b", re.IGNORECASE)
+_PREPARE_RESERVED = re.compile(rb'\bprepare\s+"?pg_tenant_proxy_', re.IGNORECASE)
+RESERVED_SQL = Decision(refusal=Refusal(
+    errors.INSUFFICIENT_PRIVILEGE, "prepared statement names starting with pg_tenant_proxy_ are reserved for pg-tenant-proxy",
+    RESERVED_HINT,
+))
 EXTENDED_REQUESTS = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE})
 
 
@@ -582,6 +600,9 @@ class SessionMode:
 
     def execute(self, message: Message) -> bool:
         portal, _ = messages.split_name(message.body)
+        if portal.startswith(PREFIX):
+            self.relay.refuse_extended(reserved("portal", portal))
+            return True
         if b"P" + portal in self.resetting:
             self.reassert_due = True
         self.relay.send(message.raw, Request.EXECUTE)
@@ -638,6 +659,8 @@ class TransactionMode:
         self.reapply: dict[str, str] = {}  # startup values to apply again behind the current group
         self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
         self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
+        self.ending: set[bytes] = set()  # client statements whose text may end a transaction
+        self.ending_portals: set[bytes] = set()  # portals bound to those
 
     # -- checkout --------------------------------------------------------------------------------
 
@@ -780,6 +803,8 @@ class TransactionMode:
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
         relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
+        if _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
+            self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
         self.group_sent()
         return True
 
@@ -854,6 +879,10 @@ class TransactionMode:
         server = relay.server.state.statements
         statement = statement_for(definition, relay.settings.current.get("search_path", ""), decision)
         self.statements.remember(name, statement)
+        if _MAY_END_TRANSACTION.search(text) is not None:
+            self.ending.add(name)
+        else:
+            self.ending.discard(name)
         if name:
             self._prepare(statement, server, Owner.CLIENT, name)
             return
@@ -957,6 +986,10 @@ class TransactionMode:
             self.portals[portal] = statement.decision
         else:
             self.portals.pop(portal, None)
+        if statement is not None and name in self.ending:
+            self.ending_portals.add(portal)
+        else:
+            self.ending_portals.discard(portal)
         if statement is None or not name:
             relay.send(message.raw, Request.BIND)
             return
@@ -1007,11 +1040,17 @@ class TransactionMode:
     def execute(self, message: Message) -> bool:
         relay = self.relay
         portal, _ = messages.split_name(message.body)
+        if portal.startswith(PREFIX):
+            relay.refuse_extended(reserved("portal", portal))
+            return True
         decision = self.portals.get(portal, ALLOW)
         if not self._context(decision, group_end=False):
             return False
         watcher = self._effects(decision)
         relay.send(message.raw, Request.EXECUTE, watcher=watcher)
+        if portal in self.ending_portals:  # a COMMIT inside the group: what follows starts a transaction
+            self.context_set = False
+            self.context_reset = True
         return True
 
     def function_call(self, message: Message) -> bool:
@@ -1101,6 +1140,7 @@ class TransactionMode:
             or queue is None or server is None or queue.status != b"I" or queue.groups_owed() or queue.skipping()
             or not server.state.statements.has(relay.context.statement_name)
             or relay.decide(data[5:-1]) is not ALLOW
+            or _MAY_END_TRANSACTION.search(data, 5) is not None
         ):
             return False
         identity = relay.identity

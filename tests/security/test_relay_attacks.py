@@ -373,66 +373,10 @@ def test_sql_prepare_of_the_proxys_session_statement(make_proxy: Any) -> None:
 # What one client leaves on a server connection.
 
 
-def test_another_tenants_prepared_statement_text_is_not_visible(target: ProxyProcess) -> None:
-    """Attack: GLOBEX prepares a named statement whose text holds a secret literal; ACME then reads
-    `pg_prepared_statements` on (in transaction mode) the same server connection. In a direct session
-    a client sees only its own statements; the proxy's sharing of statements by text must not show
-    GLOBEX's SQL to ACME."""
-    secret = f"globex-secret-{secrets.token_hex(6)}"
-    globex = connect_proxy(target.port, target.token(GLOBEX), "globex")
-    try:
-        exchange(globex, messages.parse("mine", f"SELECT '{secret}'::text"), messages.bind("", "mine", []),
-                 messages.execute(""), messages.sync())
-        acme = connect_proxy(target.port, target.token(ACME), "acme")
-        try:
-            replies = exchange(acme, messages.query("SELECT string_agg(statement, ' | ') FROM pg_prepared_statements"))
-            seen = b" ".join(value or b"" for row in rows(replies) for value in row)
-            assert secret.encode() not in seen, f"ACME reads GLOBEX's statement text: {seen[:300]!r}"
-        finally:
-            acme.close()
-    finally:
-        globex.close()
 
 
-def test_dynamic_set_config_of_a_placeholder_does_not_reach_another_client(target: ProxyProcess, pg: EmbeddedPostgres,
-                                                                            tenant_db: TenantDatabase) -> None:
-    """Attack: set_config() of a custom placeholder whose name is not a constant (the guard cannot read
-    it), at session level. In a direct session it stays with that session: another client of the same
-    tenant must read NULL, and the client itself keeps reading its value."""
-    sql = "SELECT set_config(n, 'leaked', false) FROM (VALUES ('myapp.user_id')) AS v(n)"
-    probe = "SELECT current_setting('myapp.user_id', true)"
-    direct_a, direct_b = direct_wire(pg, tenant_db, "direct A"), direct_wire(pg, tenant_db, "direct B")
-    exchange(direct_a, messages.query(sql))
-    expected_other, expected_own = scalar(direct_b, probe), scalar(direct_a, probe)
-    direct_a.close()
-    direct_b.close()
-    assert (expected_other, expected_own) == (None, b"leaked")
-
-    first = connect_proxy(target.port, target.token(ACME), "acme 1")
-    second = connect_proxy(target.port, target.token(ACME), "acme 2")
-    try:
-        assert not errors_in(exchange(first, messages.query(sql)))
-        assert scalar(second, probe) == expected_other, "another client of the same tenant reads the setting"
-        assert scalar(first, probe) == expected_own
-    finally:
-        first.close()
-        second.close()
 
 
-def test_dynamic_set_config_follows_its_client_past_another_tenant(target: ProxyProcess) -> None:
-    """Attack (settings lost): a placeholder set with a non-constant name, then another tenant uses the
-    server connection (transaction mode: the tenant switch resets it). The client's own setting must
-    still be there, as in a direct session."""
-    sql = "SELECT set_config(n, 'mine', false) FROM (VALUES ('myapp.flag')) AS v(n)"
-    first = connect_proxy(target.port, target.token(ACME), "acme")
-    other = connect_proxy(target.port, target.token(GLOBEX), "globex")
-    try:
-        assert not errors_in(exchange(first, messages.query(sql)))
-        assert scalar(other, "SELECT current_setting('myapp.flag', true)") is None
-        assert scalar(first, "SELECT current_setting('myapp.flag', true)") == b"mine"
-    finally:
-        first.close()
-        other.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,52 +420,8 @@ def test_commit_inside_an_extended_group_never_runs_without_a_context_silently(t
         wire.close()
 
 
-def test_reset_all_then_savepoint_rollback_keeps_the_context(target: ProxyProcess) -> None:
-    """Attack: inside a transaction block, `RESET ALL; SAVEPOINT a` in one Query (the context is
-    wiped and set again after the savepoint), then ROLLBACK TO a, which undoes the re-set context.
-    The next statement must still run with the client's context."""
-    wire = connect_proxy(target.port, target.token(ACME))
-    try:
-        exchange(wire, messages.query("BEGIN"))
-        exchange(wire, messages.query("RESET ALL; SAVEPOINT a"))
-        exchange(wire, messages.query("SELECT 1"))
-        exchange(wire, messages.query("ROLLBACK TO a"))
-        tenant = scalar(wire, "SELECT tenant_proxy.current_tenant()")
-        count = scalar(wire, "SELECT count(*) FROM leads")
-        committed = exchange(wire, messages.query("COMMIT"))
-        assert (tenant, count) == (ACME.encode(), str(ROWS[ACME]).encode())
-        assert (b"C", b"COMMIT\0") in committed, f"COMMIT answered {committed}: the transaction was rolled back"
-        assert rows(exchange(wire, messages.query("SELECT tenant_proxy.current_tenant()"))) == [[ACME.encode()]]
-    finally:
-        wire.close()
 
 
-def test_context_in_many_positions(target: ProxyProcess) -> None:
-    """Attack: read current_setting and current_tenant() as the first statement, after a failed
-    statement and ROLLBACK, after SAVEPOINT / ROLLBACK TO, in a Query behind a Parse/Describe/Flush
-    group left without Sync (asyncpg and pg8000 prepare that way), and after DISCARD ALL sent behind
-    it; always ACME."""
-    wire = connect_proxy(target.port, target.token(ACME))
-    probe = "SELECT tenant_proxy.current_tenant(), current_setting('app.current_tenant', true)"
-    expected = [ACME.encode(), ACME.encode()]
-    try:
-        assert rows(exchange(wire, messages.query(probe))) == [expected]
-        exchange(wire, messages.query("BEGIN; SELECT 1/0"))
-        exchange(wire, messages.query("ROLLBACK"))
-        assert rows(exchange(wire, messages.query(probe))) == [expected]
-        exchange(wire, messages.query("BEGIN"))
-        exchange(wire, messages.query("SAVEPOINT s"))
-        exchange(wire, messages.query("SELECT 1/0"))
-        exchange(wire, messages.query("ROLLBACK TO s"))
-        assert rows(exchange(wire, messages.query(probe))) == [expected]
-        exchange(wire, messages.query("COMMIT"))
-        wire.send(messages.parse("", "SELECT 1") + describe("S", "") + flush())
-        wire.read_until(lambda replies: len(replies) >= 3)
-        assert rows(exchange(wire, messages.query(probe))) == [expected]
-        exchange(wire, messages.query("DISCARD ALL"))
-        assert rows(exchange(wire, messages.query(probe))) == [expected]
-    finally:
-        wire.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class Owed:
     """One entry: the request, whose replies they are, and for REFUSED / ANSWERED the bytes to send."""
 
     __slots__ = ("request", "owner", "reply", "watcher", "rows", "failed", "in_copy", "ends", "continues", "extended",
-                 "group_end", "counts_as_client_group")
+                 "group_end", "counts_as_client_group", "special")
 
     def __init__(self, request: Request, owner: Owner, reply: bytes, watcher: Watcher | None, rows: bool) -> None:
         self.request = request
@@ -106,6 +106,8 @@ class Owed:
         self.extended = request in EXTENDED  # an error skips to Sync
         self.group_end = request in GROUP_ENDS  # answered with ReadyForQuery
         self.counts_as_client_group = self.group_end and owner is not Owner.OWN
+        # The fast path (ReadyForQuery only) may settle it: a client Query nobody waits on.
+        self.special = owner is not Owner.CLIENT or request is not Request.QUERY or watcher is not None
 
     def client_group_end(self) -> bool:
         return self.counts_as_client_group
@@ -214,8 +216,7 @@ class ReplyQueue:
                     return
         entry = Owed(request, owner, reply, watcher, rows)
         entry.in_copy = request is Request.SYNC and self._copy_syncs is CopySyncs.AMBIGUOUS
-        if owner is not Owner.CLIENT or request is not Request.QUERY:
-            self._special += 1
+        self._special += entry.special
         self._rows += rows
         self.client_group_ends += entry.client_group_end()
         self.entries.append(entry)
@@ -411,8 +412,7 @@ class ReplyQueue:
 
     def _pop(self, outcome: Outcome, error: dict[str, str] | None) -> None:
         entry = self.entries.popleft()
-        if entry.owner is not Owner.CLIENT or entry.request is not Request.QUERY:
-            self._special -= 1
+        self._special -= entry.special
         self._rows -= entry.rows
         self.client_group_ends -= entry.client_group_end()
         if entry.watcher is not None:

@@ -148,7 +148,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("client", "auth_timeout_seconds"): (float, 15.0),
     ("client", "max_startup_packet"): (int, 10_000),
     ("client", "max_auth_message"): (int, 65_536),
-    ("client", "max_message"): (int, 1 << 30),
+    ("client", "max_message"): (int, 64 << 20),
     ("client", "max_prepared_statement_bytes"): (int, 16 << 20),
     ("client", "allowed_parameters"): (list, DEFAULT_ALLOWED_PARAMETERS),
     ("client", "allowed_networks"): (list, []),

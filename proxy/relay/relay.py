@@ -464,6 +464,20 @@ class Relay:
         self.hooks.refused(refusal)
         self.send(messages.parse(_MARKER, _MARKER), Request.PARSE, Owner.REFUSED, reply=refusal_error(refusal))
 
+    def checked_parse(self, message: Message) -> tuple[bytes, bytes, bytes, Decision] | None:
+        """A client's Parse: its statement name, query text, definition (the body after the name) and
+        the guard's decision; None when it is refused (a reserved name, or the guard), a failing Parse
+        taking its place."""
+        name, text, definition = split_parse(message.body)
+        if name.startswith(PREFIX):
+            self.refuse_extended(reserved("statement", name))
+            return None
+        decision = self.decide(text)
+        if decision.refusal is not None:
+            self.refuse_extended(decision.refusal)
+            return None
+        return name, text, definition, decision
+
     def decide(self, text: bytes) -> Decision:
         """The guard's decision on a Query's or Parse's text (NUL terminator excluded), refusing SQL that
         deallocates or prepares under a name of the proxy's (its own statements, or those it shares
@@ -572,14 +586,10 @@ class SessionMode:
 
     def parse(self, message: Message) -> None:
         relay = self.relay
-        name, text, _ = split_parse(message.body)
-        if name.startswith(PREFIX):
-            relay.refuse_extended(reserved("statement", name))
+        checked = relay.checked_parse(message)
+        if checked is None:
             return
-        decision = relay.decide(text)
-        if decision.refusal is not None:
-            relay.refuse_extended(decision.refusal)
-            return
+        name, _, _, decision = checked
         if decision.resets_all:
             self.resetting.add(name)
         else:
@@ -853,14 +863,10 @@ class TransactionMode:
 
     def parse(self, message: Message) -> None:
         relay = self.relay
-        name, text, definition = split_parse(message.body)
-        if name.startswith(PREFIX):
-            relay.refuse_extended(reserved("statement", name))
+        checked = relay.checked_parse(message)
+        if checked is None:
             return
-        decision = relay.decide(text)
-        if decision.refusal is not None:
-            relay.refuse_extended(decision.refusal)
-            return
+        name, text, definition, decision = checked
         bound = self.statements.room_for(name, definition)
         if bound is not None:
             relay.refuse_extended(Refusal(

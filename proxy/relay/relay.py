@@ -533,6 +533,7 @@ class SessionMode:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.reassert_due = False
+        self.reset_in_block = False  # a re-assert after RESET ALL may sit inside a block a ROLLBACK TO can undo
         self.resetting: set[bytes] = set()  # statements and portals (b"P" + name) whose text resets all settings
 
     def attached(self, server: ServerLink) -> bool:
@@ -552,6 +553,9 @@ class SessionMode:
     def _context_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
         relay = self.relay
         if outcome is Outcome.COMPLETED:
+            assert relay.queue is not None
+            if relay.queue.status == b"I":
+                self.reset_in_block = False  # set outside any block: no rollback can undo it
             return
         assert relay.queue is not None
         if relay.queue.status == b"E":
@@ -566,7 +570,9 @@ class SessionMode:
         """The hot path: a read holding one whole simple Query that the guard clears goes upstream as it
         came, owing one plain group. False when it needs the general path."""
         relay = self.relay
-        if relay.skip_group or self.reassert_due or relay.mid_group or relay.decide(data[5:-1]) is not ALLOW:
+        if relay.skip_group or self.reassert_due or self.reset_in_block or relay.mid_group or (
+            relay.decide(data[5:-1]) is not ALLOW
+        ):
             return False
         assert relay.queue is not None
         relay.hooks.send_upstream(data)
@@ -580,7 +586,10 @@ class SessionMode:
             relay.refuse_group(decision.refusal)
             return True
         relay.send(message.raw, Request.QUERY)
-        self.reassert_due = self.reassert_due or decision.resets_all
+        if decision.resets_all:
+            self.reassert_due = self.reset_in_block = True
+        elif self.reset_in_block and _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
+            self.reassert_due = True  # ROLLBACK (TO) may undo the context set again after a RESET ALL
         self.group_sent()
         return True
 

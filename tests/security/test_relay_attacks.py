@@ -494,3 +494,25 @@ def test_unnamed_statement_of_another_client_never_runs_for_me(target: ProxyProc
         globex.close()
         acme.close()
 
+
+
+def test_reset_all_then_savepoint_rollback_keeps_the_context_in_session_mode(make_proxy: Any) -> None:
+    """Attack (session mode): inside a transaction block, `RESET ALL; SAVEPOINT a` in one Query (the
+    context is wiped and set again after the savepoint), then ROLLBACK TO a, which undoes the re-set
+    context. Stopped by: the relay setting the context again after a ROLLBACK that follows a RESET ALL in
+    a block. (Transaction mode: an open finding, see the closing note of 2026-11-29.)"""
+    target = make_proxy(MODES["session"])
+    wire = connect_proxy(target.port, target.token(ACME))
+    try:
+        exchange(wire, messages.query("BEGIN"))
+        exchange(wire, messages.query("RESET ALL; SAVEPOINT a"))
+        exchange(wire, messages.query("SELECT 1"))
+        exchange(wire, messages.query("ROLLBACK TO a"))
+        tenant = scalar(wire, "SELECT tenant_proxy.current_tenant()")
+        count = scalar(wire, "SELECT count(*) FROM leads")
+        committed = exchange(wire, messages.query("COMMIT"))
+        assert (tenant, count) == (ACME.encode(), str(ROWS[ACME]).encode())
+        assert (b"C", b"COMMIT\0") in committed, f"COMMIT answered {committed}: the transaction was rolled back"
+        assert rows(exchange(wire, messages.query("SELECT tenant_proxy.current_tenant()"))) == [[ACME.encode()]]
+    finally:
+        wire.close()

@@ -97,7 +97,6 @@ class BackendConnection(asyncio.Protocol):
         self.process_id = 0
         self.secret_key = 0
         self.parameters: dict[str, str] = {}
-        self.transaction_status = b"I"
         self.owner: Owner | None = None
         self.lifecycle = Lifecycle.LOGIN
         self.queue = ReplyQueue(MessageScanner(b"ZE", DEFAULT_MAX_MESSAGE))
@@ -277,7 +276,6 @@ class BackendConnection(asyncio.Protocol):
             elif type_byte == b"E":
                 raise UpstreamError.from_fields(messages.parse_error_fields(body), "upstream server: ")
             elif type_byte == b"Z":
-                self.transaction_status = body
                 self.queue.status = body
                 return
 
@@ -301,7 +299,7 @@ class BackendConnection(asyncio.Protocol):
                 name, value = messages.parse_parameter_status(body)
                 self.parameters[name] = value
             elif type_byte == b"Z":
-                self.transaction_status = self.queue.status = body
+                self.queue.status = body
                 groups -= 1
                 if not groups:
                     return failure

@@ -113,20 +113,16 @@ class Pool:
     def _hold(self, backend: BackendConnection, tenant: str) -> None:
         """`backend` now serves a client of `tenant`."""
         backend.holder = tenant
-        key = (backend.pool_key[0], tenant)
-        self._held[key] = self._held.get(key, 0) + 1
+        self._hold_slot(backend.pool_key[0], tenant)
 
     def _unhold(self, backend: BackendConnection) -> None:
         """`backend`'s client is done with it (idempotent)."""
         tenant, backend.holder = backend.holder, None
         if tenant is not None:
-            key = (backend.pool_key[0], tenant)
-            self._held[key] -= 1
-            if not self._held[key]:
-                del self._held[key]
+            self._release_slot(backend.pool_key[0], tenant)
 
     def _hold_slot(self, database: str, tenant: str) -> None:
-        """A connection being opened for `tenant` counts toward its limit already."""
+        """One more server connection counts toward `tenant`'s limit (held, or being opened for it)."""
         self._held[(database, tenant)] = self._held.get((database, tenant), 0) + 1
 
     def _release_slot(self, database: str, tenant: str) -> None:
@@ -380,7 +376,7 @@ class SessionPool(Pool):
             failure = await asyncio.wait_for(backend.run(RESET_SERVER), self.upstream.connect_timeout_seconds)
         except (UpstreamError, asyncio.TimeoutError):
             failure = {}
-        if failure is not None or backend.closed or backend.transaction_status != b"I":
+        if failure is not None or backend.closed or backend.queue.status != b"I":
             self.move(backend, Lifecycle.CLOSED)
             return
         backend.state.statements.dropped()

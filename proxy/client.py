@@ -85,6 +85,7 @@ class ClientConnection(asyncio.Protocol):
         self._message_timer: asyncio.TimerHandle | None = None
         self._token: str | None = None  # the password sent, until the session_start audit event names its kid
         self._waiting_since: float | None = None  # loop time need_server() was called, for the checkout wait
+        self.pool: SessionPool | TransactionPool = server.pool  # the login role's pool, chosen at login ([roles])
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
         backend, self.backend = self.backend, None
         assert backend is not None
         self.flow.detach_server()
-        cast("TransactionPool", self.server.pool).release(backend)
+        cast("TransactionPool", self.pool).release(backend)
         self.session.move(Event.RELEASED)
 
     def prepared(self) -> None:
@@ -243,7 +244,7 @@ class ClientConnection(asyncio.Protocol):
             backend = self.backend
             assert backend is not None and self.request is not None
             parameters = {**backend.parameters, **backend.state.parameters}
-            self.server.pool.learn_parameters(self.database, self.request.forwarded, parameters)
+            self.pool.learn_parameters(self.database, self.request.forwarded, parameters)
             self._greet(parameters)
 
     def fail(self, sqlstate: str, text: str, hint: str | None = None) -> None:
@@ -301,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
         if relay is not None:
             relay.detach()
         if reuse and relay is not None and not relay.mid_group and relay.scanner.at_boundary() and not relay.preparing:
-            self.server.pool.release(backend)
+            self.pool.release(backend)
         else:
             backend.detach()
             backend.close()
@@ -441,6 +442,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             identity = await server.verifier.verify_async(token)
             self.identity = identity
+            self.pool = server.pools.for_identity(identity)
             per_tenant = server.settings.client.max_connections_per_tenant
             if server.tenant_clients.get(identity.tenant, 0) >= per_tenant:
                 self.refuse(errors.TOO_MANY_CONNECTIONS, "too many connections for this tenant",
@@ -463,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
                 server.settings.client.max_prepared_statement_bytes,
                 server.statement_budget,
             )
-            parameters = server.pool.known_parameters(self.database, self.request.forwarded)
+            parameters = self.pool.known_parameters(self.database, self.request.forwarded)
             if parameters is None:
                 backend = await self._acquire()
                 if self.session.state is State.CLOSED:
@@ -541,7 +543,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _acquire(self) -> BackendConnection:
         assert self.request is not None and self.identity is not None
-        pool = self.server.pool
+        pool = self.pool
         if self._transaction_mode:
             return await cast("TransactionPool", pool).acquire(self.database, self.identity.tenant)
         return await cast("SessionPool", pool).acquire(self.database, self.request.forwarded, self.identity.tenant)
@@ -567,7 +569,7 @@ class ClientConnection(asyncio.Protocol):
         queue, or for a new connection."""
         assert self.identity is not None
         if self._transaction_mode:
-            pool = cast("TransactionPool", self.server.pool)
+            pool = cast("TransactionPool", self.pool)
             backend = pool.take(self.database, self.identity.tenant)
             if backend is not None:
                 self._attach_checked_out(backend)
@@ -585,7 +587,7 @@ class ClientConnection(asyncio.Protocol):
             self._setup_failed(exc)
             return
         if self.session.state is State.CLOSED:
-            self.server.pool.release(backend)
+            self.pool.release(backend)
             return
         self._guarded(self._attach_checked_out, backend)
 
@@ -598,7 +600,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(result, Exception):
             self._setup_failed(result)
             return
-        pool = cast("TransactionPool", self.server.pool)
+        pool = cast("TransactionPool", self.pool)
         if self.session.state is not State.WAITING:
             if result is not None:
                 pool.hand_back(result)

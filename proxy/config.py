@@ -16,7 +16,7 @@ import os
 import re
 import ssl
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -171,6 +171,8 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("http", "upstream_check_interval"): (float, 5.0),
     ("http", "tenant_metrics"): (bool, False),
     ("http", "max_tenant_series"): (int, 1000),
+    ("roles", "role_claim"): (str, None),
+    ("roles", "map"): (dict, {}),
 }
 
 DAY = 86_400.0
@@ -354,6 +356,17 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class RolesSettings:
+    """[roles]: the claim path whose value chooses the upstream login role, and per value (a
+    `[roles.map.<value>]` table) the settings to log in with: [upstream]'s host, port, TLS and
+    databases, with the role's own user and credentials. No entries: every client logs in as
+    [upstream] user."""
+
+    role_claim: str | None
+    logins: dict[str, UpstreamSettings]
+
+
+@dataclass(frozen=True)
 class Settings:
     listen_host: str
     listen_port: int
@@ -370,6 +383,7 @@ class Settings:
     guard: GuardSettings
     http: HttpSettings
     source: str = field(default="<defaults>")
+    roles: RolesSettings = field(default_factory=lambda: RolesSettings(None, {}))
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -589,6 +603,7 @@ def _build(values: dict[tuple[str, str], Any], source: str, problems: Problems) 
     _choice(values, "", "log_format", LOG_FORMATS, problems)
     if values[("", "listen_unix")] is not None:
         _check_unix_path(values[("", "listen_unix")], problems)
+    upstream = _upstream(values, problems)
     return Settings(
         listen_host=listen_host,
         listen_port=listen_port,
@@ -596,7 +611,7 @@ def _build(values: dict[tuple[str, str], Any], source: str, problems: Problems) 
         log_format=values[("", "log_format")],
         workers=values[("", "workers")],
         listen_unix=values[("", "listen_unix")],
-        upstream=_upstream(values, problems),
+        upstream=upstream,
         jwt=_jwt(values, problems),
         tenant=_tenant(values, problems),
         pool=_pool(values, problems),
@@ -605,6 +620,7 @@ def _build(values: dict[tuple[str, str], Any], source: str, problems: Problems) 
         guard=_section(values, "guard", GuardSettings),
         http=_http(values, problems),
         source=source,
+        roles=_roles(values, upstream, problems),
     )
 
 
@@ -664,22 +680,22 @@ def _allowed_databases(values: dict[tuple[str, str], Any], problems: Problems) -
     return databases
 
 
-def _check_client_certificate(upstream: UpstreamSettings, problems: Problems) -> None:
-    """sslcert and sslkey: both or neither, readable files, and TLS on."""
+def _check_client_certificate(upstream: UpstreamSettings, problems: Problems, name: str = "upstream") -> None:
+    """sslcert and sslkey: both or neither, readable files, and TLS on; `name` is the table they are in."""
     if bool(upstream.sslcert) != bool(upstream.sslkey):
-        problems.append("upstream.sslcert and upstream.sslkey: set both or neither")
+        problems.append(f"{name}.sslcert and {name}.sslkey: set both or neither")
         return
     if upstream.sslcert and upstream.sslmode == "disable":
-        problems.append("upstream.sslcert: a client certificate needs TLS; sslmode = disable turns it off")
+        problems.append(f"{name}.sslcert: a client certificate needs TLS; upstream.sslmode = disable turns it off")
     unreadable = [key for key, path in (("sslcert", upstream.sslcert), ("sslkey", upstream.sslkey))
                   if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK))]
     for key in unreadable:
-        problems.append(f"upstream.{key}: cannot read {getattr(upstream, key)}")
+        problems.append(f"{name}.{key}: cannot read {getattr(upstream, key)}")
     if upstream.sslcert and upstream.sslkey and not unreadable:
         try:
             ssl.create_default_context().load_cert_chain(upstream.sslcert, upstream.sslkey, password="")
         except ssl.SSLError as exc:
-            problems.append("upstream.sslcert and upstream.sslkey: not a certificate and its unencrypted "
+            problems.append(f"{name}.sslcert and {name}.sslkey: not a certificate and its unencrypted "
                             f"private key in PEM ({exc.reason or exc})")
 
 
@@ -699,6 +715,52 @@ def _require_auth(values: dict[tuple[str, str], Any], problems: Problems) -> str
         if method.lstrip("!") not in AUTH_METHODS:
             problems.append(f"upstream.require_auth: {method!r} is not one of {', '.join(sorted(AUTH_METHODS))}")
     return ",".join(methods)
+
+
+LOGIN_ROLE_KEYS = ("user", "password", "password_file", "sslcert", "sslkey")
+BARE_TOML_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _roles(values: dict[tuple[str, str], Any], upstream: UpstreamSettings, problems: Problems) -> RolesSettings:
+    """[roles]: `role_claim` (a claim path) and `[roles.map.<claim value>]` tables, each a login role."""
+    claim, table = values[("roles", "role_claim")], values[("roles", "map")]
+    if claim is not None:
+        try:
+            parse_claim_path(claim)
+        except ClaimPathError as exc:
+            problems.append(f"roles.role_claim: {exc}")
+    if table and claim is None:
+        problems.append("roles.role_claim: required with [roles.map] (the claim path whose value chooses the login role)")
+    if claim is not None and not table:
+        problems.append("roles.map: map at least one value of roles.role_claim to a login role "
+                        "([roles.map.<value>] user = ...), or remove roles.role_claim")
+    logins: dict[str, UpstreamSettings] = {}
+    for value, own in table.items():
+        name = "roles.map." + (value if BARE_TOML_KEY.match(value) else json.dumps(value))
+        logins[value] = _login_role(name, own, upstream, problems)
+    return RolesSettings(claim, logins)
+
+
+def _login_role(name: str, own: Any, upstream: UpstreamSettings, problems: Problems) -> UpstreamSettings:
+    """One `[roles.map.<value>]` table: [upstream]'s connection settings with this role's user and its
+    own credentials (none are inherited from [upstream]), checked as [upstream]'s are."""
+    if not isinstance(own, dict):
+        problems.append(f"{name}: expected a table ([{name}] user = ...)")
+        own = {}
+    for key, value in own.items():
+        if key not in LOGIN_ROLE_KEYS:
+            problems.append(f"{name}.{key}: unknown key (a login role takes {', '.join(LOGIN_ROLE_KEYS)})")
+        elif not isinstance(value, str):
+            problems.append(f"{name}.{key}: expected str, got {type(value).__name__}")
+    given = {key: own.get(key) if isinstance(own.get(key), str) else None for key in LOGIN_ROLE_KEYS}
+    if not given["user"]:
+        problems.append(f"{name}.user: required (the role this claim value logs in as)")
+    password = _read_secret({(name, key): given[key] for key in ("password", "password_file")}, name, "password",
+                            problems)
+    login = replace(upstream, user=given["user"] or "", password=password, sslcert=given["sslcert"],
+                    sslkey=given["sslkey"])
+    _check_client_certificate(login, problems, name)
+    return login
 
 
 ISSUER_KEYS = (

@@ -28,6 +28,7 @@ from proxy.metrics import Gauges
 from proxy.parameters import ParameterPolicy, ProtectedSettings
 from proxy.relay.statements import StatementBudget
 from proxy.pool import SessionPool, TransactionPool
+from proxy.roles import LoginPools
 from proxy.protocol import errors, messages
 from proxy.tenant import ContextBuilder
 from proxy.tokens import TokenVerifier
@@ -87,6 +88,7 @@ class ProxyServer:
         self.pool: SessionPool | TransactionPool = (
             TransactionPool(settings.upstream, settings.pool) if transaction_mode else SessionPool(settings.upstream, settings.pool)
         )
+        self.pools = LoginPools(self.pool, settings.roles, settings.pool)  # [roles]: one pool per login role
         self.tls_context = server_tls_context(settings)
         self.clients: set[ClientConnection] = set()
         self.logging_in = 0  # connections not greeted yet (counted apart: [client] max_unauthenticated_connections)
@@ -102,7 +104,7 @@ class ProxyServer:
         rest of the open ones "login": being opened, authenticated or reset); clients waiting in the
         pool's queue by database."""
         gauges = Gauges()
-        open_, idle, gauges.waiting = self.pool.counts()
+        open_, idle, gauges.waiting = self.pools.counts()
         for database, count in idle.items():
             gauges.servers[(database, Lifecycle.IDLE.value)] = count
         held: dict[str, int] = {}

@@ -154,7 +154,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
         tenant = settings.tenant
         sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
                                       tenant.claims_proof_setting))
-        sys.stdout.write("\n" + hardening_sql(settings.upstream.user))
+        for role in dict.fromkeys([settings.upstream.user, *(login.user for login in settings.roles.logins.values())]):
+            sys.stdout.write("\n" + hardening_sql(role))  # [roles]: each mapped login role is hardened too
     else:
         defaults = config.SCHEMA
         sys.stdout.write(verifier_sql(defaults[("tenant", "setting")][1], defaults[("tenant", "proof_setting")][1], None))

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 try:
@@ -399,10 +399,59 @@ CHECKS: list[Callable[[Audit], list[Finding]]] = [
 ]
 
 
+# What is checked for each [roles.map] login role too, logged in as that role.
+ROLE_CHECKS: list[Callable[[Audit], list[Finding]]] = [
+    check_role_attributes,
+    check_ownership,
+    check_create_and_temp,
+    check_languages,
+    check_table_privileges,
+    check_memberships,
+    check_revocations,
+    check_password_login,
+]
+
+
+def check_role_separation(audit: Audit) -> list[Finding]:
+    """[roles]: no mapped login role is a member of another (directly or through other roles)."""
+    users = sorted({login.user for login in audit.settings.roles.logins.values()})
+    pairs = audit.rows(
+        "SELECT m, r FROM unnest(%s::text[]) AS m, unnest(%s::text[]) AS r"
+        " WHERE m <> r AND to_regrole(quote_ident(m)) IS NOT NULL AND to_regrole(quote_ident(r)) IS NOT NULL"
+        " AND pg_has_role(m, r, 'MEMBER') ORDER BY 1, 2", (users, users))
+    return [_finding("mapped roles are members of one another", [f"{m} is a member of {r}" for m, r in pairs], FAIL,
+                     "\n".join(f"REVOKE {_ident(r)} FROM {_ident(m)}; -- or from the role it inherits {r} through"
+                               for m, r in pairs),
+                     "a session may SET ROLE to any role its login role is a member of, so one value of the role "
+                     "claim would get another's privileges")]
+
+
+def check_mapped_roles(audit: Audit) -> list[Finding]:
+    """Each [roles.map] login role, logged in as itself, through the same checks as the upstream role
+    (ROLE_CHECKS), each finding named after the role and its claim value."""
+    findings: list[Finding] = []
+    for value, login in audit.settings.roles.logins.items():
+        label = f"mapped role {login.user} (role claim {value!r})"
+        settings = replace(audit.settings, upstream=login)
+        try:
+            conn = connect_upstream(settings, audit.upstream.info.dbname)
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            findings.append(Finding(f"{label}: logs in", FAIL, [login.user], f"-- check [roles.map] {value}", reason))
+            continue
+        with conn:
+            role_audit = replace(audit, upstream=conn, settings=settings)
+            for check in ROLE_CHECKS:
+                findings += [replace(finding, check=f"{label}: {finding.check}") for finding in check(role_audit)]
+    return findings
+
+
 def run_checks(audit: Audit) -> list[Finding]:
     findings: list[Finding] = []
     for check in CHECKS:
         findings += check(audit)
+    if audit.settings.roles.logins:
+        findings += check_role_separation(audit) + check_mapped_roles(audit)
     return findings
 
 

@@ -1,10 +1,12 @@
 """`check --connect`: what a valid configuration cannot tell without the network. Logs in upstream as
 the proxy would, checks that the verifier is installed and accepts the configured signing key (the
-doctor's self-test), and fetches each issuer's key set (JWKS URL or OpenID discovery). Each problem is
+doctor's self-test), logs in as each [roles.map] role, and fetches each issuer's key set (JWKS URL or OpenID discovery). Each problem is
 one line naming the key to look at.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from proxy import doctor
 from proxy.auth.keys import FetchError, Keys, discover_jwks_uri, http_get_json
@@ -27,11 +29,25 @@ def connect_problems(settings: Settings, database: str | None) -> list[str]:
     except doctor.psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         problems.append(f"upstream: cannot log in as {upstream.user} to {upstream.host}:{upstream.port}/{name}: {reason}")
+    problems += _login_role_problems(settings, name)
     several = len(settings.jwt.issuers) > 1
     for number, issuer in enumerate(settings.jwt.issuers):
         problem = _key_set_problem(issuer, settings.jwt.jwks_timeout_seconds)
         if problem:
             problems.append((f"jwt.issuers[{number}]" if several else "jwt") + problem)
+    return problems
+
+
+def _login_role_problems(settings: Settings, database: str) -> list[str]:
+    """[roles]: one line per mapped login role that cannot log in as the proxy would log it in."""
+    problems: list[str] = []
+    for value, login in settings.roles.logins.items():
+        try:
+            doctor.connect_upstream(replace(settings, upstream=login), database).close()
+        except doctor.psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            problems.append(f"roles.map.{value}: cannot log in as {login.user} to {login.host}:{login.port}/{database}: "
+                            f"{reason}")
     return problems
 
 

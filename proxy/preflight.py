@@ -1,7 +1,7 @@
 """`check --connect`: what a valid configuration cannot tell without the network. Logs in upstream as
-the proxy would, checks that the verifier is installed and accepts the configured signing key (the
-doctor's self-test), logs in as each [roles.map] role, and fetches each issuer's key set (JWKS URL or OpenID discovery). Each problem is
-one line naming the key to look at.
+the proxy would (as [upstream] user and as each [roles.map] role), checks that the verifier is
+installed and accepts the configured signing key (the doctor's self-test), and fetches each issuer's
+key set (JWKS URL or OpenID discovery). Each problem is one line naming the key to look at.
 """
 
 from __future__ import annotations

@@ -381,25 +381,7 @@ def _self_test(audit: Audit) -> tuple[str | None, str | None]:
     return answers[0], answers[1]
 
 
-CHECKS: list[Callable[[Audit], list[Finding]]] = [
-    check_role_attributes,
-    check_ownership,
-    check_create_and_temp,
-    check_languages,
-    check_table_privileges,
-    check_memberships,
-    check_revocations,
-    check_server_settings,
-    check_password_login,
-    check_rls,
-    check_policies,
-    check_views,
-    check_indexes,
-    check_verifier,
-]
-
-
-# What is checked for each [roles.map] login role too, logged in as that role.
+# The checks of what the role the proxy logs in as may do; run for each [roles.map] login role too.
 ROLE_CHECKS: list[Callable[[Audit], list[Finding]]] = [
     check_role_attributes,
     check_ownership,
@@ -409,6 +391,16 @@ ROLE_CHECKS: list[Callable[[Audit], list[Finding]]] = [
     check_memberships,
     check_revocations,
     check_password_login,
+]
+
+CHECKS: list[Callable[[Audit], list[Finding]]] = [
+    *ROLE_CHECKS,
+    check_server_settings,
+    check_rls,
+    check_policies,
+    check_views,
+    check_indexes,
+    check_verifier,
 ]
 
 

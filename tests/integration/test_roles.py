@@ -36,7 +36,7 @@ INSERT = f"INSERT INTO leads (tenant_id, name, email) VALUES ('{ACME}', 'hostile
 ATTACKS = [
     f"SET ROLE {EDITOR}",
     f"SET SESSION AUTHORIZATION {EDITOR}",
-    f"SET SESSION AUTHORIZATION DEFAULT",
+    "SET SESSION AUTHORIZATION DEFAULT",
     f"SELECT set_config('role', '{EDITOR}', false)",
     f"SELECT set_config('session_authorization', '{EDITOR}', false)",
     f"DO $$ BEGIN EXECUTE 'SET ROLE {EDITOR}'; END $$",

@@ -13,18 +13,21 @@ import secrets
 import struct
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import TenantDatabase, prepare_database, write_config
-from proxy.embedded import EmbeddedPostgres
+from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.hardening import hardening_sql
 from proxy.protocol import messages
-from support import ACME, REPO, ROWS, ProxyProcess, RawClient, startup
+from support import ACME, REPO, ROWS, ProxyProcess, RawClient, startup, wait_until
 
 VIEWER, EDITOR, AUDITOR = "roles_viewer", "roles_editor", "roles_auditor"
 ROLE_CLAIM = "https://example.com/role"  # an Auth0-style namespaced claim
@@ -91,8 +94,9 @@ def start_proxy(pg: EmbeddedPostgres, roles_db: tuple[TenantDatabase, dict[str, 
     db, passwords = roles_db
     started: list[ProxyProcess] = []
 
-    def factory(mode: str, guard: bool = True) -> ProxyProcess:
-        overrides = {"pool": {"mode": mode, "size": 1}, "guard": {"enabled": guard}, **role_sections(passwords)}
+    def factory(mode: str, guard: bool = True, http: str | None = None) -> ProxyProcess:
+        overrides = {"pool": {"mode": mode, "size": 1}, "guard": {"enabled": guard}, "http": {"listen": http},
+                     **role_sections(passwords)}
         process = ProxyProcess(pg, db, tmp_path, overrides).start()
         started.append(process)
         return process
@@ -223,6 +227,32 @@ def test_transaction_mode_never_shares_a_server_connection_between_roles(
     editor_pids = {pid for pid, _ in seen[EDITOR]}
     assert not viewer_pids & editor_pids
     assert len(viewer_pids) == len(editor_pids) == 1  # [pool] size = 1: one connection per role, shared by its clients
+
+
+def waiting_clients(port: int) -> float:
+    """The proxy's pgtp_clients_waiting gauge for the roles database (all login roles' pools)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "pgtp_clients_waiting" and sample.labels.get("database") == DATABASE)
+
+
+def test_a_full_role_pool_queues_only_its_own_clients(start_proxy: Any) -> None:
+    """Transaction mode, one connection per role: while a viewer holds the viewer's connection, a second
+    viewer waits in the viewer pool's queue and then gets that same connection; editors are not held up."""
+    http_port = free_port()
+    proxy = start_proxy("transaction", http=f"127.0.0.1:{http_port}")
+    with connect(proxy, "viewer") as viewer_a, connect(proxy, "viewer") as viewer_b, connect(proxy, "editor") as editor:
+        results: list[tuple[int, str]] = []
+        with viewer_a.transaction():
+            held = backend(viewer_a)
+            waiting = threading.Thread(target=lambda: results.append(backend(viewer_b)))
+            waiting.start()
+            wait_until(lambda: waiting_clients(http_port) == 1)
+            assert backend(editor)[1] == EDITOR and not results
+        waiting.join(timeout=30)
+        assert results == [held]
+        assert waiting_clients(http_port) == 0
 
 
 def test_session_mode_keeps_each_roles_connections_in_its_own_pool(start_proxy: Any) -> None:

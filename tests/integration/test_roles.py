@@ -144,6 +144,11 @@ def test_each_token_logs_in_as_its_mapped_role(start_proxy: Any, mode: str) -> N
     with connect(proxy, "viewer") as viewer, connect(proxy, "editor") as editor:
         assert identity(viewer) == (VIEWER, VIEWER, False)
         assert identity(editor) == (EDITOR, EDITOR, True)
+        # the greeting's ParameterStatus comes from the client's own role's pool
+        assert viewer.info.parameter_status("session_authorization") == VIEWER
+        assert editor.info.parameter_status("session_authorization") == EDITOR
+        with connect(proxy, "viewer") as again:  # greeted from what the viewer pool learned, with no login upstream
+            assert again.info.parameter_status("session_authorization") == VIEWER
         for conn in (viewer, editor):  # the tenant boundary holds for both roles
             assert conn.execute("SELECT count(*) FROM leads").fetchone() == (ROWS[ACME],)
         assert insert_state(viewer) == "42501"

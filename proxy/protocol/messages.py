@@ -149,6 +149,34 @@ def ready_for_query(status: bytes) -> bytes:
     return message(b"Z", status)
 
 
+def row_description(columns: Sequence[tuple[str, int, int]]) -> bytes:
+    """RowDescription ('T') for text-format columns given as (name, type OID, type size; -1 when variable)."""
+    fields = [cstring(name) + struct.pack("!ihihih", 0, 0, oid, size, -1, 0) for name, oid, size in columns]
+    return message(b"T", struct.pack("!h", len(fields)) + b"".join(fields))
+
+
+def data_row(values: Sequence[str | None]) -> bytes:
+    """DataRow ('D') with text-format values (None is NULL)."""
+    parts = [struct.pack("!h", len(values))]
+    for value in values:
+        if value is None:
+            parts.append(_INT32.pack(-1))
+        else:
+            encoded = value.encode()
+            parts.append(_INT32.pack(len(encoded)) + encoded)
+    return message(b"D", b"".join(parts))
+
+
+def command_complete(tag: str) -> bytes:
+    """CommandComplete ('C') with a command tag such as "SHOW" or "SELECT 3"."""
+    return message(b"C", cstring(tag))
+
+
+def empty_query_response() -> bytes:
+    """EmptyQueryResponse ('I'): the answer to a Query holding no statement."""
+    return message(b"I")
+
+
 def negotiate_protocol_version(newest_minor: int, unrecognized: Iterable[str]) -> bytes:
     """NegotiateProtocolVersion ('v'): the newest minor version supported and refused options."""
     names = list(unrecognized)

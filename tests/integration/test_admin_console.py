@@ -208,6 +208,29 @@ def test_pause_holds_checkouts_until_resume_and_lets_transactions_finish(make_pr
     assert psql_console(proxy, f'RESUME "{proxy.db.database}"', admin_token(proxy)).returncode == 0
 
 
+def test_pause_in_session_mode_holds_new_sessions_until_resume(make_proxy: Any) -> None:
+    """In session mode a client holds its server connection for the whole session: one that has it
+    keeps working while paused; a new one waits for its first connection until RESUME."""
+    proxy = make_proxy({**ADMIN_CLAIMS, "pool": {"checkout_timeout": 60}})
+    with connect(proxy, ACME) as first:
+        assert count_leads(first) == ROWS[ACME]  # the pool's first session: the parameters are known now
+        assert console(proxy, "PAUSE") == []
+        assert count_leads(first) == ROWS[ACME]
+        counted: list[int] = []
+
+        def new_session() -> None:
+            with connect(proxy, GLOBEX) as second:
+                counted.append(count_leads(second))
+
+        query = threading.Thread(target=new_session, daemon=True)
+        query.start()
+        wait_until(lambda: pool_of(proxy)["cl_waiting"] == "1")
+        assert not counted and query.is_alive()
+        assert console(proxy, "RESUME") == []
+        query.join(30)
+        assert counted == [ROWS[GLOBEX]]
+
+
 def test_kill_tenant_ends_only_that_tenants_clients(make_proxy: Any) -> None:
     proxy = make_proxy({**ADMIN_CLAIMS, "pool": {"mode": "transaction"}})
     with connect(proxy, ACME) as first, connect(proxy, ACME) as second, connect(proxy, GLOBEX) as other:

@@ -87,17 +87,22 @@ def parse(statement: str, query: str, parameter_types: Sequence[int] = ()) -> by
     return message(b"P", cstring(statement) + cstring(query) + types)
 
 
-def bind(portal: str, statement: str, parameters: Sequence[str | None]) -> bytes:
-    """Bind ('B') with text-format parameters and text-format results."""
-    parts = [cstring(portal), cstring(statement), b"\0\0", struct.pack("!h", len(parameters))]
-    for value in parameters:
+def _values(values: Sequence[str | None]) -> bytes:
+    """An int16 count, then each value as an int32 length and its UTF-8 bytes (length -1: NULL), as
+    Bind carries its parameters and DataRow its columns."""
+    parts = [struct.pack("!h", len(values))]
+    for value in values:
         if value is None:
             parts.append(_INT32.pack(-1))
         else:
             encoded = value.encode()
             parts.append(_INT32.pack(len(encoded)) + encoded)
-    parts.append(b"\0\0")
-    return message(b"B", b"".join(parts))
+    return b"".join(parts)
+
+
+def bind(portal: str, statement: str, parameters: Sequence[str | None]) -> bytes:
+    """Bind ('B') with text-format parameters and text-format results."""
+    return message(b"B", cstring(portal) + cstring(statement) + b"\0\0" + _values(parameters) + b"\0\0")
 
 
 def close_statement(statement: bytes) -> bytes:
@@ -157,14 +162,7 @@ def row_description(columns: Sequence[tuple[str, int, int]]) -> bytes:
 
 def data_row(values: Sequence[str | None]) -> bytes:
     """DataRow ('D') with text-format values (None is NULL)."""
-    parts = [struct.pack("!h", len(values))]
-    for value in values:
-        if value is None:
-            parts.append(_INT32.pack(-1))
-        else:
-            encoded = value.encode()
-            parts.append(_INT32.pack(len(encoded)) + encoded)
-    return message(b"D", b"".join(parts))
+    return message(b"D", _values(values))
 
 
 def command_complete(tag: str) -> bytes:

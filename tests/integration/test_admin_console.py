@@ -301,3 +301,13 @@ def test_reload_signals_the_process_that_owns_the_configuration(make_proxy: Any)
     reload = next(e for e in events if e.get("event") == "admin_command")
     assert (reload["via"], reload["sub"], reload["iss"], reload["command"], reload["result"]) == (
         "token", "ops-alice", "https://idp.example", "RELOAD", "ok")
+
+
+def test_with_workers_each_console_shows_its_own_worker(make_proxy: Any, admin_socket: Path) -> None:
+    """The admin socket is bound before the workers are forked and every worker accepts on it; a console
+    session lists the clients of the worker it landed on, itself among them."""
+    proxy = make_proxy({"admin": {"listen_unix": str(admin_socket)}, "": {"workers": 2}})
+    for _ in range(4):
+        clients = console(proxy, "SHOW CLIENTS", host=str(admin_socket))
+        consoles = [c for c in clients if c["database"] == "pgtenantproxy"]
+        assert len(consoles) == 1 and consoles[0]["addr"] == "unix" and consoles[0]["state"] == "idle"

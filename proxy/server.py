@@ -35,6 +35,9 @@ from proxy.tenant import ContextBuilder
 from proxy.tokens import TokenVerifier
 
 log = logging.getLogger("pg_tenant_proxy")
+# Until configuration reload exists, SIGHUP (and the admin console's RELOAD) is only logged, so that its
+# default action does not end the process.
+RELOAD_PENDING = "SIGHUP received: configuration reload is not implemented yet"
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -232,8 +235,8 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    if worker is None:  # a placeholder until reload exists: SIGHUP (RELOAD) must not end the process
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: configuration reload is not implemented yet"))
+    if worker is None:
+        loop.add_signal_handler(signal.SIGHUP, log.info, RELOAD_PENDING)
     readiness.lifecycle = ServerLifecycle.SERVING
     log.info(
         "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",

@@ -311,3 +311,13 @@ def test_with_workers_each_console_shows_its_own_worker(make_proxy: Any, admin_s
         clients = console(proxy, "SHOW CLIENTS", host=str(admin_socket))
         consoles = [c for c in clients if c["database"] == "pgtenantproxy"]
         assert len(consoles) == 1 and consoles[0]["addr"] == "unix" and consoles[0]["state"] == "idle"
+
+
+def test_reload_with_workers_signals_the_supervisor(make_proxy: Any, admin_socket: Path) -> None:
+    proxy = make_proxy({"admin": {"listen_unix": str(admin_socket)}, "": {"workers": 2}})
+    result = psql_console(proxy, "RELOAD", host=str(admin_socket))
+    assert result.returncode == 0, result.stderr
+    assert proxy.process is not None
+    wait_until(lambda: f"(supervisor pid {proxy.process.pid})" in proxy.log())  # os.getppid() of the worker
+    assert proxy.log().count("SIGHUP received") == 1
+    assert proxy.alive() and console(proxy, "SHOW POOLS", host=str(admin_socket))

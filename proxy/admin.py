@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import json
 import os
 import re
 import signal
@@ -175,7 +176,7 @@ def parse_command(text: str) -> Command:
 
 # -- result sets ----------------------------------------------------------------------------------
 
-Value = str | int | float | None
+Value = str | int | None
 
 
 @dataclass(frozen=True)
@@ -200,11 +201,7 @@ class Result:
 
 
 def _text(value: Value) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return f"{value:.6f}".rstrip("0").rstrip(".")
-    return str(value)
+    return value if value is None or isinstance(value, str) else str(value)
 
 
 def _table(columns: str, rows: Iterable[Sequence[Value]]) -> Result:
@@ -245,7 +242,7 @@ def _config_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
-        return repr(value)
+        return json.dumps(value)
     return str(value)
 
 

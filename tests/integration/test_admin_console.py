@@ -122,7 +122,7 @@ def test_show_config_never_prints_a_secret(make_proxy: Any) -> None:
     assert rows["jwt.secret_file"]["value"] == ""
     assert rows["pool.mode"]["value"] == "session" and rows["pool.size"]["default"] == "20"
     assert rows["listen"]["value"] == f"127.0.0.1:{proxy.port}"
-    assert rows["admin.required_claims"]["value"] == "{'role': ['proxy-admin', 'sre']}"
+    assert json.loads(rows["admin.required_claims"]["value"]) == {"role": ["proxy-admin", "sre"]}
     for secret in (proxy.db.jwt_secret, proxy.db.signing_key, proxy.db.app_password):
         assert secret not in result.stdout
 

@@ -89,7 +89,8 @@ def test_show_config_masks_every_secret_and_shows_the_rest() -> None:
     assert rows["jwt.secret_file"] == ("", "")
     assert rows["pool.size"] == ("7", "20")
     assert rows["guard.enabled"] == ("true", "true")
-    assert rows["admin.required_claims"] == ("{'role': 'proxy-admin'}", "{}")
+    assert rows["admin.required_claims"] == ('{"role": "proxy-admin"}', "{}")
+    assert rows["jwt.algorithms"] == ('["HS256"]', '["HS256"]')
     text = repr(rows)
     for secret in ("upstream-password-1", "j" * 40, "s" * 40):
         assert secret not in text

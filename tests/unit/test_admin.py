@@ -8,6 +8,7 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from proxy import admin
 from proxy.admin import Command, ConsoleError, ConsoleSession, Operator, Result, TenantLedger, Verb, parse_command
@@ -97,8 +98,8 @@ def test_show_config_masks_every_secret_and_shows_the_rest() -> None:
 
 
 def test_admin_settings_are_checked() -> None:
-    settings = load(None, ENVIRONMENT)
-    assert settings.admin.enabled and settings.admin.required_claims == {"role": ["proxy-admin"]}
+    loaded = load(None, ENVIRONMENT)
+    assert loaded.admin.enabled and loaded.admin.required_claims == {"role": ["proxy-admin"]}
     assert not load(None, {k: v for k, v in ENVIRONMENT.items() if "ADMIN" not in k}).admin.enabled
     bad = {**ENVIRONMENT, "PGTP_ADMIN_REQUIRED_CLAIMS": '{"a..b": "x", "groups": []}', "PGTP_ADMIN_MAX_TENANTS": "0",
            "PGTP_ADMIN_LISTEN_UNIX": "/nonexistent-dir/.s.PGSQL.6432", "PGTP_UPSTREAM_DATABASE": "pgtenantproxy"}
@@ -212,3 +213,24 @@ def test_pause_of_every_database_and_a_waiter_past_its_deadline() -> None:
     assert result.text == 'database "any" is paused and was not resumed within 2 s'
     pool.resume()
     assert pool.paused == set()
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_any_text_parses_or_is_refused_with_a_console_error(text: str) -> None:
+    try:
+        command = parse_command(text)
+    except ConsoleError as exc:
+        assert exc.sqlstate == errors.SYNTAX_ERROR
+    else:
+        assert isinstance(command.verb, Verb)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_are_answered_or_are_a_protocol_violation(data: bytes) -> None:
+    console_session, _, _, _ = session()
+    try:
+        console_session.data_received(data)
+    except ProtocolViolation:
+        pass

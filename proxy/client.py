@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from proxy import access
+from proxy import access, admin
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Refusal
 from proxy.logs import AUDIT
@@ -57,8 +57,13 @@ class UpstreamProtocolViolation(Exception):
 class ClientConnection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer, admin_socket: bool = False) -> None:
         self.server = server
+        self.id = server.next_client_id()  # SHOW CLIENTS / KILL CLIENT on the admin console
+        self.admin_socket = admin_socket  # accepted on [admin] listen_unix: only the console, no token
+        self.console: admin.ConsoleSession | None = None
+        self.connected_at = time.time()
+        self.transactions = 0
         self.transport: asyncio.Transport | None = None
         self.session = SessionState()
         self.address = "?"
@@ -95,7 +100,7 @@ class ClientConnection(asyncio.Protocol):
         self.flow.client.transport = transport
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         peer = transport.get_extra_info("peername")
-        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer) or "unix"  # PgBouncer's addr
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -264,6 +269,7 @@ class ClientConnection(asyncio.Protocol):
         """Client transactions ended (ReadyForQuery 'I'): counted, and a session whose token was revoked
         ends here."""
         METRICS.transactions += count
+        self.transactions += count
         if METRICS.tenant_metrics and self.identity is not None:
             for _ in range(count):
                 METRICS.tenant_transaction(self.identity.tenant)
@@ -328,6 +334,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _startup_data(self, data: bytes) -> None:
         assert self.transport is not None
+        if self.console is not None:
+            self.console.data_received(data)
+            return
         state = self.session.state
         if state is State.STARTUP:
             self._buffer += data
@@ -383,6 +392,9 @@ class ClientConnection(asyncio.Protocol):
         refusal = access.check_transport(self.transport, self.server.settings)
         if refusal is not None:
             self.refuse(*refusal)
+            return
+        if self.admin_socket:
+            self._admin_socket_login(packet.parameters)
             return
         limit = self.server.settings.pool.max_client_connections
         if self.server.logged_in >= limit:
@@ -441,6 +453,9 @@ class ClientConnection(asyncio.Protocol):
         self._token = token
         try:
             identity = await server.verifier.verify_async(token)
+            if server.console is not None and (self.request.database or self.request.user) == admin.ADMIN_DATABASE:
+                self._console_login(identity)
+                return
             self.identity = identity
             self.pool = server.pools.for_identity(identity)
             per_tenant = server.settings.client.max_connections_per_tenant
@@ -538,6 +553,53 @@ class ClientConnection(asyncio.Protocol):
             pending = bytes(self._buffer)
             self._buffer.clear()
             self.relay.client_data(pending)
+
+    # -- the admin console ---------------------------------------------------------------------
+
+    @property
+    def waiting_since(self) -> float | None:
+        """Loop time this client began waiting for a server connection, while it waits."""
+        return self._waiting_since
+
+    def _admin_socket_login(self, parameters: dict[str, str]) -> None:
+        """A client of the admin socket reaches the console without a token, and nothing else."""
+        user = parameters.get("user", "")
+        self.request = StartupRequest(user=user, database=parameters.get("database") or user)
+        if self.request.database != admin.ADMIN_DATABASE or self.server.console is None:
+            self.refuse(errors.INVALID_CATALOG_NAME, f'the admin socket serves only database "{admin.ADMIN_DATABASE}"')
+            return
+        self.session.move(Event.STARTUP_ACCEPTED)
+        self.session.move(Event.PASSWORD_RECEIVED)
+        self._open_console(admin.LOCAL_OPERATOR, None)
+
+    def _console_login(self, identity: Identity) -> None:
+        """A verified token asks for the console: it enters only with every `[admin] required_claims`."""
+        refusal = admin.authorize(identity.claims, self.server.settings.admin.required_claims)
+        if refusal is not None:
+            self.refuse(errors.INVALID_AUTHORIZATION, refusal, token=self._token,
+                        hint="log in to the admin console with a token that carries the required claims")
+            return
+        self._open_console(admin.Operator.from_identity(identity), identity.expires_at)
+
+    def _open_console(self, operator: admin.Operator, expires_at: int | None) -> None:
+        """Greet a console client; it counts in no tenant's connections and ends when its token expires."""
+        assert self.transport is not None and self.request is not None and self.server.console is not None
+        self._token = None
+        self.console = admin.ConsoleSession(self.server.console, operator, self.address, self.request.user,
+                                            self.send_client, self.terminated, self.server.settings.client.max_auth_message)
+        self.session.move(Event.LOGGED_IN)
+        self._count(Counted.LOGGED_IN)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if expires_at is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + expires_at - time.time(), self._token_expired)
+        self.send_client(self.console.greeting())
+        if self._buffer:
+            pending = bytes(self._buffer)
+            self._buffer.clear()
+            self._guarded(self.console.data_received, pending)
 
     # -- checkout --------------------------------------------------------------------------------
 

@@ -173,6 +173,9 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("http", "max_tenant_series"): (int, 1000),
     ("roles", "role_claim"): (str, None),
     ("roles", "map"): (dict, {}),
+    ("admin", "required_claims"): (dict, {}),
+    ("admin", "listen_unix"): (str, None),
+    ("admin", "max_tenants"): (int, 10_000),
 }
 
 DAY = 86_400.0
@@ -212,6 +215,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("client", "startup_timeout_seconds"): (0.01, 3_600),
     ("client", "message_timeout_seconds"): (0.01, DAY),
     ("client", "max_total_prepared_statement_bytes"): (64, (1 << 40)),
+    ("admin", "max_tenants"): (1, 1_000_000),
 }
 
 
@@ -367,6 +371,24 @@ class RolesSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The admin console (the virtual database `pgtenantproxy`): on when either way in is configured.
+
+    `required_claims` maps a claim path to its accepted values (a token must verify and carry one of
+    them at every path); `listen_unix` is a Unix socket (libpq naming, as the top-level `listen_unix`)
+    whose clients reach the console without a token; `max_tenants` bounds the tenants SHOW TENANTS
+    keeps totals for."""
+
+    required_claims: dict[str, list[Any]]
+    listen_unix: str | None
+    max_tenants: int = 10_000
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.required_claims) or self.listen_unix is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     listen_host: str
     listen_port: int
@@ -384,6 +406,8 @@ class Settings:
     http: HttpSettings
     source: str = field(default="<defaults>")
     roles: RolesSettings = field(default_factory=lambda: RolesSettings(None, {}))
+    admin: AdminSettings = field(default_factory=lambda: AdminSettings({}, None))
+    values: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -395,6 +419,16 @@ class Settings:
         """The Unix socket file for `listen_unix`, named as libpq names it: a directory means
         `<dir>/.s.PGSQL.<listen port>`; a path is taken as it is."""
         path = self.listen_unix
+        if not path:
+            return None
+        if os.path.isdir(path):
+            return os.path.join(path, f".s.PGSQL.{self.listen_port}")
+        return path
+
+    @property
+    def admin_socket_path(self) -> str | None:
+        """The Unix socket file for `[admin] listen_unix`, named as `unix_socket_path` names its own."""
+        path = self.admin.listen_unix
         if not path:
             return None
         if os.path.isdir(path):
@@ -621,15 +655,17 @@ def _build(values: dict[tuple[str, str], Any], source: str, problems: Problems) 
         http=_http(values, problems),
         source=source,
         roles=_roles(values, upstream, problems),
+        admin=_admin(values, problems),
+        values=dict(values),
     )
 
 
-def _check_unix_path(path: str, problems: Problems) -> None:
+def _check_unix_path(path: str, problems: Problems, key: str = "listen_unix") -> None:
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if not os.path.isdir(directory):
-        problems.append(f"listen_unix: directory {directory} does not exist")
+        problems.append(f"{key}: directory {directory} does not exist")
     elif len(os.path.join(path, ".s.PGSQL.65535") if os.path.isdir(path) else path) > 100:
-        problems.append("listen_unix: the socket path is longer than the 100 bytes a Unix socket name may have")
+        problems.append(f"{key}: the socket path is longer than the 100 bytes a Unix socket name may have")
 
 
 def _check_ca_file(values: dict[tuple[str, str], Any], section: str, key: str, problems: Problems) -> None:
@@ -958,6 +994,33 @@ def _client(values: dict[tuple[str, str], Any], problems: Problems) -> ClientSet
         except ValueError:
             problems.append(f"client.allowed_networks: {network!r} is not an address or CIDR network")
     return _section(values, "client", ClientSettings)
+
+
+ADMIN_DATABASE = "pgtenantproxy"  # the admin console's virtual database (PgBouncer's "pgbouncer")
+
+
+def _admin(values: dict[tuple[str, str], Any], problems: Problems) -> AdminSettings:
+    """[admin]: claim paths that parse, a socket path apart from `listen_unix`, a name no database uses."""
+    required = values[("admin", "required_claims")]
+    for path, accepted in required.items():
+        try:
+            parse_claim_path(path)
+        except ClaimPathError as exc:
+            problems.append(f"admin.required_claims: {exc}")
+        if isinstance(accepted, list) and not accepted:
+            problems.append(f"admin.required_claims: {path!r} lists no accepted value")
+    path = values[("admin", "listen_unix")]
+    if path is not None:
+        _check_unix_path(path, problems, "admin.listen_unix")
+        if path == values[("", "listen_unix")]:
+            problems.append("admin.listen_unix: must differ from listen_unix (the admin socket needs no token)")
+    admin = AdminSettings({key: value if isinstance(value, list) else [value] for key, value in required.items()},
+                          path, values[("admin", "max_tenants")])
+    databases = [values[("upstream", "database")], *(values[("upstream", "databases")] or [])]
+    if admin.enabled and ADMIN_DATABASE in databases:
+        problems.append(f"upstream.databases: {ADMIN_DATABASE!r} is the admin console's name; rename the database"
+                        " or leave [admin] unset")
+    return admin
 
 
 def _http(values: dict[tuple[str, str], Any], problems: Problems) -> HttpSettings:

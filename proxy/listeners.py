@@ -27,16 +27,19 @@ class Listeners:
     unix: socket.socket | None = None
     unix_path: str | None = None
     http: socket.socket | None = None
+    admin: socket.socket | None = None  # [admin] listen_unix
+    admin_path: str | None = None
 
     def close(self) -> None:
-        for sock in (self.unix, self.http):
+        for sock in (self.unix, self.http, self.admin):
             if sock is not None:
                 sock.close()
-        if self.unix_path is not None:
-            try:
-                os.unlink(self.unix_path)
-            except FileNotFoundError:
-                pass
+        for path in (self.unix_path, self.admin_path):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
 
 def listen_error(key: str, address: str, exc: OSError) -> ListenError:
@@ -81,26 +84,26 @@ def probe_tcp(host: str, port: int, key: str, reuse_port: bool) -> None:
     _bound_tcp(host, port, key, reuse_port).close()
 
 
-def _clear_stale(path: str) -> None:
+def _clear_stale(path: str, key: str) -> None:
     """Remove a socket file left by a proxy that died; refuse one that a live server answers on."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise ListenError(f"listen_unix: {path} exists and is not a socket")
+        raise ListenError(f"{key}: {path} exists and is not a socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(path)
         except OSError:
             os.unlink(path)
             return
-    raise ListenError(f"listen_unix: cannot listen on {path}: another server listens there")
+    raise ListenError(f"{key}: cannot listen on {path}: another server listens there")
 
 
-def bind_unix(path: str) -> socket.socket:
-    """A listening Unix socket at `path` (mode 0770); raises ListenError."""
-    _clear_stale(path)
+def bind_unix(path: str, key: str = "listen_unix") -> socket.socket:
+    """A listening Unix socket at `path` (mode 0770); raises ListenError naming `key`."""
+    _clear_stale(path, key)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -108,13 +111,13 @@ def bind_unix(path: str) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise listen_error("listen_unix", path, exc) from None
+        raise listen_error(key, path, exc) from None
     sock.setblocking(False)
     return sock
 
 
 def bind_listeners(settings: Settings) -> Listeners:
-    """Probe the client port and bind the Unix and HTTP sockets; raises ListenError (closing what it bound)."""
+    """Probe the client port and bind the Unix sockets (clients, admin) and the HTTP socket; raises ListenError (closing what it bound)."""
     listeners = Listeners()
     try:
         probe_tcp(settings.listen_host, settings.listen_port, "listen", settings.workers > 1)
@@ -122,6 +125,10 @@ def bind_listeners(settings: Settings) -> Listeners:
         if path is not None:
             listeners.unix = bind_unix(path)
             listeners.unix_path = path
+        admin_path = settings.admin_socket_path
+        if admin_path is not None:
+            listeners.admin = bind_unix(admin_path, "admin.listen_unix")
+            listeners.admin_path = admin_path
         address = settings.http_address
         if address is not None:
             listeners.http = bind_tcp(*address, "http.listen")

@@ -223,10 +223,12 @@ class Audit:
         self._emit(logging.INFO, "statement_refused", "statement refused", client=client, tenant=tenant,
                    reason=reason, reason_label=label)
 
-    def admin_command(self, *, client: str, user: str | None, sub: str | None, command: str, result: str) -> None:
-        """An admin console command and its result ("ok" or the error message)."""
-        self._emit(logging.INFO, "admin_command", "admin command", client=client, user=user, sub=sub,
-                   command=command, result=result)
+    def admin_command(self, *, client: str, user: str | None, via: str, sub: str | None, iss: str | None,
+                      command: str, result: str) -> None:
+        """An admin console command (its text, escaped as every field is) and its result ("ok" or the
+        error message); who gave it: `via` "token" with the token's `sub` and `iss`, or "unix socket"."""
+        self._emit(logging.INFO, "admin_command", "admin command", client=client, user=user, via=via, sub=sub,
+                   iss=iss, command=command, result=result)
 
     def reload(self, *, result: str, reason: str | None = None, restart_needed: list[str] | None = None) -> None:
         """A configuration reload: result "ok" or "error" (with the reason); keys that need a restart."""

@@ -37,6 +37,7 @@ RESET_SERVER = messages.query("DISCARD ALL")
 
 
 PoolKey = tuple[str, tuple[tuple[str, str], ...]]
+EVERY_DATABASE = ""  # in Pool.paused: every database is paused (no database has an empty name)
 
 
 Handover = Union[BackendConnection, UpstreamError, None]
@@ -85,6 +86,8 @@ class Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.servers: set[BackendConnection] = set()  # every open server connection (the admin console lists them)
+        self.paused: set[str] = set()  # databases PAUSEd by the admin console (EVERY_DATABASE: all of them)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -164,12 +167,23 @@ class Pool:
         if kept:
             self._expiry[database] = self.loop.call_at(min(w.deadline for w in kept), self._expire, database)
         for waiter in late:
-            waiter.finish(UpstreamError(
-                errors.TOO_MANY_CONNECTIONS,
-                f'pool for database "{database}" is full ({self.settings.size} server connections in use'
-                f" for {self.settings.checkout_timeout:g} s)",
-                hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
-            ))
+            waiter.finish(self._timed_out(database))
+
+    def _timed_out(self, database: str) -> UpstreamError:
+        """The error for a client that waited `checkout_timeout` in vain: 57P03 while the database is
+        paused, else 53300."""
+        if self.is_paused(database):
+            return UpstreamError(
+                errors.CANNOT_CONNECT_NOW,
+                f'database "{database}" is paused and was not resumed within {self.settings.checkout_timeout:g} s',
+                hint="an operator paused it on the admin console (PAUSE); try again after RESUME",
+            )
+        return UpstreamError(
+            errors.TOO_MANY_CONNECTIONS,
+            f'pool for database "{database}" is full ({self.settings.size} server connections in use'
+            f" for {self.settings.checkout_timeout:g} s)",
+            hint="raise [pool] size or [pool] checkout_timeout, or make transactions shorter",
+        )
 
     async def _wait(self, database: str, deadline: float, tenant: str) -> BackendConnection | None:
         """Wait in the queue (see `queue`) from a coroutine."""
@@ -201,6 +215,7 @@ class Pool:
         backend.on_close = lambda: self._lost(backend)
         backend.pool_key = pool_key(database, parameters)
         backend.opened_at = self.loop.time()
+        self.servers.add(backend)
         return backend
 
     def _closed(self, database: str) -> None:
@@ -209,6 +224,7 @@ class Pool:
 
     def _lost(self, backend: BackendConnection) -> None:
         """A server connection closed, whoever closed it: its slot and its tenant's count are free."""
+        self.servers.discard(backend)
         self._unhold(backend)
         self._closed(backend.pool_key[0])
 
@@ -235,7 +251,7 @@ class Pool:
         server connections goes first (the earliest among equals), and a tenant at its limit waits for
         one of its own, so one tenant's queue delays another's checkout by at most one transaction."""
         waiters = self._waiters.get(database)
-        if not waiters:
+        if not waiters or self.is_paused(database):
             return False
         chosen: Waiter | None = None
         fewest = 0
@@ -257,6 +273,42 @@ class Pool:
             self._hold(backend, chosen.tenant)
         chosen.finish(backend)
         return True
+
+    def is_paused(self, database: str) -> bool:
+        paused = self.paused
+        return bool(paused) and (EVERY_DATABASE in paused or database in paused)
+
+    def pause(self, database: str = EVERY_DATABASE) -> None:
+        """PAUSE (the admin console): hand out no server connection of `database` (by default of every
+        database) until `resume`; clients that need one wait in the queue, up to `checkout_timeout`.
+        Connections already held serve on: transactions in flight (and sessions, in session mode) finish."""
+        self.paused.add(database)
+
+    def resume(self, database: str = EVERY_DATABASE) -> None:
+        """RESUME `database` (by default every one): hand out connections again, and let every client
+        queued meanwhile look again."""
+        if database == EVERY_DATABASE:
+            self.paused.clear()
+        else:
+            self.paused.discard(database)
+        for name in list(self._waiters):
+            if not self.is_paused(name):
+                self._unpaused(name)
+
+    def _unpaused(self, database: str) -> None:
+        """Every client waiting for `database` looks again (a client that still finds none queues anew)."""
+        waiters = self._waiters.get(database, deque())
+        for waiter in list(waiters):
+            if not waiter.done():
+                waiters.remove(waiter)
+                waiter.finish(None)
+
+    def oldest_wait(self, database: str) -> float:
+        """Seconds the longest-waiting client in `database`'s queue has waited (0 when none waits)."""
+        deadlines = [w.deadline for w in self._waiters.get(database, ()) if not w.done()]
+        if not deadlines:
+            return 0.0
+        return max(0.0, self.loop.time() - (min(deadlines) - self.settings.checkout_timeout))
 
     def _someone_may_take(self, database: str) -> bool:
         """A client waits for `database` whose tenant is below its limit."""
@@ -337,7 +389,7 @@ class SessionPool(Pool):
         key = pool_key(database, parameters)
         deadline = self.loop.time() + self.settings.checkout_timeout
         while True:
-            if not self.at_limit(database, tenant):
+            if not self.at_limit(database, tenant) and not self.is_paused(database):
                 idle = self._idle_by_key.get(key)
                 while idle:
                     backend = idle[-1]
@@ -411,7 +463,7 @@ class TransactionPool(Pool):
             backend = self.take(database, tenant)
             if backend is not None:
                 return backend
-            if self._open.get(database, 0) < self.settings.size and not self.at_limit(database, tenant):
+            if not self.full(database, tenant):
                 self._hold_slot(database, tenant)
                 try:
                     backend = await self._open_new(database, {}, self.settings.max_prepared_statements)
@@ -430,6 +482,8 @@ class TransactionPool(Pool):
         idle = self._idle_by_database.get(database)
         if not idle or self.at_limit(database, tenant) or self._someone_may_take(database):
             return None  # a tenant at its limit waits; clients already waiting that may take one come first
+        if self.is_paused(database):
+            return None
         chosen = self._choose(idle, tenant)
         if chosen is not None:
             self.move(chosen, Lifecycle.ACTIVE)
@@ -452,9 +506,17 @@ class TransactionPool(Pool):
         return idle[0] if idle else None
 
     def full(self, database: str, tenant: str) -> bool:
-        """True when a client of `tenant` must wait: `database` has `size` connections open, or the
-        tenant holds as many as it may."""
-        return self._open.get(database, 0) >= self.settings.size or self.at_limit(database, tenant)
+        """True when a client of `tenant` must wait: `database` has `size` connections open, the
+        tenant holds as many as it may, or the database is paused."""
+        return (self._open.get(database, 0) >= self.settings.size or self.at_limit(database, tenant)
+                or self.is_paused(database))
+
+    def _unpaused(self, database: str) -> None:
+        """Idle connections go to waiting clients first, then the rest look again."""
+        idle = self._idle_by_database.get(database, [])
+        while idle and not idle[-1].closed and self._wake(database, idle[-1]):
+            pass
+        super()._unpaused(database)
 
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection at the end of a transaction: keep it as it is, or close it. One whose

@@ -67,10 +67,14 @@ class LoginPools:
         value = login_role(self.roles, identity.claims)
         return self.main if value is None else self.by_role[value]
 
+    def every(self) -> list[AnyPool]:
+        """The main pool, then each mapped role's; each pool's login user is `pool.upstream.user`."""
+        return [self.main, *self.by_role.values()]
+
     def counts(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
         """`Pool.counts` summed over every login role's pool, by database."""
         totals: tuple[dict[str, int], dict[str, int], dict[str, int]] = ({}, {}, {})
-        for pool in (self.main, *self.by_role.values()):
+        for pool in self.every():
             for total, part in zip(totals, pool.counts()):
                 for database, count in part.items():
                     total[database] = total.get(database, 0) + count

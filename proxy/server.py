@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.admin import Console
 from proxy.backend import Lifecycle, send_cancel
 from proxy.client import ClientConnection
 from proxy.config import Settings
@@ -34,6 +36,9 @@ from proxy.tenant import ContextBuilder
 from proxy.tokens import TokenVerifier
 
 log = logging.getLogger("pg_tenant_proxy")
+# Until configuration reload exists, SIGHUP (and the admin console's RELOAD) is only logged, so that its
+# default action does not end the process.
+RELOAD_PENDING = "SIGHUP received: configuration reload is not implemented yet"
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -97,6 +102,8 @@ class ProxyServer:
         self.statement_budget = StatementBudget(settings.client.max_total_prepared_statement_bytes)
         self._keys: dict[int, ClientConnection] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._client_ids = itertools.count(1)
+        self.console = Console(self) if settings.admin.enabled else None  # the admin console, when [admin] is set
 
     def gauges(self) -> Gauges:
         """The gauges of /metrics, read at scrape time: clients by session state; server connections by
@@ -128,6 +135,16 @@ class ProxyServer:
         self.clients.add(client)
         return client
 
+    def admin_connection(self) -> ClientConnection:
+        """A client of the `[admin] listen_unix` socket: the console only, without a token."""
+        client = ClientConnection(self, admin_socket=True)
+        self.clients.add(client)
+        return client
+
+    def next_client_id(self) -> int:
+        """The id SHOW CLIENTS shows and KILL CLIENT takes: 1, 2, ... in this process."""
+        return next(self._client_ids)
+
     def register(self, client: ClientConnection) -> tuple[int, int]:
         """Mint a random BackendKeyData for a client (never the server's own)."""
         count, index = (self.worker.count, self.worker.index) if self.worker else (1, 0)
@@ -140,6 +157,8 @@ class ProxyServer:
 
     def forget(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        if self.console is not None and client.process_id:
+            self.console.session_ended(client)
         if self._keys.get(client.process_id) is client:
             del self._keys[client.process_id]
 
@@ -210,12 +229,16 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
     servers: list[asyncio.AbstractServer] = [listener]
     if sockets.unix is not None:
         servers.append(await loop.create_unix_server(proxy.connection, sock=sockets.unix))
+    if sockets.admin is not None:
+        servers.append(await loop.create_unix_server(proxy.admin_connection, sock=sockets.admin))
     if worker is not None:
         servers.append(await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index)))
     checks = await start_endpoint(settings, proxy, readiness, sockets.http, worker, servers)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if worker is None:
+        loop.add_signal_handler(signal.SIGHUP, log.info, RELOAD_PENDING)
     readiness.lifecycle = ServerLifecycle.SERVING
     log.info(
         "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",

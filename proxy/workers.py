@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from types import FrameType
 
-from proxy.server import Worker
+from proxy.server import RELOAD_PENDING, Worker
 
 log = logging.getLogger("pg_tenant_proxy")
 
@@ -44,6 +44,7 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: log.info("%s (supervisor pid %d)", RELOAD_PENDING, os.getpid()))
     for index in range(count):
         spawn(index)
     while children:

@@ -26,6 +26,8 @@ CONFIGURATION_LIMIT_EXCEEDED = "53400"
 # Class 54: program limit exceeded
 PROGRAM_LIMIT_EXCEEDED = "54000"
 STATEMENT_TOO_COMPLEX = "54001"
+# Class 55: object not in prerequisite state
+OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
 # Class 57: operator intervention
 ADMIN_SHUTDOWN = "57P01"
 CANNOT_CONNECT_NOW = "57P03"

@@ -87,17 +87,22 @@ def parse(statement: str, query: str, parameter_types: Sequence[int] = ()) -> by
     return message(b"P", cstring(statement) + cstring(query) + types)
 
 
-def bind(portal: str, statement: str, parameters: Sequence[str | None]) -> bytes:
-    """Bind ('B') with text-format parameters and text-format results."""
-    parts = [cstring(portal), cstring(statement), b"\0\0", struct.pack("!h", len(parameters))]
-    for value in parameters:
+def _values(values: Sequence[str | None]) -> bytes:
+    """An int16 count, then each value as an int32 length and its UTF-8 bytes (length -1: NULL), as
+    Bind carries its parameters and DataRow its columns."""
+    parts = [struct.pack("!h", len(values))]
+    for value in values:
         if value is None:
             parts.append(_INT32.pack(-1))
         else:
             encoded = value.encode()
             parts.append(_INT32.pack(len(encoded)) + encoded)
-    parts.append(b"\0\0")
-    return message(b"B", b"".join(parts))
+    return b"".join(parts)
+
+
+def bind(portal: str, statement: str, parameters: Sequence[str | None]) -> bytes:
+    """Bind ('B') with text-format parameters and text-format results."""
+    return message(b"B", cstring(portal) + cstring(statement) + b"\0\0" + _values(parameters) + b"\0\0")
 
 
 def close_statement(statement: bytes) -> bytes:
@@ -147,6 +152,27 @@ def backend_key_data(process_id: int, secret_key: int) -> bytes:
 def ready_for_query(status: bytes) -> bytes:
     """ReadyForQuery ('Z') with transaction status b'I', b'T' or b'E'."""
     return message(b"Z", status)
+
+
+def row_description(columns: Sequence[tuple[str, int, int]]) -> bytes:
+    """RowDescription ('T') for text-format columns given as (name, type OID, type size; -1 when variable)."""
+    fields = [cstring(name) + struct.pack("!ihihih", 0, 0, oid, size, -1, 0) for name, oid, size in columns]
+    return message(b"T", struct.pack("!h", len(fields)) + b"".join(fields))
+
+
+def data_row(values: Sequence[str | None]) -> bytes:
+    """DataRow ('D') with text-format values (None is NULL)."""
+    return message(b"D", _values(values))
+
+
+def command_complete(tag: str) -> bytes:
+    """CommandComplete ('C') with a command tag such as "SHOW" or "SELECT 3"."""
+    return message(b"C", cstring(tag))
+
+
+def empty_query_response() -> bytes:
+    """EmptyQueryResponse ('I'): the answer to a Query holding no statement."""
+    return message(b"I")
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized: Iterable[str]) -> bytes:

@@ -512,6 +512,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             identity = self._file_login.at_boundary(self.server.verifier, self.identity, time.time())
         except TokenRejected as exc:
+            log.warning("session ended client=%s tenant=%s: %s", self.address, self.identity.tenant, exc)
             self.terminate(exc.sqlstate, str(exc))
             return
         if identity is not None:
@@ -525,7 +526,8 @@ class ClientConnection(asyncio.Protocol):
         except TokenRejected as exc:
             log.info("token expired client=%s tenant=%s and the token file gave no newer token: %s",
                      self.address, self.identity.tenant, exc)
-            self.terminate(exc.sqlstate, str(exc), hint="the token file ([client] token_file) was not renewed in time")
+            self.terminate(exc.sqlstate, str(exc), hint="the token file ([client] token_file) held no newer valid token"
+                           " for this tenant when the session's token expired; reconnect")
             return
         except Exception:
             log.exception("internal error while renewing the token of client=%s", self.address)

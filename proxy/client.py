@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from proxy import access, admin
+from proxy.auth.token_file import FileLogin, TokenFileUnreadable, uses_token_file
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Refusal
 from proxy.logs import AUDIT
@@ -26,7 +27,7 @@ from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageReader, read_startup_packet
 from proxy.relay.flow import FlowControl, Reason
-from proxy.relay.relay import Relay
+from proxy.relay.relay import Relay, SessionMode
 from proxy.relay.session import Event, IllegalMove, SessionState, State
 from proxy.relay.settings import ClientSettings
 from proxy.tokens import Identity, TokenRejected
@@ -91,6 +92,8 @@ class ClientConnection(asyncio.Protocol):
         self._token: str | None = None  # the password sent, until the session_start audit event names its kid
         self._waiting_since: float | None = None  # loop time need_server() was called, for the checkout wait
         self.pool: SessionPool | TransactionPool = server.pool  # the login role's pool, chosen at login ([roles])
+        self._file_login: FileLogin | None = None  # logged in with `[client] token_file` (proxy.auth.token_file)
+        self._renewal: asyncio.Task[None] | None = None  # renewing from the token file at the token's expiry
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -277,6 +280,8 @@ class ClientConnection(asyncio.Protocol):
         if verifier.revocable and self.identity is not None and verifier.revoked(self.identity, time.time()):
             log.warning("token revoked client=%s tenant=%s", self.address, self.identity.tenant)
             self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
+        if self._file_login is not None and self.session.state is not State.CLOSED:
+            self._renew_at_boundary()
 
     def refused(self, refusal: Refusal) -> None:
         """The guard refused a statement: one audit event (never the statement's text)."""
@@ -327,6 +332,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _token_expired(self) -> None:
         self._timer = None
+        if self._file_login is not None:
+            self._renewal = asyncio.get_running_loop().create_task(self._renew_at_expiry())
+            return
         log.info("token expired client=%s tenant=%s", self.address, self.identity.tenant if self.identity else "-")
         self.terminate(errors.INVALID_PASSWORD, "token expired", hint="reconnect with a fresh token")
 
@@ -417,6 +425,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self.server.settings.client.auth_timeout_seconds,
                                                             self._auth_timed_out)
         self._reader = MessageReader(self.server.settings.client.max_auth_message)
+        if self._log_in_with_token_file():
+            return
         self.transport.write(messages.authentication(messages.AUTH_CLEARTEXT_PASSWORD))
         if self._buffer:
             rest = bytes(self._buffer)
@@ -493,6 +503,75 @@ class ClientConnection(asyncio.Protocol):
         if self.session.state is not State.CLOSED:
             self.session.move(Event.LOGGED_IN)
             self._greet(parameters)
+
+    # -- [client] token_file (proxy.auth.token_file) ---------------------------------------------
+
+    def _log_in_with_token_file(self) -> bool:
+        """A local client, with `[client] token_file` set, is asked for no password: the file's token is
+        verified as if it had sent it. False when the client must send its own token."""
+        source = self.server.token_file
+        assert self.transport is not None
+        if source is None or not uses_token_file(self.transport, self.server.settings.client.token_file_networks):
+            return False
+        self.session.move(Event.PASSWORD_RECEIVED)
+        self._file_login = FileLogin(source)
+        try:
+            token = self._file_login.first_token(time.time())
+        except TokenFileUnreadable as exc:
+            self.refuse(exc.sqlstate, str(exc), hint="the platform writes [client] token_file; try again later")
+            return True
+        self._task = asyncio.get_running_loop().create_task(self._establish(token))
+        return True
+
+    def _renew_at_boundary(self) -> None:
+        """A transaction ended: go on with the token file's newer token, if it holds one."""
+        assert self._file_login is not None and self.identity is not None
+        try:
+            identity = self._file_login.at_boundary(self.server.verifier, self.identity, time.time())
+        except TokenRejected as exc:
+            log.warning("session ended client=%s tenant=%s: %s", self.address, self.identity.tenant, exc)
+            self.terminate(exc.sqlstate, str(exc))
+            return
+        if identity is not None:
+            self._take_identity(identity)
+
+    async def _renew_at_expiry(self) -> None:
+        """The token expired: go on with the token file's newer token, or end the session."""
+        assert self._file_login is not None and self.identity is not None
+        try:
+            identity = await self._file_login.at_expiry(self.server.verifier, self.identity, time.time())
+        except TokenRejected as exc:
+            log.info("token expired client=%s tenant=%s and the token file gave no newer token: %s",
+                     self.address, self.identity.tenant, exc)
+            self.terminate(exc.sqlstate, str(exc), hint="the token file ([client] token_file) held no newer valid token"
+                           " for this tenant when the session's token expired; reconnect")
+            return
+        except Exception:
+            log.exception("internal error while renewing the token of client=%s", self.address)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy")
+            return
+        self._guarded(self._take_identity, identity)
+
+    def _take_identity(self, identity: Identity) -> None:
+        """Go on with the token file's newer token (same tenant): the next transaction carries its
+        expiry and claims; in session mode the context is set again now when the server connection is
+        idle, else right after the client's next group (and again after a rollback that could undo it)."""
+        relay = self.relay
+        if relay is None or self.session.state is State.CLOSED:
+            return
+        self.identity = relay.identity = identity
+        log.info("token renewed from the token file client=%s tenant=%s", self.address, identity.tenant)
+        mode, queue = relay.mode, relay.queue
+        if isinstance(mode, SessionMode):
+            if queue is not None and queue.idle() and queue.status == b"I" and not relay.held:
+                mode._send_context()
+                relay.flush_own()
+            else:
+                mode.reassert_due = mode.reset_in_block = True
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
 
     def _setup_failed(self, exc: Exception, token: str | None = None) -> None:
         """Refuse the client for a failure while setting up its session (called in an except block);

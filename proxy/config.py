@@ -157,6 +157,8 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("client", "startup_timeout_seconds"): (float, 5.0),
     ("client", "message_timeout_seconds"): (float, 60.0),
     ("client", "max_total_prepared_statement_bytes"): (int, 256 << 20),
+    ("client", "token_file"): (str, None),
+    ("client", "token_file_networks"): (list, []),
     ("guard", "enabled"): (bool, True),
     ("guard", "allow_do"): (bool, False),
     ("guard", "protected_prefixes"): (list, ["app.", "request.jwt."]),
@@ -333,6 +335,8 @@ class ClientSettings:
     startup_timeout_seconds: float
     message_timeout_seconds: float
     max_total_prepared_statement_bytes: int
+    token_file: str | None  # local clients log in with this file's token (proxy.auth.token_file)
+    token_file_networks: list[str]  # TCP networks whose clients count as local for it
 
 
 @dataclass(frozen=True)
@@ -988,11 +992,13 @@ def _tls(values: dict[tuple[str, str], Any], problems: Problems) -> TlsSettings:
 
 
 def _client(values: dict[tuple[str, str], Any], problems: Problems) -> ClientSettings:
-    for network in values[("client", "allowed_networks")]:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            problems.append(f"client.allowed_networks: {network!r} is not an address or CIDR network")
+    for key in ("allowed_networks", "token_file_networks"):
+        for network in values[("client", key)]:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                problems.append(f"client.{key}: {network!r} is not an address or CIDR network")
+    _check_token_file(values, problems)
     return _section(values, "client", ClientSettings)
 
 
@@ -1021,6 +1027,21 @@ def _admin(values: dict[tuple[str, str], Any], problems: Problems) -> AdminSetti
         problems.append(f"upstream.databases: {ADMIN_DATABASE!r} is the admin console's name; rename the database"
                         " or leave [admin] unset")
     return admin
+
+
+def _check_token_file(values: dict[tuple[str, str], Any], problems: Problems) -> None:
+    """`[client] token_file` needs a directory that exists (the platform may write the file later) and
+    a way for clients to use it; `token_file_networks` means nothing without it."""
+    path = values[("client", "token_file")]
+    if path is None:
+        if values[("client", "token_file_networks")]:
+            problems.append("client.token_file_networks: has no effect without client.token_file")
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        problems.append(f"client.token_file: directory {directory} does not exist")
+    if values[("", "listen_unix")] is None and not values[("client", "token_file_networks")]:
+        problems.append("client.token_file: no client can use it; set listen_unix or client.token_file_networks")
 
 
 def _http(values: dict[tuple[str, str], Any], problems: Problems) -> HttpSettings:

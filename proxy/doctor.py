@@ -363,6 +363,39 @@ def check_verifier(audit: Audit) -> list[Finding]:
                      f"-- re-install with the proxy's key: {install}")]
 
 
+# The verifier's functions (proxy/sql/verifier.sql) that the proxy calls (reset_session, at a tenant
+# switch in transaction mode) and that policies call (current_tenant, claims, claim). A verifier
+# installed by an older release lacks some: the proxy's calls then fail (a tenant switch reads
+# "could not prepare a server connection").
+VERIFIER_FUNCTIONS = ("tenant_proxy.current_tenant()", "tenant_proxy.claims()", "tenant_proxy.claim(text)",
+                      "tenant_proxy.reset_session()")
+
+
+def missing_verifier_functions(conn: psycopg.Connection[Any]) -> list[str]:
+    """The VERIFIER_FUNCTIONS that `conn`'s role cannot call: not installed, or no EXECUTE privilege."""
+    rows = conn.execute(
+        "SELECT f FROM pg_catalog.unnest(%s::text[]) WITH ORDINALITY AS u(f, n)"
+        " WHERE NOT coalesce(pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(f), 'EXECUTE'), false)"
+        " ORDER BY n",
+        (list(VERIFIER_FUNCTIONS),),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def install_command(settings: Settings) -> str:
+    """The command that installs the current verifier, naming the configuration file when there is one."""
+    config = settings.source if settings.source not in ("<defaults>", "<environment>") else "FILE"
+    return f"pg-tenant-proxy sql --config {config} | psql -f - ADMIN_DSN"
+
+
+def check_verifier_functions(audit: Audit) -> list[Finding]:
+    missing = missing_verifier_functions(audit.upstream)
+    return [_finding("verifier has every function the proxy calls", missing, FAIL,
+                     f"-- install the current verifier: {install_command(audit.settings)}",
+                     "the verifier is older than the proxy: its calls fail, and tenant switches read"
+                     " \"could not prepare a server connection\"")]
+
+
 def _self_test(audit: Audit) -> tuple[str | None, str | None]:
     """Set a context the way the proxy does, then with a forged proof; what the verifier says to each."""
     tenant = audit.settings.tenant
@@ -401,6 +434,7 @@ CHECKS: list[Callable[[Audit], list[Finding]]] = [
     check_views,
     check_indexes,
     check_verifier,
+    check_verifier_functions,
 ]
 
 

@@ -1,7 +1,8 @@
 """`check --connect`: what a valid configuration cannot tell without the network. Logs in upstream as
 the proxy would (as [upstream] user and as each [roles.map] role), checks that the verifier is
-installed and accepts the configured signing key (the doctor's self-test), and fetches each issuer's
-key set (JWKS URL or OpenID discovery). Each problem is one line naming the key to look at.
+installed, has every function the proxy calls, and accepts the configured signing key (the doctor's
+self-test), and fetches each issuer's key set (JWKS URL or OpenID discovery). Each problem is one line
+naming the key to look at.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def connect_problems(settings: Settings, database: str | None) -> list[str]:
                     what = "; ".join(finding.objects) if finding.detail == "" else finding.detail
                     fix = finding.fix.splitlines()[0] if finding.fix else ""
                     problems.append(f"tenant.signing_key: verifier check failed in database {name}: {what} ({fix})")
+            missing = doctor.missing_verifier_functions(conn)
+            if missing:
+                problems.append(f"upstream: the verifier in database {name} lacks {', '.join(missing)}, which the proxy"
+                                f" calls; install the current one: {doctor.install_command(settings)}")
     except doctor.psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         problems.append(f"upstream: cannot log in as {upstream.user} to {upstream.host}:{upstream.port}/{name}: {reason}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.admin import Console
+from proxy.auth.token_file import TokenFile
 from proxy.backend import Lifecycle, send_cancel
 from proxy.client import ClientConnection
 from proxy.config import Settings
@@ -80,6 +81,7 @@ class ProxyServer:
         self.settings = settings
         self.worker = worker
         self.verifier = TokenVerifier(settings.jwt)
+        self.token_file = TokenFile(settings.client.token_file) if settings.client.token_file else None
         tenant = settings.tenant
         self.context = ContextBuilder(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
                                       tenant.claims_proof_setting)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from proxy import access
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Refusal
+from proxy.lifecycle import SHUTDOWN_MESSAGE, at_idle_point
 from proxy.logs import AUDIT
 from proxy.metrics import METRICS
 from proxy.parameters import ParameterRefused, StartupRequest
@@ -26,7 +27,7 @@ from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageReader, read_startup_packet
 from proxy.relay.flow import FlowControl, Reason
-from proxy.relay.relay import Relay
+from proxy.relay.relay import Relay, SessionMode
 from proxy.relay.session import Event, IllegalMove, SessionState, State
 from proxy.relay.settings import ClientSettings
 from proxy.tokens import Identity, TokenRejected
@@ -270,11 +271,29 @@ class ClientConnection(asyncio.Protocol):
         if verifier.revocable and self.identity is not None and verifier.revoked(self.identity, time.time()):
             log.warning("token revoked client=%s tenant=%s", self.address, self.identity.tenant)
             self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
+        if self.server.draining:
+            self.drain_point()
 
     def refused(self, refusal: Refusal) -> None:
         """The guard refused a statement: one audit event (never the statement's text)."""
         AUDIT.statement_refused(client=self.address, tenant=self.identity.tenant if self.identity else None,
                                 reason=refusal.message)
+
+    # -- the lifecycle: drain and reload (proxy.lifecycle, ProxyServer.drain and reload) ---------------
+
+    def drain_point(self) -> None:
+        """The proxy is draining (SIGTERM): end this session with 57P01 when it is at an idle point
+        (`proxy.lifecycle.at_idle_point`); called for every client when the drain starts, and at each
+        ReadyForQuery 'I' after."""
+        if at_idle_point(self.session.state, self._greeted, self.relay):
+            self.terminate(errors.ADMIN_SHUTDOWN, SHUTDOWN_MESSAGE)
+
+    def key_rotated(self) -> None:
+        """A reload changed the signing key: a session-mode session signs its context again (a
+        transaction-mode one signs each transaction's context, with the new key from the next one)."""
+        relay = self.relay
+        if relay is not None and isinstance(relay.mode, SessionMode) and self.session.state is not State.CLOSED:
+            self._guarded(SessionMode.key_rotated, relay.mode)
 
     # -- ending ----------------------------------------------------------------------------------
 

@@ -8,28 +8,18 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from support import ACME, GLOBEX, REPO, ROWS, ProxyProcess, RawClient, login, wait_until
+from support import ACME, GLOBEX, REPO, ROWS, ProxyProcess, RawClient, get, login, wait_until
 from proxy.demo import TenantDatabase, prepare_database, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.protocol import errors, messages
 
 SHUTTING_DOWN = "terminating connection because the proxy is shutting down"
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def reloads_counted(port: int, result: str) -> float:

@@ -1,6 +1,7 @@
 """The lifecycle's pure parts: which stop a signal asks for, when a drain may end a session, what a reload
-may change without a restart; the signing key's rotation in the context builder, in a session-mode
-relay (no sockets, no clock) and in the verifier SQL; and the new configuration keys."""
+may change without a restart and what it does to the pool (fake clock); the signing key's rotation in
+the context builder, in a session-mode relay (no sockets, no clock) and in the verifier SQL; and the new
+configuration keys."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import pytest
 from relay_harness import (
     BIND_COMPLETE, CLOSE_COMPLETE, PARSE_COMPLETE, Z_BLOCK, Z_IDLE, RelayPair, Server, complete, data_row,
 )
+from test_pool_clock import new_pool, pooled_backend
 from proxy import config
+from proxy.backend import BackendConnection, Lifecycle
+from proxy.pool import TransactionPool
 from proxy.lifecycle import (
     Shutdown, Stop, at_idle_point, connection_changed, keep_restart_only, latest, restart_needed,
 )
@@ -251,3 +255,36 @@ def test_previous_signing_key_from_a_file_is_never_shown(tmp_path: Path) -> None
     loaded = settings(tmp_path, f'previous_signing_key_file = "{tmp_path / "previous"}"\n')
     assert loaded.tenant.previous_signing_key == "p" * 40
     assert "p" * 40 not in repr(loaded)
+
+
+# -- the pool on reload (fake clock, no sockets) ----------------------------------------------------
+
+def two_idle_connections() -> tuple[TransactionPool, list[BackendConnection]]:
+    pool, loop = new_pool(kind=TransactionPool)
+    assert isinstance(pool, TransactionPool)
+    pool.settings = dataclasses.replace(pool.settings, size=2)
+    backends = [pooled_backend(pool, loop), pooled_backend(pool, loop)]
+    pool._open["app"] = 2
+    for backend in backends:
+        pool.release(backend)
+    assert [b.lifecycle for b in backends] == [Lifecycle.IDLE, Lifecycle.IDLE]
+    return pool, backends
+
+
+def test_a_smaller_pool_size_closes_the_idle_connections_above_it() -> None:
+    pool, backends = two_idle_connections()
+    pool.reconfigure(pool.upstream, dataclasses.replace(pool.settings, size=1), retire=False)
+    assert sorted(b.lifecycle.value for b in backends) == [Lifecycle.CLOSED.value, Lifecycle.IDLE.value]
+    assert pool.settings.size == 1
+
+
+def test_new_upstream_settings_close_idle_connections_and_retire_those_in_use() -> None:
+    pool, backends = two_idle_connections()
+    in_use = pool.take("app", "acme")
+    assert in_use is not None
+    pool.reconfigure(pool.upstream, pool.settings, retire=True)
+    assert [b.lifecycle for b in backends if b is not in_use] == [Lifecycle.CLOSED]
+    assert in_use.lifecycle is Lifecycle.ACTIVE  # its client goes on
+    pool.retire(in_use)
+    pool.release(in_use)
+    assert in_use.lifecycle is Lifecycle.CLOSED  # not kept when its client is done

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -38,9 +39,14 @@ def _load(path: str | None, listen: str | None = None) -> config.Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config, args.listen)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP reloads once serving; it never kills the process
     logs.setup(settings.log_level, settings.log_format)
+    from proxy.lifecycle import latest
     from proxy.listeners import bind_listeners
     from proxy.server import serve
+
+    def load_settings() -> config.Settings:
+        return _load(args.config, args.listen)
 
     listeners = bind_listeners(settings)  # before forking: every worker inherits these sockets
     uvloop = install_uvloop()
@@ -49,11 +55,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         if settings.workers == 1:
-            asyncio.run(serve(settings, None, listeners))
+            asyncio.run(serve(settings, None, listeners, load_settings))
             return 0
         from proxy.workers import supervise
 
-        return supervise(settings.workers, lambda worker: asyncio.run(serve(settings, worker, listeners)))
+        return supervise(settings.workers, lambda worker: asyncio.run(
+            serve(latest(settings, load_settings), worker, listeners, load_settings)))
     finally:
         listeners.close()
 
@@ -153,7 +160,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         settings = config.load(args.config)
         tenant = settings.tenant
         sys.stdout.write(verifier_sql(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
-                                      tenant.claims_proof_setting))
+                                      tenant.claims_proof_setting, tenant.previous_signing_key))
         for role in dict.fromkeys([settings.upstream.user, *(login.user for login in settings.roles.logins.values())]):
             sys.stdout.write("\n" + hardening_sql(role))  # [roles]: each mapped login role is hardened too
     else:
@@ -184,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pg-tenant-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="serve clients", description="Serve clients until SIGINT or SIGTERM.")
+    run = commands.add_parser(
+        "run",
+        help="serve clients",
+        description="Serve clients until SIGTERM (drain: each client ends at its next idle point, for at most "
+        "shutdown_timeout seconds) or SIGINT (stop at once). SIGHUP reloads the configuration and the files it names.",
+    )
     run.add_argument("--config", metavar="FILE", help="TOML configuration (PGTP_* variables override it)")
     run.add_argument("--listen", metavar="HOST:PORT", help="override the listen key")
     run.set_defaults(func=cmd_run)

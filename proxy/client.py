@@ -20,6 +20,7 @@ from proxy import access, admin
 from proxy.auth.token_file import FileLogin, TokenFileUnreadable, uses_token_file
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Refusal
+from proxy.lifecycle import SHUTDOWN_MESSAGE, at_idle_point
 from proxy.logs import AUDIT
 from proxy.metrics import METRICS
 from proxy.parameters import ParameterRefused, StartupRequest
@@ -282,11 +283,30 @@ class ClientConnection(asyncio.Protocol):
             self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
         if self._file_login is not None and self.session.state is not State.CLOSED:
             self._renew_at_boundary()
+        if self.server.draining:
+            self.drain_point()
 
     def refused(self, refusal: Refusal) -> None:
         """The guard refused a statement: one audit event (never the statement's text)."""
         AUDIT.statement_refused(client=self.address, tenant=self.identity.tenant if self.identity else None,
                                 reason=refusal.message)
+
+    # -- the lifecycle: drain and reload (proxy.lifecycle, ProxyServer.drain and reload) ---------------
+
+    def drain_point(self) -> None:
+        """The proxy is draining (SIGTERM): end this session with 57P01 when it is at an idle point
+        (`proxy.lifecycle.at_idle_point`); called for every client when the drain starts, and at each
+        ReadyForQuery 'I' after."""
+        if at_idle_point(self.session.state, self._greeted, self.relay):
+            self.terminate(errors.ADMIN_SHUTDOWN, SHUTDOWN_MESSAGE)
+
+    def sign_again(self) -> None:
+        """The signing key changed (a reload) or the identity was renewed (the token file): a session-mode
+        session signs its context again (a transaction-mode one signs each transaction's context, with
+        the new key and identity from the next one)."""
+        relay = self.relay
+        if relay is not None and isinstance(relay.mode, SessionMode) and self.session.state is not State.CLOSED:
+            self._guarded(SessionMode.sign_again, relay.mode)
 
     # -- ending ----------------------------------------------------------------------------------
 
@@ -561,13 +581,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.identity = relay.identity = identity
         log.info("token renewed from the token file client=%s tenant=%s", self.address, identity.tenant)
-        mode, queue = relay.mode, relay.queue
-        if isinstance(mode, SessionMode):
-            if queue is not None and queue.idle() and queue.status == b"I" and not relay.held:
-                mode._send_context()
-                relay.flush_own()
-            else:
-                mode.reassert_due = mode.reset_in_block = True
+        self.sign_again()  # the new identity's context, signed
         if self._timer is not None:
             self._timer.cancel()
         loop = asyncio.get_running_loop()

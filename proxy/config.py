@@ -87,6 +87,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("", "log_format"): (str, "text"),
     ("", "workers"): (int, 1),
     ("", "listen_unix"): (str, None),
+    ("", "shutdown_timeout"): (float, 30.0),
     ("upstream", "host"): (str, "127.0.0.1"),
     ("upstream", "port"): (int, 5432),
     ("upstream", "user"): (str, None),
@@ -127,6 +128,8 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("tenant", "proof_setting"): (str, "tenant_proxy.proof"),
     ("tenant", "signing_key"): (str, None),
     ("tenant", "signing_key_file"): (str, None),
+    ("tenant", "previous_signing_key"): (str, None),
+    ("tenant", "previous_signing_key_file"): (str, None),
     ("tenant", "claims"): (list, ["sub", "role"]),
     ("tenant", "max_claims_bytes"): (int, 4096),
     ("tenant", "claims_setting"): (str, "request.jwt.claims"),
@@ -184,6 +187,7 @@ DAY = 86_400.0
 # (section, key) -> (lowest, highest) accepted, both inclusive; every int and float key has a row.
 RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("", "workers"): (1, 256),
+    ("", "shutdown_timeout"): (0, DAY),
     ("upstream", "port"): (1, 65_535),
     ("upstream", "connect_timeout_seconds"): (0.1, 3_600),
     ("jwt", "leeway_seconds"): (0, 3_600),
@@ -293,6 +297,7 @@ class TenantSettings:
     signing_key: str
     claims_setting: str = "request.jwt.claims"
     claims_proof_setting: str = "tenant_proxy.claims_proof"
+    previous_signing_key: str | None = field(default=None, repr=False)  # still accepted by the verifier SQL
 
 
 @dataclass(frozen=True)
@@ -408,6 +413,7 @@ class Settings:
     client: ClientSettings
     guard: GuardSettings
     http: HttpSettings
+    shutdown_timeout: float = 30.0  # seconds a SIGTERM drain waits for clients to reach an idle point
     source: str = field(default="<defaults>")
     roles: RolesSettings = field(default_factory=lambda: RolesSettings(None, {}))
     admin: AdminSettings = field(default_factory=lambda: AdminSettings({}, None))
@@ -657,6 +663,7 @@ def _build(values: dict[tuple[str, str], Any], source: str, problems: Problems) 
         client=_client(values, problems),
         guard=_section(values, "guard", GuardSettings),
         http=_http(values, problems),
+        shutdown_timeout=values[("", "shutdown_timeout")],
         source=source,
         roles=_roles(values, upstream, problems),
         admin=_admin(values, problems),
@@ -949,7 +956,21 @@ def _tenant(values: dict[tuple[str, str], Any], problems: Problems) -> TenantSet
         signing_key or "",
         values[("tenant", "claims_setting")],
         values[("tenant", "claims_proof_setting")],
+        _previous_signing_key(values, signing_key, problems),
     )
+
+
+def _previous_signing_key(values: dict[tuple[str, str], Any], current: str | None, problems: Problems) -> str | None:
+    """[tenant] previous_signing_key: the key being rotated away from, which `pg-tenant-proxy sql` installs
+    beside the current one so sessions signed with it still verify (docs/operations.md, key rotation)."""
+    previous = _read_secret(values, "tenant", "previous_signing_key", problems)
+    if previous is None:
+        return None
+    if len(previous.encode()) < 32:
+        problems.append("tenant.previous_signing_key: must be at least 32 bytes")
+    elif previous == current:
+        problems.append("tenant.previous_signing_key: must differ from tenant.signing_key")
+    return previous
 
 
 def _check_claims_settings(values: dict[tuple[str, str], Any], problems: Problems) -> None:

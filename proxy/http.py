@@ -235,10 +235,15 @@ async def start_endpoint(settings: Settings, proxy: ProxyServer, readiness: Read
         servers.append(await asyncio.start_unix_server(send_snapshot, metrics_socket(worker.peer_dir, worker.index)))
         peers = [metrics_socket(worker.peer_dir, i) for i in range(worker.count) if i != worker.index]
     servers.append(await Endpoint(readiness, peers).start(sock))
-    upstream = settings.upstream
-    checks = Checks(
-        upstream=lambda: probe_upstream(upstream.host, upstream.port, upstream.connect_timeout_seconds),
-        keys=jwks_check(proxy.verifier),
+
+    def keys_problem() -> str | None:
+        check = jwks_check(proxy.verifier)
+        return check() if check is not None else None
+
+    checks = Checks(  # read from `proxy` at each check: a reload may replace the upstream and the verifier
+        upstream=lambda: probe_upstream(proxy.settings.upstream.host, proxy.settings.upstream.port,
+                                        proxy.settings.upstream.connect_timeout_seconds),
+        keys=keys_problem,
         interval=settings.http.upstream_check_interval,
     )
     return asyncio.get_running_loop().create_task(run_checks(readiness, checks))

@@ -23,6 +23,7 @@ while the pool is below `min_size`.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Union
@@ -207,8 +208,9 @@ class Pool:
 
     async def _open_new(self, database: str, parameters: dict[str, str], max_prepared_statements: int = 0) -> BackendConnection:
         self._open[database] = self._open.get(database, 0) + 1
+        upstream = self.upstream
         try:
-            backend = await connect(self.upstream, database, parameters, max_prepared_statements)
+            backend = await connect(upstream, database, parameters, max_prepared_statements)
         except BaseException:
             self._closed(database)
             raise
@@ -216,6 +218,8 @@ class Pool:
         backend.pool_key = pool_key(database, parameters)
         backend.opened_at = self.loop.time()
         self.servers.add(backend)
+        if self.upstream is not upstream:
+            self.retire(backend)  # a reload changed the upstream while it was being opened
         return backend
 
     def _closed(self, database: str) -> None:
@@ -333,6 +337,22 @@ class Pool:
 
     def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
         raise NotImplementedError
+
+    def reconfigure(self, upstream: UpstreamSettings, settings: PoolSettings, retire: bool) -> None:
+        """A configuration reload: the new limits apply from the next checkout, and idle connections above
+        a smaller `size` close. With `retire` (the address, role, password or TLS settings changed) new
+        connections use `upstream`, the idle ones close now and the caller retires those in use."""
+        self.upstream, self.settings = upstream, settings
+        for database, idle in self._idle_lists():
+            excess = len(idle) if retire else self._open.get(database, 0) - settings.size
+            for backend in list(idle)[:max(excess, 0)]:
+                self.move(backend, Lifecycle.CLOSED)
+
+    @staticmethod
+    def retire(backend: BackendConnection) -> None:
+        """Close `backend` when its client is done with it instead of keeping it: it counts as older than
+        `server_lifetime`."""
+        backend.opened_at = -math.inf
 
     def counts(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
         """For the gauges, by database: server connections open (any lifecycle but CLOSED), idle in the

@@ -15,19 +15,24 @@ import os
 import secrets
 import signal
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.admin import Console
 from proxy.auth.token_file import TokenFile
 from proxy.backend import Lifecycle, send_cancel
+from proxy import logs
 from proxy.client import ClientConnection
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings, load
 from proxy.guard import Guard
 from proxy.http import Lifecycle as ServerLifecycle, Readiness, start_endpoint
+from proxy.lifecycle import (
+    SHUTDOWN_MESSAGE, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
+)
 from proxy.listeners import Listeners, bind_listeners, listen_error
-from proxy.metrics import Gauges
+from proxy.logs import AUDIT
+from proxy.metrics import METRICS, Gauges
 from proxy.parameters import ParameterPolicy, ProtectedSettings
 from proxy.relay.statements import StatementBudget
 from proxy.pool import SessionPool, TransactionPool
@@ -37,9 +42,6 @@ from proxy.tenant import ContextBuilder
 from proxy.tokens import TokenVerifier
 
 log = logging.getLogger("pg_tenant_proxy")
-# Until configuration reload exists, SIGHUP (and the admin console's RELOAD) is only logged, so that its
-# default action does not end the process.
-RELOAD_PENDING = "SIGHUP received: configuration reload is not implemented yet"
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -56,6 +58,27 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
         context.load_verify_locations(cafile=tls.client_ca_file)
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+SessionParts = tuple[TokenVerifier, ParameterPolicy, Guard | None, ssl.SSLContext | None]
+
+
+def session_parts(settings: Settings, protected: ProtectedSettings) -> SessionParts:
+    """What new sessions are built from and a reload replaces: the token verifier, the startup
+    parameter policy, the SQL guard (None when off) and the TLS context offered to clients."""
+    policy = ParameterPolicy(settings.client.allowed_parameters, protected)
+    transaction_mode = settings.pool.mode == "transaction"
+    guard = Guard.from_settings(settings.guard, protected, transaction_mode) if settings.guard.enabled else None
+    return TokenVerifier(settings.jwt), policy, guard, server_tls_context(settings)
+
+
+def protected_settings(settings: Settings) -> ProtectedSettings:
+    """The settings no client may write: the tenant context's four and `[guard] protected_prefixes`."""
+    tenant = settings.tenant
+    return ProtectedSettings(
+        [tenant.setting, tenant.proof_setting, tenant.claims_setting, tenant.claims_proof_setting],
+        settings.guard.protected_prefixes,
+    )
 
 
 @dataclass(frozen=True)
@@ -77,26 +100,26 @@ class Worker:
 class ProxyServer:
     """State shared by the client connections of one proxy process."""
 
-    def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
+    def __init__(self, settings: Settings, worker: Worker | None = None,
+                 load_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self.worker = worker
         self.verifier = TokenVerifier(settings.jwt)
         self.token_file = TokenFile(settings.client.token_file) if settings.client.token_file else None
+        # How a reload reads the configuration again (`run` passes its own, with its --listen flag).
+        self.load_settings = load_settings or (lambda: load(None if settings.source == "<environment>" else settings.source))
         tenant = settings.tenant
         self.context = ContextBuilder(tenant.setting, tenant.proof_setting, tenant.signing_key, tenant.claims_setting,
                                       tenant.claims_proof_setting)
-        protected = ProtectedSettings(
-            [tenant.setting, tenant.proof_setting, tenant.claims_setting, tenant.claims_proof_setting],
-            settings.guard.protected_prefixes,
-        )
-        self.policy = ParameterPolicy(settings.client.allowed_parameters, protected)
+        self.verifier, self.policy, self.guard, self.tls_context = session_parts(settings, protected_settings(settings))
         transaction_mode = settings.pool.mode == "transaction"
-        self.guard = Guard.from_settings(settings.guard, protected, transaction_mode) if settings.guard.enabled else None
         self.pool: SessionPool | TransactionPool = (
             TransactionPool(settings.upstream, settings.pool) if transaction_mode else SessionPool(settings.upstream, settings.pool)
         )
         self.pools = LoginPools(self.pool, settings.roles, settings.pool)  # [roles]: one pool per login role
         self.tls_context = server_tls_context(settings)
+        self.readiness = Readiness()
+        self._drained: asyncio.Event | None = None  # set when the last client leaves during a drain
         self.clients: set[ClientConnection] = set()
         self.logging_in = 0  # connections not greeted yet (counted apart: [client] max_unauthenticated_connections)
         self.logged_in = 0  # greeted clients ([pool] max_client_connections)
@@ -163,6 +186,8 @@ class ProxyServer:
             self.console.session_ended(client)
         if self._keys.get(client.process_id) is client:
             del self._keys[client.process_id]
+        if self._drained is not None and not self.clients:
+            self._drained.set()
 
     def cancel(self, process_id: int, secret_key: int) -> None:
         """Forward a CancelRequest with a matching minted key to that client's server connection."""
@@ -205,19 +230,95 @@ class ProxyServer:
     def shutdown(self) -> None:
         """Close every client connection with 57P01, as a server shutting down does."""
         for client in list(self.clients):
-            client.terminate(errors.ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down")
+            client.terminate(errors.ADMIN_SHUTDOWN, SHUTDOWN_MESSAGE)
+
+    # -- lifecycle: drain (SIGTERM) and reload (SIGHUP) --------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.readiness.draining
+
+    async def drain(self, timeout: float, interrupted: asyncio.Event) -> None:
+        """SIGTERM: /readyz answers 503 from now; each client ends at its next idle point with 57P01
+        (those at one now, at once; the others at their next ReadyForQuery 'I', see
+        `ClientConnection.drain_point`). Returns when none is left, after `timeout` seconds, or when
+        `interrupted` is set (SIGINT); the caller closes the rest."""
+        self.readiness.draining = True
+        self._drained = asyncio.Event()
+        for client in list(self.clients):
+            client.drain_point()
+        if not self.clients:
+            return
+        log.info("draining: waiting up to %g s for %d client(s) to finish their transactions", timeout, len(self.clients))
+        waits = [asyncio.ensure_future(self._drained.wait()), asyncio.ensure_future(interrupted.wait())]
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if self.clients:
+            log.warning("drain ended with %d client(s) left: closing them", len(self.clients))
+
+    def reload(self) -> bool:
+        """SIGHUP (and the admin console's RELOAD): read the configuration and every file it names again,
+        checked as `run` checks it. On success new sessions use the new values and live ones go on (see
+        `_apply`); keys that need a restart keep their running values and are named in the audit event.
+        On failure the running configuration stays and the event says why. Never raises; returns whether
+        the new configuration is in force. Counted in pgtp_config_reloads_total{result}."""
+        try:
+            loaded = self.load_settings()
+            settings = keep_restart_only(self.settings, loaded)
+            parts = session_parts(settings, protected_settings(settings))
+            restart = restart_needed(self.settings, loaded)
+            self._apply(settings, parts)
+        except ConfigError as exc:
+            AUDIT.reload(result="error", reason="; ".join(exc.problems))
+            return False
+        except Exception as exc:  # a bug or an unreadable file must not take the proxy down
+            log.exception("reload failed")
+            AUDIT.reload(result="error", reason=f"internal error while reloading: {type(exc).__name__}")
+            return False
+        AUDIT.reload(result="ok", restart_needed=restart)
+        return True
+
+    def _apply(self, settings: Settings, parts: SessionParts) -> None:
+        """Put a checked configuration in force. The pool takes its new limits in place; when the
+        upstream connection settings changed, idle server connections close and ones in use close when
+        they come back. A new signing key signs every context from now on; live session-mode sessions
+        sign theirs again at once or after their current group."""
+        running = self.settings
+        self.settings = settings
+        self.verifier, self.policy, self.guard, self.tls_context = parts
+        self.statement_budget.limit = settings.client.max_total_prepared_statement_bytes
+        retire = connection_changed(running.upstream, settings.upstream)
+        self.pool.reconfigure(settings.upstream, settings.pool, retire)
+        for pool in self.pools.by_role.values():  # [roles] needs a restart; their sizes follow
+            pool.reconfigure(pool.upstream, settings.pool, False)
+        if settings.client.token_file != running.client.token_file:
+            self.token_file = TokenFile(settings.client.token_file) if settings.client.token_file else None
+        rotated = settings.tenant.signing_key != running.tenant.signing_key
+        if rotated:
+            self.context.rotate(settings.tenant.signing_key)
+        for client in list(self.clients):
+            if retire and client.backend is not None and client.pool is self.pool:
+                self.pool.retire(client.backend)
+            if rotated:
+                client.sign_again()
+        logs.setup(settings.log_level, settings.log_format)
+        METRICS.tenant_metrics = settings.http.tenant_metrics
+        METRICS.max_tenant_series = settings.http.max_tenant_series
 
 
-async def serve(settings: Settings, worker: Worker | None = None, listeners: Listeners | None = None) -> None:
-    """Listen and serve until SIGINT or SIGTERM.
+async def serve(settings: Settings, worker: Worker | None = None, listeners: Listeners | None = None,
+                load_settings: Callable[[], Settings] | None = None) -> None:
+    """Listen and serve until SIGINT (stop at once) or SIGTERM (drain, see `ProxyServer.drain`); SIGHUP
+    reloads the configuration (`ProxyServer.reload`, reading it with `load_settings`).
 
     `listeners` are the Unix and HTTP sockets bound by `run` before forking (bound here when None);
     raises ListenError when an address cannot be used."""
     loop = asyncio.get_running_loop()
     own = listeners is None
     sockets = bind_listeners(settings) if listeners is None else listeners
-    proxy = ProxyServer(settings, worker)
-    readiness = Readiness()
+    proxy = ProxyServer(settings, worker, load_settings)
+    readiness = proxy.readiness
     try:
         listener = await loop.create_server(
             proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024,
@@ -233,14 +334,14 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
         servers.append(await loop.create_unix_server(proxy.connection, sock=sockets.unix))
     if sockets.admin is not None:
         servers.append(await loop.create_unix_server(proxy.admin_connection, sock=sockets.admin))
+    accepting = list(servers)  # closed first when draining; the rest serve cancels and /readyz until the end
     if worker is not None:
         servers.append(await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index)))
     checks = await start_endpoint(settings, proxy, readiness, sockets.http, worker, servers)
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    if worker is None:
-        loop.add_signal_handler(signal.SIGHUP, log.info, RELOAD_PENDING)
+    shutdown = Shutdown()
+    loop.add_signal_handler(signal.SIGINT, shutdown.request, Stop.IMMEDIATE)
+    loop.add_signal_handler(signal.SIGTERM, shutdown.request, Stop.DRAIN)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     readiness.lifecycle = ServerLifecycle.SERVING
     log.info(
         "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",
@@ -255,9 +356,13 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
         settings.tls.client_sslmode if proxy.tls_context else "off",
         settings.http.listen or "off",
     )
-    await stop.wait()
-    log.info("shutting down")
+    await shutdown.requested.wait()
+    log.info("shutting down (%s)", "SIGINT: at once" if shutdown.stop is Stop.IMMEDIATE else "SIGTERM: draining")
     readiness.draining = True
+    for server in accepting:
+        server.close()
+    if shutdown.stop is Stop.DRAIN:
+        await proxy.drain(proxy.settings.shutdown_timeout, shutdown.immediate)
     if checks is not None:
         checks.cancel()
     for server in servers:

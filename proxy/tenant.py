@@ -61,6 +61,13 @@ class ContextBuilder:
         self._transaction_messages: dict[tuple[str, int, int, str], bytes] = {}
         self._close_portal = messages.message(b"C", b"P" + self._portal.encode() + b"\0")
 
+    def rotate(self, signing_key: str) -> None:
+        """Sign with `signing_key` from now on (a reload): every context built after this call carries a
+        proof under the new key; the remembered values and messages of the old key are dropped."""
+        self._key = signing_key.encode()
+        self._values.clear()
+        self._transaction_messages.clear()
+
     def _sql(self, is_local: bool) -> str:
         local = "true" if is_local else "false"
         return (

@@ -1,5 +1,5 @@
 """Several proxy processes on one port: fork `workers` children sharing it with SO_REUSEPORT, pass
-SIGINT/SIGTERM on to them, and start again any child that dies."""
+SIGINT, SIGTERM and SIGHUP on to them, and start again any child that dies, unless it is stopping."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from types import FrameType
 
-from proxy.server import RELOAD_PENDING, Worker
+from proxy.server import Worker
 
 log = logging.getLogger("pg_tenant_proxy")
 
@@ -27,6 +27,7 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
         if pid == 0:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() reloads on it: never kill a worker
             status = 0
             try:
                 run_worker(Worker(index, count, peer_dir))
@@ -37,14 +38,22 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
         children[pid] = index
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        """SIGTERM (drain) or SIGINT (at once): the same signal to every worker; none is started again."""
         nonlocal stopping
         stopping = True
-        for pid in children:
-            os.kill(pid, signal.SIGTERM)
+        forward(signum, frame)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: every worker reloads its configuration."""
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # exited; os.wait() will collect it
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, lambda signum, frame: log.info("%s (supervisor pid %d)", RELOAD_PENDING, os.getpid()))
+    signal.signal(signal.SIGHUP, forward)
     for index in range(count):
         spawn(index)
     while children:

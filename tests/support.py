@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,15 @@ def wait_until(condition: Any, deadline: float = 10.0, interval: float = 0.02) -
         if time.monotonic() > end:
             raise AssertionError(f"condition not met within {deadline} s")
         time.sleep(interval)
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:port/path (the proxy's [http] endpoint): (status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def cancel_when_running(pg: EmbeddedPostgres, cancel: Any, marker: str) -> threading.Thread:

@@ -665,6 +665,20 @@ class SessionMode:
     def maybe_release(self) -> None:
         """The connection is released when the client leaves, not here."""
 
+    def sign_again(self) -> None:
+        """The signing key changed (a configuration reload) or the identity was renewed (the token
+        file; called by the glue): sign this session's context again, as after a RESET ALL. When the server owes nothing, now, in a
+        Sync group of its own ahead of the client's next message; else right after the client's next
+        group (the old proof still verifies meanwhile: the verifier accepts the previous key). Until it
+        completes outside a transaction block, a ROLLBACK sets it again (`reset_in_block`)."""
+        relay = self.relay
+        if relay.server is None or relay.queue is None:
+            return  # the context is set when a server connection is attached, with the new key
+        self.reassert_due = self.reset_in_block = True
+        if relay.queue.idle():
+            self.group_sent()
+            relay.flush_own()
+
 
 class TransactionMode:
     """Transaction pooling; see the module docstring."""

@@ -7,13 +7,27 @@ CREATE SCHEMA IF NOT EXISTS tenant_proxy;
 REVOKE CREATE ON SCHEMA tenant_proxy FROM PUBLIC;
 GRANT USAGE ON SCHEMA tenant_proxy TO PUBLIC;
 
--- The HMAC-SHA256 key as its inner and outer pads, so the verifier needs only the built-in sha256().
+-- The HMAC-SHA256 keys as their inner and outer pads, so the verifier needs only the built-in sha256().
+-- Row 1 is the key the proxy signs with; row 2, while a rotation is under way, the previous key, which
+-- still verifies the contexts of sessions signed before the proxy reloaded (docs/operations.md).
 CREATE TABLE IF NOT EXISTS tenant_proxy.signing_key (
-    id integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    id integer PRIMARY KEY DEFAULT 1 CONSTRAINT signing_key_rows_check CHECK (id IN (1, 2)),
     inner_pad bytea NOT NULL CHECK (length(inner_pad) = 64),
     outer_pad bytea NOT NULL CHECK (length(outer_pad) = 64),
     installed_at timestamptz NOT NULL DEFAULT now()
 );
+-- Upgrade a table from before key rotation, whose check allowed row 1 only; only then, because ALTER TABLE
+-- waits for every open transaction that verified a context and holds up every verification behind it.
+DO $upgrade$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_constraint
+                WHERE conrelid = 'tenant_proxy.signing_key'::pg_catalog.regclass
+                  AND conname OPERATOR(pg_catalog.=) 'signing_key_id_check') THEN
+        ALTER TABLE tenant_proxy.signing_key DROP CONSTRAINT signing_key_id_check,
+            ADD CONSTRAINT signing_key_rows_check CHECK (id IN (1, 2));
+    END IF;
+END
+$upgrade$;
 REVOKE ALL ON tenant_proxy.signing_key FROM PUBLIC;
 
 -- The verified tenant of this backend, or NULL. STABLE (never IMMUTABLE: a cached plan would freeze
@@ -47,14 +61,15 @@ BEGIN
     IF expires::pg_catalog.int8 OPERATOR(pg_catalog.<=) EXTRACT(epoch FROM pg_catalog.statement_timestamp()) THEN
         RETURN NULL;
     END IF;
-    -- One query reads the key and compares the HMAC (the table holds at most one row): no row, no tenant.
-    SELECT pg_catalog.encode(pg_catalog.sha256(k.outer_pad OPERATOR(pg_catalog.||) pg_catalog.sha256(k.inner_pad
-               OPERATOR(pg_catalog.||) pg_catalog.convert_to(pg_catalog.pg_backend_pid()::pg_catalog.text
-                   OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) expires OPERATOR(pg_catalog.||) ':'
-                   OPERATOR(pg_catalog.||) tenant, 'UTF8'))), 'hex')
-           OPERATOR(pg_catalog.=) pg_catalog.substr(proof, colon OPERATOR(pg_catalog.+) 1)
-      INTO valid
-      FROM tenant_proxy.signing_key AS k;
+    -- One query reads the keys and compares the HMAC: valid when the current key (row 1) or, during a
+    -- rotation, the previous one (row 2) signed it; no row, no tenant.
+    valid := EXISTS (
+        SELECT FROM tenant_proxy.signing_key AS k
+         WHERE pg_catalog.encode(pg_catalog.sha256(k.outer_pad OPERATOR(pg_catalog.||) pg_catalog.sha256(k.inner_pad
+                   OPERATOR(pg_catalog.||) pg_catalog.convert_to(pg_catalog.pg_backend_pid()::pg_catalog.text
+                       OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) expires OPERATOR(pg_catalog.||) ':'
+                       OPERATOR(pg_catalog.||) tenant, 'UTF8'))), 'hex')
+               OPERATOR(pg_catalog.=) pg_catalog.substr(proof, colon OPERATOR(pg_catalog.+) 1));
     IF valid THEN
         RETURN tenant;
     END IF;
@@ -95,14 +110,15 @@ BEGIN
     IF tenant IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT pg_catalog.encode(pg_catalog.sha256(k.outer_pad OPERATOR(pg_catalog.||) pg_catalog.sha256(k.inner_pad
-               OPERATOR(pg_catalog.||) pg_catalog.convert_to(pg_catalog.pg_backend_pid()::pg_catalog.text
-                   OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) expires OPERATOR(pg_catalog.||) ':'
-                   OPERATOR(pg_catalog.||) tenant OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) claims,
-                   'UTF8'))), 'hex')
-           OPERATOR(pg_catalog.=) pg_catalog.substr(proof, colon OPERATOR(pg_catalog.+) 1)
-      INTO valid
-      FROM tenant_proxy.signing_key AS k;
+    -- Either installed key (current or previous) may have signed it, as in current_tenant().
+    valid := EXISTS (
+        SELECT FROM tenant_proxy.signing_key AS k
+         WHERE pg_catalog.encode(pg_catalog.sha256(k.outer_pad OPERATOR(pg_catalog.||) pg_catalog.sha256(k.inner_pad
+                   OPERATOR(pg_catalog.||) pg_catalog.convert_to(pg_catalog.pg_backend_pid()::pg_catalog.text
+                       OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) expires OPERATOR(pg_catalog.||) ':'
+                       OPERATOR(pg_catalog.||) tenant OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) claims,
+                       'UTF8'))), 'hex')
+               OPERATOR(pg_catalog.=) pg_catalog.substr(proof, colon OPERATOR(pg_catalog.+) 1));
     IF valid THEN
         RETURN claims::pg_catalog.jsonb;
     END IF;

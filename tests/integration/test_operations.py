@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from certificates import make_certificates
-from support import ACME, GLOBEX, REPO, ROWS, ProxyProcess, RawClient, startup, wait_until
+from support import ACME, GLOBEX, REPO, ROWS, ProxyProcess, RawClient, get, startup, wait_until
 from proxy.config import ListenError
 from proxy.demo import prepare_database, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.listeners import bind_unix
 from proxy.protocol import messages
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

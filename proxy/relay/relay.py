@@ -43,6 +43,7 @@ from proxy.relay.settings import (
     READ_STATEMENT,
     ClientSettings,
     apply_bind,
+    close_portal,
     read_bind,
     reset_query,
 )
@@ -506,6 +507,16 @@ RESERVED_SQL = Decision(refusal=Refusal(
 EXTENDED_REQUESTS = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE})
 
 
+PROXY_ABORTED = "a request of pg-tenant-proxy's own failed inside this transaction block, which is aborted: "
+
+
+def aborted_by_proxy(outcome: Outcome, error: dict[str, str] | None, status: bytes) -> bool:
+    """A request of the proxy's own, sent behind a client's group, failed inside the client's
+    transaction block, which had not failed before (else the error is 25P02): the proxy aborted the
+    client's transaction, and must say so rather than let the client's next statement meet 25P02."""
+    return outcome is Outcome.FAILED and status == b"E" and (error or {}).get("C") != errors.IN_FAILED_TRANSACTION
+
+
 def split_parse(body: bytes) -> tuple[bytes, bytes, bytes]:
     """Name, query text and the definition (everything after the name) of a Parse body."""
     name, end = messages.split_name(body)
@@ -558,7 +569,7 @@ class SessionMode:
                 self.reset_in_block = False  # set outside any block: no rollback can undo it
             return
         assert relay.queue is not None
-        if relay.queue.status == b"E":
+        if relay.queue.status == b"E" and not aborted_by_proxy(outcome, error, relay.queue.status):
             self.reassert_due = True  # inside a failed block: the rollback restores the context; set it again after
             return
         fields = error or {}
@@ -732,13 +743,18 @@ class TransactionMode:
                 self._own_statement(APPLY_STATEMENT, APPLY_SQL)
                 relay.own(apply_bind(changed), Request.BIND, OwnRequest(self._prelude_ended))
                 relay.own(messages.execute(APPLY_STATEMENT.decode()), Request.EXECUTE, OwnRequest(self._prelude_ended))
+                relay.own(close_portal(APPLY_STATEMENT), Request.CLOSE)
                 sync_owed = True
             state.settings = dict(wanted)
         if sync_owed:
             relay.own(messages.sync(), Request.SYNC)
 
     def _prelude_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
-        if outcome is Outcome.FAILED:
+        """The reset or settings the proxy sent failed: the session ends with that error. Not when the
+        client's transaction block had failed already (25P02): then nothing ran, the client's statement
+        behind which startup values were to be applied again did not run either, and the read-back after
+        the block corrects what the proxy believes the connection holds."""
+        if outcome is Outcome.FAILED and (error or {}).get("C") != errors.IN_FAILED_TRANSACTION:
             fields = error or {}
             self.relay.hooks.fail(
                 fields.get("C", errors.CONNECTION_FAILURE),
@@ -1096,11 +1112,16 @@ class TransactionMode:
         self._own_statement(READ_STATEMENT, READ_SQL)
         relay.own(read_bind(relay.settings.names_to_read()), Request.BIND)
         relay.own(messages.execute(READ_STATEMENT.decode()), Request.EXECUTE, OwnRequest(lambda o, e: None, rows), rows=True)
-        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(outcome, rows)))
+        relay.own(close_portal(READ_STATEMENT), Request.CLOSE)
+        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(outcome, error, rows)))
 
-    def _settings_read(self, outcome: Outcome, rows: list[list[bytes | None]]) -> None:
+    def _settings_read(self, outcome: Outcome, error: dict[str, str] | None, rows: list[list[bytes | None]]) -> None:
         relay = self.relay
         assert relay.queue is not None
+        if aborted_by_proxy(outcome, error, relay.queue.status):
+            fields = error or {}
+            relay.hooks.fail(fields.get("C", errors.INTERNAL_ERROR), PROXY_ABORTED + fields.get("M", "unknown error"))
+            return
         if relay.queue.status != b"I":
             return  # read inside a transaction block: read again at the next group end
         if outcome is Outcome.COMPLETED:

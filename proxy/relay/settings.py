@@ -56,6 +56,13 @@ def apply_bind(values: dict[str, str]) -> bytes:
     )
 
 
+def close_portal(name: bytes) -> bytes:
+    """Close ('C', 55.7 Message Formats) of one of the proxy's own portals, sent right behind its
+    Execute: inside a client's transaction block a portal lives until the block ends, and the next Bind
+    of the same name there would fail (42P03) and abort the client's transaction."""
+    return messages.message(b"C", b"P" + name + b"\0")
+
+
 def read_bind(names: set[str]) -> bytes:
     return messages.bind(READ_STATEMENT.decode(), READ_STATEMENT.decode(), [text_array(sorted(names))])
 

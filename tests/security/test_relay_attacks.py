@@ -496,12 +496,10 @@ def test_unnamed_statement_of_another_client_never_runs_for_me(target: ProxyProc
 
 
 
-def test_reset_all_then_savepoint_rollback_keeps_the_context_in_session_mode(make_proxy: Any) -> None:
-    """Attack (session mode): inside a transaction block, `RESET ALL; SAVEPOINT a` in one Query (the
-    context is wiped and set again after the savepoint), then ROLLBACK TO a, which undoes the re-set
-    context. Stopped by: the relay setting the context again after a ROLLBACK that follows a RESET ALL in
-    a block. (Transaction mode: an open finding, see the closing note of 2026-11-29.)"""
-    target = make_proxy(MODES["session"])
+def test_reset_all_then_savepoint_rollback_keeps_the_context(target: ProxyProcess) -> None:
+    """Attack: inside a transaction block, `RESET ALL; SAVEPOINT a` in one Query (the context is
+    wiped and set again after the savepoint), then ROLLBACK TO a, which undoes the re-set context.
+    The next statement must still run with the client's context."""
     wire = connect_proxy(target.port, target.token(ACME))
     try:
         exchange(wire, messages.query("BEGIN"))
@@ -516,3 +514,138 @@ def test_reset_all_then_savepoint_rollback_keeps_the_context_in_session_mode(mak
         assert rows(exchange(wire, messages.query("SELECT tenant_proxy.current_tenant()"))) == [[ACME.encode()]]
     finally:
         wire.close()
+
+
+IN_BLOCK = (
+    "BEGIN", "SET search_path TO public", "SET work_mem TO '9MB'", "RESET ALL", "RESET ALL", "RESET ALL; SAVEPOINT a",
+    "SELECT 1", "ROLLBACK TO a", "SET LOCAL work_mem TO '10MB'", "SAVEPOINT b", "RESET work_mem", "RELEASE b",
+)
+
+
+def test_the_proxys_own_requests_never_abort_the_clients_block(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                              tenant_db: TenantDatabase, scratch: str) -> None:
+    """Attack (the kind behind the RESET ALL / SAVEPOINT / ROLLBACK TO finding): inside one transaction
+    block, every statement after which the proxy sends requests of its own into the block (settings read
+    back after SET, startup values applied again after RESET ALL, the context set again after RESET ALL
+    and ROLLBACK TO), each more than once, then a write that needs the context, then COMMIT. Directly,
+    the block goes on and commits; through the proxy the replies must be the same, and the row written
+    must carry the client's tenant (the context was there when the statement ran)."""
+    marker = secrets.randbelow(10**6) + 3 * 10**6
+    steps = (*IN_BLOCK, f"INSERT INTO {scratch} (n, t) SELECT {{}}, tenant_proxy.current_tenant()", "COMMIT")
+    direct = direct_wire(pg, tenant_db)
+    proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
+    try:
+        for sql in steps:  # the direct run writes under -marker
+            assert_same(exchange(direct, messages.query(sql.format(-marker))), exchange(proxied, messages.query(sql.format(marker))), sql)
+        assert scalar(proxied, f"SELECT string_agg(coalesce(t, 'NULL'), ',') FROM {scratch} WHERE n = {marker}") == ACME.encode()
+    finally:
+        direct.close()
+        proxied.close()
+    still_serves(target)
+
+
+def test_reset_all_in_a_failed_block_is_answered_as_postgres_does(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                 tenant_db: TenantDatabase) -> None:
+    """Attack: RESET ALL and SET inside a block that already failed (the proxy's own requests behind
+    them fail there with 25P02 too), then ROLLBACK. Directly: 25P02 for each, then the session goes on;
+    through the proxy the same, and the session keeps its context and startup settings."""
+    steps = ("BEGIN", "SELECT 1/0", "RESET ALL", "SET work_mem TO '9MB'", "ROLLBACK", "SELECT 1")
+    direct = direct_wire(pg, tenant_db)
+    proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
+    try:
+        for sql in steps:
+            assert_same(exchange(direct, messages.query(sql)), exchange(proxied, messages.query(sql)), sql)
+        assert scalar(proxied, "SELECT current_setting('extra_float_digits')") == b"2"
+        assert scalar(proxied, "SELECT tenant_proxy.current_tenant()") == ACME.encode()
+    finally:
+        direct.close()
+        proxied.close()
+
+def test_context_in_many_positions(target: ProxyProcess) -> None:
+    """Attack: read current_setting and current_tenant() as the first statement, after a failed
+    statement and ROLLBACK, after SAVEPOINT / ROLLBACK TO, in a Query behind a Parse/Describe/Flush
+    group left without Sync (asyncpg and pg8000 prepare that way), and after DISCARD ALL sent behind
+    it; always ACME."""
+    wire = connect_proxy(target.port, target.token(ACME))
+    probe = "SELECT tenant_proxy.current_tenant(), current_setting('app.current_tenant', true)"
+    expected = [ACME.encode(), ACME.encode()]
+    try:
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("BEGIN; SELECT 1/0"))
+        exchange(wire, messages.query("ROLLBACK"))
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("BEGIN"))
+        exchange(wire, messages.query("SAVEPOINT s"))
+        exchange(wire, messages.query("SELECT 1/0"))
+        exchange(wire, messages.query("ROLLBACK TO s"))
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("COMMIT"))
+        wire.send(messages.parse("", "SELECT 1") + describe("S", "") + flush())
+        wire.read_until(lambda replies: len(replies) >= 3)
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("DISCARD ALL"))
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+    finally:
+        wire.close()
+
+
+def test_another_tenants_prepared_statement_text_is_not_visible(target: ProxyProcess) -> None:
+    """Attack: GLOBEX prepares a named statement whose text holds a secret literal; ACME then reads
+    `pg_prepared_statements` on (in transaction mode) the same server connection. In a direct session
+    a client sees only its own statements; the proxy's sharing of statements by text must not show
+    GLOBEX's SQL to ACME."""
+    secret = f"globex-secret-{secrets.token_hex(6)}"
+    globex = connect_proxy(target.port, target.token(GLOBEX), "globex")
+    try:
+        exchange(globex, messages.parse("mine", f"SELECT '{secret}'::text"), messages.bind("", "mine", []),
+                 messages.execute(""), messages.sync())
+        acme = connect_proxy(target.port, target.token(ACME), "acme")
+        try:
+            replies = exchange(acme, messages.query("SELECT string_agg(statement, ' | ') FROM pg_prepared_statements"))
+            seen = b" ".join(value or b"" for row in rows(replies) for value in row)
+            assert secret.encode() not in seen, f"ACME reads GLOBEX's statement text: {seen[:300]!r}"
+        finally:
+            acme.close()
+    finally:
+        globex.close()
+
+
+def test_dynamic_set_config_of_a_placeholder_does_not_reach_another_client(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                            tenant_db: TenantDatabase) -> None:
+    """Attack: set_config() of a custom placeholder whose name is not a constant (the guard cannot read
+    it), at session level. In a direct session it stays with that session: another client of the same
+    tenant must read NULL, and the client itself keeps reading its value."""
+    sql = "SELECT set_config(n, 'leaked', false) FROM (VALUES ('myapp.user_id')) AS v(n)"
+    probe = "SELECT current_setting('myapp.user_id', true)"
+    direct_a, direct_b = direct_wire(pg, tenant_db, "direct A"), direct_wire(pg, tenant_db, "direct B")
+    exchange(direct_a, messages.query(sql))
+    expected_other, expected_own = scalar(direct_b, probe), scalar(direct_a, probe)
+    direct_a.close()
+    direct_b.close()
+    assert (expected_other, expected_own) == (None, b"leaked")
+
+    first = connect_proxy(target.port, target.token(ACME), "acme 1")
+    second = connect_proxy(target.port, target.token(ACME), "acme 2")
+    try:
+        assert not errors_in(exchange(first, messages.query(sql)))
+        assert scalar(second, probe) == expected_other, "another client of the same tenant reads the setting"
+        assert scalar(first, probe) == expected_own
+    finally:
+        first.close()
+        second.close()
+
+
+def test_dynamic_set_config_follows_its_client_past_another_tenant(target: ProxyProcess) -> None:
+    """Attack (settings lost): a placeholder set with a non-constant name, then another tenant uses the
+    server connection (transaction mode: the tenant switch resets it). The client's own setting must
+    still be there, as in a direct session."""
+    sql = "SELECT set_config(n, 'mine', false) FROM (VALUES ('myapp.flag')) AS v(n)"
+    first = connect_proxy(target.port, target.token(ACME), "acme")
+    other = connect_proxy(target.port, target.token(GLOBEX), "globex")
+    try:
+        assert not errors_in(exchange(first, messages.query(sql)))
+        assert scalar(other, "SELECT current_setting('myapp.flag', true)") is None
+        assert scalar(first, "SELECT current_setting('myapp.flag', true)") == b"mine"
+    finally:
+        first.close()
+        other.close()

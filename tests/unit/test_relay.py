@@ -22,7 +22,7 @@ from relay_harness import (
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT
-from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, read_bind
+from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, close_portal, read_bind
 from proxy.relay.statements import NEVER_PREPARED, statement_for
 
 IDENTITY = Identity()
@@ -213,11 +213,12 @@ def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     assert writes == [
         context_statement() + context(server) + set_query
         + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
-        + messages.execute(READ_STATEMENT.decode()) + messages.sync()
+        + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
     assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_IDLE) == complete("SET") + Z_IDLE
     assert "release_server" not in pair.hooks.events  # the read-back is still owed
-    read = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1") + Z_IDLE
+    read = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1")
+            + CLOSE_COMPLETE + Z_IDLE)
     assert pair.server(read) == b""
     assert pair.hooks.events[-1] == "release_server"
     assert pair.relay.settings.current == {"search_path": "app"}
@@ -227,15 +228,15 @@ def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     writes = checked_out(pair, other, SELECT_1)
     assert writes == [
         own_statement(APPLY_STATEMENT, APPLY_SQL) + apply_bind({"search_path": "app"})
-        + messages.execute(APPLY_STATEMENT.decode()) + messages.sync()
+        + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync()
         + context_statement() + context(other) + SELECT_1
     ]
 
 
 def test_reset_all_applies_startup_values_again() -> None:
     pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
-    applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + messages.sync()
-    apply_replies = BIND_COMPLETE + data_row(b"ISO, DMY") + complete("SELECT 1") + Z_IDLE
+    applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync()
+    apply_replies = BIND_COMPLETE + data_row(b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
     writes = checked_out(pair, server, SELECT_1)
     assert writes == [own_statement(APPLY_STATEMENT, APPLY_SQL) + applied + context_statement() + context(server) + SELECT_1]
     assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + apply_replies + CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
@@ -244,10 +245,11 @@ def test_reset_all_applies_startup_values_again() -> None:
     writes = checked_out(pair, server, reset)
     assert writes == [
         context(server) + reset + applied + own_statement(READ_STATEMENT, READ_SQL)
-        + read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + messages.sync()
+        + read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
     assert pair.server(CONTEXT_SET + complete("RESET") + Z_IDLE) == complete("RESET") + Z_IDLE
-    read = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1") + Z_IDLE
+    read = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1")
+            + CLOSE_COMPLETE + Z_IDLE)
     assert pair.server(apply_replies + read) == b""
     assert pair.hooks.events[-1] == "release_server"
     assert pair.relay.settings.current == {"datestyle": "ISO, DMY"}
@@ -423,7 +425,7 @@ def test_parameter_status_from_the_proxys_own_group_reaches_the_client_before_it
     checked_out(pair, server, SELECT_1)
     reported = messages.parameter_status("DateStyle", "ISO, DMY")
     applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + reported + messages.parameter_status("TimeZone", "UTC")
-               + data_row(b"ISO, DMY") + complete("SELECT 1") + Z_IDLE)
+               + data_row(b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE)
     assert pair.server(applied) == b""
     assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + reported + Z_IDLE
     assert server.state.parameters == {"DateStyle": "ISO, DMY", "TimeZone": "UTC"}

@@ -546,6 +546,7 @@ class SessionMode:
         self.reassert_due = False
         self.reset_in_block = False  # a re-assert after RESET ALL may sit inside a block a ROLLBACK TO can undo
         self.resetting: set[bytes] = set()  # statements and portals (b"P" + name) whose text resets all settings
+        self.reset_mid_group = False  # a resetting Query sent inside an extended group is not answered yet
 
     def attached(self, server: ServerLink) -> bool:
         self._send_context()
@@ -596,13 +597,28 @@ class SessionMode:
         if decision.refusal is not None:
             relay.refuse_group(decision.refusal)
             return True
+        reassert = decision.resets_all or (  # ROLLBACK (TO) may undo the context set again after a RESET ALL
+            self.reset_in_block and _MAY_END_TRANSACTION.search(message.raw, 5) is not None
+        )
+        self.reset_in_block = self.reset_in_block or decision.resets_all
+        if reassert and relay.mid_group:
+            self.reset_mid_group = True
+            relay.send(message.raw, Request.QUERY, watcher=OwnRequest(self._reset_mid_group_ended))
+            return True
         relay.send(message.raw, Request.QUERY)
-        if decision.resets_all:
-            self.reassert_due = self.reset_in_block = True
-        elif self.reset_in_block and _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
-            self.reassert_due = True  # ROLLBACK (TO) may undo the context set again after a RESET ALL
+        self.reassert_due = self.reassert_due or reassert
         self.group_sent()
         return True
+
+    def _reset_mid_group_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """A resetting Query the client sent inside an extended group (no Sync yet) is answered. If it ran,
+        it ended the server's implicit transaction: the context is set again now, before the client's
+        next messages, which waited; the client's Sync may never come. Skipped in the client's error
+        window, it reset nothing."""
+        self.reset_mid_group = False
+        if outcome is not Outcome.SKIPPED:
+            self._send_context()
+            self.relay.flush_own()
 
     def parse(self, message: Message) -> None:
         relay = self.relay
@@ -667,8 +683,9 @@ class SessionMode:
         """Nothing to add at the end of a client read in session mode."""
 
     def waiting(self) -> bool:
-        """Session mode never holds a client message for the server's answer."""
-        return False
+        """The client's messages wait only behind a resetting Query sent inside an extended group, until
+        it is answered (the context is set again in between)."""
+        return self.reset_mid_group
 
     def session_ended(self) -> None:
         """Session mode keeps nothing of the client's."""

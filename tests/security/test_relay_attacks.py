@@ -589,6 +589,28 @@ def test_context_in_many_positions(target: ProxyProcess) -> None:
         wire.close()
 
 
+@pytest.mark.parametrize("text", ["SELECT 1", "SELEC 1"])
+def test_discard_all_inside_an_unsynced_extended_group(target: ProxyProcess, pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+                                                       text: str) -> None:
+    """Attack: Parse / Describe / Flush without Sync (the Parse succeeding, or failing so the server skips
+    to Sync), then DISCARD ALL as a simple Query and a Sync. The replies are Postgres's; the next
+    statement runs with the client's context (the reset Query ended the server's implicit transaction,
+    or was skipped and reset nothing), with no hang."""
+    group = messages.parse("", text) + describe("S", "") + flush()
+    direct, proxied = direct_wire(pg, tenant_db), connect_proxy(target.port, target.token(ACME))
+    try:
+        for wire in (direct, proxied):
+            wire.send(group)
+        expected = direct.read_until(lambda got: bool(got) and got[-1][0] in (b"E", b"T", b"n"))
+        assert_same(expected, proxied.read_until(lambda got: len(got) >= len(expected)), "replies to the group")
+        ready = 2 if text == "SELECT 1" else 1  # a Query skipped in the error window gets no ReadyForQuery
+        assert_same(exchange(direct, messages.query("DISCARD ALL"), messages.sync(), ready=ready),
+                    exchange(proxied, messages.query("DISCARD ALL"), messages.sync(), ready=ready), "DISCARD ALL and Sync")
+        assert scalar(proxied, "SELECT tenant_proxy.current_tenant()") == ACME.encode()
+    finally:
+        direct.close()
+        proxied.close()
+
 def test_another_tenants_prepared_statement_text_is_not_visible(target: ProxyProcess) -> None:
     """Attack: GLOBEX prepares a named statement whose text holds a secret literal; ACME then reads
     `pg_prepared_statements` on (in transaction mode) the same server connection. In a direct session

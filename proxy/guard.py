@@ -281,6 +281,8 @@ _READ_FUNCTIONS = r"set_config|pg_notify|lo_\w*|loread|lowrite|pg_cancel_backend
 _SESSION_FUNCTIONS = r"|pg_advisory\w*|pg_try_advisory\w*"
 # A top-level statement: the only JSON key "stmt" is RawStmt's.
 _STATEMENT = re.compile(r'\{"stmt":\{"(\w+)":(?=\{)')
+# A string constant shaped like a custom (placeholder) setting name, "prefix.name", in pglast's JSON.
+_DOTTED_CONSTANT = re.compile(r'"sval":"([A-Za-z_][\w$]*(?:\.[A-Za-z_][\w$]*)+)"')
 
 
 @lru_cache(maxsize=8)
@@ -450,6 +452,13 @@ class _Effects:
         else:
             self.set_names.add(name.lower())
 
+    def computed_names(self, tree: str) -> None:
+        """After set_config() of a computed name: every string constant shaped like a custom setting's name
+        ("prefix.name") in `tree`, pglast's JSON of the statements, counts as set, so the relay reads it
+        back by name (pg_settings does not list placeholders). Names built otherwise stay unknown."""
+        if self.unknown_settings:
+            self.set_names.update(name.lower() for name in _DOTTED_CONSTANT.findall(tree))
+
     def decision(self, statement_count: int, no_transaction_block: bool) -> Decision:
         decision = Decision(
             resets_all=self.resets_all, reset_names=frozenset(self.reset_names), set_names=frozenset(self.set_names),
@@ -593,6 +602,7 @@ class Guard:
                 refusal = self._node(inner_kind, inner, effects) if inner_kind in walked else None
                 if refusal is not None:
                     return Decision(refusal=refusal)
+        effects.computed_names(text)
         return effects.decision(len(statements), len(statements) == 1 and _alone(text, statements[0]))
 
     def _node(self, kind: str, node: dict[str, Any], effects: _Effects) -> Refusal | None:

@@ -22,6 +22,7 @@ only its header looked at and the guard's pre-scan run on its text).
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from collections import deque
@@ -80,6 +81,7 @@ RESET_EXECUTE = messages.execute(RESET_STATEMENT.decode())
 _MARKER = "pg_tenant_proxy_refused"
 CONTEXT_FAILED = b"could not set the tenant context: "
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
+_SESSIONS = itertools.count(1)
 
 
 class Hooks(Protocol):
@@ -114,6 +116,8 @@ class ServerState:
 
     statements: ServerStatements
     tenant: str | None = None
+    client: int = 0  # the serial number of the session it last served
+    unnamed_settings: bool = False  # it may hold settings its last client set under names the proxy cannot read
     settings: dict[str, str] = field(default_factory=dict)
     parameters: dict[str, str] = field(default_factory=dict)
 
@@ -180,6 +184,7 @@ class Relay:
         budget: StatementBudget | None = None,
     ) -> None:
         self.hooks = hooks
+        self.serial = next(_SESSIONS)  # tells a server connection which session it last served
         self.guard = guard
         self.context = context
         self.identity = identity
@@ -721,13 +726,17 @@ class TransactionMode:
         if state.tenant is not None and state.tenant != tenant:
             METRICS.tenant_switches += 1
             sync_owed = self._reset_for_another_tenant()
+        elif state.unnamed_settings and state.client != relay.serial:  # settings no diff can undo: reset them all
+            sync_owed = self._reset_for_another_tenant()
         state.tenant = tenant
+        state.client = relay.serial
         self.context_set = False
         self._apply(relay.settings.current, sync_owed)
         return False
 
     def _reset_for_another_tenant(self) -> bool:
-        """Reset what the previous tenant may have left, pipelined ahead of the client's messages. With the
+        """Reset what the previous tenant (or a client that set settings the proxy cannot name) may have
+        left, pipelined ahead of the client's messages. With the
         guard on, one call of tenant_proxy.reset_session() (the verifier SQL installs it), whose Sync is
         owed by the caller: the settings to apply go in the same group. With the guard off, SQL-level
         prepared statements may be left too: a Query that also deallocates them. True when a Sync is owed."""
@@ -735,6 +744,7 @@ class TransactionMode:
         assert relay.server is not None
         state = relay.server.state
         state.settings = {}
+        state.unnamed_settings = False
         if relay.guard is None:
             relay.own(UNGUARDED_RESET, Request.QUERY, OwnRequest(self._prelude_ended))
             state.statements.dropped()
@@ -894,6 +904,7 @@ class TransactionMode:
             watcher = OwnRequest(ended)
         if decision.set_names or decision.reset_names or decision.resets_all or decision.unknown_settings:
             assert relay.server is not None
+            relay.server.state.unnamed_settings = relay.server.state.unnamed_settings or decision.unknown_settings
             held = relay.server.state.settings
             if decision.resets_all:
                 held.clear()  # the server's defaults from here on (a read-back corrects a rollback)

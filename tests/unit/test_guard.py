@@ -341,6 +341,9 @@ def test_transaction_pooling_allows(sql: str) -> None:
         ("SELECT set_config('search_path', 'public', $1)", {"set_names": {"search_path"}}),
         ("SELECT set_config($1, 'public', false)", {"unknown_settings": True}),
         ("SELECT set_config('a.' || 'b', 'c', false)", {"unknown_settings": True}),
+        ("SELECT set_config(n, 'x', false) FROM (VALUES ('MyApp.User_Id'), ('not a name'), ('v.1')) v(n)",
+         {"unknown_settings": True, "set_names": {"myapp.user_id"}}),
+        ("SELECT set_config(n, 'x', true) FROM (VALUES ('myapp.user_id')) v(n)", {}),
         ("SELECT set_config($1, 'public', true)", {}),
         ("DEALLOCATE Foo", {"deallocates": {"foo"}}),
         ('DEALLOCATE PREPARE "Foo"', {"deallocates": {"Foo"}}),
@@ -537,7 +540,8 @@ def test_from_settings_reads_every_guard_key(tmp_path: Any) -> None:
 
 def full_walk(guard: Guard, sql: str) -> Decision:
     """The reference reading: decode pglast's whole tree and walk every node."""
-    tree = json.loads(guard_module.parse_json(sql))
+    text = guard_module.parse_json(sql)
+    tree = json.loads(text)
     effects = guard_module._Effects()
     walked = guard_module._SESSION_WALKED_KINDS if guard.transaction_mode else guard_module._WALKED_KINDS
     statements = tree.get("stmts", [])
@@ -548,6 +552,7 @@ def full_walk(guard: Guard, sql: str) -> Decision:
             if found is not None:
                 return Decision(refusal=found)
     alone = len(statements) == 1 and guard_module._no_transaction_block(*guard_module._only_node(statements[0]["stmt"]))
+    effects.computed_names(text)
     return effects.decision(len(statements), alone)
 
 

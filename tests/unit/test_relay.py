@@ -267,6 +267,19 @@ def test_connection_of_another_tenant_is_reset_first() -> None:
     assert server.state.tenant == IDENTITY.tenant
 
 
+def test_connection_with_settings_the_proxy_cannot_name_is_reset_for_another_client_of_the_tenant() -> None:
+    """A client set a setting under a computed name (the guard cannot name it, so no diff can undo it):
+    the next client of the same tenant gets the connection reset first; the same client does not."""
+    pair, server = RelayPair(), Server(101)
+    server.state.tenant, server.state.unnamed_settings, server.state.client = IDENTITY.tenant, True, pair.relay.serial
+    assert checked_out(pair, server, SELECT_1) == [context_statement() + context(server) + SELECT_1]
+    other = RelayPair()
+    server.queue.status = b"I"
+    writes = checked_out(other, server, SELECT_1)
+    assert writes[0].startswith(messages.close_statement(RESET_STATEMENT) + messages.parse(RESET_STATEMENT.decode(), RESET_SQL))
+    assert not server.state.unnamed_settings and server.state.client == other.relay.serial
+
+
 def test_context_failure_in_front_of_a_query_ends_with_ready_for_query() -> None:
     """The context's Execute fails: the server skips the client's Query and waits for a Sync, which the
     proxy sends; the client gets the error and a ReadyForQuery, as for a failed Query."""

@@ -82,6 +82,7 @@ _MARKER = "pg_tenant_proxy_refused"
 CONTEXT_FAILED = b"could not set the tenant context: "
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
 _SESSIONS = itertools.count(1)
+STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
 
 
 class Hooks(Protocol):
@@ -625,6 +626,18 @@ class SessionMode:
             self._send_context()
             self.relay.flush_own()
 
+    def _stand_ins(self, names: frozenset[str]) -> list[bytes]:
+        """The client's statements that a DEALLOCATE inside a longer Query or an Execute names: on the
+        server they live under other names, so just before the client's message the server gets a
+        statement of the proxy's under each client name (closed first, as one may be left from a
+        DEALLOCATE that did not run), and the DEALLOCATE runs there as Postgres runs it: in order, with
+        its own errors, never another client's statement."""
+        held = [name.encode() for name in sorted(names) if name.encode() in self.statements.by_name]
+        for name in held:
+            self.relay.own(messages.close_statement(name), Request.CLOSE)
+            self.relay.own(messages.message(b"P", name + STAND_IN), Request.PARSE)
+        return held
+
     def parse(self, message: Message) -> None:
         relay = self.relay
         checked = relay.checked_parse(message)
@@ -887,19 +900,25 @@ class TransactionMode:
 
     def _effects(self, decision: Decision) -> OwnRequest | None:
         """Act on what a statement does to session state as it goes upstream: statements dropped on the
-        server, settings to read back (and startup values to apply again after a reset)."""
+        server or deallocated by the client's name, settings to read back (and startup values to apply
+        again after a reset)."""
         if decision is ALLOW:
             return None
         relay = self.relay
         watcher: OwnRequest | None = None
         self.context_reset = self.context_reset or decision.resets_all
-        if decision.drops_statements:
+        deallocated = self._stand_ins(decision.deallocates)
+        if decision.drops_statements or deallocated:
             assert relay.server is not None
-            relay.server.state.statements.dropped()
+            if decision.drops_statements:
+                relay.server.state.statements.dropped()
 
             def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
-                if outcome is Outcome.COMPLETED:
+                if outcome is Outcome.COMPLETED and decision.drops_statements:
                     self.statements.forget_all()
+                elif outcome is Outcome.COMPLETED:
+                    for name in deallocated:
+                        self.statements.forget(name)
 
             watcher = OwnRequest(ended)
         if decision.set_names or decision.reset_names or decision.resets_all or decision.unknown_settings:
@@ -913,6 +932,18 @@ class TransactionMode:
             reapply = relay.settings.changed(decision.set_names, decision.reset_names, decision.resets_all, decision.unknown_settings)
             self.reapply.update(reapply)
         return watcher
+
+    def _stand_ins(self, names: frozenset[str]) -> list[bytes]:
+        """The client's statements that a DEALLOCATE inside a longer Query or an Execute names: on the
+        server they live under other names, so just before the client's message the server gets a
+        statement of the proxy's under each client name (closed first, as one may be left from a
+        DEALLOCATE that did not run), and the DEALLOCATE runs there as Postgres runs it: in order, with
+        its own errors, never another client's statement."""
+        held = [name.encode() for name in sorted(names) if name.encode() in self.statements.by_name]
+        for name in held:
+            self.relay.own(messages.close_statement(name), Request.CLOSE)
+            self.relay.own(messages.message(b"P", name + STAND_IN), Request.PARSE)
+        return held
 
     def parse(self, message: Message) -> None:
         relay = self.relay

@@ -692,3 +692,32 @@ def test_a_setting_under_a_name_built_at_run_time_never_reaches_another_client(t
     finally:
         first.close()
         other.close()
+
+
+def test_deallocate_inside_a_longer_query_or_through_the_extended_protocol(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                            tenant_db: TenantDatabase) -> None:
+    """Input: SQL DEALLOCATE of the client's own statement sent through Parse / Bind / Execute, or inside a
+    multi-statement Query, in and out of a transaction block; then a Bind of the deallocated name, and
+    DEALLOCATE of a name the client never prepared. The replies are Postgres's, message by message: the
+    client's statement is gone, nothing is aborted that Postgres would not abort."""
+    writes = [
+        (messages.parse("s1", "SELECT 1"), messages.parse("s2", "SELECT 2"), messages.parse("s3", "SELECT 3"), messages.sync()),
+        (messages.parse("", "DEALLOCATE s1"), messages.bind("", "", []), messages.execute(""), messages.sync()),
+        (messages.bind("", "s1", []), messages.execute(""), messages.sync()),
+        (messages.query("SELECT 1; DEALLOCATE s2; SELECT 3"),),
+        (messages.bind("", "s2", []), messages.execute(""), messages.sync()),
+        (messages.query("BEGIN"),),
+        (messages.parse("d", "DEALLOCATE PREPARE s3"), messages.bind("p", "d", []), messages.execute("p"), messages.sync()),
+        (messages.query("DEALLOCATE nothing_here; SELECT 1"),),
+        (messages.query("ROLLBACK"),),
+        (messages.bind("", "s3", []), messages.execute(""), messages.sync()),
+        (messages.query("SELECT tenant_proxy.current_tenant() IS NOT NULL OR true"),),
+    ]
+    direct, proxied = direct_wire(pg, tenant_db), connect_proxy(target.port, target.token(ACME))
+    try:
+        for write in writes:
+            assert_same(exchange(direct, *write), exchange(proxied, *write), f"replies to {write!r}")
+    finally:
+        direct.close()
+        proxied.close()
+    still_serves(target)

@@ -182,6 +182,20 @@ def test_unnamed_statement_prepared_again_on_a_new_server_connection() -> None:
     assert pair.server(replies) == BIND_COMPLETE + data_row(b"x") + complete("SELECT 1") + Z_IDLE
 
 
+def test_deallocate_inside_a_longer_query_finds_a_stand_in_under_the_clients_name() -> None:
+    """`SELECT 1; DEALLOCATE s1`: the server holds s1 under a digest name, so a statement of the proxy's
+    is prepared under the name s1 just before; the client's statement is forgotten once the Query completes."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("s1", "SELECT 1") + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    query = messages.query("SELECT 1; DEALLOCATE s1")
+    (write,) = checked_out(pair, server, query)
+    assert write.endswith(messages.close_statement(b"s1") + messages.parse("s1", "SELECT NULL") + query)
+    out = pair.server(CONTEXT_PREPARED + CONTEXT_SET + CLOSE_COMPLETE + PARSE_COMPLETE + ROWS + complete("DEALLOCATE") + Z_IDLE)
+    assert out.endswith(complete("DEALLOCATE") + Z_IDLE)
+    assert b"s1" not in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
+
+
 def test_client_close_of_its_statement_stands_in_and_forgets_it() -> None:
     pair, server = RelayPair(), Server(101)
     sql = "SELECT $1::int"

@@ -631,12 +631,28 @@ class SessionMode:
         server they live under other names, so just before the client's message the server gets a
         statement of the proxy's under each client name (closed first, as one may be left from a
         DEALLOCATE that did not run), and the DEALLOCATE runs there as Postgres runs it: in order, with
-        its own errors, never another client's statement."""
+        its own errors, never another client's statement. None in a failed transaction block: the Parse
+        would fail there too (25P02), and the DEALLOCATE fails with it as in Postgres."""
+        assert self.relay.queue is not None
+        if self.relay.queue.status == b"E":
+            return []
         held = [name.encode() for name in sorted(names) if name.encode() in self.statements.by_name]
         for name in held:
             self.relay.own(messages.close_statement(name), Request.CLOSE)
             self.relay.own(messages.message(b"P", name + STAND_IN), Request.PARSE)
+        self.stand_ins = held
         return held
+
+    def _close_stand_ins(self, group_end: bool) -> None:
+        """Close the stand-ins again right behind the client's message (one a DEALLOCATE did not reach
+        would answer a later Bind of that name); behind a Query, in a Sync group of the proxy's own."""
+        if not self.stand_ins:
+            return
+        for name in self.stand_ins:
+            self.relay.own(messages.close_statement(name), Request.CLOSE)
+        if group_end:
+            self.relay.own(messages.sync(), Request.SYNC)
+        self.stand_ins = []
 
     def parse(self, message: Message) -> None:
         relay = self.relay
@@ -726,6 +742,7 @@ class TransactionMode:
         self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
         self.ending_portals: set[bytes] = set()  # portals bound to those
+        self.stand_ins: list[bytes] = []  # client names the server holds a stand-in under, until closed again
 
     # -- checkout --------------------------------------------------------------------------------
 
@@ -878,6 +895,7 @@ class TransactionMode:
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
         relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
+        self._close_stand_ins(group_end=True)
         if _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
         self.group_sent()
@@ -938,12 +956,28 @@ class TransactionMode:
         server they live under other names, so just before the client's message the server gets a
         statement of the proxy's under each client name (closed first, as one may be left from a
         DEALLOCATE that did not run), and the DEALLOCATE runs there as Postgres runs it: in order, with
-        its own errors, never another client's statement."""
+        its own errors, never another client's statement. None in a failed transaction block: the Parse
+        would fail there too (25P02), and the DEALLOCATE fails with it as in Postgres."""
+        assert self.relay.queue is not None
+        if self.relay.queue.status == b"E":
+            return []
         held = [name.encode() for name in sorted(names) if name.encode() in self.statements.by_name]
         for name in held:
             self.relay.own(messages.close_statement(name), Request.CLOSE)
             self.relay.own(messages.message(b"P", name + STAND_IN), Request.PARSE)
+        self.stand_ins = held
         return held
+
+    def _close_stand_ins(self, group_end: bool) -> None:
+        """Close the stand-ins again right behind the client's message (one a DEALLOCATE did not reach
+        would answer a later Bind of that name); behind a Query, in a Sync group of the proxy's own."""
+        if not self.stand_ins:
+            return
+        for name in self.stand_ins:
+            self.relay.own(messages.close_statement(name), Request.CLOSE)
+        if group_end:
+            self.relay.own(messages.sync(), Request.SYNC)
+        self.stand_ins = []
 
     def parse(self, message: Message) -> None:
         relay = self.relay
@@ -1138,6 +1172,7 @@ class TransactionMode:
             return False
         watcher = self._effects(decision)
         relay.send(message.raw, Request.EXECUTE, watcher=watcher)
+        self._close_stand_ins(group_end=False)
         if portal in self.ending_portals:  # a COMMIT inside the group: what follows starts a transaction
             self.context_set = False
             self.context_reset = True

@@ -701,7 +701,8 @@ def test_deallocate_inside_a_longer_query_or_through_the_extended_protocol(targe
     DEALLOCATE of a name the client never prepared. The replies are Postgres's, message by message: the
     client's statement is gone, nothing is aborted that Postgres would not abort."""
     writes = [
-        (messages.parse("s1", "SELECT 1"), messages.parse("s2", "SELECT 2"), messages.parse("s3", "SELECT 3"), messages.sync()),
+        (messages.parse("s1", "SELECT 1"), messages.parse("s2", "SELECT 2"), messages.parse("s3", "SELECT 3"),
+         messages.parse("s4", "SELECT 4"), messages.sync()),
         (messages.parse("", "DEALLOCATE s1"), messages.bind("", "", []), messages.execute(""), messages.sync()),
         (messages.bind("", "s1", []), messages.execute(""), messages.sync()),
         (messages.query("SELECT 1; DEALLOCATE s2; SELECT 3"),),
@@ -711,13 +712,21 @@ def test_deallocate_inside_a_longer_query_or_through_the_extended_protocol(targe
         (messages.query("DEALLOCATE nothing_here; SELECT 1"),),
         (messages.query("ROLLBACK"),),
         (messages.bind("", "s3", []), messages.execute(""), messages.sync()),
-        (messages.query("SELECT tenant_proxy.current_tenant() IS NOT NULL OR true"),),
+        (messages.query("BEGIN; SELECT 1/0"),),
+        (messages.query("DEALLOCATE s4; SELECT 1"),),  # 25P02: s4 stays
+        (messages.query("ROLLBACK"),),
+        (messages.bind("", "s4", []), messages.execute(""), messages.sync()),
     ]
     direct, proxied = direct_wire(pg, tenant_db), connect_proxy(target.port, target.token(ACME))
+    other = connect_proxy(target.port, target.token(ACME), "other")
     try:
         for write in writes:
             assert_same(exchange(direct, *write), exchange(proxied, *write), f"replies to {write!r}")
+        # no stand-in is left for another client on the shared server connection to bind
+        replies = exchange(other, messages.bind("", "s4", []), messages.execute(""), messages.sync())
+        assert [error["C"] for error in errors_in(replies)] == ["26000"], replies
     finally:
         direct.close()
         proxied.close()
+        other.close()
     still_serves(target)

@@ -190,8 +190,10 @@ def test_deallocate_inside_a_longer_query_finds_a_stand_in_under_the_clients_nam
     pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
     query = messages.query("SELECT 1; DEALLOCATE s1")
     (write,) = checked_out(pair, server, query)
-    assert write.endswith(messages.close_statement(b"s1") + messages.parse("s1", "SELECT NULL") + query)
-    out = pair.server(CONTEXT_PREPARED + CONTEXT_SET + CLOSE_COMPLETE + PARSE_COMPLETE + ROWS + complete("DEALLOCATE") + Z_IDLE)
+    assert write.endswith(messages.close_statement(b"s1") + messages.parse("s1", "SELECT NULL") + query
+                          + messages.close_statement(b"s1") + messages.sync())  # closed again behind it
+    out = pair.server(CONTEXT_PREPARED + CONTEXT_SET + CLOSE_COMPLETE + PARSE_COMPLETE + ROWS + complete("DEALLOCATE") + Z_IDLE
+                      + CLOSE_COMPLETE + Z_IDLE)
     assert out.endswith(complete("DEALLOCATE") + Z_IDLE)
     assert b"s1" not in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
 

@@ -50,8 +50,8 @@ def scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[str]:
     pg.psql("DROP TABLE relay_scratch", database=tenant_db.database)
 
 
-def direct_wire(pg: EmbeddedPostgres, db: TenantDatabase, name: str = "direct") -> Wire:
-    return connect_direct(pg.port, db.app_role, db.app_password, db.database, name)
+def direct_wire(pg: EmbeddedPostgres, db: TenantDatabase, name: str = "direct", **parameters: str) -> Wire:
+    return connect_direct(pg.port, db.app_role, db.app_password, db.database, name, **parameters)
 
 
 def exchange(wire: Wire, *frontend: bytes, ready: int = 1) -> list[Reply]:
@@ -557,6 +557,22 @@ def test_reset_all_in_a_failed_block_is_answered_as_postgres_does(target: ProxyP
             assert_same(exchange(direct, messages.query(sql)), exchange(proxied, messages.query(sql)), sql)
         assert scalar(proxied, "SELECT current_setting('extra_float_digits')") == b"2"
         assert scalar(proxied, "SELECT tenant_proxy.current_tenant()") == ACME.encode()
+    finally:
+        direct.close()
+        proxied.close()
+
+def test_startup_values_after_a_reset_never_overwrite_what_the_same_query_sets_after_it(
+        target: ProxyProcess, pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
+    """Input: a startup value (extra_float_digits=2), then in one Query a RESET followed by a SET of the
+    same setting, and the other way round. Directly: RESET returns to the startup value and a SET after it
+    stands. Through the proxy, which applies startup values again behind a reset, the same."""
+    direct = direct_wire(pg, tenant_db, extra_float_digits="2")
+    proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
+    try:
+        for sql in ("RESET ALL; SET extra_float_digits = 3", "RESET extra_float_digits; SET extra_float_digits = 1",
+                    "SET extra_float_digits = 0; RESET ALL", "SET extra_float_digits = 3; RESET extra_float_digits"):
+            assert_same(exchange(direct, messages.query(sql)), exchange(proxied, messages.query(sql)), sql)
+            assert scalar(proxied, "SHOW extra_float_digits") == scalar(direct, "SHOW extra_float_digits"), sql
     finally:
         direct.close()
         proxied.close()

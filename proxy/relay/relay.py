@@ -626,34 +626,6 @@ class SessionMode:
             self._send_context()
             self.relay.flush_own()
 
-    def _stand_ins(self, names: frozenset[str]) -> list[bytes]:
-        """The client's statements that a DEALLOCATE inside a longer Query or an Execute names: on the
-        server they live under other names, so just before the client's message the server gets a
-        statement of the proxy's under each client name (closed first, as one may be left from a
-        DEALLOCATE that did not run), and the DEALLOCATE runs there as Postgres runs it: in order, with
-        its own errors, never another client's statement. None in a failed transaction block: the Parse
-        would fail there too (25P02), and the DEALLOCATE fails with it as in Postgres."""
-        assert self.relay.queue is not None
-        if self.relay.queue.status == b"E":
-            return []
-        held = [name.encode() for name in sorted(names) if name.encode() in self.statements.by_name]
-        for name in held:
-            self.relay.own(messages.close_statement(name), Request.CLOSE)
-            self.relay.own(messages.message(b"P", name + STAND_IN), Request.PARSE)
-        self.stand_ins = held
-        return held
-
-    def _close_stand_ins(self, group_end: bool) -> None:
-        """Close the stand-ins again right behind the client's message (one a DEALLOCATE did not reach
-        would answer a later Bind of that name); behind a Query, in a Sync group of the proxy's own."""
-        if not self.stand_ins:
-            return
-        for name in self.stand_ins:
-            self.relay.own(messages.close_statement(name), Request.CLOSE)
-        if group_end:
-            self.relay.own(messages.sync(), Request.SYNC)
-        self.stand_ins = []
-
     def parse(self, message: Message) -> None:
         relay = self.relay
         checked = relay.checked_parse(message)
@@ -766,8 +738,8 @@ class TransactionMode:
 
     def _reset_for_another_tenant(self) -> bool:
         """Reset what the previous tenant (or a client that set settings the proxy cannot name) may have
-        left, pipelined ahead of the client's messages. With the
-        guard on, one call of tenant_proxy.reset_session() (the verifier SQL installs it), whose Sync is
+        left, pipelined ahead of the client's messages. With the guard on, one call of
+        tenant_proxy.reset_session() (the verifier SQL installs it), whose Sync is
         owed by the caller: the settings to apply go in the same group. With the guard off, SQL-level
         prepared statements may be left too: a Query that also deallocates them. True when a Sync is owed."""
         relay = self.relay

@@ -80,6 +80,7 @@ RESET_BIND = messages.bind(RESET_STATEMENT.decode(), RESET_STATEMENT.decode(), [
 RESET_EXECUTE = messages.execute(RESET_STATEMENT.decode())
 _MARKER = "pg_tenant_proxy_refused"
 CONTEXT_FAILED = b"could not set the tenant context: "
+PREPARED_AGAIN_FAILED = b"could not prepare the statement again on this server connection: "
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
 _SESSIONS = itertools.count(1)
 STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
@@ -1035,8 +1036,8 @@ class TransactionMode:
         server.in_use.add(statement.server_name)
         parsed = server.parse_sent(statement.server_name).ended
         raw = messages.message(b"P", statement.server_name + b"\0" + statement.definition)
-        if owner is Owner.OWN:
-            relay.own(raw, Request.PARSE, OwnRequest(parsed))
+        if owner is Owner.OWN:  # the client's statement, prepared again: its failure is the client's error
+            relay.own(raw, Request.PARSE, OwnRequest(parsed), speaks=PREPARED_AGAIN_FAILED)
             return
 
         def client_parse_ended(outcome: Outcome, error: dict[str, str] | None) -> None:
@@ -1065,7 +1066,7 @@ class TransactionMode:
             if server.unnamed is not statement:
                 server.unnamed = statement
                 relay.own(messages.message(b"P", b"\0" + statement.definition), Request.PARSE,
-                          OwnRequest(self._unnamed_parsed(server, statement)))
+                          OwnRequest(self._unnamed_parsed(server, statement)), speaks=PREPARED_AGAIN_FAILED)
             return statement
         server.in_use.add(statement.server_name)
         if not server.has(statement.server_name):

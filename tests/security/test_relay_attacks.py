@@ -746,3 +746,29 @@ def test_deallocate_inside_a_longer_query_or_through_the_extended_protocol(targe
         proxied.close()
         other.close()
     still_serves(target)
+
+
+def test_a_statement_that_can_no_longer_be_prepared_fails_with_an_error(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                       tenant_db: TenantDatabase) -> None:
+    """Input: the client's unnamed statement reads a table that is dropped before the client binds it,
+    after another client used the server connection (transaction mode: the proxy prepares the statement
+    again there, and that Parse fails). Directly: the Bind fails with 42P01. Through the proxy the client
+    gets that error too, never a bare ReadyForQuery with its statement silently skipped."""
+    table = f"relay_dropped_{secrets.token_hex(4)}"
+    pg.psql(f"CREATE TABLE {table} (n int); GRANT SELECT ON {table} TO {tenant_db.app_role}", database=tenant_db.database)
+    direct, proxied = direct_wire(pg, tenant_db), connect_proxy(target.port, target.token(ACME))
+    other = connect_proxy(target.port, target.token(GLOBEX), "globex")
+    try:
+        for wire in (direct, proxied):
+            exchange(wire, messages.parse("", f"SELECT n FROM {table}"), messages.sync())
+        scalar(other, "SELECT 1")
+        pg.psql(f"DROP TABLE {table}", database=tenant_db.database)
+        bound = messages.bind("", "", []), messages.execute(""), messages.sync()
+        expected, replies = exchange(direct, *bound), exchange(proxied, *bound)
+        assert [error["C"] for error in errors_in(expected)] == ["42P01"], expected
+        assert [error["C"] for error in errors_in(replies)] == ["42P01"], replies
+        assert [kind for kind, _ in replies] == [kind for kind, _ in expected]
+    finally:
+        direct.close()
+        proxied.close()
+        other.close()

@@ -42,6 +42,8 @@ from proxy.relay.settings import (
     APPLY_STATEMENT,
     READ_SQL,
     READ_STATEMENT,
+    REAPPLY_SQL,
+    REAPPLY_STATEMENT,
     ClientSettings,
     apply_bind,
     close_portal,
@@ -711,6 +713,7 @@ class TransactionMode:
         self.context_set = False  # the context is in force for the transaction the client is in
         self.context_reset = False  # a RESET ALL / DISCARD ALL went upstream: set it again before the next statement
         self.reapply: dict[str, str] = {}  # startup values to apply again behind the current group
+        self.reset_in_block = False  # a reset since the last read-back outside a block: a ROLLBACK (TO) may undo the reapply
         self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
         self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
@@ -734,6 +737,7 @@ class TransactionMode:
         state.tenant = tenant
         state.client = relay.serial
         self.context_set = False
+        self.reset_in_block = False
         self._apply(relay.settings.current, sync_owed)
         return False
 
@@ -871,6 +875,7 @@ class TransactionMode:
         self._close_stand_ins(group_end=True)
         if _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
+            self._rolled_back()
         self.group_sent()
         return True
 
@@ -924,6 +929,7 @@ class TransactionMode:
             for name in decision.set_after_reset:  # `RESET ALL; SET x = ...`: the client's value stands
                 reapply.pop(name, None)
             self.reapply.update(reapply)
+            self.reset_in_block = self.reset_in_block or bool(decision.resets_all or decision.reset_names)
         return watcher
 
     def _stand_ins(self, names: frozenset[str]) -> list[bytes]:
@@ -1151,6 +1157,7 @@ class TransactionMode:
         if portal in self.ending_portals:  # a COMMIT inside the group: what follows starts a transaction
             self.context_set = False
             self.context_reset = True
+            self._rolled_back()
         return True
 
     def function_call(self, message: Message) -> bool:
@@ -1170,10 +1177,30 @@ class TransactionMode:
         if relay.mid_group:
             return
         if self.reapply:
-            self._apply({**relay.server.state.settings, **self.reapply} if relay.server is not None else self.reapply)
+            self._reapply(self.reapply)
             self.reapply = {}
         if relay.settings.stale:
             self._read_settings()
+
+    def _rolled_back(self) -> None:
+        """A statement that may roll back (to a savepoint) went upstream after a reset: the startup values
+        applied behind the reset may sit in a savepoint it undoes, while the reset before the savepoint
+        stands. They go again behind it, where the settings are at the server's reset value."""
+        if self.reset_in_block:
+            self.reapply.update(self.relay.settings.startup)
+
+    def _reapply(self, values: dict[str, str]) -> None:
+        """The client's startup values again behind a group that reset settings (RESET returns to them in
+        a direct session), where a setting is still at the server's reset value; in a Sync group of the
+        proxy's own. The read-back that follows says what the connection holds."""
+        relay = self.relay
+        assert relay.server is not None
+        self._own_statement(REAPPLY_STATEMENT, REAPPLY_SQL)
+        relay.own(apply_bind(values, REAPPLY_STATEMENT), Request.BIND, OwnRequest(self._prelude_ended))
+        relay.own(messages.execute(REAPPLY_STATEMENT.decode()), Request.EXECUTE, OwnRequest(self._prelude_ended))
+        relay.own(close_portal(REAPPLY_STATEMENT), Request.CLOSE)
+        relay.own(messages.sync(), Request.SYNC)
+        relay.server.state.settings.update(values)
 
     def _read_settings(self) -> None:
         relay = self.relay
@@ -1193,6 +1220,7 @@ class TransactionMode:
             return
         if relay.queue.status != b"I":
             return  # read inside a transaction block: read again at the next group end
+        self.reset_in_block = False
         if outcome is Outcome.COMPLETED:
             values = [
                 (row[0].decode(errors="replace"), row[1].decode(errors="replace"))

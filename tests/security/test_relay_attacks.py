@@ -532,12 +532,14 @@ def test_the_proxys_own_requests_never_abort_the_clients_block(target: ProxyProc
     must carry the client's tenant (the context was there when the statement ran)."""
     marker = secrets.randbelow(10**6) + 3 * 10**6
     steps = (*IN_BLOCK, f"INSERT INTO {scratch} (n, t) SELECT {{}}, tenant_proxy.current_tenant()", "COMMIT")
-    direct = direct_wire(pg, tenant_db)
+    direct = direct_wire(pg, tenant_db, extra_float_digits="2")
     proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
     try:
         for sql in steps:  # the direct run writes under -marker
             assert_same(exchange(direct, messages.query(sql.format(-marker))), exchange(proxied, messages.query(sql.format(marker))), sql)
         assert scalar(proxied, f"SELECT string_agg(coalesce(t, 'NULL'), ',') FROM {scratch} WHERE n = {marker}") == ACME.encode()
+        for setting in ("extra_float_digits", "work_mem", "search_path"):  # the startup value after RESET ALL; SAVEPOINT; ROLLBACK TO
+            assert scalar(proxied, f"SHOW {setting}") == scalar(direct, f"SHOW {setting}"), setting
     finally:
         direct.close()
         proxied.close()
@@ -561,16 +563,23 @@ def test_reset_all_in_a_failed_block_is_answered_as_postgres_does(target: ProxyP
         direct.close()
         proxied.close()
 
-def test_startup_values_after_a_reset_never_overwrite_what_the_same_query_sets_after_it(
+def test_startup_values_after_a_reset_as_postgres_gives_them_through_later_sets_and_savepoints(
         target: ProxyProcess, pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
     """Input: a startup value (extra_float_digits=2), then in one Query a RESET followed by a SET of the
-    same setting, and the other way round. Directly: RESET returns to the startup value and a SET after it
-    stands. Through the proxy, which applies startup values again behind a reset, the same."""
+    same setting, and the other way round; RESET before a SAVEPOINT that is then rolled back to; SETs
+    after a reset kept or undone by ROLLBACK TO. Directly: RESET returns to the startup value, a SET after
+    it stands, a rollback restores what was. Through the proxy, which applies startup values again behind
+    a reset (and behind a rollback after one), the same after every statement."""
     direct = direct_wire(pg, tenant_db, extra_float_digits="2")
     proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
     try:
         for sql in ("RESET ALL; SET extra_float_digits = 3", "RESET extra_float_digits; SET extra_float_digits = 1",
-                    "SET extra_float_digits = 0; RESET ALL", "SET extra_float_digits = 3; RESET extra_float_digits"):
+                    "SET extra_float_digits = 0; RESET ALL", "SET extra_float_digits = 3; RESET extra_float_digits",
+                    "BEGIN", "RESET ALL; SAVEPOINT a", "ROLLBACK TO a", "COMMIT",
+                    "BEGIN", "RESET ALL; SET extra_float_digits = 1", "SAVEPOINT b", "ROLLBACK TO b", "COMMIT",
+                    "BEGIN", "SET extra_float_digits = 0; SAVEPOINT c; RESET extra_float_digits", "ROLLBACK TO c", "COMMIT",
+                    "BEGIN", "SELECT set_config('extra_float_digits', '3', false); RESET ALL", "ROLLBACK",
+                    "RESET ALL; SELECT set_config('extra_float_digits', '3', false)"):
             assert_same(exchange(direct, messages.query(sql)), exchange(proxied, messages.query(sql)), sql)
             assert scalar(proxied, "SHOW extra_float_digits") == scalar(direct, "SHOW extra_float_digits"), sql
     finally:

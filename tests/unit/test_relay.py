@@ -22,7 +22,9 @@ from relay_harness import (
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT
-from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, close_portal, read_bind
+from proxy.relay.settings import (
+    APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, REAPPLY_SQL, REAPPLY_STATEMENT, apply_bind, close_portal, read_bind,
+)
 from proxy.relay.statements import NEVER_PREPARED, statement_for
 
 IDENTITY = Identity()
@@ -259,14 +261,16 @@ def test_reset_all_applies_startup_values_again() -> None:
     assert pair.hooks.events[-1] == "release_server"
     reset = messages.query("RESET ALL")
     writes = checked_out(pair, server, reset)
+    reapplied = (own_statement(REAPPLY_STATEMENT, REAPPLY_SQL) + apply_bind({"datestyle": "ISO, DMY"}, REAPPLY_STATEMENT)
+                 + messages.execute(REAPPLY_STATEMENT.decode()) + close_portal(REAPPLY_STATEMENT) + messages.sync())
     assert writes == [
-        context(server) + reset + applied + own_statement(READ_STATEMENT, READ_SQL)
+        context(server) + reset + reapplied + own_statement(READ_STATEMENT, READ_SQL)
         + read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
     assert pair.server(CONTEXT_SET + complete("RESET") + Z_IDLE) == complete("RESET") + Z_IDLE
     read = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1")
             + CLOSE_COMPLETE + Z_IDLE)
-    assert pair.server(apply_replies + read) == b""
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + apply_replies + read) == b""
     assert pair.hooks.events[-1] == "release_server"
     assert pair.relay.settings.current == {"datestyle": "ISO, DMY"}
 

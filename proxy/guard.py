@@ -83,7 +83,6 @@ class Decision:
     drops_statements: bool = False
     statement_count: int = 1
     no_transaction_block: bool = False
-    set_after_reset: frozenset[str] = frozenset()  # SET after a RESET of the same name (or ALL) in the same text
 
 
 ALLOW = Decision()
@@ -419,15 +418,13 @@ class _Effects:
     unknown_settings: bool = False
     deallocates: set[str] = field(default_factory=set)
     drops_statements: bool = False
-    set_after_reset: set[str] = field(default_factory=set)  # the relay's startup values must not overwrite these
 
     def statement(self, kind: str, node: dict[str, Any]) -> None:
-        """Note what one top-level statement does to session settings and prepared statements, in order."""
+        """Note what one top-level statement does to session settings and prepared statements."""
         if kind == "VariableSetStmt" and not node.get("is_local"):
             self._variable_set(node)
         elif kind == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
             self.resets_all = self.drops_statements = True
-            self.set_after_reset.clear()
         elif kind == "DeallocateStmt":
             if node.get("isall") or node.get("name") is None:
                 self.drops_statements = True
@@ -437,21 +434,14 @@ class _Effects:
     def _variable_set(self, node: dict[str, Any]) -> None:
         name, variant = str(node.get("name", "")), node.get("kind")
         if variant in ("VAR_SET_VALUE", "VAR_SET_CURRENT"):
-            self._set(name.lower())
+            self.set_names.add(name.lower())
         elif variant in ("VAR_SET_DEFAULT", "VAR_RESET"):
             self.reset_names.add(name.lower())
-            self.set_after_reset.discard(name.lower())
         elif variant == "VAR_RESET_ALL":
             self.resets_all = True
-            self.set_after_reset.clear()
         elif variant == "VAR_SET_MULTI" and name == "SESSION CHARACTERISTICS":
             for option in node.get("args", []):
-                self._set("default_" + str(_only_node(option)[1].get("defname", "")).lower())
-
-    def _set(self, name: str) -> None:
-        self.set_names.add(name)
-        if self.resets_all or name in self.reset_names:
-            self.set_after_reset.add(name)
+                self.set_names.add("default_" + str(_only_node(option)[1].get("defname", "")).lower())
 
     def set_config(self, name: str | None, is_local: str | None) -> None:
         """Note a set_config(name, value, is_local) call; None for an argument that is not a constant."""
@@ -474,7 +464,7 @@ class _Effects:
             resets_all=self.resets_all, reset_names=frozenset(self.reset_names), set_names=frozenset(self.set_names),
             unknown_settings=self.unknown_settings, deallocates=frozenset(self.deallocates),
             drops_statements=self.drops_statements, statement_count=statement_count,
-            no_transaction_block=no_transaction_block, set_after_reset=frozenset(self.set_after_reset),
+            no_transaction_block=no_transaction_block,
         )
         return ALLOW if decision == ALLOW else decision
 

@@ -926,8 +926,6 @@ class TransactionMode:
             for name in decision.reset_names:
                 held.pop(name, None)
             reapply = relay.settings.changed(decision.set_names, decision.reset_names, decision.resets_all, decision.unknown_settings)
-            for name in decision.set_after_reset:  # `RESET ALL; SET x = ...`: the client's value stands
-                reapply.pop(name, None)
             self.reapply.update(reapply)
             self.reset_in_block = self.reset_in_block or bool(decision.resets_all or decision.reset_names)
         return watcher

@@ -36,7 +36,7 @@ from proxy.lexing import lexing_problem
 from proxy.metrics import METRICS
 from proxy.protocol import errors, messages
 from proxy.protocol.framing import Message, MessageScanner, Segment
-from proxy.relay.replies import Outcome, Owner, ReplyQueue, Request
+from proxy.relay.replies import Outcome, Owner, ReplyQueue, Request, Watcher
 from proxy.relay.settings import (
     APPLY_SQL,
     APPLY_STATEMENT,
@@ -448,7 +448,7 @@ class Relay:
             if request is Request.BIND or request is Request.EXECUTE:
                 self.describing = False
 
-    def own(self, raw: bytes, request: Request, watcher: OwnRequest | None = None, rows: bool = False,
+    def own(self, raw: bytes, request: Request, watcher: Watcher | None = None, rows: bool = False,
             speaks: bytes = b"") -> None:
         """A message of the proxy's own; `speaks`: on failure, the client gets an error with this prefix."""
         assert self.queue is not None
@@ -519,11 +519,31 @@ EXTENDED_REQUESTS = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Re
 PROXY_ABORTED = "a request of pg-tenant-proxy's own failed inside this transaction block, which is aborted: "
 
 
-def aborted_by_proxy(outcome: Outcome, error: dict[str, str] | None, status: bytes) -> bool:
-    """A request of the proxy's own, sent behind a client's group, failed inside the client's
-    transaction block, which had not failed before (else the error is 25P02): the proxy aborted the
-    client's transaction, and must say so rather than let the client's next statement meet 25P02."""
-    return outcome is Outcome.FAILED and status == b"E" and (error or {}).get("C") != errors.IN_FAILED_TRANSACTION
+class BlockWatch:
+    """Watches the first request of a Sync group of the proxy's own sent behind a client's group: the
+    transaction status when its reply (or its skip) arrives is the one the group ran in. With the group's
+    outcome, that tells whether the group itself failed, or only met a block the client had failed."""
+
+    __slots__ = ("queue", "before")
+
+    def __init__(self, queue: ReplyQueue) -> None:
+        self.queue = queue
+        self.before = b""
+
+    def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        self.before = self.before or self.queue.status
+
+    def row(self, values: list[bytes | None]) -> None:
+        """Its requests answer no rows the watch needs."""
+
+    def failed_itself(self, outcome: Outcome) -> bool:
+        """The group failed, and not because the client's block had failed before it."""
+        return outcome is Outcome.FAILED and self.before != b"E"
+
+    def aborted_block(self, outcome: Outcome) -> bool:
+        """The group failed inside a client's block that had not failed: the proxy aborted the client's
+        transaction, and must say so rather than let the client's next statement meet 25P02."""
+        return self.failed_itself(outcome) and self.before == b"T" and self.queue.status == b"E"
 
 
 def split_parse(body: bytes) -> tuple[bytes, bytes, bytes]:
@@ -565,13 +585,15 @@ class SessionMode:
         relay = self.relay
         assert relay.server is not None
         identity = relay.identity
-        request = OwnRequest(self._context_ended)
+        assert relay.queue is not None
+        watch = BlockWatch(relay.queue)
+        request = OwnRequest(lambda outcome, error: self._context_ended(watch, outcome, error))
         for raw, kind in relay.context.session_messages(identity.tenant, relay.server.process_id, identity.expires_at,
                                                     identity.claims_json):
-            relay.own(raw, kind, request if kind is Request.SYNC else None)
+            relay.own(raw, kind, request if kind is Request.SYNC else watch if kind is Request.PARSE else None)
         METRICS.context_sets += 1
 
-    def _context_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+    def _context_ended(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None) -> None:
         relay = self.relay
         if outcome is Outcome.COMPLETED:
             assert relay.queue is not None
@@ -579,7 +601,7 @@ class SessionMode:
                 self.reset_in_block = False  # set outside any block: no rollback can undo it
             return
         assert relay.queue is not None
-        if relay.queue.status == b"E" and not aborted_by_proxy(outcome, error, relay.queue.status):
+        if relay.queue.status == b"E" and not watch.aborted_block(outcome):
             self.reassert_due = True  # inside a failed block: the rollback restores the context; set it again after
             return
         fields = error or {}
@@ -784,11 +806,7 @@ class TransactionMode:
             relay.own(messages.sync(), Request.SYNC)
 
     def _prelude_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
-        """The reset or settings the proxy sent failed: the session ends with that error. Not when the
-        client's transaction block had failed already (25P02): then nothing ran, the client's statement
-        behind which startup values were to be applied again did not run either, and the read-back after
-        the block corrects what the proxy believes the connection holds."""
-        if outcome is Outcome.FAILED and (error or {}).get("C") != errors.IN_FAILED_TRANSACTION:
+        if outcome is Outcome.FAILED:
             fields = error or {}
             self.relay.hooks.fail(
                 fields.get("C", errors.CONNECTION_FAILURE),
@@ -1192,27 +1210,38 @@ class TransactionMode:
         a direct session), where a setting is still at the server's reset value; in a Sync group of the
         proxy's own. The read-back that follows says what the connection holds."""
         relay = self.relay
-        assert relay.server is not None
+        assert relay.server is not None and relay.queue is not None
+        watch = BlockWatch(relay.queue)
         self._own_statement(REAPPLY_STATEMENT, REAPPLY_SQL)
-        relay.own(apply_bind(values, REAPPLY_STATEMENT), Request.BIND, OwnRequest(self._prelude_ended))
-        relay.own(messages.execute(REAPPLY_STATEMENT.decode()), Request.EXECUTE, OwnRequest(self._prelude_ended))
+        relay.own(apply_bind(values, REAPPLY_STATEMENT), Request.BIND, watch)
+        relay.own(messages.execute(REAPPLY_STATEMENT.decode()), Request.EXECUTE)
         relay.own(close_portal(REAPPLY_STATEMENT), Request.CLOSE)
-        relay.own(messages.sync(), Request.SYNC)
+        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._reapplied(watch, outcome, error)))
         relay.server.state.settings.update(values)
+
+    def _reapplied(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """The startup values could not be applied again: the session ends with the error. Not when the
+        client's block had failed before (nothing ran, nor did the client's reset; the read-back after
+        the block says what the connection holds)."""
+        if watch.failed_itself(outcome):
+            self._prelude_ended(outcome, error)
 
     def _read_settings(self) -> None:
         relay = self.relay
+        assert relay.queue is not None
         rows: list[list[bytes | None]] = []
+        watch = BlockWatch(relay.queue)
         self._own_statement(READ_STATEMENT, READ_SQL)
-        relay.own(read_bind(relay.settings.names_to_read()), Request.BIND)
+        relay.own(read_bind(relay.settings.names_to_read()), Request.BIND, watch)
         relay.own(messages.execute(READ_STATEMENT.decode()), Request.EXECUTE, OwnRequest(lambda o, e: None, rows), rows=True)
         relay.own(close_portal(READ_STATEMENT), Request.CLOSE)
-        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(outcome, error, rows)))
+        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(watch, outcome, error, rows)))
 
-    def _settings_read(self, outcome: Outcome, error: dict[str, str] | None, rows: list[list[bytes | None]]) -> None:
+    def _settings_read(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None,
+                       rows: list[list[bytes | None]]) -> None:
         relay = self.relay
         assert relay.queue is not None
-        if aborted_by_proxy(outcome, error, relay.queue.status):
+        if watch.aborted_block(outcome):
             fields = error or {}
             relay.hooks.fail(fields.get("C", errors.INTERNAL_ERROR), PROXY_ABORTED + fields.get("M", "unknown error"))
             return

@@ -3,6 +3,8 @@ client messages in both modes, what the client receives for scripted replies, an
 
 from __future__ import annotations
 
+import pytest
+
 from relay_harness import (
     BIND_COMPLETE,
     CLOSE_COMPLETE,
@@ -21,7 +23,8 @@ from relay_harness import (
 
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
-from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT
+from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, BlockWatch
+from proxy.relay.replies import Outcome
 from proxy.relay.settings import (
     APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, REAPPLY_SQL, REAPPLY_STATEMENT, apply_bind, close_portal, read_bind,
 )
@@ -512,3 +515,20 @@ def test_simple_query_drops_the_unnamed_statement() -> None:
     pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)
     bind = messages.bind("", "", ["x"])
     assert checked_out(pair, server, bind + messages.sync()) == [bind + messages.sync()]
+
+
+@pytest.mark.parametrize(("before", "outcome", "after", "failed_itself", "aborted_block"), [
+    (b"T", Outcome.FAILED, b"E", True, True),  # the proxy's own request aborted the client's block
+    (b"E", Outcome.FAILED, b"E", False, False),  # the block had failed already (25P02, or 26000 from a Bind)
+    (b"I", Outcome.FAILED, b"I", True, False),  # outside a block: nothing of the client's was aborted
+    (b"T", Outcome.COMPLETED, b"T", False, False),
+])
+def test_block_watch_tells_who_failed_a_block(before: bytes, outcome: Outcome, after: bytes, failed_itself: bool,
+                                              aborted_block: bool) -> None:
+    queue = Server(101).queue
+    watch = BlockWatch(queue)
+    queue.status = before
+    watch.ended(Outcome.SKIPPED, None)  # its first request's reply (or skip) arrives
+    queue.status = after  # ... then its Sync's ReadyForQuery
+    watch.ended(Outcome.COMPLETED, None)  # a later report does not move what it saw first
+    assert (watch.failed_itself(outcome), watch.aborted_block(outcome)) == (failed_itself, aborted_block)

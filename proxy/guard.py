@@ -83,6 +83,7 @@ class Decision:
     drops_statements: bool = False
     statement_count: int = 1
     no_transaction_block: bool = False
+    statement_after_reset: bool = False  # a statement follows a RESET (ALL) or DISCARD ALL in the same text
 
 
 ALLOW = Decision()
@@ -418,9 +419,12 @@ class _Effects:
     unknown_settings: bool = False
     deallocates: set[str] = field(default_factory=set)
     drops_statements: bool = False
+    statement_after_reset: bool = False
 
     def statement(self, kind: str, node: dict[str, Any]) -> None:
-        """Note what one top-level statement does to session settings and prepared statements."""
+        """Note what one top-level statement does to session settings and prepared statements (every
+        statement in order; `node` may be empty for kinds outside KINDS)."""
+        self.statement_after_reset = self.statement_after_reset or self.resets_all or bool(self.reset_names)
         if kind == "VariableSetStmt" and not node.get("is_local"):
             self._variable_set(node)
         elif kind == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
@@ -464,7 +468,7 @@ class _Effects:
             resets_all=self.resets_all, reset_names=frozenset(self.reset_names), set_names=frozenset(self.set_names),
             unknown_settings=self.unknown_settings, deallocates=frozenset(self.deallocates),
             drops_statements=self.drops_statements, statement_count=statement_count,
-            no_transaction_block=no_transaction_block,
+            no_transaction_block=no_transaction_block, statement_after_reset=self.statement_after_reset,
         )
         return ALLOW if decision == ALLOW else decision
 
@@ -587,8 +591,8 @@ class Guard:
         effects = _Effects()
         statements = list(_STATEMENT.finditer(text))
         for statement in statements:
-            if statement.group(1) in _Effects.KINDS:
-                effects.statement(statement.group(1), decode_node(text, statement.end())[0])
+            kind = statement.group(1)
+            effects.statement(kind, decode_node(text, statement.end())[0] if kind in _Effects.KINDS else {})
         walked = _SESSION_WALKED_KINDS if self.transaction_mode else _WALKED_KINDS
         pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text, '"relpersistence":"t"' in text)
         decoded_to = 0

@@ -736,6 +736,7 @@ class TransactionMode:
         self.context_reset = False  # a RESET ALL / DISCARD ALL went upstream: set it again before the next statement
         self.reapply: dict[str, str] = {}  # startup values to apply again behind the current group
         self.reset_in_block = False  # a reset since the last read-back outside a block: a ROLLBACK (TO) may undo the reapply
+        self.reapply_where_reset = False  # ... apply them only where a setting is still at the server's reset value
         self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
         self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
@@ -946,6 +947,7 @@ class TransactionMode:
             reapply = relay.settings.changed(decision.set_names, decision.reset_names, decision.resets_all, decision.unknown_settings)
             self.reapply.update(reapply)
             self.reset_in_block = self.reset_in_block or bool(decision.resets_all or decision.reset_names)
+            self.reapply_where_reset = self.reapply_where_reset or decision.statement_after_reset
         return watcher
 
     def _stand_ins(self, names: frozenset[str]) -> list[bytes]:
@@ -1193,8 +1195,8 @@ class TransactionMode:
         if relay.mid_group:
             return
         if self.reapply:
-            self._reapply(self.reapply)
-            self.reapply = {}
+            self._reapply(self.reapply, self.reapply_where_reset)
+            self.reapply, self.reapply_where_reset = {}, False
         if relay.settings.stale:
             self._read_settings()
 
@@ -1204,18 +1206,22 @@ class TransactionMode:
         stands. They go again behind it, where the settings are at the server's reset value."""
         if self.reset_in_block:
             self.reapply.update(self.relay.settings.startup)
+            self.reapply_where_reset = True
 
-    def _reapply(self, values: dict[str, str]) -> None:
+    def _reapply(self, values: dict[str, str], where_reset: bool) -> None:
         """The client's startup values again behind a group that reset settings (RESET returns to them in
-        a direct session), where a setting is still at the server's reset value; in a Sync group of the
-        proxy's own. The read-back that follows says what the connection holds."""
+        a direct session); with `where_reset` (a statement followed the reset, or a rollback may have
+        undone the values but not the reset) only where a setting is still at the server's reset value,
+        which costs a read of pg_settings. In a Sync group of the proxy's own; the read-back that follows
+        says what the connection holds."""
         relay = self.relay
         assert relay.server is not None and relay.queue is not None
         watch = BlockWatch(relay.queue)
-        self._own_statement(REAPPLY_STATEMENT, REAPPLY_SQL)
-        relay.own(apply_bind(values, REAPPLY_STATEMENT), Request.BIND, watch)
-        relay.own(messages.execute(REAPPLY_STATEMENT.decode()), Request.EXECUTE)
-        relay.own(close_portal(REAPPLY_STATEMENT), Request.CLOSE)
+        name, sql = (REAPPLY_STATEMENT, REAPPLY_SQL) if where_reset else (APPLY_STATEMENT, APPLY_SQL)
+        self._own_statement(name, sql)
+        relay.own(apply_bind(values, name), Request.BIND, watch)
+        relay.own(messages.execute(name.decode()), Request.EXECUTE)
+        relay.own(close_portal(name), Request.CLOSE)
         relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._reapplied(watch, outcome, error)))
         relay.server.state.settings.update(values)
 

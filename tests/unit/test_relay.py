@@ -264,18 +264,20 @@ def test_reset_all_applies_startup_values_again() -> None:
     assert pair.hooks.events[-1] == "release_server"
     reset = messages.query("RESET ALL")
     writes = checked_out(pair, server, reset)
-    reapplied = (own_statement(REAPPLY_STATEMENT, REAPPLY_SQL) + apply_bind({"datestyle": "ISO, DMY"}, REAPPLY_STATEMENT)
-                 + messages.execute(REAPPLY_STATEMENT.decode()) + close_portal(REAPPLY_STATEMENT) + messages.sync())
-    assert writes == [
-        context(server) + reset + reapplied + own_statement(READ_STATEMENT, READ_SQL)
-        + read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
-    ]
+    read_back = (read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT)
+                 + messages.sync())
+    assert writes == [context(server) + reset + applied + own_statement(READ_STATEMENT, READ_SQL) + read_back]
     assert pair.server(CONTEXT_SET + complete("RESET") + Z_IDLE) == complete("RESET") + Z_IDLE
-    read = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1")
-            + CLOSE_COMPLETE + Z_IDLE)
-    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + apply_replies + read) == b""
+    read = (BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE)
+    assert pair.server(apply_replies + CLOSE_COMPLETE + PARSE_COMPLETE + read) == b""
     assert pair.hooks.events[-1] == "release_server"
     assert pair.relay.settings.current == {"datestyle": "ISO, DMY"}
+    # a statement after the reset in the same Query: only settings still at the server's reset value
+    reset_then = messages.query("RESET ALL; SET extra_float_digits = 3")
+    writes = checked_out(pair, server, reset_then)
+    reapplied = (own_statement(REAPPLY_STATEMENT, REAPPLY_SQL) + apply_bind({"datestyle": "ISO, DMY"}, REAPPLY_STATEMENT)
+                 + messages.execute(REAPPLY_STATEMENT.decode()) + close_portal(REAPPLY_STATEMENT) + messages.sync())
+    assert writes[0].startswith(context(server) + reset_then + reapplied)
 
 
 def test_connection_of_another_tenant_is_reset_first() -> None:

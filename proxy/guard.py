@@ -83,6 +83,7 @@ class Decision:
     drops_statements: bool = False
     statement_count: int = 1
     no_transaction_block: bool = False
+    statement_after_reset: bool = False  # a statement follows a RESET (ALL) or DISCARD ALL in the same text
 
 
 ALLOW = Decision()
@@ -281,6 +282,8 @@ _READ_FUNCTIONS = r"set_config|pg_notify|lo_\w*|loread|lowrite|pg_cancel_backend
 _SESSION_FUNCTIONS = r"|pg_advisory\w*|pg_try_advisory\w*"
 # A top-level statement: the only JSON key "stmt" is RawStmt's.
 _STATEMENT = re.compile(r'\{"stmt":\{"(\w+)":(?=\{)')
+# A string constant shaped like a custom (placeholder) setting name, "prefix.name", in pglast's JSON.
+_DOTTED_CONSTANT = re.compile(r'"sval":"([A-Za-z_][\w$]*(?:\.[A-Za-z_][\w$]*)+)"')
 
 
 @lru_cache(maxsize=8)
@@ -416,9 +419,12 @@ class _Effects:
     unknown_settings: bool = False
     deallocates: set[str] = field(default_factory=set)
     drops_statements: bool = False
+    statement_after_reset: bool = False
 
     def statement(self, kind: str, node: dict[str, Any]) -> None:
-        """Note what one top-level statement does to session settings and prepared statements."""
+        """Note what one top-level statement does to session settings and prepared statements (every
+        statement in order; `node` may be empty for kinds outside KINDS)."""
+        self.statement_after_reset = self.statement_after_reset or self.resets_all or bool(self.reset_names)
         if kind == "VariableSetStmt" and not node.get("is_local"):
             self._variable_set(node)
         elif kind == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
@@ -450,12 +456,19 @@ class _Effects:
         else:
             self.set_names.add(name.lower())
 
+    def computed_names(self, tree: str) -> None:
+        """After set_config() of a computed name: every string constant shaped like a custom setting's name
+        ("prefix.name") in `tree`, pglast's JSON of the statements, counts as set, so the relay reads it
+        back by name (pg_settings does not list placeholders). Names built otherwise stay unknown."""
+        if self.unknown_settings:
+            self.set_names.update(name.lower() for name in _DOTTED_CONSTANT.findall(tree))
+
     def decision(self, statement_count: int, no_transaction_block: bool) -> Decision:
         decision = Decision(
             resets_all=self.resets_all, reset_names=frozenset(self.reset_names), set_names=frozenset(self.set_names),
             unknown_settings=self.unknown_settings, deallocates=frozenset(self.deallocates),
             drops_statements=self.drops_statements, statement_count=statement_count,
-            no_transaction_block=no_transaction_block,
+            no_transaction_block=no_transaction_block, statement_after_reset=self.statement_after_reset,
         )
         return ALLOW if decision == ALLOW else decision
 
@@ -578,8 +591,8 @@ class Guard:
         effects = _Effects()
         statements = list(_STATEMENT.finditer(text))
         for statement in statements:
-            if statement.group(1) in _Effects.KINDS:
-                effects.statement(statement.group(1), decode_node(text, statement.end())[0])
+            kind = statement.group(1)
+            effects.statement(kind, decode_node(text, statement.end())[0] if kind in _Effects.KINDS else {})
         walked = _SESSION_WALKED_KINDS if self.transaction_mode else _WALKED_KINDS
         pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text, '"relpersistence":"t"' in text)
         decoded_to = 0
@@ -593,6 +606,7 @@ class Guard:
                 refusal = self._node(inner_kind, inner, effects) if inner_kind in walked else None
                 if refusal is not None:
                     return Decision(refusal=refusal)
+        effects.computed_names(text)
         return effects.decision(len(statements), len(statements) == 1 and _alone(text, statements[0]))
 
     def _node(self, kind: str, node: dict[str, Any], effects: _Effects) -> Refusal | None:

@@ -73,6 +73,14 @@ REVOCATIONS: tuple[Revocation, ...] = (
     Revocation("list prepared transactions", ObjectKind.FUNCTION, ("pg\\_prepared\\_xact",),
                "the function behind pg_prepared_xacts: other tenants' transaction identifiers",
                "pg_read_all_stats"),
+    Revocation("list prepared statements", ObjectKind.FUNCTION, ("pg\\_prepared\\_statement",),
+               "under transaction pooling a server connection holds the statements the proxy prepared for other "
+               "tenants' clients (shared by digest): pg_prepared_statement() shows their SQL text, literals "
+               "included; dynamic SQL reaches the function past any guard, so only the privilege stops it",
+               "pg_database_owner"),
+    Revocation("read the prepared-statement view", ObjectKind.RELATION, ("pg\\_prepared\\_statements",),
+               "the view over pg_prepared_statement(): other tenants' statement texts on a shared connection",
+               "pg_database_owner"),
     Revocation("signal other backends", ObjectKind.FUNCTION,
                ("pg\\_cancel\\_backend", "pg\\_terminate\\_backend"),
                "a role may signal every backend of its own role: any tenant can cancel another's statement or "

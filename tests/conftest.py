@@ -46,3 +46,14 @@ def make_proxy(pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path: Path) 
     yield factory
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def prepared_statements_readable(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[None]:
+    """The application role may list its session's prepared statements, which the hardening SQL takes
+    away (under transaction pooling they show other tenants' statement texts): for tests that check
+    what a server connection holds."""
+    grants = "SELECT ON pg_catalog.pg_prepared_statements", "EXECUTE ON FUNCTION pg_catalog.pg_prepared_statement()"
+    pg.psql("".join(f"GRANT {grant} TO {tenant_db.app_role};\n" for grant in grants), database=tenant_db.database)
+    yield
+    pg.psql("".join(f"REVOKE {grant} FROM {tenant_db.app_role};\n" for grant in grants), database=tenant_db.database)

@@ -249,11 +249,12 @@ def _login(wire: Wire, startup: bytes, answer: Callable[[int, bytes], bytes | No
             return wire
 
 
-def connect_direct(port: int, user: str, password: str, database: str, name: str = "direct") -> Wire:
+def connect_direct(port: int, user: str, password: str, database: str, name: str = "direct", **parameters: str) -> Wire:
     """Log in to Postgres over TCP with SCRAM-SHA-256 (RFC 7677) or cleartext, as the server asks."""
     wire = Wire(socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT), name)
     authentication = UpstreamAuth(user, password, None)
-    return _login(wire, messages.startup_message({"user": user, "database": database}), authentication.respond)
+    startup = messages.startup_message({"user": user, "database": database, **parameters})
+    return _login(wire, startup, authentication.respond)
 
 
 def connect_proxy(port: int, token: str, name: str = "proxy", **parameters: str) -> Wire:

@@ -22,6 +22,7 @@ only its header looked at and the guard's pre-scan run on its text).
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from collections import deque
@@ -35,14 +36,17 @@ from proxy.lexing import lexing_problem
 from proxy.metrics import METRICS
 from proxy.protocol import errors, messages
 from proxy.protocol.framing import Message, MessageScanner, Segment
-from proxy.relay.replies import Outcome, Owner, ReplyQueue, Request
+from proxy.relay.replies import Outcome, Owner, ReplyQueue, Request, Watcher
 from proxy.relay.settings import (
     APPLY_SQL,
     APPLY_STATEMENT,
     READ_SQL,
     READ_STATEMENT,
+    REAPPLY_SQL,
+    REAPPLY_STATEMENT,
     ClientSettings,
     apply_bind,
+    close_portal,
     read_bind,
     reset_query,
 )
@@ -78,7 +82,10 @@ RESET_BIND = messages.bind(RESET_STATEMENT.decode(), RESET_STATEMENT.decode(), [
 RESET_EXECUTE = messages.execute(RESET_STATEMENT.decode())
 _MARKER = "pg_tenant_proxy_refused"
 CONTEXT_FAILED = b"could not set the tenant context: "
+PREPARED_AGAIN_FAILED = b"could not prepare the statement again on this server connection: "
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
+_SESSIONS = itertools.count(1)
+STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
 
 
 class Hooks(Protocol):
@@ -113,6 +120,8 @@ class ServerState:
 
     statements: ServerStatements
     tenant: str | None = None
+    client: int = 0  # the serial number of the session it last served
+    unnamed_settings: bool = False  # it may hold settings its last client set under names the proxy cannot read
     settings: dict[str, str] = field(default_factory=dict)
     parameters: dict[str, str] = field(default_factory=dict)
 
@@ -179,6 +188,7 @@ class Relay:
         budget: StatementBudget | None = None,
     ) -> None:
         self.hooks = hooks
+        self.serial = next(_SESSIONS)  # tells a server connection which session it last served
         self.guard = guard
         self.context = context
         self.identity = identity
@@ -438,7 +448,7 @@ class Relay:
             if request is Request.BIND or request is Request.EXECUTE:
                 self.describing = False
 
-    def own(self, raw: bytes, request: Request, watcher: OwnRequest | None = None, rows: bool = False,
+    def own(self, raw: bytes, request: Request, watcher: Watcher | None = None, rows: bool = False,
             speaks: bytes = b"") -> None:
         """A message of the proxy's own; `speaks`: on failure, the client gets an error with this prefix."""
         assert self.queue is not None
@@ -506,6 +516,36 @@ RESERVED_SQL = Decision(refusal=Refusal(
 EXTENDED_REQUESTS = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE})
 
 
+PROXY_ABORTED = "a request of pg-tenant-proxy's own failed inside this transaction block, which is aborted: "
+
+
+class BlockWatch:
+    """Watches the first request of a Sync group of the proxy's own sent behind a client's group: the
+    transaction status when its reply (or its skip) arrives is the one the group ran in. With the group's
+    outcome, that tells whether the group itself failed, or only met a block the client had failed."""
+
+    __slots__ = ("queue", "before")
+
+    def __init__(self, queue: ReplyQueue) -> None:
+        self.queue = queue
+        self.before = b""
+
+    def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        self.before = self.before or self.queue.status
+
+    def row(self, values: list[bytes | None]) -> None:
+        """Its requests answer no rows the watch needs."""
+
+    def failed_itself(self, outcome: Outcome) -> bool:
+        """The group failed, and not because the client's block had failed before it."""
+        return outcome is Outcome.FAILED and self.before != b"E"
+
+    def aborted_block(self, outcome: Outcome) -> bool:
+        """The group failed inside a client's block that had not failed: the proxy aborted the client's
+        transaction, and must say so rather than let the client's next statement meet 25P02."""
+        return self.failed_itself(outcome) and self.before == b"T" and self.queue.status == b"E"
+
+
 def split_parse(body: bytes) -> tuple[bytes, bytes, bytes]:
     """Name, query text and the definition (everything after the name) of a Parse body."""
     name, end = messages.split_name(body)
@@ -535,6 +575,7 @@ class SessionMode:
         self.reassert_due = False
         self.reset_in_block = False  # a re-assert after RESET ALL may sit inside a block a ROLLBACK TO can undo
         self.resetting: set[bytes] = set()  # statements and portals (b"P" + name) whose text resets all settings
+        self.reset_mid_group = False  # a resetting Query sent inside an extended group is not answered yet
 
     def attached(self, server: ServerLink) -> bool:
         self._send_context()
@@ -544,13 +585,15 @@ class SessionMode:
         relay = self.relay
         assert relay.server is not None
         identity = relay.identity
-        request = OwnRequest(self._context_ended)
+        assert relay.queue is not None
+        watch = BlockWatch(relay.queue)
+        request = OwnRequest(lambda outcome, error: self._context_ended(watch, outcome, error))
         for raw, kind in relay.context.session_messages(identity.tenant, relay.server.process_id, identity.expires_at,
                                                     identity.claims_json):
-            relay.own(raw, kind, request if kind is Request.SYNC else None)
+            relay.own(raw, kind, request if kind is Request.SYNC else watch if kind is Request.PARSE else None)
         METRICS.context_sets += 1
 
-    def _context_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+    def _context_ended(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None) -> None:
         relay = self.relay
         if outcome is Outcome.COMPLETED:
             assert relay.queue is not None
@@ -558,7 +601,7 @@ class SessionMode:
                 self.reset_in_block = False  # set outside any block: no rollback can undo it
             return
         assert relay.queue is not None
-        if relay.queue.status == b"E":
+        if relay.queue.status == b"E" and not watch.aborted_block(outcome):
             self.reassert_due = True  # inside a failed block: the rollback restores the context; set it again after
             return
         fields = error or {}
@@ -585,13 +628,28 @@ class SessionMode:
         if decision.refusal is not None:
             relay.refuse_group(decision.refusal)
             return True
+        reassert = decision.resets_all or (  # ROLLBACK (TO) may undo the context set again after a RESET ALL
+            self.reset_in_block and _MAY_END_TRANSACTION.search(message.raw, 5) is not None
+        )
+        self.reset_in_block = self.reset_in_block or decision.resets_all
+        if reassert and relay.mid_group:
+            self.reset_mid_group = True
+            relay.send(message.raw, Request.QUERY, watcher=OwnRequest(self._reset_mid_group_ended))
+            return True
         relay.send(message.raw, Request.QUERY)
-        if decision.resets_all:
-            self.reassert_due = self.reset_in_block = True
-        elif self.reset_in_block and _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
-            self.reassert_due = True  # ROLLBACK (TO) may undo the context set again after a RESET ALL
+        self.reassert_due = self.reassert_due or reassert
         self.group_sent()
         return True
+
+    def _reset_mid_group_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """A resetting Query the client sent inside an extended group (no Sync yet) is answered. If it ran,
+        it ended the server's implicit transaction: the context is set again now, before the client's
+        next messages, which waited; the client's Sync may never come. Skipped in the client's error
+        window, it reset nothing."""
+        self.reset_mid_group = False
+        if outcome is not Outcome.SKIPPED:
+            self._send_context()
+            self.relay.flush_own()
 
     def parse(self, message: Message) -> None:
         relay = self.relay
@@ -656,8 +714,9 @@ class SessionMode:
         """Nothing to add at the end of a client read in session mode."""
 
     def waiting(self) -> bool:
-        """Session mode never holds a client message for the server's answer."""
-        return False
+        """The client's messages wait only behind a resetting Query sent inside an extended group, until
+        it is answered (the context is set again in between)."""
+        return self.reset_mid_group
 
     def session_ended(self) -> None:
         """Session mode keeps nothing of the client's."""
@@ -690,10 +749,13 @@ class TransactionMode:
         self.context_set = False  # the context is in force for the transaction the client is in
         self.context_reset = False  # a RESET ALL / DISCARD ALL went upstream: set it again before the next statement
         self.reapply: dict[str, str] = {}  # startup values to apply again behind the current group
+        self.reset_in_block = False  # a reset since the last read-back outside a block: a ROLLBACK (TO) may undo the reapply
+        self.reapply_where_reset = False  # ... apply them only where a setting is still at the server's reset value
         self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
         self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
         self.ending_portals: set[bytes] = set()  # portals bound to those
+        self.stand_ins: list[bytes] = []  # client names the server holds a stand-in under, until closed again
 
     # -- checkout --------------------------------------------------------------------------------
 
@@ -707,20 +769,26 @@ class TransactionMode:
         if state.tenant is not None and state.tenant != tenant:
             METRICS.tenant_switches += 1
             sync_owed = self._reset_for_another_tenant()
+        elif state.unnamed_settings and state.client != relay.serial:  # settings no diff can undo: reset them all
+            sync_owed = self._reset_for_another_tenant()
         state.tenant = tenant
+        state.client = relay.serial
         self.context_set = False
+        self.reset_in_block = False
         self._apply(relay.settings.current, sync_owed)
         return False
 
     def _reset_for_another_tenant(self) -> bool:
-        """Reset what the previous tenant may have left, pipelined ahead of the client's messages. With the
-        guard on, one call of tenant_proxy.reset_session() (the verifier SQL installs it), whose Sync is
+        """Reset what the previous tenant (or a client that set settings the proxy cannot name) may have
+        left, pipelined ahead of the client's messages. With the guard on, one call of
+        tenant_proxy.reset_session() (the verifier SQL installs it), whose Sync is
         owed by the caller: the settings to apply go in the same group. With the guard off, SQL-level
         prepared statements may be left too: a Query that also deallocates them. True when a Sync is owed."""
         relay = self.relay
         assert relay.server is not None
         state = relay.server.state
         state.settings = {}
+        state.unnamed_settings = False
         if relay.guard is None:
             relay.own(UNGUARDED_RESET, Request.QUERY, OwnRequest(self._prelude_ended))
             state.statements.dropped()
@@ -746,6 +814,7 @@ class TransactionMode:
                 self._own_statement(APPLY_STATEMENT, APPLY_SQL)
                 relay.own(apply_bind(changed), Request.BIND, OwnRequest(self._prelude_ended))
                 relay.own(messages.execute(APPLY_STATEMENT.decode()), Request.EXECUTE, OwnRequest(self._prelude_ended))
+                relay.own(close_portal(APPLY_STATEMENT), Request.CLOSE)
                 sync_owed = True
             state.settings = dict(wanted)
         if sync_owed:
@@ -836,8 +905,10 @@ class TransactionMode:
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
         relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
+        self._close_stand_ins(group_end=True)
         if _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
+            self._rolled_back()
         self.group_sent()
         return True
 
@@ -858,23 +929,30 @@ class TransactionMode:
 
     def _effects(self, decision: Decision) -> OwnRequest | None:
         """Act on what a statement does to session state as it goes upstream: statements dropped on the
-        server, settings to read back (and startup values to apply again after a reset)."""
+        server or deallocated by the client's name, settings to read back (and startup values to apply
+        again after a reset)."""
         if decision is ALLOW:
             return None
         relay = self.relay
         watcher: OwnRequest | None = None
         self.context_reset = self.context_reset or decision.resets_all
-        if decision.drops_statements:
+        deallocated = self._stand_ins(decision.deallocates)
+        if decision.drops_statements or deallocated:
             assert relay.server is not None
-            relay.server.state.statements.dropped()
+            if decision.drops_statements:
+                relay.server.state.statements.dropped()
 
             def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
-                if outcome is Outcome.COMPLETED:
+                if outcome is Outcome.COMPLETED and decision.drops_statements:
                     self.statements.forget_all()
+                elif outcome is Outcome.COMPLETED:
+                    for name in deallocated:
+                        self.statements.forget(name)
 
             watcher = OwnRequest(ended)
         if decision.set_names or decision.reset_names or decision.resets_all or decision.unknown_settings:
             assert relay.server is not None
+            relay.server.state.unnamed_settings = relay.server.state.unnamed_settings or decision.unknown_settings
             held = relay.server.state.settings
             if decision.resets_all:
                 held.clear()  # the server's defaults from here on (a read-back corrects a rollback)
@@ -882,7 +960,37 @@ class TransactionMode:
                 held.pop(name, None)
             reapply = relay.settings.changed(decision.set_names, decision.reset_names, decision.resets_all, decision.unknown_settings)
             self.reapply.update(reapply)
+            self.reset_in_block = self.reset_in_block or bool(decision.resets_all or decision.reset_names)
+            self.reapply_where_reset = self.reapply_where_reset or decision.statement_after_reset
         return watcher
+
+    def _stand_ins(self, names: frozenset[str]) -> list[bytes]:
+        """The client's statements that a DEALLOCATE inside a longer Query or an Execute names: on the
+        server they live under other names, so just before the client's message the server gets a
+        statement of the proxy's under each client name (closed first, as one may be left from a
+        DEALLOCATE that did not run), and the DEALLOCATE runs there as Postgres runs it: in order, with
+        its own errors, never another client's statement. None in a failed transaction block: the Parse
+        would fail there too (25P02), and the DEALLOCATE fails with it as in Postgres."""
+        assert self.relay.queue is not None
+        if self.relay.queue.status == b"E":
+            return []
+        held = [name.encode() for name in sorted(names) if name.encode() in self.statements.by_name]
+        for name in held:
+            self.relay.own(messages.close_statement(name), Request.CLOSE)
+            self.relay.own(messages.message(b"P", name + STAND_IN), Request.PARSE)
+        self.stand_ins = held
+        return held
+
+    def _close_stand_ins(self, group_end: bool) -> None:
+        """Close the stand-ins again right behind the client's message (one a DEALLOCATE did not reach
+        would answer a later Bind of that name); behind a Query, in a Sync group of the proxy's own."""
+        if not self.stand_ins:
+            return
+        for name in self.stand_ins:
+            self.relay.own(messages.close_statement(name), Request.CLOSE)
+        if group_end:
+            self.relay.own(messages.sync(), Request.SYNC)
+        self.stand_ins = []
 
     def parse(self, message: Message) -> None:
         relay = self.relay
@@ -966,8 +1074,8 @@ class TransactionMode:
         server.in_use.add(statement.server_name)
         parsed = server.parse_sent(statement.server_name).ended
         raw = messages.message(b"P", statement.server_name + b"\0" + statement.definition)
-        if owner is Owner.OWN:
-            relay.own(raw, Request.PARSE, OwnRequest(parsed))
+        if owner is Owner.OWN:  # the client's statement, prepared again: its failure is the client's error
+            relay.own(raw, Request.PARSE, OwnRequest(parsed), speaks=PREPARED_AGAIN_FAILED)
             return
 
         def client_parse_ended(outcome: Outcome, error: dict[str, str] | None) -> None:
@@ -996,7 +1104,7 @@ class TransactionMode:
             if server.unnamed is not statement:
                 server.unnamed = statement
                 relay.own(messages.message(b"P", b"\0" + statement.definition), Request.PARSE,
-                          OwnRequest(self._unnamed_parsed(server, statement)))
+                          OwnRequest(self._unnamed_parsed(server, statement)), speaks=PREPARED_AGAIN_FAILED)
             return statement
         server.in_use.add(statement.server_name)
         if not server.has(statement.server_name):
@@ -1077,9 +1185,11 @@ class TransactionMode:
             return False
         watcher = self._effects(decision)
         relay.send(message.raw, Request.EXECUTE, watcher=watcher)
+        self._close_stand_ins(group_end=False)
         if portal in self.ending_portals:  # a COMMIT inside the group: what follows starts a transaction
             self.context_set = False
             self.context_reset = True
+            self._rolled_back()
         return True
 
     def function_call(self, message: Message) -> bool:
@@ -1099,24 +1209,65 @@ class TransactionMode:
         if relay.mid_group:
             return
         if self.reapply:
-            self._apply({**relay.server.state.settings, **self.reapply} if relay.server is not None else self.reapply)
-            self.reapply = {}
+            self._reapply(self.reapply, self.reapply_where_reset)
+            self.reapply, self.reapply_where_reset = {}, False
         if relay.settings.stale:
             self._read_settings()
 
+    def _rolled_back(self) -> None:
+        """A statement that may roll back (to a savepoint) went upstream after a reset: the startup values
+        applied behind the reset may sit in a savepoint it undoes, while the reset before the savepoint
+        stands. They go again behind it, where the settings are at the server's reset value."""
+        if self.reset_in_block:
+            self.reapply.update(self.relay.settings.startup)
+            self.reapply_where_reset = True
+
+    def _reapply(self, values: dict[str, str], where_reset: bool) -> None:
+        """The client's startup values again behind a group that reset settings (RESET returns to them in
+        a direct session); with `where_reset` (a statement followed the reset, or a rollback may have
+        undone the values but not the reset) only where a setting is still at the server's reset value,
+        which costs a read of pg_settings. In a Sync group of the proxy's own; the read-back that follows
+        says what the connection holds."""
+        relay = self.relay
+        assert relay.server is not None and relay.queue is not None
+        watch = BlockWatch(relay.queue)
+        name, sql = (REAPPLY_STATEMENT, REAPPLY_SQL) if where_reset else (APPLY_STATEMENT, APPLY_SQL)
+        self._own_statement(name, sql)
+        relay.own(apply_bind(values, name), Request.BIND, watch)
+        relay.own(messages.execute(name.decode()), Request.EXECUTE)
+        relay.own(close_portal(name), Request.CLOSE)
+        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._reapplied(watch, outcome, error)))
+        relay.server.state.settings.update(values)
+
+    def _reapplied(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """The startup values could not be applied again: the session ends with the error. Not when the
+        client's block had failed before (nothing ran, nor did the client's reset; the read-back after
+        the block says what the connection holds)."""
+        if watch.failed_itself(outcome):
+            self._prelude_ended(outcome, error)
+
     def _read_settings(self) -> None:
         relay = self.relay
+        assert relay.queue is not None
         rows: list[list[bytes | None]] = []
+        watch = BlockWatch(relay.queue)
         self._own_statement(READ_STATEMENT, READ_SQL)
-        relay.own(read_bind(relay.settings.names_to_read()), Request.BIND)
+        relay.own(read_bind(relay.settings.names_to_read()), Request.BIND, watch)
         relay.own(messages.execute(READ_STATEMENT.decode()), Request.EXECUTE, OwnRequest(lambda o, e: None, rows), rows=True)
-        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(outcome, rows)))
+        relay.own(close_portal(READ_STATEMENT), Request.CLOSE)
+        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(watch, outcome, error, rows)))
 
-    def _settings_read(self, outcome: Outcome, rows: list[list[bytes | None]]) -> None:
+    def _settings_read(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None,
+                       rows: list[list[bytes | None]]) -> None:
         relay = self.relay
         assert relay.queue is not None
+        if watch.aborted_block(outcome):
+            fields = error or {}
+            relay.hooks.fail(fields.get("C", errors.INTERNAL_ERROR), PROXY_ABORTED + fields.get("M", "unknown error"))
+            return
         if relay.queue.status != b"I":
             return  # read inside a transaction block: read again at the next group end
+        self.reset_in_block = False
         if outcome is Outcome.COMPLETED:
             values = [
                 (row[0].decode(errors="replace"), row[1].decode(errors="replace"))

@@ -9,7 +9,9 @@ outside a transaction block; inside one, the next group end reads again.
 
 `RESET x`, `RESET ALL`, `SET x TO DEFAULT` and `DISCARD ALL` return to the client's startup values, as
 they do in a direct session: the proxy applies those values again right behind the statement, in the
-same transaction, so a rollback undoes both.
+same transaction, so a rollback undoes both; only where a setting is still at the server's reset value,
+so a SET later in the same Query stands; and again behind a ROLLBACK (TO) that may undo them while
+keeping the reset.
 
 When a client gets a server connection holding other settings, the proxy resets the names the client
 does not have and applies the values that differ, in a group of its own sent ahead of the client's
@@ -31,6 +33,14 @@ APPLY_SQL = (
     "SELECT pg_catalog.set_config(n, v, false)"
     " FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[])) AS t(n, v)"
 )
+# The client's startup values again after a reset, only where the setting is at the server's reset value
+# (its source is not 'session'): a SET the client made after the reset, or one a ROLLBACK TO kept, stands.
+REAPPLY_STATEMENT = b"pg_tenant_proxy_reapply_settings"
+REAPPLY_SQL = (
+    "SELECT pg_catalog.set_config(t.n, t.v, false)"
+    " FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[])) AS t(n, v)"
+    " JOIN pg_catalog.pg_settings AS s ON pg_catalog.lower(s.name) = t.n WHERE s.source <> 'session'"
+)
 
 
 def text_array(values: list[str]) -> str:
@@ -48,12 +58,17 @@ def reset_query(names: list[str]) -> bytes:
     return messages.query("; ".join(f"RESET {quote_identifier(name)}" for name in sorted(names)))
 
 
-def apply_bind(values: dict[str, str]) -> bytes:
-    """Bind of the apply statement (to the proxy's own portal) for these settings."""
+def apply_bind(values: dict[str, str], statement: bytes = APPLY_STATEMENT) -> bytes:
+    """Bind of the apply (or reapply) statement (to the proxy's own portal of that name) for these settings."""
     names = sorted(values)
-    return messages.bind(
-        APPLY_STATEMENT.decode(), APPLY_STATEMENT.decode(), [text_array(names), text_array([values[n] for n in names])]
-    )
+    return messages.bind(statement.decode(), statement.decode(), [text_array(names), text_array([values[n] for n in names])])
+
+
+def close_portal(name: bytes) -> bytes:
+    """Close ('C', 55.7 Message Formats) of one of the proxy's own portals, sent right behind its
+    Execute: inside a client's transaction block a portal lives until the block ends, and the next Bind
+    of the same name there would fail (42P03) and abort the client's transaction."""
+    return messages.message(b"C", b"P" + name + b"\0")
 
 
 def read_bind(names: set[str]) -> bytes:

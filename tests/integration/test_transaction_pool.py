@@ -138,7 +138,8 @@ async def test_asyncpg_without_a_statement_cache_uses_the_unnamed_statement(make
             await conn.close()
 
 
-def test_psycopg_with_forced_prepared_statements(pooled: ProxyProcess, many_tenants: list[str]) -> None:
+def test_psycopg_with_forced_prepared_statements(pooled: ProxyProcess, many_tenants: list[str],
+                                                  prepared_statements_readable: None) -> None:
     """psycopg 3 with prepare_threshold=0 prepares every statement by name; interleaved clients of
     different tenants keep their own statements and rows."""
     conns = [
@@ -260,7 +261,8 @@ TENANTS_SEEN = "SELECT string_agg(DISTINCT tenant_id::text, ',') FROM leads"
         ("SET myapp.note = 'globex was here'", "SELECT coalesce(current_setting('myapp.note', true), '')", ""),
     ],
 )
-def test_leftovers_do_not_reach_the_next_tenant(single: ProxyProcess, attack: str, probe: str, clean: str) -> None:
+def test_leftovers_do_not_reach_the_next_tenant(single: ProxyProcess, attack: str, probe: str, clean: str,
+                                                prepared_statements_readable: None) -> None:
     """GLOBEX leaves something on the only server connection; ACME, next on it, sees none of it."""
     globex = single.psql(single.token(GLOBEX), f"{attack}; SELECT pg_backend_pid()")
     assert globex.returncode == 0, globex.stderr
@@ -447,7 +449,7 @@ def test_min_size_opens_connections_and_broken_ones_are_replaced(make_proxy: Any
             assert conn.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
 
 
-def test_prepared_statements_beyond_the_bound_are_evicted_and_prepared_again(make_proxy: Any) -> None:
+def test_prepared_statements_beyond_the_bound_are_evicted_and_prepared_again(make_proxy: Any, prepared_statements_readable: None) -> None:
     """With room for 3 statements per server connection, two clients cycling through 8 statements each
     on one connection never see "prepared statement does not exist", and errors leave the session usable."""
     pooled = make_proxy({"pool": {**TRANSACTION, "size": 1, "max_prepared_statements": 3}})

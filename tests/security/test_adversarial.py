@@ -382,7 +382,7 @@ async def test_asyncpg_extended_protocol_refusal(proxy: ProxyProcess) -> None:
 # -- 10. A server connection passed to the next client ---------------------------------------------
 
 def test_nothing_survives_when_a_server_connection_passes_to_another_tenant(
-    make_proxy: Any, pg: EmbeddedPostgres, tenant_db: Any
+    make_proxy: Any, pg: EmbeddedPostgres, tenant_db: Any, prepared_statements_readable: None
 ) -> None:
     """Attacker (tenant A) leaves state behind on its server connection for the next client to find or
     trip over. Stopped by: the pool's DISCARD ALL before the connection serves anyone else. (The guard is

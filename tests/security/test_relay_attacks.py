@@ -50,8 +50,8 @@ def scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[str]:
     pg.psql("DROP TABLE relay_scratch", database=tenant_db.database)
 
 
-def direct_wire(pg: EmbeddedPostgres, db: TenantDatabase, name: str = "direct") -> Wire:
-    return connect_direct(pg.port, db.app_role, db.app_password, db.database, name)
+def direct_wire(pg: EmbeddedPostgres, db: TenantDatabase, name: str = "direct", **parameters: str) -> Wire:
+    return connect_direct(pg.port, db.app_role, db.app_password, db.database, name, **parameters)
 
 
 def exchange(wire: Wire, *frontend: bytes, ready: int = 1) -> list[Reply]:
@@ -496,12 +496,10 @@ def test_unnamed_statement_of_another_client_never_runs_for_me(target: ProxyProc
 
 
 
-def test_reset_all_then_savepoint_rollback_keeps_the_context_in_session_mode(make_proxy: Any) -> None:
-    """Attack (session mode): inside a transaction block, `RESET ALL; SAVEPOINT a` in one Query (the
-    context is wiped and set again after the savepoint), then ROLLBACK TO a, which undoes the re-set
-    context. Stopped by: the relay setting the context again after a ROLLBACK that follows a RESET ALL in
-    a block. (Transaction mode: an open finding, see the closing note of 2026-11-29.)"""
-    target = make_proxy(MODES["session"])
+def test_reset_all_then_savepoint_rollback_keeps_the_context(target: ProxyProcess) -> None:
+    """Attack: inside a transaction block, `RESET ALL; SAVEPOINT a` in one Query (the context is
+    wiped and set again after the savepoint), then ROLLBACK TO a, which undoes the re-set context.
+    The next statement must still run with the client's context."""
     wire = connect_proxy(target.port, target.token(ACME))
     try:
         exchange(wire, messages.query("BEGIN"))
@@ -516,3 +514,270 @@ def test_reset_all_then_savepoint_rollback_keeps_the_context_in_session_mode(mak
         assert rows(exchange(wire, messages.query("SELECT tenant_proxy.current_tenant()"))) == [[ACME.encode()]]
     finally:
         wire.close()
+
+
+IN_BLOCK = (
+    "BEGIN", "SET search_path TO public", "SET work_mem TO '9MB'", "RESET ALL", "RESET ALL", "RESET ALL; SAVEPOINT a",
+    "SELECT 1", "ROLLBACK TO a", "SET LOCAL work_mem TO '10MB'", "SAVEPOINT b", "RESET work_mem", "RELEASE b",
+)
+
+
+def test_the_proxys_own_requests_never_abort_the_clients_block(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                              tenant_db: TenantDatabase, scratch: str) -> None:
+    """Attack (the kind behind the RESET ALL / SAVEPOINT / ROLLBACK TO finding): inside one transaction
+    block, every statement after which the proxy sends requests of its own into the block (settings read
+    back after SET, startup values applied again after RESET ALL, the context set again after RESET ALL
+    and ROLLBACK TO), each more than once, then a write that needs the context, then COMMIT. Directly,
+    the block goes on and commits; through the proxy the replies must be the same, and the row written
+    must carry the client's tenant (the context was there when the statement ran)."""
+    marker = secrets.randbelow(10**6) + 3 * 10**6
+    steps = (*IN_BLOCK, f"INSERT INTO {scratch} (n, t) SELECT {{}}, tenant_proxy.current_tenant()", "COMMIT")
+    direct = direct_wire(pg, tenant_db, extra_float_digits="2")
+    proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
+    try:
+        for sql in steps:  # the direct run writes under -marker
+            assert_same(exchange(direct, messages.query(sql.format(-marker))), exchange(proxied, messages.query(sql.format(marker))), sql)
+        assert scalar(proxied, f"SELECT string_agg(coalesce(t, 'NULL'), ',') FROM {scratch} WHERE n = {marker}") == ACME.encode()
+        for setting in ("extra_float_digits", "work_mem", "search_path"):  # the startup value after RESET ALL; SAVEPOINT; ROLLBACK TO
+            assert scalar(proxied, f"SHOW {setting}") == scalar(direct, f"SHOW {setting}"), setting
+    finally:
+        direct.close()
+        proxied.close()
+    still_serves(target)
+
+
+def test_reset_all_in_a_failed_block_is_answered_as_postgres_does(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                 tenant_db: TenantDatabase) -> None:
+    """Attack: RESET ALL and SET inside a block that already failed (the proxy's own requests behind
+    them fail there with 25P02 too), then ROLLBACK. Directly: 25P02 for each, then the session goes on;
+    through the proxy the same, and the session keeps its context and startup settings."""
+    steps = ("BEGIN", "SELECT 1/0", "RESET ALL", "SET work_mem TO '9MB'", "ROLLBACK", "SELECT 1")
+    direct = direct_wire(pg, tenant_db)
+    proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
+    try:
+        for sql in steps:
+            assert_same(exchange(direct, messages.query(sql)), exchange(proxied, messages.query(sql)), sql)
+        assert scalar(proxied, "SELECT current_setting('extra_float_digits')") == b"2"
+        assert scalar(proxied, "SELECT tenant_proxy.current_tenant()") == ACME.encode()
+    finally:
+        direct.close()
+        proxied.close()
+
+def test_startup_values_after_a_reset_as_postgres_gives_them_through_later_sets_and_savepoints(
+        target: ProxyProcess, pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
+    """Input: a startup value (extra_float_digits=2), then in one Query a RESET followed by a SET of the
+    same setting, and the other way round; RESET before a SAVEPOINT that is then rolled back to; SETs
+    after a reset kept or undone by ROLLBACK TO. Directly: RESET returns to the startup value, a SET after
+    it stands, a rollback restores what was. Through the proxy, which applies startup values again behind
+    a reset (and behind a rollback after one), the same after every statement."""
+    direct = direct_wire(pg, tenant_db, extra_float_digits="2")
+    proxied = connect_proxy(target.port, target.token(ACME), extra_float_digits="2")
+    try:
+        for sql in ("RESET ALL; SET extra_float_digits = 3", "RESET extra_float_digits; SET extra_float_digits = 1",
+                    "SET extra_float_digits = 0; RESET ALL", "SET extra_float_digits = 3; RESET extra_float_digits",
+                    "BEGIN", "RESET ALL; SAVEPOINT a", "ROLLBACK TO a", "COMMIT",
+                    "BEGIN", "RESET ALL; SET extra_float_digits = 1", "SAVEPOINT b", "ROLLBACK TO b", "COMMIT",
+                    "BEGIN", "SET extra_float_digits = 0; SAVEPOINT c; RESET extra_float_digits", "ROLLBACK TO c", "COMMIT",
+                    "BEGIN", "SELECT set_config('extra_float_digits', '3', false); RESET ALL", "ROLLBACK",
+                    "RESET ALL; SELECT set_config('extra_float_digits', '3', false)"):
+            assert_same(exchange(direct, messages.query(sql)), exchange(proxied, messages.query(sql)), sql)
+            assert scalar(proxied, "SHOW extra_float_digits") == scalar(direct, "SHOW extra_float_digits"), sql
+    finally:
+        direct.close()
+        proxied.close()
+
+def test_context_in_many_positions(target: ProxyProcess) -> None:
+    """Attack: read current_setting and current_tenant() as the first statement, after a failed
+    statement and ROLLBACK, after SAVEPOINT / ROLLBACK TO, in a Query behind a Parse/Describe/Flush
+    group left without Sync (asyncpg and pg8000 prepare that way), and after DISCARD ALL sent behind
+    it; always ACME."""
+    wire = connect_proxy(target.port, target.token(ACME))
+    probe = "SELECT tenant_proxy.current_tenant(), current_setting('app.current_tenant', true)"
+    expected = [ACME.encode(), ACME.encode()]
+    try:
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("BEGIN; SELECT 1/0"))
+        exchange(wire, messages.query("ROLLBACK"))
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("BEGIN"))
+        exchange(wire, messages.query("SAVEPOINT s"))
+        exchange(wire, messages.query("SELECT 1/0"))
+        exchange(wire, messages.query("ROLLBACK TO s"))
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("COMMIT"))
+        wire.send(messages.parse("", "SELECT 1") + describe("S", "") + flush())
+        wire.read_until(lambda replies: len(replies) >= 3)
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+        exchange(wire, messages.query("DISCARD ALL"))
+        assert rows(exchange(wire, messages.query(probe))) == [expected]
+    finally:
+        wire.close()
+
+
+@pytest.mark.parametrize("text", ["SELECT 1", "SELEC 1"])
+def test_discard_all_inside_an_unsynced_extended_group(target: ProxyProcess, pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+                                                       text: str) -> None:
+    """Attack: Parse / Describe / Flush without Sync (the Parse succeeding, or failing so the server skips
+    to Sync), then DISCARD ALL as a simple Query and a Sync. The replies are Postgres's; the next
+    statement runs with the client's context (the reset Query ended the server's implicit transaction,
+    or was skipped and reset nothing), with no hang."""
+    group = messages.parse("", text) + describe("S", "") + flush()
+    direct, proxied = direct_wire(pg, tenant_db), connect_proxy(target.port, target.token(ACME))
+    try:
+        for wire in (direct, proxied):
+            wire.send(group)
+        expected = direct.read_until(lambda got: bool(got) and got[-1][0] in (b"E", b"T", b"n"))
+        assert_same(expected, proxied.read_until(lambda got: len(got) >= len(expected)), "replies to the group")
+        ready = 2 if text == "SELECT 1" else 1  # a Query skipped in the error window gets no ReadyForQuery
+        assert_same(exchange(direct, messages.query("DISCARD ALL"), messages.sync(), ready=ready),
+                    exchange(proxied, messages.query("DISCARD ALL"), messages.sync(), ready=ready), "DISCARD ALL and Sync")
+        assert scalar(proxied, "SELECT tenant_proxy.current_tenant()") == ACME.encode()
+    finally:
+        direct.close()
+        proxied.close()
+
+def test_another_tenants_prepared_statement_text_is_not_visible(target: ProxyProcess) -> None:
+    """Attack: GLOBEX prepares a named statement whose text holds a secret literal; ACME then reads
+    `pg_prepared_statements` on (in transaction mode) the same server connection. In a direct session
+    a client sees only its own statements; the proxy's sharing of statements by text must not show
+    GLOBEX's SQL to ACME. Stopped by: the hardening SQL (the view and pg_prepared_statement() are
+    revoked from the shared role, which holds against dynamic SQL too): 42501, in both modes."""
+    secret = f"globex-secret-{secrets.token_hex(6)}"
+    globex = connect_proxy(target.port, target.token(GLOBEX), "globex")
+    try:
+        exchange(globex, messages.parse("mine", f"SELECT '{secret}'::text"), messages.bind("", "mine", []),
+                 messages.execute(""), messages.sync())
+        acme = connect_proxy(target.port, target.token(ACME), "acme")
+        try:
+            for sql in ("SELECT string_agg(statement, ' | ') FROM pg_prepared_statements",
+                        "SELECT string_agg(statement, ' | ') FROM pg_catalog.pg_prepared_statement()"):
+                replies = exchange(acme, messages.query(sql))
+                seen = b" ".join(value or b"" for row in rows(replies) for value in row)
+                assert secret.encode() not in seen, f"ACME reads GLOBEX's statement text: {seen[:300]!r}"
+                assert [error["C"] for error in errors_in(replies)] == ["42501"], replies
+        finally:
+            acme.close()
+    finally:
+        globex.close()
+
+
+def test_dynamic_set_config_of_a_placeholder_does_not_reach_another_client(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                            tenant_db: TenantDatabase) -> None:
+    """Attack: set_config() of a custom placeholder whose name is not a constant (the guard cannot read
+    it), at session level. In a direct session it stays with that session: another client of the same
+    tenant must read NULL, and the client itself keeps reading its value."""
+    sql = "SELECT set_config(n, 'leaked', false) FROM (VALUES ('myapp.user_id')) AS v(n)"
+    probe = "SELECT current_setting('myapp.user_id', true)"
+    direct_a, direct_b = direct_wire(pg, tenant_db, "direct A"), direct_wire(pg, tenant_db, "direct B")
+    exchange(direct_a, messages.query(sql))
+    expected_other, expected_own = scalar(direct_b, probe), scalar(direct_a, probe)
+    direct_a.close()
+    direct_b.close()
+    assert (expected_other, expected_own) == (None, b"leaked")
+
+    first = connect_proxy(target.port, target.token(ACME), "acme 1")
+    second = connect_proxy(target.port, target.token(ACME), "acme 2")
+    try:
+        assert not errors_in(exchange(first, messages.query(sql)))
+        # a fresh session reads NULL; one whose placeholder was reset reads '' (docs/pool-modes.md): never the value
+        assert scalar(second, probe) in (expected_other, b""), "another client of the same tenant reads the setting"
+        assert scalar(first, probe) == expected_own
+    finally:
+        first.close()
+        second.close()
+
+
+def test_dynamic_set_config_follows_its_client_past_another_tenant(target: ProxyProcess) -> None:
+    """Attack (settings lost): a placeholder set with a non-constant name, then another tenant uses the
+    server connection (transaction mode: the tenant switch resets it). The client's own setting must
+    still be there, as in a direct session."""
+    sql = "SELECT set_config(n, 'mine', false) FROM (VALUES ('myapp.flag')) AS v(n)"
+    first = connect_proxy(target.port, target.token(ACME), "acme")
+    other = connect_proxy(target.port, target.token(GLOBEX), "globex")
+    try:
+        assert not errors_in(exchange(first, messages.query(sql)))
+        assert scalar(other, "SELECT current_setting('myapp.flag', true)") in (None, b"")  # never 'mine'; see above
+        assert scalar(first, "SELECT current_setting('myapp.flag', true)") == b"mine"
+    finally:
+        first.close()
+        other.close()
+
+
+@pytest.mark.parametrize("other_tenant", [ACME, GLOBEX])
+def test_a_setting_under_a_name_built_at_run_time_never_reaches_another_client(target: ProxyProcess, other_tenant: str) -> None:
+    """Attack: set_config() at session level of a placeholder whose name is built at run time (no
+    constant holds it, so neither the guard nor the read-back can name it). In a direct session it
+    stays with that session: no other client, of the same tenant or not, reads it (transaction mode:
+    the connection is reset before it serves another client)."""
+    first = connect_proxy(target.port, target.token(ACME), "acme")
+    other = connect_proxy(target.port, target.token(other_tenant), "other")
+    try:
+        assert not errors_in(exchange(first, messages.query("SELECT set_config('myapp.' || 'built', 'secret', false)")))
+        assert scalar(other, "SELECT current_setting('myapp.built', true)") in (None, b"")
+    finally:
+        first.close()
+        other.close()
+
+
+def test_deallocate_inside_a_longer_query_or_through_the_extended_protocol(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                            tenant_db: TenantDatabase) -> None:
+    """Input: SQL DEALLOCATE of the client's own statement sent through Parse / Bind / Execute, or inside a
+    multi-statement Query, in and out of a transaction block; then a Bind of the deallocated name, and
+    DEALLOCATE of a name the client never prepared. The replies are Postgres's, message by message: the
+    client's statement is gone, nothing is aborted that Postgres would not abort."""
+    writes = [
+        (messages.parse("s1", "SELECT 1"), messages.parse("s2", "SELECT 2"), messages.parse("s3", "SELECT 3"),
+         messages.parse("s4", "SELECT 4"), messages.sync()),
+        (messages.parse("", "DEALLOCATE s1"), messages.bind("", "", []), messages.execute(""), messages.sync()),
+        (messages.bind("", "s1", []), messages.execute(""), messages.sync()),
+        (messages.query("SELECT 1; DEALLOCATE s2; SELECT 3"),),
+        (messages.bind("", "s2", []), messages.execute(""), messages.sync()),
+        (messages.query("BEGIN"),),
+        (messages.parse("d", "DEALLOCATE PREPARE s3"), messages.bind("p", "d", []), messages.execute("p"), messages.sync()),
+        (messages.query("DEALLOCATE nothing_here; SELECT 1"),),
+        (messages.query("ROLLBACK"),),
+        (messages.bind("", "s3", []), messages.execute(""), messages.sync()),
+        (messages.query("BEGIN; SELECT 1/0"),),
+        (messages.query("DEALLOCATE s4; SELECT 1"),),  # 25P02: s4 stays
+        (messages.query("ROLLBACK"),),
+        (messages.bind("", "s4", []), messages.execute(""), messages.sync()),
+    ]
+    direct, proxied = direct_wire(pg, tenant_db), connect_proxy(target.port, target.token(ACME))
+    other = connect_proxy(target.port, target.token(ACME), "other")
+    try:
+        for write in writes:
+            assert_same(exchange(direct, *write), exchange(proxied, *write), f"replies to {write!r}")
+        # no stand-in is left for another client on the shared server connection to bind
+        replies = exchange(other, messages.bind("", "s4", []), messages.execute(""), messages.sync())
+        assert [error["C"] for error in errors_in(replies)] == ["26000"], replies
+    finally:
+        direct.close()
+        proxied.close()
+        other.close()
+    still_serves(target)
+
+
+def test_a_statement_that_can_no_longer_be_prepared_fails_with_an_error(target: ProxyProcess, pg: EmbeddedPostgres,
+                                                                       tenant_db: TenantDatabase) -> None:
+    """Input: the client's unnamed statement reads a table that is dropped before the client binds it,
+    after another client used the server connection (transaction mode: the proxy prepares the statement
+    again there, and that Parse fails). Directly: the Bind fails with 42P01. Through the proxy the client
+    gets that error too, never a bare ReadyForQuery with its statement silently skipped."""
+    table = f"relay_dropped_{secrets.token_hex(4)}"
+    pg.psql(f"CREATE TABLE {table} (n int); GRANT SELECT ON {table} TO {tenant_db.app_role}", database=tenant_db.database)
+    direct, proxied = direct_wire(pg, tenant_db), connect_proxy(target.port, target.token(ACME))
+    other = connect_proxy(target.port, target.token(GLOBEX), "globex")
+    try:
+        for wire in (direct, proxied):
+            exchange(wire, messages.parse("", f"SELECT n FROM {table}"), messages.sync())
+        scalar(other, "SELECT 1")
+        pg.psql(f"DROP TABLE {table}", database=tenant_db.database)
+        bound = messages.bind("", "", []), messages.execute(""), messages.sync()
+        expected, replies = exchange(direct, *bound), exchange(proxied, *bound)
+        assert [error["C"] for error in errors_in(expected)] == ["42P01"], expected
+        assert [error["C"] for error in errors_in(replies)] == ["42P01"], replies
+        assert [kind for kind, _ in replies] == [kind for kind, _ in expected]
+    finally:
+        direct.close()
+        proxied.close()
+        other.close()

@@ -78,6 +78,8 @@ def assert_refused_by_postgres(pg: EmbeddedPostgres, tenant_db: Any, attacker: p
     "SELECT pid, objid FROM pg_locks WHERE locktype = 'advisory'",
     "SELECT gid FROM pg_prepared_xacts",
     "SELECT pid, relid FROM pg_stat_progress_vacuum",
+    "SELECT statement FROM pg_prepared_statements",
+    "SELECT statement FROM pg_catalog.pg_prepared_statement()",
 ])
 def test_other_tenants_sessions_are_not_visible(pg: EmbeddedPostgres, tenant_db: Any, attacker: psycopg.Connection[Any],
                                                 victim: psycopg.Connection[Any], sql: str) -> None:

@@ -333,7 +333,10 @@ def test_transaction_pooling_allows(sql: str) -> None:
         ("RESET ALL", {"resets_all": True}),
         ("SELECT 1; RESET ALL", {"resets_all": True, "statement_count": 2}),
         ("DISCARD ALL", {"resets_all": True, "drops_statements": True, "no_transaction_block": True}),
-        ("discard all; SELECT 1", {"resets_all": True, "drops_statements": True, "statement_count": 2}),
+        ("discard all; SELECT 1", {"resets_all": True, "drops_statements": True, "statement_count": 2,
+                                   "statement_after_reset": True}),
+        ("RESET ALL; SAVEPOINT a", {"resets_all": True, "statement_count": 2, "statement_after_reset": True}),
+        ("RESET work_mem; SELECT 1", {"reset_names": {"work_mem"}, "statement_count": 2, "statement_after_reset": True}),
         ("SELECT set_config('search_path', 'public', false)", {"set_names": {"search_path"}}),
         ("SELECT set_config('Search_Path', 'public', 'f')", {"set_names": {"search_path"}}),
         ("SELECT set_config('search_path', 'public', true)", {}),
@@ -341,6 +344,9 @@ def test_transaction_pooling_allows(sql: str) -> None:
         ("SELECT set_config('search_path', 'public', $1)", {"set_names": {"search_path"}}),
         ("SELECT set_config($1, 'public', false)", {"unknown_settings": True}),
         ("SELECT set_config('a.' || 'b', 'c', false)", {"unknown_settings": True}),
+        ("SELECT set_config(n, 'x', false) FROM (VALUES ('MyApp.User_Id'), ('not a name'), ('v.1')) v(n)",
+         {"unknown_settings": True, "set_names": {"myapp.user_id"}}),
+        ("SELECT set_config(n, 'x', true) FROM (VALUES ('myapp.user_id')) v(n)", {}),
         ("SELECT set_config($1, 'public', true)", {}),
         ("DEALLOCATE Foo", {"deallocates": {"foo"}}),
         ('DEALLOCATE PREPARE "Foo"', {"deallocates": {"Foo"}}),
@@ -537,7 +543,8 @@ def test_from_settings_reads_every_guard_key(tmp_path: Any) -> None:
 
 def full_walk(guard: Guard, sql: str) -> Decision:
     """The reference reading: decode pglast's whole tree and walk every node."""
-    tree = json.loads(guard_module.parse_json(sql))
+    text = guard_module.parse_json(sql)
+    tree = json.loads(text)
     effects = guard_module._Effects()
     walked = guard_module._SESSION_WALKED_KINDS if guard.transaction_mode else guard_module._WALKED_KINDS
     statements = tree.get("stmts", [])
@@ -548,6 +555,7 @@ def full_walk(guard: Guard, sql: str) -> Decision:
             if found is not None:
                 return Decision(refusal=found)
     alone = len(statements) == 1 and guard_module._no_transaction_block(*guard_module._only_node(statements[0]["stmt"]))
+    effects.computed_names(text)
     return effects.decision(len(statements), alone)
 
 

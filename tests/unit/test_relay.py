@@ -3,6 +3,8 @@ client messages in both modes, what the client receives for scripted replies, an
 
 from __future__ import annotations
 
+import pytest
+
 from relay_harness import (
     BIND_COMPLETE,
     CLOSE_COMPLETE,
@@ -21,8 +23,11 @@ from relay_harness import (
 
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
-from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT
-from proxy.relay.settings import APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, apply_bind, read_bind
+from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, BlockWatch
+from proxy.relay.replies import Outcome
+from proxy.relay.settings import (
+    APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, REAPPLY_SQL, REAPPLY_STATEMENT, apply_bind, close_portal, read_bind,
+)
 from proxy.relay.statements import NEVER_PREPARED, statement_for
 
 IDENTITY = Identity()
@@ -182,6 +187,22 @@ def test_unnamed_statement_prepared_again_on_a_new_server_connection() -> None:
     assert pair.server(replies) == BIND_COMPLETE + data_row(b"x") + complete("SELECT 1") + Z_IDLE
 
 
+def test_deallocate_inside_a_longer_query_finds_a_stand_in_under_the_clients_name() -> None:
+    """`SELECT 1; DEALLOCATE s1`: the server holds s1 under a digest name, so a statement of the proxy's
+    is prepared under the name s1 just before; the client's statement is forgotten once the Query completes."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("s1", "SELECT 1") + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    query = messages.query("SELECT 1; DEALLOCATE s1")
+    (write,) = checked_out(pair, server, query)
+    assert write.endswith(messages.close_statement(b"s1") + messages.parse("s1", "SELECT NULL") + query
+                          + messages.close_statement(b"s1") + messages.sync())  # closed again behind it
+    out = pair.server(CONTEXT_PREPARED + CONTEXT_SET + CLOSE_COMPLETE + PARSE_COMPLETE + ROWS + complete("DEALLOCATE") + Z_IDLE
+                      + CLOSE_COMPLETE + Z_IDLE)
+    assert out.endswith(complete("DEALLOCATE") + Z_IDLE)
+    assert b"s1" not in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
+
+
 def test_client_close_of_its_statement_stands_in_and_forgets_it() -> None:
     pair, server = RelayPair(), Server(101)
     sql = "SELECT $1::int"
@@ -213,11 +234,12 @@ def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     assert writes == [
         context_statement() + context(server) + set_query
         + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
-        + messages.execute(READ_STATEMENT.decode()) + messages.sync()
+        + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
     assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_IDLE) == complete("SET") + Z_IDLE
     assert "release_server" not in pair.hooks.events  # the read-back is still owed
-    read = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1") + Z_IDLE
+    read = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1")
+            + CLOSE_COMPLETE + Z_IDLE)
     assert pair.server(read) == b""
     assert pair.hooks.events[-1] == "release_server"
     assert pair.relay.settings.current == {"search_path": "app"}
@@ -227,30 +249,35 @@ def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     writes = checked_out(pair, other, SELECT_1)
     assert writes == [
         own_statement(APPLY_STATEMENT, APPLY_SQL) + apply_bind({"search_path": "app"})
-        + messages.execute(APPLY_STATEMENT.decode()) + messages.sync()
+        + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync()
         + context_statement() + context(other) + SELECT_1
     ]
 
 
 def test_reset_all_applies_startup_values_again() -> None:
     pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
-    applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + messages.sync()
-    apply_replies = BIND_COMPLETE + data_row(b"ISO, DMY") + complete("SELECT 1") + Z_IDLE
+    applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync()
+    apply_replies = BIND_COMPLETE + data_row(b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
     writes = checked_out(pair, server, SELECT_1)
     assert writes == [own_statement(APPLY_STATEMENT, APPLY_SQL) + applied + context_statement() + context(server) + SELECT_1]
     assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + apply_replies + CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
     assert pair.hooks.events[-1] == "release_server"
     reset = messages.query("RESET ALL")
     writes = checked_out(pair, server, reset)
-    assert writes == [
-        context(server) + reset + applied + own_statement(READ_STATEMENT, READ_SQL)
-        + read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + messages.sync()
-    ]
+    read_back = (read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT)
+                 + messages.sync())
+    assert writes == [context(server) + reset + applied + own_statement(READ_STATEMENT, READ_SQL) + read_back]
     assert pair.server(CONTEXT_SET + complete("RESET") + Z_IDLE) == complete("RESET") + Z_IDLE
-    read = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1") + Z_IDLE
-    assert pair.server(apply_replies + read) == b""
+    read = (BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE)
+    assert pair.server(apply_replies + CLOSE_COMPLETE + PARSE_COMPLETE + read) == b""
     assert pair.hooks.events[-1] == "release_server"
     assert pair.relay.settings.current == {"datestyle": "ISO, DMY"}
+    # a statement after the reset in the same Query: only settings still at the server's reset value
+    reset_then = messages.query("RESET ALL; SET extra_float_digits = 3")
+    writes = checked_out(pair, server, reset_then)
+    reapplied = (own_statement(REAPPLY_STATEMENT, REAPPLY_SQL) + apply_bind({"datestyle": "ISO, DMY"}, REAPPLY_STATEMENT)
+                 + messages.execute(REAPPLY_STATEMENT.decode()) + close_portal(REAPPLY_STATEMENT) + messages.sync())
+    assert writes[0].startswith(context(server) + reset_then + reapplied)
 
 
 def test_connection_of_another_tenant_is_reset_first() -> None:
@@ -263,6 +290,19 @@ def test_connection_of_another_tenant_is_reset_first() -> None:
     reset_replies = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"") + complete("SELECT 1") + Z_IDLE
     assert pair.server(reset_replies + CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
     assert server.state.tenant == IDENTITY.tenant
+
+
+def test_connection_with_settings_the_proxy_cannot_name_is_reset_for_another_client_of_the_tenant() -> None:
+    """A client set a setting under a computed name (the guard cannot name it, so no diff can undo it):
+    the next client of the same tenant gets the connection reset first; the same client does not."""
+    pair, server = RelayPair(), Server(101)
+    server.state.tenant, server.state.unnamed_settings, server.state.client = IDENTITY.tenant, True, pair.relay.serial
+    assert checked_out(pair, server, SELECT_1) == [context_statement() + context(server) + SELECT_1]
+    other = RelayPair()
+    server.queue.status = b"I"
+    writes = checked_out(other, server, SELECT_1)
+    assert writes[0].startswith(messages.close_statement(RESET_STATEMENT) + messages.parse(RESET_STATEMENT.decode(), RESET_SQL))
+    assert not server.state.unnamed_settings and server.state.client == other.relay.serial
 
 
 def test_context_failure_in_front_of_a_query_ends_with_ready_for_query() -> None:
@@ -423,7 +463,7 @@ def test_parameter_status_from_the_proxys_own_group_reaches_the_client_before_it
     checked_out(pair, server, SELECT_1)
     reported = messages.parameter_status("DateStyle", "ISO, DMY")
     applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + reported + messages.parameter_status("TimeZone", "UTC")
-               + data_row(b"ISO, DMY") + complete("SELECT 1") + Z_IDLE)
+               + data_row(b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE)
     assert pair.server(applied) == b""
     assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + reported + Z_IDLE
     assert server.state.parameters == {"DateStyle": "ISO, DMY", "TimeZone": "UTC"}
@@ -477,3 +517,20 @@ def test_simple_query_drops_the_unnamed_statement() -> None:
     pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)
     bind = messages.bind("", "", ["x"])
     assert checked_out(pair, server, bind + messages.sync()) == [bind + messages.sync()]
+
+
+@pytest.mark.parametrize(("before", "outcome", "after", "failed_itself", "aborted_block"), [
+    (b"T", Outcome.FAILED, b"E", True, True),  # the proxy's own request aborted the client's block
+    (b"E", Outcome.FAILED, b"E", False, False),  # the block had failed already (25P02, or 26000 from a Bind)
+    (b"I", Outcome.FAILED, b"I", True, False),  # outside a block: nothing of the client's was aborted
+    (b"T", Outcome.COMPLETED, b"T", False, False),
+])
+def test_block_watch_tells_who_failed_a_block(before: bytes, outcome: Outcome, after: bytes, failed_itself: bool,
+                                              aborted_block: bool) -> None:
+    queue = Server(101).queue
+    watch = BlockWatch(queue)
+    queue.status = before
+    watch.ended(Outcome.SKIPPED, None)  # its first request's reply (or skip) arrives
+    queue.status = after  # ... then its Sync's ReadyForQuery
+    watch.ended(Outcome.COMPLETED, None)  # a later report does not move what it saw first
+    assert (watch.failed_itself(outcome), watch.aborted_block(outcome)) == (failed_itself, aborted_block)

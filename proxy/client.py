@@ -34,7 +34,8 @@ from proxy.relay.settings import ClientSettings
 from proxy.tokens import Identity, TokenRejected
 
 if TYPE_CHECKING:
-    from proxy.pool import Handover, SessionPool, TransactionPool, Waiter
+    from proxy.pool import Handover, SessionPool, TransactionPool
+    from proxy.waiters import Waiter
     from proxy.server import ProxyServer
 
 log = logging.getLogger("pg_tenant_proxy")
@@ -85,7 +86,7 @@ class ClientConnection(asyncio.Protocol):
         self._transaction_mode = server.settings.pool.mode == "transaction"
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._waiter: Waiter | None = None  # a place in the pool's queue
+        self._waiter: Waiter[Handover] | None = None  # a place in the pool's queue
         self._greeted = False
         self._counted = Counted.NOT_YET  # in which of the server's counts this connection is
         self._idle_timer: asyncio.TimerHandle | None = None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Union
 
@@ -33,6 +32,7 @@ from proxy.config import PoolSettings, UpstreamSettings
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.relay.replies import Owner
+from proxy.waiters import WaitQueue, Waiter
 
 RESET_SERVER = messages.query("DISCARD ALL")
 
@@ -42,30 +42,6 @@ EVERY_DATABASE = ""  # in Pool.paused: every database is paused (no database has
 
 
 Handover = Union[BackendConnection, UpstreamError, None]
-
-
-class Waiter:
-    """A client's place in a pool's queue; see `Pool.queue`."""
-
-    __slots__ = ("callback", "deadline", "tenant", "_done")
-
-    def __init__(self, callback: Callable[[Handover], None], deadline: float, tenant: str) -> None:
-        self.callback = callback
-        self.deadline = deadline  # loop time
-        self.tenant = tenant
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancel(self) -> None:
-        """Leave the queue: the callback will not be called."""
-        self._done = True
-
-    def finish(self, result: Handover) -> None:
-        if not self._done:
-            self._done = True
-            self.callback(result)
 
 
 def pool_key(database: str, parameters: dict[str, str]) -> PoolKey:
@@ -80,7 +56,7 @@ class Pool:
         self.upstream = upstream
         self.settings = settings
         self._open: dict[str, int] = {}
-        self._waiters: dict[str, deque[Waiter]] = {}
+        self._waiters: dict[str, WaitQueue[Handover]] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}  # per queue: at its earliest deadline
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[tuple[str, str], int] = {}  # (database, tenant) -> server connections held
@@ -135,12 +111,14 @@ class Pool:
         if not self._held[key]:
             del self._held[key]
 
-    def queue(self, database: str, deadline: float, callback: Callable[[Handover], None], tenant: str) -> Waiter:
+    def queue(self, database: str, deadline: float, callback: Callable[[Handover], None], tenant: str) -> Waiter[Handover]:
         """Join the clients waiting for a connection of `database`: `callback` is called, at once and only
         once, with a connection handed over, with None when one is kept idle or closed (look again), or
         with UpstreamError 53300 at the deadline. Waiters are served fairly across tenants (see `_wake`)."""
-        waiter = Waiter(callback, deadline, tenant)
-        self._waiters.setdefault(database, deque()).append(waiter)
+        waiters = self._waiters.get(database)
+        if waiters is None:
+            waiters = self._waiters[database] = WaitQueue()
+        waiter = waiters.add(callback, deadline, tenant)
         timer = self._expiry.get(database)
         if timer is None or deadline < timer.when():  # a coroutine's deadline may predate the queue's
             if timer is not None:
@@ -148,25 +126,17 @@ class Pool:
             self._expiry[database] = self.loop.call_at(deadline, self._expire, database)
         return waiter
 
-    def _leave(self, database: str, waiter: Waiter) -> None:
-        """Take a waiter out of the queue (`take` reads a non-empty queue as clients waiting)."""
-        waiters = self._waiters.get(database)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
-
     def _expire(self, database: str) -> None:
         """Refuse the waiters whose deadline has passed, and look again at the earliest one left: one
         timer per queue rather than one per waiter, so a checkout served in time costs no timer."""
         del self._expiry[database]
         waiters = self._waiters.get(database)
-        if not waiters:
+        if waiters is None:
             return
-        now = self.loop.time() + 0.001  # a timer may fire a little before its time
-        late = [w for w in waiters if w.deadline <= now and not w.done()]
-        kept = deque(w for w in waiters if w.deadline > now and not w.done())
-        self._waiters[database] = kept
-        if kept:
-            self._expiry[database] = self.loop.call_at(min(w.deadline for w in kept), self._expire, database)
+        late = waiters.split_late(self.loop.time() + 0.001)  # a timer may fire a little before its time
+        earliest = waiters.earliest_deadline()
+        if earliest is not None:
+            self._expiry[database] = self.loop.call_at(earliest, self._expire, database)
         for waiter in late:
             waiter.finish(self._timed_out(database))
 
@@ -201,7 +171,6 @@ class Pool:
             result = await future
         finally:
             waiter.cancel()
-            self._leave(database, waiter)
         if isinstance(result, Exception):
             raise result
         return result
@@ -251,27 +220,15 @@ class Pool:
                 self._sweeper = self.loop.call_later(self.settings.server_idle_timeout / 4, self._sweep)
     def _wake(self, database: str, backend: BackendConnection | None = None) -> bool:
         """Hand `backend` to a client waiting for this database, or (None) let it look again; False when
-        nobody who may take one waits. Fair across tenants: the waiter whose tenant holds the fewest
-        server connections goes first (the earliest among equals), and a tenant at its limit waits for
-        one of its own, so one tenant's queue delays another's checkout by at most one transaction."""
+        nobody who may take one waits. Fair across tenants (`proxy.waiters`): one tenant's queue delays
+        another's checkout by at most one transaction."""
         waiters = self._waiters.get(database)
-        if not waiters or self.is_paused(database):
+        if waiters is None or self.is_paused(database):
             return False
-        chosen: Waiter | None = None
-        fewest = 0
-        for waiter in waiters:
-            if waiter.done() or self.at_limit(database, waiter.tenant):
-                continue
-            held = self.holds(database, waiter.tenant)
-            if chosen is None or held < fewest:
-                chosen, fewest = waiter, held
-                if not held:
-                    break
+        held = self._held
+        chosen = waiters.pop_next(lambda tenant: held.get((database, tenant), 0), self.settings.tenant_limit())
         if chosen is None:
-            while waiters and waiters[0].done():
-                waiters.popleft()
             return False
-        waiters.remove(chosen)
         if backend is not None:
             self.move(backend, Lifecycle.ACTIVE)
             self._hold(backend, chosen.tenant)
@@ -301,11 +258,9 @@ class Pool:
 
     def _unpaused(self, database: str) -> None:
         """Every client waiting for `database` looks again (a client that still finds none queues anew)."""
-        waiters = self._waiters.get(database, deque())
-        for waiter in list(waiters):
-            if not waiter.done():
-                waiters.remove(waiter)
-                waiter.finish(None)
+        waiters = self._waiters.pop(database, None)
+        for waiter in list(waiters or ()):
+            waiter.finish(None)
 
     def oldest_wait(self, database: str) -> float:
         """Seconds the longest-waiting client in `database`'s queue has waited (0 when none waits)."""
@@ -316,8 +271,10 @@ class Pool:
 
     def _someone_may_take(self, database: str) -> bool:
         """A client waits for `database` whose tenant is below its limit."""
-        return any(not waiter.done() and not self.at_limit(database, waiter.tenant)
-                   for waiter in self._waiters.get(database, ()))
+        waiters = self._waiters.get(database)
+        held = self._held
+        return waiters is not None and waiters.may_take(
+            lambda tenant: held.get((database, tenant), 0), self.settings.tenant_limit())
 
     def _take_back(self, backend: BackendConnection) -> bool:
         """A connection its client is done with: True when it may serve again (detached from the
@@ -360,7 +317,7 @@ class Pool:
         idle: dict[str, int] = {}
         for database, backends in self._idle_lists():
             idle[database] = idle.get(database, 0) + len(backends)
-        waiting = {database: sum(not waiter.done() for waiter in waiters) for database, waiters in self._waiters.items()}
+        waiting = {database: sum(1 for _ in waiters) for database, waiters in self._waiters.items()}
         return dict(self._open), idle, waiting
 
     def _idle_list(self, backend: BackendConnection) -> list[BackendConnection]:

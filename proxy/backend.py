@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import enum
 import socket
 import ssl
 from typing import TYPE_CHECKING, Protocol, cast
@@ -21,6 +20,7 @@ from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, MessageScanner
 from proxy.protocol.upstream_auth import UpstreamAuth, UpstreamAuthError, tls_server_end_point
+from proxy.relay.enums import HotEnum
 from proxy.relay.relay import ServerState
 from proxy.relay.replies import ReplyQueue
 from proxy.relay.statements import ServerStatements
@@ -51,7 +51,7 @@ class UpstreamError(Exception):
         )
 
 
-class Lifecycle(enum.Enum):
+class Lifecycle(HotEnum):
     """Where a server connection is; only the pool's `move` changes it (see proxy/pool.py)."""
 
     LOGIN = "login"  # connecting and authenticating

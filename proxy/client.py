@@ -234,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
         """The client sent something and holds no server connection: get one."""
         if self.session.state is State.IDLE:
             self.session.move(Event.CLIENT_DATA)
-            self._waiting_since = asyncio.get_running_loop().time()
+            self._waiting_since = self.pool.loop.time()
             self._checkout()
 
     def release_server(self) -> None:
@@ -711,7 +711,7 @@ class ClientConnection(asyncio.Protocol):
         """Hold `backend` and start relaying on it."""
         assert self.relay is not None and backend.transport is not None
         if self._waiting_since is not None:
-            METRICS.checkout_wait(asyncio.get_running_loop().time() - self._waiting_since)
+            METRICS.checkout_wait(self.pool.loop.time() - self._waiting_since)
             self._waiting_since = None
         self.backend = backend
         backend.attach(self)

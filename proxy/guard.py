@@ -119,16 +119,18 @@ _SEARCHED_WORDS = {
 # Words as Postgres's lexer splits them: letters, digits, '_', '$' and every character above 0x7F.
 _SEPARATORS = str.maketrans({char: " " for char in string.punctuation + string.whitespace if char not in "_$"})
 _FIRST_WORD = re.compile(r"[\s(]*([a-z0-9_$]*)")
+_TRAILING = ";" + string.whitespace  # empty statements after the last one
 
 
 def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
     """False when the text cannot contain anything the guard refuses or reports in a Decision (in
     transaction mode, also a session feature); True means the guard must parse it.
 
-    Text without ';' and comments is one statement: its first word says what kind it is, so a long
-    INSERT ... ON CONFLICT DO UPDATE SET is cleared by its first word. Other text needs parsing when any
-    of those words appears in it as a word. Costs about 10 ms per MB at worst (splitting into words)."""
-    text = sql.lower()
+    Text without ';' (but at its end, as pgbench and many drivers send) and comments is one statement:
+    its first word says what kind it is, so a long INSERT ... ON CONFLICT DO UPDATE SET is cleared by its
+    first word. Other text needs parsing when any of those words appears in it as a word. Costs about
+    10 ms per MB at worst (splitting into words)."""
+    text = sql.lower().rstrip(_TRAILING)
     if any(substring in text for substring in (_SESSION_ANYWHERE if transaction_mode else _ANYWHERE)):
         return True
     several = ";" in text or "/*" in text or "--" in text

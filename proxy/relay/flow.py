@@ -8,11 +8,12 @@ resumes (it goes back to the pool) and the client keeps its own reasons.
 
 from __future__ import annotations
 
-import enum
 from typing import Protocol
 
+from proxy.relay.enums import HotEnum
 
-class Reason(enum.Enum):
+
+class Reason(HotEnum):
     PEER_FULL = "the other side's write buffer is over its high-water mark"
     HELD = "the relay holds this client's messages (no server connection yet, or waiting for the server)"
 

@@ -30,9 +30,10 @@ from typing import Protocol
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import Message, MessageScanner
+from proxy.relay.enums import HotEnum
 
 
-class Request(enum.Enum):
+class Request(HotEnum):
     """What the relay sent upstream that the server owes something for."""
 
     PARSE = "Parse"
@@ -52,7 +53,7 @@ EXTENDED = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXE
 GROUP_ENDS = frozenset({Request.SYNC, Request.QUERY, Request.FUNCTION_CALL})
 
 
-class Owner(enum.Enum):
+class Owner(HotEnum):
     """Whose the replies are."""
 
     CLIENT = "client"  # forwarded

@@ -16,10 +16,10 @@ than drifting into a silent desync.
 
 from __future__ import annotations
 
-import enum
+from proxy.relay.enums import HotEnum
 
 
-class State(enum.Enum):
+class State(HotEnum):
     STARTUP = "startup"  # waiting for SSLRequest / CancelRequest / StartupMessage
     TLS_HANDSHAKE = "tls handshake"
     AUTHENTICATING = "authenticating"  # waiting for the PasswordMessage carrying the token
@@ -31,7 +31,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Event(enum.Enum):
+class Event(HotEnum):
     TLS_REQUESTED = "tls requested"
     TLS_DONE = "tls done"
     STARTUP_ACCEPTED = "startup accepted"

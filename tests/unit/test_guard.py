@@ -584,3 +584,16 @@ def test_check_never_raises(body: str, template: str) -> None:
     """Property: whatever the text, the guard answers with a Decision (a refusal if it cannot read it)."""
     for sql in (template.format(name=body), body + "; " + template.format(name="x")):
         assert isinstance(make(transaction_mode=True).check(sql), Decision)
+
+
+@pytest.mark.parametrize(("sql", "expected"), [
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 1;", False),  # one statement with its ';' (pgbench)
+    ("select 1 ;\n ;", False),
+    ("SELECT 1; DROP TABLE t;", True),  # a second statement still needs the parse
+    ("SET app.current_tenant = 'x';", True),
+    ("SELECT 1; SET ROLE postgres;", True),
+    ("select 1; -- set role x", True),  # a comment: its words count, as before
+])
+def test_a_trailing_semicolon_does_not_make_text_several_statements(sql: str, expected: bool) -> None:
+    assert needs_parse(sql) is expected
+    assert needs_parse(sql, transaction_mode=True) is expected

@@ -641,7 +641,7 @@ class ClientConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
         AUDIT.session_start(client=self.address, user=self.request.user, database=self.database, identity=identity,
-                            token=self._token)
+                            token=self._token, login_role=self.pool.upstream.user)
         self._token = None
         if self._buffer:
             pending = bytes(self._buffer)

@@ -193,12 +193,14 @@ class Audit:
     def _emit(self, level: int, event: str, message: str, **fields: Any) -> None:
         AUDIT_LOGGER.log(level, message, extra={"fields": {"event": event, **fields}})
 
-    def session_start(self, *, client: str, user: str, database: str, identity: Any, token: str | None = None) -> None:
-        """A client logged in: its address, startup user, database and verified identity
-        (proxy.tokens.Identity: tenant, sub, iss and jti are taken from it; kid from the token's header)."""
+    def session_start(self, *, client: str, user: str, database: str, identity: Any, token: str | None = None,
+                      login_role: str | None = None) -> None:
+        """A client logged in: its address, startup user, database, verified identity (proxy.tokens.Identity:
+        tenant, sub, iss and jti are taken from it; kid from the token's header) and the upstream role its
+        server connections log in as (`[roles]`, else `[upstream] user`)."""
         METRICS.login("ok")
         self._emit(logging.INFO, "session_start", "session start", client=client, user=user, database=database,
-                   **_identity_fields(identity), kid=_kid(token))
+                   **_identity_fields(identity), kid=_kid(token), login_role=login_role)
 
     def session_end(self, *, client: str, user: str | None, database: str | None, identity: Any,
                     duration: float, bytes_received: int, bytes_sent: int) -> None:

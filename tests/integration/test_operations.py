@@ -157,6 +157,7 @@ def test_json_log_lines_parse_and_hold_the_audit_fields(make_proxy: Any) -> None
     refused = next(e for e in events if e.get("event") == "login_refused")
     assert start["tenant"] == ACME and start["sub"] == "json-check" and start["jti"] == "jti-1"
     assert start["client"].startswith("127.0.0.1:") and start["database"] == "app"
+    assert start["login_role"] == proxy.db.app_role  # no [roles]: the [upstream] user
     assert end["duration"] >= 0 and end["bytes_received"] > 0 and end["bytes_sent"] > 0
     assert refused["user"] == FORGED_USER and refused["reason_label"] == "signature"
     assert (refused["alg"], refused["iss"], refused["aud"]) == ("HS256", "https://idp.example", "app")

@@ -153,6 +153,8 @@ def test_each_token_logs_in_as_its_mapped_role(start_proxy: Any, mode: str) -> N
             assert conn.execute("SELECT count(*) FROM leads").fetchone() == (ROWS[ACME],)
         assert insert_state(viewer) == "42501"
         assert insert_state(editor) is None
+    starts = wait_until(lambda: [line for line in proxy.log().splitlines() if "session start" in line] or None)
+    assert any(f"login_role={VIEWER}" in line for line in starts) and any(f"login_role={EDITOR}" in line for line in starts)
 
 
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "no-guard"])

@@ -90,6 +90,8 @@ class WaitQueue(Generic[R]):
             self._by_tenant.clear()
             return None
         oldest = self._arrivals[0]
+        if len(self._by_tenant) == 1:  # one tenant waits: its oldest waiter, if it is below its limit
+            return self._take(oldest) if holds(oldest.tenant) < limit else None
         if limit > 0 and not holds(oldest.tenant):
             return self._take(oldest)  # nobody can hold fewer, nobody came earlier
         chosen: Waiter[R] | None = None

@@ -81,3 +81,10 @@ def test_late_waiters_are_taken_out_at_their_deadline() -> None:
     assert queue.split_late(1.0) == [early]
     assert list(queue) == [late]
     assert queue.earliest_deadline() == 5.0
+
+
+def test_one_waiting_tenant_gets_its_oldest_waiter_only_below_its_limit() -> None:
+    queue, _ = queue_of("a", "a")
+    assert serve(queue, {"a": 2}, limit=2) is None
+    assert serve(queue, {"a": 1}, limit=2) == "a"
+    assert len(list(queue)) == 1

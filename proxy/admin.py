@@ -457,9 +457,10 @@ class Console:
         if EVERY_DATABASE in pool.paused and database != EVERY_DATABASE:
             raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "every database is paused",
                                "RESUME without a name resumes them all")
-        if database not in pool.paused:
-            what = "nothing is paused" if database == EVERY_DATABASE else f'database "{database}" is not paused'
-            raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, what)
+        if not pool.paused:
+            raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "nothing is paused")
+        if database != EVERY_DATABASE and database not in pool.paused:  # RESUME alone resumes every pause
+            raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f'database "{database}" is not paused')
         for each in self.server.pools.every():
             each.resume(database)
         return Result("RESUME")

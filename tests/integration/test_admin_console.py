@@ -206,6 +206,9 @@ def test_pause_holds_checkouts_until_resume_and_lets_transactions_finish(make_pr
     unknown = psql_console(proxy, "PAUSE nosuchdb", admin_token(proxy))
     assert unknown.returncode == 1 and 'no pool for database "nosuchdb"' in unknown.stderr
     assert psql_console(proxy, f'RESUME "{proxy.db.database}"', admin_token(proxy)).returncode == 0
+    # RESUME without a name ends every pause, those of single databases too.
+    assert console(proxy, f"PAUSE {proxy.db.database}") == [] and pool_of(proxy)["paused"] == "1"
+    assert console(proxy, "RESUME") == [] and pool_of(proxy)["paused"] == "0"
 
 
 def test_pause_in_session_mode_holds_new_sessions_until_resume(make_proxy: Any) -> None:

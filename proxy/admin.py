@@ -232,8 +232,19 @@ def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
         if SECRET_KEY.search(key) and not key.endswith("_file"):
             rows.append((name, "<set>" if value else "", ""))
         else:
-            rows.append((name, _config_text(value), _config_text(default)))
+            rows.append((name, _config_text(_masked(value)), _config_text(default)))
     return rows
+
+
+def _masked(value: Any) -> Any:
+    """`value` with every secret inside its tables (a `[roles.map.<value>] password`) replaced by
+    `<set>` or an empty string, at any depth of tables and arrays of tables."""
+    if isinstance(value, dict):
+        return {key: ("<set>" if inner else "") if SECRET_KEY.search(key) and not key.endswith("_file")
+                else _masked(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_masked(inner) for inner in value]
+    return value
 
 
 def _config_text(value: Any) -> str:

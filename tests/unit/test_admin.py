@@ -4,6 +4,7 @@ RESUME in the pool on a fake clock."""
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,16 @@ def test_show_config_masks_every_secret_and_shows_the_rest() -> None:
     text = repr(rows)
     for secret in ("upstream-password-1", "j" * 40, "s" * 40):
         assert secret not in text
+
+
+def test_show_config_masks_the_secrets_inside_tables() -> None:
+    """A mapped role's password sits inside the `[roles] map` table; it is masked like a top-level one."""
+    roles = '{"viewer": {"user": "app_viewer", "password": "viewer-password-1"}, "editor": {"user": "app_editor"}}'
+    rows = {key: value for key, value, _ in admin.config_rows(
+        load(None, {**ENVIRONMENT, "PGTP_ROLES_ROLE_CLAIM": "role", "PGTP_ROLES_MAP": roles}))}
+    assert "viewer-password-1" not in repr(rows)
+    assert json.loads(rows["roles.map"]) == {"viewer": {"user": "app_viewer", "password": "<set>"},
+                                             "editor": {"user": "app_editor"}}
 
 
 def test_admin_settings_are_checked() -> None:

@@ -95,6 +95,13 @@ def authorize(claims: dict[str, Any], required: dict[str, list[Any]]) -> str | N
     return None
 
 
+def refusal_hint(required: dict[str, list[Any]]) -> str:
+    """The hint sent with an `authorize` refusal: which way into the console this proxy has."""
+    if not required:
+        return "this proxy opens its admin console only on the admin socket ([admin] listen_unix), without a token"
+    return "log in to the admin console with a token that carries the required claims"
+
+
 # -- commands -------------------------------------------------------------------------------------
 
 

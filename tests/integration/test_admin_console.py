@@ -282,6 +282,7 @@ def test_the_admin_socket_needs_no_token_and_every_command_is_audited(make_proxy
     # With only the socket configured, no token opens the console over TCP.
     by_token = psql_console(proxy, "SHOW POOLS", admin_token(proxy))
     assert by_token.returncode == 2 and "the admin console accepts no token logins" in by_token.stderr
+    assert "HINT:  this proxy opens its admin console only on the admin socket ([admin] listen_unix)" in by_token.stderr
     assert psql_console(proxy, "SHOW\tnothing\n", host=str(admin_socket)).returncode == 1
     lines = wait_until(lambda: (text := proxy.log()).count('"admin_command"') >= 2 and text)
     events = [json.loads(line) for line in lines.splitlines()]

@@ -95,6 +95,13 @@ def authorize(claims: dict[str, Any], required: dict[str, list[Any]]) -> str | N
     return None
 
 
+def refusal_hint(required: dict[str, list[Any]]) -> str:
+    """The hint sent with an `authorize` refusal: which way into the console this proxy has."""
+    if not required:
+        return "this proxy opens its admin console only on the admin socket ([admin] listen_unix), without a token"
+    return "log in to the admin console with a token that carries the required claims"
+
+
 # -- commands -------------------------------------------------------------------------------------
 
 
@@ -232,8 +239,19 @@ def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
         if SECRET_KEY.search(key) and not key.endswith("_file"):
             rows.append((name, "<set>" if value else "", ""))
         else:
-            rows.append((name, _config_text(value), _config_text(default)))
+            rows.append((name, _config_text(_masked(value)), _config_text(default)))
     return rows
+
+
+def _masked(value: Any) -> Any:
+    """`value` with every secret inside its tables (a `[roles.map.<value>] password`) replaced by
+    `<set>` or an empty string, at any depth of tables and arrays of tables."""
+    if isinstance(value, dict):
+        return {key: ("<set>" if inner else "") if SECRET_KEY.search(key) and not key.endswith("_file")
+                else _masked(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_masked(inner) for inner in value]
+    return value
 
 
 def _config_text(value: Any) -> str:
@@ -457,9 +475,10 @@ class Console:
         if EVERY_DATABASE in pool.paused and database != EVERY_DATABASE:
             raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "every database is paused",
                                "RESUME without a name resumes them all")
-        if database not in pool.paused:
-            what = "nothing is paused" if database == EVERY_DATABASE else f'database "{database}" is not paused'
-            raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, what)
+        if not pool.paused:
+            raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, "nothing is paused")
+        if database != EVERY_DATABASE and database not in pool.paused:  # RESUME alone resumes every pause
+            raise ConsoleError(errors.OBJECT_NOT_IN_PREREQUISITE_STATE, f'database "{database}" is not paused')
         for each in self.server.pools.every():
             each.resume(database)
         return Result("RESUME")

@@ -668,10 +668,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _console_login(self, identity: Identity) -> None:
         """A verified token asks for the console: it enters only with every `[admin] required_claims`."""
-        refusal = admin.authorize(identity.claims, self.server.settings.admin.required_claims)
+        required = self.server.settings.admin.required_claims
+        refusal = admin.authorize(identity.claims, required)
         if refusal is not None:
-            self.refuse(errors.INVALID_AUTHORIZATION, refusal, token=self._token,
-                        hint="log in to the admin console with a token that carries the required claims")
+            self.refuse(errors.INVALID_AUTHORIZATION, refusal, token=self._token, hint=admin.refusal_hint(required))
             return
         self._open_console(admin.Operator.from_identity(identity), identity.expires_at)
 

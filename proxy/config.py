@@ -1039,7 +1039,7 @@ def _admin(values: dict[tuple[str, str], Any], problems: Problems) -> AdminSetti
     path = values[("admin", "listen_unix")]
     if path is not None:
         _check_unix_path(path, problems, "admin.listen_unix")
-        if path == values[("", "listen_unix")]:
+        if _same_socket_file(path, values[("", "listen_unix")], values[("", "listen")]):
             problems.append("admin.listen_unix: must differ from listen_unix (the admin socket needs no token)")
     admin = AdminSettings({key: value if isinstance(value, list) else [value] for key, value in required.items()},
                           path, values[("admin", "max_tenants")])
@@ -1048,6 +1048,19 @@ def _admin(values: dict[tuple[str, str], Any], problems: Problems) -> AdminSetti
         problems.append(f"upstream.databases: {ADMIN_DATABASE!r} is the admin console's name; rename the database"
                         " or leave [admin] unset")
     return admin
+
+
+def _same_socket_file(path: str, other: str | None, listen: str) -> bool:
+    """Whether two `listen_unix` values name one socket file, however each is written: a directory
+    names `<dir>/.s.PGSQL.<port of listen>` (libpq's naming), and paths are compared resolved."""
+    if other is None:
+        return False
+    port = listen.rpartition(":")[2]
+
+    def socket_file(value: str) -> str:
+        return os.path.realpath(os.path.join(value, f".s.PGSQL.{port}") if os.path.isdir(value) else value)
+
+    return socket_file(path) == socket_file(other)
 
 
 def _check_token_file(values: dict[tuple[str, str], Any], problems: Problems) -> None:

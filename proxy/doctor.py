@@ -30,7 +30,8 @@ from proxy.hardening import PRIVILEGED_ROLES, REVOCATIONS, Revocation
 from proxy.tenant import quote_literal, sign
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-EXTRA_MISSING = "pg-tenant-proxy doctor needs psycopg, which comes with the doctor extra: pip install 'pg-tenant-proxy[doctor]'"
+EXTRA_MISSING = ("`doctor` and `check --connect` need psycopg, which comes with the doctor extra: "
+                 "pip install '.[doctor]' in a clone of the repository (an image: --build-arg EXTRAS='[doctor]')")
 SELF_TEST_TENANT = "00000000-0000-4000-8000-00000000d0c7"
 PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
 MAX_FIX_LINES = 10  # per finding in the terminal table; --json has them all

@@ -279,6 +279,15 @@ class ProxyServer:
         AUDIT.reload(result="ok", restart_needed=restart)
         return True
 
+    def _follow_admin(self, settings: Settings) -> None:
+        """[admin] on reload: `required_claims` that turn the console on create it (its `SHOW TENANTS`
+        totals start then), and its ledger keeps the new `max_tenants`. `[admin] listen_unix` needs a
+        restart, like every listener."""
+        if self.console is None and settings.admin.enabled:
+            self.console = Console(self)
+        elif self.console is not None:
+            self.console.ledger.max_tenants = settings.admin.max_tenants
+
     def _apply(self, settings: Settings, parts: SessionParts) -> None:
         """Put a checked configuration in force. The pool takes its new limits in place; when the
         upstream connection settings changed, idle server connections close and ones in use close when
@@ -292,6 +301,7 @@ class ProxyServer:
         self.pool.reconfigure(settings.upstream, settings.pool, retire)
         for pool in self.pools.by_role.values():  # [roles] needs a restart; their sizes follow
             pool.reconfigure(pool.upstream, settings.pool, False)
+        self._follow_admin(settings)
         if settings.client.token_file != running.client.token_file:
             self.token_file = TokenFile(settings.client.token_file) if settings.client.token_file else None
         rotated = settings.tenant.signing_key != running.tenant.signing_key

@@ -206,6 +206,9 @@ def test_pause_holds_checkouts_until_resume_and_lets_transactions_finish(make_pr
     unknown = psql_console(proxy, "PAUSE nosuchdb", admin_token(proxy))
     assert unknown.returncode == 1 and 'no pool for database "nosuchdb"' in unknown.stderr
     assert psql_console(proxy, f'RESUME "{proxy.db.database}"', admin_token(proxy)).returncode == 0
+    # RESUME without a name ends every pause, those of single databases too.
+    assert console(proxy, f"PAUSE {proxy.db.database}") == [] and pool_of(proxy)["paused"] == "1"
+    assert console(proxy, "RESUME") == [] and pool_of(proxy)["paused"] == "0"
 
 
 def test_pause_in_session_mode_holds_new_sessions_until_resume(make_proxy: Any) -> None:
@@ -279,6 +282,7 @@ def test_the_admin_socket_needs_no_token_and_every_command_is_audited(make_proxy
     # With only the socket configured, no token opens the console over TCP.
     by_token = psql_console(proxy, "SHOW POOLS", admin_token(proxy))
     assert by_token.returncode == 2 and "the admin console accepts no token logins" in by_token.stderr
+    assert "HINT:  this proxy opens its admin console only on the admin socket ([admin] listen_unix)" in by_token.stderr
     assert psql_console(proxy, "SHOW\tnothing\n", host=str(admin_socket)).returncode == 1
     lines = wait_until(lambda: (text := proxy.log()).count('"admin_command"') >= 2 and text)
     events = [json.loads(line) for line in lines.splitlines()]

@@ -172,6 +172,34 @@ def test_sighup_with_a_new_jwt_secret_keeps_live_sessions(pg: EmbeddedPostgres, 
         proxy.stop()
 
 
+def test_a_reload_that_sets_admin_required_claims_opens_the_console(pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+                                                                   tmp_path: Path) -> None:
+    """Started without [admin], the console does not exist (3D000); a reload that sets required_claims
+    (result=ok, nothing named for a restart) opens it to a token carrying them, and a later reload's
+    max_tenants applies to it."""
+    overrides: dict[str, dict[str, Any]] = {}
+    proxy = start(pg, tenant_db, tmp_path, overrides)
+    try:
+        admin_token = proxy.token(ACME, role="proxy-admin")
+        before = proxy.psql(admin_token, "SHOW STATS", database="pgtenantproxy")
+        assert before.returncode != 0 and 'database "pgtenantproxy" is not available' in before.stderr
+        lines = Reloader(proxy, overrides)({"admin.required_claims": {"role": "proxy-admin"}})
+        assert "result=ok" in lines and "restart_needed=-" in lines
+        after = proxy.psql(admin_token, "SHOW STATS", database="pgtenantproxy")
+        assert after.returncode == 0 and after.stdout.startswith("*|"), after.stderr
+        refused = proxy.psql(proxy.token(ACME, role="reader"), "SHOW STATS", database="pgtenantproxy")
+        assert refused.returncode != 0 and 'token claim "role" does not grant access' in refused.stderr
+        # A later reload's max_tenants bounds the console's ledger of ended sessions.
+        assert "result=ok" in Reloader(proxy, overrides)({"admin": {"max_tenants": 1}})
+        for tenant in (ACME, GLOBEX):
+            assert proxy.psql(proxy.token(tenant), "SELECT 1").returncode == 0
+        tenants = wait_until(lambda: (rows := proxy.psql(admin_token, "SHOW TENANTS", database="pgtenantproxy")
+                                      .stdout.split()) and len(rows) == 2 and rows)
+        assert sorted(row.split("|")[0] for row in tenants) == sorted([ACME, "_other"])
+    finally:
+        proxy.stop()
+
+
 def test_a_reload_with_a_broken_configuration_keeps_the_running_one(pg: EmbeddedPostgres, tenant_db: TenantDatabase,
                                                                     tmp_path: Path) -> None:
     http = free_port()

@@ -4,7 +4,9 @@ RESUME in the pool on a fake clock."""
 
 from __future__ import annotations
 
+import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from proxy import admin
 from proxy.admin import Command, ConsoleError, ConsoleSession, Operator, Result, TenantLedger, Verb, parse_command
 from proxy.backend import UpstreamError
-from proxy.config import load
+from proxy.config import ConfigError, load
 from proxy.pool import EVERY_DATABASE, TransactionPool
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
@@ -95,6 +97,16 @@ def test_show_config_masks_every_secret_and_shows_the_rest() -> None:
     text = repr(rows)
     for secret in ("upstream-password-1", "j" * 40, "s" * 40):
         assert secret not in text
+
+
+def test_show_config_masks_the_secrets_inside_tables() -> None:
+    """A mapped role's password sits inside the `[roles] map` table; it is masked like a top-level one."""
+    roles = '{"viewer": {"user": "app_viewer", "password": "viewer-password-1"}, "editor": {"user": "app_editor"}}'
+    rows = {key: value for key, value, _ in admin.config_rows(
+        load(None, {**ENVIRONMENT, "PGTP_ROLES_ROLE_CLAIM": "role", "PGTP_ROLES_MAP": roles}))}
+    assert "viewer-password-1" not in repr(rows)
+    assert json.loads(rows["roles.map"]) == {"viewer": {"user": "app_viewer", "password": "<set>"},
+                                             "editor": {"user": "app_editor"}}
 
 
 def test_admin_settings_are_checked() -> None:
@@ -234,3 +246,26 @@ def test_any_bytes_are_answered_or_are_a_protocol_violation(data: bytes) -> None
         console_session.data_received(data)
     except ProtocolViolation:
         pass
+
+
+@pytest.mark.parametrize("client, admin", [
+    ("{dir}", "{dir}"),
+    ("{dir}", "{dir}/"),
+    ("{dir}", "{dir}/.s.PGSQL.6432"),
+    ("{dir}/.s.PGSQL.6432", "{dir}"),
+    ("{dir}/../{name}", "{dir}"),
+])
+def test_the_admin_socket_cannot_be_the_client_socket_however_it_is_written(
+        tmp_path: Path, client: str, admin: str) -> None:
+    """A directory names `<dir>/.s.PGSQL.<listen port>`; one socket file written two ways is refused by
+    `check`, not found by `run` as 'another server listens there' (its own client socket)."""
+    directory = tmp_path / "sockets"
+    directory.mkdir()
+    names = {"dir": str(directory), "name": directory.name}
+    environment = {**ENVIRONMENT, "PGTP_LISTEN": "127.0.0.1:6432", "PGTP_LISTEN_UNIX": client.format(**names),
+                   "PGTP_ADMIN_LISTEN_UNIX": admin.format(**names)}
+    with pytest.raises(ConfigError) as caught:
+        load(None, environment)
+    assert "admin.listen_unix: must differ from listen_unix (the admin socket needs no token)" in caught.value.problems
+    apart = {**environment, "PGTP_ADMIN_LISTEN_UNIX": str(directory / ".s.PGSQL.6433")}
+    assert load(None, apart).admin_socket_path == str(directory / ".s.PGSQL.6433")

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -100,14 +101,17 @@ def test_psycopg_is_only_in_the_doctor_and_test_extras() -> None:
     assert "psycopg" in names(project["optional-dependencies"]["test"])
 
 
-def test_doctor_without_psycopg_names_the_extra(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["doctor"], ["check", "--connect"]])
+def test_doctor_without_psycopg_names_the_extra(tmp_path: Path, command: list[str]) -> None:
+    """Both commands that need psycopg say so, naming both, and how to install the extra from a clone."""
     config = tmp_path / "proxy.toml"
     config.write_text(f'[upstream]\nuser = "app"\ndatabase = "app"\n[jwt]\nsecret = "{"s" * 40}"\n'
                       f'[tenant]\nsigning_key = "{"k" * 40}"\n')
-    result = subprocess.run([sys.executable, "-c", WITHOUT_PSYCOPG, "doctor", "--config", str(config)],
+    result = subprocess.run([sys.executable, "-c", WITHOUT_PSYCOPG, command[0], "--config", str(config), *command[1:]],
                             capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2, result.stderr
-    assert "pip install 'pg-tenant-proxy[doctor]'" in result.stderr
+    assert "`doctor` and `check --connect` need psycopg" in result.stderr
+    assert "pip install '.[doctor]'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -29,7 +29,7 @@ def commands_table() -> dict[str, str]:
     return {name: usage for name, usage in rows}
 
 
-def test_commands_table_names_every_command_and_only_real_flags() -> None:
+def test_commands_table_names_every_command_and_exactly_its_flags() -> None:
     table = commands_table()
     parsers = subcommands()
     assert set(parsers) <= set(table) <= set(parsers) | COMMANDS_ELSEWHERE
@@ -39,6 +39,8 @@ def test_commands_table_names_every_command_and_only_real_flags() -> None:
         flags = set(re.findall(r"--[a-z-]+", usage))
         known = {option for action in parsers[name]._actions for option in action.option_strings}
         assert flags <= known, f"{name}: {flags - known} not accepted by `pg-tenant-proxy {name}`"
+        long_options = {option for option in known if option.startswith("--")} - {"--help"}
+        assert long_options <= flags, f"{name}: {long_options - flags} missing from the README's Commands table"
 
 
 def test_every_docs_page_is_linked_and_every_link_resolves() -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -146,6 +147,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not secret:
         print("error: give --secret, or --config with jwt.secret set", file=sys.stderr)
         return 2
+    if len(secret.encode()) < 32:  # what `run` requires of jwt.secret: a shorter one mints what no proxy accepts
+        print("error: --secret must be at least 32 bytes (as jwt.secret)", file=sys.stderr)
+        return 2
     try:
         claims = _token_claims(args, issuer)
     except ValueError as exc:
@@ -277,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ListenError as exc:
         print(f"pg-tenant-proxy: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `pg-tenant-proxy sql | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except config.ConfigError as exc:
         for problem in exc.problems:
             print(f"pg-tenant-proxy: configuration error: {problem}", file=sys.stderr)

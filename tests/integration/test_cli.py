@@ -49,6 +49,18 @@ def test_token_command_mints_a_verifiable_token() -> None:
     assert 55 <= claims["exp"] - claims["iat"] <= 60
 
 
+def test_token_command_refuses_a_secret_no_proxy_accepts() -> None:
+    result = run("token", "--secret", "short", "--tenant", ACME)
+    assert result.returncode == 2 and "at least 32 bytes" in result.stderr and result.stdout == ""
+
+
+def test_sql_into_a_reader_that_leaves_is_not_a_traceback() -> None:
+    """`true` has left before the proxy starts writing: every write meets a closed pipe."""
+    result = subprocess.run(f"{sys.executable} -m proxy sql | true", shell=True, capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
 def test_demo_shows_isolation() -> None:
     result = run("demo", "--no-serve", "--port", str(free_port()), timeout=120)
     assert result.returncode == 0, result.stderr

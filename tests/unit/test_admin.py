@@ -4,6 +4,7 @@ RESUME in the pool on a fake clock."""
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Any
 
@@ -96,6 +97,29 @@ def test_show_config_masks_every_secret_and_shows_the_rest() -> None:
     for secret in ("upstream-password-1", "j" * 40, "s" * 40):
         assert secret not in text
 
+
+
+def test_show_config_masks_secrets_inside_tables_and_urls(tmp_path: Any) -> None:
+    """The login roles' passwords in [roles.map], a previous signing key, and credentials in a URL's
+    user part (jwks_url) are secrets too, wherever they sit in a value."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[roles]\nrole_claim = "role"\n'
+        '[roles.map.viewer]\nuser = "viewer"\npassword = "viewer-password-1"\n'
+        '[roles.map."odd \\"key"]\nuser = "odd"\npassword = "odd-password-2"\n'
+        '[tenant]\nprevious_signing_key = "' + "p" * 40 + '"\n'
+        '[jwt]\njwks_url = "https://ops:url-password-3@idp.example/jwks?x=1"\n'
+    )
+    environment = {k: v for k, v in ENVIRONMENT.items() if k != "PGTP_JWT_SECRET"}
+    environment["PGTP_JWT_ALGORITHMS"] = "RS256"
+    rows = {key: value for key, value, _ in admin.config_rows(load(config, environment))}
+    text = repr(rows)
+    for secret in ("viewer-password-1", "odd-password-2", "p" * 40, "url-password-3"):
+        assert secret not in text
+    assert json.loads(rows["roles.map"]) == {"viewer": {"user": "viewer", "password": "<set>"},
+                                             'odd "key': {"user": "odd", "password": "<set>"}}
+    assert rows["jwt.jwks_url"] == "https://ops:<set>@idp.example/jwks?x=1"
+    assert rows["tenant.previous_signing_key"] == "<set>"
 
 def test_admin_settings_are_checked() -> None:
     loaded = load(None, ENVIRONMENT)

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from proxy import admin
 from proxy.admin import Command, ConsoleError, ConsoleSession, Operator, Result, TenantLedger, Verb, parse_command
 from proxy.backend import UpstreamError
-from proxy.config import load
+from proxy.config import ConfigError, load
 from proxy.pool import EVERY_DATABASE, TransactionPool
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
@@ -120,6 +120,19 @@ def test_show_config_masks_secrets_inside_tables_and_urls(tmp_path: Any) -> None
                                              'odd "key': {"user": "odd", "password": "<set>"}}
     assert rows["jwt.jwks_url"] == "https://ops:<set>@idp.example/jwks?x=1"
     assert rows["tenant.previous_signing_key"] == "<set>"
+
+
+def test_with_several_issuers_the_console_names_the_issuer(tmp_path: Any) -> None:
+    """Every issuer of [[jwt.issuers]] can mint `role = "proxy-admin"` (a customer's own Entra tenant
+    assigns app roles): the console must name the issuers it trusts, or the configuration is refused."""
+    issuers = [{"issuer": "https://a.example/", "jwks_url": "https://a.example/jwks"},
+               {"issuer": "https://b.example/", "jwks_url": "https://b.example/jwks"}]
+    environment = {k: v for k, v in ENVIRONMENT.items() if k != "PGTP_JWT_SECRET"}
+    environment.update(PGTP_JWT_ALGORITHMS="RS256", PGTP_JWT_ISSUERS=json.dumps(issuers))
+    with pytest.raises(ConfigError, match=r"admin.required_claims: with several \[\[jwt.issuers\]\]"):
+        load(None, environment)
+    environment["PGTP_ADMIN_REQUIRED_CLAIMS"] = '{"role": "proxy-admin", "iss": "https://a.example/"}'
+    assert load(None, environment).admin.required_claims["iss"] == ["https://a.example/"]
 
 def test_admin_settings_are_checked() -> None:
     loaded = load(None, ENVIRONMENT)

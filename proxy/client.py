@@ -53,6 +53,14 @@ class Counted(enum.Enum):
     GONE = "gone"
 
 
+class Door(enum.Enum):
+    """The listener a client connection came through, which decides what it may ask for."""
+
+    CLIENTS = "clients"  # listen and listen_unix: tenant logins, the console with a token, cancels
+    ADMIN = "admin socket"  # [admin] listen_unix: only the console, without a token
+    PEERS = "worker socket"  # a worker's private socket: only the CancelRequests other workers pass on
+
+
 class UpstreamProtocolViolation(Exception):
     """The server sent what the queue of what it owes cannot explain; reported as XX000."""
 
@@ -60,10 +68,10 @@ class UpstreamProtocolViolation(Exception):
 class ClientConnection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
-    def __init__(self, server: ProxyServer, admin_socket: bool = False) -> None:
+    def __init__(self, server: ProxyServer, door: Door = Door.CLIENTS) -> None:
         self.server = server
         self.id = server.next_client_id()  # SHOW CLIENTS / KILL CLIENT on the admin console
-        self.admin_socket = admin_socket  # accepted on [admin] listen_unix: only the console, no token
+        self.door = door
         self.console: admin.ConsoleSession | None = None
         self.connected_at = time.time()
         self.transactions = 0
@@ -381,6 +389,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _startup_packet(self, packet: messages.StartupPacket) -> None:
         assert self.transport is not None
+        if self.door is Door.PEERS and not isinstance(packet, messages.CancelRequest):
+            raise ProtocolViolation("this socket takes only cancel requests passed on between the proxy's workers")
         if isinstance(packet, (messages.SSLRequest, messages.GSSENCRequest)):
             if self._buffer:
                 raise ProtocolViolation("received unencrypted data after an encryption request")
@@ -422,7 +432,7 @@ class ClientConnection(asyncio.Protocol):
         if refusal is not None:
             self.refuse(*refusal)
             return
-        if self.admin_socket:
+        if self.door is Door.ADMIN:
             self._admin_socket_login(packet.parameters)
             return
         limit = self.server.settings.pool.max_client_connections

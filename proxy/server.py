@@ -23,7 +23,7 @@ from proxy.admin import Console
 from proxy.auth.token_file import TokenFile
 from proxy.backend import Lifecycle, send_cancel
 from proxy import logs
-from proxy.client import ClientConnection
+from proxy.client import ClientConnection, Door
 from proxy.config import ConfigError, Settings, load
 from proxy.guard import Guard
 from proxy.http import Lifecycle as ServerLifecycle, Readiness, start_endpoint
@@ -162,7 +162,13 @@ class ProxyServer:
 
     def admin_connection(self) -> ClientConnection:
         """A client of the `[admin] listen_unix` socket: the console only, without a token."""
-        client = ClientConnection(self, admin_socket=True)
+        client = ClientConnection(self, Door.ADMIN)
+        self.clients.add(client)
+        return client
+
+    def peer_connection(self) -> ClientConnection:
+        """A connection to this worker's private socket: another worker passing on a CancelRequest."""
+        client = ClientConnection(self, Door.PEERS)
         self.clients.add(client)
         return client
 
@@ -336,7 +342,7 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
         servers.append(await loop.create_unix_server(proxy.admin_connection, sock=sockets.admin))
     accepting = list(servers)  # closed first when draining; the rest serve cancels and /readyz until the end
     if worker is not None:
-        servers.append(await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index)))
+        servers.append(await loop.create_unix_server(proxy.peer_connection, worker.socket_path(worker.index)))
     checks = await start_endpoint(settings, proxy, readiness, sockets.http, worker, servers)
     shutdown = Shutdown()
     loop.add_signal_handler(signal.SIGINT, shutdown.request, Stop.IMMEDIATE)

@@ -588,7 +588,7 @@ class ClientConnection(asyncio.Protocol):
         expiry and claims; in session mode the context is set again now when the server connection is
         idle, else right after the client's next group (and again after a rollback that could undo it)."""
         relay = self.relay
-        if relay is None or self.session.state is State.CLOSED:
+        if relay is None or self.session.state is State.CLOSED or not self._same_login_role(identity):
             return
         self.identity = relay.identity = identity
         log.info("token renewed from the token file client=%s tenant=%s", self.address, identity.tenant)
@@ -597,6 +597,21 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
+
+    def _same_login_role(self, identity: Identity) -> bool:
+        """Whether a renewed identity maps to the login role ([roles]) the session runs as; if not, the
+        session ends (28000): its server connections are that role's, and a session never changes role."""
+        try:
+            same = self.server.pools.for_identity(identity) is self.pool
+        except TokenRejected as exc:  # RoleRefused: the renewed token's role is not mapped at all
+            self.terminate(exc.sqlstate, str(exc))
+            return False
+        if not same:
+            log.warning("session ended client=%s tenant=%s: the token file names another role", self.address,
+                        identity.tenant)
+            self.terminate(errors.INVALID_AUTHORIZATION, "the token file now names another database role; a session "
+                           "never changes its login role: reconnect")
+        return same
 
     def _setup_failed(self, exc: Exception, token: str | None = None) -> None:
         """Refuse the client for a failure while setting up its session (called in an except block);

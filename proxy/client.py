@@ -692,7 +692,12 @@ class ClientConnection(asyncio.Protocol):
         self._open_console(admin.LOCAL_OPERATOR, None)
 
     def _console_login(self, identity: Identity) -> None:
-        """A verified token asks for the console: it enters only with every `[admin] required_claims`."""
+        """A verified token asks for the console: it enters only with every `[admin] required_claims`, and
+        only with a token it sent itself (the token file is the application's identity, not an operator's)."""
+        if self._file_login is not None:
+            self.refuse(errors.INVALID_AUTHORIZATION, "the admin console does not accept the token file ([client] token_file)",
+                        hint="send an admin token as the password, or use [admin] listen_unix")
+            return
         refusal = admin.authorize(identity.claims, self.server.settings.admin.required_claims)
         if refusal is not None:
             self.refuse(errors.INVALID_AUTHORIZATION, refusal, token=self._token,

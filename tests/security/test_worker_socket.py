@@ -1,17 +1,20 @@
 """With `workers = N` each worker listens on a private Unix socket so a CancelRequest that landed on
 another worker can be passed on. That socket is for CancelRequests only: a login there would be a Unix
 socket login, which skips `[client] allowed_networks` and `[tls] client_sslmode`, and with
-`[client] token_file` needs no token at all."""
+`[client] token_file` needs no token at all. Nor does the token file, which is the application's
+identity, ever open the admin console."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from support import ACME, RawClient, startup, wait_until
-from proxy.protocol import errors
+from proxy.protocol import errors, messages
 from proxy.protocol.framing import MessageReader
 
 
@@ -74,3 +77,25 @@ def test_the_worker_socket_serves_no_login(make_proxy: Any, tmp_path: Path) -> N
     direct.send(startup())
     assert direct.error()["C"] == errors.INVALID_AUTHORIZATION
     direct.close()
+
+
+def test_the_token_file_never_opens_the_admin_console(make_proxy: Any, tmp_path: Path) -> None:
+    """A local client logs in with the token file without a password; even when that token carries the
+    console's required claims, the console wants a token the client sent itself."""
+    socket_dir = Path(tempfile.mkdtemp(prefix="pgtp-adm-"))
+    try:
+        token_file = socket_dir / "token"
+        proxy = make_proxy({"": {"listen_unix": str(socket_dir)}, "client": {"token_file": str(token_file)},
+                            "admin.required_claims": {"role": "proxy-admin"}})
+        token_file.write_text(proxy.token(ACME, role="proxy-admin"))
+        client = UnixClient(str(socket_dir / f".s.PGSQL.{proxy.port}"))
+        client.send(messages.startup_message({"user": "ops", "database": "pgtenantproxy"}))
+        error = client.error()
+        assert error["C"] == errors.INVALID_AUTHORIZATION and "token file" in error["M"], error
+        client.close()
+        tenant = UnixClient(str(socket_dir / f".s.PGSQL.{proxy.port}"))  # a tenant session still logs in with it
+        tenant.send(startup())
+        assert tenant.read_until(b"Z")[-1] == (b"Z", b"I")
+        tenant.close()
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)

@@ -28,7 +28,7 @@ from proxy.config import ConfigError, Settings, load
 from proxy.guard import Guard
 from proxy.http import Lifecycle as ServerLifecycle, Readiness, start_endpoint
 from proxy.lifecycle import (
-    SHUTDOWN_MESSAGE, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
+    SHUTDOWN_MESSAGE, EarlySighup, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
 )
 from proxy.listeners import Listeners, bind_listeners, listen_error
 from proxy.logs import AUDIT
@@ -348,6 +348,8 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
     loop.add_signal_handler(signal.SIGINT, shutdown.request, Stop.IMMEDIATE)
     loop.add_signal_handler(signal.SIGTERM, shutdown.request, Stop.DRAIN)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    if EarlySighup.take():  # a worker signalled before it served: reload now
+        proxy.reload()
     readiness.lifecycle = ServerLifecycle.SERVING
     log.info(
         "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",

@@ -52,6 +52,7 @@ INT8 = (20, 8)
 TEXT = (25, -1)
 KILL_MESSAGE = "terminating connection due to administrator command"  # Postgres's text for pg_terminate_backend
 SECRET_KEY = re.compile(r"password|secret|signing_key")
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")  # scheme://user:password@host (RFC 3986, userinfo)
 
 
 class ConsoleError(Exception):
@@ -236,21 +237,27 @@ def config_rows(settings: Settings) -> list[tuple[str, str, str]]:
     for (section, key), (_, default) in SCHEMA.items():
         name = f"{section}.{key}" if section else key
         value = settings.values.get((section, key), default)
-        if SECRET_KEY.search(key) and not key.endswith("_file"):
+        if _secret(key):
             rows.append((name, "<set>" if value else "", ""))
         else:
             rows.append((name, _config_text(_masked(value)), _config_text(default)))
     return rows
 
 
+def _secret(key: str) -> bool:
+    """Whether a key (at any depth) holds a secret itself, not the path of a file holding one."""
+    return SECRET_KEY.search(key) is not None and not key.endswith("_file")
+
+
 def _masked(value: Any) -> Any:
-    """`value` with every secret inside its tables (a `[roles.map.<value>] password`) replaced by
-    `<set>` or an empty string, at any depth of tables and arrays of tables."""
+    """`value` with the secrets inside it replaced by `<set>`: the value of a secret key at any depth of
+    a table or list (the passwords of `[roles.map]`), and the password in a URL's user part."""
     if isinstance(value, dict):
-        return {key: ("<set>" if inner else "") if SECRET_KEY.search(key) and not key.endswith("_file")
-                else _masked(inner) for key, inner in value.items()}
+        return {key: "<set>" if _secret(str(key)) else _masked(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_masked(inner) for inner in value]
+        return [_masked(item) for item in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:<set>@", value)
     return value
 
 

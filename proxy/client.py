@@ -53,6 +53,14 @@ class Counted(enum.Enum):
     GONE = "gone"
 
 
+class Door(enum.Enum):
+    """The listener a client connection came through, which decides what it may ask for."""
+
+    CLIENTS = "clients"  # listen and listen_unix: tenant logins, the console with a token, cancels
+    ADMIN = "admin socket"  # [admin] listen_unix: only the console, without a token
+    PEERS = "worker socket"  # a worker's private socket: only the CancelRequests other workers pass on
+
+
 class UpstreamProtocolViolation(Exception):
     """The server sent what the queue of what it owes cannot explain; reported as XX000."""
 
@@ -60,10 +68,10 @@ class UpstreamProtocolViolation(Exception):
 class ClientConnection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
-    def __init__(self, server: ProxyServer, admin_socket: bool = False) -> None:
+    def __init__(self, server: ProxyServer, door: Door = Door.CLIENTS) -> None:
         self.server = server
         self.id = server.next_client_id()  # SHOW CLIENTS / KILL CLIENT on the admin console
-        self.admin_socket = admin_socket  # accepted on [admin] listen_unix: only the console, no token
+        self.door = door
         self.console: admin.ConsoleSession | None = None
         self.connected_at = time.time()
         self.transactions = 0
@@ -381,6 +389,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _startup_packet(self, packet: messages.StartupPacket) -> None:
         assert self.transport is not None
+        if self.door is Door.PEERS and not isinstance(packet, messages.CancelRequest):
+            raise ProtocolViolation("this socket takes only cancel requests passed on between the proxy's workers")
         if isinstance(packet, (messages.SSLRequest, messages.GSSENCRequest)):
             if self._buffer:
                 raise ProtocolViolation("received unencrypted data after an encryption request")
@@ -422,7 +432,7 @@ class ClientConnection(asyncio.Protocol):
         if refusal is not None:
             self.refuse(*refusal)
             return
-        if self.admin_socket:
+        if self.door is Door.ADMIN:
             self._admin_socket_login(packet.parameters)
             return
         limit = self.server.settings.pool.max_client_connections
@@ -578,7 +588,7 @@ class ClientConnection(asyncio.Protocol):
         expiry and claims; in session mode the context is set again now when the server connection is
         idle, else right after the client's next group (and again after a rollback that could undo it)."""
         relay = self.relay
-        if relay is None or self.session.state is State.CLOSED:
+        if relay is None or self.session.state is State.CLOSED or not self._same_login_role(identity):
             return
         self.identity = relay.identity = identity
         log.info("token renewed from the token file client=%s tenant=%s", self.address, identity.tenant)
@@ -587,6 +597,21 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
+
+    def _same_login_role(self, identity: Identity) -> bool:
+        """Whether a renewed identity maps to the login role ([roles]) the session runs as; if not, the
+        session ends (28000): its server connections are that role's, and a session never changes role."""
+        try:
+            same = self.server.pools.for_identity(identity) is self.pool
+        except TokenRejected as exc:  # RoleRefused: the renewed token's role is not mapped at all
+            self.terminate(exc.sqlstate, str(exc))
+            return False
+        if not same:
+            log.warning("session ended client=%s tenant=%s: the token file names another role", self.address,
+                        identity.tenant)
+            self.terminate(errors.INVALID_AUTHORIZATION, "the token file now names another database role; a session "
+                           "never changes its login role: reconnect")
+        return same
 
     def _setup_failed(self, exc: Exception, token: str | None = None) -> None:
         """Refuse the client for a failure while setting up its session (called in an except block);
@@ -667,7 +692,12 @@ class ClientConnection(asyncio.Protocol):
         self._open_console(admin.LOCAL_OPERATOR, None)
 
     def _console_login(self, identity: Identity) -> None:
-        """A verified token asks for the console: it enters only with every `[admin] required_claims`."""
+        """A verified token asks for the console: it enters only with every `[admin] required_claims`, and
+        only with a token it sent itself (the token file is the application's identity, not an operator's)."""
+        if self._file_login is not None:
+            self.refuse(errors.INVALID_AUTHORIZATION, "the admin console does not accept the token file ([client] token_file)",
+                        hint="send an admin token as the password, or use [admin] listen_unix")
+            return
         required = self.server.settings.admin.required_claims
         refusal = admin.authorize(identity.claims, required)
         if refusal is not None:

@@ -1036,6 +1036,9 @@ def _admin(values: dict[tuple[str, str], Any], problems: Problems) -> AdminSetti
             problems.append(f"admin.required_claims: {exc}")
         if isinstance(accepted, list) and not accepted:
             problems.append(f"admin.required_claims: {path!r} lists no accepted value")
+    if required and len(values[("jwt", "issuers")]) > 1 and "iss" not in required:
+        problems.append("admin.required_claims: with several [[jwt.issuers]], name the issuers whose tokens may open"
+                        " the admin console (iss = ...): every issuer can mint the other required claims")
     path = values[("admin", "listen_unix")]
     if path is not None:
         _check_unix_path(path, problems, "admin.listen_unix")

@@ -693,6 +693,32 @@ class Guard:
         return None
 
 
+class Classifier(Guard):
+    """The guard's reading of a text without its refusals, for the relay when `[guard] enabled = false`:
+    what the text does to the session (settings written, prepared statements dropped, one statement that
+    Postgres refuses inside a transaction block), which the relay needs to keep its own promises whether
+    or not client SQL is checked (a context pipelined in front of DISCARD ALL fails it with 25001).
+    Text it cannot read (a syntax error, too large or too deep) is `ALLOW`: it goes upstream as it
+    would with no guard, and Postgres answers it."""
+
+    def __init__(self, transaction_mode: bool) -> None:
+        super().__init__(ProtectedSettings((), ()), allow_do=True, transaction_mode=transaction_mode)
+
+    def check(self, sql: str) -> Decision:
+        decision = super().check(sql)
+        return ALLOW if decision.refusal is not None else decision
+
+    def _node(self, kind: str, node: dict[str, Any], effects: _Effects) -> Refusal | None:
+        super()._node(kind, node, effects)  # records what the node does (set_config); its refusal is dropped
+        return None
+
+
+@lru_cache(maxsize=2)
+def classifier(transaction_mode: bool) -> Classifier:
+    """The process's one Classifier for a pool mode (its decision cache is shared by every session)."""
+    return Classifier(transaction_mode)
+
+
 def _settings_write(node: dict[str, Any]) -> Refusal | None:
     """The refusal for INSERT, UPDATE, DELETE or MERGE on pg_settings (whose rules call set_config())."""
     relation = node.get("relation") or {}

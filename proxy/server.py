@@ -23,12 +23,12 @@ from proxy.admin import Console
 from proxy.auth.token_file import TokenFile
 from proxy.backend import Lifecycle, send_cancel
 from proxy import logs
-from proxy.client import ClientConnection
+from proxy.client import ClientConnection, Door
 from proxy.config import ConfigError, Settings, load
 from proxy.guard import Guard
 from proxy.http import Lifecycle as ServerLifecycle, Readiness, start_endpoint
 from proxy.lifecycle import (
-    SHUTDOWN_MESSAGE, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
+    SHUTDOWN_MESSAGE, EarlySighup, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
 )
 from proxy.listeners import Listeners, bind_listeners, listen_error
 from proxy.logs import AUDIT
@@ -162,7 +162,13 @@ class ProxyServer:
 
     def admin_connection(self) -> ClientConnection:
         """A client of the `[admin] listen_unix` socket: the console only, without a token."""
-        client = ClientConnection(self, admin_socket=True)
+        client = ClientConnection(self, Door.ADMIN)
+        self.clients.add(client)
+        return client
+
+    def peer_connection(self) -> ClientConnection:
+        """A connection to this worker's private socket: another worker passing on a CancelRequest."""
+        client = ClientConnection(self, Door.PEERS)
         self.clients.add(client)
         return client
 
@@ -346,12 +352,14 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
         servers.append(await loop.create_unix_server(proxy.admin_connection, sock=sockets.admin))
     accepting = list(servers)  # closed first when draining; the rest serve cancels and /readyz until the end
     if worker is not None:
-        servers.append(await loop.create_unix_server(proxy.connection, worker.socket_path(worker.index)))
+        servers.append(await loop.create_unix_server(proxy.peer_connection, worker.socket_path(worker.index)))
     checks = await start_endpoint(settings, proxy, readiness, sockets.http, worker, servers)
     shutdown = Shutdown()
     loop.add_signal_handler(signal.SIGINT, shutdown.request, Stop.IMMEDIATE)
     loop.add_signal_handler(signal.SIGTERM, shutdown.request, Stop.DRAIN)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    if EarlySighup.take():  # a worker signalled before it served: reload now
+        proxy.reload()
     readiness.lifecycle = ServerLifecycle.SERVING
     log.info(
         "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from types import FrameType
 
+from proxy.lifecycle import EarlySighup
 from proxy.server import Worker
 
 log = logging.getLogger("pg_tenant_proxy")
@@ -27,7 +28,7 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
         if pid == 0:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() reloads on it: never kill a worker
+            signal.signal(signal.SIGHUP, EarlySighup.remember)  # until serve() reloads on it: never kill a worker
             status = 0
             try:
                 run_worker(Worker(index, count, peer_dir))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from typing import Any, Protocol
 
 from proxy.access import network_allowed
@@ -93,7 +94,14 @@ class TokenFile:
             signature = (status.st_mtime_ns, status.st_size, status.st_ino)
             if signature == self._signature:
                 return
-            with open(self.path, "rb") as file:
+            if not stat.S_ISREG(status.st_mode):
+                self._fail("it is not a regular file")  # a named pipe would block the event loop
+                return
+            descriptor = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # swapped for a pipe since the stat
+            with open(descriptor, "rb") as file:
+                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                    self._fail("it is not a regular file")
+                    return
                 data = file.read(MAX_TOKEN_BYTES + 1)
         except OSError as exc:
             self._fail(f"it cannot be read ({exc.strerror or type(exc).__name__})")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.guard import ALLOW, Decision, Refusal
+from proxy.guard import ALLOW, Decision, Refusal, classifier
 from proxy.lexing import SQLSTATE as LEXING_SQLSTATE
 from proxy.lexing import lexing_problem
 from proxy.metrics import METRICS
@@ -491,10 +491,9 @@ class Relay:
     def decide(self, text: bytes) -> Decision:
         """The guard's decision on a Query's or Parse's text (NUL terminator excluded), refusing SQL that
         deallocates or prepares under a name of the proxy's (its own statements, or those it shares
-        between clients)."""
-        guard = self.guard
-        if guard is None:
-            return ALLOW
+        between clients). With the guard off, the classifier's reading (`proxy.guard.Classifier`): what
+        the text does to the session, never a refusal of its own."""
+        guard = self.guard if self.guard is not None else classifier(isinstance(self.mode, TransactionMode))
         decision = guard.check(text.decode("utf-8", "replace"))
         if decision.refusal is None and (
             (decision is not ALLOW and any(name.lower().startswith(RESERVED) for name in decision.deallocates))

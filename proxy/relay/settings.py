@@ -23,10 +23,15 @@ from __future__ import annotations
 from proxy.protocol import messages
 
 READ_STATEMENT = b"pg_tenant_proxy_read_settings"
+# Only names the role may read: a custom (dotted) name, or one pg_settings shows it. A built-in setting
+# it may not examine (config_file, hba_file, data_directory: pg_read_all_settings) fails current_setting()
+# even with missing_ok, and a client's failed `SET hba_file = ...` must not make the proxy's read fail.
 READ_SQL = (
-    "SELECT s.name, pg_catalog.current_setting(s.name, true) FROM ("
-    "SELECT pg_catalog.lower(name) FROM pg_catalog.pg_settings WHERE source = 'session'"
-    " UNION SELECT pg_catalog.lower(n) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n) AS s(name)"
+    "WITH p AS MATERIALIZED (SELECT pg_catalog.lower(name) AS name, source FROM pg_catalog.pg_settings)"
+    " SELECT s.name, pg_catalog.current_setting(s.name, true) FROM ("
+    "SELECT name FROM p WHERE source = 'session'"
+    " UNION SELECT pg_catalog.lower(n) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n"
+    " WHERE pg_catalog.strpos(n, '.') > 0 OR pg_catalog.lower(n) IN (SELECT name FROM p)) AS s(name)"
 )
 APPLY_STATEMENT = b"pg_tenant_proxy_apply_settings"
 APPLY_SQL = (

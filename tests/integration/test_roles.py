@@ -9,10 +9,13 @@ member of the editor role), not a `SET ROLE` the session could undo.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import secrets
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -313,3 +316,43 @@ def test_sql_hardens_every_mapped_role(pg: EmbeddedPostgres, roles_db: tuple[Ten
                             capture_output=True, text=True, timeout=60, cwd=REPO, check=True)
     for role in (db.app_role, VIEWER, EDITOR):
         assert f"set_config('pg_tenant_proxy.upstream_role', '{role}', true)" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_token_file_renewed_to_another_role_ends_the_session(
+    pg: EmbeddedPostgres, roles_db: tuple[TenantDatabase, dict[str, str]], tmp_path: Path, mode: str
+) -> None:
+    """A session logged in with `[client] token_file` goes on with the file's renewed token; when the
+    renewed token maps to another login role (the editor's token replaced by a viewer's), the session
+    cannot keep running on the editor's connections: it ends with 28000, as one whose tenant changed."""
+    db, passwords = roles_db
+    socket_dir = Path(tempfile.mkdtemp(prefix="pgtp-role-"))
+    token_file = socket_dir / "token"
+    overrides = {"pool": {"mode": mode, "size": 1}, "": {"listen_unix": str(socket_dir)},
+                 "client": {"token_file": str(token_file)}, **role_sections(passwords)}
+    proxy = ProxyProcess(pg, db, tmp_path, overrides)
+    token_file.write_text(proxy.token(**{ROLE_CLAIM: "editor"}))
+    proxy.start()
+    try:
+        dsn = f"host={socket_dir} port={proxy.port} user=alice dbname={DATABASE}"
+        with psycopg.connect(dsn, password="unused", autocommit=True) as conn:
+            assert identity(conn) == (EDITOR, EDITOR, True)
+            replaced = token_file.with_name("token.new")
+            replaced.write_text(proxy.token(**{ROLE_CLAIM: "viewer"}))
+            os.replace(replaced, token_file)
+
+            def ended() -> bool:
+                try:
+                    assert identity(conn) == (EDITOR, EDITOR, True)
+                except psycopg.OperationalError as exc:  # the FATAL, unless the client wrote after the close
+                    assert exc.sqlstate in ("28000", None), exc
+                    return True
+                return False
+
+            wait_until(ended, deadline=15)
+        assert "the token file names another role" in proxy.log()
+        with psycopg.connect(dsn, password="unused", autocommit=True) as again:  # a new session: the viewer
+            assert identity(again) == (VIEWER, VIEWER, False)
+    finally:
+        proxy.stop()
+        shutil.rmtree(socket_dir, ignore_errors=True)

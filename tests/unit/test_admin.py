@@ -109,6 +109,42 @@ def test_show_config_masks_the_secrets_inside_tables() -> None:
                                              "editor": {"user": "app_editor"}}
 
 
+
+def test_show_config_masks_secrets_inside_tables_and_urls(tmp_path: Any) -> None:
+    """The login roles' passwords in [roles.map], a previous signing key, and credentials in a URL's
+    user part (jwks_url) are secrets too, wherever they sit in a value."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[roles]\nrole_claim = "role"\n'
+        '[roles.map.viewer]\nuser = "viewer"\npassword = "viewer-password-1"\n'
+        '[roles.map."odd \\"key"]\nuser = "odd"\npassword = "odd-password-2"\n'
+        '[tenant]\nprevious_signing_key = "' + "p" * 40 + '"\n'
+        '[jwt]\njwks_url = "https://ops:url-password-3@idp.example/jwks?x=1"\n'
+    )
+    environment = {k: v for k, v in ENVIRONMENT.items() if k != "PGTP_JWT_SECRET"}
+    environment["PGTP_JWT_ALGORITHMS"] = "RS256"
+    rows = {key: value for key, value, _ in admin.config_rows(load(config, environment))}
+    text = repr(rows)
+    for secret in ("viewer-password-1", "odd-password-2", "p" * 40, "url-password-3"):
+        assert secret not in text
+    assert json.loads(rows["roles.map"]) == {"viewer": {"user": "viewer", "password": "<set>"},
+                                             'odd "key': {"user": "odd", "password": "<set>"}}
+    assert rows["jwt.jwks_url"] == "https://ops:<set>@idp.example/jwks?x=1"
+    assert rows["tenant.previous_signing_key"] == "<set>"
+
+
+def test_with_several_issuers_the_console_names_the_issuer(tmp_path: Any) -> None:
+    """Every issuer of [[jwt.issuers]] can mint `role = "proxy-admin"` (a customer's own Entra tenant
+    assigns app roles): the console must name the issuers it trusts, or the configuration is refused."""
+    issuers = [{"issuer": "https://a.example/", "jwks_url": "https://a.example/jwks"},
+               {"issuer": "https://b.example/", "jwks_url": "https://b.example/jwks"}]
+    environment = {k: v for k, v in ENVIRONMENT.items() if k != "PGTP_JWT_SECRET"}
+    environment.update(PGTP_JWT_ALGORITHMS="RS256", PGTP_JWT_ISSUERS=json.dumps(issuers))
+    with pytest.raises(ConfigError, match=r"admin.required_claims: with several \[\[jwt.issuers\]\]"):
+        load(None, environment)
+    environment["PGTP_ADMIN_REQUIRED_CLAIMS"] = '{"role": "proxy-admin", "iss": "https://a.example/"}'
+    assert load(None, environment).admin.required_claims["iss"] == ["https://a.example/"]
+
 def test_admin_settings_are_checked() -> None:
     loaded = load(None, ENVIRONMENT)
     assert loaded.admin.enabled and loaded.admin.required_claims == {"role": ["proxy-admin"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,29 @@ def test_the_token_file_keys_are_read(tmp_path: Path) -> None:
     path.write_text(CONFIG)
     defaults = config.load(path, environ={})
     assert (defaults.client.token_file, defaults.client.token_file_networks) == (None, [])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink to a fifo"])
+def test_a_path_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    """A named pipe (some secret agents write one) would block open() and with it the proxy's event loop,
+    every tenant's sessions included: only a regular file (or a symlink to one) is read."""
+    target = tmp_path / "target"
+    if kind == "directory":
+        target.mkdir()
+    else:
+        os.mkfifo(target)
+    path = target if kind != "symlink to a fifo" else tmp_path / "token"
+    if path != target:
+        path.symlink_to(target)
+    outcome: list[BaseException] = []
+    reader = threading.Thread(target=lambda: outcome.append(_refusal(TokenFile(str(path)))), daemon=True)
+    reader.start()
+    reader.join(10)  # a deadline for the failure only: the read returns at once when it does not block
+    assert not reader.is_alive(), "reading the token file blocked"
+    assert isinstance(outcome[0], TokenFileUnreadable) and "not a regular file" in str(outcome[0])
+
+
+def _refusal(source: TokenFile) -> BaseException:
+    with pytest.raises(TokenFileUnreadable) as refused:
+        source.read(0.0)
+    return refused.value

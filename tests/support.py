@@ -51,7 +51,9 @@ def cancel_when_running(pg: EmbeddedPostgres, cancel: Any, marker: str) -> threa
     """Call `cancel()` from a thread once a query containing `marker` is running on the server."""
 
     def running() -> bool:
-        sql = f"SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+        # Not this probe's query, nor an earlier probe's backend still finishing (its text holds the marker too).
+        sql = (f"SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%{marker}%'"
+               " AND query NOT LIKE '%pg_stat_activity%' AND pid <> pg_backend_pid()")
         return pg.psql(sql).strip() not in ("", "0")
 
     def watch() -> None:

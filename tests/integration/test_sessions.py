@@ -18,7 +18,10 @@ from proxy.protocol import messages
 
 
 
-def test_cancel_reaches_the_running_query(proxy: ProxyProcess, pg: EmbeddedPostgres) -> None:
+def test_cancel_reaches_the_running_query(make_proxy: Any, pg: EmbeddedPostgres) -> None:
+    """A proxy of its own: on the shared one, a late cancel of an earlier test's client can reach this
+    session's reused server connection (see docs/pool-modes.md on cancels)."""
+    proxy = make_proxy()
     with psycopg.connect(proxy.dsn(), password=proxy.token()) as conn:
         start = time.monotonic()
         watcher = cancel_when_running(pg, conn.cancel, "cancel_me_1")

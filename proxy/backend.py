@@ -110,6 +110,7 @@ class BackendConnection(asyncio.Protocol):
         self.opened_at = 0.0  # loop time, set by the pool
         self.idle_since = 0.0
         self.holder: str | None = None  # the tenant whose client holds it (the pool's accounting)
+        self.cancels_in_flight = 0  # CancelRequests for it sent upstream and not yet acted on by the server
 
     @property
     def closed(self) -> bool:
@@ -174,8 +175,10 @@ class BackendConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def reusable(self) -> bool:
-        """True when the server is idle between messages with nothing owed: it can serve again."""
-        return not self.closed and self.queue.idle() and self.queue.status == b"I" and self.queue.scanner.at_boundary()
+        """True when the server is idle between messages with nothing owed, and no cancel is on its way to
+        it (one arriving later would cancel the next client's statement): it can serve again."""
+        return (not self.closed and not self.cancels_in_flight and self.queue.idle() and self.queue.status == b"I"
+                and self.queue.scanner.at_boundary())
 
     # -- startup coroutines ----------------------------------------------------------------------
 
@@ -348,12 +351,15 @@ async def connect(
 
 
 async def send_cancel(settings: UpstreamSettings, process_id: int, secret_key: int) -> None:
-    """Deliver a CancelRequest for a real backend key to the upstream server."""
-    _, writer = await asyncio.wait_for(
+    """Deliver a CancelRequest for a real backend key to the upstream server, and wait (up to
+    `connect_timeout_seconds`) until the server closes the connection, which it does once it has
+    signalled the backend (Postgres documentation, 55.2.9 Canceling Requests in Progress)."""
+    reader, writer = await asyncio.wait_for(
         asyncio.open_connection(settings.host, settings.port), settings.connect_timeout_seconds
     )
     try:
         writer.write(messages.cancel_request(process_id, secret_key))
         await writer.drain()
+        await asyncio.wait_for(reader.read(), settings.connect_timeout_seconds)
     finally:
         writer.close()

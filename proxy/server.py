@@ -21,7 +21,7 @@ from typing import Any
 
 from proxy.admin import Console
 from proxy.auth.token_file import TokenFile
-from proxy.backend import Lifecycle, send_cancel
+from proxy.backend import BackendConnection, Lifecycle, send_cancel
 from proxy import logs
 from proxy.client import ClientConnection, Door
 from proxy.config import ConfigError, Settings, load
@@ -210,7 +210,7 @@ class ProxyServer:
         backend = client.backend
         if backend is None:
             return
-        self._spawn(self._send_cancel(backend.process_id, backend.secret_key))
+        self._spawn(self._send_cancel(backend))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -227,11 +227,16 @@ class ProxyServer:
         except OSError as exc:
             log.warning("cancel could not reach worker socket %s: %s", path, exc)
 
-    async def _send_cancel(self, process_id: int, secret_key: int) -> None:
+    async def _send_cancel(self, backend: BackendConnection) -> None:
+        """Cancel what `backend` runs; until the server has acted on it the connection is not reused
+        (`BackendConnection.reusable`): the pool closes it rather than give a late cancel to another client."""
+        backend.cancels_in_flight += 1
         try:
-            await send_cancel(self.settings.upstream, process_id, secret_key)
+            await send_cancel(self.settings.upstream, backend.process_id, backend.secret_key)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cancel could not reach the upstream server: %s", exc)
+        finally:
+            backend.cancels_in_flight -= 1
 
     def shutdown(self) -> None:
         """Close every client connection with 57P01, as a server shutting down does."""

@@ -196,6 +196,16 @@ def test_connection_past_its_lifetime_closed_when_it_comes_back() -> None:
     assert backend.lifecycle is Lifecycle.CLOSED
 
 
+def test_connection_with_a_cancel_in_flight_is_closed_not_reused() -> None:
+    """A CancelRequest the server has not acted on yet would cancel the next client's statement."""
+    pool, loop = new_pool(kind=TransactionPool)
+    assert isinstance(pool, TransactionPool)
+    backend = pooled_backend(pool, loop)
+    backend.cancels_in_flight = 1
+    pool.release(backend)
+    assert backend.lifecycle is Lifecycle.CLOSED and pool.take("app", "acme") is None
+
+
 def test_idle_connection_swept_after_the_idle_timeout() -> None:
     pool, loop = new_pool(kind=TransactionPool)
     backend = pooled_backend(pool, loop)

@@ -264,10 +264,11 @@ class Pool:
 
     def oldest_wait(self, database: str) -> float:
         """Seconds the longest-waiting client in `database`'s queue has waited (0 when none waits)."""
-        deadlines = [w.deadline for w in self._waiters.get(database, ()) if not w.done()]
-        if not deadlines:
+        waiters = self._waiters.get(database)
+        earliest = waiters.earliest_deadline() if waiters is not None else None
+        if earliest is None:
             return 0.0
-        return max(0.0, self.loop.time() - (min(deadlines) - self.settings.checkout_timeout))
+        return max(0.0, self.loop.time() - (earliest - self.settings.checkout_timeout))
 
     def _someone_may_take(self, database: str) -> bool:
         """A client waits for `database` whose tenant is below its limit."""

@@ -126,4 +126,5 @@ class WaitQueue(Generic[R]):
         return late
 
     def earliest_deadline(self) -> float | None:
+        """The earliest deadline of the waiters still waiting (loop time, seconds), None when none waits."""
         return min((w.deadline for w in self), default=None)

@@ -38,3 +38,8 @@ INTERNAL_ERROR = "XX000"
 
 class ProtocolViolation(Exception):
     """Bytes from a peer that do not follow the protocol; reported as SQLSTATE 08P01."""
+
+
+class UpstreamProtocolViolation(Exception):
+    """The server sent what the queue of what it owes cannot explain: the proxy lost track of its
+    replies, reported to the client as XX000 (the client did nothing wrong)."""

@@ -87,4 +87,5 @@ class FlowControl:
             side.transport.resume_reading()
         side.transport = None
         side.reasons.clear()
-        self.client.resume(Reason.PEER_FULL)
+        if self.client.reasons:
+            self.client.resume(Reason.PEER_FULL)

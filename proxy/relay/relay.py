@@ -35,8 +35,9 @@ from proxy.lexing import SQLSTATE as LEXING_SQLSTATE
 from proxy.lexing import lexing_problem
 from proxy.metrics import METRICS
 from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.protocol.framing import Message, MessageScanner, Segment
-from proxy.relay.replies import Outcome, Owner, ReplyQueue, Request, Watcher
+from proxy.relay.replies import Outcome, Owed, Owner, ReplyQueue, Request, Watcher
 from proxy.relay.settings import (
     APPLY_SQL,
     APPLY_STATEMENT,
@@ -245,10 +246,15 @@ class Relay:
         return queue is not None and queue.status != b"I" and queue.idle() and not self.held
 
     def server_data(self, data: bytes) -> None:
-        """Bytes from the server: account for them and pass on what is the client's."""
+        """Bytes from the server: account for them and pass on what is the client's. Raises
+        UpstreamProtocolViolation when the server sends what nothing owed explains (XX000 for the
+        client), ProtocolViolation when a client message held until now is malformed (08P01)."""
         queue = self.queue
         assert queue is not None
-        out = queue.feed(data)
+        try:
+            out = queue.feed(data)
+        except ProtocolViolation as exc:  # the server's bytes: the client did nothing wrong
+            raise UpstreamProtocolViolation(str(exc)) from exc
         if out:
             self.hooks.send_client(out)
         if self.transactions_ended:
@@ -308,16 +314,18 @@ class Relay:
         """Bytes from the client (logged in). Raises ProtocolViolation on a malformed stream."""
         if self.terminated:
             return
-        if self.server is None and not self.held and self.scanner.lone(data) == 88:  # 'X' alone: nothing to check out for
-            self.terminated = True
-            self.hooks.terminated()
-            return
-        if self.server is None and not self.held and not self.preparing:
-            self.hooks.need_server()  # an idle server connection is attached at once when there is one
+        lone = self.scanner.lone(data)
+        if self.server is None and not self.held:
+            if lone == 88:  # 'X' alone: nothing to check out for
+                self.terminated = True
+                self.hooks.terminated()
+                return
+            if not self.preparing:
+                self.hooks.need_server()  # an idle server connection is attached at once when there is one
         if self.server is None or self.held or self.preparing:
-            self._hold(self.scanner.scan(data))
+            self._hold((Message(b"Q", data),) if lone == 81 else self.scanner.scan(data))
             return
-        if self.scanner.lone(data) == 81:  # 'Q': the common read, one whole simple Query
+        if lone == 81:  # 'Q': the common read, one whole simple Query
             if self.mode.plain_query(data):
                 METRICS.queries += 1
                 return
@@ -333,13 +341,23 @@ class Relay:
             self.hooks.hold_client(True)
 
     def _resume(self) -> None:
-        """Go on with held client messages (a server connection arrived, or a group ended)."""
-        if not self.held:
+        """Go on with held client messages (a server connection arrived, or a group ended). One simple
+        Query held alone (a transaction-mode client that waited for its checkout) takes the hot path."""
+        held = self.held
+        if not held:
             return
-        segments = list(self.held)
-        self.held.clear()
+        paused = self.held_bytes > HELD_HIGH_WATER
         self.held_bytes = 0
-        self.hooks.hold_client(False)
+        if paused:
+            self.hooks.hold_client(False)
+        if len(held) == 1 and not self._out:
+            segment = held[0]
+            if type(segment) is Message and segment.type == b"Q" and self.mode.plain_query(segment.raw):  # type: ignore[union-attr]
+                held.clear()
+                METRICS.queries += 1
+                return
+        segments = list(held)
+        held.clear()
         self._run(segments)
 
     def _run(self, segments: Sequence[Segment]) -> None:
@@ -497,7 +515,7 @@ class Relay:
         decision = guard.check(text.decode("utf-8", "replace"))
         if decision.refusal is None and (
             (decision is not ALLOW and any(name.lower().startswith(RESERVED) for name in decision.deallocates))
-            or _PREPARE_RESERVED.search(text) is not None
+            or (b"pg_tenant_proxy_" in text.lower() and _PREPARE_RESERVED.search(text) is not None)
         ):
             return RESERVED_SQL
         return decision
@@ -507,6 +525,17 @@ RESERVED = PREFIX.decode()
 # Text that may end a transaction (and may start another, AND CHAIN): the context is sent again before
 # the next statement. Matching more than that costs only a context sent twice in one transaction.
 _MAY_END_TRANSACTION = re.compile(rb"\b(?:commit|rollback|end|abort)\b", re.IGNORECASE)
+
+
+def may_end_transaction(text: bytes, start: int = 0) -> bool:
+    """`text` from `start` holds a word that may end a transaction (`_MAY_END_TRANSACTION`); the regex
+    runs only when one of the words appears at all (the common statement holds none)."""
+    lowered = text.lower()
+    if b"end" not in lowered and b"commit" not in lowered and b"rollback" not in lowered and b"abort" not in lowered:
+        return False
+    return _MAY_END_TRANSACTION.search(text, start) is not None
+
+
 _PREPARE_RESERVED = re.compile(rb'\bprepare\s+"?pg_tenant_proxy_', re.IGNORECASE)
 RESERVED_SQL = Decision(refusal=Refusal(
     errors.INSUFFICIENT_PRIVILEGE, "prepared statement names starting with pg_tenant_proxy_ are reserved for pg-tenant-proxy",
@@ -628,7 +657,7 @@ class SessionMode:
             relay.refuse_group(decision.refusal)
             return True
         reassert = decision.resets_all or (  # ROLLBACK (TO) may undo the context set again after a RESET ALL
-            self.reset_in_block and _MAY_END_TRANSACTION.search(message.raw, 5) is not None
+            self.reset_in_block and may_end_transaction(message.raw, 5)
         )
         self.reset_in_block = self.reset_in_block or decision.resets_all
         if reassert and relay.mid_group:
@@ -755,6 +784,8 @@ class TransactionMode:
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
         self.ending_portals: set[bytes] = set()  # portals bound to those
         self.stand_ins: list[bytes] = []  # client names the server holds a stand-in under, until closed again
+        # The hot path's context entry, reused for every transaction (an OWN CONTEXT entry never changes):
+        self.plain_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, OwnRequest(self._context_failed), False)
 
     # -- checkout --------------------------------------------------------------------------------
 
@@ -774,7 +805,9 @@ class TransactionMode:
         state.client = relay.serial
         self.context_set = False
         self.reset_in_block = False
-        self._apply(relay.settings.current, sync_owed)
+        wanted = relay.settings.current
+        if sync_owed or state.settings != wanted:
+            self._apply(wanted, sync_owed)
         return False
 
     def _reset_for_another_tenant(self) -> bool:
@@ -905,7 +938,7 @@ class TransactionMode:
         relay.server.state.statements.unnamed = None
         relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
         self._close_stand_ins(group_end=True)
-        if _MAY_END_TRANSACTION.search(message.raw, 5) is not None:
+        if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
             self._rolled_back()
         self.group_sent()
@@ -1015,7 +1048,7 @@ class TransactionMode:
         server = relay.server.state.statements
         statement = statement_for(definition, relay.settings.current.get("search_path", ""), decision)
         self.statements.remember(name, statement)
-        if _MAY_END_TRANSACTION.search(text) is not None:
+        if may_end_transaction(text):
             self.ending.add(name)
         else:
             self.ending.discard(name)
@@ -1315,23 +1348,28 @@ class TransactionMode:
         relay = self.relay
         queue, server = relay.queue, relay.server
         if (
-            relay.skip_group or relay.mid_group or self.context_set or self.reapply or relay.settings.stale
-            or queue is None or server is None or queue.status != b"I" or queue.groups_owed() or queue.skipping()
-            or not server.state.statements.has(relay.context.statement_name)
+            queue is None or server is None or queue.status != b"I" or queue.client_group_ends or queue.skipping()
+            or self.context_set or self.reapply or self.flush_sync_pending
+            or relay.skip_group or relay.mid_group or relay.settings.stale
+        ):
+            return False
+        context = relay.context
+        statements = server.state.statements
+        if (
+            not statements.has(context.statement_name)
             or relay.decide(data[5:-1]) is not ALLOW
-            or _MAY_END_TRANSACTION.search(data, 5) is not None
+            or may_end_transaction(data, 5)
         ):
             return False
         identity = relay.identity
-        context = relay.context.transaction_messages(identity.tenant, server.process_id, identity.expires_at,
-                                                     identity.claims_json)
-        server.state.statements.in_use.add(relay.context.statement_name)
+        statements.in_use.add(context.statement_name)
         self.context_reset = False
         self.statements.unnamed = None  # a simple Query drops the unnamed statement
-        server.state.statements.unnamed = None
-        relay.hooks.send_upstream(context + data)
-        queue.expect(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, OwnRequest(self._context_failed))
-        queue.expect_query()
+        statements.unnamed = None
+        relay.hooks.send_upstream(
+            context.transaction_messages(identity.tenant, server.process_id, identity.expires_at, identity.claims_json) + data
+        )
+        queue.expect_context_query(self.plain_context)
         METRICS.context_sets += 1
         return True
 

@@ -46,7 +46,8 @@ class Request(HotEnum):
     FUNCTION_CALL = "FunctionCall"
     COPY_END = "CopyDone/CopyFail"  # answered by the Execute or Query that started the COPY
     COPY_DATA = "CopyData"  # answered by nothing: marks where the client's data began
-    CONTEXT = "Bind, Execute, Close"  # the proxy's context in front of a transaction: one entry for the three
+    CONTEXT = "Bind, Execute, Close"  # the proxy's context in front of a transaction: one entry for the three;
+    # its watcher acts only on failure (the hot path settles a completed one without telling it)
 
 
 EXTENDED = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE, Request.CONTEXT})
@@ -143,6 +144,8 @@ _ASYNC = frozenset(b"NAS")
 _NONE: frozenset[int] = frozenset()
 _HEADER = struct.Struct("!Bi")
 _CONTEXT_REPLIES = b"2DC3"
+_CONTEXT_HEAD = messages.message(b"2") + b"D"  # BindComplete, and the DataRow's type
+_CONTEXT_TAIL = messages.message(b"C", b"SELECT 1\0") + messages.message(b"3")  # CommandComplete, CloseComplete
 _ENDS = {
     Request.CONTEXT: frozenset(b"3"),
     Request.PARSE: frozenset(b"1"),
@@ -227,6 +230,14 @@ class ReplyQueue:
         self.client_group_ends += 1
         self.entries.append(_PLAIN_QUERY)
 
+    def expect_context_query(self, context: Owed) -> None:
+        """The transaction-mode hot path's two entries: the proxy's context (`context`, an OWN CONTEXT
+        entry the session keeps and reuses) and the client's simple Query behind it, whose replies are
+        all forwarded. Only when the server is not skipping and no COPY runs (a new transaction)."""
+        self._special += 1
+        self.client_group_ends += 1
+        self.entries.extend((context, _PLAIN_QUERY))
+
     def idle(self) -> bool:
         """Nothing is owed: every request sent has been answered, and the server is not skipping to a
         Sync not sent yet."""
@@ -256,8 +267,15 @@ class ReplyQueue:
 
         Raises ProtocolViolation when the server sends a message no entry can explain."""
         scanner = self.scanner
-        if self.entries and self.entries[0].request is Request.CONTEXT and scanner.at_boundary():
-            data = self._context_answered(data)
+        entries = self.entries
+        if entries and self.copy is CopyState.NONE and not self.parameters_pending and scanner.at_boundary():
+            special = self._special
+            if not special or (special == 1 and entries[0].request is Request.CONTEXT):
+                whole = self._whole_read(data, special)
+                if whole is not None:
+                    return whole
+            if entries[0].request is Request.CONTEXT:
+                data = self._context_answered(data)
         if not self._special and self.copy is CopyState.NONE and not self.parameters_pending and not scanner.holding():
             scanner.watched = FAST_WATCHED
             for message in scanner.watched_messages(data):
@@ -272,6 +290,51 @@ class ReplyQueue:
             elif not self.entries or self.entries[0].owner is Owner.CLIENT:
                 out.append(segment)  # type: ignore[arg-type]  # DataRow, CopyData: where the head's replies go
         return b"".join(out)
+
+    def _whole_read(self, data: bytes, context: int) -> bytes | None:
+        """The hot path: a read of whole messages answering client simple Queries (behind the proxy's
+        context, `context` = 1, whose four replies open the read), holding at most one ReadyForQuery and
+        no CopyInResponse or ParameterStatus. Settled with one header read per message; returns what
+        goes to the client. None, with nothing changed, for any other read: the scanner's walk takes it."""
+        unpack = _HEADER.unpack_from
+        maximum = self.scanner.maximum
+        end = len(data)
+        pos = 0
+        if context:  # BindComplete, DataRow, then CommandComplete and CloseComplete, always the same bytes
+            if end < 10 or not data.startswith(_CONTEXT_HEAD):
+                return None
+            _, length = unpack(data, 5)
+            pos = 6 + length
+            if length < 4 or not data.startswith(_CONTEXT_TAIL, pos):
+                return None
+            pos += len(_CONTEXT_TAIL)
+        start = pos
+        ready = -1
+        while pos < end:
+            if end - pos < 5:
+                return None
+            code, length = unpack(data, pos)
+            if length < 4 or length > maximum or code == 71 or code == 83:  # 'G', 'S'
+                return None
+            if code == 90:  # 'Z'
+                if ready >= 0:
+                    return None
+                ready = pos
+            pos += 1 + length
+        if pos != end:
+            return None
+        entries = self.entries
+        if context:
+            entries.popleft()  # a CONTEXT entry's watcher acts only on failure
+            self._special -= 1
+        if ready >= 0:
+            if not entries:
+                raise ProtocolViolation("server sent ReadyForQuery with nothing owed")
+            entries.popleft()
+            self.client_group_ends -= 1
+            self.status = data[ready + 5:ready + 6]
+            self.listener.group_ended(self.status, False)
+        return data[start:] if start else data
 
     def _context_answered(self, data: bytes) -> bytes:
         """The proxy's context at the head, answered as it is nearly always, whole at the start of the
@@ -288,7 +351,9 @@ class ReplyQueue:
             pos += 1 + length
             if pos > end:
                 return data
-        self._pop(Outcome.COMPLETED, None)
+        self.entries.popleft()  # completed: a CONTEXT entry's watcher hears only of failure
+        self._special -= 1
+        self._drop_markers()
         return data[pos:]
 
     def _fast(self, message: Message) -> None:

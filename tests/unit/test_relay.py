@@ -23,6 +23,7 @@ from relay_harness import (
 
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, BlockWatch
 from proxy.relay.replies import Outcome
 from proxy.relay.settings import (
@@ -77,7 +78,7 @@ def test_query_gets_the_context_in_front_in_the_same_write() -> None:
     pair, server = RelayPair(), Server(101)
     assert checked_out(pair, server, SELECT_1) == [context_statement() + context(server) + SELECT_1]
     assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
-    assert pair.hooks.events == ["need_server", "hold_client:False", "release_server"]
+    assert pair.hooks.events == ["need_server", "release_server"]  # never paused: nothing to resume
     assert pair.hooks.ended == 1
     assert pair.relay.server is None
     # the next transaction on the same connection: the context statement is there already
@@ -534,3 +535,48 @@ def test_block_watch_tells_who_failed_a_block(before: bytes, outcome: Outcome, a
     queue.status = after  # ... then its Sync's ReadyForQuery
     watch.ended(Outcome.COMPLETED, None)  # a later report does not move what it saw first
     assert (watch.failed_itself(outcome), watch.aborted_block(outcome)) == (failed_itself, aborted_block)
+
+
+def test_a_query_behind_an_unsynced_failed_parse_is_skipped_as_in_postgres() -> None:
+    """Parse (failing) and Flush, then a Query in a later read: in Postgres the error skips the Query up
+    to the client's Sync. The proxy's own Sync after the Flush ends the server's window early, so the
+    Query waits for that Sync's answer and is then skipped, never run."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, SELECT_1)
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)  # the connection holds the context statement now
+    start = len(pair.hooks.upstream)
+    writes = checked_out(pair, server, messages.parse("", "SELEC 1") + messages.message(b"H"))
+    assert writes[-1].endswith(messages.sync())
+    assert pair.client(SELECT_1) == []  # held: whether the Parse failed is not known yet
+    error = messages.error_response("ERROR", "42601", 'syntax error at or near "SELEC"')
+    assert pair.server(error + Z_IDLE) == error
+    assert SELECT_1 not in b"".join(pair.upstream_since(start))
+    assert pair.client(messages.sync()) == []
+    assert pair.hooks.client[-1] == Z_IDLE
+
+
+def test_a_client_over_the_high_water_mark_while_waiting_is_paused_until_attached() -> None:
+    pair, server = RelayPair(), Server(101)
+    big = messages.query("SELECT '" + "x" * 300_000 + "'")
+    assert pair.client(big) == []
+    assert pair.hooks.events[-2:] == ["need_server", "hold_client:True"]
+    pair.attach(server)
+    assert "hold_client:False" in pair.hooks.events
+    assert big in b"".join(pair.hooks.upstream)
+
+
+def test_a_malformed_client_message_held_behind_the_server_is_the_clients_fault() -> None:
+    """A client message that waited (here behind the proxy's Sync after a Flush) is read when the
+    server's reply arrives: if it is malformed, that is the client's protocol violation (08P01), not
+    the server's; a reply nothing explains is the server's (the session ends with XX000)."""
+    pair, server = RelayPair(), Server(101)
+    flush = messages.message(b"H")
+    malformed = messages.message(b"P", b"no terminator")
+    checked_out(pair, server, messages.parse("", "SELECT 1") + flush)
+    assert pair.client(malformed) == []  # held: the proxy's Sync is not answered yet
+    with pytest.raises(ProtocolViolation):
+        pair.server(PARSE_COMPLETE + Z_IDLE)
+    other, server = RelayPair(), Server(102)
+    checked_out(other, server, SELECT_1)
+    with pytest.raises(UpstreamProtocolViolation):
+        other.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE + Z_IDLE)

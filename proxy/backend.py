@@ -159,7 +159,7 @@ class BackendConnection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         """Write to the server (the relay's hook)."""
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self.lifecycle is not Lifecycle.CLOSED:
             self.transport.write(data)
 
     def attach(self, owner: Owner) -> None:
@@ -177,8 +177,9 @@ class BackendConnection(asyncio.Protocol):
     def reusable(self) -> bool:
         """True when the server is idle between messages with nothing owed, and no cancel is on its way to
         it (one arriving later would cancel the next client's statement): it can serve again."""
-        return (not self.closed and not self.cancels_in_flight and self.queue.idle() and self.queue.status == b"I"
-                and self.queue.scanner.at_boundary())
+        queue = self.queue
+        return (self.lifecycle is not Lifecycle.CLOSED and not self.cancels_in_flight and queue.idle()
+                and queue.status == b"I" and queue.scanner.at_boundary())
 
     # -- startup coroutines ----------------------------------------------------------------------
 

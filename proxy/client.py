@@ -25,7 +25,7 @@ from proxy.logs import AUDIT
 from proxy.metrics import METRICS
 from proxy.parameters import ParameterRefused, StartupRequest
 from proxy.protocol import errors, messages
-from proxy.protocol.errors import ProtocolViolation
+from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.protocol.framing import MessageReader, read_startup_packet
 from proxy.relay.flow import FlowControl, Reason
 from proxy.relay.relay import Relay, SessionMode
@@ -59,10 +59,6 @@ class Door(enum.Enum):
     CLIENTS = "clients"  # listen and listen_unix: tenant logins, the console with a token, cancels
     ADMIN = "admin socket"  # [admin] listen_unix: only the console, without a token
     PEERS = "worker socket"  # a worker's private socket: only the CancelRequests other workers pass on
-
-
-class UpstreamProtocolViolation(Exception):
-    """The server sent what the queue of what it owes cannot explain; reported as XX000."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -128,17 +124,22 @@ class ClientConnection(asyncio.Protocol):
         self._timer = loop.call_later(server.settings.client.startup_timeout_seconds, self._auth_timed_out)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        METRICS.bytes_received += len(data)
+        size = len(data)
+        self.bytes_in += size
+        METRICS.bytes_received += size
         relay = self.relay
-        if relay is not None and self._greeted:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
-            self._guarded(relay.client_data, data)
-            self._watch_partial_message(relay)
-        else:
+        if relay is None or not self._greeted:
             self._guarded(self._startup_data, data)
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        try:  # _guarded, inlined on the hot path
+            relay.client_data(data)
+        except Exception as exc:
+            self._step_failed(exc)
+        if self._message_timer is not None or not relay.scanner.at_boundary():
+            self._watch_partial_message(relay)
 
     def _watch_partial_message(self, relay: Relay) -> None:
         """A message begun must be completed within `[client] message_timeout_seconds` (08P01)."""
@@ -164,16 +165,22 @@ class ClientConnection(asyncio.Protocol):
         """Run one step of the session; malformed client input or a bug ends only this session."""
         try:
             step(argument)
-        except ProtocolViolation as exc:
+        except Exception as exc:
+            self._step_failed(exc)
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step raised: malformed client input ends the session with 08P01; a server the proxy lost
+        track of, an illegal state move or any other bug with XX000."""
+        if isinstance(exc, ProtocolViolation):
             self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
-        except UpstreamProtocolViolation as exc:
+        elif isinstance(exc, UpstreamProtocolViolation):
             log.error("upstream protocol error client=%s: %s", self.address, exc)
             self.terminate(errors.INTERNAL_ERROR, f"lost track of the upstream server's replies: {exc}")
-        except IllegalMove as exc:
+        elif isinstance(exc, IllegalMove):
             log.error("session state error client=%s: %s", self.address, exc)
             self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy")
-        except Exception:
-            log.exception("internal error in the session of client=%s", self.address)
+        else:
+            log.error("internal error in the session of client=%s", self.address, exc_info=exc)
             self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -206,18 +213,15 @@ class ClientConnection(asyncio.Protocol):
     # -- the server connection's side (BackendConnection.Owner) ----------------------------------
 
     def server_data(self, data: bytes) -> None:
-        assert self.relay is not None
-        self._guarded(self._server_step, data)
-
-    def _server_step(self, data: bytes) -> None:
         relay = self.relay
         assert relay is not None
-        try:
+        try:  # _guarded, inlined on the hot path
             relay.server_data(data)
-        except ProtocolViolation as exc:
-            raise UpstreamProtocolViolation(str(exc)) from exc
+        except Exception as exc:
+            self._step_failed(exc)
+            return
         timeout = self.server.settings.pool.idle_transaction_timeout
-        if timeout and self._idle_timer is None and relay.idle_in_transaction():
+        if timeout and self._idle_timer is None and relay.queue is not None and relay.idle_in_transaction():
             self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle_transaction_timed_out)
 
     def server_lost(self) -> None:
@@ -252,7 +256,7 @@ class ClientConnection(asyncio.Protocol):
         backend, self.backend = self.backend, None
         assert backend is not None
         self.flow.detach_server()
-        cast("TransactionPool", self.pool).release(backend)
+        self.pool.release(backend)
         self.session.move(Event.RELEASED)
 
     def prepared(self) -> None:
@@ -756,13 +760,14 @@ class ClientConnection(asyncio.Protocol):
         assert self.identity is not None
         if self._transaction_mode:
             pool = cast("TransactionPool", self.pool)
-            backend = pool.take(self.database, self.identity.tenant)
+            database, tenant = self.database, self.identity.tenant
+            backend = pool.take(database, tenant)
             if backend is not None:
                 self._attach_checked_out(backend)
                 return
-            if pool.full(self.database, self.identity.tenant):
+            if pool.full(database, tenant):
                 deadline = pool.loop.time() + self.server.settings.pool.checkout_timeout
-                self._waiter = pool.queue(self.database, deadline, self._handed_over, self.identity.tenant)
+                self._waiter = pool.queue(database, deadline, self._handed_over, tenant)
                 return
         self._task = asyncio.get_running_loop().create_task(self._checkout_task())
 
@@ -783,6 +788,12 @@ class ClientConnection(asyncio.Protocol):
     def _handed_over(self, result: Handover) -> None:
         """Transaction mode: the pool's answer to this client's place in its queue."""
         self._waiter = None
+        if type(result) is BackendConnection and self.session.state is State.WAITING:  # the common case
+            try:  # _guarded, inlined on the hot path
+                self._attach(result, Event.SERVER_TAKEN)
+            except Exception as exc:
+                self._step_failed(exc)
+            return
         if isinstance(result, Exception):
             self._setup_failed(result)
             return
@@ -791,7 +802,4 @@ class ClientConnection(asyncio.Protocol):
             if result is not None:
                 pool.hand_back(result)
             return
-        if result is None:
-            self._guarded(lambda _: self._checkout(), None)  # a slot was freed: look again
-            return
-        self._guarded(self._attach_checked_out, result)
+        self._guarded(lambda _: self._checkout(), None)  # None: a slot was freed; look again

@@ -23,6 +23,7 @@ while the pool is below `min_size`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Callable, Coroutine
 from typing import Any, Union
@@ -62,16 +63,14 @@ class Pool:
         self._held: dict[tuple[str, str], int] = {}  # (database, tenant) -> server connections held
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.servers: set[BackendConnection] = set()  # every open server connection (the admin console lists them)
         self.paused: set[str] = set()  # databases PAUSEd by the admin console (EVERY_DATABASE: all of them)
 
-    @property
+    @functools.cached_property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once (on Python 3.11 each lookup costs a getpid() system call)."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
+        """The running loop, looked up once (on Python 3.11 each lookup costs a getpid() system call);
+        an attribute from then on."""
+        return asyncio.get_running_loop()
 
     def known_parameters(self, database: str, parameters: dict[str, str]) -> dict[str, str] | None:
         """What the server reported (ParameterStatus) for sessions with these startup parameters, once
@@ -93,7 +92,8 @@ class Pool:
     def _hold(self, backend: BackendConnection, tenant: str) -> None:
         """`backend` now serves a client of `tenant`."""
         backend.holder = tenant
-        self._hold_slot(backend.pool_key[0], tenant)
+        key = (backend.pool_key[0], tenant)
+        self._held[key] = self._held.get(key, 0) + 1
 
     def _unhold(self, backend: BackendConnection) -> None:
         """`backend`'s client is done with it (idempotent)."""
@@ -223,7 +223,7 @@ class Pool:
         nobody who may take one waits. Fair across tenants (`proxy.waiters`): one tenant's queue delays
         another's checkout by at most one transaction."""
         waiters = self._waiters.get(database)
-        if waiters is None or self.is_paused(database):
+        if waiters is None or (self.paused and self.is_paused(database)):
             return False
         held = self._held
         chosen = waiters.pop_next(lambda tenant: held.get((database, tenant), 0), self.settings.tenant_limit())
@@ -328,6 +328,10 @@ class Pool:
     def hand_back(self, backend: BackendConnection) -> None:
         """Return an idle connection handed over to a client that left before using it."""
         self._unhold(backend)
+        self._offer(backend)
+
+    def _offer(self, backend: BackendConnection) -> None:
+        """A connection free to serve (held by nobody): to a waiting client, else idle in the pool."""
         if not self._wake(backend.pool_key[0], backend):
             self.move(backend, Lifecycle.IDLE)
 
@@ -499,14 +503,13 @@ class TransactionPool(Pool):
     def release(self, backend: BackendConnection) -> None:
         """Take back a connection at the end of a transaction: keep it as it is, or close it. One whose
         client left while only the proxy's own requests were in flight is kept once they are answered."""
-        self._unhold(backend)
-        if backend.lifecycle is not Lifecycle.CLOSED and backend.queue.entries and all(
-            entry.owner is Owner.OWN for entry in backend.queue.entries
-        ):
+        entries = backend.queue.entries
+        if entries and backend.lifecycle is not Lifecycle.CLOSED and all(entry.owner is Owner.OWN for entry in entries):
+            self._unhold(backend)
             backend.attach(_Drain(self, backend))
             return
         if self._take_back(backend):
-            self.hand_back(backend)
+            self._offer(backend)
 
 
     def _fill(self, database: str) -> None:

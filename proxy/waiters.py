@@ -61,7 +61,10 @@ class WaitQueue(Generic[R]):
     def add(self, callback: Callable[[R], None], deadline: float, tenant: str) -> Waiter[R]:
         waiter = Waiter(callback, deadline, tenant, next(self._numbers))
         self._arrivals.append(waiter)
-        self._by_tenant.setdefault(tenant, deque()).append(waiter)
+        waiters = self._by_tenant.get(tenant)
+        if waiters is None:
+            waiters = self._by_tenant[tenant] = deque()
+        waiters.append(waiter)
         return waiter
 
     def __iter__(self) -> Iterator[Waiter[R]]:
@@ -85,11 +88,13 @@ class WaitQueue(Generic[R]):
     def pop_next(self, holds: Callable[[str], int], limit: int) -> Waiter[R] | None:
         """Take out the waiter to serve next (see the module docstring), or None when every waiting
         tenant holds `limit` connections or nobody waits. `holds(tenant)` counts a tenant's connections."""
-        _drop_left(self._arrivals)
-        if not self._arrivals:
+        arrivals = self._arrivals
+        while arrivals and arrivals[0]._done:
+            arrivals.popleft()
+        if not arrivals:
             self._by_tenant.clear()
             return None
-        oldest = self._arrivals[0]
+        oldest = arrivals[0]
         if len(self._by_tenant) == 1:  # one tenant waits: its oldest waiter, if it is below its limit
             return self._take(oldest) if holds(oldest.tenant) < limit else None
         if limit > 0 and not holds(oldest.tenant):
@@ -107,7 +112,8 @@ class WaitQueue(Generic[R]):
     def _take(self, waiter: Waiter[R]) -> Waiter[R]:
         """Remove `waiter`, the head of its tenant's deque (the arrivals deque drops it once it is done)."""
         waiters = self._by_tenant[waiter.tenant]
-        _drop_left(waiters)  # waiters that left before it are still queued here
+        while waiters[0] is not waiter:  # waiters that left before it are still queued here
+            waiters.popleft()
         waiters.popleft()
         if not waiters:
             del self._by_tenant[waiter.tenant]

@@ -65,7 +65,7 @@ def new_pool(checkout_timeout: float = 2.0, kind: type[Pool] = Pool) -> tuple[Po
                             checkout_timeout=checkout_timeout, server_idle_timeout=60.0, server_lifetime=3600.0)
     pool = kind(None, settings)  # type: ignore[arg-type]  # no connection is opened here
     loop = FakeLoop()
-    pool._loop = loop  # type: ignore[assignment]
+    pool.loop = loop  # type: ignore[assignment]  # the cached property's value
     return pool, loop
 
 

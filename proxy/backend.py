@@ -61,6 +61,9 @@ class Lifecycle(HotEnum):
     CLOSED = "closed"
 
 
+_CLOSED = Lifecycle.CLOSED  # compared against on every write (see proxy.relay.enums)
+
+
 class Owner(Protocol):
     """The client side holding a server connection."""
 
@@ -114,7 +117,7 @@ class BackendConnection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self.lifecycle is Lifecycle.CLOSED
+        return self.lifecycle is _CLOSED
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -159,7 +162,7 @@ class BackendConnection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         """Write to the server (the relay's hook)."""
-        if self.transport is not None and self.lifecycle is not Lifecycle.CLOSED:
+        if self.transport is not None and self.lifecycle is not _CLOSED:
             self.transport.write(data)
 
     def attach(self, owner: Owner) -> None:
@@ -178,7 +181,7 @@ class BackendConnection(asyncio.Protocol):
         """True when the server is idle between messages with nothing owed, and no cancel is on its way to
         it (one arriving later would cancel the next client's statement): it can serve again."""
         queue = self.queue
-        return (self.lifecycle is not Lifecycle.CLOSED and not self.cancels_in_flight and queue.idle()
+        return (self.lifecycle is not _CLOSED and not self.cancels_in_flight and queue.idle()
                 and queue.status == b"I" and queue.scanner.at_boundary())
 
     # -- startup coroutines ----------------------------------------------------------------------

@@ -43,6 +43,10 @@ log = logging.getLogger("pg_tenant_proxy")
 WRITE_BUFFER_HIGH = 256 * 1024
 T = TypeVar("T")
 
+# Compared against on every transaction: bound once (see proxy.relay.enums on Python 3.11's enum lookups).
+_CLOSED, _IDLE, _WAITING = State.CLOSED, State.IDLE, State.WAITING
+_CLIENT_DATA, _SERVER_TAKEN, _RELEASED = Event.CLIENT_DATA, Event.SERVER_TAKEN, Event.RELEASED
+
 
 class Counted(enum.Enum):
     """In which of the server's connection counts a client connection is."""
@@ -237,27 +241,27 @@ class ClientConnection(asyncio.Protocol):
             self.backend.send(data)
 
     def send_client(self, data: bytes | memoryview) -> None:
-        if self.transport is not None and self.session.state is not State.CLOSED:
+        if self.transport is not None and self.session.state is not _CLOSED:
             self.bytes_out += len(data)
             METRICS.bytes_sent += len(data)
             self.transport.write(data)
 
     def need_server(self) -> None:
         """The client sent something and holds no server connection: get one."""
-        if self.session.state is State.IDLE:
-            self.session.move(Event.CLIENT_DATA)
+        if self.session.state is _IDLE:
+            self.session.move(_CLIENT_DATA)
             self._waiting_since = self.pool.loop.time()
             self._checkout()
 
     def release_server(self) -> None:
         """Transaction mode, at ReadyForQuery 'I' with nothing owed: the connection goes back."""
-        if self.session.state is State.CLOSED:
+        if self.session.state is _CLOSED:
             return  # connection_lost gives it back
         backend, self.backend = self.backend, None
         assert backend is not None
         self.flow.detach_server()
         self.pool.release(backend)
-        self.session.move(Event.RELEASED)
+        self.session.move(_RELEASED)
 
     def prepared(self) -> None:
         """The proxy's own exchange on a new server connection is over: greet (at login) or go on."""
@@ -788,9 +792,9 @@ class ClientConnection(asyncio.Protocol):
     def _handed_over(self, result: Handover) -> None:
         """Transaction mode: the pool's answer to this client's place in its queue."""
         self._waiter = None
-        if type(result) is BackendConnection and self.session.state is State.WAITING:  # the common case
+        if type(result) is BackendConnection and self.session.state is _WAITING:  # the common case
             try:  # _guarded, inlined on the hot path
-                self._attach(result, Event.SERVER_TAKEN)
+                self._attach(result, _SERVER_TAKEN)
             except Exception as exc:
                 self._step_failed(exc)
             return

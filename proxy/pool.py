@@ -43,6 +43,8 @@ EVERY_DATABASE = ""  # in Pool.paused: every database is paused (no database has
 
 
 Handover = Union[BackendConnection, UpstreamError, None]
+# Compared against on every checkout and release: bound once (see proxy.relay.enums).
+_IDLE, _ACTIVE, _CLOSED = Lifecycle.IDLE, Lifecycle.ACTIVE, Lifecycle.CLOSED
 
 
 def pool_key(database: str, parameters: dict[str, str]) -> PoolKey:
@@ -203,17 +205,17 @@ class Pool:
 
     def move(self, backend: BackendConnection, to: Lifecycle) -> None:
         """The one place a server connection changes lifecycle state; keeps the idle lists true."""
-        if backend.lifecycle is Lifecycle.IDLE:
+        if backend.lifecycle is _IDLE:
             idle = self._idle_list(backend)
             if backend in idle:
                 idle.remove(backend)
-        if to is Lifecycle.CLOSED:
+        if to is _CLOSED:
             backend.close()
             return
-        if backend.lifecycle is Lifecycle.CLOSED:
+        if backend.lifecycle is _CLOSED:
             return
         backend.lifecycle = to
-        if to is Lifecycle.IDLE:
+        if to is _IDLE:
             backend.idle_since = self.loop.time()
             self._idle_list(backend).append(backend)
             if self._sweeper is None:
@@ -230,7 +232,7 @@ class Pool:
         if chosen is None:
             return False
         if backend is not None:
-            self.move(backend, Lifecycle.ACTIVE)
+            self.move(backend, _ACTIVE)
             self._hold(backend, chosen.tenant)
         chosen.finish(backend)
         return True
@@ -333,7 +335,7 @@ class Pool:
     def _offer(self, backend: BackendConnection) -> None:
         """A connection free to serve (held by nobody): to a waiting client, else idle in the pool."""
         if not self._wake(backend.pool_key[0], backend):
-            self.move(backend, Lifecycle.IDLE)
+            self.move(backend, _IDLE)
 
     def _sweep(self) -> None:
         """Close idle connections unused for `server_idle_timeout`, keeping `min_size` per database;
@@ -504,7 +506,7 @@ class TransactionPool(Pool):
         """Take back a connection at the end of a transaction: keep it as it is, or close it. One whose
         client left while only the proxy's own requests were in flight is kept once they are answered."""
         entries = backend.queue.entries
-        if entries and backend.lifecycle is not Lifecycle.CLOSED and all(entry.owner is Owner.OWN for entry in entries):
+        if entries and backend.lifecycle is not _CLOSED and all(entry.owner is Owner.OWN for entry in entries):
             self._unhold(backend)
             backend.attach(_Drain(self, backend))
             return

@@ -162,6 +162,8 @@ _CONTINUES = {
     Request.FUNCTION_CALL: frozenset(b"V"),
     Request.SYNC: frozenset(),
 }
+# Compared against for every read: bound once (see proxy.relay.enums).
+_CONTEXT, _NO_COPY = Request.CONTEXT, CopyState.NONE
 ABORTED = messages.error_response(
     "ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block"
 )
@@ -268,15 +270,16 @@ class ReplyQueue:
         Raises ProtocolViolation when the server sends a message no entry can explain."""
         scanner = self.scanner
         entries = self.entries
-        if entries and self.copy is CopyState.NONE and not self.parameters_pending and scanner.at_boundary():
+        no_copy = self.copy is _NO_COPY
+        if entries and no_copy and not self.parameters_pending and scanner.at_boundary():
             special = self._special
-            if not special or (special == 1 and entries[0].request is Request.CONTEXT):
+            if not special or (special == 1 and entries[0].request is _CONTEXT):
                 whole = self._whole_read(data, special)
                 if whole is not None:
                     return whole
-            if entries[0].request is Request.CONTEXT:
+            if entries[0].request is _CONTEXT:
                 data = self._context_answered(data)
-        if not self._special and self.copy is CopyState.NONE and not self.parameters_pending and not scanner.holding():
+        if not self._special and no_copy and not self.parameters_pending and not scanner.holding():
             scanner.watched = FAST_WATCHED
             for message in scanner.watched_messages(data):
                 self._fast(message)

@@ -59,6 +59,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.WAITING, Event.SERVER_GRANTED): State.PREPARING,
     (State.PREPARING, Event.PREPARED): State.ACTIVE,
     (State.ACTIVE, Event.RELEASED): State.IDLE,
+    **{(state, Event.CLOSED): State.CLOSED for state in State},  # from anywhere, closing twice included
 }
 
 
@@ -77,9 +78,6 @@ class SessionState:
     def move(self, event: Event) -> State:
         """Apply `event`; raises IllegalMove when the table has no such move. CLOSED is reachable from
         every state, and closing twice is harmless."""
-        if event is Event.CLOSED:
-            self.state = State.CLOSED
-            return self.state
         try:
             self.state = TRANSITIONS[(self.state, event)]
         except KeyError:

@@ -207,6 +207,10 @@ class Relay:
         self.terminated = False  # the client sent Terminate
         self.transactions_ended = 0  # client transactions ended (ReadyForQuery 'I') since the hooks were told
         self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
+        # The client's last Query may start COPY FROM STDIN, during which the server reads nothing but CopyData,
+        # CopyDone, CopyFail, Flush and Sync: the proxy's own messages behind it (and the client's next
+        # messages, but CopyDone and CopyFail) wait for its ReadyForQuery.
+        self.follow_ups_wait = False
         self.mode: SessionMode | TransactionMode = (
             TransactionMode(self, max_statement_bytes, budget) if transaction_mode else SessionMode(self)
         )
@@ -262,6 +266,10 @@ class Relay:
             self.hooks.transactions_ended(ended)
         if self.server is None:
             return
+        if self.follow_ups_wait and not queue.groups_owed():
+            self.follow_ups_wait = False
+            self.mode.follow_up()
+            self.flush_own()
         if self.preparing:
             if queue.idle():
                 self.preparing = False
@@ -406,7 +414,7 @@ class Relay:
         """Handle one client message; False when it must wait (the mode needs the server's status)."""
         kind = message.type
         mode = self.mode
-        if mode.waiting():
+        if mode.waiting() and kind != b"c" and kind != b"f":  # CopyDone and CopyFail end a COPY the wait is behind
             return False
         if self.skip_group and kind != b"X":
             if kind == b"S":  # the window the client is in ends here: the proxy answers its Sync
@@ -525,6 +533,12 @@ RESERVED = PREFIX.decode()
 # Text that may end a transaction (and may start another, AND CHAIN): the context is sent again before
 # the next statement. Matching more than that costs only a context sent twice in one transaction.
 _MAY_END_TRANSACTION = re.compile(rb"\b(?:commit|rollback|end|abort)\b", re.IGNORECASE)
+
+
+def may_start_copy_in(text: bytes) -> bool:
+    """`text` may hold COPY ... FROM STDIN, the one statement that puts the server in COPY IN mode (its
+    text names STDIN; a false match only makes the proxy's own follow-ups wait for the ReadyForQuery)."""
+    return text.lower().find(b"stdin") >= 0
 
 
 def may_end_transaction(text: bytes, start: int = 0) -> bool:
@@ -665,6 +679,7 @@ class SessionMode:
             relay.send(message.raw, Request.QUERY, watcher=OwnRequest(self._reset_mid_group_ended))
             return True
         relay.send(message.raw, Request.QUERY)
+        relay.follow_ups_wait = may_start_copy_in(message.raw)
         self.reassert_due = self.reassert_due or reassert
         self.group_sent()
         return True
@@ -733,18 +748,24 @@ class SessionMode:
         return True
 
     def group_sent(self) -> None:
-        """A Query, Sync or FunctionCall went upstream: set the context again now if it was reset."""
-        if self.reassert_due and not self.relay.mid_group:
+        """A Query, Sync or FunctionCall went upstream: set the context again now if it was reset (after
+        its ReadyForQuery when it may start COPY IN, `follow_up`)."""
+        if self.reassert_due and not self.relay.mid_group and not self.relay.follow_ups_wait:
             self.reassert_due = False
             self._send_context()
+
+    def follow_up(self) -> None:
+        """The ReadyForQuery of a Query that may have started COPY IN came: what group_sent held back."""
+        self.group_sent()
 
     def read_done(self) -> None:
         """Nothing to add at the end of a client read in session mode."""
 
     def waiting(self) -> bool:
         """The client's messages wait only behind a resetting Query sent inside an extended group, until
-        it is answered (the context is set again in between)."""
-        return self.reset_mid_group
+        it is answered (the context is set again in between), and behind a Query that may start COPY IN
+        until its ReadyForQuery (`Relay.follow_ups_wait`)."""
+        return self.reset_mid_group or self.relay.follow_ups_wait
 
     def session_ended(self) -> None:
         """Session mode keeps nothing of the client's."""
@@ -937,6 +958,7 @@ class TransactionMode:
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
         relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
+        relay.follow_ups_wait = may_start_copy_in(message.raw)
         self._close_stand_ins(group_end=True)
         if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
@@ -1015,8 +1037,9 @@ class TransactionMode:
 
     def _close_stand_ins(self, group_end: bool) -> None:
         """Close the stand-ins again right behind the client's message (one a DEALLOCATE did not reach
-        would answer a later Bind of that name); behind a Query, in a Sync group of the proxy's own."""
-        if not self.stand_ins:
+        would answer a later Bind of that name); behind a Query, in a Sync group of the proxy's own (after
+        its ReadyForQuery when it may start COPY IN, `follow_up`)."""
+        if not self.stand_ins or (group_end and self.relay.follow_ups_wait):
             return
         for name in self.stand_ins:
             self.relay.own(messages.close_statement(name), Request.CLOSE)
@@ -1234,12 +1257,24 @@ class TransactionMode:
     # -- group ends ------------------------------------------------------------------------------
 
     def group_sent(self) -> None:
-        """A Query, Sync or FunctionCall went upstream. Behind it, when the client is between groups:
-        its startup values again after a reset, then a read-back of its settings if they may have changed."""
+        """A Query, Sync or FunctionCall went upstream: what follows a group (`_after_group`) goes behind it
+        now, or after its ReadyForQuery when it may start COPY IN (`follow_up`)."""
         relay = self.relay
         self.context_set = False
-        if relay.mid_group:
+        if relay.mid_group or relay.follow_ups_wait:
             return
+        self._after_group()
+
+    def follow_up(self) -> None:
+        """The ReadyForQuery of a Query that may have started COPY IN came: what it held back."""
+        self._close_stand_ins(group_end=True)
+        if not self.relay.mid_group:
+            self._after_group()
+
+    def _after_group(self) -> None:
+        """Behind a group, the client between groups: its startup values again after a reset, then a
+        read-back of its settings if they may have changed."""
+        relay = self.relay
         if self.reapply:
             self._reapply(self.reapply, self.reapply_where_reset)
             self.reapply, self.reapply_where_reset = {}, False
@@ -1280,24 +1315,29 @@ class TransactionMode:
 
     def _read_settings(self) -> None:
         relay = self.relay
-        assert relay.queue is not None
+        assert relay.queue is not None and relay.server is not None
+        state = relay.server.state
         rows: list[list[bytes | None]] = []
         watch = BlockWatch(relay.queue)
         self._own_statement(READ_STATEMENT, READ_SQL)
         relay.own(read_bind(relay.settings.names_to_read()), Request.BIND, watch)
         relay.own(messages.execute(READ_STATEMENT.decode()), Request.EXECUTE, OwnRequest(lambda o, e: None, rows), rows=True)
         relay.own(close_portal(READ_STATEMENT), Request.CLOSE)
-        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._settings_read(watch, outcome, error, rows)))
+        relay.own(messages.sync(), Request.SYNC,
+                  OwnRequest(lambda outcome, error: self._settings_read(watch, state, outcome, error, rows)))
 
-    def _settings_read(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None,
+    def _settings_read(self, watch: BlockWatch, state: ServerState, outcome: Outcome, error: dict[str, str] | None,
                        rows: list[list[bytes | None]]) -> None:
+        """The read-back is answered. Its client may have left meanwhile (psql -c sends Terminate at the
+        SET's ReadyForQuery; the pool then drains what the connection owes): what it read is still what
+        the server connection (`state`) holds, and is recorded there. A read-back that failed leaves the
+        connection's settings unknown: it is reset before it serves any other client."""
         relay = self.relay
-        assert relay.queue is not None
         if watch.aborted_block(outcome):
             fields = error or {}
             relay.hooks.fail(fields.get("C", errors.INTERNAL_ERROR), PROXY_ABORTED + fields.get("M", "unknown error"))
             return
-        if relay.queue.status != b"I":
+        if watch.queue.status != b"I":
             return  # read inside a transaction block: read again at the next group end
         self.reset_in_block = False
         if outcome is Outcome.COMPLETED:
@@ -1307,10 +1347,10 @@ class TransactionMode:
                 if len(row) == 2 and row[0] is not None and row[1] is not None
             ]
             relay.settings.read(values)
-            if relay.server is not None:
-                relay.server.state.settings = dict(relay.settings.current)
+            state.settings = dict(relay.settings.current)
         else:
             relay.settings.stale = False  # keep what is known rather than hold the connection forever
+            state.unnamed_settings = True
 
     def read_done(self) -> None:
         """The client's read is used up. A client that prepares with Parse / Describe / Flush and no Sync
@@ -1338,8 +1378,9 @@ class TransactionMode:
 
     def waiting(self) -> bool:
         """The client's messages wait while the proxy's Sync after a Flush is unanswered: the server's
-        error window, if any, is not known yet."""
-        return self.flush_sync_pending
+        error window, if any, is not known yet; and behind a Query that may start COPY IN until its
+        ReadyForQuery (`Relay.follow_ups_wait`)."""
+        return self.flush_sync_pending or self.relay.follow_ups_wait
 
     def plain_query(self, data: bytes) -> bool:
         """The hot path in transaction mode: a read holding one simple Query that the guard clears, at
@@ -1349,7 +1390,7 @@ class TransactionMode:
         queue, server = relay.queue, relay.server
         if (
             queue is None or server is None or queue.status != b"I" or queue.client_group_ends or queue.skipping()
-            or self.context_set or self.reapply or self.flush_sync_pending
+            or self.context_set or self.reapply or self.flush_sync_pending or relay.follow_ups_wait
             or relay.skip_group or relay.mid_group or relay.settings.stale
         ):
             return False

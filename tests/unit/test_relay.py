@@ -580,3 +580,39 @@ def test_a_malformed_client_message_held_behind_the_server_is_the_clients_fault(
     checked_out(other, server, SELECT_1)
     with pytest.raises(UpstreamProtocolViolation):
         other.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE + Z_IDLE)
+
+
+def test_session_mode_context_after_reset_all_waits_out_a_copy_in() -> None:
+    """`RESET ALL; COPY t FROM STDIN`: during COPY IN Postgres reads only CopyData, CopyDone, CopyFail,
+    Flush and Sync (postgres.c, CopyGetData), so the context set again goes after the Query's
+    ReadyForQuery, not right behind it; the client's CopyData and CopyDone pass, its next Query waits
+    for the context."""
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    copy = messages.query("RESET ALL; COPY t FROM STDIN")
+    assert pair.client(copy) == [copy]
+    copy_in = messages.message(b"G", b"\0\0\0")
+    assert pair.server(complete("RESET") + copy_in) == complete("RESET") + copy_in
+    data, done = messages.message(b"d", b"1\n"), messages.message(b"c")
+    assert pair.client(data + done + SELECT_1) == [data + done]  # the Query waits for the context
+    start = len(pair.hooks.upstream)
+    assert pair.server(complete("COPY 1") + Z_IDLE) == complete("COPY 1") + Z_IDLE
+    assert pair.upstream_since(start) == [session_context(server), SELECT_1]  # the context first
+    assert pair.server(SESSION_CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+
+
+def test_transaction_mode_follow_ups_wait_out_a_copy_in() -> None:
+    """`SET ...; COPY t FROM STDIN` in transaction mode: the read-back of the SET goes after the Query's
+    ReadyForQuery, and the connection is not released before it is answered."""
+    pair, server = RelayPair(), Server(101)
+    copy = messages.query("SET application_name = 'x'; COPY t FROM STDIN")
+    writes = checked_out(pair, server, copy)
+    assert b"".join(writes).endswith(copy)
+    copy_in = messages.message(b"G", b"\0\0\0")
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + copy_in)
+    start = len(pair.hooks.upstream)
+    assert pair.client(messages.message(b"d", b"1\n") + messages.message(b"c")) != []
+    pair.server(complete("COPY 1") + Z_IDLE)
+    assert READ_STATEMENT in b"".join(pair.upstream_since(start))  # the read-back, now
+    assert pair.hooks.events[-1] != "release_server"  # held until the read-back is answered

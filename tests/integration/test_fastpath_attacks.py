@@ -233,3 +233,34 @@ def test_clients_waiting_while_the_server_connection_is_terminated(targets: dict
         wire.close()
     holder.close()
     assert target.alive()
+
+
+@pytest.mark.xfail(strict=True, reason="transaction mode: RESET of a startup setting runs to the server connection's"
+                   " default, whose ParameterStatus reaches the client as the RESET's reply; the proxy applies the"
+                   " startup value again only behind the Query (relay.py TransactionMode._effects/_reapply), so a"
+                   " statement later in the same Query reads the server default and the client hears the startup"
+                   " value only before its next ReadyForQuery")
+@pytest.mark.parametrize("mode", ["transaction", "transaction-unguarded"])
+def test_reset_returns_to_the_startup_value_in_what_the_client_reads_and_is_told(
+    mode: str, targets: dict[str, ProxyProcess], pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+) -> None:
+    """A client that started with TimeZone=Europe/Paris (as `options=-c TimeZone=...` does) resets it:
+    in a direct session RESET returns to the startup value, so no ParameterStatus for TimeZone comes
+    and SHOW reads Europe/Paris; psycopg 3 keeps `conn.info.timezone` from ParameterStatus."""
+
+    def told(wire: Wire) -> list[tuple[str, ...]]:
+        seen: list[tuple[str, ...]] = []
+        for sql in ("RESET TimeZone", "RESET TimeZone; SHOW TimeZone"):
+            wire.send(query(sql))
+            for kind, body in wire.read_ready():
+                if kind == b"S" and messages.parse_parameter_status(body)[0] == "TimeZone":
+                    seen.append(("ParameterStatus",) + messages.parse_parameter_status(body))
+                elif kind == b"D":
+                    seen.append(("DataRow",) + tuple((value or b"").decode() for value in messages.parse_data_row(body)))
+        wire.close()
+        return seen
+
+    expected = told(connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database, "direct",
+                                   TimeZone="Europe/Paris"))
+    target = targets[mode]
+    assert told(connect_proxy(target.port, target.token(ACME), TimeZone="Europe/Paris")) == expected

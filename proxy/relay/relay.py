@@ -26,7 +26,7 @@ import itertools
 import re
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from proxy.tenant import ContextBuilder
 
 CLIENT_WATCHED = b"QPBDESCHFXcf"  # everything but CopyData
+COPY_IN_READS = frozenset(b"cfHS")  # what Postgres reads during COPY IN besides CopyData (postgres.c, CopyGetData)
 HELD_HIGH_WATER = 256 * 1024  # bytes held from a client waiting for its server connection before reading pauses
 RESERVED_HINT = "names starting with pg_tenant_proxy_ belong to the proxy; choose another name"
 # What a tenant may leave on a server connection, reset when the next client is another tenant's:
@@ -208,8 +209,8 @@ class Relay:
         self.transactions_ended = 0  # client transactions ended (ReadyForQuery 'I') since the hooks were told
         self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
         # The client's last Query may start COPY FROM STDIN, during which the server reads nothing but CopyData,
-        # CopyDone, CopyFail, Flush and Sync: the proxy's own messages behind it (and the client's next
-        # messages, but CopyDone and CopyFail) wait for its ReadyForQuery.
+        # CopyDone, CopyFail, Flush and Sync: the proxy's own messages due behind it (and the client's next
+        # messages but those) wait for its ReadyForQuery.
         self.follow_ups_wait = False
         self.mode: SessionMode | TransactionMode = (
             TransactionMode(self, max_statement_bytes, budget) if transaction_mode else SessionMode(self)
@@ -337,11 +338,11 @@ class Relay:
             if self.mode.plain_query(data):
                 METRICS.queries += 1
                 return
-            self._run((Message(b"Q", data),))
+            self._run(deque((Message(b"Q", data),)))
         else:
-            self._run(self.scanner.scan(data))
+            self._run(deque(self.scanner.scan(data)))
 
-    def _hold(self, segments: Sequence[Segment]) -> None:
+    def _hold(self, segments: Iterable[Segment]) -> None:
         for segment in segments:
             self.held.append(segment)
             self.held_bytes += len(segment.raw) if type(segment) is Message else len(segment)  # type: ignore[union-attr,arg-type]
@@ -349,55 +350,66 @@ class Relay:
             self.hooks.hold_client(True)
 
     def _resume(self) -> None:
-        """Go on with held client messages (a server connection arrived, or a group ended). One simple
-        Query held alone (a transaction-mode client that waited for its checkout) takes the hot path."""
+        """Go on with held client messages (a server connection arrived, or a group ended), taken from
+        the front of `held` in place: a client that pipelined many transactions costs one pass over
+        them, not one per transaction. One simple Query held alone (a transaction-mode client that waited
+        for its checkout) takes the hot path."""
         held = self.held
         if not held:
             return
-        paused = self.held_bytes > HELD_HIGH_WATER
-        self.held_bytes = 0
-        if paused:
-            self.hooks.hold_client(False)
         if len(held) == 1 and not self._out:
             segment = held[0]
             if type(segment) is Message and segment.type == b"Q" and self.mode.plain_query(segment.raw):  # type: ignore[union-attr]
                 held.clear()
                 METRICS.queries += 1
+                self._held_drained()
                 return
-        segments = list(held)
-        held.clear()
-        self._run(segments)
+        self._run(held)
 
-    def _run(self, segments: Sequence[Segment]) -> None:
-        """Handle client messages in order until one must wait; go on at once when what it waited for
-        is already there (a ReadyForQuery the proxy answered itself)."""
+    def _held_drained(self) -> None:
+        """Nothing is held any more: the client's reading resumes if holding paused it."""
+        if not self.held:
+            if self.held_bytes > HELD_HIGH_WATER:
+                self.hooks.hold_client(False)
+            self.held_bytes = 0
+
+    def _run(self, segments: deque[Segment]) -> None:
+        """Handle client messages in order, taking them from the front of `segments`, until one must
+        wait; go on at once when what it waited for is already there (a ReadyForQuery the proxy answered
+        itself). What is left is held (it is `held` itself when resuming)."""
         while True:
-            stopped = self._process(segments)
+            done = self._process(segments)
             self._flush()
             if self.terminated:  # Terminate: not forwarded, so the server connection can serve again
                 self.hooks.terminated()
                 return
             queue = self.queue
-            if stopped is None or queue is None or queue.groups_owed() or self.mode.waiting():
+            if done or queue is None or queue.groups_owed() or self.mode.waiting():
                 break
-            segments = stopped
-        if stopped is not None:
-            self._hold(stopped)
+        if segments is self.held:
+            self._held_drained()
+        elif not done:
+            self._hold(segments)
         self.mode.maybe_release()
 
-    def _process(self, segments: Sequence[Segment]) -> Sequence[Segment] | None:
-        """Handle the segments; the ones left when a message must wait (that one first), else None."""
+    def _process(self, segments: deque[Segment]) -> bool:
+        """Handle segments from the front of `segments`; False when a message must wait (it stays at the
+        front), True when all were handled (or the client sent Terminate)."""
         out = self._out
-        for index, segment in enumerate(segments):
+        while segments:
+            segment = segments[0]
             if type(segment) is not Message:
                 out.append(segment)  # type: ignore[arg-type]  # CopyData
                 assert self.queue is not None
                 self.queue.expect(Request.COPY_DATA)
-                continue
-            if not self._message(segment):  # type: ignore[arg-type]
-                return None if self.terminated else segments[index:]
+            elif not self._message(segment):  # type: ignore[arg-type]
+                if self.terminated:
+                    segments.clear()
+                    return True
+                return False
+            segments.popleft()
         self.mode.read_done()
-        return None
+        return True
 
     def _flush(self) -> None:
         if self._out:
@@ -414,7 +426,9 @@ class Relay:
         """Handle one client message; False when it must wait (the mode needs the server's status)."""
         kind = message.type
         mode = self.mode
-        if mode.waiting() and kind != b"c" and kind != b"f":  # CopyDone and CopyFail end a COPY the wait is behind
+        if mode.waiting():
+            return False
+        if self.follow_ups_wait and kind[0] not in COPY_IN_READS:
             return False
         if self.skip_group and kind != b"X":
             if kind == b"S":  # the window the client is in ends here: the proxy answers its Sync
@@ -679,8 +693,8 @@ class SessionMode:
             relay.send(message.raw, Request.QUERY, watcher=OwnRequest(self._reset_mid_group_ended))
             return True
         relay.send(message.raw, Request.QUERY)
-        relay.follow_ups_wait = may_start_copy_in(message.raw)
         self.reassert_due = self.reassert_due or reassert
+        relay.follow_ups_wait = self.reassert_due and may_start_copy_in(message.raw)
         self.group_sent()
         return True
 
@@ -763,9 +777,8 @@ class SessionMode:
 
     def waiting(self) -> bool:
         """The client's messages wait only behind a resetting Query sent inside an extended group, until
-        it is answered (the context is set again in between), and behind a Query that may start COPY IN
-        until its ReadyForQuery (`Relay.follow_ups_wait`)."""
-        return self.reset_mid_group or self.relay.follow_ups_wait
+        it is answered (the context is set again in between)."""
+        return self.reset_mid_group
 
     def session_ended(self) -> None:
         """Session mode keeps nothing of the client's."""
@@ -958,11 +971,11 @@ class TransactionMode:
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
         relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
-        relay.follow_ups_wait = may_start_copy_in(message.raw)
-        self._close_stand_ins(group_end=True)
         if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
             self._rolled_back()
+        relay.follow_ups_wait = bool(self.reapply or self.stand_ins or relay.settings.stale) and may_start_copy_in(message.raw)
+        self._close_stand_ins(group_end=True)
         self.group_sent()
         return True
 
@@ -1378,9 +1391,8 @@ class TransactionMode:
 
     def waiting(self) -> bool:
         """The client's messages wait while the proxy's Sync after a Flush is unanswered: the server's
-        error window, if any, is not known yet; and behind a Query that may start COPY IN until its
-        ReadyForQuery (`Relay.follow_ups_wait`)."""
-        return self.flush_sync_pending or self.relay.follow_ups_wait
+        error window, if any, is not known yet."""
+        return self.flush_sync_pending
 
     def plain_query(self, data: bytes) -> bool:
         """The hot path in transaction mode: a read holding one simple Query that the guard clears, at

@@ -89,10 +89,6 @@ COPY_BEHIND_OWN_MESSAGES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="the proxy's own messages (settings read-back, startup values applied again,"
-                   " stand-in Close, session context) go upstream right behind a client Query that starts COPY FROM"
-                   " STDIN; Postgres reads them during COPY IN as a protocol violation and ends the connection"
-                   " (relay.py TransactionMode.group_sent, _close_stand_ins, SessionMode.group_sent)")
 @pytest.mark.parametrize("case", list(COPY_BEHIND_OWN_MESSAGES), ids=list(COPY_BEHIND_OWN_MESSAGES))
 def test_copy_from_stdin_behind_a_statement_the_proxy_follows_up(
     case: str, targets: dict[str, ProxyProcess], sink: str, pg: EmbeddedPostgres, tenant_db: TenantDatabase,
@@ -116,9 +112,6 @@ def test_copy_from_stdin_behind_a_statement_the_proxy_follows_up(
     assert first_difference(expected, got) is None, f"{first_difference(expected, got)}\n{trace(got)}"
 
 
-@pytest.mark.xfail(strict=True, reason="a COPY FROM STDIN sent while the settings read-back behind an earlier SET is"
-                   " still unanswered gets another read-back pipelined behind it (relay.settings.stale is still"
-                   " set: TransactionMode.group_sent, relay.py), which Postgres reads during COPY IN")
 def test_copy_from_stdin_pipelined_behind_a_set(targets: dict[str, ProxyProcess], sink: str, pg: EmbeddedPostgres,
                                                 tenant_db: TenantDatabase) -> None:
     """SET and COPY FROM STDIN in one write: the proxy forwards the COPY once the SET's ReadyForQuery

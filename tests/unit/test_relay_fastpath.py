@@ -122,8 +122,6 @@ def _boundaries(stream: bytes) -> list[int]:
     return positions
 
 
-@pytest.mark.xfail(strict=True, reason="relay.py TransactionMode.group_sent sends the settings read-back right behind the"
-                   " client's Query; when the Query ends in COPY FROM STDIN, Postgres reads it during COPY IN")
 @pytest.mark.parametrize("sql", ["SET application_name = 'x'; COPY t FROM STDIN", "RESET ALL; COPY t FROM STDIN"])
 def test_nothing_of_the_proxys_follows_a_query_that_may_start_copy_in(sql: str) -> None:
     """Postgres reads only CopyData, CopyDone, CopyFail, Flush and Sync during COPY IN (postgres.c,
@@ -135,9 +133,6 @@ def test_nothing_of_the_proxys_follows_a_query_that_may_start_copy_in(sql: str) 
     assert b"".join(writes).endswith(query)
 
 
-@pytest.mark.xfail(strict=True, reason="relay.py TransactionMode._settings_read asserts relay.queue (the relay is"
-                   " detached once its client left, and the pool's _Drain feeds the read-back's replies): AssertionError"
-                   " out of BackendConnection.data_received, and the server connection's settings are never recorded")
 def test_a_read_back_answered_after_its_client_left_is_settled() -> None:
     """A client sets a setting and leaves before the proxy's read-back of it is answered (psql -c does:
     it sends Terminate at the SET's ReadyForQuery). The pool drains the read-back (pool._Drain feeds the

@@ -362,7 +362,9 @@ class Relay:
             if type(segment) is Message and segment.type == b"Q" and self.mode.plain_query(segment.raw):  # type: ignore[union-attr]
                 held.clear()
                 METRICS.queries += 1
-                self._held_drained()
+                if self.held_bytes > HELD_HIGH_WATER:
+                    self.hooks.hold_client(False)
+                self.held_bytes = 0
                 return
         self._run(held)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 from collections.abc import Callable, Coroutine
 from typing import Any, Union
@@ -42,6 +43,7 @@ PoolKey = tuple[str, tuple[tuple[str, str], ...]]
 EVERY_DATABASE = ""  # in Pool.paused: every database is paused (no database has an empty name)
 
 
+log = logging.getLogger("pg_tenant_proxy")
 Handover = Union[BackendConnection, UpstreamError, None]
 # Compared against on every checkout and release: bound once (see proxy.relay.enums).
 _IDLE, _ACTIVE, _CLOSED = Lifecycle.IDLE, Lifecycle.ACTIVE, Lifecycle.CLOSED
@@ -540,10 +542,16 @@ class _Drain:
         self.backend = backend
 
     def server_data(self, data: bytes) -> None:
+        """Replies the connection still owes. Any failure to account for them (a desync, or a bug in what
+        the departed client's requests wait for) closes the connection rather than reuse it."""
         queue = self.backend.queue
         try:
             queue.feed(data)
         except ProtocolViolation:
+            self.pool.move(self.backend, Lifecycle.CLOSED)
+            return
+        except Exception:
+            log.exception("closing a server connection whose replies could not be accounted for after its client left")
             self.pool.move(self.backend, Lifecycle.CLOSED)
             return
         if queue.idle():

@@ -9,7 +9,8 @@ from typing import Any
 from proxy.backend import BackendConnection, Lifecycle, UpstreamError
 from proxy.config import PoolSettings
 from proxy.pool import Handover, Pool, TransactionPool
-from proxy.protocol import errors
+from proxy.protocol import errors, messages
+from proxy.relay.replies import Owner, Request
 
 
 class Handle:
@@ -216,3 +217,25 @@ def test_idle_connection_swept_after_the_idle_timeout() -> None:
     loop.advance(1000.0 + 76.0)  # the sweeper looks every server_idle_timeout / 4
     assert backend.lifecycle is Lifecycle.CLOSED
     assert loop.armed() == []  # nothing idle left: no sweeper
+
+
+def test_a_drained_connection_whose_replies_cannot_be_settled_is_closed() -> None:
+    """A client left while only the proxy's own requests were in flight: the pool drains them. If
+    settling a reply raises (a bug in what waited for it), the connection is closed, never kept, and
+    the exception does not escape into the event loop's data_received."""
+    pool, loop = new_pool(kind=TransactionPool)
+    assert isinstance(pool, TransactionPool)
+    backend = pooled_backend(pool, loop)
+
+    class Broken:
+        def ended(self, outcome: object, error: object) -> None:
+            raise RuntimeError("a bug in a watcher")
+
+        def row(self, values: object) -> None:
+            """Not reached."""
+
+    backend.queue.expect(Request.SYNC, Owner.OWN, watcher=Broken())
+    pool.release(backend)
+    assert backend.lifecycle is Lifecycle.ACTIVE  # draining: not idle, not closed yet
+    backend.data_received(messages.ready_for_query(b"I"))
+    assert backend.lifecycle is Lifecycle.CLOSED and pool.take("app", "acme") is None

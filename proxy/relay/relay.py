@@ -212,6 +212,8 @@ class Relay:
         # CopyDone, CopyFail, Flush and Sync: the proxy's own messages due behind it (and the client's next
         # messages but those) wait for its ReadyForQuery.
         self.follow_ups_wait = False
+        self.copying: set[bytes] = set()  # statements and portals (b"P" + name) whose text may start COPY IN
+        self.group_may_copy = False  # an Execute since the last Sync may have started COPY IN
         self.mode: SessionMode | TransactionMode = (
             TransactionMode(self, max_statement_bytes, budget) if transaction_mode else SessionMode(self)
         )
@@ -267,7 +269,7 @@ class Relay:
             self.hooks.transactions_ended(ended)
         if self.server is None:
             return
-        if self.follow_ups_wait and not queue.groups_owed():
+        if self.follow_ups_wait and queue.reading_messages():
             self.follow_ups_wait = False
             self.mode.follow_up()
             self.flush_own()
@@ -516,6 +518,26 @@ class Relay:
         self.hooks.refused(refusal)
         self.send(messages.parse(_MARKER, _MARKER), Request.PARSE, Owner.REFUSED, reply=refusal_error(refusal))
 
+    def note_copying(self, name: bytes, text: bytes) -> None:
+        """A client Parse of `name`: remember whether its text may start COPY IN (`may_start_copy_in`)."""
+        if may_start_copy_in(text):
+            self.copying.add(name)
+        else:
+            self.copying.discard(name)
+
+    def note_bound(self, portal: bytes, statement: bytes) -> None:
+        """A client Bind of `portal` to `statement`: the portal may start COPY IN when the statement may."""
+        if statement in self.copying:
+            self.copying.add(b"P" + portal)
+        else:
+            self.copying.discard(b"P" + portal)
+
+    def note_executed(self, portal: bytes) -> None:
+        """A client Execute of `portal`: if it may start COPY IN, the proxy's follow-ups due behind the
+        group's Sync wait for its ReadyForQuery (`follow_ups_wait`)."""
+        if b"P" + portal in self.copying:
+            self.group_may_copy = True
+
     def checked_parse(self, message: Message) -> tuple[bytes, bytes, bytes, Decision] | None:
         """A client's Parse: its statement name, query text, definition (the body after the name) and
         the guard's decision; None when it is refused (a reserved name, or the guard), a failing Parse
@@ -715,11 +737,12 @@ class SessionMode:
         checked = relay.checked_parse(message)
         if checked is None:
             return
-        name, _, _, decision = checked
+        name, text, _, decision = checked
         if decision.resets_all:
             self.resetting.add(name)
         else:
             self.resetting.discard(name)
+        relay.note_copying(name, text)
         relay.send(message.raw, Request.PARSE)
 
     def bind(self, message: Message) -> None:
@@ -732,6 +755,7 @@ class SessionMode:
             self.resetting.add(b"P" + portal)
         else:
             self.resetting.discard(b"P" + portal)
+        relay.note_bound(portal, statement)
         relay.send(message.raw, Request.BIND)
 
     def execute(self, message: Message) -> bool:
@@ -741,6 +765,7 @@ class SessionMode:
             return True
         if b"P" + portal in self.resetting:
             self.reassert_due = True
+        self.relay.note_executed(portal)
         self.relay.send(message.raw, Request.EXECUTE)
         return True
 
@@ -766,7 +791,11 @@ class SessionMode:
     def group_sent(self) -> None:
         """A Query, Sync or FunctionCall went upstream: set the context again now if it was reset (after
         its ReadyForQuery when it may start COPY IN, `follow_up`)."""
-        if self.reassert_due and not self.relay.mid_group and not self.relay.follow_ups_wait:
+        relay = self.relay
+        if relay.group_may_copy and not relay.mid_group:
+            relay.group_may_copy = False
+            relay.follow_ups_wait = relay.follow_ups_wait or self.reassert_due
+        if self.reassert_due and not relay.mid_group and not relay.follow_ups_wait:
             self.reassert_due = False
             self._send_context()
 
@@ -1090,6 +1119,7 @@ class TransactionMode:
             self.ending.add(name)
         else:
             self.ending.discard(name)
+        relay.note_copying(name, text)
         if name:
             self._prepare(statement, server, Owner.CLIENT, name)
             return
@@ -1197,6 +1227,7 @@ class TransactionMode:
             self.ending_portals.add(portal)
         else:
             self.ending_portals.discard(portal)
+        relay.note_bound(portal, name)
         if statement is None or not name:
             relay.send(message.raw, Request.BIND)
             return
@@ -1254,6 +1285,7 @@ class TransactionMode:
         if not self._context(decision, group_end=False):
             return False
         watcher = self._effects(decision)
+        relay.note_executed(portal)
         relay.send(message.raw, Request.EXECUTE, watcher=watcher)
         self._close_stand_ins(group_end=False)
         if portal in self.ending_portals:  # a COMMIT inside the group: what follows starts a transaction
@@ -1276,7 +1308,12 @@ class TransactionMode:
         now, or after its ReadyForQuery when it may start COPY IN (`follow_up`)."""
         relay = self.relay
         self.context_set = False
-        if relay.mid_group or relay.follow_ups_wait:
+        if relay.mid_group:
+            return
+        if relay.group_may_copy:
+            relay.group_may_copy = False
+            relay.follow_ups_wait = relay.follow_ups_wait or bool(self.reapply or self.stand_ins or relay.settings.stale)
+        if relay.follow_ups_wait:
             return
         self._after_group()
 

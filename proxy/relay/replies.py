@@ -245,6 +245,11 @@ class ReplyQueue:
         Sync not sent yet."""
         return not self.entries and not self._skipping
 
+    def reading_messages(self) -> bool:
+        """No client group is owed and no COPY runs: the server reads the next message as a message (during
+        COPY IN it reads only CopyData, CopyDone, CopyFail, Flush and Sync)."""
+        return not self.groups_owed() and self.copy is _NO_COPY
+
     def skipping(self) -> bool:
         """The server skips to a Sync not sent yet (an error inside the client's group)."""
         return self._skipping

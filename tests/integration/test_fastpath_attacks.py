@@ -257,3 +257,34 @@ def test_reset_returns_to_the_startup_value_in_what_the_client_reads_and_is_told
                                    TimeZone="Europe/Paris"))
     target = targets[mode]
     assert told(connect_proxy(target.port, target.token(ACME), TimeZone="Europe/Paris")) == expected
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_copy_from_stdin_by_execute_behind_a_setting_in_the_same_group(
+    mode: str, targets: dict[str, ProxyProcess], sink: str, pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+) -> None:
+    """Extended protocol (pg8000 runs COPY so): `SET` (or `RESET ALL`) by Execute, then an Execute of
+    COPY FROM STDIN and a Sync in one write (the server ignores that Sync in COPY IN), then the row,
+    CopyDone and another Sync. The proxy's follow-ups wait for the second Sync's ReadyForQuery."""
+    setting = "SET application_name = 'copier'" if mode == "transaction" else "RESET ALL"
+    group = b"".join((
+        messages.parse("", setting), messages.bind("", "", []), messages.execute(""),
+        messages.parse("", f"COPY {sink} FROM STDIN"), messages.bind("", "", []), messages.execute(""), messages.sync(),
+    ))
+
+    def run(wire: Wire) -> list[Reply]:
+        wire.send(group)
+        replies = wire.read_until(lambda got: bool(got) and got[-1][0] in (b"G", b"E"))
+        try:
+            wire.send(copy_data(b"1\tone\n") + copy_done() + messages.sync())
+            replies += wire.read_ready()
+            wire.send(query(f"SELECT count(*) >= 0 FROM {sink}"))
+            replies += wire.read_ready()
+        except (AssertionError, OSError) as exc:
+            replies += getattr(exc, "replies", [])
+        wire.close()
+        return replies
+
+    expected = run(direct(pg, tenant_db))
+    got = run(connect_proxy(targets[mode].port, targets[mode].token(ACME)))
+    assert first_difference(expected, got) is None, f"{first_difference(expected, got)}\n{trace(got)}"

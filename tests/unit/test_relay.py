@@ -616,3 +616,23 @@ def test_transaction_mode_follow_ups_wait_out_a_copy_in() -> None:
     pair.server(complete("COPY 1") + Z_IDLE)
     assert READ_STATEMENT in b"".join(pair.upstream_since(start))  # the read-back, now
     assert pair.hooks.events[-1] != "release_server"  # held until the read-back is answered
+
+
+def test_follow_ups_wait_out_a_copy_in_started_by_execute() -> None:
+    """Extended protocol: SET by Execute, then Execute of COPY FROM STDIN, and Sync, in one write. The
+    read-back of the SET would land inside COPY IN behind the Sync (which the server ignores there): it
+    waits for the ReadyForQuery of the client's Sync after its CopyDone."""
+    pair, server = RelayPair(), Server(101)
+    group = (messages.parse("", "SET application_name = 'x'") + messages.bind("", "", []) + messages.execute("")
+             + messages.parse("", "COPY t FROM STDIN") + messages.bind("", "", []) + messages.execute("") + messages.sync())
+    writes = checked_out(pair, server, group)
+    assert b"".join(writes).endswith(messages.execute("") + messages.sync())
+    copy_in = messages.message(b"G", b"\0\0\0")
+    pair.server(PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + complete("SET")
+                + PARSE_COMPLETE + BIND_COMPLETE + copy_in)
+    start = len(pair.hooks.upstream)
+    rows = messages.message(b"d", b"1\n") + messages.message(b"c") + messages.sync()
+    assert pair.client(rows) == [rows]  # what Postgres reads during COPY IN passes
+    assert READ_STATEMENT not in b"".join(pair.upstream_since(start))
+    pair.server(complete("COPY 1") + Z_IDLE)
+    assert READ_STATEMENT in b"".join(pair.upstream_since(start))  # now, after the ReadyForQuery

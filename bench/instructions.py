@@ -12,7 +12,9 @@ count per transaction. Under valgrind the proxy is the bottleneck by far, so in 
 client waits for a server connection: the checkout, hand-over and release path of S3 at its busiest.
 
 Counts are instructions, not time: a cache miss or a system call counts as little as an add. They say
-which of two versions of the proxy's own code does less work; `bench/run` says how fast it is.
+which of two versions of the proxy's own code does less work; `bench/run` says how fast it is. Run it on
+a quiet machine: under heavy load the bytes of several messages arrive in fewer or more reads, and the
+count moves with them (a run beside two test suites counted twice as many in session mode).
 Needs valgrind (`apt-get install valgrind`).
 """
 

@@ -96,8 +96,7 @@ class Pool:
     def _hold(self, backend: BackendConnection, tenant: str) -> None:
         """`backend` now serves a client of `tenant`."""
         backend.holder = tenant
-        key = (backend.pool_key[0], tenant)
-        self._held[key] = self._held.get(key, 0) + 1
+        self._hold_slot(backend.pool_key[0], tenant)
 
     def _unhold(self, backend: BackendConnection) -> None:
         """`backend`'s client is done with it (idempotent)."""
@@ -227,7 +226,7 @@ class Pool:
         nobody who may take one waits. Fair across tenants (`proxy.waiters`): one tenant's queue delays
         another's checkout by at most one transaction."""
         waiters = self._waiters.get(database)
-        if waiters is None or (self.paused and self.is_paused(database)):
+        if waiters is None or self.is_paused(database):
             return False
         held = self._held
         chosen = waiters.pop_next(lambda tenant: held.get((database, tenant), 0), self.settings.tenant_limit())

@@ -119,7 +119,6 @@ class ProxyServer:
         self.pools = LoginPools(self.pool, settings.roles, settings.pool)  # [roles]: one pool per login role
         self.tls_context = server_tls_context(settings)
         self.readiness = Readiness()
-        self.draining = False  # SIGTERM: each client ends at its next idle point (`drain`)
         self._drained: asyncio.Event | None = None  # set when the last client leaves during a drain
         self.clients: set[ClientConnection] = set()
         self.logging_in = 0  # connections not greeted yet (counted apart: [client] max_unauthenticated_connections)
@@ -246,13 +245,16 @@ class ProxyServer:
 
     # -- lifecycle: drain (SIGTERM) and reload (SIGHUP) --------------------------------------------
 
+    @property
+    def draining(self) -> bool:
+        return self.readiness.draining
+
     async def drain(self, timeout: float, interrupted: asyncio.Event) -> None:
         """SIGTERM: /readyz answers 503 from now; each client ends at its next idle point with 57P01
         (those at one now, at once; the others at their next ReadyForQuery 'I', see
         `ClientConnection.drain_point`). Returns when none is left, after `timeout` seconds, or when
         `interrupted` is set (SIGINT); the caller closes the rest."""
         self.readiness.draining = True
-        self.draining = True
         self._drained = asyncio.Event()
         for client in list(self.clients):
             client.drain_point()

@@ -89,8 +89,7 @@ class WaitQueue(Generic[R]):
         """Take out the waiter to serve next (see the module docstring), or None when every waiting
         tenant holds `limit` connections or nobody waits. `holds(tenant)` counts a tenant's connections."""
         arrivals = self._arrivals
-        while arrivals and arrivals[0]._done:
-            arrivals.popleft()
+        _drop_left(arrivals)
         if not arrivals:
             self._by_tenant.clear()
             return None

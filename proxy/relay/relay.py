@@ -364,9 +364,7 @@ class Relay:
             if type(segment) is Message and segment.type == b"Q" and self.mode.plain_query(segment.raw):  # type: ignore[union-attr]
                 held.clear()
                 METRICS.queries += 1
-                if self.held_bytes > HELD_HIGH_WATER:
-                    self.hooks.hold_client(False)
-                self.held_bytes = 0
+                self._held_drained()
                 return
         self._run(held)
 
@@ -537,6 +535,13 @@ class Relay:
         group's Sync wait for its ReadyForQuery (`follow_ups_wait`)."""
         if b"P" + portal in self.copying:
             self.group_may_copy = True
+
+    def group_copy_checked(self) -> None:
+        """A client group ended (the client between groups): when an Execute in it may have started COPY
+        IN and the mode has follow-ups due, they wait (`follow_ups_wait`)."""
+        if self.group_may_copy:
+            self.group_may_copy = False
+            self.follow_ups_wait = self.follow_ups_wait or self.mode.follow_ups_due()
 
     def checked_parse(self, message: Message) -> tuple[bytes, bytes, bytes, Decision] | None:
         """A client's Parse: its statement name, query text, definition (the body after the name) and
@@ -718,7 +723,7 @@ class SessionMode:
             return True
         relay.send(message.raw, Request.QUERY)
         self.reassert_due = self.reassert_due or reassert
-        relay.follow_ups_wait = self.reassert_due and may_start_copy_in(message.raw)
+        relay.follow_ups_wait = self.follow_ups_due() and may_start_copy_in(message.raw)
         self.group_sent()
         return True
 
@@ -792,9 +797,8 @@ class SessionMode:
         """A Query, Sync or FunctionCall went upstream: set the context again now if it was reset (after
         its ReadyForQuery when it may start COPY IN, `follow_up`)."""
         relay = self.relay
-        if relay.group_may_copy and not relay.mid_group:
-            relay.group_may_copy = False
-            relay.follow_ups_wait = relay.follow_ups_wait or self.reassert_due
+        if not relay.mid_group:
+            relay.group_copy_checked()
         if self.reassert_due and not relay.mid_group and not relay.follow_ups_wait:
             self.reassert_due = False
             self._send_context()
@@ -802,6 +806,10 @@ class SessionMode:
     def follow_up(self) -> None:
         """The ReadyForQuery of a Query that may have started COPY IN came: what group_sent held back."""
         self.group_sent()
+
+    def follow_ups_due(self) -> bool:
+        """The context is to be set again behind the client's group."""
+        return self.reassert_due
 
     def read_done(self) -> None:
         """Nothing to add at the end of a client read in session mode."""
@@ -1005,7 +1013,7 @@ class TransactionMode:
         if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
             self._rolled_back()
-        relay.follow_ups_wait = bool(self.reapply or self.stand_ins or relay.settings.stale) and may_start_copy_in(message.raw)
+        relay.follow_ups_wait = self.follow_ups_due() and may_start_copy_in(message.raw)
         self._close_stand_ins(group_end=True)
         self.group_sent()
         return True
@@ -1310,12 +1318,15 @@ class TransactionMode:
         self.context_set = False
         if relay.mid_group:
             return
-        if relay.group_may_copy:
-            relay.group_may_copy = False
-            relay.follow_ups_wait = relay.follow_ups_wait or bool(self.reapply or self.stand_ins or relay.settings.stale)
+        relay.group_copy_checked()
         if relay.follow_ups_wait:
             return
         self._after_group()
+
+    def follow_ups_due(self) -> bool:
+        """The proxy has messages of its own to send behind the client's group: stand-ins to close,
+        startup values to apply again, or settings to read back."""
+        return bool(self.stand_ins or self.reapply or self.relay.settings.stale)
 
     def follow_up(self) -> None:
         """The ReadyForQuery of a Query that may have started COPY IN came: what it held back."""

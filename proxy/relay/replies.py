@@ -143,7 +143,6 @@ ROWS_WATCHED = FULL_WATCHED | frozenset(b"D")
 _ASYNC = frozenset(b"NAS")
 _NONE: frozenset[int] = frozenset()
 _HEADER = struct.Struct("!Bi")
-_CONTEXT_REPLIES = b"2DC3"
 _CONTEXT_HEAD = messages.message(b"2") + b"D"  # BindComplete, and the DataRow's type
 _CONTEXT_TAIL = messages.message(b"C", b"SELECT 1\0") + messages.message(b"3")  # CommandComplete, CloseComplete
 _ENDS = {
@@ -308,14 +307,10 @@ class ReplyQueue:
         maximum = self.scanner.maximum
         end = len(data)
         pos = 0
-        if context:  # BindComplete, DataRow, then CommandComplete and CloseComplete, always the same bytes
-            if end < 10 or not data.startswith(_CONTEXT_HEAD):
+        if context:
+            pos = _context_end(data)
+            if pos < 0:
                 return None
-            _, length = unpack(data, 5)
-            pos = 6 + length
-            if length < 4 or not data.startswith(_CONTEXT_TAIL, pos):
-                return None
-            pos += len(_CONTEXT_TAIL)
         start = pos
         ready = -1
         while pos < end:
@@ -332,8 +327,8 @@ class ReplyQueue:
         if pos != end:
             return None
         entries = self.entries
-        if context:
-            entries.popleft()  # a CONTEXT entry's watcher acts only on failure
+        if context:  # _context_completed, inlined on the hot path (no CopyData marker can follow: special was 1)
+            entries.popleft()
             self._special -= 1
         if ready >= 0:
             if not entries:
@@ -346,23 +341,20 @@ class ReplyQueue:
 
     def _context_answered(self, data: bytes) -> bytes:
         """The proxy's context at the head, answered as it is nearly always, whole at the start of the
-        read (BindComplete, DataRow, CommandComplete, CloseComplete): settled with four header reads, and
-        the rest of the read is what follows. Anything else is left to the full walk."""
-        pos = 0
-        end = len(data)
-        for expected in _CONTEXT_REPLIES:
-            if end - pos < 5:
-                return data
-            code, length = _HEADER.unpack_from(data, pos)
-            if code != expected or length < 4:
-                return data
-            pos += 1 + length
-            if pos > end:
-                return data
-        self.entries.popleft()  # completed: a CONTEXT entry's watcher hears only of failure
+        read (`_context_end`): settled, and the rest of the read is what follows. Anything else is left
+        to the full walk."""
+        pos = _context_end(data)
+        if pos < 0:
+            return data
+        self._context_completed()
+        return data[pos:]
+
+    def _context_completed(self) -> None:
+        """The CONTEXT entry at the head completed: taken out without telling its watcher, which acts only
+        on failure."""
+        self.entries.popleft()
         self._special -= 1
         self._drop_markers()
-        return data[pos:]
 
     def _fast(self, message: Message) -> None:
         """While every entry is a client Query: only ReadyForQuery and the start of a COPY matter."""
@@ -564,6 +556,19 @@ class ReplyQueue:
         self.entries = kept
         if not end_found:
             self._copy_end_ignored += 1
+
+
+def _context_end(data: bytes) -> int:
+    """Where the replies to the proxy's context end when `data` opens with them whole: BindComplete, the
+    DataRow, then CommandComplete and CloseComplete, always the same bytes but for the DataRow; -1
+    otherwise."""
+    if len(data) < 10 or not data.startswith(_CONTEXT_HEAD):
+        return -1
+    _, length = _HEADER.unpack_from(data, 5)
+    end = 6 + length
+    if length < 4 or not data.startswith(_CONTEXT_TAIL, end):
+        return -1
+    return end + len(_CONTEXT_TAIL)
 
 
 def _renamed(raw: bytes, rename: bytes) -> bytes:

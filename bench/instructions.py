@@ -14,7 +14,9 @@ client waits for a server connection: the checkout, hand-over and release path o
 Counts are instructions, not time: a cache miss or a system call counts as little as an add. They say
 which of two versions of the proxy's own code does less work; `bench/run` says how fast it is. Run it on
 a quiet machine: under heavy load the bytes of several messages arrive in fewer or more reads, and the
-count moves with them (a run beside two test suites counted twice as many in session mode).
+count moves with them (a run beside two test suites counted twice as many in session mode). The proxy
+runs with PYTHONHASHSEED=0: with a random seed, dict and set layouts differ between processes and the
+count moved by up to 3% between runs of the same code.
 Needs valgrind (`apt-get install valgrind`).
 """
 
@@ -79,7 +81,7 @@ def report(args: argparse.Namespace, tree: Path, label: str) -> None:
         proxy = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sys.executable, "-m", "proxy", "run",
              "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
         )
         try:
             wait_for_port(port, proxy, deadline=STARTUP_SECONDS)

@@ -340,6 +340,11 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
     sockets = bind_listeners(settings) if listeners is None else listeners
     proxy = ProxyServer(settings, worker, load_settings)
     readiness = proxy.readiness
+    # Reload on SIGHUP before listening: a connection accepted while the next awaits run must not be
+    # checked against a configuration (an old JWT secret) that a signal already replaced.
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+    if EarlySighup.take():  # a worker signalled before it served: reload now
+        proxy.reload()
     try:
         listener = await loop.create_server(
             proxy.connection, settings.listen_host, settings.listen_port, reuse_address=True, backlog=1024,
@@ -362,9 +367,6 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
     shutdown = Shutdown()
     loop.add_signal_handler(signal.SIGINT, shutdown.request, Stop.IMMEDIATE)
     loop.add_signal_handler(signal.SIGTERM, shutdown.request, Stop.DRAIN)
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-    if EarlySighup.take():  # a worker signalled before it served: reload now
-        proxy.reload()
     readiness.lifecycle = ServerLifecycle.SERVING
     log.info(
         "%slistening on %s:%d%s upstream=%s:%d pool=%s size=%d tls=%s http=%s",

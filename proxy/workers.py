@@ -24,11 +24,16 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
     stopping = False
 
     def spawn(index: int) -> None:
+        # SIGHUP stays blocked across the fork until each side has its handler: a signal forwarded to the
+        # child before it set `EarlySighup.remember` would otherwise run the supervisor's `forward`
+        # there, and that worker would keep its old configuration.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, EarlySighup.remember)  # until serve() reloads on it: never kill a worker
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             status = 0
             try:
                 run_worker(Worker(index, count, peer_dir))
@@ -37,6 +42,7 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
                 status = 1
             os._exit(status)
         children[pid] = index
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def stop(signum: int, frame: FrameType | None) -> None:
         """SIGTERM (drain) or SIGINT (at once): the same signal to every worker; none is started again."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import socket
 import time
@@ -20,6 +21,7 @@ from proxy import access, admin
 from proxy.auth.token_file import FileLogin, TokenFileUnreadable, uses_token_file
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Refusal
+from proxy.http import Lifecycle as ServerLifecycle
 from proxy.lifecycle import SHUTDOWN_MESSAGE, at_idle_point
 from proxy.logs import AUDIT
 from proxy.metrics import METRICS
@@ -46,6 +48,7 @@ T = TypeVar("T")
 # Compared against on every transaction: bound once (see proxy.relay.enums on Python 3.11's enum lookups).
 _CLOSED, _IDLE, _WAITING = State.CLOSED, State.IDLE, State.WAITING
 _CLIENT_DATA, _SERVER_TAKEN, _RELEASED = Event.CLIENT_DATA, Event.SERVER_TAKEN, Event.RELEASED
+_DRAINING = ServerLifecycle.DRAINING
 
 
 class Counted(enum.Enum):
@@ -300,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
             self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
         if self._file_login is not None and self.session.state is not State.CLOSED:
             self._renew_at_boundary()
-        if self.server.draining:
+        if self.server.readiness.lifecycle is _DRAINING:  # ProxyServer.draining, without two property calls per transaction
             self.drain_point()
 
     def refused(self, refusal: Refusal) -> None:
@@ -650,9 +653,10 @@ class ClientConnection(asyncio.Protocol):
             server.tenant_clients[self.identity.tenant] = server.tenant_clients.get(self.identity.tenant, 0) + 1
         self._counted = to
 
-    @property
+    @functools.cached_property
     def database(self) -> str:
-        """The upstream database this client's session uses (the request must be read)."""
+        """The upstream database this client's session uses (the request must be read): read once, so a
+        session stays in the database it logged in to when a reload changes `[upstream] database`."""
         assert self.request is not None
         return self.server.settings.upstream.database or self.request.database or self.request.user
 
@@ -763,7 +767,7 @@ class ClientConnection(asyncio.Protocol):
         queue, or for a new connection."""
         assert self.identity is not None
         if self._transaction_mode:
-            pool = cast("TransactionPool", self.pool)
+            pool: TransactionPool = self.pool  # type: ignore[assignment]  # not cast(): a call per checkout
             database, tenant = self.database, self.identity.tenant
             backend = pool.take(database, tenant)
             if backend is not None:

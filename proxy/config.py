@@ -10,6 +10,7 @@ problem, each naming the key.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -313,8 +314,10 @@ class PoolSettings:
     max_server_connections_per_tenant: int  # 0: no cap below size
     idle_transaction_timeout: float  # seconds; 0: off
 
+    @functools.cached_property
     def tenant_limit(self) -> int:
-        """Server connections one tenant may hold at once in one database's pool."""
+        """Server connections one tenant may hold at once in one database's pool (read at every checkout:
+        computed once)."""
         return self.max_server_connections_per_tenant or self.size
 
 

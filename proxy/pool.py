@@ -26,7 +26,8 @@ import asyncio
 import functools
 import logging
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from types import MappingProxyType
 from typing import Any, Union
 
 from proxy.backend import BackendConnection, Lifecycle, UpstreamError, connect
@@ -47,6 +48,7 @@ log = logging.getLogger("pg_tenant_proxy")
 Handover = Union[BackendConnection, UpstreamError, None]
 # Compared against on every checkout and release: bound once (see proxy.relay.enums).
 _IDLE, _ACTIVE, _CLOSED = Lifecycle.IDLE, Lifecycle.ACTIVE, Lifecycle.CLOSED
+_NONE_HELD: Mapping[str, int] = MappingProxyType({})  # a database none of whose connections is held
 
 
 def pool_key(database: str, parameters: dict[str, str]) -> PoolKey:
@@ -64,7 +66,7 @@ class Pool:
         self._waiters: dict[str, WaitQueue[Handover]] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}  # per queue: at its earliest deadline
         self._tasks: set[asyncio.Task[None]] = set()
-        self._held: dict[tuple[str, str], int] = {}  # (database, tenant) -> server connections held
+        self._held: dict[str, dict[str, int]] = {}  # database -> tenant -> server connections held (never 0)
         self._sweeper: asyncio.TimerHandle | None = None
         self._parameters: dict[PoolKey, dict[str, str]] = {}
         self.servers: set[BackendConnection] = set()  # every open server connection (the admin console lists them)
@@ -86,12 +88,13 @@ class Pool:
 
     def holds(self, database: str, tenant: str) -> int:
         """Server connections of `database` that clients of `tenant` hold now."""
-        return self._held.get((database, tenant), 0)
+        held = self._held.get(database)
+        return held.get(tenant, 0) if held is not None else 0
 
     def at_limit(self, database: str, tenant: str) -> bool:
         """`tenant` holds as many server connections of `database` as one tenant may
         (`[pool] max_server_connections_per_tenant`): its clients wait for one of its own to come back."""
-        return self.holds(database, tenant) >= self.settings.tenant_limit()
+        return self.holds(database, tenant) >= self.settings.tenant_limit
 
     def _hold(self, backend: BackendConnection, tenant: str) -> None:
         """`backend` now serves a client of `tenant`."""
@@ -106,13 +109,16 @@ class Pool:
 
     def _hold_slot(self, database: str, tenant: str) -> None:
         """One more server connection counts toward `tenant`'s limit (held, or being opened for it)."""
-        self._held[(database, tenant)] = self._held.get((database, tenant), 0) + 1
+        held = self._held.get(database)
+        if held is None:
+            held = self._held[database] = {}
+        held[tenant] = held.get(tenant, 0) + 1
 
     def _release_slot(self, database: str, tenant: str) -> None:
-        key = (database, tenant)
-        self._held[key] -= 1
-        if not self._held[key]:
-            del self._held[key]
+        held = self._held[database]
+        held[tenant] -= 1
+        if not held[tenant]:
+            del held[tenant]
 
     def queue(self, database: str, deadline: float, callback: Callable[[Handover], None], tenant: str) -> Waiter[Handover]:
         """Join the clients waiting for a connection of `database`: `callback` is called, at once and only
@@ -226,14 +232,14 @@ class Pool:
         nobody who may take one waits. Fair across tenants (`proxy.waiters`): one tenant's queue delays
         another's checkout by at most one transaction."""
         waiters = self._waiters.get(database)
-        if waiters is None or self.is_paused(database):
+        if waiters is None or (self.paused and self.is_paused(database)):
             return False
-        held = self._held
-        chosen = waiters.pop_next(lambda tenant: held.get((database, tenant), 0), self.settings.tenant_limit())
+        chosen = waiters.pop_next(self._held.get(database, _NONE_HELD), self.settings.tenant_limit)
         if chosen is None:
             return False
         if backend is not None:
-            self.move(backend, _ACTIVE)
+            if backend.lifecycle is not _ACTIVE:
+                self.move(backend, _ACTIVE)
             self._hold(backend, chosen.tenant)
         chosen.finish(backend)
         return True
@@ -276,9 +282,7 @@ class Pool:
     def _someone_may_take(self, database: str) -> bool:
         """A client waits for `database` whose tenant is below its limit."""
         waiters = self._waiters.get(database)
-        held = self._held
-        return waiters is not None and waiters.may_take(
-            lambda tenant: held.get((database, tenant), 0), self.settings.tenant_limit())
+        return waiters is not None and waiters.may_take(self._held.get(database, _NONE_HELD), self.settings.tenant_limit)
 
     def _take_back(self, backend: BackendConnection) -> bool:
         """A connection its client is done with: True when it may serve again (detached from the
@@ -467,7 +471,7 @@ class TransactionPool(Pool):
         idle = self._idle_by_database.get(database)
         if not idle or self.at_limit(database, tenant) or self._someone_may_take(database):
             return None  # a tenant at its limit waits; clients already waiting that may take one come first
-        if self.is_paused(database):
+        if self.paused and self.is_paused(database):
             return None
         chosen = self._choose(idle, tenant)
         if chosen is not None:
@@ -494,7 +498,7 @@ class TransactionPool(Pool):
         """True when a client of `tenant` must wait: `database` has `size` connections open, the
         tenant holds as many as it may, or the database is paused."""
         return (self._open.get(database, 0) >= self.settings.size or self.at_limit(database, tenant)
-                or self.is_paused(database))
+                or bool(self.paused) and self.is_paused(database))
 
     def _unpaused(self, database: str) -> None:
         """Idle connections go to waiting clients first, then the rest look again."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
@@ -21,30 +21,27 @@ R = TypeVar("R")
 class Waiter(Generic[R]):
     """A client's place in a queue: `callback` is called at most once, with what it is handed."""
 
-    __slots__ = ("callback", "deadline", "tenant", "order", "_done")
+    __slots__ = ("callback", "deadline", "tenant", "order", "done")
 
     def __init__(self, callback: Callable[[R], None], deadline: float, tenant: str, order: int) -> None:
         self.callback = callback
         self.deadline = deadline  # loop time, seconds
         self.tenant = tenant
         self.order = order  # arrival number within its queue
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
+        self.done = False  # served or cancelled: it left the queue (an attribute: read for every checkout)
 
     def cancel(self) -> None:
         """Leave the queue: the callback will not be called."""
-        self._done = True
+        self.done = True
 
     def finish(self, result: R) -> None:
-        if not self._done:
-            self._done = True
+        if not self.done:
+            self.done = True
             self.callback(result)
 
 
 def _drop_left(waiters: deque[Waiter[R]]) -> None:
-    while waiters and waiters[0].done():
+    while waiters and waiters[0].done:
         waiters.popleft()
 
 
@@ -69,7 +66,7 @@ class WaitQueue(Generic[R]):
 
     def __iter__(self) -> Iterator[Waiter[R]]:
         """The waiters still waiting, oldest first."""
-        return (waiter for waiter in self._arrivals if not waiter.done())
+        return (waiter for waiter in self._arrivals if not waiter.done)
 
     def _heads(self) -> Iterator[Waiter[R]]:
         """Each waiting tenant's oldest waiter; tenants with nobody left are forgotten."""
@@ -81,13 +78,15 @@ class WaitQueue(Generic[R]):
             else:
                 del self._by_tenant[tenant]
 
-    def may_take(self, holds: Callable[[str], int], limit: int) -> bool:
-        """Someone waits whose tenant holds fewer than `limit` server connections."""
-        return any(holds(head.tenant) < limit for head in self._heads())
+    def may_take(self, held: Mapping[str, int], limit: int) -> bool:
+        """Someone waits whose tenant holds fewer than `limit` server connections (`held`: connections
+        by tenant, absent for none)."""
+        return any(held.get(head.tenant, 0) < limit for head in self._heads())
 
-    def pop_next(self, holds: Callable[[str], int], limit: int) -> Waiter[R] | None:
+    def pop_next(self, held: Mapping[str, int], limit: int) -> Waiter[R] | None:
         """Take out the waiter to serve next (see the module docstring), or None when every waiting
-        tenant holds `limit` connections or nobody waits. `holds(tenant)` counts a tenant's connections."""
+        tenant holds `limit` connections or nobody waits. `held` counts each tenant's connections
+        (absent for none)."""
         arrivals = self._arrivals
         _drop_left(arrivals)
         if not arrivals:
@@ -95,17 +94,17 @@ class WaitQueue(Generic[R]):
             return None
         oldest = arrivals[0]
         if len(self._by_tenant) == 1:  # one tenant waits: its oldest waiter, if it is below its limit
-            return self._take(oldest) if holds(oldest.tenant) < limit else None
-        if limit > 0 and not holds(oldest.tenant):
+            return self._take(oldest) if held.get(oldest.tenant, 0) < limit else None
+        if limit > 0 and not held.get(oldest.tenant, 0):
             return self._take(oldest)  # nobody can hold fewer, nobody came earlier
         chosen: Waiter[R] | None = None
         fewest = 0
         for head in self._heads():
-            held = holds(head.tenant)
-            if held >= limit:
+            holds = held.get(head.tenant, 0)
+            if holds >= limit:
                 continue
-            if chosen is None or held < fewest or (held == fewest and head.order < chosen.order):
-                chosen, fewest = head, held
+            if chosen is None or holds < fewest or (holds == fewest and head.order < chosen.order):
+                chosen, fewest = head, holds
         return None if chosen is None else self._take(chosen)
 
     def _take(self, waiter: Waiter[R]) -> Waiter[R]:
@@ -122,8 +121,8 @@ class WaitQueue(Generic[R]):
 
     def split_late(self, now: float) -> list[Waiter[R]]:
         """Take out and return the waiters whose deadline is `now` or earlier; drop those that left."""
-        late = [w for w in self._arrivals if w.deadline <= now and not w.done()]
-        kept = [w for w in self._arrivals if w.deadline > now and not w.done()]
+        late = [w for w in self._arrivals if w.deadline <= now and not w.done]
+        kept = [w for w in self._arrivals if w.deadline > now and not w.done]
         self._arrivals = deque(kept)
         self._by_tenant = {}
         for waiter in kept:

@@ -18,7 +18,7 @@ def queue_of(*tenants: str) -> tuple[WaitQueue[str], list[list[str]]]:
 
 
 def serve(queue: WaitQueue[str], held: dict[str, int], limit: int = 10) -> str | None:
-    waiter = queue.pop_next(lambda tenant: held.get(tenant, 0), limit)
+    waiter = queue.pop_next(held, limit)
     if waiter is None:
         return None
     waiter.finish("conn")
@@ -42,7 +42,7 @@ def test_a_tenant_at_its_limit_waits_for_one_of_its_own() -> None:
     queue, _ = queue_of("a", "b")
     assert serve(queue, {"a": 2}, limit=2) == "b"
     assert serve(queue, {"a": 2}, limit=2) is None
-    assert queue.may_take(lambda tenant: {"a": 2}.get(tenant, 0), 2) is False
+    assert queue.may_take({"a": 2}, 2) is False
     assert serve(queue, {"a": 1}, limit=2) == "a"
 
 
@@ -69,7 +69,7 @@ def test_the_oldest_waiter_is_served_past_a_tenant_queue_whose_head_left() -> No
     kept = queue.add(got.append, 0.0, "a")
     gone.cancel()
     assert serve(queue, {"b": 5}) == "a"
-    assert kept.done() and got == ["conn"]
+    assert kept.done and got == ["conn"]
 
 
 def test_late_waiters_are_taken_out_at_their_deadline() -> None:

@@ -84,6 +84,10 @@ class Decision:
     statement_count: int = 1
     no_transaction_block: bool = False
     statement_after_reset: bool = False  # a statement follows a RESET (ALL) or DISCARD ALL in the same text
+    # Every statement begins a transaction or sets its characteristics (BEGIN, START TRANSACTION, SET
+    # TRANSACTION, SET transaction_isolation, ...): Postgres refuses an isolation level, DEFERRABLE or a
+    # snapshot once the transaction has run a query, so the transaction's context goes after it.
+    transaction_setup: bool = False
 
 
 ALLOW = Decision()
@@ -108,7 +112,9 @@ _FIRST_WORDS = frozenset({
     "set", "reset", "do", "alter", "load", "discard", "deallocate", "explain", "lock", "truncate", "listen",
     "notify", "vacuum", "cluster", "reindex", "create", "drop",
 })
-_SESSION_FIRST_WORDS = _FIRST_WORDS | {"prepare", "execute", "declare"}
+# Under transaction pooling also the session features, and the statements that begin a transaction or
+# set its characteristics (Decision.transaction_setup).
+_SESSION_FIRST_WORDS = _FIRST_WORDS | {"prepare", "execute", "declare", "begin", "start"}
 # The words searched for, by (transaction mode, text of several statements or with comments).
 _SEARCHED_WORDS = {
     (False, False): _LARGE_OBJECT_WORDS,
@@ -410,11 +416,25 @@ def _alone(text: str, statement: re.Match[str]) -> bool:
     return _no_transaction_block(kind, decode_node(text, statement.end())[0])
 
 
+# SET names that set the current transaction's characteristics (SET TRANSACTION is named "TRANSACTION").
+_TRANSACTION_SETTINGS = frozenset({
+    "transaction", "transaction snapshot", "transaction_isolation", "transaction_deferrable", "transaction_read_only",
+})
+
+
+def _transaction_setup(kind: str, node: dict[str, Any]) -> bool:
+    """Whether one top-level statement only begins a transaction or sets its characteristics (run before
+    any query: "SET TRANSACTION", Postgres documentation)."""
+    if kind == "TransactionStmt":
+        return node.get("kind") in ("TRANS_STMT_BEGIN", "TRANS_STMT_START")
+    return kind == "VariableSetStmt" and str(node.get("name", "")).lower() in _TRANSACTION_SETTINGS
+
+
 @dataclass
 class _Effects:
     """What the statements read so far do to the session; becomes a Decision."""
 
-    KINDS = frozenset({"VariableSetStmt", "DiscardStmt", "DeallocateStmt"})  # the statements `statement` reads
+    KINDS = frozenset({"VariableSetStmt", "DiscardStmt", "DeallocateStmt", "TransactionStmt"})  # the statements `statement` reads
 
     resets_all: bool = False
     reset_names: set[str] = field(default_factory=set)
@@ -423,11 +443,13 @@ class _Effects:
     deallocates: set[str] = field(default_factory=set)
     drops_statements: bool = False
     statement_after_reset: bool = False
+    transaction_setup: bool = True  # until a statement that is not
 
     def statement(self, kind: str, node: dict[str, Any]) -> None:
         """Note what one top-level statement does to session settings and prepared statements (every
         statement in order; `node` may be empty for kinds outside KINDS)."""
         self.statement_after_reset = self.statement_after_reset or self.resets_all or bool(self.reset_names)
+        self.transaction_setup = self.transaction_setup and _transaction_setup(kind, node)
         if kind == "VariableSetStmt" and not node.get("is_local"):
             self._variable_set(node)
         elif kind == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
@@ -472,6 +494,7 @@ class _Effects:
             unknown_settings=self.unknown_settings, deallocates=frozenset(self.deallocates),
             drops_statements=self.drops_statements, statement_count=statement_count,
             no_transaction_block=no_transaction_block, statement_after_reset=self.statement_after_reset,
+            transaction_setup=self.transaction_setup and statement_count > 0,
         )
         return ALLOW if decision == ALLOW else decision
 

@@ -52,6 +52,7 @@ from proxy.relay.settings import (
     reset_query,
 )
 from proxy.relay.statements import (
+    NAME_BYTES,
     NEVER_PREPARED,
     PREFIX,
     ClientStatements,
@@ -971,6 +972,9 @@ class TransactionMode:
             queue.status == b"I" or (self.context_reset and queue.status == b"T")
         ):
             return True  # skipping: the server will skip the client's statement too, up to its Sync
+        if decision.transaction_setup:  # BEGIN ISOLATION LEVEL ...: the context would run a query first (25001)
+            self.context_reset = True  # so it goes in front of the transaction's next statement
+            return True
         self.context_reset = False
         identity = relay.identity
         self._own_statement(relay.context.statement_name, relay.context.statement, self._context_failed if group_end else None)
@@ -1024,8 +1028,8 @@ class TransactionMode:
             return None
         (name,) = decision.deallocates
         encoded = name.encode()
-        if encoded not in self.statements.by_name:
-            return None
+        if encoded not in self.statements.by_name or len(encoded) >= NAME_BYTES:
+            return None  # a name cut to 63 bytes: the server runs it (stand-ins), with its NOTICE 42622
 
         def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
             if outcome is Outcome.COMPLETED and self.relay.queue is not None and self.relay.queue.status != b"E":
@@ -1104,7 +1108,8 @@ class TransactionMode:
         checked = relay.checked_parse(message)
         if checked is None:
             return
-        name, text, definition, decision = checked
+        client_name, text, definition, decision = checked
+        name = client_name[:NAME_BYTES]
         bound = self.statements.room_for(name, definition)
         if bound is not None:
             relay.refuse_extended(Refusal(
@@ -1117,7 +1122,7 @@ class TransactionMode:
             ))
             return
         if name and name in self.statements.by_name:
-            self._parse_again(name, definition)
+            self._parse_again(name, definition, client_name)
             return
         assert relay.server is not None
         server = relay.server.state.statements
@@ -1129,7 +1134,7 @@ class TransactionMode:
             self.ending.discard(name)
         relay.note_copying(name, text)
         if name:
-            self._prepare(statement, server, Owner.CLIENT, name)
+            self._prepare(statement, server, Owner.CLIENT, client_name)
             return
         server.unnamed = statement
         relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._unnamed_parsed(server, statement)))
@@ -1148,10 +1153,11 @@ class TransactionMode:
 
         return ended
 
-    def _parse_again(self, name: bytes, definition: bytes) -> None:
+    def _parse_again(self, name: bytes, definition: bytes, client_name: bytes) -> None:
         """A Parse of a name the client already holds: Postgres checks the text first, then refuses the
         name (42P05). Parsing the text under the server-side name of the client's statement, which the
-        server connection is made to hold, fails the same way, and the error is renamed on the way back."""
+        server connection is made to hold, fails the same way, and the error is renamed on the way back
+        (to `client_name`, the name as the client sent it; `name` is cut to NAME_BYTES)."""
         relay = self.relay
         existing = self._ensure(name)
         assert existing is not None and relay.server is not None
@@ -1162,7 +1168,7 @@ class TransactionMode:
                 server.dropped()
 
         relay.send(messages.message(b"P", existing.server_name + b"\0" + definition), Request.PARSE,
-                   watcher=OwnRequest(ended), reply=existing.server_name + b"\0" + name)
+                   watcher=OwnRequest(ended), reply=existing.server_name + b"\0" + client_name)
 
     @staticmethod
     def _unnamed_parsed(server: ServerStatements, statement: Statement) -> object:
@@ -1222,10 +1228,11 @@ class TransactionMode:
     def bind(self, message: Message) -> None:
         relay = self.relay
         body = message.body
-        portal, name, end = split_bind(body)
-        if name.startswith(PREFIX) or portal.startswith(PREFIX):
-            relay.refuse_extended(reserved("statement or portal", name if name.startswith(PREFIX) else portal))
+        portal, client_name, end = split_bind(body)
+        if client_name.startswith(PREFIX) or portal.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement or portal", client_name if client_name.startswith(PREFIX) else portal))
             return
+        name = client_name[:NAME_BYTES]
         statement = self._ensure(name)
         if statement is not None and statement.decision is not ALLOW:
             self.portals[portal] = statement.decision
@@ -1240,7 +1247,7 @@ class TransactionMode:
             relay.send(message.raw, Request.BIND)
             return
         relay.send(messages.message(b"B", portal + b"\0" + statement.server_name + b"\0" + body[end:]), Request.BIND,
-                   reply=statement.server_name + b"\0" + name)
+                   reply=statement.server_name + b"\0" + client_name)
 
     def describe(self, message: Message) -> None:
         relay = self.relay
@@ -1252,7 +1259,7 @@ class TransactionMode:
         if body[:1] != b"S":
             relay.send(message.raw, Request.DESCRIBE)
             return
-        statement = self._ensure(name)
+        statement = self._ensure(name[:NAME_BYTES])
         if statement is None or not name:
             relay.send(message.raw, Request.DESCRIBE)
             return
@@ -1272,12 +1279,13 @@ class TransactionMode:
             if not name:
                 self.statements.unnamed = None
             else:
-                statement = self.statements.by_name.get(name)
+                key = name[:NAME_BYTES]
+                statement = self.statements.by_name.get(key)
                 if statement is not None:
-                    self.statements.forget(name)
-                    self.closing[name] = statement
+                    self.statements.forget(key)
+                    self.closing[key] = statement
                     relay.send(messages.close_statement(NEVER_PREPARED), Request.CLOSE,
-                               watcher=OwnRequest(self._close_ended(name, statement)))
+                               watcher=OwnRequest(self._close_ended(key, statement)))
                     return
         else:
             self.portals.pop(name, None)

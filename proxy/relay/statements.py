@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 PREFIX = b"pg_tenant_proxy_"
 # A statement name never prepared: Close of it only yields CloseComplete, standing in for a client's Close.
 NEVER_PREPARED = PREFIX + b"none"
+# NAMEDATALEN - 1: Postgres keys prepared statements by the first 63 bytes of their protocol name
+# (longer names are cut there, so two that agree on them are one statement).
+NAME_BYTES = 63
 STATEMENT_OVERHEAD = 200  # about what Python spends on one remembered statement besides its bytes
 
 

@@ -326,7 +326,12 @@ def test_transaction_pooling_allows(sql: str) -> None:
         ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
          {"set_names": {"default_transaction_isolation", "default_transaction_read_only"}}),
         ("SET LOCAL search_path = public", {}),
-        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", {}),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", {"transaction_setup": True}),
+        ("SET LOCAL transaction_isolation = 'serializable'", {"transaction_setup": True}),
+        ("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'", {"transaction_setup": True}),
+        ("SET TRANSACTION READ ONLY; SET transaction_deferrable = on",
+         {"transaction_setup": True, "statement_count": 2, "set_names": {"transaction_deferrable"}}),
+        ("SET TRANSACTION READ ONLY; SELECT 1", {"statement_count": 2}),
         ("RESET search_path", {"reset_names": {"search_path"}}),
         ("SET search_path TO DEFAULT", {"reset_names": {"search_path"}}),
         ("SET search_path = DEFAULT", {"reset_names": {"search_path"}}),
@@ -597,3 +602,22 @@ def test_check_never_raises(body: str, template: str) -> None:
 def test_a_trailing_semicolon_does_not_make_text_several_statements(sql: str, expected: bool) -> None:
     assert needs_parse(sql) is expected
     assert needs_parse(sql, transaction_mode=True) is expected
+
+
+@pytest.mark.parametrize("sql, setup", [
+    ("BEGIN", True),
+    ("begin isolation level serializable", True),
+    ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE", True),
+    ("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 1", False),
+    ("BEGIN; SELECT 1", False),
+    ("COMMIT", False),
+    ("SAVEPOINT a", False),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", False),
+    ("SELECT set_config('transaction_isolation', 'serializable', true)", False),
+])
+def test_transaction_setup_in_transaction_mode(sql: str, setup: bool) -> None:
+    """Texts that only begin a transaction or set its characteristics, which the context must not
+    precede (Postgres refuses them after a query: 25001); the pre-scan hands them to the parser."""
+    assert needs_parse(sql, True) or not setup
+    assert make(transaction_mode=True).check(sql).transaction_setup is setup

@@ -96,9 +96,11 @@ def test_replies_split_across_reads() -> None:
 def test_no_release_inside_a_transaction_block() -> None:
     pair, server = RelayPair(), Server(101)
     begin = messages.query("BEGIN")
-    checked_out(pair, server, begin)
-    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("BEGIN") + Z_BLOCK) == complete("BEGIN") + Z_BLOCK
+    assert checked_out(pair, server, begin) == [begin]  # BEGIN alone: the context goes after it (see below)
+    assert pair.server(complete("BEGIN") + Z_BLOCK) == complete("BEGIN") + Z_BLOCK
     assert "release_server" not in pair.hooks.events
+    assert pair.client(SELECT_1) == [context_statement() + context(server) + SELECT_1]  # the block's first statement
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_BLOCK) == ROWS + Z_BLOCK
     assert pair.client(SELECT_1) == [SELECT_1]  # inside the block: the context is in force already
     assert pair.server(ROWS + Z_BLOCK) == ROWS + Z_BLOCK
     commit = messages.query("COMMIT")
@@ -153,6 +155,26 @@ def test_error_naming_the_server_side_statement_renamed_for_the_client() -> None
     server_error = messages.error_response("ERROR", errors.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{name}" already exists')
     out = pair.server(server_error + Z_IDLE)
     assert out == messages.error_response("ERROR", errors.DUPLICATE_PREPARED_STATEMENT, 'prepared statement "s1" already exists') + Z_IDLE
+
+
+def test_statement_names_are_cut_to_63_bytes_as_postgres_keys_them() -> None:
+    """A Bind of a name that agrees with a held one on its first 63 bytes binds that statement; a Parse of
+    such a name is the duplicate Postgres refuses, and the error names the statement as the client did."""
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT $1::int"
+    name = server_name(sql).decode()
+    held, other = "s" * 63 + "1", "s" * 63 + "2"
+    checked_out(pair, server, messages.parse(held, sql) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    bind = messages.bind("", other, ["7"]) + messages.execute() + messages.sync()
+    assert checked_out(pair, server, bind) == [
+        messages.bind("", name, ["7"]) + context_statement() + context(server) + messages.execute() + messages.sync()
+    ]
+    pair.server(BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + data_row(b"7") + complete("SELECT 1") + Z_IDLE)
+    assert checked_out(pair, server, messages.parse(other, sql) + messages.sync()) == [messages.parse(name, sql) + messages.sync()]
+    duplicate = messages.error_response("ERROR", errors.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{name}" already exists')
+    assert pair.server(duplicate + Z_IDLE) == messages.error_response(
+        "ERROR", errors.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{other}" already exists') + Z_IDLE
 
 
 def test_bind_on_another_server_connection_prepares_the_statement_there() -> None:
@@ -338,13 +360,31 @@ def test_context_bind_failure_in_front_of_a_query_ends_with_ready_for_query() ->
     assert pair.hooks.events[-1] == "release_server"
 
 
+@pytest.mark.parametrize("setup", [
+    "BEGIN ISOLATION LEVEL SERIALIZABLE", "START TRANSACTION READ ONLY, DEFERRABLE", "begin; set transaction isolation level repeatable read",
+])
+def test_a_transaction_setup_goes_before_the_context(setup: str) -> None:
+    """Postgres takes an isolation level, DEFERRABLE or a snapshot only before the transaction's first
+    query, and the context is a query (25001 otherwise): a Query that only begins the transaction or
+    sets its characteristics goes alone, and the context goes in front of the next statement."""
+    pair, server = RelayPair(), Server(101)
+    first = messages.query(setup)
+    assert checked_out(pair, server, first) == [first]
+    assert pair.server(complete("BEGIN") + Z_BLOCK) == complete("BEGIN") + Z_BLOCK
+    set_transaction = messages.query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+    assert pair.client(set_transaction) == [set_transaction]  # still before the first query
+    assert pair.server(complete("SET") + Z_BLOCK) == complete("SET") + Z_BLOCK
+    assert pair.client(SELECT_1) == [context_statement() + context(server) + SELECT_1]
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_BLOCK) == ROWS + Z_BLOCK
+
+
 def test_failed_transaction_keeps_the_connection_until_rollback() -> None:
     pair, server = RelayPair(), Server(101)
     checked_out(pair, server, messages.query("BEGIN"))
-    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("BEGIN") + Z_BLOCK)
+    pair.server(complete("BEGIN") + Z_BLOCK)
     pair.client(SELECT_1)
     failure = messages.error_response("ERROR", "22012", "division by zero")
-    assert pair.server(failure + Z_FAILED) == failure + Z_FAILED
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + failure + Z_FAILED) == failure + Z_FAILED
     assert "release_server" not in pair.hooks.events
     rollback = messages.query("ROLLBACK")
     assert pair.client(rollback) == [rollback]

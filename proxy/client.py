@@ -306,6 +306,11 @@ class ClientConnection(asyncio.Protocol):
         if self.server.readiness.lifecycle is _DRAINING:  # ProxyServer.draining, without two property calls per transaction
             self.drain_point()
 
+    def cancel_server(self) -> None:
+        """The relay passes the client's cancel on to the server connection it holds."""
+        if self.backend is not None:
+            self.server.send_cancel(self.backend)
+
     def refused(self, refusal: Refusal) -> None:
         """The guard refused a statement: one audit event (never the statement's text)."""
         AUDIT.statement_refused(client=self.address, tenant=self.identity.tenant if self.identity else None,
@@ -327,6 +332,13 @@ class ClientConnection(asyncio.Protocol):
         relay = self.relay
         if relay is not None and isinstance(relay.mode, SessionMode) and self.session.state is not State.CLOSED:
             self._guarded(SessionMode.sign_again, relay.mode)
+
+    def cancel(self) -> None:
+        """A CancelRequest with this session's key (ProxyServer.cancel): the relay passes it to the server
+        connection once the client's statement runs there (`Relay.cancel_requested`), also when the
+        statement still waits for a connection in transaction mode."""
+        if self.relay is not None and self.session.state is not _CLOSED:
+            self._guarded(Relay.cancel_requested, self.relay)
 
     # -- ending ----------------------------------------------------------------------------------
 

@@ -196,7 +196,8 @@ class ProxyServer:
             self._drained.set()
 
     def cancel(self, process_id: int, secret_key: int) -> None:
-        """Forward a CancelRequest with a matching minted key to that client's server connection."""
+        """A CancelRequest with a matching minted key goes to that client (`ClientConnection.cancel`), or
+        to the worker that minted the key."""
         worker = self.worker
         if worker is not None and process_id % worker.count != worker.index:
             self._spawn(self._pass_cancel(worker.socket_path(process_id % worker.count), process_id, secret_key))
@@ -207,9 +208,13 @@ class ProxyServer:
         ):
             log.info("cancel ignored: no session matches the key")
             return
-        backend = client.backend
-        if backend is None:
-            return
+        client.cancel()
+
+    def send_cancel(self, backend: BackendConnection) -> None:
+        """Send a CancelRequest for what `backend` runs (a client's cancel, passed on by its relay)."""
+        # Counted now, not when the task starts: a ReadyForQuery read in between would otherwise release
+        # the connection to another client, whose statement the cancel would then hit.
+        backend.cancels_in_flight += 1
         self._spawn(self._send_cancel(backend))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -228,9 +233,9 @@ class ProxyServer:
             log.warning("cancel could not reach worker socket %s: %s", path, exc)
 
     async def _send_cancel(self, backend: BackendConnection) -> None:
-        """Cancel what `backend` runs; until the server has acted on it the connection is not reused
-        (`BackendConnection.reusable`): the pool closes it rather than give a late cancel to another client."""
-        backend.cancels_in_flight += 1
+        """Cancel what `backend` runs (the caller counted it in `cancels_in_flight`); until the server has
+        acted on it the connection is not reused (`BackendConnection.reusable`): the pool closes it rather
+        than give a late cancel to another client."""
         try:
             await send_cancel(self.settings.upstream, backend.process_id, backend.secret_key)
         except (OSError, asyncio.TimeoutError) as exc:

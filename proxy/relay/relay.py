@@ -114,6 +114,8 @@ class Hooks(Protocol):
 
     def transactions_ended(self, count: int) -> None: ...
 
+    def cancel_server(self) -> None: ...
+
 
 @dataclass
 class ServerState:
@@ -215,6 +217,7 @@ class Relay:
         self.follow_ups_wait = False
         self.copying: set[bytes] = set()  # statements and portals (b"P" + name) whose text may start COPY IN
         self.group_may_copy = False  # an Execute since the last Sync may have started COPY IN
+        self.cancel_wanted = False  # the client sent a CancelRequest not passed on yet (`cancel_requested`)
         self.mode: SessionMode | TransactionMode = (
             TransactionMode(self, max_statement_bytes, budget) if transaction_mode else SessionMode(self)
         )
@@ -238,6 +241,8 @@ class Relay:
         if must_wait and not self.preparing:
             self.hooks.prepared()
             self.mode.maybe_release()
+        if self.cancel_wanted:
+            self._cancel_due()
 
     def detach(self) -> None:
         self.server = None
@@ -265,6 +270,8 @@ class Relay:
             raise UpstreamProtocolViolation(str(exc)) from exc
         if out:
             self.hooks.send_client(out)
+        if self.cancel_wanted:
+            self._cancel_due()
         if self.transactions_ended:
             ended, self.transactions_ended = self.transactions_ended, 0
             self.hooks.transactions_ended(ended)
@@ -285,6 +292,35 @@ class Relay:
             self._resume()
         if not self.terminated:
             self.mode.maybe_release()
+
+    def cancel_requested(self) -> None:
+        """The client sent a CancelRequest ("Canceling Requests in Progress"): what it sent last is
+        cancelled on the server connection, now or, when it still waits for one (transaction mode) or
+        behind a group of the proxy's own, once it goes there (`hooks.cancel_server`). A client with
+        nothing outstanding cancels nothing, as a direct session that is idle."""
+        if self.server is None and not self.held:
+            return  # between transactions, holding no server connection
+        self.cancel_wanted = True
+        self._cancel_due()
+
+    def _cancel_due(self) -> None:
+        """Pass the client's cancel on when no Sync group of the proxy's own (a reset, settings applied,
+        the session context) is ahead of the client's first group: a cancel landing in one of those would
+        fail it and end the session. Their ReadyForQuery comes back flushed, so this is asked again then."""
+        queue = self.queue
+        if queue is None or self.server is None:
+            return  # waiting for a server connection: asked again at attach
+        for entry in queue.entries:
+            if entry.owner is Owner.CLIENT:
+                break
+            if entry.request is Request.SYNC:
+                return
+        else:
+            if not self.held:
+                self.cancel_wanted = False  # nothing outstanding any more
+            return
+        self.cancel_wanted = False
+        self.hooks.cancel_server()
 
     # -- ReplyQueue's listener -------------------------------------------------------------------
 

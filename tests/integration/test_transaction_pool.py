@@ -19,9 +19,9 @@ import psycopg
 import pytest
 
 from proxy.demo import TenantDatabase
-from proxy.embedded import EmbeddedPostgres
+from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.protocol import messages
-from support import ACME, GLOBEX, ROWS, ProxyProcess, RawClient, cancel_when_running, login, wait_until
+from support import ACME, GLOBEX, ROWS, ProxyProcess, RawClient, cancel_when_running, get, login, wait_until
 
 TENANT_COUNT = 50
 TRANSACTION = {"mode": "transaction"}
@@ -435,6 +435,65 @@ def test_cancel_reaches_only_the_query_the_client_runs(make_proxy: Any, pg: Embe
     finally:
         idle.close()
         busy.close()
+
+
+def clients_waiting(http_port: int) -> float:
+    """The proxy's pgtp_clients_waiting gauge, summed over databases."""
+    status, body = get(http_port, "/metrics")
+    assert status == 200
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith(("pgtp_clients_waiting{", "pgtp_clients_waiting ")))
+
+
+def sleep_outcome(conn: psycopg.Connection[Any], sql: str, result: dict[str, Any]) -> threading.Thread:
+    """Run `sql` on `conn` in a thread; `result["outcome"]` is "completed" or the SQLSTATE of its error."""
+
+    def run() -> None:
+        try:
+            conn.execute(sql)
+            result["outcome"] = "completed"
+        except psycopg.Error as exc:
+            result["outcome"] = exc.sqlstate
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_cancel_while_the_statement_waits_for_a_connection_cancels_it(make_proxy: Any, pg: EmbeddedPostgres,
+                                                                      tenant_db: TenantDatabase) -> None:
+    """Directly, a cancel of an outstanding statement fails it with 57014. Through transaction pooling the
+    statement may still wait for the one server connection (found by a breaker helper: the cancel was
+    dropped and the statement ran in full later); it is cancelled once it gets one, and the client that
+    held the connection is not."""
+    direct = psycopg.connect(f"host=127.0.0.1 port={pg.port} user={tenant_db.app_role} dbname={tenant_db.database}"
+                             f" password={tenant_db.app_password} sslmode=disable", autocommit=True)
+    expected: dict[str, Any] = {}
+    try:
+        watcher = cancel_when_running(pg, direct.cancel, "cancelled_directly")
+        sleep_outcome(direct, "SELECT pg_sleep(30) /* cancelled_directly */", expected).join(25)
+        watcher.join()
+    finally:
+        direct.close()
+    http = free_port()
+    pooled = make_proxy({"pool": {**TRANSACTION, "size": 1}, "http": {"listen": f"127.0.0.1:{http}"}})
+    holder = psycopg.connect(pooled.dsn(), password=pooled.token(GLOBEX))
+    waiter = psycopg.connect(pooled.dsn(), password=pooled.token(), autocommit=True)
+    got: dict[str, Any] = {}
+    try:
+        assert holder.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]  # holds the connection
+        thread = sleep_outcome(waiter, "SELECT pg_sleep(30) /* queued */", got)
+        wait_until(lambda: clients_waiting(http) >= 1)
+        waiter.cancel()
+        holder.commit()
+        thread.join(25)
+        assert got == expected == {"outcome": "57014"}
+        assert holder.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[GLOBEX]
+        holder.commit()
+        assert waiter.execute("SELECT count(*) FROM leads").fetchone()[0] == ROWS[ACME]
+    finally:
+        holder.close()
+        waiter.close()
 
 
 def test_min_size_opens_connections_and_broken_ones_are_replaced(make_proxy: Any, pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:

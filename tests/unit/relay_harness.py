@@ -65,6 +65,9 @@ class Hooks:
     def refused(self, refusal: Refusal) -> None:
         self.refusals.append(refusal)
 
+    def cancel_server(self) -> None:
+        self.events.append("cancel_server")
+
     def transactions_ended(self, count: int) -> None:
         self.ended += count
 

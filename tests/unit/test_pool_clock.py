@@ -239,3 +239,20 @@ def test_a_drained_connection_whose_replies_cannot_be_settled_is_closed() -> Non
     assert backend.lifecycle is Lifecycle.ACTIVE  # draining: not idle, not closed yet
     backend.data_received(messages.ready_for_query(b"I"))
     assert backend.lifecycle is Lifecycle.CLOSED and pool.take("app", "acme") is None
+
+
+def test_a_cancel_counts_against_the_connection_before_its_task_runs() -> None:
+    """ProxyServer.send_cancel marks the server connection at once: a ReadyForQuery read before the
+    task that sends the CancelRequest starts must not release the connection to another client."""
+    from types import SimpleNamespace
+
+    from proxy.server import ProxyServer
+
+    pool, loop = new_pool(kind=TransactionPool)
+    backend = pooled_backend(pool, loop)
+    spawned: list[Any] = []
+    server = SimpleNamespace(_spawn=spawned.append, _send_cancel=lambda target: ("send cancel to", target))
+    ProxyServer.send_cancel(server, backend)  # type: ignore[arg-type]
+    assert spawned == [("send cancel to", backend)]  # not started yet
+    pool.release(backend)
+    assert backend.lifecycle is Lifecycle.CLOSED

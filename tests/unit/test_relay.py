@@ -315,6 +315,44 @@ def test_connection_of_another_tenant_is_reset_first() -> None:
     assert server.state.tenant == IDENTITY.tenant
 
 
+def test_a_cancel_while_waiting_for_a_connection_goes_once_the_statement_is_sent() -> None:
+    """Directly, a cancel of an outstanding statement cancels it (57014); through transaction pooling the
+    statement may still wait for a server connection: the cancel is passed on when it is sent there."""
+    pair, server = RelayPair(), Server(101)
+    assert pair.client(SELECT_1) == []
+    pair.relay.cancel_requested()
+    assert "cancel_server" not in pair.hooks.events  # nothing runs yet
+    assert pair.attach(server) == [context_statement() + context(server) + SELECT_1]
+    assert pair.hooks.events[-1] == "cancel_server"
+    cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + cancelled + Z_IDLE) == cancelled + Z_IDLE
+    assert pair.hooks.events.count("cancel_server") == 1
+
+
+def test_a_cancel_waits_for_the_proxys_own_reset_ahead_of_the_statement() -> None:
+    """A cancel landing in the reset for another tenant would fail it and end the session: it goes once
+    the reset's ReadyForQuery is back (the server flushes it; the context and the statement follow)."""
+    pair, server = RelayPair(), Server(101)
+    server.state.tenant = "other"
+    checked_out(pair, server, SELECT_1)
+    pair.relay.cancel_requested()
+    assert "cancel_server" not in pair.hooks.events
+    reset_replies = CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"") + complete("SELECT 1") + Z_IDLE
+    assert pair.server(reset_replies) == b""
+    assert pair.hooks.events[-1] == "cancel_server"
+
+
+def test_a_cancel_with_nothing_outstanding_cancels_nothing() -> None:
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, SELECT_1)
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)
+    assert pair.hooks.events[-1] == "release_server"
+    pair.relay.cancel_requested()
+    assert "cancel_server" not in pair.hooks.events
+    assert checked_out(pair, server, SELECT_1) == [context(server) + SELECT_1]  # a later statement is not cancelled
+    assert "cancel_server" not in pair.hooks.events
+
+
 def test_connection_with_settings_the_proxy_cannot_name_is_reset_for_another_client_of_the_tenant() -> None:
     """A client set a setting under a computed name (the guard cannot name it, so no diff can undo it):
     the next client of the same tenant gets the connection reset first; the same client does not."""

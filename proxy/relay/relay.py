@@ -270,8 +270,6 @@ class Relay:
             raise UpstreamProtocolViolation(str(exc)) from exc
         if out:
             self.hooks.send_client(out)
-        if self.cancel_wanted:
-            self._cancel_due()
         if self.transactions_ended:
             ended, self.transactions_ended = self.transactions_ended, 0
             self.hooks.transactions_ended(ended)
@@ -327,6 +325,8 @@ class Relay:
     def group_ended(self, status: bytes, own: bool) -> None:
         if not own and status == b"I":
             self.transactions_ended += 1
+        if self.cancel_wanted:  # a group of the proxy's own ahead of the client's may have ended
+            self._cancel_due()
 
     def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
         problem = lexing_problem(name, value) if self.guard is not None else None

@@ -682,6 +682,14 @@ def split_bind(body: bytes) -> tuple[bytes, bytes, int]:
     return portal, statement, end
 
 
+def _shown(text: bytes, start: int) -> str:
+    """The bytes of the invalid UTF-8 character at `start` as Postgres names them in 22021 (report_invalid_encoding):
+    as many as the lead byte says, at most to the end, each as 0x.. ."""
+    lead = text[start]
+    length = 2 if lead & 0xE0 == 0xC0 else 3 if lead & 0xF0 == 0xE0 else 4 if lead & 0xF8 == 0xF0 else 1
+    return " ".join(f"0x{byte:02x}" for byte in text[start:start + length])
+
+
 def _counted(handled: bool) -> bool:
     """Count a client Query or FunctionCall once it is handled (False: it waits and comes back)."""
     METRICS.queries += handled
@@ -1145,6 +1153,8 @@ class TransactionMode:
         if checked is None:
             return
         client_name, text, definition, decision = checked
+        if self._unreadable_name(client_name):
+            return
         name = client_name[:NAME_BYTES]
         bound = self.statements.room_for(name, definition)
         if bound is not None:
@@ -1238,6 +1248,20 @@ class TransactionMode:
 
         relay.send(raw, Request.PARSE, watcher=OwnRequest(client_parse_ended), reply=statement.server_name + b"\0" + client_name)
 
+    def _unreadable_name(self, name: bytes) -> bool:
+        """Refuse (22021, as Postgres refuses the message) a statement name that is not valid UTF-8 when
+        the client's encoding is UTF8: the server reads the proxy's name for the statement, never the
+        client's, so it cannot. Names in other client encodings are not read."""
+        if name.isascii() or self.relay.client_view.get("client_encoding", "UTF8").upper() not in ("UTF8", "UNICODE"):
+            return False
+        try:
+            name.decode()
+        except UnicodeDecodeError as exc:
+            self.relay.refuse_extended(Refusal(
+                errors.CHARACTER_NOT_IN_REPERTOIRE, f'invalid byte sequence for encoding "UTF8": {_shown(name, exc.start)}', ""))
+            return True
+        return False
+
     def _ensure(self, name: bytes) -> Statement | None:
         """Make sure the server connection holds the client's statement `name` (b"" for the unnamed);
         None when the client has no such statement (the server then reports it, as Postgres would)."""
@@ -1268,6 +1292,8 @@ class TransactionMode:
         if client_name.startswith(PREFIX) or portal.startswith(PREFIX):
             relay.refuse_extended(reserved("statement or portal", client_name if client_name.startswith(PREFIX) else portal))
             return
+        if self._unreadable_name(client_name):
+            return
         name = client_name[:NAME_BYTES]
         statement = self._ensure(name)
         if statement is not None and statement.decision is not ALLOW:
@@ -1295,6 +1321,8 @@ class TransactionMode:
         if body[:1] != b"S":
             relay.send(message.raw, Request.DESCRIBE)
             return
+        if self._unreadable_name(name):
+            return
         statement = self._ensure(name[:NAME_BYTES])
         if statement is None or not name:
             relay.send(message.raw, Request.DESCRIBE)
@@ -1312,6 +1340,8 @@ class TransactionMode:
             relay.refuse_extended(reserved("statement or portal", name))
             return
         if body[:1] == b"S":
+            if self._unreadable_name(name):
+                return
             if not name:
                 self.statements.unnamed = None
             else:

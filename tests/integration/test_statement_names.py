@@ -1,7 +1,9 @@
-"""Prepared statement names longer than 63 bytes, in both modes, against direct Postgres (found by a breaker
-helper): Postgres keys prepared statements by the first 63 bytes of their name (NAMEDATALEN - 1), so two
-names that agree on those are one statement. In transaction mode the proxy keeps each client's
-statements itself, and must cut names the same way; the error texts keep the name as the client sent it.
+"""Prepared statement names, in both modes, against direct Postgres (found by a breaker helper). Postgres
+keys prepared statements by the first 63 bytes of their name (NAMEDATALEN - 1), so two names that agree
+on those are one statement, and refuses a name that is not valid in the client's encoding (22021). In
+transaction mode the proxy keeps each client's statements itself under names of its own, so it must cut
+names the same way and refuse the invalid ones itself; the error texts keep the name as the client sent
+it.
 
 Each case runs the same writes directly and through the proxy, with another tenant's client taking the
 one server connection between them (transaction mode), and compares the whole reply streams.
@@ -36,6 +38,14 @@ CASES: dict[str, list[bytes]] = {
         messages.bind("", "q" * 70, []) + messages.execute("") + messages.sync(),
         messages.message(b"D", b"S" + b"q" * 80 + b"\0") + messages.sync(),
     ],
+    "a name that is not valid UTF-8 is refused for every message that names it (22021)": [
+        messages.message(b"P", b"st\xe9\0SELECT 1\0\0\0") + messages.sync(),
+        messages.message(b"B", b"\0st\xe9\0\0\0\0\0\0\0") + messages.execute("") + messages.sync(),
+        messages.message(b"D", b"S\xe9ab\0") + messages.sync(),
+        close("S", "x") + messages.message(b"C", b"Sst\xf0\x9f\0") + messages.sync(),
+        messages.parse("caf\u00e9", "SELECT 2") + messages.bind("", "caf\u00e9", []) + messages.execute("")
+        + messages.sync(),  # valid UTF-8 beyond ASCII is a name like any other
+    ],
     "SQL DEALLOCATE of a long name": [
         messages.parse("r" * 70, "SELECT 70") + messages.sync(),
         messages.query("DEALLOCATE " + "r" * 70),
@@ -46,7 +56,7 @@ CASES: dict[str, list[bytes]] = {
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_long_statement_names_answer_as_directly(make_proxy: Any, pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+def test_statement_names_answer_as_directly(make_proxy: Any, pg: EmbeddedPostgres, tenant_db: TenantDatabase,
                                                  mode: str, case: str) -> None:
     proxy: ProxyProcess = make_proxy(MODES[mode])
     direct = connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database)

@@ -177,6 +177,19 @@ def test_statement_names_are_cut_to_63_bytes_as_postgres_keys_them() -> None:
         "ERROR", errors.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{other}" already exists') + Z_IDLE
 
 
+@pytest.mark.parametrize("name, shown", [(b"st\xe9", "0xe9"), (b"\xe9ab", "0xe9 0x61 0x62"), (b"s\xf0\x9f", "0xf0 0x9f")])
+def test_a_statement_name_that_is_not_utf8_is_refused_as_postgres_refuses_it(name: bytes, shown: str) -> None:
+    """The server reads the proxy's name for a client's statement, never the client's, so the proxy
+    refuses a name Postgres would not read (22021, naming the bytes as report_invalid_encoding does)."""
+    pair, server = RelayPair(), Server(101)
+    parse = messages.message(b"P", name + b"\0SELECT 1\0\0\0") + messages.sync()
+    writes = checked_out(pair, server, parse)
+    assert len(writes) == 1 and writes[0].endswith(messages.sync())  # a failing Parse of the proxy's stands in
+    assert pair.relay.mode.statements.lookup(name) is None
+    refusal = pair.hooks.refusals[-1]
+    assert (refusal.sqlstate, refusal.message) == ("22021", f'invalid byte sequence for encoding "UTF8": {shown}')
+
+
 def test_bind_on_another_server_connection_prepares_the_statement_there() -> None:
     pair, first, second = RelayPair(), Server(101), Server(202)
     sql = "SELECT $1::int"

@@ -21,7 +21,7 @@ from proxy import access, admin
 from proxy.auth.token_file import FileLogin, TokenFileUnreadable, uses_token_file
 from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Refusal
-from proxy.http import Lifecycle as ServerLifecycle
+from proxy.http import ServerLifecycle
 from proxy.lifecycle import SHUTDOWN_MESSAGE, at_idle_point
 from proxy.logs import AUDIT
 from proxy.metrics import METRICS

@@ -39,7 +39,7 @@ PEER_TIMEOUT = 2.0  # seconds a worker waits for another worker's snapshot
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class Lifecycle(enum.Enum):
+class ServerLifecycle(enum.Enum):
     STARTING = "starting"  # not listening yet
     SERVING = "serving"
     DRAINING = "draining"  # stopped accepting; finishing what is in flight
@@ -49,24 +49,24 @@ class Readiness:
     """What /readyz answers. `serve()` moves the lifecycle; the background checks set the rest."""
 
     def __init__(self) -> None:
-        self.lifecycle = Lifecycle.STARTING
+        self.lifecycle = ServerLifecycle.STARTING
         self.upstream_problem: str | None = "the upstream has not been checked yet"
         self.keys_problem: str | None = None
 
     @property
     def draining(self) -> bool:
-        return self.lifecycle is Lifecycle.DRAINING
+        return self.lifecycle is ServerLifecycle.DRAINING
 
     @draining.setter
     def draining(self, value: bool) -> None:
         """Set on SIGTERM (drain): /readyz answers 503 at once."""
-        self.lifecycle = Lifecycle.DRAINING if value else Lifecycle.SERVING
+        self.lifecycle = ServerLifecycle.DRAINING if value else ServerLifecycle.SERVING
 
     def problem(self) -> str | None:
         """Why the proxy is not ready, in one line, or None when it is."""
-        if self.lifecycle is Lifecycle.STARTING:
+        if self.lifecycle is ServerLifecycle.STARTING:
             return "not listening yet"
-        if self.lifecycle is Lifecycle.DRAINING:
+        if self.lifecycle is ServerLifecycle.DRAINING:
             return "draining: the proxy is shutting down"
         return self.upstream_problem or self.keys_problem
 

@@ -26,7 +26,7 @@ from proxy import logs
 from proxy.client import ClientConnection, Door
 from proxy.config import ConfigError, Settings, load
 from proxy.guard import Guard
-from proxy.http import Lifecycle as ServerLifecycle, Readiness, start_endpoint
+from proxy.http import Readiness, ServerLifecycle, start_endpoint
 from proxy.lifecycle import (
     SHUTDOWN_MESSAGE, EarlySighup, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
 )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.http import Endpoint, Lifecycle, Readiness
+from proxy.http import Endpoint, Readiness, ServerLifecycle
 
 
 def test_readiness_reasons_in_order() -> None:
     readiness = Readiness()
     assert readiness.problem() == "not listening yet"
-    readiness.lifecycle = Lifecycle.SERVING
+    readiness.lifecycle = ServerLifecycle.SERVING
     assert readiness.problem() == "the upstream has not been checked yet"
     readiness.upstream_problem = None
     assert readiness.problem() is None
@@ -27,7 +27,7 @@ async def test_answers() -> None:
     assert await endpoint.answer("GET", "/healthz") == (200, "text/plain", b"ok\n")
     status, _, body = await endpoint.answer("GET", "/readyz")
     assert status == 503 and body == b"not listening yet\n"
-    readiness.lifecycle, readiness.upstream_problem = Lifecycle.SERVING, None
+    readiness.lifecycle, readiness.upstream_problem = ServerLifecycle.SERVING, None
     assert (await endpoint.answer("GET", "/readyz?verbose=1"))[0] == 200
     assert (await endpoint.answer("POST", "/readyz"))[0] == 405
     assert (await endpoint.answer("GET", "/nope"))[0] == 404

@@ -1485,6 +1485,11 @@ class TransactionMode:
             ]
             relay.settings.read(values)
             state.settings = dict(relay.settings.current)
+        elif (error or {}).get("C") == errors.QUERY_CANCELED and relay.server is not None and relay.server.state is state:
+            # The client's cancel raced the end of its statement and landed here: read again (that cancel
+            # is spent), rather than lose what the statement set.
+            self._read_settings()
+            relay.flush_own()
         else:
             relay.settings.stale = False  # keep what is known rather than hold the connection forever
             state.unnamed_settings = True

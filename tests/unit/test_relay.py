@@ -290,6 +290,26 @@ def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     ]
 
 
+def test_a_read_back_that_a_late_cancel_hit_is_read_again() -> None:
+    """The client's cancel raced the end of its SET and landed in the proxy's read-back behind it
+    (57014): the read-back is sent again, so the value the SET left is not lost (a breaker helper saw
+    the old value applied at the next checkout)."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.query("SET search_path TO app"))
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_IDLE)
+    start = len(pair.hooks.upstream)
+    cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + cancelled + Z_IDLE) == b""
+    assert pair.upstream_since(start) == [
+        read_bind({"search_path"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
+    ]
+    assert "release_server" not in pair.hooks.events
+    read = BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
+    assert pair.server(read) == b""
+    assert pair.hooks.events[-1] == "release_server"
+    assert server.state.settings == {"search_path": "app"} and not server.state.unnamed_settings
+
+
 def test_reset_all_applies_startup_values_again() -> None:
     pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
     applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync()

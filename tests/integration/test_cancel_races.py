@@ -1,0 +1,93 @@
+"""A cancel racing the end of a client's statement, through transaction pooling (found by a breaker helper).
+
+Directly, a CancelRequest that arrives after the statement ended is ignored, and a completed SET stays
+for the session. Through the proxy the cancel can land in the proxy's settings read-back that follows
+a SET; that read-back is then sent again, so the value is not lost. The race is timing: each test sends
+a few hundred statements of slightly different lengths, each followed at once by a cancel.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from differential import Wire, render
+from proxy.protocol import messages
+from support import ACME, GLOBEX, ProxyProcess
+
+TRANSACTION = {"pool": {"mode": "transaction", "size": 1}}
+ROUNDS = 300
+
+
+class Keyed:
+    """A raw protocol connection to the proxy that kept its BackendKeyData, to cancel with."""
+
+    def __init__(self, proxy: ProxyProcess, tenant: str) -> None:
+        self.port = proxy.port
+        self.wire = Wire(socket.create_connection(("127.0.0.1", proxy.port), timeout=10), tenant)
+        self.wire.send(messages.startup_message({"user": "alice", "database": "app"}))
+        deadline = time.monotonic() + 10
+        while True:
+            kind, body = self.wire.read_message(deadline)
+            assert kind != b"E", render((kind, body))
+            if kind == b"R" and messages.parse_authentication(body)[0] == messages.AUTH_CLEARTEXT_PASSWORD:
+                self.wire.send(messages.password_message(proxy.token(tenant)))
+            elif kind == b"K":
+                self.pid, self.key = messages.parse_backend_key_data(body)
+            elif kind == b"Z":
+                break
+
+    def cancel(self) -> None:
+        """Send a CancelRequest and wait until the proxy closes that connection (it has read it)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(messages.cancel_request(self.pid, self.key))
+            try:
+                sock.recv(1)
+            except OSError:
+                pass
+
+    def query(self, sql: str) -> list[tuple[bytes, bytes]]:
+        self.wire.send(messages.query(sql))
+        return self.wire.read_ready(timeout=10)
+
+
+def outcome(replies: list[tuple[bytes, bytes]]) -> str:
+    """The SQLSTATE of the first error, or "completed"."""
+    found = [messages.parse_error_fields(body).get("C", "?") for kind, body in replies if kind == b"E"]
+    return found[0] if found else "completed"
+
+
+def shown(conn: Keyed, setting: str) -> bytes:
+    rows = [messages.parse_data_row(body)[0] for kind, body in conn.query(f"SHOW {setting}") if kind == b"D"]
+    assert rows and rows[0] is not None
+    return rows[0]
+
+
+def test_a_set_that_completed_survives_a_late_cancel_and_another_tenants_turn(make_proxy: Any) -> None:
+    """`SELECT pg_sleep(tiny); SET work_mem = ...` and at once a cancel: either the statement is cancelled
+    (57014, nothing set) or it completes and the value stays, also after another tenant used the one
+    server connection (which resets it and applies the client's settings again at its next turn)."""
+    proxy = make_proxy(TRANSACTION)
+    acme, globex = Keyed(proxy, ACME), Keyed(proxy, GLOBEX)
+    value = shown(acme, "work_mem")
+    lost = []
+    try:
+        for round_ in range(ROUNDS):
+            wanted = f"{3001 + 2 * round_}kB"
+            acme.wire.send(messages.query(f"SELECT pg_sleep({(round_ % 100) * 0.00002:.5f}); SET work_mem = '{wanted}'"))
+            acme.cancel()
+            result = outcome(acme.wire.read_ready(timeout=10))
+            assert result in ("completed", "57014"), result
+            if result == "completed":
+                value = wanted.encode()
+            assert outcome(globex.query("SELECT count(*) FROM leads")) == "completed"
+            now = shown(acme, "work_mem")
+            if now != value:
+                lost.append((round_, value, now))
+                value = now
+    finally:
+        acme.wire.close()
+        globex.wire.close()
+    assert not lost, f"completed SETs lost after a late cancel: {lost[:5]} ({len(lost)} of {ROUNDS})"
+    assert proxy.alive()

@@ -89,6 +89,7 @@ PREPARED_AGAIN_FAILED = b"could not prepare the statement again on this server c
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
 _SESSIONS = itertools.count(1)
 STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
+READ_RETRIES = 3  # a settings read-back cancelled (57014) this many times in a row is given up: the connection is reset
 
 
 class Hooks(Protocol):
@@ -610,9 +611,9 @@ class Relay:
 
 
 RESERVED = PREFIX.decode()
-# Text that may end a transaction (and may start another, AND CHAIN): the context is sent again before
-# the next statement. Matching more than that costs only a context sent twice in one transaction.
-_MAY_END_TRANSACTION = re.compile(rb"\b(?:commit|rollback|end|abort)\b", re.IGNORECASE)
+# Text that may end a transaction (and may start another, AND CHAIN; PREPARE TRANSACTION ends it too): the
+# context is sent again before the next statement, and a settings read-back due goes behind it. Matching more than that costs only a context sent twice in one transaction.
+_MAY_END_TRANSACTION = re.compile(rb"\b(?:commit|rollback|end|abort|prepare)\b", re.IGNORECASE)
 
 
 def may_start_copy_in(text: bytes) -> bool:
@@ -625,7 +626,8 @@ def may_end_transaction(text: bytes, start: int = 0) -> bool:
     """`text` from `start` holds a word that may end a transaction (`_MAY_END_TRANSACTION`); the regex
     runs only when one of the words appears at all (the common statement holds none)."""
     lowered = text.lower()  # find(), not `in`: on Python 3.11 `bytes in bytes` raises and clears a TypeError first
-    if lowered.find(b"end") < 0 and lowered.find(b"commit") < 0 and lowered.find(b"rollback") < 0 and lowered.find(b"abort") < 0:
+    if (lowered.find(b"end") < 0 and lowered.find(b"commit") < 0 and lowered.find(b"rollback") < 0
+            and lowered.find(b"abort") < 0 and lowered.find(b"prepare") < 0):
         return False
     return _MAY_END_TRANSACTION.search(text, start) is not None
 
@@ -902,6 +904,7 @@ class TransactionMode:
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
         self.ending_portals: set[bytes] = set()  # portals bound to those
         self.stand_ins: list[bytes] = []  # client names the server holds a stand-in under, until closed again
+        self.read_retries = 0  # settings read-backs cancelled in a row (57014) and sent again
         # The hot path's context entry, reused for every transaction (an OWN CONTEXT entry never changes):
         self.plain_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, OwnRequest(self._context_failed), False)
 
@@ -1415,7 +1418,10 @@ class TransactionMode:
         if self.reapply:
             self._reapply(self.reapply, self.reapply_where_reset)
             self.reapply, self.reapply_where_reset = {}, False
-        if relay.settings.stale:
+        if relay.settings.stale and (relay.queue is None or relay.queue.status == b"I" or self.context_reset):
+            # Not behind a group inside a transaction block that may not end it: a read there is thrown
+            # away (read again after the block), and its failure (the client's statement_timeout, a
+            # cancel racing the end of the client's statement) would abort the client's block.
             self._read_settings()
 
     def _rolled_back(self) -> None:
@@ -1485,14 +1491,19 @@ class TransactionMode:
             ]
             relay.settings.read(values)
             state.settings = dict(relay.settings.current)
-        elif (error or {}).get("C") == errors.QUERY_CANCELED and relay.server is not None and relay.server.state is state:
-            # The client's cancel raced the end of its statement and landed here: read again (that cancel
-            # is spent), rather than lose what the statement set.
+            self.read_retries = 0
+        elif ((error or {}).get("C") == errors.QUERY_CANCELED and relay.server is not None and relay.server.state is state
+              and self.read_retries < READ_RETRIES):
+            # The client's cancel raced the end of its statement and landed here (or its statement_timeout
+            # is shorter than the read): read again, rather than lose what the statement set.
+            self.read_retries += 1
             self._read_settings()
             relay.flush_own()
+            return
         else:
             relay.settings.stale = False  # keep what is known rather than hold the connection forever
             state.unnamed_settings = True
+            self.read_retries = 0
 
     def read_done(self) -> None:
         """The client's read is used up. A client that prepares with Parse / Describe / Flush and no Sync

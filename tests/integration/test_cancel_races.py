@@ -2,8 +2,10 @@
 
 Directly, a CancelRequest that arrives after the statement ended is ignored, and a completed SET stays
 for the session. Through the proxy the cancel can land in the proxy's settings read-back that follows
-a SET; that read-back is then sent again, so the value is not lost. The race is timing: each test sends
-a few hundred statements of slightly different lengths, each followed at once by a cancel.
+a SET: outside a block the read-back is sent again, so the value is not lost; inside a block none is
+sent any more but behind a group that may end it, so the client's block is not aborted by the proxy's
+own statement. The race is timing: each test sends a few hundred statements of slightly different
+lengths, each followed at once by a cancel.
 """
 
 from __future__ import annotations
@@ -91,3 +93,43 @@ def test_a_set_that_completed_survives_a_late_cancel_and_another_tenants_turn(ma
         globex.wire.close()
     assert not lost, f"completed SETs lost after a late cancel: {lost[:5]} ({len(lost)} of {ROUNDS})"
     assert proxy.alive()
+
+
+def test_a_cancel_racing_statements_inside_a_block_after_a_set_keeps_the_session(make_proxy: Any) -> None:
+    """After a SET inside a block, the proxy reads the client's settings back only behind a group that
+    may end the block (a read inside it is thrown away, and a cancel landing there aborted the client's
+    block and ended the session, in 2 to 33 of 300 rounds). Directly, each cancel either fails the
+    statement (57014) or is ignored."""
+    proxy = make_proxy(TRANSACTION)
+    acme = Keyed(proxy, ACME)
+
+    def begin_with_a_set() -> None:
+        for sql in ("ROLLBACK", "BEGIN", "SET work_mem = '2MB'"):
+            assert outcome(acme.query(sql)) == "completed"
+
+    try:
+        begin_with_a_set()
+        for round_ in range(ROUNDS):
+            acme.wire.send(messages.query(f"SELECT pg_sleep({(round_ % 100) * 0.00002:.5f})"))
+            acme.cancel()
+            result = outcome(acme.wire.read_ready(timeout=10))
+            assert result in ("completed", "57014"), (round_, result)
+            if result == "57014":
+                begin_with_a_set()
+        assert shown(acme, "work_mem") == b"2MB"
+    finally:
+        acme.wire.close()
+    assert proxy.alive()
+
+
+def test_a_short_statement_timeout_inside_a_block_ends_no_session(make_proxy: Any) -> None:
+    """`SET statement_timeout = '1ms'` inside a block, then many short statements: directly all complete;
+    the proxy's read-back no longer runs inside the block under that timeout."""
+    proxy = make_proxy(TRANSACTION)
+    acme = Keyed(proxy, ACME)
+    try:
+        for _ in range(10):
+            for sql in ["BEGIN", "SET statement_timeout = '1ms'"] + ["SELECT 1"] * 20 + ["ROLLBACK"]:
+                assert outcome(acme.query(sql)) == "completed", sql
+    finally:
+        acme.wire.close()

@@ -310,6 +310,30 @@ def test_a_read_back_that_a_late_cancel_hit_is_read_again() -> None:
     assert server.state.settings == {"search_path": "app"} and not server.state.unnamed_settings
 
 
+def test_inside_a_block_the_settings_are_read_back_only_behind_a_group_that_may_end_it() -> None:
+    """A read-back inside a block is thrown away (read again after it), and its failure (the client's
+    statement_timeout, a cancel racing the end of a statement) would abort the client's block."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.query("BEGIN"))
+    pair.server(complete("BEGIN") + Z_BLOCK)
+    set_query = messages.query("SET search_path TO app")
+    assert pair.client(set_query) == [context_statement() + context(server) + set_query]  # no read-back behind it
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_BLOCK)
+    assert pair.client(SELECT_1) == [SELECT_1]
+    pair.server(ROWS + Z_BLOCK)
+    commit = messages.query("COMMIT")
+    assert pair.client(commit) == [
+        commit + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
+        + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
+    ]
+    pair.server(complete("COMMIT") + Z_IDLE)
+    assert "release_server" not in pair.hooks.events  # the read-back is owed
+    read = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1")
+            + CLOSE_COMPLETE + Z_IDLE)
+    pair.server(read)
+    assert pair.hooks.events[-1] == "release_server" and server.state.settings == {"search_path": "app"}
+
+
 def test_reset_all_applies_startup_values_again() -> None:
     pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
     applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync()

@@ -114,6 +114,11 @@ class ContextBuilder:
             ))
         return data
 
+    def session_statement_close(self) -> bytes:
+        """Close of the statement `session_messages` prepares: sent ahead of them again after a group of
+        them failed past its Parse (the statement is then still there)."""
+        return messages.message(b"C", b"S" + self._session_name.encode() + b"\0")
+
     def session_messages(self, tenant: str, backend_pid: int, expires_at: int, claims_json: str = "{}") -> list[tuple[bytes, Request]]:
         """A Sync group of the proxy's own that sets the context for the whole session: Parse, Bind,
         Execute of its own statement, then Close of the portal and the statement (a client never finds
@@ -124,6 +129,6 @@ class ContextBuilder:
             (messages.bind(self._portal, name, self.values(tenant, backend_pid, expires_at, claims_json)), Request.BIND),
             (messages.execute(self._portal), Request.EXECUTE),
             (self._close_portal, Request.CLOSE),
-            (messages.message(b"C", b"S" + name.encode() + b"\0"), Request.CLOSE),
+            (self.session_statement_close(), Request.CLOSE),
             (messages.sync(), Request.SYNC),
         ]

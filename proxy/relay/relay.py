@@ -616,6 +616,13 @@ RESERVED = PREFIX.decode()
 _MAY_END_TRANSACTION = re.compile(rb"\b(?:commit|rollback|end|abort|prepare)\b", re.IGNORECASE)
 
 
+def may_begin_transaction(text: bytes) -> bool:
+    """`text` may hold BEGIN or START TRANSACTION (a false match only delays a settings read-back to the
+    group's ReadyForQuery)."""
+    lowered = text.lower()
+    return lowered.find(b"begin") >= 0 or lowered.find(b"start") >= 0
+
+
 def may_start_copy_in(text: bytes) -> bool:
     """`text` may hold COPY ... FROM STDIN, the one statement that puts the server in COPY IN mode (its
     text names STDIN; a false match only makes the proxy's own follow-ups wait for the ReadyForQuery)."""
@@ -692,6 +699,16 @@ def _shown(text: bytes, start: int) -> str:
     return " ".join(f"0x{byte:02x}" for byte in text[start:start + length])
 
 
+def cancelled_outside_a_block(watch: BlockWatch, error: dict[str, str] | None, tries: int) -> bool:
+    """A Sync group of the proxy's own failed with 57014 outside a transaction block, with no group of the
+    client's behind it (sent again, it would run after that group, perhaps inside a block the group
+    began), at most READ_RETRIES times in a row: a client's cancel that raced the end of its statement
+    landed there (or a statement_timeout shorter than the group), and the group can simply be sent again."""
+    queue = watch.queue
+    return ((error or {}).get("C") == errors.QUERY_CANCELED and queue.status == b"I" and not queue.groups_owed()
+            and tries < READ_RETRIES)
+
+
 def _counted(handled: bool) -> bool:
     """Count a client Query or FunctionCall once it is handled (False: it waits and comes back)."""
     METRICS.queries += handled
@@ -708,6 +725,7 @@ class SessionMode:
         self.reset_in_block = False  # a re-assert after RESET ALL may sit inside a block a ROLLBACK TO can undo
         self.resetting: set[bytes] = set()  # statements and portals (b"P" + name) whose text resets all settings
         self.reset_mid_group = False  # a resetting Query sent inside an extended group is not answered yet
+        self.context_retries = 0  # context groups cancelled in a row (57014) and sent again
 
     def attached(self, server: ServerLink) -> bool:
         self._send_context()
@@ -729,10 +747,17 @@ class SessionMode:
         relay = self.relay
         if outcome is Outcome.COMPLETED:
             assert relay.queue is not None
+            self.context_retries = 0
             if relay.queue.status == b"I":
                 self.reset_in_block = False  # set outside any block: no rollback can undo it
             return
         assert relay.queue is not None
+        if relay.server is not None and cancelled_outside_a_block(watch, error, self.context_retries):
+            self.context_retries += 1
+            relay.own(relay.context.session_statement_close(), Request.CLOSE)
+            self._send_context()
+            relay.flush_own()
+            return
         if relay.queue.status == b"E" and not watch.aborted_block(outcome):
             self.reassert_due = True  # inside a failed block: the rollback restores the context; set it again after
             return
@@ -905,6 +930,11 @@ class TransactionMode:
         self.ending_portals: set[bytes] = set()  # portals bound to those
         self.stand_ins: list[bytes] = []  # client names the server holds a stand-in under, until closed again
         self.read_retries = 0  # settings read-backs cancelled in a row (57014) and sent again
+        # The group being sent may end a transaction block / may begin one (where a settings read-back
+        # behind it would run): cleared once what follows the group is decided (`_after_group`).
+        self.group_may_end = False
+        self.group_may_begin = False
+        self.reapply_retries = 0  # ... and groups applying the startup values again
         # The hot path's context entry, reused for every transaction (an OWN CONTEXT entry never changes):
         self.plain_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, OwnRequest(self._context_failed), False)
 
@@ -1063,7 +1093,9 @@ class TransactionMode:
         relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
         if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
+            self.group_may_end = True
             self._rolled_back()
+        self.group_may_begin = decision.transaction_setup or may_begin_transaction(message.raw)
         relay.follow_ups_wait = self.follow_ups_due() and may_start_copy_in(message.raw)
         self._close_stand_ins(group_end=True)
         self.group_sent()
@@ -1376,7 +1408,9 @@ class TransactionMode:
         if portal in self.ending_portals:  # a COMMIT inside the group: what follows starts a transaction
             self.context_set = False
             self.context_reset = True
+            self.group_may_end = True
             self._rolled_back()
+        self.group_may_begin = self.group_may_begin or decision.transaction_setup
         return True
 
     def function_call(self, message: Message) -> bool:
@@ -1406,8 +1440,10 @@ class TransactionMode:
         return bool(self.stand_ins or self.reapply or self.relay.settings.stale)
 
     def follow_up(self) -> None:
-        """The ReadyForQuery of a Query that may have started COPY IN came: what it held back."""
+        """The ReadyForQuery of a Query that may have started COPY IN (or begun a block) came: what it held
+        back. The status now says whether a block is open, whatever the group's text suggested."""
         self._close_stand_ins(group_end=True)
+        self.group_may_end = self.group_may_begin = False
         if not self.relay.mid_group:
             self._after_group()
 
@@ -1418,11 +1454,18 @@ class TransactionMode:
         if self.reapply:
             self._reapply(self.reapply, self.reapply_where_reset)
             self.reapply, self.reapply_where_reset = {}, False
-        if relay.settings.stale and (relay.queue is None or relay.queue.status == b"I" or self.context_reset):
-            # Not behind a group inside a transaction block that may not end it: a read there is thrown
-            # away (read again after the block), and its failure (the client's statement_timeout, a
-            # cancel racing the end of the client's statement) would abort the client's block.
-            self._read_settings()
+        if relay.settings.stale:
+            # Never where it would run inside a transaction block: a read there is thrown away (read again
+            # after the block), and its failure (the client's statement_timeout, a cancel racing the end of
+            # the client's statement) would abort the client's block. So behind a group that may end the
+            # block, or that starts outside one and cannot begin one; behind one that may begin a block,
+            # after its ReadyForQuery, if that says no block is open (`follow_up`).
+            status = relay.queue.status if relay.queue is not None else b"I"
+            if self.group_may_end or (status == b"I" and not self.group_may_begin):
+                self._read_settings()
+            elif status == b"I" and not relay.follow_ups_wait:
+                relay.follow_ups_wait = True
+        self.group_may_end = self.group_may_begin = False
 
     def _rolled_back(self) -> None:
         """A statement that may roll back (to a savepoint) went upstream after a reset: the startup values
@@ -1446,13 +1489,27 @@ class TransactionMode:
         relay.own(apply_bind(values, name), Request.BIND, watch)
         relay.own(messages.execute(name.decode()), Request.EXECUTE)
         relay.own(close_portal(name), Request.CLOSE)
-        relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._reapplied(watch, outcome, error)))
+        relay.own(messages.sync(), Request.SYNC,
+                  OwnRequest(lambda outcome, error: self._reapplied(watch, outcome, error, values, where_reset)))
         relay.server.state.settings.update(values)
 
-    def _reapplied(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None) -> None:
+    def _reapplied(self, watch: BlockWatch, outcome: Outcome, error: dict[str, str] | None, values: dict[str, str],
+                   where_reset: bool) -> None:
         """The startup values could not be applied again: the session ends with the error. Not when the
         client's block had failed before (nothing ran, nor did the client's reset; the read-back after
-        the block says what the connection holds)."""
+        the block says what the connection holds), and not when a cancel outside a block landed there:
+        they are applied again, and read back behind."""
+        if outcome is not Outcome.FAILED:
+            self.reapply_retries = 0
+            return
+        relay = self.relay
+        if relay.server is not None and cancelled_outside_a_block(watch, error, self.reapply_retries):
+            self.reapply_retries += 1
+            self._reapply(values, where_reset)
+            relay.settings.stale = True
+            self._read_settings()
+            relay.flush_own()
+            return
         if watch.failed_itself(outcome):
             self._prelude_ended(outcome, error)
 
@@ -1492,8 +1549,7 @@ class TransactionMode:
             relay.settings.read(values)
             state.settings = dict(relay.settings.current)
             self.read_retries = 0
-        elif ((error or {}).get("C") == errors.QUERY_CANCELED and relay.server is not None and relay.server.state is state
-              and self.read_retries < READ_RETRIES):
+        elif relay.server is not None and relay.server.state is state and cancelled_outside_a_block(watch, error, self.read_retries):
             # The client's cancel raced the end of its statement and landed here (or its statement_timeout
             # is shorter than the read): read again, rather than lose what the statement set.
             self.read_retries += 1

@@ -133,3 +133,4 @@ def test_a_short_statement_timeout_inside_a_block_ends_no_session(make_proxy: An
                 assert outcome(acme.query(sql)) == "completed", sql
     finally:
         acme.wire.close()
+

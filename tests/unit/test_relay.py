@@ -360,6 +360,29 @@ def test_reset_all_applies_startup_values_again() -> None:
     assert writes[0].startswith(context(server) + reset_then + reapplied)
 
 
+def test_startup_values_applied_again_are_sent_again_when_a_late_cancel_hit_them() -> None:
+    """A cancel racing the end of RESET ALL landed in the group that applies the startup values again
+    (57014, outside a block, nothing of the client's behind it): the group goes again, and a read-back
+    behind it, instead of the session ending."""
+    pair, server = RelayPair(startup={"DateStyle": "ISO, DMY"}), Server(101)
+    applied = apply_bind({"datestyle": "ISO, DMY"}) + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync()
+    apply_replies = BIND_COMPLETE + data_row(b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
+    checked_out(pair, server, SELECT_1)
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + apply_replies + CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)
+    checked_out(pair, server, messages.query("RESET ALL"))
+    assert pair.server(CONTEXT_SET + complete("RESET") + Z_IDLE) == complete("RESET") + Z_IDLE
+    start = len(pair.hooks.upstream)
+    cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
+    read = BIND_COMPLETE + data_row(b"datestyle", b"") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
+    assert pair.server(BIND_COMPLETE + cancelled + Z_IDLE + CLOSE_COMPLETE + PARSE_COMPLETE + read) == b""
+    read_back = read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
+    assert b"".join(pair.upstream_since(start)) == applied + read_back
+    assert pair.hooks.failures == []
+    pair.server(apply_replies + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE)
+    assert pair.hooks.events[-1] == "release_server"
+    assert pair.relay.settings.current == {"datestyle": "ISO, DMY"}
+
+
 def test_connection_of_another_tenant_is_reset_first() -> None:
     pair, server = RelayPair(), Server(101)
     server.state.tenant = "other"
@@ -536,6 +559,23 @@ def test_session_mode_reasserts_the_context_after_reset_all() -> None:
     assert pair.server(complete("RESET") + Z_IDLE + SESSION_CONTEXT_SET) == complete("RESET") + Z_IDLE
     discard = messages.query("DISCARD ALL")
     assert pair.client(discard) == [discard + session_context(server)]
+
+
+def test_session_mode_context_cancelled_by_a_late_cancel_is_set_again() -> None:
+    """A cancel racing the end of RESET ALL landed in the context set again behind it (57014, after its
+    Parse, so the statement is still there): the context goes again, its statement closed first."""
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    reset = messages.query("RESET ALL")
+    pair.client(reset)
+    start = len(pair.hooks.upstream)
+    cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
+    assert pair.server(complete("RESET") + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE + cancelled + Z_IDLE) == complete("RESET") + Z_IDLE
+    assert pair.upstream_since(start) == [CONTEXT.session_statement_close() + session_context(server)]
+    assert pair.server(CLOSE_COMPLETE + SESSION_CONTEXT_SET) == b""
+    assert pair.hooks.failures == []
+    assert pair.client(SELECT_1) == [SELECT_1]
 
 
 def test_session_mode_context_failure_ends_the_session() -> None:

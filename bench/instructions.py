@@ -16,8 +16,9 @@ which of two versions of the proxy's own code does less work; `bench/run` says h
 a quiet machine: under heavy load the bytes of several messages arrive in fewer or more reads, and the
 count moves with them (a run beside two test suites counted twice as many in session mode). The proxy
 runs with PYTHONHASHSEED=0: with a random seed, dict and set layouts differ between processes and the
-count moved by up to 3% between runs of the same code. Compare checkouts made the same way: the same
-code counts about 2% more from the main checkout than from a worktree under /tmp (`--rev`, `--tree`).
+count moved by up to 3% between runs of the same code. Where the checkout lives changes memory layout
+too: the same code counted 2% apart from the main checkout and from a worktree, each repeatably. Measure
+both builds with `--rev` or `--tree`, and read a difference under 2% as none.
 Needs valgrind (`apt-get install valgrind`).
 """
 

@@ -285,10 +285,14 @@ class Relay:
                 self.preparing = False
                 self.hooks.prepared()
                 self._resume()
+                if self.cancel_wanted:  # a cancel that waited for the held messages to go
+                    self._cancel_due()
                 self.mode.maybe_release()
             return
         if self.held and not queue.groups_owed():
             self._resume()
+            if self.cancel_wanted:
+                self._cancel_due()
         if not self.terminated:
             self.mode.maybe_release()
 

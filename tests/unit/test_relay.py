@@ -631,6 +631,23 @@ def test_prepare_with_flush_and_no_sync_gets_a_sync_of_the_proxys_own() -> None:
     assert pair.hooks.ended == 0  # no client transaction ended: the ReadyForQuery was the proxy's
 
 
+def test_a_cancel_for_messages_held_behind_the_proxys_sync_goes_when_they_are_sent() -> None:
+    """The client's Bind, Execute, Sync wait behind the proxy's Sync after its Flush; a cancel then waits
+    too, and goes as soon as they are sent (not at the end of their group, too late to cancel anything)."""
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT $1::int"
+    checked_out(pair, server, messages.parse("s1", sql) + messages.message(b"D", b"Ss1\0") + messages.message(b"H"))
+    described = messages.message(b"t", b"\0\1\0\0\0\x17") + row_description("int4")
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + described)
+    assert pair.client(messages.bind("", "s1", ["7"]) + messages.execute() + messages.sync()) == []
+    pair.relay.cancel_requested()
+    assert "cancel_server" not in pair.hooks.events
+    start = len(pair.hooks.upstream)
+    assert pair.server(Z_IDLE) == b""
+    assert pair.upstream_since(start) != []  # the held messages went
+    assert pair.hooks.events[-1] == "cancel_server"
+
+
 def test_parameter_status_from_the_proxys_own_group_reaches_the_client_before_its_ready_for_query() -> None:
     """Applying the client's DateStyle on a fresh connection makes the server report it; the client,
     which never saw it, hears it before its next ReadyForQuery; a value it already saw is not repeated."""

@@ -89,7 +89,7 @@ PREPARED_AGAIN_FAILED = b"could not prepare the statement again on this server c
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
 _SESSIONS = itertools.count(1)
 STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
-READ_RETRIES = 3  # a settings read-back cancelled (57014) this many times in a row is given up: the connection is reset
+READ_RETRIES = 3  # a group of the proxy's own cancelled (57014) this many times in a row is not sent again
 
 
 class Hooks(Protocol):
@@ -616,7 +616,8 @@ class Relay:
 
 RESERVED = PREFIX.decode()
 # Text that may end a transaction (and may start another, AND CHAIN; PREPARE TRANSACTION ends it too): the
-# context is sent again before the next statement, and a settings read-back due goes behind it. Matching more than that costs only a context sent twice in one transaction.
+# context is sent again before the next statement, and a settings read-back due goes behind it. Matching
+# more than that costs only a context sent twice in one transaction.
 _MAY_END_TRANSACTION = re.compile(rb"\b(?:commit|rollback|end|abort|prepare)\b", re.IGNORECASE)
 
 

@@ -1092,10 +1092,14 @@ class TransactionMode:
             return True
         if not self._context(decision, group_end=True):
             return False
+        previous = self.statements.unnamed
         self.statements.unnamed = None  # a simple Query drops the unnamed statement
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
-        relay.send(message.raw, Request.QUERY, watcher=self._effects(decision))
+        effects = self._effects(decision)
+        if previous is not None:
+            effects = OwnRequest(self._query_ended(previous, effects))
+        relay.send(message.raw, Request.QUERY, watcher=effects)
         if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
             self.group_may_end = True
@@ -1105,6 +1109,18 @@ class TransactionMode:
         self._close_stand_ins(group_end=True)
         self.group_sent()
         return True
+
+    def _query_ended(self, previous: Statement, effects: OwnRequest | None) -> Callable[[Outcome, dict[str, str] | None], None]:
+        """A Query that dropped the client's unnamed statement `previous` is answered: skipped in an error
+        window it did not run, and Postgres keeps the unnamed statement (found by a randomized comparison)."""
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            if effects is not None:
+                effects.ended(outcome, error)
+            if outcome is Outcome.SKIPPED and self.statements.unnamed is None:
+                self.statements.unnamed = previous
+
+        return ended
 
     def _deallocate(self, decision: Decision) -> OwnRequest | None:
         """A Query that is one `DEALLOCATE name` of the client's own statement: the proxy answers it."""
@@ -1213,6 +1229,7 @@ class TransactionMode:
         assert relay.server is not None
         server = relay.server.state.statements
         statement = statement_for(definition, relay.settings.current.get("search_path", ""), decision)
+        previous = self.statements.unnamed
         self.statements.remember(name, statement)
         if may_end_transaction(text):
             self.ending.add(name)
@@ -1223,7 +1240,20 @@ class TransactionMode:
             self._prepare(statement, server, Owner.CLIENT, client_name)
             return
         server.unnamed = statement
-        relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._unnamed_parsed(server, statement)))
+        relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._client_unnamed_parsed(server, statement, previous)))
+
+    def _client_unnamed_parsed(self, server: ServerStatements, statement: Statement, previous: Statement | None) -> object:
+        """The client's Parse of the unnamed statement is answered. As in Postgres, one that failed leaves
+        no unnamed statement (Postgres drops the old one before it parses), and one skipped in an error
+        window leaves the one before."""
+        server_ended = self._unnamed_parsed(server, statement)
+
+        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
+            server_ended(outcome, error)
+            if self.statements.unnamed is statement and outcome is not Outcome.COMPLETED:
+                self.statements.unnamed = None if outcome is Outcome.FAILED else previous
+
+        return ended
 
     def _close_ended(self, name: bytes, statement: Statement) -> object:
         """A client's Close of its statement was forgotten when sent; skipped in an error window, it
@@ -1257,7 +1287,7 @@ class TransactionMode:
                    watcher=OwnRequest(ended), reply=existing.server_name + b"\0" + client_name)
 
     @staticmethod
-    def _unnamed_parsed(server: ServerStatements, statement: Statement) -> object:
+    def _unnamed_parsed(server: ServerStatements, statement: Statement) -> Callable[[Outcome, dict[str, str] | None], None]:
         def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
             if outcome is not Outcome.COMPLETED and server.unnamed is statement:
                 server.unnamed = None

@@ -74,3 +74,46 @@ def test_statement_names_answer_as_directly(make_proxy: Any, pg: EmbeddedPostgre
         for wire in (direct, proxied, other):
             wire.close()
     assert proxy.alive()
+
+
+UNNAMED_STEPS: dict[str, list[tuple[bytes, int]]] = {  # each write, and the ReadyForQuery count that ends its replies
+    "a failed Parse leaves no unnamed statement (Postgres drops the old one first)": [
+        (messages.parse("", "SELECT 1") + messages.sync(), 1),
+        (messages.parse("", "SELEC 1") + messages.message(b"D", b"S\0") + messages.message(b"H")
+         + messages.bind("", "", []) + messages.sync() + close("P", "no such portal") + messages.sync(), 2),
+        (messages.bind("", "", []) + messages.execute("") + messages.sync(), 1),  # 26000
+    ],
+    "a simple Query skipped in an error window does not drop the unnamed statement": [
+        (messages.parse("", "SELECT generate_series(1, $1::int)") + messages.bind("p1", "", [None, "3"])
+         + messages.query("SELECT 2") + messages.sync(), 1),  # the Bind fails: the Query is skipped
+        (messages.message(b"D", b"S\0") + messages.sync(), 1),  # the unnamed statement is still there
+    ],
+    "a Parse skipped in an error window leaves the one before": [
+        (messages.parse("", "SELECT 1") + messages.sync(), 1),
+        (messages.bind("", "nonexistent", []) + messages.parse("", "SELECT 2") + messages.sync(), 1),
+        (messages.bind("", "", []) + messages.execute("") + messages.sync(), 1),  # 1
+    ],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", list(UNNAMED_STEPS))
+def test_the_unnamed_statement_after_a_parse_that_did_not_run(make_proxy: Any, pg: EmbeddedPostgres,
+                                                              tenant_db: TenantDatabase, mode: str, case: str) -> None:
+    """Found by a longer randomized comparison: the proxy kept the client's unnamed statement from a Parse
+    that failed (and prepared it again for a later Bind, 42601 instead of 26000)."""
+    proxy: ProxyProcess = make_proxy(MODES[mode])
+    direct = connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database)
+    proxied = connect_proxy(proxy.port, proxy.token())
+    other = connect_proxy(proxy.port, proxy.token(GLOBEX), name="other")
+    try:
+        for write, ready in UNNAMED_STEPS[case]:
+            direct.send(write)
+            expected = direct.read_ready(ready)
+            proxied.send(write)
+            assert_same(expected, proxied.read_ready(ready), f"replies to {write[:40]!r}")
+            other.send(messages.query("SELECT 1"))
+            other.read_ready()
+    finally:
+        for wire in (direct, proxied, other):
+            wire.close()

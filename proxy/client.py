@@ -303,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
             self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
         if self._file_login is not None and self.session.state is not State.CLOSED:
             self._renew_at_boundary()
-        if self.server.readiness.lifecycle is _DRAINING:  # ProxyServer.draining, without two property calls per transaction
+        if self.server.readiness.lifecycle is _DRAINING:  # Readiness.draining, without its property call per transaction
             self.drain_point()
 
     def cancel_server(self) -> None:

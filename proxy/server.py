@@ -250,10 +250,6 @@ class ProxyServer:
 
     # -- lifecycle: drain (SIGTERM) and reload (SIGHUP) --------------------------------------------
 
-    @property
-    def draining(self) -> bool:
-        return self.readiness.draining
-
     async def drain(self, timeout: float, interrupted: asyncio.Event) -> None:
         """SIGTERM: /readyz answers 503 from now; each client ends at its next idle point with 57P01
         (those at one now, at once; the others at their next ReadyForQuery 'I', see

@@ -285,14 +285,10 @@ class Relay:
                 self.preparing = False
                 self.hooks.prepared()
                 self._resume()
-                if self.cancel_wanted:  # a cancel that waited for the held messages to go
-                    self._cancel_due()
                 self.mode.maybe_release()
             return
         if self.held and not queue.groups_owed():
             self._resume()
-            if self.cancel_wanted:
-                self._cancel_due()
         if not self.terminated:
             self.mode.maybe_release()
 
@@ -397,18 +393,20 @@ class Relay:
         """Go on with held client messages (a server connection arrived, or a group ended), taken from
         the front of `held` in place: a client that pipelined many transactions costs one pass over
         them, not one per transaction. One simple Query held alone (a transaction-mode client that waited
-        for its checkout) takes the hot path."""
+        for its checkout) takes the hot path. A cancel that waited for them goes once they are sent."""
         held = self.held
         if not held:
             return
-        if len(held) == 1 and not self._out:
-            segment = held[0]
-            if type(segment) is Message and segment.type == b"Q" and self.mode.plain_query(segment.raw):  # type: ignore[union-attr]
-                held.clear()
-                METRICS.queries += 1
-                self._held_drained()
-                return
-        self._run(held)
+        segment = held[0]
+        if (len(held) == 1 and not self._out and type(segment) is Message and segment.type == b"Q"  # type: ignore[union-attr]
+                and self.mode.plain_query(segment.raw)):  # type: ignore[union-attr]
+            held.clear()
+            METRICS.queries += 1
+            self._held_drained()
+        else:
+            self._run(held)
+        if self.cancel_wanted:
+            self._cancel_due()
 
     def _held_drained(self) -> None:
         """Nothing is held any more: the client's reading resumes if holding paused it."""
@@ -1242,7 +1240,8 @@ class TransactionMode:
         server.unnamed = statement
         relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._client_unnamed_parsed(server, statement, previous)))
 
-    def _client_unnamed_parsed(self, server: ServerStatements, statement: Statement, previous: Statement | None) -> object:
+    def _client_unnamed_parsed(self, server: ServerStatements, statement: Statement, previous: Statement | None
+                               ) -> Callable[[Outcome, dict[str, str] | None], None]:
         """The client's Parse of the unnamed statement is answered. As in Postgres, one that failed leaves
         no unnamed statement (Postgres drops the old one before it parses), and one skipped in an error
         window leaves the one before."""
@@ -1498,7 +1497,7 @@ class TransactionMode:
             status = relay.queue.status if relay.queue is not None else b"I"
             if self.group_may_end or (status == b"I" and not self.group_may_begin):
                 self._read_settings()
-            elif status == b"I" and not relay.follow_ups_wait:
+            elif status == b"I":
                 relay.follow_ups_wait = True
         self.group_may_end = self.group_may_begin = False
 

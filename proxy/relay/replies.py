@@ -255,8 +255,10 @@ class ReplyQueue:
 
     def groups_owed(self) -> int:
         """Client Queries, Syncs and FunctionCalls whose ReadyForQuery has not come: while any is owed the
-        transaction status is not known. A ReadyForQuery taken for a Sync the client sent among the
-        CopyData of a COPY that then failed may have been the next one's (see `_settle_copy_syncs`)."""
+        transaction status is not known. Syncs the client sent among the CopyData of a COPY that then
+        failed are not counted (the server may have ignored them), and a ReadyForQuery taken for one
+        of them may have been the next one's (see `_settle_copy_syncs`): the count is the fewest that
+        may be owed."""
         return self.client_group_ends - self._ambiguous_answered
 
     def answer_ready(self) -> bytes:
@@ -387,14 +389,15 @@ class ReplyQueue:
                 out.append(message.raw)
                 return
             raise ProtocolViolation(f"server sent message {kind!r} with nothing owed")
-        if kind != b"Z" and head.request is Request.SYNC:
-            head = self._settle_copy_syncs(head)
+        if kind != b"Z":
+            if head.request is Request.SYNC:
+                head = self._settle_copy_syncs(head)
+            self._ambiguous_answered = 0  # a reply to what follows the Syncs: each of them is settled
         if kind == b"E":
             self._error(head, message, out)
         elif kind == b"Z":
             self._ready(head, message, out)
         else:
-            self._ambiguous_answered = 0
             self._progress(head, message, out)
         self._answer_heads(out)
 
@@ -409,6 +412,7 @@ class ReplyQueue:
             self.entries.popleft()
             self._special -= 1
             self.client_group_ends -= head.client_group_end()
+            self._drop_markers()  # the CopyData (and the ignored CopyDone / CopyFail) sent after the Sync
             if not self.entries:
                 raise ProtocolViolation("server sent a reply with nothing owed after a failed COPY")
             head = self.entries[0]
@@ -474,6 +478,11 @@ class ReplyQueue:
         self._ambiguous_answered += head.in_copy
         self.status = message.raw[5:6]
         self._pop(Outcome.FAILED if head.failed else Outcome.COMPLETED, head.failed)
+        if self._ambiguous_answered > self.client_group_ends:
+            # Taken for a Sync sent among CopyData, a ReadyForQuery stands for a later group end only while
+            # one is owed: with fewer left, as many of those Syncs were read as Syncs (all of them when
+            # nothing is owed, so a group the client sends next is not taken as answered already).
+            self._ambiguous_answered = self.client_group_ends
         self.listener.group_ended(self.status, head.owner is Owner.OWN)
 
     def _pop(self, outcome: Outcome, error: dict[str, str] | None) -> None:
@@ -552,6 +561,12 @@ class ReplyQueue:
                     self._special -= 1
                     self.client_group_ends -= entry.client_group_end()
                     continue
+                if entry.in_copy:
+                    # Read before the failure, the server ignored it; after, it ends a group. Only the
+                    # replies that follow tell (`_settle_copy_syncs`): until then no ReadyForQuery is
+                    # waited for on its account, which might never come.
+                    self.client_group_ends -= entry.client_group_end()
+                    entry.counts_as_client_group = False
             kept.append(entry)
         self.entries = kept
         if not end_found:

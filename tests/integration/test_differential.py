@@ -194,6 +194,16 @@ COPY_WITH_SYNC_AND_FAILURE = [
     Write((step_query("ROLLBACK"), step_query("COPY diff_scratch FROM STDIN"), step_copy_data(b"6\tsix\n"), step_copy_fail("stop"))),
     FINAL,
 ]
+# A Sync among the CopyData of a COPY that then fails: read before the failure (the CopyFail here), the
+# server ignores it; read after (the bad row is before it), it ends a group of its own. The COPY TO
+# STDOUT behind found the proxy still owing that Sync's place; the Parse behind waited for it forever.
+SYNC_AMONG_DATA_OF_A_FAILED_COPY = [
+    Write((step_query("COPY diff_scratch FROM STDIN"), step_copy_data(b"6\tsix\n"), SYNC, step_copy_data(b"7\tseven\n"),
+           step_copy_fail("stop"), step_query("COPY (SELECT n, t FROM diff_scratch ORDER BY n) TO STDOUT"))),
+    Write((step_query("COPY diff_scratch FROM STDIN"), step_copy_data(b"x\tbad\n"), SYNC, COPY_DONE,
+           step_parse("", "SELECT n, t FROM diff_scratch ORDER BY n"), step_bind("", "", []), step_execute(""), SYNC)),
+    FINAL,
+]
 PORTAL_SUSPENDED_IN_TRANSACTION = [
     Write((step_query("BEGIN"), step_parse("s1", "SELECT generate_series(1, $1::int)"), step_bind("p1", "s1", ["5"]),
            step_execute("p1", 2), SYNC)),
@@ -208,6 +218,7 @@ INPUTS = {
     "asyncpg-flush": ASYNCPG_FLUSH,
     "copy-with-sync-and-failure": COPY_WITH_SYNC_AND_FAILURE,
     "portal-suspended-in-transaction": PORTAL_SUSPENDED_IN_TRANSACTION,
+    "sync-among-data-of-a-failed-copy": SYNC_AMONG_DATA_OF_A_FAILED_COPY,
 }
 
 # ---------------------------------------------------------------------------------------------

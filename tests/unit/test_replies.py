@@ -508,3 +508,50 @@ def test_sync_among_copydata_read_before_the_copy_failed() -> None:
     rows = T + D1 + C_SELECT + Z_IDLE
     assert feed(queue, rows) == rows
     assert queue.idle()
+
+
+def test_sync_among_copydata_read_after_the_copy_failed_leaves_nothing_owed() -> None:
+    """Both ReadyForQuery came: the next group the client sends is owed in full, not taken as answered."""
+    queue, _ = new_queue()
+    _extended_copy_with_sync_among_data(queue)
+    feed(queue, error("22P02") + Z_IDLE + Z_IDLE)
+    assert queue.groups_owed() == 0
+    expect_all(queue, P, B, E, S)
+    assert queue.groups_owed() == 1
+    passes_whole(queue, PARSE_COMPLETE + BIND_COMPLETE + C_SELECT + Z_IDLE)
+
+
+def _simple_copy_failed_with_sync_among_data(queue: ReplyQueue, end: Request) -> bytes:
+    """COPY FROM STDIN by Query, CopyData, Sync, CopyData, then CopyDone or CopyFail; the COPY failed."""
+    queue.expect(Q)
+    assert feed(queue, COPY_IN) == COPY_IN
+    queue.expect(Request.COPY_DATA)
+    queue.expect(S)
+    queue.expect(Request.COPY_DATA)
+    queue.expect(end)
+    failure = error(errors.QUERY_CANCELED, "COPY from stdin failed: stop")
+    assert feed(queue, failure + Z_IDLE) == failure + Z_IDLE
+    return failure
+
+
+def test_copydata_behind_a_sync_the_failed_copy_ignored_owes_nothing() -> None:
+    """COPY FROM STDIN, CopyData, Sync, CopyData, CopyFail, then COPY TO STDOUT: the server ignored the
+    Sync (read during COPY IN) and the CopyData behind it; the CopyOutResponse is the next Query's."""
+    queue, _ = new_queue()
+    _simple_copy_failed_with_sync_among_data(queue, Request.COPY_END)
+    queue.expect(Q)
+    passes_whole(queue, COPY_OUT + COPY_DATA + COPY_DONE + complete("COPY 1") + Z_IDLE)
+
+
+@pytest.mark.parametrize("sync_read", [False, True], ids=["ignored", "read after the failure"])
+def test_no_ready_for_query_is_waited_for_on_account_of_a_sync_the_failed_copy_may_have_ignored(sync_read: bool) -> None:
+    """Whether the server ignored the Sync among the data only the replies to what follows tell: the
+    status is known at the COPY's ReadyForQuery (a client waiting for it before its next statement, as
+    in transaction mode, would wait forever when the Sync was ignored)."""
+    queue, _ = new_queue()
+    _simple_copy_failed_with_sync_among_data(queue, Request.COPY_END)
+    assert queue.groups_owed() == 0 and not queue.idle()
+    queue.expect(Q)
+    assert queue.groups_owed() == 1
+    passes_whole(queue, (Z_IDLE if sync_read else b"") + T + D1 + C_SELECT + Z_IDLE)
+    assert queue.groups_owed() == 0

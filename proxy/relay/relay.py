@@ -55,6 +55,8 @@ from proxy.relay.statements import (
     NAME_BYTES,
     NEVER_PREPARED,
     PREFIX,
+    UNCHANGED,
+    Change,
     ClientStatements,
     ServerStatements,
     Statement,
@@ -482,7 +484,7 @@ class Relay:
         if kind == b"Q":
             return _counted(mode.query(message))
         if kind == b"B":
-            mode.bind(message)
+            return mode.bind(message)
         elif kind == b"E":
             return mode.execute(message)
         elif kind == b"S":
@@ -492,9 +494,9 @@ class Relay:
             self.describing = True
             mode.group_sent()
         elif kind == b"P":
-            mode.parse(message)
+            return mode.parse(message)
         elif kind == b"D":
-            mode.describe(message)
+            return mode.describe(message)
         elif kind == b"C":
             mode.close(message)
         elif kind == b"H":
@@ -520,7 +522,7 @@ class Relay:
 
     # -- what goes upstream ----------------------------------------------------------------------
 
-    def send(self, raw: bytes | memoryview, request: Request, owner: Owner = Owner.CLIENT, watcher: OwnRequest | None = None,
+    def send(self, raw: bytes | memoryview, request: Request, owner: Owner = Owner.CLIENT, watcher: Watcher | None = None,
              reply: bytes = b"", rows: bool = False) -> None:
         assert self.queue is not None
         self._out.append(raw)
@@ -812,11 +814,11 @@ class SessionMode:
             self._send_context()
             self.relay.flush_own()
 
-    def parse(self, message: Message) -> None:
+    def parse(self, message: Message) -> bool:
         relay = self.relay
         checked = relay.checked_parse(message)
         if checked is None:
-            return
+            return True
         name, text, _, decision = checked
         if decision.resets_all:
             self.resetting.add(name)
@@ -824,19 +826,21 @@ class SessionMode:
             self.resetting.discard(name)
         relay.note_copying(name, text)
         relay.send(message.raw, Request.PARSE)
+        return True
 
-    def bind(self, message: Message) -> None:
+    def bind(self, message: Message) -> bool:
         relay = self.relay
         portal, statement, _ = split_bind(message.body)
         if statement.startswith(PREFIX) or portal.startswith(PREFIX):
             relay.refuse_extended(reserved("statement or portal", statement if statement.startswith(PREFIX) else portal))
-            return
+            return True
         if statement in self.resetting:
             self.resetting.add(b"P" + portal)
         else:
             self.resetting.discard(b"P" + portal)
         relay.note_bound(portal, statement)
         relay.send(message.raw, Request.BIND)
+        return True
 
     def execute(self, message: Message) -> bool:
         portal, _ = messages.split_name(message.body)
@@ -849,8 +853,9 @@ class SessionMode:
         self.relay.send(message.raw, Request.EXECUTE)
         return True
 
-    def describe(self, message: Message) -> None:
+    def describe(self, message: Message) -> bool:
         self._named(message, Request.DESCRIBE)
+        return True
 
     def close(self, message: Message) -> None:
         self._named(message, Request.CLOSE)
@@ -928,7 +933,7 @@ class TransactionMode:
         self.reset_in_block = False  # a reset since the last read-back outside a block: a ROLLBACK (TO) may undo the reapply
         self.reapply_where_reset = False  # ... apply them only where a setting is still at the server's reset value
         self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
-        self.closing: dict[bytes, Statement] = {}  # statements whose Close is in flight, by client name
+        self.group = 0  # the client's groups sent (Syncs, and Queries outside an extended group)
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
         self.ending_portals: set[bytes] = set()  # portals bound to those
         self.stand_ins: list[bytes] = []  # client names the server holds a stand-in under, until closed again
@@ -1083,6 +1088,8 @@ class TransactionMode:
         if decision.refusal is not None:
             relay.refuse_group(decision.refusal)
             return True
+        if decision.deallocates and any(self._settling(name.encode()[:NAME_BYTES]) for name in decision.deallocates):
+            return False
         answered = self._deallocate(decision)
         if answered is not None:
             relay.send(b"", Request.QUERY, Owner.ANSWERED, reply=_DEALLOCATE_COMPLETE, watcher=answered)
@@ -1090,13 +1097,15 @@ class TransactionMode:
             return True
         if not self._context(decision, group_end=True):
             return False
-        previous = self.statements.unnamed
-        self.statements.unnamed = None  # a simple Query drops the unnamed statement
+        dropped = None  # a simple Query drops the unnamed statement, whether it fails or not
+        if self.statements.unnamed is not None or b"" in self.statements.unsettled:
+            dropped = self.statements.change_sent(b"", self.group, None, None)
+            self.statements.unnamed = None
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
         effects = self._effects(decision)
-        if previous is not None:
-            effects = OwnRequest(self._query_ended(previous, effects))
+        if dropped is not None:
+            effects = OwnRequest(self._query_ended(dropped, effects))
         relay.send(message.raw, Request.QUERY, watcher=effects)
         if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
@@ -1108,17 +1117,25 @@ class TransactionMode:
         self.group_sent()
         return True
 
-    def _query_ended(self, previous: Statement, effects: OwnRequest | None) -> Callable[[Outcome, dict[str, str] | None], None]:
-        """A Query that dropped the client's unnamed statement `previous` is answered: skipped in an error
-        window it did not run, and Postgres keeps the unnamed statement (found by a randomized comparison)."""
+    @staticmethod
+    def _query_ended(dropped: Change, effects: OwnRequest | None) -> Callable[[Outcome, dict[str, str] | None], None]:
+        """A Query that dropped the client's unnamed statement is answered: skipped in an error window it
+        did not run, and Postgres keeps the unnamed statement (found by a randomized comparison)."""
 
         def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
             if effects is not None:
                 effects.ended(outcome, error)
-            if outcome is Outcome.SKIPPED and self.statements.unnamed is None:
-                self.statements.unnamed = previous
+            dropped.ended(outcome, error)
 
         return ended
+
+    def _settling(self, name: bytes) -> bool:
+        """A Parse, Bind or Describe naming `name`, or a DEALLOCATE of it, waits while a Parse or Close of
+        it (or, the unnamed statement, a simple Query) in an earlier group of the client's is unanswered:
+        whether the name is there depends on it, as one skipped in an error window changed nothing. Inside
+        one group no wait is needed: an error there skips the rest of it."""
+        queue = self.relay.queue
+        return self.statements.waits(name, self.group) and queue is not None and queue.groups_owed() > 0
 
     def _deallocate(self, decision: Decision) -> OwnRequest | None:
         """A Query that is one `DEALLOCATE name` of the client's own statement: the proxy answers it."""
@@ -1201,15 +1218,17 @@ class TransactionMode:
             self.relay.own(messages.sync(), Request.SYNC)
         self.stand_ins = []
 
-    def parse(self, message: Message) -> None:
+    def parse(self, message: Message) -> bool:
         relay = self.relay
         checked = relay.checked_parse(message)
         if checked is None:
-            return
+            return True
         client_name, text, definition, decision = checked
         if self._unreadable_name(client_name):
-            return
+            return True
         name = client_name[:NAME_BYTES]
+        if self._settling(name):
+            return False
         bound = self.statements.room_for(name, definition)
         if bound is not None:
             relay.refuse_extended(Refusal(
@@ -1220,14 +1239,16 @@ class TransactionMode:
                 "close (deallocate) prepared statements the client no longer uses, or raise [client] "
                 + ("max_prepared_statement_bytes" if bound == "client" else "max_total_prepared_statement_bytes"),
             ))
-            return
+            return True
         if name and name in self.statements.by_name:
             self._parse_again(name, definition, client_name)
-            return
+            return True
         assert relay.server is not None
         server = relay.server.state.statements
         statement = statement_for(definition, relay.settings.current.get("search_path", ""), decision)
-        previous = self.statements.unnamed
+        # As in Postgres, a failed Parse creates nothing, and one of the unnamed statement drops the old one
+        # before it parses.
+        change = self.statements.change_sent(name, self.group, statement, UNCHANGED if name else None)
         self.statements.remember(name, statement)
         if may_end_transaction(text):
             self.ending.add(name)
@@ -1235,36 +1256,21 @@ class TransactionMode:
             self.ending.discard(name)
         relay.note_copying(name, text)
         if name:
-            self._prepare(statement, server, Owner.CLIENT, client_name)
-            return
+            self._prepare(statement, server, Owner.CLIENT, client_name, change)
+            return True
         server.unnamed = statement
-        relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._client_unnamed_parsed(server, statement, previous)))
+        relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._client_unnamed_parsed(server, statement, change)))
+        return True
 
-    def _client_unnamed_parsed(self, server: ServerStatements, statement: Statement, previous: Statement | None
+    def _client_unnamed_parsed(self, server: ServerStatements, statement: Statement, change: Change
                                ) -> Callable[[Outcome, dict[str, str] | None], None]:
-        """The client's Parse of the unnamed statement is answered. As in Postgres, one that failed leaves
-        no unnamed statement (Postgres drops the old one before it parses), and one skipped in an error
-        window leaves the one before."""
+        """The client's Parse of the unnamed statement is answered: what the server connection and the
+        client hold follows the outcome."""
         server_ended = self._unnamed_parsed(server, statement)
 
         def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
             server_ended(outcome, error)
-            if self.statements.unnamed is statement and outcome is not Outcome.COMPLETED:
-                self.statements.unnamed = None if outcome is Outcome.FAILED else previous
-
-        return ended
-
-    def _close_ended(self, name: bytes, statement: Statement) -> object:
-        """A client's Close of its statement was forgotten when sent; skipped in an error window, it
-        closed nothing, as in Postgres."""
-
-        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
-            if outcome is not Outcome.COMPLETED and name in self.statements.by_name:
-                return  # a Parse of the name follows in the same window: its end restores this one
-            if self.closing.get(name) is statement:
-                del self.closing[name]
-            if outcome is not Outcome.COMPLETED:
-                self.statements.remember(name, statement)
+            change.ended(outcome, error)
 
         return ended
 
@@ -1293,9 +1299,11 @@ class TransactionMode:
 
         return ended
 
-    def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner, client_name: bytes = b"") -> None:
+    def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner, client_name: bytes = b"",
+                 change: Change | None = None) -> None:
         """Close the server-side name first (it may be there, or half-known after a failed group), make
-        room, then Parse it; OWN: its ParseComplete is swallowed."""
+        room, then Parse it; OWN: its ParseComplete is swallowed. CLIENT: the client's Parse of
+        `client_name`, whose `change` is told the outcome."""
         relay = self.relay
         relay.own(messages.close_statement(statement.server_name), Request.CLOSE)
         for victim in server.evictions():
@@ -1307,13 +1315,11 @@ class TransactionMode:
             relay.own(raw, Request.PARSE, OwnRequest(parsed), speaks=PREPARED_AGAIN_FAILED)
             return
 
+        assert change is not None
+
         def client_parse_ended(outcome: Outcome, error: dict[str, str] | None) -> None:
             parsed(outcome, error)
-            if outcome is not Outcome.COMPLETED and self.statements.by_name.get(client_name) is statement:
-                self.statements.forget(client_name)  # as in Postgres, a failed Parse creates nothing
-                closed = self.closing.pop(client_name, None)
-                if closed is not None:  # ... and a Close skipped with it closed nothing
-                    self.statements.remember(client_name, closed)
+            change.ended(outcome, error)
 
         relay.send(raw, Request.PARSE, watcher=OwnRequest(client_parse_ended), reply=statement.server_name + b"\0" + client_name)
 
@@ -1354,16 +1360,18 @@ class TransactionMode:
             self._prepare(statement, server, Owner.OWN)
         return statement
 
-    def bind(self, message: Message) -> None:
+    def bind(self, message: Message) -> bool:
         relay = self.relay
         body = message.body
         portal, client_name, end = split_bind(body)
         if client_name.startswith(PREFIX) or portal.startswith(PREFIX):
             relay.refuse_extended(reserved("statement or portal", client_name if client_name.startswith(PREFIX) else portal))
-            return
+            return True
         if self._unreadable_name(client_name):
-            return
+            return True
         name = client_name[:NAME_BYTES]
+        if self._settling(name):
+            return False
         statement = self._ensure(name)
         if statement is not None and statement.decision is not ALLOW:
             self.portals[portal] = statement.decision
@@ -1376,11 +1384,37 @@ class TransactionMode:
         relay.note_bound(portal, name)
         if statement is None or not name:
             relay.send(message.raw, Request.BIND)
-            return
+            return True
         relay.send(messages.message(b"B", portal + b"\0" + statement.server_name + b"\0" + body[end:]), Request.BIND,
                    reply=statement.server_name + b"\0" + client_name)
+        return True
 
-    def describe(self, message: Message) -> None:
+    def describe(self, message: Message) -> bool:
+        relay = self.relay
+        body = message.body
+        name, _ = messages.split_name(body, 1)
+        if name.startswith(PREFIX):
+            relay.refuse_extended(reserved("statement or portal", name))
+            return True
+        if body[:1] != b"S":
+            relay.send(message.raw, Request.DESCRIBE)
+            return True
+        if self._unreadable_name(name):
+            return True
+        if self._settling(name[:NAME_BYTES]):
+            return False
+        statement = self._ensure(name[:NAME_BYTES])
+        if statement is None or not name:
+            relay.send(message.raw, Request.DESCRIBE)
+            return True
+        relay.send(messages.message(b"D", b"S" + statement.server_name + b"\0"), Request.DESCRIBE,
+                   reply=statement.server_name + b"\0" + name)
+        return True
+
+    def close(self, message: Message) -> None:
+        """A client's Close of its statement forgets it (skipped in an error window, it closed nothing, as
+        in Postgres); the server-side statement may be shared, so a Close of a name never prepared
+        stands in for it, keeping the CloseComplete in order."""
         relay = self.relay
         body = message.body
         name, _ = messages.split_name(body, 1)
@@ -1388,43 +1422,23 @@ class TransactionMode:
             relay.refuse_extended(reserved("statement or portal", name))
             return
         if body[:1] != b"S":
-            relay.send(message.raw, Request.DESCRIBE)
+            self.portals.pop(name, None)
+            relay.send(message.raw, Request.CLOSE)
             return
         if self._unreadable_name(name):
             return
-        statement = self._ensure(name[:NAME_BYTES])
-        if statement is None or not name:
-            relay.send(message.raw, Request.DESCRIBE)
+        key = name[:NAME_BYTES]
+        statement = self.statements.lookup(key)
+        change = None
+        if statement is not None or key in self.statements.unsettled:
+            change = self.statements.change_sent(key, self.group, None)
+        if not key:
+            self.statements.unnamed = None
+        elif statement is not None:
+            self.statements.forget(key)
+            relay.send(messages.close_statement(NEVER_PREPARED), Request.CLOSE, watcher=change)
             return
-        relay.send(messages.message(b"D", b"S" + statement.server_name + b"\0"), Request.DESCRIBE,
-                   reply=statement.server_name + b"\0" + name)
-
-    def close(self, message: Message) -> None:
-        """A client's Close of its statement forgets it; the server-side statement may be shared, so a
-        Close of a name never prepared stands in for it, keeping the CloseComplete in order."""
-        relay = self.relay
-        body = message.body
-        name, _ = messages.split_name(body, 1)
-        if name.startswith(PREFIX):
-            relay.refuse_extended(reserved("statement or portal", name))
-            return
-        if body[:1] == b"S":
-            if self._unreadable_name(name):
-                return
-            if not name:
-                self.statements.unnamed = None
-            else:
-                key = name[:NAME_BYTES]
-                statement = self.statements.by_name.get(key)
-                if statement is not None:
-                    self.statements.forget(key)
-                    self.closing[key] = statement
-                    relay.send(messages.close_statement(NEVER_PREPARED), Request.CLOSE,
-                               watcher=OwnRequest(self._close_ended(key, statement)))
-                    return
-        else:
-            self.portals.pop(name, None)
-        relay.send(message.raw, Request.CLOSE)
+        relay.send(message.raw, Request.CLOSE, watcher=change)
 
     def execute(self, message: Message) -> bool:
         relay = self.relay
@@ -1463,6 +1477,7 @@ class TransactionMode:
         self.context_set = False
         if relay.mid_group:
             return
+        self.group += 1
         relay.group_copy_checked()
         if relay.follow_ups_wait:
             return
@@ -1657,7 +1672,7 @@ class TransactionMode:
         return True
 
     def session_ended(self) -> None:
-        self.statements.forget_all()
+        self.statements.session_ended()
 
     def maybe_release(self) -> None:
         """At ReadyForQuery 'I' with nothing owed, nothing held and the client between groups, the server

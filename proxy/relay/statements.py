@@ -10,6 +10,11 @@ The client's unnamed statement belongs to the client too: it lives, as in Postgr
 next Parse of the unnamed statement or its next simple Query, across Syncs and server connections, and
 is prepared again (as the unnamed statement) on a server connection that does not hold it.
 
+The proxy acts on a client's Parse, Close or simple Query as it goes upstream, as if it will run; the
+server's answers settle each name (`Change`). Until they have, a message of a later Sync group that
+depends on whether the name is there waits (a Parse or Close skipped in an error window changed
+nothing in Postgres); inside one group the assumption holds, as an error skips the rest of it.
+
 A server connection believes a statement present only once its ParseComplete has arrived, or while its
 Parse is in flight, in the current *generation*: DEALLOCATE ALL and DISCARD ALL start a new generation
 when they are sent, so a ParseComplete from before them never marks a statement present again.
@@ -122,6 +127,46 @@ class StatementBudget:
         self.used = 0
 
 
+class Unchanged:
+    """What a request that did not run leaves under a name: what was there."""
+
+
+UNCHANGED = Unchanged()
+
+
+class Unsettled:
+    """A client name with requests in flight that change it: how many, the client group (a count of the
+    client's Syncs) the last went in, and the statement the server's answers so far leave under it."""
+
+    __slots__ = ("count", "group", "answered")
+
+    def __init__(self, answered: Statement | None, group: int) -> None:
+        self.count = 0
+        self.group = group
+        self.answered = answered
+
+
+class Change:
+    """One request in flight that changes a client name: what the name holds if it runs (`ran`) and if
+    it fails (`failed`); skipped, it holds what it held."""
+
+    __slots__ = ("statements", "name", "ran", "failed")
+
+    def __init__(self, statements: ClientStatements, name: bytes, ran: Statement | None,
+                 failed: Statement | None | Unchanged) -> None:
+        self.statements = statements
+        self.name = name
+        self.ran = ran
+        self.failed = failed
+
+    def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        after = self.ran if outcome is Outcome.COMPLETED else self.failed if outcome is Outcome.FAILED else UNCHANGED
+        self.statements.settle(self.name, after)
+
+    def row(self, values: list[bytes | None]) -> None:
+        """Parse, Close and a Query's effect on the unnamed statement answer no rows."""
+
+
 class ClientStatements:
     """One client's prepared statements, bounded: `limit` bytes, counting names, definitions and a fixed
     overhead each (the proxy keeps each definition to prepare it on other server connections), and all
@@ -133,6 +178,7 @@ class ClientStatements:
         self.size = 0
         self.by_name: dict[bytes, Statement] = {}
         self.unnamed: Statement | None = None
+        self.unsettled: dict[bytes, Unsettled] = {}
 
     @staticmethod
     def _size(name: bytes, definition_length: int) -> int:
@@ -171,11 +217,55 @@ class ClientStatements:
         return True
 
     def forget_all(self) -> None:
-        """DEALLOCATE ALL / DISCARD ALL, or the session's end: the named statements go (the unnamed one
-        stays, as in Postgres; it is not counted)."""
+        """DEALLOCATE ALL / DISCARD ALL ran, or the session's end: the named statements go, and those whose
+        changes are unanswered are gone once answered (the unnamed one stays, as in Postgres; it is not
+        counted)."""
         self.by_name.clear()
         self.budget.used -= self.size
         self.size = 0
+        for name, entry in self.unsettled.items():
+            if name:
+                entry.answered = None
+
+    def session_ended(self) -> None:
+        """The session ended: everything goes, answered or not (the budget is shared)."""
+        self.forget_all()
+        self.unsettled.clear()
 
     def lookup(self, name: bytes) -> Statement | None:
         return self.by_name.get(name) if name else self.unnamed
+
+    def change_sent(self, name: bytes, group: int, ran: Statement | None, failed: Statement | None | Unchanged = UNCHANGED
+                    ) -> Change:
+        """A request that changes `name` (b"" for the unnamed statement) goes upstream in client group
+        `group`; called before the name is changed here. Its `Change` is told the outcome."""
+        entry = self.unsettled.get(name)
+        if entry is None:
+            entry = self.unsettled[name] = Unsettled(self.lookup(name), group)
+        entry.count += 1
+        entry.group = group
+        return Change(self, name, ran, failed)
+
+    def settle(self, name: bytes, after: Statement | None | Unchanged) -> None:
+        """One change of `name` was answered; once all are, the name holds what the answers say."""
+        entry = self.unsettled.get(name)
+        if entry is None:
+            return  # the session ended meanwhile
+        if not isinstance(after, Unchanged):
+            entry.answered = after
+        entry.count -= 1
+        if entry.count:
+            return
+        del self.unsettled[name]
+        statement = entry.answered
+        if not name:
+            self.unnamed = statement
+        elif statement is None:
+            self.forget(name)
+        elif self.by_name.get(name) is not statement:
+            self.remember(name, statement)
+
+    def waits(self, name: bytes, group: int) -> bool:
+        """`name` was changed in a client group before `group` whose answer has not settled it."""
+        entry = self.unsettled.get(name)
+        return entry is not None and entry.group < group

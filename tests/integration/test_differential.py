@@ -204,6 +204,22 @@ SYNC_AMONG_DATA_OF_A_FAILED_COPY = [
            step_parse("", "SELECT n, t FROM diff_scratch ORDER BY n"), step_bind("", "", []), step_execute(""), SYNC)),
     FINAL,
 ]
+# A Parse or Close skipped in an error window changes nothing, and a later group sees the name as it was:
+# not there yet (a Bind of it fails, a Parse creates it; s2 has the server connection hold the same
+# text, which the proxy shares between names), still there after a Close, and the unnamed statement as
+# it was before two Parses of it.
+SQL = "SELECT n, t FROM diff_scratch ORDER BY n"
+NAMES_AFTER_SKIPPED_CHANGES = [
+    Write((step_parse("s2", SQL), step_parse("s1", "SELECT $1::int + 1"), SYNC)),
+    Write((step_execute("p1"), step_parse("s3", SQL), SYNC, step_bind("", "s3", []), step_execute(""), SYNC)),
+    Write((step_execute("p1"), step_parse("s3", SQL), SYNC, step_parse("s3", SQL), step_bind("", "s3", []), step_execute(""), SYNC)),
+    Write((step_execute("p1"), step_parse("", "INSERT INTO diff_scratch VALUES ($1::int, $2::text)"), step_parse("", "ROLLBACK"),
+           SYNC)),
+    Write((step_bind("", "", []), step_execute(""), SYNC)),
+    Write((step_execute("p1"), step_close("S", "s1"), step_parse("s1", "SELECT $1::text, $2::text"), step_close("S", "s1"),
+           step_parse("s1", "SELECT generate_series(1, $1::int)"), SYNC, step_bind("", "s1", ["41"]), step_execute(""), SYNC)),
+    FINAL,
+]
 PORTAL_SUSPENDED_IN_TRANSACTION = [
     Write((step_query("BEGIN"), step_parse("s1", "SELECT generate_series(1, $1::int)"), step_bind("p1", "s1", ["5"]),
            step_execute("p1", 2), SYNC)),
@@ -219,6 +235,7 @@ INPUTS = {
     "copy-with-sync-and-failure": COPY_WITH_SYNC_AND_FAILURE,
     "portal-suspended-in-transaction": PORTAL_SUSPENDED_IN_TRANSACTION,
     "sync-among-data-of-a-failed-copy": SYNC_AMONG_DATA_OF_A_FAILED_COPY,
+    "names-after-skipped-changes": NAMES_AFTER_SKIPPED_CHANGES,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -828,3 +828,38 @@ def test_follow_ups_wait_out_a_copy_in_started_by_execute() -> None:
     assert READ_STATEMENT not in b"".join(pair.upstream_since(start))
     pair.server(complete("COPY 1") + Z_IDLE)
     assert READ_STATEMENT in b"".join(pair.upstream_since(start))  # now, after the ReadyForQuery
+
+
+def test_a_parse_of_a_name_whose_parse_an_earlier_group_skipped_waits_and_prepares_it_anew() -> None:
+    """In Postgres a Parse skipped in an error window creates nothing: the same Parse after the Sync
+    creates the statement (ParseComplete, not 42P05, even where the server connection holds the text
+    under the proxy's name). The second Parse waits for the first group's answer."""
+    pair, server = RelayPair(), Server(101)
+    sql = "SELECT n FROM t"
+    checked_out(pair, server, SELECT_1)
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)  # the connection holds the context statement now
+    start = len(pair.hooks.upstream)
+    second = messages.parse("s1", sql) + messages.sync()
+    writes = checked_out(pair, server, messages.execute("p1") + messages.parse("s1", sql) + messages.sync() + second)
+    assert writes == [context(server) + messages.execute("p1") + renamed_parse(sql) + messages.sync()]
+    error = messages.error_response("ERROR", "34000", 'portal "p1" does not exist')
+    assert pair.server(CONTEXT_SET + error + Z_IDLE) == error + Z_IDLE
+    assert pair.upstream_since(start)[1:] == [renamed_parse(sql) + messages.sync()]  # closed first, parsed anew
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
+
+
+def test_statements_closed_and_parsed_again_in_a_skipped_window_are_as_before() -> None:
+    """Close, Parse, Close, Parse of s1 and two Parses of the unnamed statement, all skipped after an
+    error: s1 is the statement it was, and there is no unnamed statement, as in Postgres."""
+    pair, server = RelayPair(), Server(101)
+    first, second, third = "SELECT $1::int + 1", "SELECT $1::text", "SELECT generate_series(1, $1::int)"
+    checked_out(pair, server, messages.parse("s1", first) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    close_s1 = messages.close_statement(b"s1")
+    checked_out(pair, server, messages.execute("p1") + close_s1 + messages.parse("s1", second) + close_s1
+                + messages.parse("s1", third) + messages.parse("", second) + messages.parse("", third) + messages.sync())
+    error = messages.error_response("ERROR", "34000", 'portal "p1" does not exist')
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + error + Z_IDLE) == error + Z_IDLE
+    statements = pair.relay.mode.statements  # type: ignore[union-attr]
+    assert statements.by_name == {b"s1": statement_for(messages.parse("", first)[6:], "", ALLOW)}
+    assert statements.unnamed is None and not statements.unsettled

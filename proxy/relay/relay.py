@@ -54,6 +54,7 @@ from proxy.relay.settings import (
 from proxy.relay.statements import (
     NAME_BYTES,
     NEVER_PREPARED,
+    PARSE_CHECK,
     PREFIX,
     UNCHANGED,
     Change,
@@ -1255,6 +1256,9 @@ class TransactionMode:
         else:
             self.ending.discard(name)
         relay.note_copying(name, text)
+        if name and server.holds(statement.server_name):
+            self._parse_held(statement, server, client_name, change)
+            return True
         if name:
             self._prepare(statement, server, Owner.CLIENT, client_name, change)
             return True
@@ -1298,6 +1302,17 @@ class TransactionMode:
                 server.unnamed = None
 
         return ended
+
+    def _parse_held(self, statement: Statement, server: ServerStatements, client_name: bytes, change: Change) -> None:
+        """A client's Parse of a statement the server connection holds already (for another of the client's
+        names, or another client): Postgres still answers it (25P02 in a failed block, an error when what
+        the text names has changed), so it is parsed under a name of the proxy's and closed again. Closed
+        and parsed under its own name, a failure would take it from the names that use it."""
+        server.in_use.add(statement.server_name)
+        relay = self.relay
+        relay.send(messages.message(b"P", PARSE_CHECK + b"\0" + statement.definition), Request.PARSE, watcher=change,
+                   reply=PARSE_CHECK + b"\0" + client_name)
+        relay.own(messages.close_statement(PARSE_CHECK), Request.CLOSE)
 
     def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner, client_name: bytes = b"",
                  change: Change | None = None) -> None:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 PREFIX = b"pg_tenant_proxy_"
 # A statement name never prepared: Close of it only yields CloseComplete, standing in for a client's Close.
 NEVER_PREPARED = PREFIX + b"none"
+# Where a client's Parse of a statement the server connection holds already is checked (and closed again).
+PARSE_CHECK = PREFIX + b"parse_check"
 # NAMEDATALEN - 1: Postgres keys prepared statements by the first 63 bytes of their protocol name
 # (longer names are cut there, so two that agree on them are one statement).
 NAME_BYTES = 63
@@ -72,6 +74,14 @@ class ServerStatements:
             self.ready.move_to_end(name)
             return True
         return self.pending.get(name) == self.generation
+
+    def holds(self, name: bytes) -> bool:
+        """`name` is there for certain: its ParseComplete came in the current generation (`has` counts a
+        Parse in flight too)."""
+        if name not in self.ready:
+            return False
+        self.ready.move_to_end(name)
+        return True
 
     def dropped(self) -> None:
         """DEALLOCATE ALL or DISCARD ALL was sent: nothing prepared before it counts any more."""

@@ -220,6 +220,16 @@ NAMES_AFTER_SKIPPED_CHANGES = [
            step_parse("s1", "SELECT generate_series(1, $1::int)"), SYNC, step_bind("", "s1", ["41"]), step_execute(""), SYNC)),
     FINAL,
 ]
+# In a failed block a Parse fails (25P02), Describe of a statement that returns no rows answers, and Bind
+# fails as the Parse did. The failing Parse of s2 (the text s1 has, which the server connection holds
+# for it) took the statement away from s1, which then had to be prepared again there, and could not.
+PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK = [
+    Write((step_parse("s1", "INSERT INTO diff_scratch VALUES ($1::int, $2::text)"), SYNC)),
+    Write((step_query("BEGIN"), step_query("SELECT 1/0"))),
+    Write((step_parse("s2", "INSERT INTO diff_scratch VALUES ($1::int, $2::text)"), SYNC)),
+    Write((step_describe("S", "s1"), SYNC, step_bind("", "s1", ["9", "nine"]), SYNC)),
+    FINAL,
+]
 PORTAL_SUSPENDED_IN_TRANSACTION = [
     Write((step_query("BEGIN"), step_parse("s1", "SELECT generate_series(1, $1::int)"), step_bind("p1", "s1", ["5"]),
            step_execute("p1", 2), SYNC)),
@@ -236,6 +246,7 @@ INPUTS = {
     "portal-suspended-in-transaction": PORTAL_SUSPENDED_IN_TRANSACTION,
     "sync-among-data-of-a-failed-copy": SYNC_AMONG_DATA_OF_A_FAILED_COPY,
     "names-after-skipped-changes": NAMES_AFTER_SKIPPED_CHANGES,
+    "parse-of-a-held-text-in-a-failed-block": PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK,
 }
 
 # ---------------------------------------------------------------------------------------------

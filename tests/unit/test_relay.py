@@ -29,7 +29,7 @@ from proxy.relay.replies import Outcome
 from proxy.relay.settings import (
     APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, REAPPLY_SQL, REAPPLY_STATEMENT, apply_bind, close_portal, read_bind,
 )
-from proxy.relay.statements import NEVER_PREPARED, statement_for
+from proxy.relay.statements import NEVER_PREPARED, PARSE_CHECK, statement_for
 
 IDENTITY = Identity()
 SELECT_1 = messages.query("SELECT 1")
@@ -863,3 +863,18 @@ def test_statements_closed_and_parsed_again_in_a_skipped_window_are_as_before() 
     statements = pair.relay.mode.statements  # type: ignore[union-attr]
     assert statements.by_name == {b"s1": statement_for(messages.parse("", first)[6:], "", ALLOW)}
     assert statements.unnamed is None and not statements.unsettled
+
+
+def test_a_parse_of_a_text_the_connection_holds_is_checked_under_a_name_of_the_proxys() -> None:
+    """s2 has the text of s1, which the server connection holds: the Parse is answered by a Parse under
+    the proxy's check name (closed again), so that its failure (25P02 in a failed block) leaves s1's."""
+    pair, server = RelayPair(), Server(101)
+    sql = "INSERT INTO t VALUES ($1::int)"
+    checked_out(pair, server, messages.parse("s1", sql) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    writes = checked_out(pair, server, messages.parse("s2", sql) + messages.sync())
+    assert writes == [messages.parse(PARSE_CHECK.decode(), sql) + messages.close_statement(PARSE_CHECK) + messages.sync()]
+    aborted = messages.error_response("ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted")
+    assert pair.server(aborted + Z_FAILED) == aborted + Z_FAILED
+    assert server.state.statements.holds(server_name(sql))
+    assert pair.relay.mode.statements.by_name.keys() == {b"s1"}  # type: ignore[union-attr]

@@ -682,7 +682,7 @@ class ClientConnection(asyncio.Protocol):
         greeting.append(messages.backend_key_data(self.process_id, self.secret_key))
         greeting.append(messages.ready_for_query(b"I"))
         self.transport.write(b"".join(greeting))
-        self.relay.client_view.update(parameters)
+        self.relay.greeted(parameters)
         self._greeted = True
         self._count(Counted.LOGGED_IN)
         if self._timer is not None:

@@ -212,6 +212,7 @@ class Relay:
         self.describing = True  # ... and they were only Parse, Describe, Close and Flush
         self.client_view: dict[str, str] = {}  # ParameterStatus values the client has seen
         self._pending_parameters: dict[str, str] = {}
+        self._hidden_parameters: frozenset[str] = frozenset()  # reported settings the client is not told now (`hide_parameters`)
         self.terminated = False  # the client sent Terminate
         self.transactions_ended = 0  # client transactions ended (ReadyForQuery 'I') since the hooks were told
         self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
@@ -332,13 +333,15 @@ class Relay:
         if self.cancel_wanted:  # a group of the proxy's own ahead of the client's may have ended
             self._cancel_due()
 
-    def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
         problem = lexing_problem(name, value) if self.guard is not None else None
         if problem is not None:  # changed where the guard could not see it (dynamic SQL): it can no longer read this session
             self.hooks.fail(LEXING_SQLSTATE, problem[0], problem[1])
-            return
+            return forwarded
         if self.server is not None:
             self.server.state.parameters[name] = value
+        if forwarded and self._hidden_parameters and name.lower() in self._hidden_parameters:
+            return False  # a value the proxy undoes before the client's next statement: the client keeps its view
         if forwarded:
             self.client_view[name] = value
             self._pending_parameters.pop(name, None)
@@ -346,8 +349,34 @@ class Relay:
             self._pending_parameters[name] = value
         else:
             self._pending_parameters.pop(name, None)
+        self._watch_parameters()
+        return forwarded
+
+    def greeted(self, parameters: dict[str, str]) -> None:
+        """The client was greeted with `parameters` (ParameterStatus at login): its view from now on. What
+        the proxy's own exchange before the greeting changed (the client's settings applied on the first
+        server connection) is in the greeting, and is not told again."""
+        self.client_view.update(parameters)
+        for name, value in parameters.items():
+            if self._pending_parameters.get(name) == value:
+                del self._pending_parameters[name]
+        self._watch_parameters()
+
+    def hide_parameters(self, names: Iterable[str]) -> None:
+        """Until `show_parameters`, ParameterStatus of `names` (any case, as setting names) answering the client's requests is not
+        passed on: the values they report (a RESET to the server connection's own value) are replaced
+        by the client's before its next statement, so the client's view must not move (a client told
+        another client_encoding would encode its next statement in it)."""
+        self._hidden_parameters = self._hidden_parameters.union(name.lower() for name in names)
+        self._watch_parameters()
+
+    def show_parameters(self) -> None:
+        self._hidden_parameters = frozenset()
+        self._watch_parameters()
+
+    def _watch_parameters(self) -> None:
         if self.queue is not None:
-            self.queue.parameters_pending = bool(self._pending_parameters)
+            self.queue.parameters_pending = bool(self._pending_parameters or self._hidden_parameters)
 
     def pending_parameters(self) -> bytes:
         """ParameterStatus for what the proxy's own requests changed, sent before the client's next
@@ -356,8 +385,7 @@ class Relay:
             return b""
         pending, self._pending_parameters = self._pending_parameters, {}
         self.client_view.update(pending)
-        if self.queue is not None:
-            self.queue.parameters_pending = False
+        self._watch_parameters()
         return b"".join(messages.parameter_status(name, value) for name, value in pending.items())
 
     # -- client bytes ----------------------------------------------------------------------------
@@ -1548,6 +1576,8 @@ class TransactionMode:
         relay = self.relay
         assert relay.server is not None and relay.queue is not None
         watch = BlockWatch(relay.queue)
+        if not where_reset:  # they are the client's again before its next statement: it is not told otherwise
+            relay.hide_parameters(values)
         name, sql = (REAPPLY_STATEMENT, REAPPLY_SQL) if where_reset else (APPLY_STATEMENT, APPLY_SQL)
         self._own_statement(name, sql)
         relay.own(apply_bind(values, name), Request.BIND, watch)
@@ -1563,6 +1593,7 @@ class TransactionMode:
         client's block had failed before (nothing ran, nor did the client's reset; the read-back after
         the block says what the connection holds), and not when a cancel outside a block landed there:
         they are applied again, and read back behind."""
+        self.relay.show_parameters()
         if outcome is not Outcome.FAILED:
             self.reapply_retries = 0
             return

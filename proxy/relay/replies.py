@@ -82,7 +82,9 @@ class Listener(Protocol):
 
     def group_ended(self, status: bytes, own: bool) -> None: ...
 
-    def parameter_status(self, name: str, value: str, forwarded: bool) -> None: ...
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
+        """A ParameterStatus arrived, `forwarded` when it answers the client's request; True when the
+        client is told it (the listener may hide one the proxy is about to undo)."""
 
     def pending_parameters(self) -> bytes: ...
 
@@ -185,7 +187,9 @@ class ReplyQueue:
         self._skipped_client_group = False  # ... and it skipped a client Query or FunctionCall meanwhile
         self._rows = 0  # entries whose DataRows a watcher collects
         self.client_group_ends = 0  # client Queries, Syncs and FunctionCalls owed: the status is not known
-        self.parameters_pending = False  # the listener has ParameterStatus to send before the next ReadyForQuery
+        # The listener has ParameterStatus to send before the next ReadyForQuery, or hides some of the
+        # client's: every ParameterStatus takes the full walk, where the listener decides.
+        self.parameters_pending = False
 
     # -- what is owed ----------------------------------------------------------------------------
 
@@ -380,7 +384,7 @@ class ReplyQueue:
         if kind[0] in _ASYNC:
             forwarded = head is None or head.owner is not Owner.OWN or kind == b"A"  # a notification is the client's
             if kind == b"S":
-                self.listener.parameter_status(*messages.parse_parameter_status(message.body), forwarded)
+                forwarded = self.listener.parameter_status(*messages.parse_parameter_status(message.body), forwarded)
             if forwarded:
                 out.append(message.raw)
             return
@@ -602,8 +606,9 @@ class _NoListener:
     def group_ended(self, status: bytes, own: bool) -> None:
         """Nobody to tell."""
 
-    def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
         """Nobody to tell."""
+        return forwarded
 
     def pending_parameters(self) -> bytes:
         return b""

@@ -259,6 +259,69 @@ def test_reset_returns_to_the_startup_value_in_what_the_client_reads_and_is_told
     assert told(connect_proxy(target.port, target.token(ACME), TimeZone="Europe/Paris")) == expected
 
 
+@pytest.mark.parametrize("mode", ["transaction", "transaction-unguarded", "session"])
+@pytest.mark.parametrize("reset", ["RESET TimeZone", "RESET ALL", "SET TimeZone TO DEFAULT"])
+def test_a_reset_alone_leaves_what_the_client_is_told_and_reads(
+    mode: str, reset: str, targets: dict[str, ProxyProcess], pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+) -> None:
+    """A client that started with TimeZone=Europe/Paris resets it in a Query of its own: in a direct
+    session no ParameterStatus comes (the value does not move), and the next Query reads the startup
+    value. In transaction mode the server connection's RESET reports its own value; the proxy applies
+    the client's again behind the Query and must not tell the client the value in between."""
+
+    def told(wire: Wire) -> list[tuple[str, ...]]:
+        seen: list[tuple[str, ...]] = []
+        for sql in (reset, "SHOW TimeZone"):
+            wire.send(query(sql))
+            for kind, body in wire.read_ready():
+                if kind == b"S" and messages.parse_parameter_status(body)[0] == "TimeZone":
+                    seen.append(("ParameterStatus",) + messages.parse_parameter_status(body))
+                elif kind in (b"C", b"D"):
+                    seen.append((kind.decode(),) + ((body[:-1].decode(),) if kind == b"C" else tuple(
+                        (value or b"").decode() for value in messages.parse_data_row(body))))
+        wire.close()
+        return seen
+
+    expected = told(connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database, "direct",
+                                   TimeZone="Europe/Paris"))
+    assert ("D", "Europe/Paris") in expected
+    target = targets[mode]
+    assert told(connect_proxy(target.port, target.token(ACME), TimeZone="Europe/Paris")) == expected
+
+
+@pytest.mark.parametrize("mode", ["transaction", "transaction-unguarded", "session"])
+def test_reset_client_encoding_keeps_the_next_statement_s_text_intact(
+    mode: str, targets: dict[str, ProxyProcess], pg: EmbeddedPostgres, tenant_db: TenantDatabase,
+) -> None:
+    """A client that started with client_encoding LATIN1 runs `RESET client_encoding`, then a statement
+    with a non-ASCII literal. Directly the encoding stays LATIN1 (no ParameterStatus), so the client
+    goes on encoding in LATIN1 and the server reads 'café' as four characters. Told UTF8 by the
+    server connection's RESET, a client would switch its encoding while the proxy puts the connection
+    back on LATIN1, and the server would read its next statement's text wrongly (seven characters)."""
+
+    def run(wire: Wire) -> list[tuple[str, ...]]:
+        seen: list[tuple[str, ...]] = []
+        wire.send(query("RESET client_encoding"))
+        for kind, body in wire.read_ready():
+            if kind == b"S":
+                seen.append(("ParameterStatus",) + messages.parse_parameter_status(body))
+        encoding = "latin-1"
+        for name, value in [entry[1:] for entry in seen if entry[1] == "client_encoding"]:
+            encoding = "utf-8" if value == "UTF8" else "latin-1"  # as a driver follows ParameterStatus
+        wire.send(messages.message(b"Q", "SELECT length('café'), current_setting('client_encoding')".encode(encoding) + b"\0"))
+        for kind, body in wire.read_ready():
+            if kind == b"D":
+                seen.append(tuple((value or b"").decode(encoding) for value in messages.parse_data_row(body)))
+        wire.close()
+        return seen
+
+    expected = run(connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database, "direct",
+                                  client_encoding="LATIN1"))
+    assert expected == [("4", "LATIN1")]
+    target = targets[mode]
+    assert run(connect_proxy(target.port, target.token(ACME), client_encoding="LATIN1")) == expected
+
+
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_copy_from_stdin_by_execute_behind_a_setting_in_the_same_group(
     mode: str, targets: dict[str, ProxyProcess], sink: str, pg: EmbeddedPostgres, tenant_db: TenantDatabase,

@@ -878,3 +878,27 @@ def test_a_parse_of_a_text_the_connection_holds_is_checked_under_a_name_of_the_p
     assert pair.server(aborted + Z_FAILED) == aborted + Z_FAILED
     assert server.state.statements.holds(server_name(sql))
     assert pair.relay.mode.statements.by_name.keys() == {b"s1"}  # type: ignore[union-attr]
+
+
+def test_a_reset_of_a_startup_setting_is_not_told_to_the_client() -> None:
+    """`RESET TimeZone` of a client that started with TimeZone=Europe/Paris: the server connection's
+    RESET reports its own value, which the proxy replaces by the startup value right behind the Query.
+    A direct session reports nothing (the value does not move), so the client is not told the server's
+    value in between: a client told another client_encoding would encode its next statement in it."""
+    pair, server = RelayPair(startup={"TimeZone": "Europe/Paris"}), Server(101)
+    pair.relay.greeted({"TimeZone": "Europe/Paris"})
+    checked_out(pair, server, SELECT_1)
+    paris = messages.parameter_status("TimeZone", "Europe/Paris")
+    applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + paris + data_row(b"Europe/Paris") + complete("SELECT 1")
+               + CLOSE_COMPLETE + Z_IDLE)
+    assert pair.server(applied) == b""
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE  # told at the greeting
+    checked_out(pair, server, messages.query("RESET TimeZone"))
+    utc = messages.parameter_status("TimeZone", "Etc/UTC")
+    assert pair.server(CONTEXT_SET + complete("RESET") + utc + Z_IDLE) == complete("RESET") + Z_IDLE
+    assert pair.relay.client_view["TimeZone"] == "Europe/Paris"
+    assert server.state.parameters["TimeZone"] == "Etc/UTC"
+    reapplied = BIND_COMPLETE + paris + data_row(b"Europe/Paris") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
+    assert pair.server(reapplied) == b""  # the startup value again: the client's view, nothing to tell
+    assert pair.relay.client_view["TimeZone"] == "Europe/Paris"
+    assert server.state.parameters["TimeZone"] == "Europe/Paris"

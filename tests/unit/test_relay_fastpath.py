@@ -47,8 +47,9 @@ class Listener:
     def group_ended(self, status: bytes, own: bool) -> None:
         self.events.append(("group", status, own))
 
-    def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
         self.events.append(("parameter", name, value, forwarded))
+        return forwarded
 
     def pending_parameters(self) -> bytes:
         return b""

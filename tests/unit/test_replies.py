@@ -55,8 +55,9 @@ class Listener:
     def group_ended(self, status: bytes, own: bool) -> None:
         self.groups.append((status, own))
 
-    def parameter_status(self, name: str, value: str, forwarded: bool) -> None:
+    def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
         self.parameters.append((name, value, forwarded))
+        return forwarded
 
     def pending_parameters(self) -> bytes:
         pending, self.pending = self.pending, b""

@@ -50,7 +50,7 @@ from proxy.embedded import EmbeddedPostgres
 from support import ACME, GLOBEX, ProxyProcess
 
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 1}}}
-EXAMPLES_PER_MODE = 100
+EXAMPLES_PER_MODE = 400
 SEED_ROWS = "INSERT INTO diff_scratch VALUES (1, 'one'), (2, 'two')"
 
 STATEMENTS = ("", "s1", "s2")

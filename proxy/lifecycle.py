@@ -17,7 +17,6 @@ import asyncio
 import dataclasses
 import enum
 from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import ConfigError, Settings, UpstreamSettings
@@ -70,25 +69,6 @@ class Shutdown:
         self.requested.set()
         if stop is Stop.IMMEDIATE:
             self.immediate.set()
-
-
-class EarlySighup:
-    """A SIGHUP that reached a worker process before it served (between the fork and `serve` installing
-    its own handler): remembered, and the reload done once the worker serves, so no worker keeps an old
-    configuration (an old JWT secret) because the signal came too early."""
-
-    came = False
-
-    @classmethod
-    def remember(cls, signum: int, frame: FrameType | None) -> None:
-        """The worker's SIGHUP handler until it serves (signal.signal)."""
-        cls.came = True
-
-    @classmethod
-    def take(cls) -> bool:
-        """Whether one came; forgets it."""
-        came, cls.came = cls.came, False
-        return came
 
 
 def restart_needed(running: Settings, loaded: Settings) -> list[str]:

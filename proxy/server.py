@@ -28,7 +28,7 @@ from proxy.config import ConfigError, Settings, load
 from proxy.guard import Guard
 from proxy.http import Readiness, ServerLifecycle, start_endpoint
 from proxy.lifecycle import (
-    SHUTDOWN_MESSAGE, EarlySighup, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
+    SHUTDOWN_MESSAGE, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
 )
 from proxy.listeners import Listeners, bind_listeners, listen_error
 from proxy.logs import AUDIT
@@ -329,6 +329,22 @@ class ProxyServer:
         METRICS.max_tenant_series = settings.http.max_tenant_series
 
 
+def take_held_sighup() -> bool:
+    """For a worker, which holds SIGHUP blocked from its fork until `serve` has installed the event loop's
+    handler (see `proxy.workers`): whether one came meanwhile, taken off the pending signals so that the
+    caller reloads once for it; then SIGHUP is unblocked, for the loop's handler.
+
+    Blocked rather than caught by a Python handler until then: uvloop sets the signal wakeup fd as its
+    loop starts, so a signal caught between then and `add_signal_handler` also left a byte on the loop's
+    self-pipe, which the loop's handler took for a second SIGHUP (two reloads and two audit events for
+    one signal). A blocked signal runs no handler and writes nothing until `sigwait` takes it here."""
+    came = signal.SIGHUP in signal.sigpending()
+    if came:
+        signal.sigwait({signal.SIGHUP})  # pending, so it returns at once
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    return came
+
+
 async def serve(settings: Settings, worker: Worker | None = None, listeners: Listeners | None = None,
                 load_settings: Callable[[], Settings] | None = None) -> None:
     """Listen and serve until SIGINT (stop at once) or SIGTERM (drain, see `ProxyServer.drain`); SIGHUP
@@ -344,7 +360,7 @@ async def serve(settings: Settings, worker: Worker | None = None, listeners: Lis
     # Reload on SIGHUP before listening: a connection accepted while the next awaits run must not be
     # checked against a configuration (an old JWT secret) that a signal already replaced.
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-    if EarlySighup.take():  # a worker signalled before it served: reload now
+    if worker is not None and take_held_sighup():  # a worker signalled before it served: reload now, once
         proxy.reload()
     try:
         listener = await loop.create_server(

@@ -11,7 +11,6 @@ import tempfile
 from collections.abc import Callable
 from types import FrameType
 
-from proxy.lifecycle import EarlySighup
 from proxy.server import Worker
 
 log = logging.getLogger("pg_tenant_proxy")
@@ -24,16 +23,15 @@ def supervise(count: int, run_worker: Callable[[Worker], None]) -> int:
     stopping = False
 
     def spawn(index: int) -> None:
-        # SIGHUP stays blocked across the fork until each side has its handler: a signal forwarded to the
-        # child before it set `EarlySighup.remember` would otherwise run the supervisor's `forward`
-        # there, and that worker would keep its old configuration.
+        # SIGHUP stays blocked across the fork: in the supervisor until it is forked, in the child until
+        # serve() has installed the event loop's handler and takes a signal that came meanwhile
+        # (`take_held_sighup`): reloaded once, neither lost (the worker would keep its old configuration)
+        # nor run by the supervisor's `forward`, which the child inherits and serve() replaces.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, EarlySighup.remember)  # until serve() reloads on it: never kill a worker
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             status = 0
             try:
                 run_worker(Worker(index, count, peer_dir))

@@ -319,7 +319,7 @@ def test_workers_reload_and_drain_on_the_supervisors_signals(pg: EmbeddedPostgre
         old_token = proxy.token(ACME)
         secret = "the-workers-new-secret-" + "w" * 16
         lines = Reloader(proxy, overrides, processes=2)({"jwt": {"secret": secret}})
-        assert lines.count("result=ok") == 2
+        assert lines.count("result=ok") == 2, proxy.log()
         new_token = proxy.token(ACME, secret=secret)
         for _ in range(6):  # SO_REUSEPORT spreads them over both workers
             client = RawClient(proxy.port)

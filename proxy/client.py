@@ -1,15 +1,16 @@
 """The client side: asyncio glue for one client connection, from the first byte to the last.
 
-It owns the client's transport, TLS, the login timer and the checkout tasks, and feeds everything
-else to the sans-IO core: the session's state (`proxy.relay.session`), which only moves by its table,
-and the relay (`proxy.relay.relay`), whose hooks this class implements. It never reads the server
+It owns the client's transport, TLS and the checkout tasks. The login, from the first packet to the
+greeting and the token's lifetime after it, is `proxy.login.Login`'s; this class implements the hooks it
+needs (`proxy.login.Client`). Once the client is greeted it feeds everything else to the sans-IO core:
+the session's state (`proxy.relay.session`), which only moves by its table, and the relay
+(`proxy.relay.relay`), whose hooks this class implements. It never reads the server
 connection's bookkeeping: it hands the server's bytes to the relay and writes what the relay says.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
 import socket
@@ -17,23 +18,21 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from proxy import access, admin
-from proxy.auth.token_file import FileLogin, TokenFileUnreadable, uses_token_file
-from proxy.backend import BackendConnection, UpstreamError
+from proxy import admin
+from proxy.backend import BackendConnection
 from proxy.guard import Refusal
 from proxy.http import ServerLifecycle
 from proxy.lifecycle import SHUTDOWN_MESSAGE, at_idle_point
+from proxy.login import Door, Login
 from proxy.logs import AUDIT
 from proxy.metrics import METRICS
-from proxy.parameters import ParameterRefused, StartupRequest
+from proxy.parameters import StartupRequest
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
-from proxy.protocol.framing import MessageReader, read_startup_packet
 from proxy.relay.flow import FlowControl, Reason
 from proxy.relay.relay import Relay, SessionMode
 from proxy.relay.session import Event, IllegalMove, SessionState, State
-from proxy.relay.settings import ClientSettings
-from proxy.tokens import Identity, TokenRejected
+from proxy.tokens import Identity
 
 if TYPE_CHECKING:
     from proxy.pool import Handover, SessionPool, TransactionPool
@@ -51,30 +50,12 @@ _CLIENT_DATA, _SERVER_TAKEN, _RELEASED = Event.CLIENT_DATA, Event.SERVER_TAKEN, 
 _DRAINING = ServerLifecycle.DRAINING
 
 
-class Counted(enum.Enum):
-    """In which of the server's connection counts a client connection is."""
-
-    NOT_YET = "not yet"
-    LOGGING_IN = "logging in"
-    LOGGED_IN = "logged in"
-    GONE = "gone"
-
-
-class Door(enum.Enum):
-    """The listener a client connection came through, which decides what it may ask for."""
-
-    CLIENTS = "clients"  # listen and listen_unix: tenant logins, the console with a token, cancels
-    ADMIN = "admin socket"  # [admin] listen_unix: only the console, without a token
-    PEERS = "worker socket"  # a worker's private socket: only the CancelRequests other workers pass on
-
-
 class ClientConnection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
     def __init__(self, server: ProxyServer, door: Door = Door.CLIENTS) -> None:
         self.server = server
         self.id = server.next_client_id()  # SHOW CLIENTS / KILL CLIENT on the admin console
-        self.door = door
         self.console: admin.ConsoleSession | None = None
         self.connected_at = time.time()
         self.transactions = 0
@@ -91,22 +72,15 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._started = time.monotonic()
-        self._buffer = bytearray()
-        self._tls_done = False
-        self._reader: MessageReader | None = None
         self._transaction_mode = server.settings.pool.mode == "transaction"
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the TLS handshake, then each checkout
         self._waiter: Waiter[Handover] | None = None  # a place in the pool's queue
         self._greeted = False
-        self._counted = Counted.NOT_YET  # in which of the server's counts this connection is
         self._idle_timer: asyncio.TimerHandle | None = None
         self._message_timer: asyncio.TimerHandle | None = None
-        self._token: str | None = None  # the password sent, until the session_start audit event names its kid
         self._waiting_since: float | None = None  # loop time need_server() was called, for the checkout wait
         self.pool: SessionPool | TransactionPool = server.pool  # the login role's pool, chosen at login ([roles])
-        self._file_login: FileLogin | None = None  # logged in with `[client] token_file` (proxy.auth.token_file)
-        self._renewal: asyncio.Task[None] | None = None  # renewing from the token file at the token's expiry
+        self._login = Login(self, server, door)  # the login, and the token's lifetime after it
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -120,15 +94,7 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server = self.server
-        server.logging_in += 1
-        self._counted = Counted.LOGGING_IN
-        if server.logging_in > server.settings.client.max_unauthenticated_connections:
-            self.refuse(errors.TOO_MANY_CONNECTIONS, "too many connections are logging in",
-                        detail="at most [client] max_unauthenticated_connections connections may be logging in at once")
-            return
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(server.settings.client.startup_timeout_seconds, self._auth_timed_out)
+        self._login.begin()
 
     def data_received(self, data: bytes) -> None:
         size = len(data)
@@ -136,7 +102,7 @@ class ClientConnection(asyncio.Protocol):
         METRICS.bytes_received += size
         relay = self.relay
         if relay is None or not self._greeted:
-            self._guarded(self._startup_data, data)
+            self._guarded(self._login.data_received, data)
             return
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -193,8 +159,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         logged_in = self._greeted
         self.session.move(Event.CLOSED)
-        self._count(Counted.GONE)
-        for timer in (self._timer, self._idle_timer, self._message_timer):
+        self._login.ended()
+        for timer in (self._idle_timer, self._message_timer):
             if timer is not None:
                 timer.cancel()
         if self.relay is not None:
@@ -274,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
             assert backend is not None and self.request is not None
             parameters = {**backend.parameters, **backend.state.parameters}
             self.pool.learn_parameters(self.database, self.request.forwarded, parameters)
-            self._greet(parameters)
+            self._login.greet(parameters)
 
     def fail(self, sqlstate: str, text: str, hint: str | None = None) -> None:
         log.warning("session failed client=%s reason=%s", self.address, text)
@@ -301,8 +267,8 @@ class ClientConnection(asyncio.Protocol):
         if verifier.revocable and self.identity is not None and verifier.revoked(self.identity, time.time()):
             log.warning("token revoked client=%s tenant=%s", self.address, self.identity.tenant)
             self.terminate(errors.INVALID_PASSWORD, "token revoked", hint="log in again with a token that is not revoked")
-        if self._file_login is not None and self.session.state is not State.CLOSED:
-            self._renew_at_boundary()
+        if self._login.file_login is not None and self.session.state is not State.CLOSED:
+            self._login.renew_at_boundary()
         if self.server.readiness.lifecycle is _DRAINING:  # Readiness.draining, without its property call per transaction
             self.drain_point()
 
@@ -370,69 +336,11 @@ class ClientConnection(asyncio.Protocol):
             backend.detach()
             backend.close()
 
-    def refuse(self, sqlstate: str, reason: str, detail: str | None = None, hint: str | None = None,
-               token: str | None = None) -> None:
-        """Refuse a client during startup, with one audit event (the token's facts, never the token)."""
-        AUDIT.login_refused(client=self.address, user=self.request.user if self.request else None, reason=reason,
-                            sqlstate=sqlstate, token=token, database=self.request.database if self.request else None)
-        self.terminate(sqlstate, reason, detail, hint)
+    # -- the login's hooks (proxy.login.Client) ---------------------------------------------------
 
-    def _auth_timed_out(self) -> None:
-        self._timer = None
-        if not self._greeted:
-            self.refuse(errors.CANNOT_CONNECT_NOW, "authentication timed out")
-
-    def _token_expired(self) -> None:
-        self._timer = None
-        if self._file_login is not None:
-            self._renewal = asyncio.get_running_loop().create_task(self._renew_at_expiry())
-            return
-        log.info("token expired client=%s tenant=%s", self.address, self.identity.tenant if self.identity else "-")
-        self.terminate(errors.INVALID_PASSWORD, "token expired", hint="reconnect with a fresh token")
-
-    # -- startup ---------------------------------------------------------------------------------
-
-    def _startup_data(self, data: bytes) -> None:
-        assert self.transport is not None
-        if self.console is not None:
-            self.console.data_received(data)
-            return
-        state = self.session.state
-        if state is State.STARTUP:
-            self._buffer += data
-            packet = read_startup_packet(self._buffer, self.server.settings.client.max_startup_packet)
-            if packet is not None:
-                self._startup_packet(packet)
-        elif state is State.AUTHENTICATING:
-            self._password_data(data)
-        elif state is not State.CLOSED:
-            self._buffer += data
-            if len(self._buffer) > self.server.settings.client.max_auth_message:
-                raise ProtocolViolation("too much data sent before authentication completed")
-
-    def _startup_packet(self, packet: messages.StartupPacket) -> None:
-        assert self.transport is not None
-        if self.door is Door.PEERS and not isinstance(packet, messages.CancelRequest):
-            raise ProtocolViolation("this socket takes only cancel requests passed on between the proxy's workers")
-        if isinstance(packet, (messages.SSLRequest, messages.GSSENCRequest)):
-            if self._buffer:
-                raise ProtocolViolation("received unencrypted data after an encryption request")
-            if isinstance(packet, messages.GSSENCRequest):
-                self.transport.write(b"N")
-            elif self._tls_done:
-                raise ProtocolViolation("SSLRequest repeated after TLS was established")
-            elif self.server.tls_context is None:
-                self.transport.write(b"N")
-            else:
-                self.transport.write(b"S")
-                self.session.move(Event.TLS_REQUESTED)
-                self._task = asyncio.get_running_loop().create_task(self._start_tls())
-        elif isinstance(packet, messages.CancelRequest):
-            self.server.cancel(packet.process_id, packet.secret_key)
-            self.session.move(Event.CLOSED)
-            self.transport.close()
-        else:
-            self._startup_message(packet)
+    def start_tls(self) -> None:
+        """The login answered the client's SSLRequest with 'S': the TLS handshake runs in a task."""
+        self._task = asyncio.get_running_loop().create_task(self._start_tls())
 
     async def _start_tls(self) -> None:
         assert self.transport is not None and self.server.tls_context is not None
@@ -446,224 +354,20 @@ class ClientConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.flow.client.transport = transport
-        self._tls_done = True
         self.session.move(Event.TLS_DONE)
 
-    def _startup_message(self, packet: messages.StartupMessage) -> None:
-        assert self.transport is not None
-        refusal = access.check_transport(self.transport, self.server.settings)
-        if refusal is not None:
-            self.refuse(*refusal)
-            return
-        if self.door is Door.ADMIN:
-            self._admin_socket_login(packet.parameters)
-            return
-        limit = self.server.settings.pool.max_client_connections
-        if self.server.logged_in >= limit:
-            self.refuse(
-                errors.TOO_MANY_CONNECTIONS,
-                "sorry, too many clients already",
-                detail=f"the proxy accepts at most {limit} client connections ([pool] max_client_connections)",
-            )
-            return
-        try:
-            self.request = self.server.policy.evaluate(packet.parameters)
-        except ParameterRefused as exc:
-            self.refuse(exc.sqlstate, str(exc))
-            return
-        if packet.minor > 0 or self.request.unrecognized_protocol_options:
-            self.transport.write(messages.negotiate_protocol_version(0, self.request.unrecognized_protocol_options))
-        self.session.move(Event.STARTUP_ACCEPTED)
-        if self._timer is not None:  # the startup packet came: the rest of the login has auth_timeout_seconds
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self.server.settings.client.auth_timeout_seconds,
-                                                            self._auth_timed_out)
-        self._reader = MessageReader(self.server.settings.client.max_auth_message)
-        if self._log_in_with_token_file():
-            return
-        self.transport.write(messages.authentication(messages.AUTH_CLEARTEXT_PASSWORD))
-        if self._buffer:
-            rest = bytes(self._buffer)
-            self._buffer.clear()
-            self._password_data(rest)
-
-    def _password_data(self, data: bytes) -> None:
-        assert self._reader is not None
-        self._reader.feed(data)
-        if self._reader.peek_type() not in (None, b"p", b"X"):
-            raise ProtocolViolation(f"expected a password message, got message type {self._reader.peek_type()!r}")
-        for type_byte, body in self._reader:
-            if type_byte == b"X":
-                self.session.move(Event.CLOSED)
-                assert self.transport is not None
-                self.transport.close()
-                return
-            try:
-                token = messages.parse_cstring(body)
-            except ProtocolViolation:
-                self.refuse(errors.INVALID_PASSWORD, "malformed token")
-                return
-            self._buffer += self._reader.take_rest()
-            self.session.move(Event.PASSWORD_RECEIVED)
-            self._task = asyncio.get_running_loop().create_task(self._establish(token))
-            return
-
-    async def _establish(self, token: str) -> None:
-        """Verify the token and greet the client. The first client of a database and set of startup
-        parameters also gets a server connection now, set up as its session would be, so the
-        parameters the server reports are known; later ones get theirs at their first message."""
-        assert self.request is not None and self.transport is not None
-        server = self.server
-        self._token = token
-        try:
-            identity = await server.verifier.verify_async(token)
-            if server.console is not None and (self.request.database or self.request.user) == admin.ADMIN_DATABASE:
-                self._console_login(identity)
-                return
-            self.identity = identity
-            self.pool = server.pools.for_identity(identity)
-            per_tenant = server.settings.client.max_connections_per_tenant
-            if server.tenant_clients.get(identity.tenant, 0) >= per_tenant:
-                self.refuse(errors.TOO_MANY_CONNECTIONS, "too many connections for this tenant",
-                            detail=f"a tenant may have at most {per_tenant} client connections"
-                            " ([client] max_connections_per_tenant)", token=token)
-                return
-            requested = self.request.database or self.request.user
-            if not server.settings.upstream.allowed(requested):
-                self.refuse(errors.INVALID_CATALOG_NAME, f'database "{requested}" is not available through this proxy',
-                            token=token)
-                return
-            self.relay = Relay(
-                self,
-                server.guard,
-                server.context,
-                identity,
-                ClientSettings(self.request.forwarded, server.policy.protected),
-                self._transaction_mode,
-                server.settings.client.max_message,
-                server.settings.client.max_prepared_statement_bytes,
-                server.statement_budget,
-            )
-            parameters = self.pool.known_parameters(self.database, self.request.forwarded)
-            if parameters is None:
-                backend = await self._acquire()
-                if self.session.state is State.CLOSED:
-                    return
-                self._guarded(self._attach_at_login, backend)
-                return
-        except Exception as exc:
-            self._setup_failed(exc, token)
-            return
+    async def attach_first_server(self) -> None:
+        """The first client of a database and set of startup parameters: its server connection is
+        checked out at login and set up as its session would be; `prepared` greets it."""
+        backend = await self._acquire()
         if self.session.state is not State.CLOSED:
-            self.session.move(Event.LOGGED_IN)
-            self._greet(parameters)
+            self._guarded(self._attach_at_login, backend)
 
-    # -- [client] token_file (proxy.auth.token_file) ---------------------------------------------
-
-    def _log_in_with_token_file(self) -> bool:
-        """A local client, with `[client] token_file` set, is asked for no password: the file's token is
-        verified as if it had sent it. False when the client must send its own token."""
-        source = self.server.token_file
-        assert self.transport is not None
-        if source is None or not uses_token_file(self.transport, self.server.settings.client.token_file_networks):
-            return False
-        self.session.move(Event.PASSWORD_RECEIVED)
-        self._file_login = FileLogin(source)
-        try:
-            token = self._file_login.first_token(time.time())
-        except TokenFileUnreadable as exc:
-            self.refuse(exc.sqlstate, str(exc), hint="the platform writes [client] token_file; try again later")
-            return True
-        self._task = asyncio.get_running_loop().create_task(self._establish(token))
-        return True
-
-    def _renew_at_boundary(self) -> None:
-        """A transaction ended: go on with the token file's newer token, if it holds one."""
-        assert self._file_login is not None and self.identity is not None
-        try:
-            identity = self._file_login.at_boundary(self.server.verifier, self.identity, time.time())
-        except TokenRejected as exc:
-            log.warning("session ended client=%s tenant=%s: %s", self.address, self.identity.tenant, exc)
-            self.terminate(exc.sqlstate, str(exc))
-            return
-        if identity is not None:
-            self._take_identity(identity)
-
-    async def _renew_at_expiry(self) -> None:
-        """The token expired: go on with the token file's newer token, or end the session."""
-        assert self._file_login is not None and self.identity is not None
-        try:
-            identity = await self._file_login.at_expiry(self.server.verifier, self.identity, time.time())
-        except TokenRejected as exc:
-            log.info("token expired client=%s tenant=%s and the token file gave no newer token: %s",
-                     self.address, self.identity.tenant, exc)
-            self.terminate(exc.sqlstate, str(exc), hint="the token file ([client] token_file) held no newer valid token"
-                           " for this tenant when the session's token expired; reconnect")
-            return
-        except Exception:
-            log.exception("internal error while renewing the token of client=%s", self.address)
-            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy")
-            return
-        self._guarded(self._take_identity, identity)
-
-    def _take_identity(self, identity: Identity) -> None:
-        """Go on with the token file's newer token (same tenant): the next transaction carries its
-        expiry and claims; in session mode the context is set again now when the server connection is
-        idle, else right after the client's next group (and again after a rollback that could undo it)."""
-        relay = self.relay
-        if relay is None or self.session.state is State.CLOSED or not self._same_login_role(identity):
-            return
-        self.identity = relay.identity = identity
-        log.info("token renewed from the token file client=%s tenant=%s", self.address, identity.tenant)
-        self.sign_again()  # the new identity's context, signed
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
-
-    def _same_login_role(self, identity: Identity) -> bool:
-        """Whether a renewed identity maps to the login role ([roles]) the session runs as; if not, the
-        session ends (28000): its server connections are that role's, and a session never changes role."""
-        try:
-            same = self.server.pools.for_identity(identity) is self.pool
-        except TokenRejected as exc:  # RoleRefused: the renewed token's role is not mapped at all
-            self.terminate(exc.sqlstate, str(exc))
-            return False
-        if not same:
-            log.warning("session ended client=%s tenant=%s: the token file names another role", self.address,
-                        identity.tenant)
-            self.terminate(errors.INVALID_AUTHORIZATION, "the token file now names another database role; a session "
-                           "never changes its login role: reconnect")
-        return same
-
-    def _setup_failed(self, exc: Exception, token: str | None = None) -> None:
-        """Refuse the client for a failure while setting up its session (called in an except block);
-        `token` is the password sent, whose facts (alg, kid, iss, aud) the audit event names."""
-        if isinstance(exc, TokenRejected):
-            self.refuse(exc.sqlstate, str(exc), token=token)
-        elif isinstance(exc, UpstreamError):
-            self.refuse(exc.sqlstate, exc.text, exc.detail, exc.hint)
-        else:
-            log.exception("internal error while setting up the session of client=%s", self.address)
-            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy while setting up the session")
-
-    def _count(self, to: Counted) -> None:
-        """Move this connection between the server's counts: logging in, logged in (per tenant), gone."""
-        server, was = self.server, self._counted
-        if was is to or was is Counted.GONE:
-            return
-        if was is Counted.LOGGING_IN:
-            server.logging_in -= 1
-        elif was is Counted.LOGGED_IN and self.identity is not None:
-            server.logged_in -= 1
-            tenant = self.identity.tenant
-            server.tenant_clients[tenant] -= 1
-            if not server.tenant_clients[tenant]:
-                del server.tenant_clients[tenant]
-        if to is Counted.LOGGED_IN and self.identity is not None:
-            server.logged_in += 1
-            server.tenant_clients[self.identity.tenant] = server.tenant_clients.get(self.identity.tenant, 0) + 1
-        self._counted = to
+    def greeted(self) -> tuple[int, int]:
+        """The login greets this tenant client now: its BackendKeyData (process id, secret key) is minted."""
+        self.process_id, self.secret_key = self.server.register(self)
+        self._greeted = True
+        return self.process_id, self.secret_key
 
     @functools.cached_property
     def database(self) -> str:
@@ -672,82 +376,12 @@ class ClientConnection(asyncio.Protocol):
         assert self.request is not None
         return self.server.settings.upstream.database or self.request.database or self.request.user
 
-    def _greet(self, parameters: dict[str, str]) -> None:
-        assert self.transport is not None and self.request is not None and self.identity is not None
-        assert self.relay is not None
-        identity = self.identity
-        self.process_id, self.secret_key = self.server.register(self)
-        greeting = [messages.authentication(messages.AUTH_OK)]
-        greeting += [messages.parameter_status(name, value) for name, value in parameters.items()]
-        greeting.append(messages.backend_key_data(self.process_id, self.secret_key))
-        greeting.append(messages.ready_for_query(b"I"))
-        self.transport.write(b"".join(greeting))
-        self.relay.greeted(parameters)
-        self._greeted = True
-        self._count(Counted.LOGGED_IN)
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + identity.expires_at - time.time(), self._token_expired)
-        AUDIT.session_start(client=self.address, user=self.request.user, database=self.database, identity=identity,
-                            token=self._token, login_role=self.pool.upstream.user)
-        self._token = None
-        if self._buffer:
-            pending = bytes(self._buffer)
-            self._buffer.clear()
-            self.relay.client_data(pending)
-
     # -- the admin console ---------------------------------------------------------------------
 
     @property
     def waiting_since(self) -> float | None:
         """Loop time this client began waiting for a server connection, while it waits."""
         return self._waiting_since
-
-    def _admin_socket_login(self, parameters: dict[str, str]) -> None:
-        """A client of the admin socket reaches the console without a token, and nothing else."""
-        user = parameters.get("user", "")
-        self.request = StartupRequest(user=user, database=parameters.get("database") or user)
-        if self.request.database != admin.ADMIN_DATABASE or self.server.console is None:
-            self.refuse(errors.INVALID_CATALOG_NAME, f'the admin socket serves only database "{admin.ADMIN_DATABASE}"')
-            return
-        self.session.move(Event.STARTUP_ACCEPTED)
-        self.session.move(Event.PASSWORD_RECEIVED)
-        self._open_console(admin.LOCAL_OPERATOR, None)
-
-    def _console_login(self, identity: Identity) -> None:
-        """A verified token asks for the console: it enters only with every `[admin] required_claims`, and
-        only with a token it sent itself (the token file is the application's identity, not an operator's)."""
-        if self._file_login is not None:
-            self.refuse(errors.INVALID_AUTHORIZATION, "the admin console does not accept the token file ([client] token_file)",
-                        hint="send an admin token as the password, or use [admin] listen_unix")
-            return
-        required = self.server.settings.admin.required_claims
-        refusal = admin.authorize(identity.claims, required)
-        if refusal is not None:
-            self.refuse(errors.INVALID_AUTHORIZATION, refusal, token=self._token, hint=admin.refusal_hint(required))
-            return
-        self._open_console(admin.Operator.from_identity(identity), identity.expires_at)
-
-    def _open_console(self, operator: admin.Operator, expires_at: int | None) -> None:
-        """Greet a console client; it counts in no tenant's connections and ends when its token expires."""
-        assert self.transport is not None and self.request is not None and self.server.console is not None
-        self._token = None
-        self.console = admin.ConsoleSession(self.server.console, operator, self.address, self.request.user,
-                                            self.send_client, self.terminated, self.server.settings.client.max_auth_message)
-        self.session.move(Event.LOGGED_IN)
-        self._count(Counted.LOGGED_IN)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if expires_at is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + expires_at - time.time(), self._token_expired)
-        self.send_client(self.console.greeting())
-        if self._buffer:
-            pending = bytes(self._buffer)
-            self._buffer.clear()
-            self._guarded(self.console.data_received, pending)
 
     # -- checkout --------------------------------------------------------------------------------
 
@@ -795,7 +429,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             backend = await self._acquire()
         except Exception as exc:
-            self._setup_failed(exc)
+            self._login.setup_failed(exc)
             return
         if self.session.state is State.CLOSED:
             self.pool.release(backend)
@@ -815,7 +449,7 @@ class ClientConnection(asyncio.Protocol):
                 self._step_failed(exc)
             return
         if isinstance(result, Exception):
-            self._setup_failed(result)
+            self._login.setup_failed(result)
             return
         pool = cast("TransactionPool", self.pool)
         if self.session.state is not State.WAITING:

@@ -23,13 +23,14 @@ from proxy.admin import Console
 from proxy.auth.token_file import TokenFile
 from proxy.backend import BackendConnection, Lifecycle, send_cancel
 from proxy import logs
-from proxy.client import ClientConnection, Door
+from proxy.client import ClientConnection
 from proxy.config import ConfigError, Settings, load
 from proxy.guard import Guard
 from proxy.http import Readiness, ServerLifecycle, start_endpoint
 from proxy.lifecycle import (
     SHUTDOWN_MESSAGE, Shutdown, Stop, connection_changed, keep_restart_only, restart_needed,
 )
+from proxy.login import Door
 from proxy.listeners import Listeners, bind_listeners, listen_error
 from proxy.logs import AUDIT
 from proxy.metrics import METRICS, Gauges

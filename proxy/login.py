@@ -1,11 +1,14 @@
 """The login of one client connection: from its first packet to its greeting or its refusal, and its
 token's lifetime after that (expiry; renewal from `[client] token_file`).
 
-`Login` reads what the client sends before its greeting (startup packets, the PasswordMessage carrying
-the token, whatever comes early), holds the login's deadlines, verifies the token, applies the limits a
-login must pass, sets up the first server connection of a pool, greets the client (or the admin
-console's client) and refuses it otherwise, with one audit event. It reaches its connection only through
-`Client`, which `proxy.client.ClientConnection` implements.
+- `StartupExchange` is the pure part: the bytes a client sends before its greeting (startup packets, the
+  PasswordMessage carrying the token, whatever comes early) in; the packet, the token, or the bytes to
+  hand on out. Malformed input raises ProtocolViolation (08P01). No asyncio, no clock.
+- `Login` is the asyncio glue around it: it answers the packets, holds the login's deadlines, verifies
+  the token, applies the limits a login must pass, sets up the first server connection of a pool,
+  greets the client (or the admin console's client) or refuses it with one audit event, and ends the
+  session when the token expires (or renews it from the token file). It reaches its connection only
+  through `Client`, which `proxy.client.ClientConnection` implements.
 
 Postgres documentation: "Message Flow: Start-up", "SSL Session Encryption". Nothing here puts a token,
 or any part of one, in a log line or an error message.
@@ -59,6 +62,79 @@ class Counted(enum.Enum):
     GONE = "gone"
 
 
+class NotAToken(enum.Enum):
+    """The client's answer to the password request, when it carries no token."""
+
+    TERMINATE = "terminate"  # Terminate: the client leaves; close without an error
+    MALFORMED = "malformed"  # a PasswordMessage that is not one C string: 28P01 "malformed token"
+
+
+class StartupExchange:
+    """The bytes a client sends before it is greeted, read in the order the protocol puts them
+    ("Message Flow: Start-up"): startup packets up to a StartupMessage, then the answer to the password
+    request, then whatever comes before the greeting, kept for the session. The caller says which of
+    the three it expects (from the session's state). Every method raises ProtocolViolation (08P01) for
+    input no client sends."""
+
+    def __init__(self, door: Door) -> None:
+        self.door = door
+        self._pending = bytearray()  # read and not yet taken
+        self._reader: MessageReader | None = None  # the messages after the StartupMessage
+
+    def startup_packet(self, data: bytes, maximum: int) -> messages.StartupPacket | None:
+        """`data` added to what is pending; the first whole startup packet (SSLRequest, GSSENCRequest,
+        CancelRequest or StartupMessage, at most `maximum` bytes) taken off it, or None while there is
+        none. Also raises for a packet other than CancelRequest at the workers' door, and for bytes sent
+        after an encryption request before its answer (they would travel unencrypted)."""
+        self._pending += data
+        packet = read_startup_packet(self._pending, maximum)
+        if packet is None:
+            return None
+        if self.door is Door.PEERS and not isinstance(packet, messages.CancelRequest):
+            raise ProtocolViolation("this socket takes only cancel requests passed on between the proxy's workers")
+        if isinstance(packet, (messages.SSLRequest, messages.GSSENCRequest)) and self._pending:
+            raise ProtocolViolation("received unencrypted data after an encryption request")
+        return packet
+
+    def expect_password(self, maximum: int) -> None:
+        """The StartupMessage was accepted: what follows is read as messages of at most `maximum` bytes."""
+        self._reader = MessageReader(maximum)
+
+    def password(self, data: bytes) -> str | NotAToken | None:
+        """`data` read as the answer to the password request (after `expect_password`): the token the
+        PasswordMessage carries, `NotAToken`, or None while the message is not whole. What follows a
+        PasswordMessage is pending. Also raises for any other message, or one over the maximum."""
+        reader = self._reader
+        assert reader is not None
+        reader.feed(data)
+        if reader.peek_type() not in (None, b"p", b"X"):
+            raise ProtocolViolation(f"expected a password message, got message type {reader.peek_type()!r}")
+        for type_byte, body in reader:
+            if type_byte == b"X":
+                return NotAToken.TERMINATE
+            try:
+                token = messages.parse_cstring(body)
+            except ProtocolViolation:
+                return NotAToken.MALFORMED
+            self._pending += reader.take_rest()
+            return token
+        return None
+
+    def hold(self, data: bytes, maximum: int) -> None:
+        """Keep `data`, sent before the greeting (during the TLS handshake or the token's verification),
+        pending; also raises once more than `maximum` bytes are pending."""
+        self._pending += data
+        if len(self._pending) > maximum:
+            raise ProtocolViolation("too much data sent before authentication completed")
+
+    def take_pending(self) -> bytes:
+        """The bytes read and not yet taken (b"" for none): after a StartupMessage, the start of the
+        answer to the password request; at the greeting, the session's first bytes."""
+        pending = bytes(self._pending)
+        self._pending.clear()
+        return pending
+
+
 class Client(Hooks, Protocol):
     """What the login needs of its client connection (`proxy.client.ClientConnection`): the relay's
     hooks (the login starts the client's relay on them), and these."""
@@ -102,10 +178,9 @@ class Login:
         self._client = client
         self._server = server
         self._session = client.session
-        self._door = door
+        self._exchange = StartupExchange(door)
+        self._transaction_mode = server.settings.pool.mode == "transaction"  # as the connection reads it
         self._counted = Counted.NOT_YET  # in which of the server's counts this connection is
-        self._buffer = bytearray()
-        self._reader: MessageReader | None = None
         self._timer: asyncio.TimerHandle | None = None  # the login's deadline, then the token's expiry
         self._task: asyncio.Task[None] | None = None  # verifying the token, setting up the session
         self._token: str | None = None  # the password sent, until the session_start audit event names its kid
@@ -189,28 +264,21 @@ class Login:
         if console is not None:
             console.data_received(data)
             return
-        state = self._session.state
+        state, settings = self._session.state, self._server.settings.client
         if state is State.STARTUP:
-            self._buffer += data
-            packet = read_startup_packet(self._buffer, self._server.settings.client.max_startup_packet)
+            packet = self._exchange.startup_packet(data, settings.max_startup_packet)
             if packet is not None:
                 self._startup_packet(packet)
         elif state is State.AUTHENTICATING:
             self._password_data(data)
         elif state is not State.CLOSED:
-            self._buffer += data
-            if len(self._buffer) > self._server.settings.client.max_auth_message:
-                raise ProtocolViolation("too much data sent before authentication completed")
+            self._exchange.hold(data, settings.max_auth_message)
 
     def _startup_packet(self, packet: messages.StartupPacket) -> None:
         client = self._client
         transport = client.transport
         assert transport is not None
-        if self._door is Door.PEERS and not isinstance(packet, messages.CancelRequest):
-            raise ProtocolViolation("this socket takes only cancel requests passed on between the proxy's workers")
         if isinstance(packet, (messages.SSLRequest, messages.GSSENCRequest)):
-            if self._buffer:
-                raise ProtocolViolation("received unencrypted data after an encryption request")
             if isinstance(packet, messages.GSSENCRequest):
                 transport.write(b"N")
             elif transport.get_extra_info("ssl_object") is not None:  # TLS is established
@@ -235,7 +303,7 @@ class Login:
         if refusal is not None:
             self.refuse(*refusal)
             return
-        if self._door is Door.ADMIN:
+        if self._exchange.door is Door.ADMIN:
             self._admin_socket_login(packet.parameters)
             return
         limit = server.settings.pool.max_client_connections
@@ -258,33 +326,23 @@ class Login:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(server.settings.client.auth_timeout_seconds,
                                                             self._auth_timed_out)
-        self._reader = MessageReader(server.settings.client.max_auth_message)
+        self._exchange.expect_password(server.settings.client.max_auth_message)
         if self._log_in_with_token_file():
             return
         transport.write(messages.authentication(messages.AUTH_CLEARTEXT_PASSWORD))
-        if self._buffer:
-            rest = bytes(self._buffer)
-            self._buffer.clear()
-            self._password_data(rest)
+        pending = self._exchange.take_pending()
+        if pending:
+            self._password_data(pending)
 
     def _password_data(self, data: bytes) -> None:
-        assert self._reader is not None
-        self._reader.feed(data)
-        if self._reader.peek_type() not in (None, b"p", b"X"):
-            raise ProtocolViolation(f"expected a password message, got message type {self._reader.peek_type()!r}")
-        for type_byte, body in self._reader:
-            if type_byte == b"X":
-                self._client.terminated()
-                return
-            try:
-                token = messages.parse_cstring(body)
-            except ProtocolViolation:
-                self.refuse(errors.INVALID_PASSWORD, "malformed token")
-                return
-            self._buffer += self._reader.take_rest()
+        token = self._exchange.password(data)
+        if token is NotAToken.TERMINATE:
+            self._client.terminated()
+        elif token is NotAToken.MALFORMED:
+            self.refuse(errors.INVALID_PASSWORD, "malformed token")
+        elif token is not None:
             self._session.move(Event.PASSWORD_RECEIVED)
             self._task = asyncio.get_running_loop().create_task(self._establish(token))
-            return
 
     async def _establish(self, token: str) -> None:
         """Verify the token and greet the client. The first client of a database and set of startup
@@ -318,7 +376,7 @@ class Login:
                 server.context,
                 identity,
                 ClientSettings(request.forwarded, server.policy.protected),
-                server.settings.pool.mode == "transaction",  # a restart-only key: the connection's own mode
+                self._transaction_mode,
                 server.settings.client.max_message,
                 server.settings.client.max_prepared_statement_bytes,
                 server.statement_budget,
@@ -354,9 +412,8 @@ class Login:
         AUDIT.session_start(client=client.address, user=request.user, database=client.database, identity=identity,
                             token=self._token, login_role=client.pool.upstream.user)
         self._token = None
-        if self._buffer:
-            pending = bytes(self._buffer)
-            self._buffer.clear()
+        pending = self._exchange.take_pending()
+        if pending:
             relay.client_data(pending)
 
     # -- the admin console ---------------------------------------------------------------------------
@@ -402,9 +459,8 @@ class Login:
             self._timer.cancel()
             self._timer = None
         client.send_client(session.greeting())
-        if self._buffer:
-            pending = bytes(self._buffer)
-            self._buffer.clear()
+        pending = self._exchange.take_pending()
+        if pending:
             client._guarded(session.data_received, pending)
 
     # -- the token's lifetime: expiry, and [client] token_file (proxy.auth.token_file) ---------------

@@ -1,7 +1,7 @@
 """The client side: asyncio glue for one client connection, from the first byte to the last.
 
-It owns the client's transport, TLS and the checkout tasks. The login, from the first packet to the
-greeting and the token's lifetime after it, is `proxy.login.Login`'s; this class implements the hooks it
+It owns the client's transport and the checkout tasks. The login, from the first packet (TLS
+included) to the greeting and the token's lifetime after it, is `proxy.login.Login`'s; this class implements the hooks it
 needs (`proxy.login.Client`). Once the client is greeted it feeds everything else to the sans-IO core:
 the session's state (`proxy.relay.session`), which only moves by its table, and the relay
 (`proxy.relay.relay`), whose hooks this class implements. It never reads the server
@@ -73,7 +73,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0
         self._started = time.monotonic()
         self._transaction_mode = server.settings.pool.mode == "transaction"
-        self._task: asyncio.Task[None] | None = None  # the TLS handshake, then each checkout
+        self._task: asyncio.Task[None] | None = None  # checking out a server connection
         self._waiter: Waiter[Handover] | None = None  # a place in the pool's queue
         self._greeted = False
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -338,23 +338,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- the login's hooks (proxy.login.Client) ---------------------------------------------------
 
-    def start_tls(self) -> None:
-        """The login answered the client's SSLRequest with 'S': the TLS handshake runs in a task."""
-        self._task = asyncio.get_running_loop().create_task(self._start_tls())
-
-    async def _start_tls(self) -> None:
-        assert self.transport is not None and self.server.tls_context is not None
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(self.transport, self, self.server.tls_context, server_side=True)
-        except (OSError, ConnectionError) as exc:
-            log.warning("refused client=%s reason=TLS handshake failed: %s", self.address, exc)
-            self.transport.abort()
-            return
-        transport = cast(asyncio.Transport, transport)
+    def tls_established(self, transport: asyncio.Transport) -> None:
+        """The login's TLS handshake succeeded: the client's bytes travel on `transport` from now on."""
         self.transport = transport
         self.flow.client.transport = transport
-        self.session.move(Event.TLS_DONE)
 
     async def attach_first_server(self) -> None:
         """The first client of a database and set of startup parameters: its server connection is

@@ -21,7 +21,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from proxy import access, admin
 from proxy.auth.token_file import FileLogin, TokenFileUnreadable, uses_token_file
@@ -153,8 +153,8 @@ class Client(Hooks, Protocol):
 
     def terminate(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> None: ...
 
-    def start_tls(self) -> None:
-        """The client's SSLRequest was answered 'S': run the TLS handshake."""
+    def tls_established(self, transport: asyncio.Transport) -> None:
+        """The TLS handshake succeeded: the client's bytes travel on `transport` from now on."""
 
     async def attach_first_server(self) -> None:
         """Get the session's first server connection and attach it; `prepared` follows, then `Login.greet`."""
@@ -182,7 +182,7 @@ class Login:
         self._transaction_mode = server.settings.pool.mode == "transaction"  # as the connection reads it
         self._counted = Counted.NOT_YET  # in which of the server's counts this connection is
         self._timer: asyncio.TimerHandle | None = None  # the login's deadline, then the token's expiry
-        self._task: asyncio.Task[None] | None = None  # verifying the token, setting up the session
+        self._task: asyncio.Task[None] | None = None  # the TLS handshake, then the token's verification
         self._token: str | None = None  # the password sent, until the session_start audit event names its kid
         self.file_login: FileLogin | None = None  # logged in with `[client] token_file` (proxy.auth.token_file)
         self._renewal: asyncio.Task[None] | None = None  # renewing from the token file at the token's expiry
@@ -288,12 +288,28 @@ class Login:
             else:
                 transport.write(b"S")
                 self._session.move(Event.TLS_REQUESTED)
-                client.start_tls()
+                self._task = asyncio.get_running_loop().create_task(self._start_tls())
         elif isinstance(packet, messages.CancelRequest):
             self._server.cancel(packet.process_id, packet.secret_key)
             client.terminated()
         else:
             self._startup_message(packet)
+
+    async def _start_tls(self) -> None:
+        """The TLS handshake the client asked for ("SSL Session Encryption"), on the connection's own
+        protocol; a failed one aborts the connection."""
+        client, tls_context = self._client, self._server.tls_context
+        transport = client.transport
+        assert transport is not None and tls_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            encrypted = await loop.start_tls(transport, transport.get_protocol(), tls_context, server_side=True)
+        except (OSError, ConnectionError) as exc:
+            log.warning("refused client=%s reason=TLS handshake failed: %s", client.address, exc)
+            transport.abort()
+            return
+        client.tls_established(cast(asyncio.Transport, encrypted))
+        self._session.move(Event.TLS_DONE)
 
     def _startup_message(self, packet: messages.StartupMessage) -> None:
         client, server = self._client, self._server

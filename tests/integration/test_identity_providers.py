@@ -168,7 +168,7 @@ async def test_an_outage_keeps_the_last_set_for_a_while_then_says_so(make_proxy:
     assert await login(proxy, idp.token("ec-1")) == ACME  # within the stale window
     wait_until(lambda: "the identity provider's keys could not be fetched from" in proxy.log())
     refused = await eventually(proxy, lambda: idp.token("ed-1"), "the identity provider's keys could not be fetched")
-    assert refused in ("08006", "28P01")  # 08006 once client.py refuses with TokenRejected.sqlstate
+    assert refused in ("08006", "28P01")  # 08006 once the login refuses with TokenRejected.sqlstate
     idp.up()
     assert await eventually(proxy, lambda: idp.token("ed-1"), ACME) == "ok"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -131,5 +132,23 @@ def test_client_tls_refuses_bytes_sent_before_the_handshake(make_proxy: Any, cer
         fields = client.error()
         assert fields["C"] == "08P01"
         assert client.closed()
+    finally:
+        client.close()
+
+
+def test_client_tls_refuses_an_ssl_request_repeated_inside_tls(make_proxy: Any, certs: tuple[Path, Path, Path]) -> None:
+    _, cert, key = certs
+    proxy = make_proxy({"tls": {"cert_file": str(cert), "key_file": str(key)}})
+    client = RawClient(proxy.port)
+    try:
+        client.send(messages.ssl_request())
+        assert client.read_byte() == b"S"
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        client.sock = context.wrap_socket(client.sock)
+        client.send(messages.ssl_request())
+        fields = client.error()
+        assert (fields["C"], fields["M"]) == ("08P01", "SSLRequest repeated after TLS was established")
     finally:
         client.close()

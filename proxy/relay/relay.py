@@ -60,6 +60,7 @@ from proxy.relay.statements import (
     Change,
     ClientStatements,
     ServerStatements,
+    ShapeWatch,
     Statement,
     StatementBudget,
     statement_for,
@@ -90,6 +91,11 @@ _MARKER = "pg_tenant_proxy_refused"
 CONTEXT_FAILED = b"could not set the tenant context: "
 PREPARED_AGAIN_FAILED = b"could not prepare the statement again on this server connection: "
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
+# Postgres's answer to a Bind or Describe of a statement whose result shape changed, naming the routine that
+# raises it: asyncpg knows it by that (InvalidCachedStatementError), drops its cache and prepares again.
+RESULT_CHANGED = messages.message(b"E", messages.error_response(
+    "ERROR", errors.FEATURE_NOT_SUPPORTED, "cached plan must not change result type")[5:-1] + b"RRevalidateCachedQuery\0\0")
+FLUSH = messages.message(b"H")
 _SESSIONS = itertools.count(1)
 STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
 READ_RETRIES = 3  # a group of the proxy's own cancelled (57014) this many times in a row is not sent again
@@ -179,6 +185,9 @@ class OwnRequest:
     def row(self, values: list[bytes | None]) -> None:
         if self.rows is not None:
             self.rows.append(values)
+
+    def described(self, raw: bytes) -> None:
+        """The proxy's own Describes are watched by a `ShapeWatch`."""
 
 
 class Relay:
@@ -582,10 +591,14 @@ class Relay:
         self.mode.group_sent()
 
     def refuse_extended(self, refusal: Refusal) -> None:
-        """Refuse an extended-query message: a Parse that fails takes its place (the server then skips
-        to Sync, as for any failing extended message)."""
+        """Refuse an extended-query message (the guard, or a reserved name): audited, then `fail_extended`."""
         self.hooks.refused(refusal)
-        self.send(messages.parse(_MARKER, _MARKER), Request.PARSE, Owner.REFUSED, reply=refusal_error(refusal))
+        self.fail_extended(refusal_error(refusal))
+
+    def fail_extended(self, error: bytes) -> None:
+        """Answer an extended-query message with the ErrorResponse `error`: a Parse that fails takes its
+        place (the server then skips to Sync, as for any failing extended message)."""
+        self.send(messages.parse(_MARKER, _MARKER), Request.PARSE, Owner.REFUSED, reply=error)
 
     def note_copying(self, name: bytes, text: bytes) -> None:
         """A client Parse of `name`: remember whether its text may start COPY IN (`may_start_copy_in`)."""
@@ -700,6 +713,9 @@ class BlockWatch:
 
     def row(self, values: list[bytes | None]) -> None:
         """Its requests answer no rows the watch needs."""
+
+    def described(self, raw: bytes) -> None:
+        """Its requests describe nothing."""
 
     def failed_itself(self, outcome: Outcome) -> bool:
         """The group failed, and not because the client's block had failed before it."""
@@ -962,6 +978,7 @@ class TransactionMode:
         self.reset_in_block = False  # a reset since the last read-back outside a block: a ROLLBACK (TO) may undo the reapply
         self.reapply_where_reset = False  # ... apply them only where a setting is still at the server's reset value
         self.flush_sync_pending = False  # the proxy's Sync after a client's Flush is not answered yet
+        self.shape_wait: ShapeWatch | None = None  # the Describe a client's Bind or Describe waits on (`_result_changed`)
         self.group = 0  # the client's groups sent (Syncs, and Queries outside an extended group)
         self.ending: set[bytes] = set()  # client statements whose text may end a transaction
         self.ending_portals: set[bytes] = set()  # portals bound to those
@@ -1290,7 +1307,7 @@ class TransactionMode:
         if name:
             self._prepare(statement, server, Owner.CLIENT, client_name, change)
             return True
-        server.unnamed = statement
+        server.unnamed_sent(statement)
         relay.send(message.raw, Request.PARSE, watcher=OwnRequest(self._client_unnamed_parsed(server, statement, change)))
         return True
 
@@ -1394,7 +1411,7 @@ class TransactionMode:
             return None
         if not name:
             if server.unnamed is not statement:
-                server.unnamed = statement
+                server.unnamed_sent(statement)
                 relay.own(messages.message(b"P", b"\0" + statement.definition), Request.PARSE,
                           OwnRequest(self._unnamed_parsed(server, statement)), speaks=PREPARED_AGAIN_FAILED)
             return statement
@@ -1416,6 +1433,13 @@ class TransactionMode:
         if self._settling(name):
             return False
         statement = self._ensure(name)
+        if statement is not None and statement.shape is not None:
+            changed = self._result_changed(statement, name, client_name)
+            if changed is None:
+                return False
+            if changed:
+                relay.fail_extended(RESULT_CHANGED)
+                return True
         if statement is not None and statement.decision is not ALLOW:
             self.portals[portal] = statement.decision
         else:
@@ -1447,12 +1471,59 @@ class TransactionMode:
         if self._settling(name[:NAME_BYTES]):
             return False
         statement = self._ensure(name[:NAME_BYTES])
-        if statement is None or not name:
+        if statement is None:
             relay.send(message.raw, Request.DESCRIBE)
             return True
-        relay.send(messages.message(b"D", b"S" + statement.server_name + b"\0"), Request.DESCRIBE,
-                   reply=statement.server_name + b"\0" + name)
+        watch = None
+        if statement.shape is not None:
+            changed = self._result_changed(statement, name[:NAME_BYTES], name)
+            if changed is None:
+                return False
+            if changed:
+                relay.fail_extended(RESULT_CHANGED)
+                return True
+        else:  # the client is told the shape now: remember it, and the server connection's
+            assert relay.server is not None
+            server = relay.server.state.statements
+            key = statement.server_name if name else b""
+            watch = ShapeWatch(server, key, statement)
+            if not isinstance(server.shapes.get(key), bytes):
+                server.shapes[key] = watch
+        if not name:
+            relay.send(message.raw, Request.DESCRIBE, watcher=watch, rows=watch is not None)
+            return True
+        relay.send(messages.message(b"D", b"S" + statement.server_name + b"\0"), Request.DESCRIBE, watcher=watch,
+                   reply=statement.server_name + b"\0" + name, rows=watch is not None)
         return True
+
+    def _result_changed(self, statement: Statement, name: bytes, client_name: bytes) -> bool | None:
+        """Whether the server connection's statement for the client's described `statement` (named `name`,
+        b"" the unnamed one) returns another shape than the client was told: Postgres then answers each
+        Bind and Describe of it with 0A000 (`RESULT_CHANGED`), until the client closes it or the schema
+        gives the old shape back. None when that is not known yet (the proxy just prepared it there, or
+        another client parsed it again): the proxy's own Describe of it goes first, with a Flush, and the
+        client's messages wait for its answer (`waiting`), so the message never runs unchecked."""
+        relay = self.relay
+        assert relay.server is not None and relay.queue is not None
+        server = relay.server.state.statements
+        key = statement.server_name if name else b""
+        known = server.shapes.get(key)
+        if isinstance(known, bytes):
+            return known != statement.shape
+        if relay.queue.skipping():
+            return False  # the server skips the message, as every one up to the client's Sync
+        if known is None:
+            known = server.shapes[key] = ShapeWatch(server, key, None)
+            relay.send(messages.message(b"D", b"S" + key + b"\0"), Request.DESCRIBE, Owner.GATE, known,
+                       reply=key + b"\0" + client_name if name else b"", rows=True)
+        # else a Describe of it is in flight (the client's, for another of its names with the same text)
+        known.answered = self._shape_answered
+        self.shape_wait = known
+        relay._out.append(FLUSH)  # the server answers now, not at the client's Sync, which waits behind
+        return None
+
+    def _shape_answered(self) -> None:
+        self.shape_wait = None
 
     def close(self, message: Message) -> None:
         """A client's Close of its statement forgets it (skipped in an error window, it closed nothing, as
@@ -1681,9 +1752,10 @@ class TransactionMode:
             self.relay.skip_group = True
 
     def waiting(self) -> bool:
-        """The client's messages wait while the proxy's Sync after a Flush is unanswered: the server's
-        error window, if any, is not known yet."""
-        return self.flush_sync_pending
+        """The client's messages wait while the proxy's Sync after a Flush is unanswered (the server's
+        error window, if any, is not known yet), or the Describe that tells whether a statement's result
+        shape changed (`_result_changed`)."""
+        return self.flush_sync_pending or self.shape_wait is not None
 
     def plain_query(self, data: bytes) -> bool:
         """The hot path in transaction mode: a read holding one simple Query that the guard clears, at

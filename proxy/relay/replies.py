@@ -61,6 +61,7 @@ class Owner(HotEnum):
     OWN = "own"  # the proxy's own request: swallowed, its outcome told to its watcher
     REFUSED = "refused"  # a client message replaced by one that fails: the error becomes the refusal
     ANSWERED = "answered"  # a client Query the proxy answers itself, in order
+    GATE = "gate"  # the proxy's own request a client message waits on: swallowed, but its error is the client's
 
 
 class Outcome(enum.Enum):
@@ -75,6 +76,8 @@ class Watcher(Protocol):
     def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None: ...
 
     def row(self, values: list[bytes | None]) -> None: ...
+
+    def described(self, raw: bytes) -> None: ...
 
 
 class Listener(Protocol):
@@ -99,9 +102,9 @@ class Owed:
         self.request = request
         self.owner = owner
         self.reply = reply  # REFUSED: the ErrorResponse; ANSWERED: the reply; OWN: a prefix for the client's error;
-        # CLIENT: for a message naming a statement by its server name, that name, NUL, the client's name
+        # CLIENT, GATE: for a message naming a statement by its server name, that name, NUL, the client's name
         self.watcher = watcher
-        self.rows = rows  # the watcher collects DataRows
+        self.rows = rows  # the watcher collects DataRows (an Execute) or the RowDescription / NoData (a Describe)
         self.failed: dict[str, str] | None = None
         self.in_copy = False  # a Sync sent among CopyData: ignored if the COPY succeeds
         # Looked up once here rather than per server message (an enum's hash is Python code):
@@ -164,7 +167,7 @@ _CONTINUES = {
     Request.SYNC: frozenset(),
 }
 # Compared against for every read: bound once (see proxy.relay.enums).
-_CONTEXT, _NO_COPY = Request.CONTEXT, CopyState.NONE
+_CONTEXT, _DESCRIBE, _NO_COPY = Request.CONTEXT, Request.DESCRIBE, CopyState.NONE
 ABORTED = messages.error_response(
     "ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block"
 )
@@ -428,6 +431,8 @@ class ReplyQueue:
         if code == 67 and self.copy is CopyState.IN:  # 'C'
             self._copy_ended(succeeded=True)
         if code in head.ends:
+            if head.rows and head.request is _DESCRIBE:
+                head.watcher.described(message.raw)  # type: ignore[union-attr]
             self._pop(Outcome.COMPLETED, None)
         elif code == 71 and head.request in (Request.EXECUTE, Request.QUERY):  # 'G'
             self._copy_started()
@@ -440,7 +445,7 @@ class ReplyQueue:
 
     def _error(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
         fields = messages.parse_error_fields(message.body)
-        if head.owner is Owner.CLIENT:
+        if head.owner is Owner.CLIENT or head.owner is Owner.GATE:
             out.append(_renamed(message.raw, head.reply) if head.reply else message.raw)
         elif head.owner is Owner.REFUSED:
             out.append(head.reply)

@@ -18,14 +18,27 @@ nothing in Postgres); inside one group the assumption holds, as an error skips t
 A server connection believes a statement present only once its ParseComplete has arrived, or while its
 Parse is in flight, in the current *generation*: DEALLOCATE ALL and DISCARD ALL start a new generation
 when they are sent, so a ParseComplete from before them never marks a statement present again.
+
+A prepared statement's result is fixed in Postgres: once its plan would return another row type (a
+column dropped, added, or its type changed), every Bind or Describe of it fails with 0A000 "cached plan
+must not change result type" until the client closes it (or the schema gives the old shape back), and
+drivers that cache descriptions (asyncpg, pgjdbc, npgsql) rely on that to prepare again. A statement the
+proxy prepares again (on another server connection, or for another client that Parses the same text)
+takes the schema of the moment instead. So the proxy remembers the result shape (`result_shape`) each
+client statement was described with (`Statement.shape`, from the reply to the client's own Describe) and
+the shape of each statement a server connection holds, when known (`ServerStatements.shapes`, from any
+Describe of it there, unknown after each Parse); the relay compares the two before it lets a Bind or
+Describe of a described statement through.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy.relay.replies import Outcome
 
@@ -43,18 +56,46 @@ NAME_BYTES = 63
 STATEMENT_OVERHEAD = 200  # about what Python spends on one remembered statement besides its bytes
 
 
-class Statement(NamedTuple):
+@dataclass(slots=True)
+class Statement:
     """A client's prepared statement: the server-side name, the Parse definition (the body after the
-    name: text, parameter count, type oids) and the guard's decision on its text."""
+    name: text, parameter count, type oids), the guard's decision on its text, and the result shape the
+    client was told for it (`result_shape` of the reply to its first Describe since the Parse; None while
+    it has described none, when it cannot have kept a description)."""
 
     server_name: bytes
     definition: bytes
     decision: Decision
+    shape: bytes | None = field(default=None, compare=False)
 
 
 def statement_for(definition: bytes, search_path: str, decision: Decision) -> Statement:
     digest = hashlib.sha256(definition + b"\0" + search_path.encode()).hexdigest()[:32]
     return Statement(PREFIX + digest.encode(), definition, decision)
+
+
+_FIELD_TAIL = struct.Struct("!IhIhih")  # table oid, column number, type oid, type size, type modifier, format code
+NO_DATA = b"n"  # the shape of a statement that returns no rows (never a digest's length)
+
+
+def result_shape(raw: bytes) -> bytes:
+    """The shape of a statement Describe's answer, RowDescription or NoData (`raw`, the whole message):
+    what Postgres compares when it checks a cached plan's result type (equalTupleDescs), each column's
+    name, type oid, type size and type modifier, as a 16-byte digest (kept for every described statement,
+    it costs as little for a result of a thousand columns). A column's table and number are left out: a
+    table dropped and created again with the same columns changes them, and Postgres runs the statement
+    as before."""
+    if raw[:1] != b"T":
+        return NO_DATA
+    (count,) = struct.unpack_from("!h", raw, 5)
+    pos = 7
+    parts = [raw[5:7]]
+    for _ in range(count):
+        end = raw.index(b"\0", pos) + 1
+        parts.append(raw[pos:end])
+        parts.append(raw[end + 6:end + 16])  # type oid, size, modifier
+        pos = end + _FIELD_TAIL.size
+    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
 
 
 class ServerStatements:
@@ -68,6 +109,10 @@ class ServerStatements:
         self.pending: dict[bytes, int] = {}  # name -> generation its Parse was sent in
         self.in_use: set[bytes] = set()  # used during the current checkout, or the proxy's own: not evicted
         self.unnamed: Statement | None = None  # the client statement the server's unnamed statement holds
+        # The result shape of a statement held here (b"" the unnamed one), once a Describe of it has told it;
+        # while a Describe is in flight, its watch. A statement's result is fixed at its Parse (a later
+        # change of schema makes the server refuse it with 0A000), so a shape holds until the next Parse.
+        self.shapes: dict[bytes, bytes | ShapeWatch] = {}
 
     def has(self, name: bytes) -> bool:
         if name in self.ready:
@@ -88,6 +133,7 @@ class ServerStatements:
         self.generation += 1
         self.ready.clear()
         self.pending.clear()
+        self.shapes.clear()
         self.unnamed = None
 
     def evictions(self) -> Iterator[bytes]:
@@ -97,13 +143,20 @@ class ServerStatements:
                 return
             if name not in self.in_use:
                 del self.ready[name]
+                self.shapes.pop(name, None)
                 yield name
 
     def parse_sent(self, name: bytes) -> ParseWatch:
         """A Parse of `name` went upstream: present from now on, unless it fails."""
         self.ready.pop(name, None)
+        self.shapes.pop(name, None)
         self.pending[name] = self.generation
         return ParseWatch(self, name, self.generation)
+
+    def unnamed_sent(self, statement: Statement) -> None:
+        """A Parse of the unnamed statement went upstream for the client's `statement`: its shape is not known."""
+        self.unnamed = statement
+        self.shapes.pop(b"", None)
 
 
 class ParseWatch:
@@ -125,6 +178,41 @@ class ParseWatch:
 
     def row(self, values: list[bytes | None]) -> None:
         """Parse answers no rows."""
+
+    def described(self, raw: bytes) -> None:
+        """Parse answers no description."""
+
+
+class ShapeWatch:
+    """A Describe of a statement (`key`: its server-side name, b"" the unnamed one) sent on one server
+    connection: its RowDescription or NoData gives the statement's shape there, unless a Parse of the
+    name went after it (`shapes` then no longer holds this watch), and the client's `statement`, when
+    this is the client's Describe, the shape it was told, if it had none. `answered` is called when it
+    is answered, whatever the outcome (a client message waits on it)."""
+
+    __slots__ = ("server", "key", "statement", "answered")
+
+    def __init__(self, server: ServerStatements, key: bytes, statement: Statement | None) -> None:
+        self.server = server
+        self.key = key
+        self.statement = statement
+        self.answered: Callable[[], None] | None = None
+
+    def described(self, raw: bytes) -> None:
+        shape = result_shape(raw)
+        if self.statement is not None and self.statement.shape is None:
+            self.statement.shape = shape
+        if self.server.shapes.get(self.key) is self:
+            self.server.shapes[self.key] = shape
+
+    def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        if self.server.shapes.get(self.key) is self:  # failed or skipped: the shape stays unknown
+            del self.server.shapes[self.key]
+        if self.answered is not None:
+            self.answered()
+
+    def row(self, values: list[bytes | None]) -> None:
+        """Describe answers no rows."""
 
 
 class StatementBudget:
@@ -175,6 +263,9 @@ class Change:
 
     def row(self, values: list[bytes | None]) -> None:
         """Parse, Close and a Query's effect on the unnamed statement answer no rows."""
+
+    def described(self, raw: bytes) -> None:
+        """Parse, Close and Query answer no description."""
 
 
 class ClientStatements:

@@ -3,6 +3,8 @@ client messages in both modes, what the client receives for scripted replies, an
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from relay_harness import (
@@ -24,12 +26,12 @@ from relay_harness import (
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
-from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, BlockWatch
+from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED, BlockWatch
 from proxy.relay.replies import Outcome
 from proxy.relay.settings import (
     APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, REAPPLY_SQL, REAPPLY_STATEMENT, apply_bind, close_portal, read_bind,
 )
-from proxy.relay.statements import NEVER_PREPARED, PARSE_CHECK, statement_for
+from proxy.relay.statements import NEVER_PREPARED, NO_DATA, PARSE_CHECK, result_shape, statement_for
 
 IDENTITY = Identity()
 SELECT_1 = messages.query("SELECT 1")
@@ -902,3 +904,169 @@ def test_a_reset_of_a_startup_setting_is_not_told_to_the_client() -> None:
     assert pair.server(reapplied) == b""  # the startup value again: the client's view, nothing to tell
     assert pair.relay.client_view["TimeZone"] == "Europe/Paris"
     assert server.state.parameters["TimeZone"] == "Europe/Paris"
+
+
+# -- a statement's result shape (transaction mode) ---------------------------------------------------
+
+NO_PARAMETERS = messages.message(b"t", b"\0\0")
+FLUSH = messages.message(b"H")
+REFUSAL_PARSE = messages.parse("pg_tenant_proxy_refused", "pg_tenant_proxy_refused")
+SYNTAX_ERROR = messages.error_response("ERROR", errors.SYNTAX_ERROR, 'syntax error at or near "pg_tenant_proxy_refused"')
+
+
+def columns(*fields: tuple[str, int], table: int = 16384) -> bytes:
+    """A RowDescription: each column's name and type oid, read from `table`."""
+    body = struct.pack("!h", len(fields))
+    for number, (name, oid) in enumerate(fields, 1):
+        body += messages.cstring(name) + struct.pack("!IhIhih", table, number, oid, 4 if oid == 23 else 8, -1, 0)
+    return messages.message(b"T", body)
+
+
+INT4, INT8 = columns(("a", 23)), columns(("a", 20))
+
+
+def described_on(pair: RelayPair, server: Server, sql: str, shape: bytes) -> None:
+    """The client prepares `sql` as s1 the way asyncpg does (Parse, Describe, Flush) and is told `shape`;
+    the proxy's Sync after the Flush ends the group and the connection goes back to the pool."""
+    checked_out(pair, server, messages.parse("s1", sql) + messages.message(b"D", b"Ss1\0") + FLUSH)
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + shape + Z_IDLE) == PARSE_COMPLETE + NO_PARAMETERS + shape
+    assert pair.hooks.events[-1] == "release_server"
+
+
+BIND_S1 = messages.bind("", "s1", []) + messages.execute() + messages.sync()
+
+
+def test_a_described_statement_prepared_again_is_described_before_the_clients_bind_goes() -> None:
+    """On a server connection that never held it, the proxy prepares the client's statement, describes
+    it with a Flush, and holds the Bind until the answer: the same shape, and the Bind goes on (the
+    client never sees the proxy's Describe)."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT a FROM t"
+    name = server_name(sql)
+    described_on(pair, first, sql, INT4)
+    writes = checked_out(pair, second, BIND_S1)
+    assert writes == [renamed_parse(sql) + messages.message(b"D", b"S" + name + b"\0") + FLUSH]
+    start = len(pair.hooks.upstream)
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + columns(("a", 23), table=16999)) == b""
+    assert pair.upstream_since(start) == [
+        messages.bind("", name.decode(), []) + context_statement() + context(second) + messages.execute() + messages.sync()
+    ]
+    replies = BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + data_row(b"7") + complete("SELECT 1") + Z_IDLE
+    assert pair.server(replies) == BIND_COMPLETE + data_row(b"7") + complete("SELECT 1") + Z_IDLE
+    # the shape is known there now: the next Bind goes at once
+    assert checked_out(pair, second, BIND_S1)[0].startswith(messages.bind("", name.decode(), []))
+
+
+def test_a_statement_whose_shape_changed_where_it_was_prepared_again_is_refused_with_0a000() -> None:
+    """int became bigint: Postgres refuses the Bind of the client's statement with 0A000, and so does the
+    proxy, whose failing Parse makes the server skip the Execute (it never runs) up to the client's Sync.
+    Every later Bind is refused the same way, without asking the server again."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT a FROM t"
+    described_on(pair, first, sql, INT4)
+    checked_out(pair, second, BIND_S1)
+    start = len(pair.hooks.upstream)
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + INT8) == b""
+    (write,) = pair.upstream_since(start)
+    assert write.startswith(REFUSAL_PARSE) and write.endswith(messages.execute() + messages.sync())
+    assert pair.server(SYNTAX_ERROR + Z_IDLE) == RESULT_CHANGED + Z_IDLE
+    assert b"RRevalidateCachedQuery\0" in RESULT_CHANGED  # how asyncpg knows it must prepare again
+    (write,) = checked_out(pair, second, BIND_S1)
+    assert write.startswith(REFUSAL_PARSE)
+    assert pair.server(SYNTAX_ERROR + Z_IDLE) == RESULT_CHANGED + Z_IDLE
+    # a Parse of a new name (asyncpg after 0A000) prepares it anew, and its own Describe tells its shape
+    parse = messages.parse("s2", sql) + messages.message(b"D", b"Ss2\0") + FLUSH
+    assert checked_out(pair, second, parse)[0].startswith(renamed_parse(sql))
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + INT8 + Z_IDLE)
+    bind = messages.bind("", "s2", []) + messages.execute() + messages.sync()
+    assert checked_out(pair, second, bind)[0].startswith(messages.bind("", server_name(sql).decode(), []))
+
+
+def test_another_clients_parse_of_the_same_text_makes_the_shape_unknown_until_described() -> None:
+    """One server connection: another client parses the same text after the change (the proxy closes and
+    parses the shared statement again) and describes it; the first client's Bind is then refused at once,
+    with no Describe of the proxy's."""
+    first, other, server = RelayPair(), RelayPair(), Server(101)
+    sql = "SELECT * FROM t"
+    described_on(first, server, sql, columns(("a", 23), ("b", 25)))
+    described_on(other, server, sql, columns(("a", 23), ("n", 25)))
+    (write,) = checked_out(first, server, BIND_S1)
+    assert write.startswith(REFUSAL_PARSE)
+    assert first.server(SYNTAX_ERROR + Z_IDLE) == RESULT_CHANGED + Z_IDLE
+
+
+def test_the_proxys_describe_failing_gives_the_client_the_servers_error() -> None:
+    """A server-side statement prepared before the change answers the proxy's Describe with Postgres's own
+    0A000: the client gets it as its Bind's error, and its Bind and Execute are skipped."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT a FROM t"
+    described_on(pair, first, sql, INT4)
+    second.state.statements.parse_sent(server_name(sql)).ended(Outcome.COMPLETED, None)  # held, shape unknown
+    assert checked_out(pair, second, BIND_S1) == [messages.message(b"D", b"S" + server_name(sql) + b"\0") + FLUSH]
+    stale = messages.error_response("ERROR", errors.FEATURE_NOT_SUPPORTED, "cached plan must not change result type")
+    start = len(pair.hooks.upstream)
+    assert pair.server(NO_PARAMETERS + stale) == stale
+    assert pair.upstream_since(start) == [messages.bind("", server_name(sql).decode(), []) + messages.execute() + messages.sync()]
+    assert pair.server(Z_IDLE) == Z_IDLE
+
+
+def test_a_statement_never_described_is_not_checked() -> None:
+    """A client that never described its statement cannot have kept a description: its Bind goes as before."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT a FROM t"
+    checked_out(pair, first, messages.parse("s1", sql) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    (write,) = checked_out(pair, second, BIND_S1)
+    assert write.startswith(renamed_parse(sql) + messages.bind("", server_name(sql).decode(), []))
+
+
+def test_the_unnamed_statement_described_then_bound_on_another_connection_is_checked() -> None:
+    """pg8000: Parse and Describe of the unnamed statement in one group, Bind in a later one, here on
+    another server connection, where the proxy parses it again and describes it before the Bind."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT a FROM t"
+    checked_out(pair, first, messages.parse("", sql) + messages.message(b"D", b"S\0") + messages.sync())
+    pair.server(PARSE_COMPLETE + NO_PARAMETERS + INT4 + Z_IDLE)
+    bind = messages.bind("", "", []) + messages.execute() + messages.sync()
+    assert checked_out(pair, second, bind) == [messages.parse("", sql) + messages.message(b"D", b"S\0") + FLUSH]
+    start = len(pair.hooks.upstream)
+    assert pair.server(PARSE_COMPLETE + NO_PARAMETERS + INT8) == b""
+    assert pair.upstream_since(start)[0].startswith(REFUSAL_PARSE)
+
+
+def test_result_shape_is_what_postgres_compares() -> None:
+    """Names, types, sizes and modifiers; not the table a column comes from (created again, a table keeps
+    its statements running in Postgres)."""
+    assert result_shape(columns(("a", 23), table=1)) == result_shape(columns(("a", 23), table=2))
+    assert result_shape(INT4) != result_shape(INT8)
+    assert result_shape(columns(("a", 23))) != result_shape(columns(("b", 23)))
+    assert result_shape(columns(("a", 23))) != result_shape(columns(("a", 23), ("b", 23)))
+    assert result_shape(messages.message(b"n")) == NO_DATA != result_shape(columns())
+
+
+def test_a_describe_of_a_statement_whose_shape_changed_is_refused_too() -> None:
+    """Postgres checks the plan at Describe as at Bind: the client is not told the new shape."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT a FROM t"
+    described_on(pair, first, sql, INT4)
+    describe = messages.message(b"D", b"Ss1\0") + messages.sync()
+    assert checked_out(pair, second, describe) == [renamed_parse(sql) + messages.message(b"D", b"S" + server_name(sql) + b"\0")
+                                                   + FLUSH]
+    start = len(pair.hooks.upstream)
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + INT8) == b""
+    assert pair.upstream_since(start) == [REFUSAL_PARSE + messages.sync()]
+    assert pair.server(SYNTAX_ERROR + Z_IDLE) == RESULT_CHANGED + Z_IDLE
+
+
+def test_a_bind_waits_for_the_clients_own_describe_in_flight_of_the_same_server_statement() -> None:
+    """The client parses and describes s2, of the same text as its described s1, and binds s1 in the same
+    write: the Bind waits for the answer to the client's Describe (a Flush makes the server send it)."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT a FROM t"
+    name = server_name(sql)
+    described_on(pair, first, sql, INT4)
+    reads = messages.parse("s2", sql) + messages.message(b"D", b"Ss2\0") + BIND_S1
+    assert checked_out(pair, second, reads) == [renamed_parse(sql) + messages.message(b"D", b"S" + name + b"\0") + FLUSH]
+    start = len(pair.hooks.upstream)
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + INT4) == PARSE_COMPLETE + NO_PARAMETERS + INT4
+    assert pair.upstream_since(start)[0].startswith(messages.bind("", name.decode(), []))

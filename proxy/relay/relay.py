@@ -1351,13 +1351,22 @@ class TransactionMode:
     def _parse_held(self, statement: Statement, server: ServerStatements, client_name: bytes, change: Change) -> None:
         """A client's Parse of a statement the server connection holds already (for another of the client's
         names, or another client): Postgres still answers it (25P02 in a failed block, an error when what
-        the text names has changed), so it is parsed under a name of the proxy's and closed again. Closed
-        and parsed under its own name, a failure would take it from the names that use it."""
+        the text names has changed), so it is parsed under a name of the proxy's and closed again, then
+        under its own name. Closed and parsed under its own name first, a failure would take it from the
+        names that use it."""
         server.in_use.add(statement.server_name)
         relay = self.relay
         relay.send(messages.message(b"P", PARSE_CHECK + b"\0" + statement.definition), Request.PARSE, watcher=change,
                    reply=PARSE_CHECK + b"\0" + client_name)
         relay.own(messages.close_statement(PARSE_CHECK), Request.CLOSE)
+        # Parsed there, the text is parsed again under the held name too, so it returns the shape it has now,
+        # as a Parse does in Postgres after a change of schema (other clients' statements described with
+        # another shape are then refused by the shape check, `_result_changed`; kept as it was, the held
+        # statement would answer this client 0A000 for good). Skipped behind a failed check, it stays.
+        watch = server.parse_again_sent(statement.server_name)
+        relay.own(messages.close_statement(statement.server_name), Request.CLOSE)
+        relay.own(messages.message(b"P", statement.server_name + b"\0" + statement.definition), Request.PARSE,
+                  OwnRequest(watch.ended), speaks=PREPARED_AGAIN_FAILED)
 
     def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner, client_name: bytes = b"",
                  change: Change | None = None) -> None:

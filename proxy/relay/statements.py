@@ -153,6 +153,15 @@ class ServerStatements:
         self.pending[name] = self.generation
         return ParseWatch(self, name, self.generation)
 
+    def parse_again_sent(self, name: bytes) -> ParseWatch:
+        """A Close and a Parse of `name`, which is held, went upstream behind a request that may fail: as
+        `parse_sent`, but when they are skipped (that request failed) the statement is there as it was,
+        with the shape it had."""
+        shape = self.shapes.get(name)
+        watch = self.parse_sent(name)
+        watch.kept = shape if isinstance(shape, bytes) else b""
+        return watch
+
     def unnamed_sent(self, statement: Statement) -> None:
         """A Parse of the unnamed statement went upstream for the client's `statement`: its shape is not known."""
         self.unnamed = statement
@@ -162,19 +171,27 @@ class ServerStatements:
 class ParseWatch:
     """Marks a statement present when its ParseComplete arrives in the generation it was sent in."""
 
-    __slots__ = ("server", "name", "generation")
+    __slots__ = ("server", "name", "generation", "kept")
 
     def __init__(self, server: ServerStatements, name: bytes, generation: int) -> None:
         self.server = server
         self.name = name
         self.generation = generation
+        # Parsed again while held (`parse_again_sent`): its shape then (b"" unknown); None for a first Parse.
+        self.kept: bytes | None = None
 
     def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
         server = self.server
         if server.pending.get(self.name) == self.generation:
             del server.pending[self.name]
-            if outcome is Outcome.COMPLETED and self.generation == server.generation:
+            if self.generation != server.generation:
+                return
+            if outcome is Outcome.COMPLETED:
                 server.ready[self.name] = None
+            elif outcome is Outcome.SKIPPED and self.kept is not None:  # the Close was skipped too: still there
+                server.ready[self.name] = None
+                if self.kept and self.name not in server.shapes:
+                    server.shapes[self.name] = self.kept
 
     def row(self, values: list[bytes | None]) -> None:
         """Parse answers no rows."""

@@ -869,13 +869,15 @@ def test_statements_closed_and_parsed_again_in_a_skipped_window_are_as_before() 
 
 def test_a_parse_of_a_text_the_connection_holds_is_checked_under_a_name_of_the_proxys() -> None:
     """s2 has the text of s1, which the server connection holds: the Parse is answered by a Parse under
-    the proxy's check name (closed again), so that its failure (25P02 in a failed block) leaves s1's."""
+    the proxy's check name (closed again), then the held statement is parsed again behind it, so that a
+    failure (25P02 in a failed block) skips that and leaves s1's as it was."""
     pair, server = RelayPair(), Server(101)
     sql = "INSERT INTO t VALUES ($1::int)"
     checked_out(pair, server, messages.parse("s1", sql) + messages.sync())
     pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
     writes = checked_out(pair, server, messages.parse("s2", sql) + messages.sync())
-    assert writes == [messages.parse(PARSE_CHECK.decode(), sql) + messages.close_statement(PARSE_CHECK) + messages.sync()]
+    assert writes == [messages.parse(PARSE_CHECK.decode(), sql) + messages.close_statement(PARSE_CHECK)
+                      + messages.close_statement(server_name(sql)) + messages.parse(server_name(sql).decode(), sql) + messages.sync()]
     aborted = messages.error_response("ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted")
     assert pair.server(aborted + Z_FAILED) == aborted + Z_FAILED
     assert server.state.statements.holds(server_name(sql))
@@ -925,11 +927,13 @@ def columns(*fields: tuple[str, int], table: int = 16384) -> bytes:
 INT4, INT8 = columns(("a", 23)), columns(("a", 20))
 
 
-def described_on(pair: RelayPair, server: Server, sql: str, shape: bytes) -> None:
+def described_on(pair: RelayPair, server: Server, sql: str, shape: bytes, held: bool = False) -> None:
     """The client prepares `sql` as s1 the way asyncpg does (Parse, Describe, Flush) and is told `shape`;
-    the proxy's Sync after the Flush ends the group and the connection goes back to the pool."""
+    the proxy's Sync after the Flush ends the group and the connection goes back to the pool. `held`: the
+    server connection holds the text already (the proxy's check Parse, then the statement parsed again)."""
     checked_out(pair, server, messages.parse("s1", sql) + messages.message(b"D", b"Ss1\0") + FLUSH)
-    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + shape + Z_IDLE) == PARSE_COMPLETE + NO_PARAMETERS + shape
+    parsed = PARSE_COMPLETE + CLOSE_COMPLETE + CLOSE_COMPLETE + PARSE_COMPLETE if held else CLOSE_COMPLETE + PARSE_COMPLETE
+    assert pair.server(parsed + NO_PARAMETERS + shape + Z_IDLE) == PARSE_COMPLETE + NO_PARAMETERS + shape
     assert pair.hooks.events[-1] == "release_server"
 
 
@@ -974,22 +978,22 @@ def test_a_statement_whose_shape_changed_where_it_was_prepared_again_is_refused_
     (write,) = checked_out(pair, second, BIND_S1)
     assert write.startswith(REFUSAL_PARSE)
     assert pair.server(SYNTAX_ERROR + Z_IDLE) == RESULT_CHANGED + Z_IDLE
-    # a Parse of a new name (asyncpg after 0A000) prepares it anew, and its own Describe tells its shape
+    # a Parse of a new name (asyncpg after 0A000) parses the held text anew, and its own Describe tells its shape
     parse = messages.parse("s2", sql) + messages.message(b"D", b"Ss2\0") + FLUSH
-    assert checked_out(pair, second, parse)[0].startswith(renamed_parse(sql))
-    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + INT8 + Z_IDLE)
+    assert checked_out(pair, second, parse)[0].startswith(messages.parse(PARSE_CHECK.decode(), sql))
+    pair.server(PARSE_COMPLETE + CLOSE_COMPLETE + CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + INT8 + Z_IDLE)
     bind = messages.bind("", "s2", []) + messages.execute() + messages.sync()
     assert checked_out(pair, second, bind)[0].startswith(messages.bind("", server_name(sql).decode(), []))
 
 
 def test_another_clients_parse_of_the_same_text_makes_the_shape_unknown_until_described() -> None:
-    """One server connection: another client parses the same text after the change (the proxy closes and
-    parses the shared statement again) and describes it; the first client's Bind is then refused at once,
+    """One server connection: another client parses the same text after the change (the proxy parses the
+    shared statement again behind its check) and describes it; the first client's Bind is then refused at once,
     with no Describe of the proxy's."""
     first, other, server = RelayPair(), RelayPair(), Server(101)
     sql = "SELECT * FROM t"
     described_on(first, server, sql, columns(("a", 23), ("b", 25)))
-    described_on(other, server, sql, columns(("a", 23), ("n", 25)))
+    described_on(other, server, sql, columns(("a", 23), ("n", 25)), held=True)
     (write,) = checked_out(first, server, BIND_S1)
     assert write.startswith(REFUSAL_PARSE)
     assert first.server(SYNTAX_ERROR + Z_IDLE) == RESULT_CHANGED + Z_IDLE

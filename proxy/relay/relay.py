@@ -1749,15 +1749,19 @@ class TransactionMode:
             and bytes(out[-1][:1]) == b"H"
             and relay.scanner.at_boundary()
         ):
-            relay.own(messages.sync(), Request.SYNC, OwnRequest(self._flush_sync_ended))
+            # An error that came before it (the client's messages waited on a Describe of the proxy's and
+            # were sent behind the error) counts as the group's: its ReadyForQuery alone does not tell.
+            failed = relay.queue is not None and relay.queue.skipping()
+            relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._flush_sync_ended(outcome, failed)))
             relay.mid_group = False
             self.flush_sync_pending = True
 
-    def _flush_sync_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
-        """The proxy's Sync after a Flush is answered. If the client's messages before it failed, the
-        client is still inside the error window Postgres would keep until the client's own Sync."""
+    def _flush_sync_ended(self, outcome: Outcome, failed_before: bool) -> None:
+        """The proxy's Sync after a Flush is answered. If the client's messages before it failed (while it
+        was owed, or `failed_before` it was sent), the client is still inside the error window Postgres
+        would keep until the client's own Sync."""
         self.flush_sync_pending = False
-        if outcome is Outcome.FAILED:
+        if outcome is Outcome.FAILED or failed_before:
             self.relay.skip_group = True
 
     def waiting(self) -> bool:

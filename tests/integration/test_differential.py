@@ -230,6 +230,17 @@ PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK = [
     Write((step_describe("S", "s1"), SYNC, step_bind("", "s1", ["9", "nine"]), SYNC)),
     FINAL,
 ]
+# A described statement (s1, no result) whose second Parse fails (42P05) behind a Flush: the Describe
+# behind that Parse is skipped, as is everything the client sends up to its Sync, Bind included; the
+# proxy's check of s1's result shape must not run it.
+DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW = [
+    flush_write("s1", ""),
+    Write((step_parse("s2", ""), SYNC)),
+    flush_write("s1", "SELECT 1/0"),
+    Write((FLUSH, step_bind("", "s1", ["2", None]), step_parse("s2", "INSERT INTO diff_scratch VALUES ($1::int, $2::text)"),
+           step_query("SAVEPOINT a"), SYNC, FLUSH)),
+    FINAL,
+]
 PORTAL_SUSPENDED_IN_TRANSACTION = [
     Write((step_query("BEGIN"), step_parse("s1", "SELECT generate_series(1, $1::int)"), step_bind("p1", "s1", ["5"]),
            step_execute("p1", 2), SYNC)),
@@ -247,6 +258,7 @@ INPUTS = {
     "sync-among-data-of-a-failed-copy": SYNC_AMONG_DATA_OF_A_FAILED_COPY,
     "names-after-skipped-changes": NAMES_AFTER_SKIPPED_CHANGES,
     "parse-of-a-held-text-in-a-failed-block": PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK,
+    "described-statement-in-an-error-window": DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -39,55 +39,45 @@ def failure(exc: Exception) -> dict[str, str]:
     return {"sqlstate": getattr(exc, "sqlstate", None) or type(exc).__name__, "type": type(exc).__name__}
 
 
-async def labels_after_another_client_parsed_it(connect: Connect, admin: Callable[[str], None], table: str) -> dict[str, Any]:
-    """The breaker's case: A's cached statement, a column dropped and one added, B prepares the same text
-    (the proxy parses the shared server-side statement again), A runs it again."""
-    admin(f"CREATE TABLE {table} (a int, b text, s text); INSERT INTO {table} VALUES (7, 'bbb', 'sss')")
+async def fetched_around(connect: Connect, admin: Callable[[str], None], create: str, change: str, query: str,
+                         again: bool = False) -> dict[str, Any]:
+    """A's fetch of `query` (asyncpg caches the statement), the schema `change`, B's fetch of the same text
+    (the proxy parses the shared server-side statement again), A's fetch again (and once more)."""
+    admin(create)
     a, b = await connect(ACME), await connect(GLOBEX)
-    query = f"SELECT * FROM {table}"
     try:
         seen: dict[str, Any] = {"a before": shown(await a.fetch(query))}
-        admin(f"ALTER TABLE {table} DROP COLUMN b, ADD COLUMN n text DEFAULT 'new column n'")
+        admin(change)
         seen["b after"] = shown(await b.fetch(query))
         seen["a after"] = shown(await a.fetch(query))
-        seen["a again"] = shown(await a.fetch(query))
+        if again:
+            seen["a again"] = shown(await a.fetch(query))
         return seen
     finally:
         await a.close()
         await b.close()
+
+
+async def labels_after_another_client_parsed_it(connect: Connect, admin: Callable[[str], None], table: str) -> dict[str, Any]:
+    """The breaker's case: a column dropped and one added."""
+    return await fetched_around(
+        connect, admin, f"CREATE TABLE {table} (a int, b text, s text); INSERT INTO {table} VALUES (7, 'bbb', 'sss')",
+        f"ALTER TABLE {table} DROP COLUMN b, ADD COLUMN n text DEFAULT 'new column n'", f"SELECT * FROM {table}", again=True)
 
 
 async def int_to_bigint(connect: Connect, admin: Callable[[str], None], table: str) -> dict[str, Any]:
     """A column's type changes (asyncpg read eight bytes where its description said four: "unexpected
     trailing 4 bytes", forever)."""
-    admin(f"CREATE TABLE {table} (a int, s text); INSERT INTO {table} VALUES (7, 'sss')")
-    a, b = await connect(ACME), await connect(GLOBEX)
-    query = f"SELECT a, s FROM {table}"
-    try:
-        seen: dict[str, Any] = {"a before": shown(await a.fetch(query))}
-        admin(f"ALTER TABLE {table} ALTER COLUMN a TYPE bigint")
-        seen["b after"] = shown(await b.fetch(query))
-        seen["a after"] = shown(await a.fetch(query))
-        return seen
-    finally:
-        await a.close()
-        await b.close()
+    return await fetched_around(
+        connect, admin, f"CREATE TABLE {table} (a int, s text); INSERT INTO {table} VALUES (7, 'sss')",
+        f"ALTER TABLE {table} ALTER COLUMN a TYPE bigint", f"SELECT a, s FROM {table}")
 
 
 async def column_count(connect: Connect, admin: Callable[[str], None], table: str) -> dict[str, Any]:
     """A column added: the statement's rows get one more field (a ProtocolError in asyncpg)."""
-    admin(f"CREATE TABLE {table} (a int); INSERT INTO {table} VALUES (7)")
-    a, b = await connect(ACME), await connect(GLOBEX)
-    query = f"SELECT * FROM {table}"
-    try:
-        seen: dict[str, Any] = {"a before": shown(await a.fetch(query))}
-        admin(f"ALTER TABLE {table} ADD COLUMN n text DEFAULT 'n'")
-        seen["b after"] = shown(await b.fetch(query))
-        seen["a after"] = shown(await a.fetch(query))
-        return seen
-    finally:
-        await a.close()
-        await b.close()
+    return await fetched_around(
+        connect, admin, f"CREATE TABLE {table} (a int); INSERT INTO {table} VALUES (7)",
+        f"ALTER TABLE {table} ADD COLUMN n text DEFAULT 'n'", f"SELECT * FROM {table}")
 
 
 async def write_after_the_change(connect: Connect, admin: Callable[[str], None], table: str) -> dict[str, Any]:

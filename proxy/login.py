@@ -148,8 +148,7 @@ class Client(Hooks, Protocol):
     relay: Relay | None
     console: admin.ConsoleSession | None
 
-    @property
-    def database(self) -> str: ...
+    database: str  # the upstream database the session uses, set by the login
 
     def terminate(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> None: ...
 
@@ -332,6 +331,9 @@ class Login:
             return
         try:
             request = client.request = server.policy.evaluate(packet.parameters)
+            # Read once, so a session stays in the database it logged in to when a reload changes
+            # `[upstream] database`.
+            client.database = server.settings.upstream.database or request.database or request.user
         except ParameterRefused as exc:
             self.refuse(exc.sqlstate, str(exc))
             return
@@ -437,7 +439,9 @@ class Login:
     def _admin_socket_login(self, parameters: dict[str, str]) -> None:
         """A client of the admin socket reaches the console without a token, and nothing else."""
         user = parameters.get("user", "")
-        request = self._client.request = StartupRequest(user=user, database=parameters.get("database") or user)
+        database = parameters.get("database") or user
+        request = self._client.request = StartupRequest(user=user, database=database)
+        self._client.database = database
         if request.database != admin.ADMIN_DATABASE or self._server.console is None:
             self.refuse(errors.INVALID_CATALOG_NAME, f'the admin socket serves only database "{admin.ADMIN_DATABASE}"')
             return

@@ -10,7 +10,6 @@ problem, each naming the key.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import os
@@ -314,11 +313,13 @@ class PoolSettings:
     max_server_connections_per_tenant: int  # 0: no cap below size
     idle_transaction_timeout: float  # seconds; 0: off
 
-    @functools.cached_property
-    def tenant_limit(self) -> int:
-        """Server connections one tenant may hold at once in one database's pool (read at every checkout:
-        computed once)."""
-        return self.max_server_connections_per_tenant or self.size
+    # Server connections one tenant may hold at once in one database's pool, read at every checkout:
+    # computed once, into a field (a cached_property's write into the instance's __dict__ costs the
+    # interpreter's specialised attribute access on it, bench/PROFILE.md).
+    tenant_limit: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tenant_limit", self.max_server_connections_per_tenant or self.size)
 
 
 @dataclass(frozen=True)
@@ -454,7 +455,7 @@ SectionSettings = TypeVar("SectionSettings")
 
 def _section(values: dict[tuple[str, str], Any], section: str, kind: type[SectionSettings]) -> SectionSettings:
     """A section's settings as they were read, for sections whose keys are exactly `kind`'s fields."""
-    return kind(**{item.name: values[(section, item.name)] for item in fields(kind)})  # type: ignore[arg-type]
+    return kind(**{item.name: values[(section, item.name)] for item in fields(kind) if item.init})  # type: ignore[arg-type]
 
 
 def env_name(section: str, key: str) -> str:

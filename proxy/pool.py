@@ -23,7 +23,6 @@ while the pool is below `min_size`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 from collections.abc import Callable, Coroutine, Mapping
@@ -59,9 +58,13 @@ def pool_key(database: str, parameters: dict[str, str]) -> PoolKey:
 class Pool:
     """What both modes share: counting open connections per database, waiting for a slot, sweeping."""
 
-    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
+    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.upstream = upstream
         self.settings = settings
+        # The loop (by default the running one), looked up once: on Python 3.11 each lookup costs a getpid()
+        # system call. A plain attribute, not a cached_property, whose write into the instance's __dict__
+        # costs the interpreter's specialised attribute access on the pool (bench/PROFILE.md).
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self._open: dict[str, int] = {}
         self._waiters: dict[str, WaitQueue[Handover]] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}  # per queue: at its earliest deadline
@@ -72,11 +75,6 @@ class Pool:
         self.servers: set[BackendConnection] = set()  # every open server connection (the admin console lists them)
         self.paused: set[str] = set()  # databases PAUSEd by the admin console (EVERY_DATABASE: all of them)
 
-    @functools.cached_property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once (on Python 3.11 each lookup costs a getpid() system call);
-        an attribute from then on."""
-        return asyncio.get_running_loop()
 
     def known_parameters(self, database: str, parameters: dict[str, str]) -> dict[str, str] | None:
         """What the server reported (ParameterStatus) for sessions with these startup parameters, once
@@ -362,8 +360,8 @@ class Pool:
 class SessionPool(Pool):
     """Session mode: reset connections kept idle per database and startup parameters."""
 
-    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
-        super().__init__(upstream, settings)
+    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(upstream, settings, loop)
         self._idle_by_key: dict[PoolKey, list[BackendConnection]] = {}
 
     def _idle_lists(self) -> list[tuple[str, list[BackendConnection]]]:
@@ -428,8 +426,8 @@ class SessionPool(Pool):
 class TransactionPool(Pool):
     """Transaction mode: connections per database shared by all tenants, with tenant affinity."""
 
-    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings) -> None:
-        super().__init__(upstream, settings)
+    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(upstream, settings, loop)
         self._idle_by_database: dict[str, list[BackendConnection]] = {}
         self._filling: set[str] = set()
 

@@ -59,7 +59,7 @@ class LoginPools:
         self.main = main
         self.roles = roles
         kind = type(main)
-        self.by_role: dict[str, AnyPool] = {value: kind(login, settings) for value, login in roles.logins.items()}
+        self.by_role: dict[str, AnyPool] = {value: kind(login, settings, main.loop) for value, login in roles.logins.items()}
 
     def for_identity(self, identity: Identity) -> AnyPool:
         """The pool a client with this verified identity uses for its whole session; raises RoleRefused

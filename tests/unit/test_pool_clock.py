@@ -64,9 +64,8 @@ def new_pool(checkout_timeout: float = 2.0, kind: type[Pool] = Pool) -> tuple[Po
     settings = PoolSettings(mode="transaction", size=1, min_size=0, max_client_connections=10, max_prepared_statements=10,
                             max_server_connections_per_tenant=0, idle_transaction_timeout=0.0,
                             checkout_timeout=checkout_timeout, server_idle_timeout=60.0, server_lifetime=3600.0)
-    pool = kind(None, settings)  # type: ignore[arg-type]  # no connection is opened here
     loop = FakeLoop()
-    pool.loop = loop  # type: ignore[assignment]  # the cached property's value
+    pool = kind(None, settings, loop)  # type: ignore[arg-type]  # no connection is opened here; the fake clock
     return pool, loop
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +172,9 @@ def test_an_unmapped_or_missing_role_is_refused_with_28000(claims: dict[str, Any
 @pytest.mark.parametrize("kind", [SessionPool, TransactionPool])
 def test_each_role_has_its_own_pool_of_the_configured_kind(tmp_path: Path, kind: type[Any]) -> None:
     settings = load(tmp_path, ROLES % editor_password(tmp_path))
-    main = kind(settings.upstream, settings.pool)
+    loop = asyncio.new_event_loop()  # the pools keep it; nothing runs on it here
+    loop.close()
+    main = kind(settings.upstream, settings.pool, loop)
     pools = LoginPools(main, settings.roles, settings.pool)
 
     def identity(**claims: Any) -> Identity:
@@ -180,6 +184,7 @@ def test_each_role_has_its_own_pool_of_the_configured_kind(tmp_path: Path, kind:
     editor = pools.for_identity(identity(**{"https://example.com/claims.role": "editor"}))
     assert isinstance(viewer, kind) and isinstance(editor, kind)
     assert len({id(main), id(viewer), id(editor)}) == 3
+    assert viewer.loop is editor.loop is loop
     assert (viewer.upstream.user, editor.upstream.user) == ("app_viewer", "app_editor")
     assert pools.for_identity(identity(**{"https://example.com/claims.role": "viewer"})) is viewer
     assert LoginPools(main, config.RolesSettings(None, {}), settings.pool).for_identity(identity(role="x")) is main

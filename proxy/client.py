@@ -351,8 +351,10 @@ class ClientConnection(asyncio.Protocol):
         """The first client of a database and set of startup parameters: its server connection is
         checked out at login and set up as its session would be; `prepared` greets it."""
         backend = await self._acquire()
-        if self.session.state is not State.CLOSED:
-            self._guarded(self._attach_at_login, backend)
+        if self.session.state is State.CLOSED:  # the session ended meanwhile: as in `_checkout_task`
+            self.pool.release(backend)
+            return
+        self._guarded(self._attach_at_login, backend)
 
     def greeted(self) -> tuple[int, int]:
         """The login greets this tenant client now: its BackendKeyData (process id, secret key) is minted."""

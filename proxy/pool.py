@@ -176,6 +176,13 @@ class Pool:
         waiter = self.queue(database, deadline, deliver, tenant)
         try:
             result = await future
+        except asyncio.CancelledError:
+            # Cancelled after a connection was handed over but before this coroutine resumed (the client
+            # left in between): it goes back, instead of being lost with the task.
+            handed = future.result() if future.done() and not future.cancelled() else None
+            if isinstance(handed, BackendConnection):
+                self.hand_back(handed)
+            raise
         finally:
             waiter.cancel()
         if isinstance(result, Exception):

@@ -3,6 +3,7 @@ its own deadline, a waiter served in time never hears of it, an earlier deadline
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -255,3 +256,32 @@ def test_a_cancel_counts_against_the_connection_before_its_task_runs() -> None:
     assert spawned == [("send cancel to", backend)]  # not started yet
     pool.release(backend)
     assert backend.lifecycle is Lifecycle.CLOSED
+
+
+def test_a_connection_handed_to_a_checkout_cancelled_before_it_resumed_goes_back() -> None:
+    """A client's checkout waits in the queue; a connection is handed to it, and its task is cancelled (the
+    client left) before the coroutine resumed: the connection goes back to the pool, where it was lost
+    with the task (still counted as open and held: a pool of one refused everyone after that)."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pool, _ = new_pool(kind=TransactionPool)
+        pool.loop = loop
+        backend = BackendConnection(10)
+        backend.pool_key = ("app", ())
+        backend.opened_at = loop.time()
+        backend.lifecycle = Lifecycle.ACTIVE
+        pool._open["app"] = 1
+        checkout = loop.create_task(pool._wait("app", loop.time() + 60.0, "acme"))
+        while not any(pool._waiters.get("app", ())):
+            await asyncio.sleep(0)  # let the checkout join the queue (a yield, not a wait on the clock)
+        pool.release(backend)  # handed to the waiting checkout, which has not resumed yet
+        checkout.cancel()
+        try:
+            await checkout
+        except asyncio.CancelledError:
+            pass
+        assert backend.lifecycle is Lifecycle.IDLE and pool.holds("app", "acme") == 0
+        assert pool.take("app", "globex") is backend
+
+    asyncio.run(scenario())

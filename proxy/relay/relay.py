@@ -1363,7 +1363,7 @@ class TransactionMode:
         # as a Parse does in Postgres after a change of schema (other clients' statements described with
         # another shape are then refused by the shape check, `_result_changed`; kept as it was, the held
         # statement would answer this client 0A000 for good). Skipped behind a failed check, it stays.
-        watch = server.parse_again_sent(statement.server_name)
+        watch = server.parse_sent(statement.server_name)
         relay.own(messages.close_statement(statement.server_name), Request.CLOSE)
         relay.own(messages.message(b"P", statement.server_name + b"\0" + statement.definition), Request.PARSE,
                   OwnRequest(watch.ended), speaks=PREPARED_AGAIN_FAILED)

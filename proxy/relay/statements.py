@@ -147,19 +147,15 @@ class ServerStatements:
                 yield name
 
     def parse_sent(self, name: bytes) -> ParseWatch:
-        """A Parse of `name` went upstream: present from now on, unless it fails."""
-        self.ready.pop(name, None)
-        self.shapes.pop(name, None)
+        """A Close and a Parse of `name` went upstream: present from now on, unless the Parse fails. Both
+        skipped (an error earlier in their window), a statement held under `name` is there as it was, with
+        the shape it had."""
+        shape = self.shapes.pop(name, None)
+        watch = ParseWatch(self, name, self.generation)
+        if name in self.ready:
+            del self.ready[name]
+            watch.kept = shape if isinstance(shape, bytes) else b""
         self.pending[name] = self.generation
-        return ParseWatch(self, name, self.generation)
-
-    def parse_again_sent(self, name: bytes) -> ParseWatch:
-        """A Close and a Parse of `name`, which is held, went upstream behind a request that may fail: as
-        `parse_sent`, but when they are skipped (that request failed) the statement is there as it was,
-        with the shape it had."""
-        shape = self.shapes.get(name)
-        watch = self.parse_sent(name)
-        watch.kept = shape if isinstance(shape, bytes) else b""
         return watch
 
     def unnamed_sent(self, statement: Statement) -> None:
@@ -177,7 +173,8 @@ class ParseWatch:
         self.server = server
         self.name = name
         self.generation = generation
-        # Parsed again while held (`parse_again_sent`): its shape then (b"" unknown); None for a first Parse.
+        # Parsed again while held (`ServerStatements.parse_sent`): its shape then (b"" unknown); None when it
+        # was not held.
         self.kept: bytes | None = None
 
     def ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:

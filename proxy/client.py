@@ -112,10 +112,11 @@ class ClientConnection(asyncio.Protocol):
             self._idle_timer.cancel()
             self._idle_timer = None
         try:  # _guarded, inlined on the hot path
-            relay.client_data(data)
+            whole = relay.client_data(data)
         except Exception as exc:
             self._step_failed(exc)
-        if self._message_timer is not None or not relay.scanner.at_boundary():
+            whole = False
+        if self._message_timer is not None or not whole:
             self._watch_partial_message(relay)
 
     def _watch_partial_message(self, relay: Relay) -> None:

@@ -97,13 +97,20 @@ class Pool:
     def _hold(self, backend: BackendConnection, tenant: str) -> None:
         """`backend` now serves a client of `tenant`."""
         backend.holder = tenant
-        self._hold_slot(backend.pool_key[0], tenant)
+        database = backend.pool_key[0]
+        held = self._held.get(database)  # _hold_slot, inlined: once per checkout
+        if held is None:
+            held = self._held[database] = {}
+        held[tenant] = held.get(tenant, 0) + 1
 
     def _unhold(self, backend: BackendConnection) -> None:
         """`backend`'s client is done with it (idempotent)."""
         tenant, backend.holder = backend.holder, None
         if tenant is not None:
-            self._release_slot(backend.pool_key[0], tenant)
+            held = self._held[backend.pool_key[0]]  # _release_slot, inlined: once per release
+            held[tenant] -= 1
+            if not held[tenant]:
+                del held[tenant]
 
     def _hold_slot(self, database: str, tenant: str) -> None:
         """One more server connection counts toward `tenant`'s limit (held, or being opened for it)."""
@@ -520,8 +527,8 @@ class TransactionPool(Pool):
             self._unhold(backend)
             backend.attach(_Drain(self, backend))
             return
-        if self._take_back(backend):
-            self._offer(backend)
+        if self._take_back(backend) and not self._wake(backend.pool_key[0], backend):  # _offer, inlined
+            self.move(backend, _IDLE)
 
 
     def _fill(self, database: str) -> None:

@@ -88,7 +88,8 @@ class WaitQueue(Generic[R]):
         tenant holds `limit` connections or nobody waits. `held` counts each tenant's connections
         (absent for none)."""
         arrivals = self._arrivals
-        _drop_left(arrivals)
+        while arrivals and arrivals[0].done:  # _drop_left, inlined: once per hand-over
+            arrivals.popleft()
         if not arrivals:
             self._by_tenant.clear()
             return None

@@ -235,6 +235,7 @@ class Relay:
         self.mode: SessionMode | TransactionMode = (
             TransactionMode(self, max_statement_bytes, budget) if transaction_mode else SessionMode(self)
         )
+        self.pooled = transaction_mode  # the server connection may go back to the pool between transactions
         self._out: list[bytes | memoryview] = []
 
     # -- server connection -----------------------------------------------------------------------
@@ -302,7 +303,7 @@ class Relay:
             return
         if self.held and not queue.groups_owed():
             self._resume()
-        if not self.terminated:
+        if self.pooled and not self.terminated:
             self.mode.maybe_release()
 
     def cancel_requested(self) -> None:
@@ -399,28 +400,30 @@ class Relay:
 
     # -- client bytes ----------------------------------------------------------------------------
 
-    def client_data(self, data: bytes) -> None:
-        """Bytes from the client (logged in). Raises ProtocolViolation on a malformed stream."""
+    def client_data(self, data: bytes) -> bool:
+        """Bytes from the client (logged in). Returns True when the read was one whole message, so the
+        stream is at a message boundary (False: ask the scanner). Raises ProtocolViolation on a
+        malformed stream."""
         if self.terminated:
-            return
+            return False
         lone = self.scanner.lone(data)
         if self.server is None and not self.held:
             if lone == 88:  # 'X' alone: nothing to check out for
                 self.terminated = True
                 self.hooks.terminated()
-                return
+                return True
             if not self.preparing:
                 self.hooks.need_server()  # an idle server connection is attached at once when there is one
         if self.server is None or self.held or self.preparing:
             self._hold((Message(b"Q", data),) if lone == 81 else self.scanner.scan(data))
-            return
-        if lone == 81:  # 'Q': the common read, one whole simple Query
+        elif lone == 81:  # 'Q': the common read, one whole simple Query
             if self.mode.plain_query(data):
                 METRICS.queries += 1
-                return
+                return True
             self._run(deque((Message(b"Q", data),)))
         else:
             self._run(deque(self.scanner.scan(data)))
+        return lone >= 0
 
     def _hold(self, segments: Iterable[Segment]) -> None:
         for segment in segments:
@@ -442,7 +445,9 @@ class Relay:
                 and self.mode.plain_query(segment.raw)):  # type: ignore[union-attr]
             held.clear()
             METRICS.queries += 1
-            self._held_drained()
+            if self.held_bytes > HELD_HIGH_WATER:  # _held_drained, inlined on the hot path
+                self.hooks.hold_client(False)
+            self.held_bytes = 0
         else:
             self._run(held)
         if self.cancel_wanted:
@@ -1822,5 +1827,5 @@ class TransactionMode:
             or not relay.scanner.at_boundary()
         ):
             return
-        relay.detach()
+        relay.server = relay.queue = None  # detach(), inlined on the hot path
         relay.hooks.release_server()

@@ -15,6 +15,11 @@ ReadyForQuery, end a group. It follows Postgres's rules ("Message Flow", 55.2.3 
   CommandComplete, EmptyQueryResponse or PortalSuspended;
 - NoticeResponse, NotificationResponse and ParameterStatus may come at any time.
 
+A request of the proxy's own that a client message depends on (its context, a statement prepared again)
+speaks to the client when it fails, its error prefixed with what the proxy was doing; but for 25P02,
+which the server gives every message inside a failed block, the client's message included: that goes to
+the client as it is, as Postgres would answer its message.
+
 A client Query the proxy answers itself (`Owner.ANSWERED`) is answered when it reaches the head, as
 Postgres would at that point: skipped inside an error window, refused with 25P02 in a failed
 transaction. A server message that fits no entry is a desync: `ProtocolViolation`, and the session ends.
@@ -449,6 +454,10 @@ class ReplyQueue:
             out.append(_renamed(message.raw, head.reply) if head.reply else message.raw)
         elif head.owner is Owner.REFUSED:
             out.append(head.reply)
+        elif head.reply and fields.get("C") == errors.IN_FAILED_TRANSACTION:
+            # The proxy's own request, refused only because the client's block had failed: the client's
+            # message behind it would have met the same refusal, which is what Postgres tells it.
+            out.append(message.raw)
         elif head.reply:  # the proxy's own request, whose failure the client must hear of
             out.append(messages.error_response(
                 "ERROR", fields.get("C", errors.INTERNAL_ERROR), head.reply.decode() + fields.get("M", ""), hint=fields.get("H")

@@ -214,6 +214,18 @@ def test_own_error_with_prefix_tells_the_client() -> None:
     assert queue.idle() and queue.client_group_ends == 0
 
 
+def test_own_error_in_a_failed_block_reaches_the_client_as_it_is() -> None:
+    """A statement prepared again inside a failed block: the server refuses its Parse with 25P02, as it
+    would the client's Bind behind it, which is what the client hears, without the proxy's prefix."""
+    queue, _ = new_queue()
+    queue.expect(P, Owner.OWN, reply=b"could not prepare the statement again on this server connection: ")
+    queue.expect(B)
+    queue.expect(S)
+    aborted = messages.error_response("ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted")
+    assert feed(queue, aborted + Z_FAILED) == aborted + Z_FAILED
+    assert queue.idle()
+
+
 def test_refused_entry_replaced() -> None:
     queue, _ = new_queue()
     refusal = messages.error_response("ERROR", errors.INSUFFICIENT_PRIVILEGE, "refused by the proxy")

@@ -1189,17 +1189,21 @@ class TransactionMode:
         return self.statements.waits(name, self.group) and queue is not None and queue.groups_owed() > 0
 
     def _deallocate(self, decision: Decision) -> OwnRequest | None:
-        """A Query that is one `DEALLOCATE name` of the client's own statement: the proxy answers it."""
+        """A Query that is one `DEALLOCATE name` of the client's own statement: the proxy answers it (in
+        order: 25P02 in a failed block, when the statement stays)."""
         if len(decision.deallocates) != 1 or decision.statement_count != 1:
             return None
         (name,) = decision.deallocates
         encoded = name.encode()
         if encoded not in self.statements.by_name or len(encoded) >= NAME_BYTES:
             return None  # a name cut to 63 bytes: the server runs it (stand-ins), with its NOTICE 42622
+        queue = self.relay.queue
+        assert queue is not None
+        (change,) = self.statements.drop_sent([encoded], self.group)
 
         def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
-            if outcome is Outcome.COMPLETED and self.relay.queue is not None and self.relay.queue.status != b"E":
-                self.statements.forget(encoded)
+            refused = outcome is Outcome.COMPLETED and queue.status == b"E"  # answered with 25P02
+            change.ended(Outcome.FAILED if refused else outcome, error)
 
         return OwnRequest(ended)
 
@@ -1217,13 +1221,12 @@ class TransactionMode:
             assert relay.server is not None
             if decision.drops_statements:
                 relay.server.state.statements.dropped()
+            changes = self.statements.drop_sent(self.statements.named() if decision.drops_statements else deallocated,
+                                                self.group)
 
             def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
-                if outcome is Outcome.COMPLETED and decision.drops_statements:
-                    self.statements.forget_all()
-                elif outcome is Outcome.COMPLETED:
-                    for name in deallocated:
-                        self.statements.forget(name)
+                for change in changes:
+                    change.ended(outcome, error)
 
             watcher = OwnRequest(ended)
         if decision.set_names or decision.reset_names or decision.resets_all or decision.unknown_settings:

@@ -10,8 +10,9 @@ The client's unnamed statement belongs to the client too: it lives, as in Postgr
 next Parse of the unnamed statement or its next simple Query, across Syncs and server connections, and
 is prepared again (as the unnamed statement) on a server connection that does not hold it.
 
-The proxy acts on a client's Parse, Close or simple Query as it goes upstream, as if it will run; the
-server's answers settle each name (`Change`). Until they have, a message of a later Sync group that
+The proxy acts on a client's Parse, Close, simple Query or SQL that drops statements (DEALLOCATE,
+DEALLOCATE ALL, DISCARD ALL) as it goes upstream, as if it will run, so a message behind it in the same
+write sees the names as Postgres will; the server's answers settle each name (`Change`). Until they have, a message of a later Sync group that
 depends on whether the name is there waits (a Parse or Close skipped in an error window changed
 nothing in Postgres); inside one group the assumption holds, as an error skips the rest of it.
 
@@ -331,20 +332,28 @@ class ClientStatements:
         self.budget.used -= size
         return True
 
-    def forget_all(self) -> None:
-        """DEALLOCATE ALL / DISCARD ALL ran, or the session's end: the named statements go, and those whose
-        changes are unanswered are gone once answered (the unnamed one stays, as in Postgres; it is not
-        counted)."""
-        self.by_name.clear()
-        self.budget.used -= self.size
-        self.size = 0
-        for name, entry in self.unsettled.items():
-            if name:
-                entry.answered = None
+    def named(self) -> list[bytes]:
+        """Every name a named statement is or may be under: those held, and those a request in flight may
+        leave one under (what DEALLOCATE ALL and DISCARD ALL drop; the unnamed statement stays, as in
+        Postgres)."""
+        return list(self.by_name) + [name for name in self.unsettled if name and name not in self.by_name]
+
+    def drop_sent(self, names: list[bytes], group: int) -> list[Change]:
+        """SQL that drops the client's statements `names` (DEALLOCATE, DEALLOCATE ALL, DISCARD ALL) goes
+        upstream in client group `group`: they are gone from now on, so a Parse of one of those names
+        behind it creates it anew, as in Postgres; each `Change`, told the outcome, puts the statement
+        back if the SQL did not run."""
+        changes = []
+        for name in names:
+            changes.append(self.change_sent(name, group, None))
+            self.forget(name)
+        return changes
 
     def session_ended(self) -> None:
         """The session ended: everything goes, answered or not (the budget is shared)."""
-        self.forget_all()
+        self.by_name.clear()
+        self.budget.used -= self.size
+        self.size = 0
         self.unsettled.clear()
 
     def lookup(self, name: bytes) -> Statement | None:

@@ -249,6 +249,28 @@ PORTAL_SUSPENDED_IN_TRANSACTION = [
     FINAL,
 ]
 
+# SQL that drops the client's statements, then, in the same write, a Parse of a name it dropped: Postgres
+# has dropped it by then, so the Parse creates it anew. Inside a failed block the DEALLOCATE fails (25P02)
+# and the statement stays.
+DROPPED_NAME_PARSED_AGAIN_AT_ONCE = [
+    Write((step_parse("s1", "SELECT $1::int + 1"), step_parse("s2", SQL), SYNC)),
+    Write((step_query("DEALLOCATE s1"), step_parse("s1", "SELECT $1::text, $2::text"), step_bind("", "s1", ["a", "b"]),
+           step_execute(""), SYNC)),
+    Write((step_parse("", "DEALLOCATE s1"), step_bind("", "", []), step_execute(""), step_parse("s1", "SELECT $1::int + 1"),
+           step_bind("", "s1", ["41"]), step_execute(""), SYNC)),
+    Write((step_query("DEALLOCATE ALL"), step_parse("s2", "SELECT $1::int + 1"), step_bind("", "s2", ["1"]), step_execute(""),
+           step_parse("s1", SQL), SYNC)),
+    Write((step_query("DISCARD ALL"), step_parse("s1", "SELECT $1::text, $2::text"), step_bind("", "s1", ["c", "d"]),
+           step_execute(""), step_parse("s2", SQL), step_bind("", "s2", []), step_execute(""), SYNC)),
+    Write((step_parse("", "DEALLOCATE ALL"), step_bind("", "", []), step_execute(""), step_parse("s2", "SELECT $1::int + 1"),
+           step_bind("", "s2", ["2"]), step_execute(""), SYNC)),
+    Write((step_query("BEGIN"), step_query("SELECT 1/0"), step_query("DEALLOCATE s2"), step_parse("s2", SQL), SYNC)),
+    Write((step_query("ROLLBACK"), step_bind("", "s2", ["3"]), step_execute(""), SYNC)),
+    Write((step_query("DEALLOCATE s2"), step_query("DEALLOCATE s2"), step_parse("s2", SQL), step_bind("", "s2", []),
+           step_execute(""), SYNC)),
+    FINAL,
+]
+
 INPUTS = {
     "unnamed-statement-across-syncs": UNNAMED_ACROSS_SYNCS,
     "query-behind-failing-parse": QUERY_BEHIND_FAILING_PARSE,
@@ -259,6 +281,7 @@ INPUTS = {
     "names-after-skipped-changes": NAMES_AFTER_SKIPPED_CHANGES,
     "parse-of-a-held-text-in-a-failed-block": PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK,
     "described-statement-in-an-error-window": DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW,
+    "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -265,6 +265,35 @@ def test_deallocate_of_own_statement_answered_by_the_proxy() -> None:
     assert b"s1" not in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
 
 
+def test_a_deallocated_name_is_free_for_a_parse_behind_it_in_the_same_write() -> None:
+    """`DEALLOCATE s1` answered by the proxy, then Parse s1 before any reply: the name is free from the
+    DEALLOCATE on, as in Postgres, so the Parse creates s1 anew (it was refused with 42P05)."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("s1", "SELECT 1") + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    start = len(pair.hooks.client)
+    writes = checked_out(pair, server, messages.query("DEALLOCATE s1") + messages.parse("s1", "SELECT 2") + messages.sync())
+    assert b"".join(writes) == renamed_parse("SELECT 2") + messages.sync()
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
+    assert b"".join(pair.hooks.client[start:]) == complete("DEALLOCATE") + Z_IDLE + PARSE_COMPLETE + Z_IDLE
+    assert pair.relay.mode.statements.by_name[b"s1"].server_name == server_name("SELECT 2")  # type: ignore[union-attr]
+
+
+def test_a_deallocate_refused_in_a_failed_block_leaves_the_statement() -> None:
+    """Inside a failed block the proxy answers `DEALLOCATE s1` with 25P02, and s1 stays, as in Postgres."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("s1", "SELECT 1") + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    checked_out(pair, server, messages.query("BEGIN"))
+    pair.server(complete("BEGIN") + Z_BLOCK)
+    pair.client(messages.query("SELECT 1/0"))
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + messages.error_response("ERROR", "22012", "division by zero") + Z_FAILED)
+    start = len(pair.hooks.client)
+    assert b"".join(pair.client(messages.query("DEALLOCATE s1"))) == b""  # answered by the proxy
+    assert messages.parse_error_fields(pair.hooks.client[start][5:])["C"] == errors.IN_FAILED_TRANSACTION
+    assert b"s1" in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
+
+
 def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     pair, server = RelayPair(), Server(101)
     set_query = messages.query("SET search_path TO app")

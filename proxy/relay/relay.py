@@ -22,6 +22,7 @@ only its header looked at and the guard's pre-scan run on its text).
 
 from __future__ import annotations
 
+import enum
 import itertools
 import re
 import struct
@@ -96,10 +97,27 @@ _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
 RESULT_CHANGED = messages.message(b"E", messages.error_response(
     "ERROR", errors.FEATURE_NOT_SUPPORTED, "cached plan must not change result type")[5:-1] + b"RRevalidateCachedQuery\0\0")
 FLUSH = messages.message(b"H")
+# The probe behind Syncs the client sent among the data of a COPY that failed (`ReplyQueue._copy_syncs_probed`):
+# a Sync, then a Close of a portal no one can name, whose CloseComplete the Flush brings at once.
+COPY_PROBE = messages.sync() + messages.message(b"C", b"P" + NEVER_PREPARED + b"\0") + FLUSH
 _SESSIONS = itertools.count(1)
 STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
 READ_RETRIES = 3  # a group of the proxy's own cancelled (57014) this many times in a row is not sent again
 
+
+class CopyInput(enum.Enum):
+    """Where the client is in sending COPY data, as far as the Syncs among it matter. During COPY IN the
+    server ignores a Sync; after the COPY failed it reads one as a Sync: only the server's replies tell
+    which (`ReplyQueue`), so a Sync the client sends after CopyData ends its group only once they have."""
+
+    NONE = "none"
+    DATA = "data"  # CopyData sent since the last CopyDone / CopyFail
+    SYNCED = "synced"  # ... and Syncs after it whose fate is not known yet: what is not COPY data waits
+    ENDED = "ended"  # ... and the CopyDone / CopyFail: everything the client sends next waits
+
+
+# Compared against for every CopyData and client message: bound once (see proxy.relay.enums).
+_NO_COPY_INPUT, _COPY_ENDED = CopyInput.NONE, CopyInput.ENDED
 
 class Hooks(Protocol):
     """What the relay needs from the asyncio side."""
@@ -225,6 +243,8 @@ class Relay:
         self.terminated = False  # the client sent Terminate
         self.transactions_ended = 0  # client transactions ended (ReadyForQuery 'I') since the hooks were told
         self.skip_group = False  # the server skipped to the proxy's Sync after an error: skip the client's messages to its Sync
+        self.copy_input = CopyInput.NONE
+        self.copy_syncs = 0  # Syncs sent among CopyData whose fate the server's replies have not told yet
         # The client's last Query may start COPY FROM STDIN, during which the server reads nothing but CopyData,
         # CopyDone, CopyFail, Flush and Sync: the proxy's own messages due behind it (and the client's next
         # messages but those) wait for its ReadyForQuery.
@@ -336,6 +356,29 @@ class Relay:
         self.hooks.cancel_server()
 
     # -- ReplyQueue's listener -------------------------------------------------------------------
+
+    def copy_syncs_unknown(self) -> None:
+        """A COPY failed with Syncs of the client's among its data: the probe that tells how many the server
+        read as Syncs goes behind them (the client's messages after its CopyDone / CopyFail wait for it)."""
+        self.own(COPY_PROBE, Request.COPY_PROBE, OwnRequest(self._copy_probed))
+        self.flush_own()
+
+    def _copy_probed(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """FAILED: the server read none of the client's Syncs among the data as a Sync, and the probe's
+        Sync ended the error window the failed COPY opened: the client's messages up to its next Sync
+        are skipped here, as the server would have skipped them."""
+        if outcome is Outcome.FAILED:
+            self.skip_group = True
+
+    def _copy_sync_ended(self, outcome: Outcome, error: dict[str, str] | None) -> None:
+        """The fate of a Sync the client sent among CopyData: ignored during COPY IN (SKIPPED), or read as
+        a Sync, which ended the client's group there."""
+        self.copy_syncs -= 1
+        if not self.copy_syncs:
+            self.copy_input = CopyInput.NONE
+        if outcome is not Outcome.SKIPPED:
+            self._sync_read()
+            self.flush_own()
 
     def group_ended(self, status: bytes, own: bool) -> None:
         if not own and status == b"I":
@@ -471,7 +514,7 @@ class Relay:
                 self.hooks.terminated()
                 return
             queue = self.queue
-            if done or queue is None or queue.groups_owed() or self.mode.waiting():
+            if done or queue is None or queue.groups_owed() or self.copy_syncs or self.mode.waiting():
                 break
         if segments is self.held:
             self._held_drained()
@@ -486,6 +529,10 @@ class Relay:
         while segments:
             segment = segments[0]
             if type(segment) is not Message:
+                if self.copy_input is _COPY_ENDED:
+                    return False  # behind the client's CopyDone / CopyFail, until the Syncs among its data are settled
+                if self.copy_input is _NO_COPY_INPUT:
+                    self.copy_input = CopyInput.DATA
                 out.append(segment)  # type: ignore[arg-type]  # CopyData
                 assert self.queue is not None
                 self.queue.expect(Request.COPY_DATA)
@@ -517,6 +564,8 @@ class Relay:
             return False
         if self.follow_ups_wait and kind[0] not in COPY_IN_READS:
             return False
+        if self.copy_syncs and (self.copy_input is _COPY_ENDED or kind[0] not in COPY_IN_READS):
+            return False  # Syncs among the client's CopyData are not settled: its group may go on or not
         if self.skip_group and kind != b"X":
             if kind == b"S":  # the window the client is in ends here: the proxy answers its Sync
                 self.skip_group = False
@@ -531,11 +580,14 @@ class Relay:
         elif kind == b"E":
             return mode.execute(message)
         elif kind == b"S":
-            self.send(message.raw, Request.SYNC)
             METRICS.queries += 1
-            self.mid_group = False
-            self.describing = True
-            mode.group_sent()
+            if self.copy_input is _NO_COPY_INPUT:
+                self.send(message.raw, Request.SYNC)
+                self._sync_read()
+            else:  # among CopyData: it ends the group only if the server reads it as a Sync
+                self.copy_syncs += 1
+                self.copy_input = CopyInput.SYNCED
+                self.send(message.raw, Request.SYNC, watcher=OwnRequest(self._copy_sync_ended))
         elif kind == b"P":
             return mode.parse(message)
         elif kind == b"D":
@@ -551,7 +603,18 @@ class Relay:
             return False
         else:  # CopyDone, CopyFail
             self.send(message.raw, Request.COPY_END)
+            if self.copy_syncs:  # what follows waits for the COPY's outcome, which a Flush brings
+                self._out.append(FLUSH)
+                self.copy_input = CopyInput.ENDED
+            else:
+                self.copy_input = CopyInput.NONE
         return True
+
+    def _sync_read(self) -> None:
+        """A Sync of the client's ended its group on the server."""
+        self.mid_group = False
+        self.describing = True
+        self.mode.group_sent()
 
     def _function_call(self, message: Message) -> bool:
         """FunctionCall ('F'): refused by the guard unless configured; otherwise like a Query."""
@@ -825,7 +888,7 @@ class SessionMode:
         """The hot path: a read holding one whole simple Query that the guard clears goes upstream as it
         came, owing one plain group. False when it needs the general path."""
         relay = self.relay
-        if relay.skip_group or self.reassert_due or self.reset_in_block or relay.mid_group or (
+        if relay.skip_group or self.reassert_due or self.reset_in_block or relay.mid_group or relay.copy_syncs or (
             relay.decide(data[5:-1]) is not ALLOW
         ):
             return False

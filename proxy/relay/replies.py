@@ -10,7 +10,12 @@ ReadyForQuery, end a group. It follows Postgres's rules ("Message Flow", 55.2.3 
   skips every message up to the next Sync, a simple Query or FunctionCall inside that window included;
 - an ErrorResponse to a Query, FunctionCall or Sync (a commit that fails) is followed by ReadyForQuery;
 - a Sync or Flush the server reads during COPY IN is ignored; CopyData, CopyDone and CopyFail that
-  arrive after the COPY ended (or failed) are ignored too;
+  arrive after the COPY ended (or failed) are ignored too. So a Sync the client sent among its CopyData
+  is ignored when the COPY succeeds, and when it fails, ends a group only if the server read it after
+  the failure, which only the count of ReadyForQuery tells: the proxy then sends a probe of its own
+  behind those Syncs (`Request.COPY_PROBE`: Sync, Close of a portal that never exists, Flush), and the
+  ReadyForQuery that come before its CloseComplete, but its own, are those Syncs' (the last ones,
+  read after the failure); the client's next messages wait for that (see the relay);
 - Describe of a statement answers ParameterDescription then RowDescription or NoData; Execute ends with
   CommandComplete, EmptyQueryResponse or PortalSuspended;
 - NoticeResponse, NotificationResponse and ParameterStatus may come at any time.
@@ -28,6 +33,7 @@ transaction. A server message that fits no entry is a desync: `ProtocolViolation
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from collections import deque
 from typing import Protocol
@@ -51,6 +57,7 @@ class Request(HotEnum):
     FUNCTION_CALL = "FunctionCall"
     COPY_END = "CopyDone/CopyFail"  # answered by the Execute or Query that started the COPY
     COPY_DATA = "CopyData"  # answered by nothing: marks where the client's data began
+    COPY_PROBE = "Sync, Close, Flush"  # the proxy's probe behind Syncs among the data of a failed COPY
     CONTEXT = "Bind, Execute, Close"  # the proxy's context in front of a transaction: one entry for the three;
     # its watcher acts only on failure (the hot path settles a completed one without telling it)
 
@@ -90,6 +97,11 @@ class Listener(Protocol):
 
     def group_ended(self, status: bytes, own: bool) -> None: ...
 
+    def copy_syncs_unknown(self) -> None:
+        """A COPY IN failed with Syncs of the client's among its data: send the probe behind them
+        (`Request.COPY_PROBE`), whose watcher is told FAILED, with the COPY's error, when the client is
+        still in the error window the COPY's failure opened."""
+
     def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
         """A ParameterStatus arrived, `forwarded` when it answers the client's request; True when the
         client is told it (the listener may hide one the proxy is about to undo)."""
@@ -111,7 +123,7 @@ class Owed:
         self.watcher = watcher
         self.rows = rows  # the watcher collects DataRows (an Execute) or the RowDescription / NoData (a Describe)
         self.failed: dict[str, str] | None = None
-        self.in_copy = False  # a Sync sent among CopyData: ignored if the COPY succeeds
+        self.in_copy = False  # a Sync sent among CopyData: ignored if the COPY succeeds; a probe settles it if not
         # Looked up once here rather than per server message (an enum's hash is Python code):
         self.ends = _ENDS.get(request, _NONE)  # reply types that complete it
         self.continues = _CONTINUES.get(request, _NONE)  # reply types that may come before that
@@ -190,7 +202,8 @@ class ReplyQueue:
         self._special = 0  # entries that are not a client Query: the fast path needs none
         self._copy_syncs = CopySyncs.REAL  # COPY IN started and no CopyDone / CopyFail sent yet
         self._copy_end_ignored = 0  # CopyDone / CopyFail the server will ignore (the COPY already failed)
-        self._ambiguous_answered = 0  # ReadyForQuery taken for Syncs sent among CopyData of a failed COPY
+        self._probe_ready: list[bytes] = []  # ReadyForQuery read while Syncs among the data of a failed COPY are settled
+        self._copy_window: dict[str, str] | None = None  # the error of a failed COPY begun by an Execute: the server skips to Sync
         self._skipping = False  # the server skips to the next Sync, and none is owed yet
         self._skipped_client_group = False  # ... and it skipped a client Query or FunctionCall meanwhile
         self._rows = 0  # entries whose DataRows a watcher collects
@@ -217,6 +230,8 @@ class ReplyQueue:
                 owner = Owner.CLIENT  # the client's Query was skipped: this Sync's ReadyForQuery is its
             self._skipped_client_group = False
         if request is Request.SYNC and self._copy_syncs is CopySyncs.IGNORED:
+            if watcher is not None:
+                watcher.ended(Outcome.SKIPPED, None)
             return
         if request is Request.COPY_DATA or request is Request.COPY_END:
             if not self.entries:
@@ -267,11 +282,9 @@ class ReplyQueue:
 
     def groups_owed(self) -> int:
         """Client Queries, Syncs and FunctionCalls whose ReadyForQuery has not come: while any is owed the
-        transaction status is not known. Syncs the client sent among the CopyData of a COPY that then
-        failed are not counted (the server may have ignored them), and a ReadyForQuery taken for one
-        of them may have been the next one's (see `_settle_copy_syncs`): the count is the fewest that
-        may be owed."""
-        return self.client_group_ends - self._ambiguous_answered
+        transaction status is not known. A Sync the client sent among CopyData counts until the COPY's
+        outcome (or the probe after a failure) says whether the server read it as a Sync."""
+        return self.client_group_ends
 
     def answer_ready(self) -> bytes:
         """Replies the proxy owes the client now, for ANSWERED entries at the head (sent when the
@@ -401,11 +414,9 @@ class ReplyQueue:
                 out.append(message.raw)
                 return
             raise ProtocolViolation(f"server sent message {kind!r} with nothing owed")
-        if kind != b"Z":
-            if head.request is Request.SYNC:
-                head = self._settle_copy_syncs(head)
-            self._ambiguous_answered = 0  # a reply to what follows the Syncs: each of them is settled
-        if kind == b"E":
+        if head.in_copy:  # Syncs among the data of a failed COPY, with the proxy's probe behind them
+            self._copy_syncs_probed(message, out)
+        elif kind == b"E":
             self._error(head, message, out)
         elif kind == b"Z":
             self._ready(head, message, out)
@@ -413,22 +424,43 @@ class ReplyQueue:
             self._progress(head, message, out)
         self._answer_heads(out)
 
-    def _settle_copy_syncs(self, head: Owed) -> Owed:
-        """After a COPY failed, the Syncs the client sent among its CopyData were read as Syncs only if
-        the server read them after the failure, which nothing but the count of ReadyForQuery tells. A
-        ReadyForQuery is taken for each in turn; once another reply comes, the Syncs still owed before it
-        were ignored (or had their ReadyForQuery taken by an earlier one)."""
-        while head.request is Request.SYNC and (head.in_copy or self._ambiguous_answered):
-            if not head.in_copy:
-                self._ambiguous_answered -= 1
-            self.entries.popleft()
-            self._special -= 1
-            self.client_group_ends -= head.client_group_end()
-            self._drop_markers()  # the CopyData (and the ignored CopyDone / CopyFail) sent after the Sync
-            if not self.entries:
-                raise ProtocolViolation("server sent a reply with nothing owed after a failed COPY")
-            head = self.entries[0]
-        return head
+    def _copy_syncs_probed(self, message: Message, out: list[bytes | memoryview]) -> None:
+        """A reply while Syncs the client sent among the data of a failed COPY are at the head: each
+        ReadyForQuery is kept until the CloseComplete of the proxy's probe behind them. All but the last
+        (the probe's own) answered the last of those Syncs, which the server read after the failure; it
+        ignored the others, read during COPY IN. When it read none after a failure that an Execute
+        began (the server skipping to a Sync), the probe's watcher is told FAILED: its Sync ended the
+        error window that the client's messages are still in, up to the client's next Sync."""
+        if message.type == b"Z":
+            self._probe_ready.append(message.raw)
+            return
+        if message.type != b"3":
+            raise ProtocolViolation(f"server sent message {message.type!r} while it owes the proxy's probe after a failed COPY")
+        entries = self.entries
+        syncs = sum(1 for entry in itertools.takewhile(lambda entry: entry.request is not Request.COPY_PROBE, entries)
+                    if entry.in_copy)
+        ready, self._probe_ready = self._probe_ready, []
+        read = len(ready) - 1
+        if not 0 <= read <= syncs:
+            raise ProtocolViolation(f"server sent {len(ready)} ReadyForQuery for {syncs} Syncs among COPY data and a probe")
+        for index in range(syncs):
+            if index < syncs - read:
+                self._pop(Outcome.SKIPPED, None)
+                continue
+            raw = ready[index - (syncs - read)]
+            out.append(self.listener.pending_parameters())
+            out.append(raw)
+            self.status = raw[5:6]
+            self._pop(Outcome.COMPLETED, None)
+            self.listener.group_ended(self.status, False)
+        if not entries or entries[0].request is not Request.COPY_PROBE:
+            raise ProtocolViolation("server answered a probe the proxy did not send")
+        self.status = ready[-1][5:6]
+        follower = next((entry for entry in itertools.islice(entries, 1, None) if entry.request is not Request.COPY_DATA), None)
+        window = self._copy_window if read == 0 and (follower is None or follower.request is not Request.SYNC) else None
+        self._copy_window = None
+        self._pop(Outcome.FAILED if window else Outcome.COMPLETED, window)
+        self.listener.group_ended(self.status, True)
 
     def _progress(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
         kind = message.type
@@ -463,7 +495,7 @@ class ReplyQueue:
                 "ERROR", fields.get("C", errors.INTERNAL_ERROR), head.reply.decode() + fields.get("M", ""), hint=fields.get("H")
             ))
         if self.copy is CopyState.IN:
-            self._copy_ended(succeeded=False)
+            self._copy_ended(succeeded=False, window=fields if head.extended else None)
         if head.extended:
             self._pop(Outcome.FAILED, fields)
             self._skip_to_sync(fields)
@@ -493,14 +525,8 @@ class ReplyQueue:
         if head.owner is not Owner.OWN:
             out.append(self.listener.pending_parameters())
             out.append(message.raw)
-        self._ambiguous_answered += head.in_copy
         self.status = message.raw[5:6]
         self._pop(Outcome.FAILED if head.failed else Outcome.COMPLETED, head.failed)
-        if self._ambiguous_answered > self.client_group_ends:
-            # Taken for a Sync sent among CopyData, a ReadyForQuery stands for a later group end only while
-            # one is owed: with fewer left, as many of those Syncs were read as Syncs (all of them when
-            # nothing is owed, so a group the client sends next is not taken as answered already).
-            self._ambiguous_answered = self.client_group_ends
         self.listener.group_ended(self.status, head.owner is Owner.OWN)
 
     def _pop(self, outcome: Outcome, error: dict[str, str] | None) -> None:
@@ -554,21 +580,25 @@ class ReplyQueue:
                     if state is CopySyncs.IGNORED:
                         self._special -= 1
                         self.client_group_ends -= entry.client_group_end()
+                        if entry.watcher is not None:
+                            entry.watcher.ended(Outcome.SKIPPED, None)
                         continue
                     entry.in_copy = True
             kept.append(entry)
         self.entries = kept
         self._copy_syncs = state
 
-    def _copy_ended(self, succeeded: bool) -> None:
-        """CommandComplete (`succeeded`) or ErrorResponse of the COPY. Its CopyDone / CopyFail is answered
-        (or, not sent yet, will be ignored by the server). Syncs sent among the CopyData were ignored if
-        the COPY succeeded; after a failure the server reads them as Syncs."""
+    def _copy_ended(self, succeeded: bool, window: dict[str, str] | None = None) -> None:
+        """CommandComplete (`succeeded`) or ErrorResponse of the COPY (`window`: its error, when an Execute
+        began it and the server now skips to a Sync). Its CopyDone / CopyFail is answered (or, not sent
+        yet, will be ignored by the server). Syncs sent among the CopyData were ignored if the COPY
+        succeeded; after a failure, the listener sends the probe that settles them
+        (`_copy_syncs_probed`)."""
         self.copy = CopyState.NONE
         self._special -= 1
         self._copy_syncs = CopySyncs.REAL
         kept: deque[Owed] = deque()
-        end_found = False
+        end_found = probe_due = False
         for entry in self.entries:
             if not end_found:
                 if entry.request is Request.COPY_END:
@@ -578,17 +608,17 @@ class ReplyQueue:
                 if entry.in_copy and succeeded:
                     self._special -= 1
                     self.client_group_ends -= entry.client_group_end()
+                    if entry.watcher is not None:
+                        entry.watcher.ended(Outcome.SKIPPED, None)
                     continue
-                if entry.in_copy:
-                    # Read before the failure, the server ignored it; after, it ends a group. Only the
-                    # replies that follow tell (`_settle_copy_syncs`): until then no ReadyForQuery is
-                    # waited for on its account, which might never come.
-                    self.client_group_ends -= entry.client_group_end()
-                    entry.counts_as_client_group = False
+                probe_due = probe_due or entry.in_copy
             kept.append(entry)
         self.entries = kept
         if not end_found:
             self._copy_end_ignored += 1
+        if probe_due:
+            self._copy_window = window
+            self.listener.copy_syncs_unknown()
 
 
 def _context_end(data: bytes) -> int:
@@ -619,6 +649,9 @@ class _NoListener:
 
     def group_ended(self, status: bytes, own: bool) -> None:
         """Nobody to tell."""
+
+    def copy_syncs_unknown(self) -> None:
+        """Nobody sends a probe: the Syncs stay owed, and the server connection is not reused."""
 
     def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
         """Nobody to tell."""

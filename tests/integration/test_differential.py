@@ -249,6 +249,24 @@ PORTAL_SUSPENDED_IN_TRANSACTION = [
     FINAL,
 ]
 
+# Extended-query COPY FROM STDIN with a Sync among its CopyData (ignored while the COPY runs) and, after
+# its CopyDone, Bind and Execute of another statement before the next Sync: they run in the COPY's group
+# when it succeeds; when it fails before the Sync, the Sync ends the group and they run in a new one;
+# when it fails after (CopyFail), they are skipped up to the Sync. The queries behind see the table.
+EXTENDED_COPY_WITH_MESSAGES_BEHIND = [
+    Write((step_parse("s1", "SELECT n, t FROM diff_scratch ORDER BY n"), SYNC)),
+    Write((step_parse("copy_in", "COPY diff_scratch FROM STDIN"), step_bind("copy_p", "copy_in", []), step_execute("copy_p"),
+           step_copy_data(b"6\tsix\n"), SYNC, step_copy_data(b"7\tseven\n"), COPY_DONE, step_bind("", "s1", []),
+           step_execute(""), SYNC)),
+    Write((step_bind("copy_p", "copy_in", []), step_execute("copy_p"), step_copy_data(b"x\tbad\n"), SYNC,
+           step_copy_data(b"8\teight\n"), COPY_DONE, step_bind("", "s1", []), step_execute(""), SYNC)),
+    Write((step_bind("copy_p", "copy_in", []), step_execute("copy_p"), step_copy_data(b"9\tnine\n"), SYNC,
+           step_copy_fail("the client gave up"), step_bind("", "s1", []), step_execute(""), SYNC)),
+    Write((step_query("BEGIN"), step_bind("copy_p", "copy_in", []), step_execute("copy_p"), step_copy_data(b"10\tten\n"), SYNC,
+           step_copy_data(b"1\tduplicate\n"), COPY_DONE, step_bind("", "s1", []), step_execute(""), SYNC)),
+    Write((step_query("ROLLBACK"), step_bind("", "s1", []), step_execute(""), SYNC)),
+    FINAL,
+]
 # SQL that drops the client's statements, then, in the same write, a Parse of a name it dropped: Postgres
 # has dropped it by then, so the Parse creates it anew. Inside a failed block the DEALLOCATE fails (25P02)
 # and the statement stays.
@@ -281,6 +299,7 @@ INPUTS = {
     "names-after-skipped-changes": NAMES_AFTER_SKIPPED_CHANGES,
     "parse-of-a-held-text-in-a-failed-block": PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK,
     "described-statement-in-an-error-window": DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW,
+    "extended-copy-with-messages-behind": EXTENDED_COPY_WITH_MESSAGES_BEHIND,
     "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,
 }
 

@@ -26,7 +26,7 @@ from relay_harness import (
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
-from proxy.relay.relay import RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED, BlockWatch
+from proxy.relay.relay import COPY_PROBE, RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED, BlockWatch
 from proxy.relay.replies import Outcome
 from proxy.relay.settings import (
     APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, REAPPLY_SQL, REAPPLY_STATEMENT, apply_bind, close_portal, read_bind,
@@ -628,23 +628,66 @@ def test_reserved_statement_name_refused() -> None:
     assert [r.sqlstate for r in pair.hooks.refusals] == [errors.INSUFFICIENT_PRIVILEGE]
 
 
-def test_query_after_a_copy_failed_at_copydone_with_a_sync_among_the_data() -> None:
-    """Extended COPY IN with a Sync among the CopyData, failing at CopyDone (a unique violation): the
-    server ignored that Sync while copying, so it sends one ReadyForQuery, for the last Sync
-    (postgres.c: CopyGetData ignores Sync and Flush; the error then skips to the next Sync). The
-    client's next Query must reach the server, as it does on a direct connection."""
-    pair, server = RelayPair(), Server(101)
-    copy = messages.parse("", "COPY t FROM STDIN") + messages.bind("", "", []) + messages.execute() + messages.sync()
-    checked_out(pair, server, copy)
+def _extended_copy_started(pair: RelayPair, server: Server) -> None:
+    copy = messages.parse("", "COPY t FROM STDIN") + messages.bind("", "", []) + messages.execute()
+    checked_out(pair, server, copy + FLUSH)
     copy_in = messages.message(b"G", b"\0\0\0")
     assert pair.server(PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + copy_in) == (
         PARSE_COMPLETE + BIND_COMPLETE + copy_in)
-    row = messages.message(b"d", b"1\n")
-    pair.client(row + messages.sync() + row + messages.message(b"c") + messages.sync())
+
+
+COPY_ROW = messages.message(b"d", b"1\n")
+COPY_DONE = messages.message(b"c")
+
+
+def test_messages_behind_a_copy_with_a_sync_among_its_data_wait_for_its_outcome() -> None:
+    """Extended COPY IN, CopyData, Sync, CopyData, CopyDone, then Bind, Execute, Sync. Postgres ignores
+    the Sync during COPY IN, so the Bind and Execute run in the COPY's group; the server holds the COPY's
+    CommandComplete until a Flush or Sync. The proxy waited forever for that Sync's ReadyForQuery before
+    the Execute (its context needs the status); now a Flush behind the CopyDone brings the outcome, and
+    the rest goes on in the same group, without the context again."""
+    pair, server = RelayPair(), Server(101)
+    _extended_copy_started(pair, server)
+    rest = messages.bind("", "s0", []) + messages.execute() + messages.sync()
+    writes = pair.client(COPY_ROW + messages.sync() + COPY_ROW + COPY_DONE + rest)
+    assert writes == [COPY_ROW + messages.sync() + COPY_ROW + COPY_DONE + FLUSH]
+    assert pair.server(complete("COPY 2")) == complete("COPY 2")
+    assert pair.hooks.upstream[-1] == rest
+    replies = BIND_COMPLETE + data_row(b"1") + complete("SELECT 1") + Z_IDLE
+    assert pair.server(replies) == replies
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_a_copy_with_a_sync_among_its_data_keeps_its_connection_until_the_real_sync() -> None:
+    """The COPY's outcome, brought by the proxy's Flush, leaves nothing owed, but the server ignored the
+    Sync among the data: its implicit transaction (the COPY's rows) stays open until the client's next
+    Sync, and the server connection must not serve another client meanwhile."""
+    pair, server = RelayPair(), Server(101)
+    _extended_copy_started(pair, server)
+    pair.client(COPY_ROW + messages.sync() + COPY_ROW + COPY_DONE)
+    assert pair.server(complete("COPY 2")) == complete("COPY 2")
+    assert "release_server" not in pair.hooks.events
+    assert pair.client(messages.sync()) == [messages.sync()]
+    assert pair.server(Z_IDLE) == Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_query_after_a_copy_failed_at_copydone_with_a_sync_among_the_data() -> None:
+    """Extended COPY IN with a Sync among the CopyData, failing at CopyDone (a unique violation): the
+    server ignored that Sync while copying (postgres.c: CopyGetData ignores Sync and Flush; the error then
+    skips to the next Sync). The proxy's probe behind it tells so (only its own ReadyForQuery comes), the
+    client's last Sync is answered by the proxy, and its next Query reaches the server."""
+    pair, server = RelayPair(), Server(101)
+    _extended_copy_started(pair, server)
+    writes = pair.client(COPY_ROW + messages.sync() + COPY_ROW + COPY_DONE + messages.sync())
+    assert writes == [COPY_ROW + messages.sync() + COPY_ROW + COPY_DONE + FLUSH]  # the last Sync waits
     failure = messages.error_response("ERROR", "23505", "duplicate key value violates unique constraint")
-    assert pair.server(failure + Z_IDLE) == failure + Z_IDLE
-    writes = pair.client(SELECT_1)
-    assert SELECT_1 in b"".join(writes), "the Query is held for a ReadyForQuery the server will never send"
+    assert pair.server(failure) == failure
+    assert pair.hooks.upstream[-1] == COPY_PROBE
+    assert pair.server(Z_IDLE + CLOSE_COMPLETE) == Z_IDLE  # the client's last Sync, answered by the proxy
+    assert pair.hooks.events[-1] == "release_server"
+    writes = checked_out(pair, server, SELECT_1)
+    assert SELECT_1 in b"".join(writes)
 
 
 def test_prepare_with_flush_and_no_sync_gets_a_sync_of_the_proxys_own() -> None:

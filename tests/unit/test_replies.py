@@ -55,6 +55,9 @@ class Listener:
     def group_ended(self, status: bytes, own: bool) -> None:
         self.groups.append((status, own))
 
+    def copy_syncs_unknown(self) -> None:
+        raise AssertionError("no COPY failed with Syncs among its data here (see Prober)")
+
     def parameter_status(self, name: str, value: str, forwarded: bool) -> bool:
         self.parameters.append((name, value, forwarded))
         return forwarded
@@ -486,52 +489,86 @@ def test_fatal_with_nothing_owed_forwarded() -> None:
 
 # -- Syncs among CopyData --------------------------------------------------------------------------
 
+class Prober(Listener):
+    """The relay's part when a COPY fails with Syncs among its data: the probe goes behind them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = ReplyQueue(MessageScanner(b"ZE"), self)
+        self.watcher = Watcher()
+
+    def copy_syncs_unknown(self) -> None:
+        self.queue.expect(Request.COPY_PROBE, Owner.OWN, watcher=self.watcher)
+
+
+def probed_queue() -> tuple[ReplyQueue, Prober]:
+    prober = Prober()
+    return prober.queue, prober
+
+
+PROBE_ANSWERED = Z_IDLE + CLOSE_COMPLETE  # the probe's Sync, and its Close of a portal that never exists
+
+
 def _extended_copy_with_sync_among_data(queue: ReplyQueue) -> None:
-    expect_all(queue, P, B, E, S)
+    """Parse, Bind, Execute of COPY FROM STDIN, CopyData, Sync, CopyData, CopyDone (the client's next
+    Sync waits for the COPY's outcome, in the relay)."""
+    expect_all(queue, P, B, E)
     feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN)
     queue.expect(Request.COPY_DATA)
     queue.expect(S)  # among CopyData: ignored if the COPY succeeds
     queue.expect(Request.COPY_DATA)
     queue.expect(Request.COPY_END)
-    queue.expect(S)
 
 
 def test_sync_among_copydata_ignored_when_the_copy_succeeds() -> None:
-    queue, _ = new_queue()
+    queue, prober = probed_queue()
     _extended_copy_with_sync_among_data(queue)
+    queue.expect(S)
     passes_whole(queue, complete("COPY 2") + Z_IDLE)
+    assert prober.watcher.outcomes == []  # no probe
 
 
 def test_sync_among_copydata_read_after_the_copy_failed() -> None:
     """The COPY fails on the first CopyData, before the server reads the Sync after it: that Sync ends
-    the error window (ReadyForQuery), the rest is ignored up to the last Sync (another ReadyForQuery)."""
-    queue, _ = new_queue()
+    the error window (its ReadyForQuery comes before the probe's own, which is swallowed)."""
+    queue, prober = probed_queue()
     _extended_copy_with_sync_among_data(queue)
-    passes_whole(queue, error("22P02") + Z_IDLE + Z_IDLE)
+    failure = error("22P02")
+    assert feed(queue, failure) == failure
+    assert queue.groups_owed() == 1 and not queue.idle()
+    assert feed(queue, Z_IDLE + PROBE_ANSWERED) == Z_IDLE
+    assert prober.watcher.outcomes == [(Outcome.COMPLETED, None)]
+    queue.expect(S)  # the client's next Sync, sent once the probe is answered
+    passes_whole(queue, Z_IDLE)
 
 
 def test_sync_among_copydata_read_before_the_copy_failed() -> None:
-    """The COPY fails at CopyDone, after the server ignored the Sync among the data: one ReadyForQuery.
-    The next group's replies settle it; meanwhile the queue must not believe a group end is owed."""
-    queue, _ = new_queue()
+    """The COPY fails at CopyDone (a unique violation), after the server ignored the Sync among the data:
+    the only ReadyForQuery is the probe's. The client is still in the error window, which the probe's
+    Sync ended on the server: its watcher is told so."""
+    queue, prober = probed_queue()
     _extended_copy_with_sync_among_data(queue)
-    trace = error("23505") + Z_IDLE
-    assert feed(queue, trace) == trace
+    failure = error("23505")
+    assert feed(queue, failure + PROBE_ANSWERED) == failure
+    ((outcome, fields),) = prober.watcher.outcomes
+    assert outcome is Outcome.FAILED and fields is not None and fields["C"] == "23505"
+    assert queue.idle() and queue.groups_owed() == 0
     queue.expect(Q)
-    rows = T + D1 + C_SELECT + Z_IDLE
-    assert feed(queue, rows) == rows
-    assert queue.idle()
+    passes_whole(queue, T + D1 + C_SELECT + Z_IDLE)
 
 
-def test_sync_among_copydata_read_after_the_copy_failed_leaves_nothing_owed() -> None:
-    """Both ReadyForQuery came: the next group the client sends is owed in full, not taken as answered."""
-    queue, _ = new_queue()
+def test_a_sync_behind_the_probe_ends_the_window_itself() -> None:
+    """Sent before the probe was answered, the client's next Sync ends the error window on the server
+    (the probe's Sync ended it first): its ReadyForQuery is the client's, and the watcher is not told
+    the window is open."""
+    queue, prober = probed_queue()
     _extended_copy_with_sync_among_data(queue)
-    feed(queue, error("22P02") + Z_IDLE + Z_IDLE)
-    assert queue.groups_owed() == 0
-    expect_all(queue, P, B, E, S)
-    assert queue.groups_owed() == 1
-    passes_whole(queue, PARSE_COMPLETE + BIND_COMPLETE + C_SELECT + Z_IDLE)
+    feed(queue, error("23505"))
+    queue.expect(Request.COPY_DATA)
+    queue.expect(S)
+    assert feed(queue, PROBE_ANSWERED + Z_IDLE) == Z_IDLE
+    assert prober.watcher.outcomes == [(Outcome.COMPLETED, None)]
+    assert queue.idle()
 
 
 def _simple_copy_failed_with_sync_among_data(queue: ReplyQueue, end: Request) -> bytes:
@@ -547,24 +584,23 @@ def _simple_copy_failed_with_sync_among_data(queue: ReplyQueue, end: Request) ->
     return failure
 
 
-def test_copydata_behind_a_sync_the_failed_copy_ignored_owes_nothing() -> None:
-    """COPY FROM STDIN, CopyData, Sync, CopyData, CopyFail, then COPY TO STDOUT: the server ignored the
-    Sync (read during COPY IN) and the CopyData behind it; the CopyOutResponse is the next Query's."""
-    queue, _ = new_queue()
+@pytest.mark.parametrize("sync_read", [False, True], ids=["ignored", "read after the failure"])
+def test_syncs_among_the_data_of_a_failed_copy_by_query(sync_read: bool) -> None:
+    """After the COPY's ReadyForQuery, the Sync among its data was ignored (CopyFail behind it) or read
+    after the failure: the probe's ReadyForQuery is the last before its CloseComplete, either way. A
+    Query's failure opens no error window; the next Query's replies are its own."""
+    queue, prober = probed_queue()
     _simple_copy_failed_with_sync_among_data(queue, Request.COPY_END)
+    assert queue.groups_owed() == 1 and not queue.idle()
+    assert feed(queue, (Z_IDLE if sync_read else b"") + PROBE_ANSWERED) == (Z_IDLE if sync_read else b"")
+    assert prober.watcher.outcomes == [(Outcome.COMPLETED, None)]
+    assert queue.idle() and queue.groups_owed() == 0
     queue.expect(Q)
     passes_whole(queue, COPY_OUT + COPY_DATA + COPY_DONE + complete("COPY 1") + Z_IDLE)
 
 
-@pytest.mark.parametrize("sync_read", [False, True], ids=["ignored", "read after the failure"])
-def test_no_ready_for_query_is_waited_for_on_account_of_a_sync_the_failed_copy_may_have_ignored(sync_read: bool) -> None:
-    """Whether the server ignored the Sync among the data only the replies to what follows tell: the
-    status is known at the COPY's ReadyForQuery (a client waiting for it before its next statement, as
-    in transaction mode, would wait forever when the Sync was ignored)."""
-    queue, _ = new_queue()
+def test_more_ready_for_query_than_syncs_among_copy_data_is_a_violation() -> None:
+    queue, _ = probed_queue()
     _simple_copy_failed_with_sync_among_data(queue, Request.COPY_END)
-    assert queue.groups_owed() == 0 and not queue.idle()
-    queue.expect(Q)
-    assert queue.groups_owed() == 1
-    passes_whole(queue, (Z_IDLE if sync_read else b"") + T + D1 + C_SELECT + Z_IDLE)
-    assert queue.groups_owed() == 0
+    with pytest.raises(ProtocolViolation):
+        feed(queue, Z_IDLE + Z_IDLE + PROBE_ANSWERED)

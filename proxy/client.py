@@ -34,6 +34,7 @@ from proxy.relay.session import Event, IllegalMove, SessionState, State
 from proxy.tokens import Identity
 
 if TYPE_CHECKING:
+    from proxy.config import PoolSettings
     from proxy.pool import Handover, SessionPool, TransactionPool
     from proxy.waiters import Waiter
     from proxy.server import ProxyServer
@@ -139,6 +140,21 @@ class ClientConnection(asyncio.Protocol):
         self.terminate(errors.IDLE_IN_TRANSACTION_TIMEOUT, "terminating connection due to idle-in-transaction timeout",
                        detail="the proxy's [pool] idle_transaction_timeout")
 
+    def _time_idleness(self, relay: Relay, pool: PoolSettings) -> None:
+        """After the server's replies: time the client's silence inside a transaction block holding a server
+        connection (`idle_transaction_timeout`), or between transactions (`client_idle_timeout`). The
+        client's next bytes cancel it (`data_received`)."""
+        if pool.idle_transaction_timeout and relay.queue is not None and relay.idle_in_transaction():
+            self._idle_timer = asyncio.get_running_loop().call_later(pool.idle_transaction_timeout,
+                                                                     self._idle_transaction_timed_out)
+        elif pool.client_idle_timeout and relay.idle_between_transactions():
+            self._idle_timer = asyncio.get_running_loop().call_later(pool.client_idle_timeout, self._client_idle_timed_out)
+
+    def _client_idle_timed_out(self) -> None:
+        self._idle_timer = None
+        self.terminate(errors.IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout",
+                       detail="the proxy's [pool] client_idle_timeout")
+
     def _guarded(self, step: Callable[[T], None], argument: T) -> None:
         """Run one step of the session; malformed client input or a bug ends only this session."""
         try:
@@ -198,9 +214,9 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:
             self._step_failed(exc)
             return
-        timeout = self.server.settings.pool.idle_transaction_timeout
-        if timeout and self._idle_timer is None and relay.queue is not None and relay.idle_in_transaction():
-            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle_transaction_timed_out)
+        pool = self.server.settings.pool
+        if (pool.idle_transaction_timeout or pool.client_idle_timeout) and self._idle_timer is None:
+            self._time_idleness(relay, pool)
 
     def server_lost(self) -> None:
         self.terminate(errors.CONNECTION_FAILURE, "upstream server closed the connection")
@@ -246,6 +262,9 @@ class ClientConnection(asyncio.Protocol):
             parameters = {**backend.parameters, **backend.state.parameters}
             self.pool.learn_parameters(self.database, self.request.forwarded, parameters)
             self._login.greet(parameters)
+            pool = self.server.settings.pool
+            if pool.client_idle_timeout and self._idle_timer is None and self.relay is not None:
+                self._time_idleness(self.relay, pool)  # greeted and silent: idle from now on
 
     def fail(self, sqlstate: str, text: str, hint: str | None = None) -> None:
         log.warning("session failed client=%s reason=%s", self.address, text)

@@ -144,6 +144,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("pool", "server_lifetime"): (float, 3600.0),
     ("pool", "max_server_connections_per_tenant"): (int, 0),
     ("pool", "idle_transaction_timeout"): (float, 0.0),
+    ("pool", "client_idle_timeout"): (float, 0.0),
     ("tls", "cert_file"): (str, None),
     ("tls", "key_file"): (str, None),
     ("tls", "client_sslmode"): (str, "allow"),
@@ -216,6 +217,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("http", "max_tenant_series"): (1, 100_000),
     ("pool", "max_server_connections_per_tenant"): (0, 10_000),
     ("pool", "idle_transaction_timeout"): (0, DAY),
+    ("pool", "client_idle_timeout"): (0, DAY),
     ("client", "max_connections_per_tenant"): (1, 1_000_000),
     ("client", "max_unauthenticated_connections"): (1, 1_000_000),
     ("client", "startup_timeout_seconds"): (0.01, 3_600),
@@ -312,6 +314,7 @@ class PoolSettings:
     server_lifetime: float
     max_server_connections_per_tenant: int  # 0: no cap below size
     idle_transaction_timeout: float  # seconds; 0: off
+    client_idle_timeout: float  # seconds; 0: off
 
     # Server connections one tenant may hold at once in one database's pool, read at every checkout:
     # computed once, into a field (a cached_property's write into the instance's __dict__ costs the

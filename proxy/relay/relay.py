@@ -293,6 +293,17 @@ class Relay:
         queue = self.queue
         return queue is not None and queue.status != b"I" and queue.idle() and not self.held
 
+    def idle_between_transactions(self) -> bool:
+        """The client is outside any transaction block and neither side owes the other anything: nothing
+        held, no group begun, every request answered (in transaction mode it holds no server
+        connection). The proxy's client idle timeout runs (`[pool] client_idle_timeout`)."""
+        if self.held or self.preparing or self.terminated or self.mid_group or not self.scanner.at_boundary():
+            return False
+        queue = self.queue
+        if queue is None:
+            return self.server is None
+        return queue.status == b"I" and queue.idle()
+
     def server_data(self, data: bytes) -> None:
         """Bytes from the server: account for them and pass on what is the client's. Raises
         UpstreamProtocolViolation when the server sends what nothing owed explains (XX000 for the

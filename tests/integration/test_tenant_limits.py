@@ -15,6 +15,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from differential import connect_direct
 from proxy.protocol import messages
 from support import ACME, GLOBEX, ROWS, RawClient, login, startup, wait_until
 
@@ -65,6 +66,44 @@ def test_idle_in_transaction_is_ended_by_the_proxy(make_proxy: Any) -> None:
         assert client.closed()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_silent_client_is_ended_as_by_idle_session_timeout(make_proxy: Any, pg: Any, tenant_db: Any, mode: str) -> None:
+    """[pool] client_idle_timeout ends a logged-in client that stays silent outside a transaction block
+    with what Postgres's idle_session_timeout sends directly (FATAL 57P05, the same message), in both
+    modes. A client that went silent earlier inside a block is left to idle_transaction_timeout (off
+    here) and carries on; so does one that was silent for as long but is in the middle of a query."""
+    proxy = make_proxy({"pool": {"mode": mode, "client_idle_timeout": 0.5}})
+    direct = connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password, tenant_db.database,
+                            options="-c idle_session_timeout=500")
+    in_block, idle, busy = RawClient(proxy.port), RawClient(proxy.port), RawClient(proxy.port)
+    try:
+        login(in_block, proxy.token(GLOBEX))
+        in_block.send(messages.query("BEGIN"))
+        assert in_block.read_until(b"Z")[-1] == (b"Z", b"T")
+        login(busy, proxy.token(GLOBEX))
+        busy.send(messages.query("SELECT pg_sleep(1.5)"))  # three timeouts long, silent meanwhile
+        login(idle, proxy.token())
+        idle.send(messages.query("SELECT 1"))
+        assert idle.read_until(b"Z")[-1] == (b"Z", b"I")
+        fields = wait_until(lambda: idle.error(), deadline=10.0)
+        assert idle.closed()
+        kind, body = direct.read_message(time.monotonic() + 10.0)
+        expected = messages.parse_error_fields(body)
+        assert kind == b"E" and expected["C"] == "57P05"
+        assert (fields["S"], fields["C"], fields["M"]) == (expected["S"], expected["C"], expected["M"])
+        assert "client_idle_timeout" in fields["D"]
+        in_block.send(messages.query("SELECT count(*) FROM leads"))
+        rows = in_block.read_until(b"Z")
+        assert rows[-1] == (b"Z", b"T") and messages.parse_data_row([body for kind, body in rows if kind == b"D"][0]) == [
+            str(ROWS[GLOBEX]).encode()]
+        assert [kind for kind, _ in busy.read_until(b"Z")] == [b"T", b"D", b"C", b"Z"]
+    finally:
+        direct.close()
+        for client in (in_block, idle, busy):
+            client.close()
+    assert proxy.alive()
 
 
 def test_client_connections_per_tenant(make_proxy: Any) -> None:

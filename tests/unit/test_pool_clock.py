@@ -63,7 +63,7 @@ class FakeLoop:
 
 def new_pool(checkout_timeout: float = 2.0, kind: type[Pool] = Pool) -> tuple[Pool, FakeLoop]:
     settings = PoolSettings(mode="transaction", size=1, min_size=0, max_client_connections=10, max_prepared_statements=10,
-                            max_server_connections_per_tenant=0, idle_transaction_timeout=0.0,
+                            max_server_connections_per_tenant=0, idle_transaction_timeout=0.0, client_idle_timeout=0.0,
                             checkout_timeout=checkout_timeout, server_idle_timeout=60.0, server_lifetime=3600.0)
     loop = FakeLoop()
     pool = kind(None, settings, loop)  # type: ignore[arg-type]  # no connection is opened here; the fake clock

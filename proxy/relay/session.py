@@ -63,6 +63,19 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 
+def _by_event(table: dict[tuple[State, Event], State]) -> dict[Event, dict[State, State]]:
+    """`table` by event, then state: a move is then two lookups keyed by single members (hashed by
+    identity), with no (state, event) tuple built and hashed for it (three moves per transaction in
+    transaction mode)."""
+    moves: dict[Event, dict[State, State]] = {}
+    for (state, event), to in table.items():
+        moves.setdefault(event, {})[state] = to
+    return moves
+
+
+_BY_EVENT = _by_event(TRANSITIONS)
+
+
 class IllegalMove(Exception):
     """A move the table does not allow: a bug in the proxy, reported to the client as XX000."""
 
@@ -79,7 +92,7 @@ class SessionState:
         """Apply `event`; raises IllegalMove when the table has no such move. CLOSED is reachable from
         every state, and closing twice is harmless."""
         try:
-            self.state = TRANSITIONS[(self.state, event)]
+            self.state = _BY_EVENT[event][self.state]
         except KeyError:
             raise IllegalMove(f"no move {event.value!r} from state {self.state.value!r}") from None
         return self.state

@@ -726,10 +726,11 @@ class Relay:
         between clients). With the guard off, the classifier's reading (`proxy.guard.Classifier`): what
         the text does to the session, never a refusal of its own."""
         guard = self.guard if self.guard is not None else classifier(isinstance(self.mode, TransactionMode))
-        decision = guard.check(text.decode("utf-8", "replace"))
+        sql = text.decode("utf-8", "replace")
+        decision = guard.check(sql)
         if decision.refusal is None and (
             (decision is not ALLOW and any(name.lower().startswith(RESERVED) for name in decision.deallocates))
-            or (text.lower().find(b"pg_tenant_proxy_") >= 0 and _PREPARE_RESERVED.search(text) is not None)
+            or (RESERVED in sql.lower() and _PREPARE_RESERVED.search(text) is not None)  # ASCII survives the decode
         ):
             return RESERVED_SQL
         return decision
@@ -757,10 +758,13 @@ def may_start_copy_in(text: bytes) -> bool:
 
 def may_end_transaction(text: bytes, start: int = 0) -> bool:
     """`text` from `start` holds a word that may end a transaction (`_MAY_END_TRANSACTION`); the regex
-    runs only when one of the words appears at all (the common statement holds none)."""
-    lowered = text.lower()  # find(), not `in`: on Python 3.11 `bytes in bytes` raises and clears a TypeError first
-    if (lowered.find(b"end") < 0 and lowered.find(b"commit") < 0 and lowered.find(b"rollback") < 0
-            and lowered.find(b"abort") < 0 and lowered.find(b"prepare") < 0):
+    runs only when one of the words appears anywhere in `text` (the common statement holds none)."""
+    # The words are looked for in a str: on Python 3.11 `bytes in bytes` raises and clears a TypeError
+    # first, and bytes.find() parses its arguments with a format string; str `in` does neither (a third
+    # of the time). Latin-1 maps each byte to one character, and lowercases no other byte to ASCII.
+    lowered = text.decode("latin-1").lower()
+    if not ("end" in lowered or "commit" in lowered or "rollback" in lowered or "abort" in lowered
+            or "prepare" in lowered):
         return False
     return _MAY_END_TRANSACTION.search(text, start) is not None
 

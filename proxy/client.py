@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from proxy import admin
-from proxy.backend import BackendConnection
+from proxy.backend import BackendConnection, UpstreamError
 from proxy.guard import Refusal
 from proxy.http import ServerLifecycle
 from proxy.lifecycle import SHUTDOWN_MESSAGE, at_idle_point
@@ -435,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             backend = await self._acquire()
         except Exception as exc:
-            self._login.setup_failed(exc)
+            self._checkout_failed(exc)
             return
         if self.session.state is State.CLOSED:
             self.pool.release(backend)
@@ -444,6 +444,21 @@ class ClientConnection(asyncio.Protocol):
 
     def _attach_checked_out(self, backend: BackendConnection) -> None:
         self._attach(backend, Event.SERVER_TAKEN if self._transaction_mode else Event.SERVER_GRANTED)
+
+    def _checkout_failed(self, exc: Exception) -> None:
+        """No server connection for the logged-in client (`_checkout`): an upstream failure (53300 after
+        `checkout_timeout`, 57P03 while paused, the upstream refusing a new connection) ends the session with
+        its SQLSTATE and a `checkout_failed` audit event, not a login refusal (the login succeeded); any
+        other exception is a bug (XX000)."""
+        if self.session.state is _CLOSED:
+            return
+        if not isinstance(exc, UpstreamError):
+            log.error("internal error while checking out a server connection for client=%s", self.address, exc_info=exc)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in the proxy")
+            return
+        AUDIT.checkout_failed(client=self.address, user=self.request.user if self.request else None,
+                              database=self.database, identity=self.identity, reason=exc.text, sqlstate=exc.sqlstate)
+        self.terminate(exc.sqlstate, exc.text, exc.detail, exc.hint)
 
     def _handed_over(self, result: Handover) -> None:
         """Transaction mode: the pool's answer to this client's place in its queue."""
@@ -455,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
                 self._step_failed(exc)
             return
         if isinstance(result, Exception):
-            self._login.setup_failed(result)
+            self._checkout_failed(result)
             return
         pool = cast("TransactionPool", self.pool)
         if self.session.state is not State.WAITING:

@@ -237,7 +237,7 @@ class Login:
                             sqlstate=sqlstate, token=token, database=request.database if request else None)
         client.terminate(sqlstate, reason, detail, hint)
 
-    def setup_failed(self, exc: Exception, token: str | None = None) -> None:
+    def _setup_failed(self, exc: Exception, token: str | None = None) -> None:
         """Refuse the client for a failure while setting up its session (called in an except block):
         a refused token with its SQLSTATE, an upstream failure with the upstream's, a bug with XX000.
         `token` is the password sent, whose facts (alg, kid, iss, aud) the audit event names."""
@@ -404,7 +404,7 @@ class Login:
                 await client.attach_first_server()
                 return
         except Exception as exc:
-            self.setup_failed(exc, token)
+            self._setup_failed(exc, token)
             return
         if self._session.state is not State.CLOSED:
             self._session.move(Event.LOGGED_IN)

@@ -218,6 +218,15 @@ class Audit:
         self._emit(logging.WARNING, "login_refused", "login refused", client=client, user=user, database=database,
                    reason=reason, reason_label=label, sqlstate=sqlstate, **token_facts(token))
 
+    def checkout_failed(self, *, client: str, user: str | None, database: str, identity: Any, reason: str,
+                        sqlstate: str) -> None:
+        """A logged-in client got no server connection (53300 after `checkout_timeout`, 57P03 while the
+        database is paused, the upstream refusing a new connection) and its session ends: the client's
+        message as `reason`, its SQLSTATE. Its login succeeded (`session_start`), so this is no login
+        refusal and counts in no login metric; `session_end` follows."""
+        self._emit(logging.WARNING, "checkout_failed", "checkout failed", client=client, user=user, database=database,
+                   **_identity_fields(identity), reason=reason, sqlstate=sqlstate)
+
     def statement_refused(self, *, client: str, tenant: str | None, reason: str) -> None:
         """The SQL guard refused a statement (not its text: it may hold a tenant's data)."""
         label = reason_label(reason, GUARD_REASONS)

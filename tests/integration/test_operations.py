@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from certificates import make_certificates
-from support import ACME, GLOBEX, REPO, ROWS, ProxyProcess, RawClient, get, startup, wait_until
+from support import ACME, GLOBEX, REPO, ROWS, ProxyProcess, RawClient, get, login, startup, wait_until
 from proxy.config import ListenError
 from proxy.demo import prepare_database, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
@@ -173,6 +173,75 @@ def test_a_newline_in_the_startup_user_cannot_forge_a_text_line(make_proxy: Any)
     log = wait_until(lambda: "login refused" in proxy.log() and proxy.log())
     assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
     assert 'user="mallory\\n2026-01-01T00:00:00+0000 INFO session start' in log
+
+
+def audit_events(proxy: ProxyProcess, client: RawClient) -> list[dict[str, Any]]:
+    """The audit events about `client` of a proxy that logs JSON lines, in order."""
+    address = "127.0.0.1:%d" % client.sock.getsockname()[1]
+    events = [json.loads(line) for line in proxy.log().splitlines()]
+    return [event for event in events if event.get("client") == address and event["logger"] == "pg_tenant_proxy.audit"]
+
+
+def checkout_refused_after_login(proxy: ProxyProcess, before_query: Any = None
+                                 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """A holder logs in and opens a block (it holds a server connection), a waiter logs in (greeted without a
+    server connection: the pool knows the server's parameters) and sends a query: the waiter's FATAL
+    ErrorResponse and, once its session ended, its audit events. `before_query` runs before that query."""
+    holder, waiter = RawClient(proxy.port), RawClient(proxy.port)
+    try:
+        login(holder, proxy.token(ACME))
+        holder.send(messages.query("BEGIN"))
+        assert holder.read_until(b"Z")[-1] == (b"Z", b"T")
+        login(waiter, proxy.token(GLOBEX))
+        if before_query is not None:
+            before_query()
+        waiter.send(messages.query("SELECT 1"))
+        fields = waiter.error()
+        assert fields["S"] == "FATAL" and waiter.closed()
+        events = wait_until(lambda: (seen := audit_events(proxy, waiter)) and seen[-1]["event"] == "session_end"
+                            and seen)
+    finally:
+        holder.close()
+        waiter.close()
+    return fields, events
+
+
+def test_a_checkout_timeout_after_the_login_is_audited_as_checkout_failed(make_proxy: Any) -> None:
+    """Transaction mode, the one server connection held by another client's block: a logged-in client's
+    transaction waits `checkout_timeout` and gets 53300, which ends its session. Its login succeeded: its
+    audit trail is session_start, checkout_failed, session_end, and pgtp_auth_total counts no refusal."""
+    pool = {"mode": "transaction", "size": 1, "checkout_timeout": 0.5}
+    http, overrides = with_http({"": {"log_format": "json"}, "pool": pool})
+    proxy = make_proxy(overrides)
+    fields, events = checkout_refused_after_login(proxy)
+    assert fields["C"] == "53300" and 'pool for database "app" is full' in fields["M"]
+    assert [event["event"] for event in events] == ["session_start", "checkout_failed", "session_end"]
+    failed = events[1]
+    assert (failed["level"], failed["sqlstate"], failed["reason"]) == ("warning", "53300", fields["M"])
+    assert (failed["tenant"], failed["sub"], failed["user"], failed["database"]) == (GLOBEX, "tester", "alice", "app")
+    samples = scrape(http)
+    assert auth(samples, "ok") == 2
+    assert not [value for labels, value in samples["pgtp_auth_total"].items() if ("result", "refused") in labels]
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_an_upstream_refusing_a_logged_in_clients_server_connection_is_not_a_login_refusal(
+        make_proxy: Any, pg: EmbeddedPostgres, tenant_db: Any, mode: str) -> None:
+    """A logged-in client needs a new server connection and the upstream refuses it (its role may no longer
+    log in): the client gets the upstream's FATAL 28000, audited as checkout_failed after its session_start."""
+    proxy = make_proxy({"": {"log_format": "json"}, "pool": {"mode": mode, "size": 2}})
+    role = tenant_db.app_role
+
+    def refuse_logins() -> None:
+        pg.psql(f"ALTER ROLE {role} NOLOGIN")
+
+    try:
+        fields, events = checkout_refused_after_login(proxy, refuse_logins)
+    finally:
+        pg.psql(f"ALTER ROLE {role} LOGIN")
+    assert fields["C"] == "28000" and "not permitted to log in" in fields["M"]
+    assert [event["event"] for event in events] == ["session_start", "checkout_failed", "session_end"]
+    assert (events[1]["sqlstate"], events[1]["reason"], events[1]["tenant"]) == ("28000", fields["M"], GLOBEX)
 
 
 @pytest.fixture(scope="module")

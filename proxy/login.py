@@ -20,8 +20,8 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from proxy import access, admin
 from proxy.auth.token_file import FileLogin, TokenFileUnreadable, uses_token_file
@@ -181,10 +181,11 @@ class Login:
         self._transaction_mode = server.settings.pool.mode == "transaction"  # as the connection reads it
         self._counted = Counted.NOT_YET  # in which of the server's counts this connection is
         self._timer: asyncio.TimerHandle | None = None  # the login's deadline, then the token's expiry
-        self._task: asyncio.Task[None] | None = None  # the TLS handshake, then the token's verification
+        # Every task of this login, until it is done: the TLS handshake, the token's verification, its
+        # renewal from the token file. `ended` cancels them, so none outlives the connection.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._token: str | None = None  # the password sent, until the session_start audit event names its kid
         self.file_login: FileLogin | None = None  # logged in with `[client] token_file` (proxy.auth.token_file)
-        self._renewal: asyncio.Task[None] | None = None  # renewing from the token file at the token's expiry
 
     # -- the connection's start and end ------------------------------------------------------------
 
@@ -203,12 +204,19 @@ class Login:
         self._timer = loop.call_later(server.settings.client.startup_timeout_seconds, self._auth_timed_out)
 
     def ended(self) -> None:
-        """The connection was lost: it leaves the server's counts, and the login's timer and task stop."""
+        """The connection was lost: it leaves the server's counts, and the login's timer and every task of
+        it stop (a renewal from the token file included)."""
         self._count(Counted.GONE)
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    def _start(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run `coroutine` as a task of this login, which `ended` cancels."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _count(self, to: Counted) -> None:
         """Move this connection between the server's counts: logging in, logged in (per tenant), gone."""
@@ -287,7 +295,7 @@ class Login:
             else:
                 transport.write(b"S")
                 self._session.move(Event.TLS_REQUESTED)
-                self._task = asyncio.get_running_loop().create_task(self._start_tls())
+                self._start(self._start_tls())
         elif isinstance(packet, messages.CancelRequest):
             self._server.cancel(packet.process_id, packet.secret_key)
             client.terminated()
@@ -360,7 +368,7 @@ class Login:
             self.refuse(errors.INVALID_PASSWORD, "malformed token")
         elif token is not None:
             self._session.move(Event.PASSWORD_RECEIVED)
-            self._task = asyncio.get_running_loop().create_task(self._establish(token))
+            self._start(self._establish(token))
 
     async def _establish(self, token: str) -> None:
         """Verify the token and greet the client. The first client of a database and set of startup
@@ -495,7 +503,7 @@ class Login:
     def _token_expired(self) -> None:
         self._timer = None
         if self.file_login is not None:
-            self._renewal = asyncio.get_running_loop().create_task(self._renew_at_expiry())
+            self._start(self._renew_at_expiry())
             return
         client = self._client
         log.info("token expired client=%s tenant=%s", client.address, client.identity.tenant if client.identity else "-")
@@ -516,7 +524,7 @@ class Login:
         except TokenFileUnreadable as exc:
             self.refuse(exc.sqlstate, str(exc), hint="the platform writes [client] token_file; try again later")
             return True
-        self._task = asyncio.get_running_loop().create_task(self._establish(token))
+        self._start(self._establish(token))
         return True
 
     def renew_at_boundary(self) -> None:

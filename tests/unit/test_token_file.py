@@ -1,13 +1,15 @@
 """The token file (`[client] token_file`): which clients use it, reading it again when it changes, and a
 session going on with the refreshed token (or ending), on a fake clock with real files and the real
-verifier."""
+verifier; and a session's renewal ending with its connection (`proxy.login.Login`, on a fake connection)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -16,6 +18,9 @@ import pytest
 from proxy.auth.token_file import MAX_TOKEN_BYTES, FileLogin, TenantChanged, TokenFile, TokenFileUnreadable, uses_token_file
 from proxy import config
 from proxy.config import UUID_PATTERN, IssuerSettings, JwtSettings
+from proxy.login import Door, Login
+from proxy.parameters import StartupRequest
+from proxy.relay.session import Event, SessionState
 from proxy.tokens import Identity, TokenRejected, TokenVerifier
 
 SECRET = "s" * 40
@@ -193,6 +198,78 @@ def test_an_unreadable_file_at_the_expiry_ends_the_session_with_08006(tmp_path: 
     with pytest.raises(TokenFileUnreadable) as ended:
         asyncio.run(login.at_expiry(check, held, NOW + 61))
     assert ended.value.sqlstate == "08006"
+
+
+class StalledVerifier:
+    """Verifies nothing: `verify_async` waits until released (as on a slow key fetch), then refuses."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def verify_async(self, token: str) -> Identity:
+        self.asked.set()
+        await self.release.wait()
+        raise TokenRejected("token signature does not verify")
+
+
+class FakeConnection:
+    """What `Login` uses of its client connection (`proxy.login.Client`); it records what it is told."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.address = "unix"
+        self.session = SessionState()
+        for event in (Event.STARTUP_ACCEPTED, Event.PASSWORD_RECEIVED, Event.LOGGED_IN):
+            self.session.move(event)
+        self.transport = SimpleNamespace(write=lambda data: None)
+        self.request = StartupRequest(user="alice", database="app")
+        self.identity = identity
+        self.pool = SimpleNamespace(upstream=SimpleNamespace(user="tenant_app"))
+        self.relay = SimpleNamespace(greeted=lambda parameters: None)
+        self.console = None
+        self.database = "app"
+        self.terminated_with: list[str] = []
+
+    def terminate(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> None:
+        self.terminated_with.append(sqlstate)
+
+    def greeted(self) -> tuple[int, int]:
+        return 1, 2
+
+    def _guarded(self, step: Any, argument: Any) -> None:
+        step(argument)
+
+
+def test_a_token_file_session_whose_connection_is_lost_leaves_no_task_behind(tmp_path: Path) -> None:
+    """A session logged in with the token file reaches its token's expiry and renews from the file, whose
+    newer token is still being verified when the connection is lost: the renewal ends with the session
+    (`Login.ended`, which the connection calls), no task of it is left, and it acts on nothing after."""
+    path = tmp_path / "token"
+    write(path, token())
+
+    async def scenario() -> tuple[set[asyncio.Task[Any]], list[str], tuple[int, dict[str, int]]]:
+        check = StalledVerifier()
+        server = SimpleNamespace(settings=SimpleNamespace(pool=SimpleNamespace(mode="transaction")), logged_in=0,
+                                 logging_in=0, tenant_clients={}, verifier=check)
+        connection = FakeConnection(Identity(ACME, "app", int(time.time()) - 1, {}))  # expired: renewed at once
+        login = Login(connection, server, Door.CLIENTS)  # type: ignore[arg-type]
+        login.file_login = FileLogin(TokenFile(str(path)))
+        login.file_login.first_token(time.time())
+        write(path, token(sub="renewed"))
+        login.greet({})
+        await asyncio.wait_for(check.asked.wait(), 10)  # the renewal is verifying the file's newer token
+        connection.session.move(Event.CLOSED)  # as ClientConnection.connection_lost does
+        login.ended()
+        session_tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        _, left = await asyncio.wait(session_tasks, timeout=5) if session_tasks else (set(), set())
+        check.release.set()  # let a task that outlived its session finish, so the loop closes cleanly
+        if left:
+            await asyncio.wait(left, timeout=5)
+        return left, connection.terminated_with, (server.logged_in, server.tenant_clients)
+
+    left, terminated_with, counts = asyncio.run(scenario())
+    assert not left, f"tasks outlived their session: {left}"
+    assert terminated_with == [] and counts == (0, {})
 
 
 CONFIG = f"""

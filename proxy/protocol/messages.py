@@ -181,20 +181,26 @@ def negotiate_protocol_version(newest_minor: int, unrecognized: Iterable[str]) -
     return message(b"v", struct.pack("!ii", newest_minor, len(names)) + b"".join(cstring(n) for n in names))
 
 
-def _response(type_byte: bytes, severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:
+def _response(type_byte: bytes, severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None,
+              routine: str | None = None) -> bytes:
     fields = [b"S" + cstring(severity), b"V" + cstring(severity), b"C" + cstring(sqlstate), b"M" + cstring(text)]
     if detail:
         fields.append(b"D" + cstring(detail))
     if hint:
         fields.append(b"H" + cstring(hint))
+    if routine:
+        fields.append(b"R" + cstring(routine))
     return message(type_byte, b"".join(fields) + b"\0")
 
 
 def error_response(
-    severity: str, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None
+    severity: str, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None,
+    routine: str | None = None,
 ) -> bytes:
-    """ErrorResponse ('E'); severity is ERROR or FATAL."""
-    return _response(b"E", severity, sqlstate, text, detail, hint)
+    """ErrorResponse ('E'); severity is ERROR or FATAL. `routine` (field R) names the Postgres function that
+    raises the error the proxy imitates, for clients that act on it (asyncpg and postgres.js, on 0A000
+    from RevalidateCachedQuery); errors of the proxy's own name none."""
+    return _response(b"E", severity, sqlstate, text, detail, hint, routine)
 
 
 def notice_response(sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> bytes:

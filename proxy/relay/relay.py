@@ -94,8 +94,9 @@ PREPARED_AGAIN_FAILED = b"could not prepare the statement again on this server c
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
 # Postgres's answer to a Bind or Describe of a statement whose result shape changed, naming the routine that
 # raises it: asyncpg knows it by that (InvalidCachedStatementError), drops its cache and prepares again.
-RESULT_CHANGED = messages.message(b"E", messages.error_response(
-    "ERROR", errors.FEATURE_NOT_SUPPORTED, "cached plan must not change result type")[5:-1] + b"RRevalidateCachedQuery\0\0")
+RESULT_CHANGED = messages.error_response(
+    "ERROR", errors.FEATURE_NOT_SUPPORTED, "cached plan must not change result type", routine="RevalidateCachedQuery"
+)
 FLUSH = messages.message(b"H")
 # The probe behind Syncs the client sent among the data of a COPY that failed (`ReplyQueue._copy_syncs_probed`):
 # a Sync, then a Close of a portal no one can name, whose CloseComplete the Flush brings at once.

@@ -16,6 +16,14 @@ def test_error_response_fields() -> None:
     assert fields == {"S": "FATAL", "V": "FATAL", "C": "28P01", "M": "token expired", "H": "reconnect"}
 
 
+def test_error_response_names_the_routine_of_the_error_it_imitates() -> None:
+    data = messages.error_response("ERROR", "0A000", "cached plan must not change result type",
+                                   routine="RevalidateCachedQuery")
+    assert messages.parse_error_fields(data[5:])["R"] == "RevalidateCachedQuery"
+    assert data.endswith(b"RRevalidateCachedQuery\0\0")
+    assert "R" not in messages.parse_error_fields(messages.error_response("ERROR", "42501", "refused")[5:])
+
+
 def test_cstring_refuses_nul() -> None:
     with pytest.raises(ValueError):
         messages.cstring("a\0b")

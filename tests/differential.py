@@ -26,6 +26,18 @@ Reply = tuple[bytes, bytes]
 READ_TIMEOUT = 5.0
 # ParameterStatus values that legitimately differ between a direct session and one through the proxy.
 VARYING_PARAMETERS = {"server_version", "session_authorization", "is_superuser"}
+# ErrorResponse and NoticeResponse fields left out of the comparison: F and L, the file and line in Postgres's
+# source where the error was raised, which change with the server's build and which an error the proxy
+# composes has none of. R, the routine, is compared: clients act on it (asyncpg and postgres.js prepare again on
+# 0A000 from RevalidateCachedQuery, postgres.js also on FetchPreparedStatement), so an error the proxy composes
+# to imitate Postgres names Postgres's routine.
+SOURCE_FIELDS = (b"F", b"L")
+# SQLSTATEs whose R is left out too, each for a reason the proxy cannot match it:
+# - 22021, a statement name that is not valid UTF-8, which the proxy refuses itself (the server only ever reads
+#   the proxy's name for the statement): Postgres renamed the routine in minor releases (report_invalid_encoding,
+#   then report_invalid_encoding_int, as 15.18 names it), so the proxy cannot know which its server would name,
+#   and names none.
+ROUTINE_VARIES = (b"C22021",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +282,17 @@ def connect_proxy(port: int, token: str, name: str = "proxy", **parameters: str)
 
 def normalise(replies: Sequence[Reply]) -> list[Reply]:
     """The replies with what legitimately differs between a direct session and the proxy blanked:
-    BackendKeyData, the values of VARYING_PARAMETERS in ParameterStatus, and the source location of an
-    error (file, line, routine: where in Postgres or the proxy it was raised), which no client acts on."""
+    BackendKeyData, the values of VARYING_PARAMETERS in ParameterStatus, an error's SOURCE_FIELDS, and its
+    routine where ROUTINE_VARIES says so."""
     result: list[Reply] = []
     for type_byte, body in replies:
         if type_byte == b"K":
             body = b""
         elif type_byte in (b"E", b"N"):
-            body = b"".join(field + b"\0" for field in body.split(b"\0") if field and field[:1] not in (b"F", b"L", b"R")) + b"\0"
+            fields = [field for field in body.split(b"\0") if field and field[:1] not in SOURCE_FIELDS]
+            if any(field in ROUTINE_VARIES for field in fields):
+                fields = [field for field in fields if field[:1] != b"R"]
+            body = b"".join(field + b"\0" for field in fields) + b"\0"
         elif type_byte == b"S":
             name, _ = messages.parse_parameter_status(body)
             if name in VARYING_PARAMETERS:
@@ -322,7 +337,8 @@ def render(reply: Reply) -> str:
     if type_byte in (b"E", b"N"):
         fields = messages.parse_error_fields(body)
         kind = "ErrorResponse" if type_byte == b"E" else "NoticeResponse"
-        return f"{kind}({fields.get('S', '')} {fields.get('C', '')} {fields.get('M', '')!r})"
+        routine = f" in {fields['R']}" if "R" in fields else ""
+        return f"{kind}({fields.get('S', '')} {fields.get('C', '')} {fields.get('M', '')!r}{routine})"
     if type_byte == b"S":
         return f"ParameterStatus{messages.parse_parameter_status(body)!r}"
     if type_byte in (b"G", b"H"):

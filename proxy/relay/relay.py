@@ -91,6 +91,9 @@ RESET_EXECUTE = messages.execute(RESET_STATEMENT.decode())
 _MARKER = "pg_tenant_proxy_refused"
 CONTEXT_FAILED = b"could not set the tenant context: "
 PREPARED_AGAIN_FAILED = b"could not prepare the statement again on this server connection: "
+# The routine Postgres names (field R) when, inside a failed block, it refuses the client's message that a
+# statement prepared again goes in front of: the proxy's Parse meets that 25P02 first and answers for it.
+IN_PARSE, IN_BIND, IN_DESCRIBE = b"exec_parse_message", b"exec_bind_message", b"exec_describe_statement_message"
 _DEALLOCATE_COMPLETE = messages.message(b"C", b"DEALLOCATE\0")
 # Postgres's answer to a Bind or Describe of a statement whose result shape changed, naming the routine that
 # raises it: asyncpg knows it by that (InvalidCachedStatementError), drops its cache and prepares again.
@@ -651,11 +654,12 @@ class Relay:
                 self.describing = False
 
     def own(self, raw: bytes, request: Request, watcher: Watcher | None = None, rows: bool = False,
-            speaks: bytes = b"") -> None:
-        """A message of the proxy's own; `speaks`: on failure, the client gets an error with this prefix."""
+            speaks: bytes = b"", routine: bytes = b"") -> None:
+        """A message of the proxy's own; `speaks`: on failure, the client gets an error with this prefix, or
+        for a 25P02 the server's error as it is, naming `routine` (IN_BIND, ...) when given."""
         assert self.queue is not None
         self._out.append(raw)
-        self.queue.expect(request, Owner.OWN, speaks, watcher, rows)
+        self.queue.expect(request, Owner.OWN, speaks + b"\0" + routine if routine else speaks, watcher, rows)
 
     def flush_own(self) -> None:
         """Send what the proxy added while handling the server's replies."""
@@ -1416,7 +1420,7 @@ class TransactionMode:
         server connection is made to hold, fails the same way, and the error is renamed on the way back
         (to `client_name`, the name as the client sent it; `name` is cut to NAME_BYTES)."""
         relay = self.relay
-        existing = self._ensure(name)
+        existing = self._ensure(name, IN_PARSE)
         assert existing is not None and relay.server is not None
         server = relay.server.state.statements
 
@@ -1456,10 +1460,11 @@ class TransactionMode:
                   OwnRequest(watch.ended), speaks=PREPARED_AGAIN_FAILED)
 
     def _prepare(self, statement: Statement, server: ServerStatements, owner: Owner, client_name: bytes = b"",
-                 change: Change | None = None) -> None:
+                 change: Change | None = None, routine: bytes = b"") -> None:
         """Close the server-side name first (it may be there, or half-known after a failed group), make
-        room, then Parse it; OWN: its ParseComplete is swallowed. CLIENT: the client's Parse of
-        `client_name`, whose `change` is told the outcome."""
+        room, then Parse it; OWN: its ParseComplete is swallowed, and it answers for the client's message
+        behind it, read in `routine`. CLIENT: the client's Parse of `client_name`, whose `change` is told
+        the outcome."""
         relay = self.relay
         relay.own(messages.close_statement(statement.server_name), Request.CLOSE)
         for victim in server.evictions():
@@ -1468,7 +1473,7 @@ class TransactionMode:
         parsed = server.parse_sent(statement.server_name).ended
         raw = messages.message(b"P", statement.server_name + b"\0" + statement.definition)
         if owner is Owner.OWN:  # the client's statement, prepared again: its failure is the client's error
-            relay.own(raw, Request.PARSE, OwnRequest(parsed), speaks=PREPARED_AGAIN_FAILED)
+            relay.own(raw, Request.PARSE, OwnRequest(parsed), speaks=PREPARED_AGAIN_FAILED, routine=routine)
             return
 
         assert change is not None
@@ -1493,9 +1498,10 @@ class TransactionMode:
             return True
         return False
 
-    def _ensure(self, name: bytes) -> Statement | None:
-        """Make sure the server connection holds the client's statement `name` (b"" for the unnamed);
-        None when the client has no such statement (the server then reports it, as Postgres would)."""
+    def _ensure(self, name: bytes, routine: bytes) -> Statement | None:
+        """Make sure the server connection holds the client's statement `name` (b"" for the unnamed), for the
+        client's message that Postgres reads in `routine` (IN_BIND, ...); None when the client has no such
+        statement (the server then reports it, as Postgres would)."""
         relay = self.relay
         assert relay.server is not None
         server = relay.server.state.statements
@@ -1509,11 +1515,12 @@ class TransactionMode:
             if server.unnamed is not statement:
                 server.unnamed_sent(statement)
                 relay.own(messages.message(b"P", b"\0" + statement.definition), Request.PARSE,
-                          OwnRequest(self._unnamed_parsed(server, statement)), speaks=PREPARED_AGAIN_FAILED)
+                          OwnRequest(self._unnamed_parsed(server, statement)), speaks=PREPARED_AGAIN_FAILED,
+                          routine=routine)
             return statement
         server.in_use.add(statement.server_name)
         if not server.has(statement.server_name):
-            self._prepare(statement, server, Owner.OWN)
+            self._prepare(statement, server, Owner.OWN, routine=routine)
         return statement
 
     def bind(self, message: Message) -> bool:
@@ -1528,7 +1535,7 @@ class TransactionMode:
         name = client_name[:NAME_BYTES]
         if self._settling(name):
             return False
-        statement = self._ensure(name)
+        statement = self._ensure(name, IN_BIND)
         if statement is not None and statement.shape is not None:
             changed = self._result_changed(statement, name, client_name)
             if changed is None:
@@ -1566,7 +1573,7 @@ class TransactionMode:
             return True
         if self._settling(name[:NAME_BYTES]):
             return False
-        statement = self._ensure(name[:NAME_BYTES])
+        statement = self._ensure(name[:NAME_BYTES], IN_DESCRIBE)
         if statement is None:
             relay.send(message.raw, Request.DESCRIBE)
             return True

@@ -23,7 +23,8 @@ ReadyForQuery, end a group. It follows Postgres's rules ("Message Flow", 55.2.3 
 A request of the proxy's own that a client message depends on (its context, a statement prepared again)
 speaks to the client when it fails, its error prefixed with what the proxy was doing; but for 25P02,
 which the server gives every message inside a failed block, the client's message included: that goes to
-the client as it is, as Postgres would answer its message.
+the client as Postgres would answer its message, naming the routine the relay gave for that message
+(field R: exec_bind_message where the server's error named exec_parse_message, the proxy's Parse).
 
 A client Query the proxy answers itself (`Owner.ANSWERED`) is answered when it reaches the head, as
 Postgres would at that point: skipped inside an error window, refused with 25P02 in a failed
@@ -118,7 +119,9 @@ class Owed:
     def __init__(self, request: Request, owner: Owner, reply: bytes, watcher: Watcher | None, rows: bool) -> None:
         self.request = request
         self.owner = owner
-        self.reply = reply  # REFUSED: the ErrorResponse; ANSWERED: the reply; OWN: a prefix for the client's error;
+        self.reply = reply  # REFUSED: the ErrorResponse; ANSWERED: the reply; OWN: a prefix for the client's error,
+        # then NUL and the routine Postgres names when it refuses the client's message behind it in a failed block
+        # (25P02, which the client then gets without the prefix), if the relay gave one;
         # CLIENT, GATE: for a message naming a statement by its server name, that name, NUL, the client's name
         self.watcher = watcher
         self.rows = rows  # the watcher collects DataRows (an Execute) or the RowDescription / NoData (a Describe)
@@ -186,7 +189,8 @@ _CONTINUES = {
 # Compared against for every read: bound once (see proxy.relay.enums).
 _CONTEXT, _DESCRIBE, _NO_COPY = Request.CONTEXT, Request.DESCRIBE, CopyState.NONE
 ABORTED = messages.error_response(
-    "ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block"
+    "ERROR", errors.IN_FAILED_TRANSACTION,
+    "current transaction is aborted, commands ignored until end of transaction block", routine="exec_simple_query",
 )
 
 
@@ -489,10 +493,12 @@ class ReplyQueue:
         elif head.reply and fields.get("C") == errors.IN_FAILED_TRANSACTION:
             # The proxy's own request, refused only because the client's block had failed: the client's
             # message behind it would have met the same refusal, which is what Postgres tells it.
-            out.append(message.raw)
+            routine = head.reply.partition(b"\0")[2]
+            out.append(_with_routine(message.raw, routine) if routine else message.raw)
         elif head.reply:  # the proxy's own request, whose failure the client must hear of
+            prefix = head.reply.partition(b"\0")[0].decode()
             out.append(messages.error_response(
-                "ERROR", fields.get("C", errors.INTERNAL_ERROR), head.reply.decode() + fields.get("M", ""), hint=fields.get("H")
+                "ERROR", fields.get("C", errors.INTERNAL_ERROR), prefix + fields.get("M", ""), hint=fields.get("H")
             ))
         if self.copy is CopyState.IN:
             self._copy_ended(succeeded=False, window=fields if head.extended else None)
@@ -632,6 +638,13 @@ def _context_end(data: bytes) -> int:
     if length < 4 or not data.startswith(_CONTEXT_TAIL, end):
         return -1
     return end + len(_CONTEXT_TAIL)
+
+
+def _with_routine(raw: bytes, routine: bytes) -> bytes:
+    """The ErrorResponse `raw` with its routine (field R) replaced by `routine`; the other fields (F and L
+    included) as they were."""
+    fields = b"".join(field + b"\0" for field in raw[5:].split(b"\0") if field and field[:1] != b"R")
+    return messages.message(b"E", fields + b"R" + routine + b"\0\0")
 
 
 def _renamed(raw: bytes, rename: bytes) -> bytes:

@@ -217,16 +217,52 @@ def test_own_error_with_prefix_tells_the_client() -> None:
     assert queue.idle() and queue.client_group_ends == 0
 
 
-def test_own_error_in_a_failed_block_reaches_the_client_as_it_is() -> None:
+def aborted_in(routine: str) -> bytes:
+    """Postgres's 25P02 inside a failed block, raised in `routine`, as the server sends it (F, L, R)."""
+    fields = b"SERROR\0VERROR\0C25P02\0Mcurrent transaction is aborted\0Fpostgres.c\0L1400\0R" + routine.encode()
+    return messages.message(b"E", fields + b"\0\0")
+
+
+AGAIN = b"could not prepare the statement again on this server connection: "
+
+
+@pytest.mark.parametrize("behind, routine", [
+    (B, "exec_bind_message"), (D, "exec_describe_statement_message"), (P, "exec_parse_message"),
+])
+@pytest.mark.parametrize("checked", [False, True], ids=["", "shape checked"])
+def test_own_error_in_a_failed_block_reaches_the_client_as_postgres_answers_its_message(
+        behind: Request, routine: str, checked: bool) -> None:
     """A statement prepared again inside a failed block: the server refuses its Parse with 25P02, as it
-    would the client's Bind behind it, which is what the client hears, without the proxy's prefix."""
+    would the client's message behind it (`checked`: that message still waits on the proxy's Describe of
+    the statement's shape), which is what the client hears: without the proxy's prefix, and naming the
+    routine the relay gave for that message (clients read R), the rest as the server sent it."""
     queue, _ = new_queue()
-    queue.expect(P, Owner.OWN, reply=b"could not prepare the statement again on this server connection: ")
-    queue.expect(B)
+    queue.expect(Request.CLOSE, Owner.OWN)
+    queue.expect(P, Owner.OWN, reply=AGAIN + b"\0" + routine.encode())
+    if checked:
+        queue.expect(D, Owner.GATE, watcher=Watcher(), rows=True)
+    else:
+        queue.expect(behind)
     queue.expect(S)
-    aborted = messages.error_response("ERROR", errors.IN_FAILED_TRANSACTION, "current transaction is aborted")
-    assert feed(queue, aborted + Z_FAILED) == aborted + Z_FAILED
+    assert feed(queue, CLOSE_COMPLETE + aborted_in("exec_parse_message") + Z_FAILED) == aborted_in(routine) + Z_FAILED
     assert queue.idle()
+
+
+def test_own_error_naming_no_routine_reaches_the_client_as_the_server_sent_it() -> None:
+    queue, _ = new_queue()
+    queue.expect(P, Owner.OWN, reply=AGAIN)
+    expect_all(queue, B, S)
+    assert feed(queue, aborted_in("exec_parse_message") + Z_FAILED) == aborted_in("exec_parse_message") + Z_FAILED
+
+
+def test_own_error_outside_a_failed_block_is_prefixed_without_the_routine() -> None:
+    queue, _ = new_queue()
+    queue.expect(P, Owner.OWN, reply=AGAIN + b"\0exec_bind_message")
+    expect_all(queue, B, S)
+    out = feed(queue, error(errors.UNDEFINED_OBJECT, 'relation "gone" does not exist') + Z_IDLE)
+    fields = messages.parse_error_fields(out[5:out.index(Z_IDLE)])
+    assert (fields["C"], fields["M"]) == (errors.UNDEFINED_OBJECT, AGAIN.decode() + 'relation "gone" does not exist')
+    assert "R" not in fields
 
 
 def test_refused_entry_replaced() -> None:
@@ -266,7 +302,8 @@ def test_answered_in_failed_transaction_is_25p02() -> None:
     queue.expect(Q, Owner.ANSWERED, reply=complete("DEALLOCATE"))
     out = feed(queue, error() + Z_FAILED)
     assert out == error() + Z_FAILED + ABORTED + Z_FAILED
-    assert messages.parse_error_fields(ABORTED[5:])["C"] == errors.IN_FAILED_TRANSACTION
+    fields = messages.parse_error_fields(ABORTED[5:])
+    assert (fields["C"], fields["R"]) == (errors.IN_FAILED_TRANSACTION, "exec_simple_query")  # as Postgres names it
 
 
 def test_answered_inside_error_window_is_skipped() -> None:

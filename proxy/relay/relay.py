@@ -581,6 +581,10 @@ class Relay:
             return False
         if self.copy_syncs and (self.copy_input is _COPY_ENDED or kind[0] not in COPY_IN_READS):
             return False  # Syncs among the client's CopyData are not settled: its group may go on or not
+        if self.copy_input is not _NO_COPY_INPUT and kind[0] not in COPY_IN_READS:
+            # A message Postgres does not read during COPY IN: the client's COPY data is over (the COPY
+            # failed, with no CopyDone owed after it), and a Sync from here on is no Sync among CopyData.
+            self.copy_input = CopyInput.NONE
         if self.skip_group and kind != b"X":
             if kind == b"S":  # the window the client is in ends here: the proxy answers its Sync
                 self.skip_group = False

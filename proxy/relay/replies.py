@@ -65,6 +65,8 @@ class Request(HotEnum):
 
 EXTENDED = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE, Request.CONTEXT})
 GROUP_ENDS = frozenset({Request.SYNC, Request.QUERY, Request.FUNCTION_CALL})
+# Entries the server answers with nothing once no COPY runs: CopyData, and a CopyDone / CopyFail it ignores.
+_COPY_MARKERS = frozenset({Request.COPY_DATA, Request.COPY_END})
 
 
 class Owner(HotEnum):
@@ -205,7 +207,6 @@ class ReplyQueue:
         self.copy = CopyState.NONE
         self._special = 0  # entries that are not a client Query: the fast path needs none
         self._copy_syncs = CopySyncs.REAL  # COPY IN started and no CopyDone / CopyFail sent yet
-        self._copy_end_ignored = 0  # CopyDone / CopyFail the server will ignore (the COPY already failed)
         self._probe_ready: list[bytes] = []  # ReadyForQuery read while Syncs among the data of a failed COPY are settled
         self._copy_window: dict[str, str] | None = None  # the error of a failed COPY begun by an Execute: the server skips to Sync
         self._skipping = False  # the server skips to the next Sync, and none is owed yet
@@ -247,9 +248,6 @@ class ReplyQueue:
                     return
             else:
                 self._copy_syncs = CopySyncs.REAL
-                if self._copy_end_ignored:
-                    self._copy_end_ignored -= 1
-                    return
         entry = Owed(request, owner, reply, watcher, rows)
         entry.in_copy = request is Request.SYNC and self._copy_syncs is CopySyncs.AMBIGUOUS
         self._special += entry.special
@@ -460,7 +458,7 @@ class ReplyQueue:
         if not entries or entries[0].request is not Request.COPY_PROBE:
             raise ProtocolViolation("server answered a probe the proxy did not send")
         self.status = ready[-1][5:6]
-        follower = next((entry for entry in itertools.islice(entries, 1, None) if entry.request is not Request.COPY_DATA), None)
+        follower = next((entry for entry in itertools.islice(entries, 1, None) if entry.request not in _COPY_MARKERS), None)
         window = self._copy_window if read == 0 and (follower is None or follower.request is not Request.SYNC) else None
         self._copy_window = None
         self._pop(Outcome.FAILED if window else Outcome.COMPLETED, window)
@@ -596,8 +594,10 @@ class ReplyQueue:
 
     def _copy_ended(self, succeeded: bool, window: dict[str, str] | None = None) -> None:
         """CommandComplete (`succeeded`) or ErrorResponse of the COPY (`window`: its error, when an Execute
-        began it and the server now skips to a Sync). Its CopyDone / CopyFail is answered (or, not sent
-        yet, will be ignored by the server). Syncs sent among the CopyData were ignored if the COPY
+        began it and the server now skips to a Sync). Its CopyDone / CopyFail is answered; one not sent
+        yet is ignored by the server when it comes (the client need not send it after a failure), and
+        its entry is dropped once at the head (`_drop_markers`): nothing of this COPY is left to meet a
+        later COPY's CopyDone. Syncs sent among the CopyData were ignored if the COPY
         succeeded; after a failure, the listener sends the probe that settles them
         (`_copy_syncs_probed`)."""
         self.copy = CopyState.NONE
@@ -620,8 +620,6 @@ class ReplyQueue:
                 probe_due = probe_due or entry.in_copy
             kept.append(entry)
         self.entries = kept
-        if not end_found:
-            self._copy_end_ignored += 1
         if probe_due:
             self._copy_window = window
             self.listener.copy_syncs_unknown()

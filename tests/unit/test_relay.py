@@ -690,6 +690,26 @@ def test_query_after_a_copy_failed_at_copydone_with_a_sync_among_the_data() -> N
     assert SELECT_1 in b"".join(writes)
 
 
+def test_after_a_copy_that_failed_before_its_copydone_a_sync_is_a_sync() -> None:
+    """Session mode: COPY FROM STDIN by Query, a bad row, ErrorResponse and ReadyForQuery; the client sends
+    no CopyDone (libpq stops at the error). Its next extended group's Sync is no Sync among CopyData:
+    the Query pipelined behind it goes upstream at once, not after that Sync's ReadyForQuery."""
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    copy = messages.query("COPY t FROM STDIN")
+    pair.client(copy)
+    copy_in = messages.message(b"G", b"\0\0\0")
+    assert pair.server(copy_in) == copy_in
+    assert pair.client(COPY_ROW) == [COPY_ROW]
+    failure = messages.error_response("ERROR", "22P02", "invalid input syntax for type integer")
+    assert pair.server(failure + Z_IDLE) == failure + Z_IDLE
+    group = messages.parse("", "SELECT 1") + messages.bind("", "", []) + messages.execute() + messages.sync()
+    assert pair.client(group + SELECT_1) == [group + SELECT_1]
+    replies = PARSE_COMPLETE + BIND_COMPLETE + data_row(b"1") + complete("SELECT 1") + Z_IDLE
+    assert pair.server(replies + ROWS + Z_IDLE) == replies + ROWS + Z_IDLE
+
+
 def test_prepare_with_flush_and_no_sync_gets_a_sync_of_the_proxys_own() -> None:
     """asyncpg prepares with Parse, Describe, Flush: the proxy ends the implicit transaction with a Sync
     whose ReadyForQuery it swallows, so the connection goes back to the pool meanwhile."""

@@ -391,6 +391,32 @@ def test_copy_in_twice_after_a_failed_copy_with_late_copydone() -> None:
     assert queue.idle()
 
 
+@pytest.mark.parametrize("started_by", ["query", "execute"])
+def test_a_copy_that_failed_before_its_copydone_leaves_nothing_for_the_next_copy(started_by: str) -> None:
+    """A COPY fails at its first CopyData and the client never sends CopyDone (libpq stops at the error;
+    after an Execute the client's Sync ends the group). The next COPY on the connection, by whichever
+    client, has its own CopyDone answered by its CommandComplete: nothing of the failed COPY waits to
+    swallow it (the Sync behind it is no Sync among CopyData)."""
+    queue, _ = new_queue()
+    if started_by == "query":
+        queue.expect(Q)
+        feed(queue, COPY_IN)
+    else:
+        expect_all(queue, P, B, E)
+        feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN)
+    queue.expect(Request.COPY_DATA)
+    failure = error("22P02", "bad input")
+    if started_by == "query":
+        assert feed(queue, failure + Z_IDLE) == failure + Z_IDLE
+    else:
+        assert feed(queue, failure) == failure
+        queue.expect(S)
+        assert feed(queue, Z_IDLE) == Z_IDLE
+    assert queue.idle()
+    expect_all(queue, P, B, E, Request.COPY_DATA, Request.COPY_END, S)  # one write, as asyncpg sends it
+    passes_whole(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN + complete("COPY 1") + Z_IDLE)
+
+
 def test_copy_out() -> None:
     queue, _ = new_queue()
     expect_all(queue, Q, P, B, E, S)
@@ -605,6 +631,30 @@ def test_a_sync_behind_the_probe_ends_the_window_itself() -> None:
     queue.expect(S)
     assert feed(queue, PROBE_ANSWERED + Z_IDLE) == Z_IDLE
     assert prober.watcher.outcomes == [(Outcome.COMPLETED, None)]
+    assert queue.idle()
+
+
+@pytest.mark.parametrize("sync_behind", [False, True], ids=["copydone", "copydone and sync"])
+def test_a_copydone_sent_after_the_failure_is_answered_by_nothing(sync_behind: bool) -> None:
+    """The COPY fails at the CopyData behind the Sync among its data (the server ignored that Sync); the
+    client's CopyDone comes after the failure, and the server ignores it. Alone behind the probe, the
+    probe's Sync ended the error window the client is still in, and its watcher is told so; with the
+    client's Sync behind it, that Sync ends the window itself and gets its ReadyForQuery."""
+    queue, prober = probed_queue()
+    expect_all(queue, P, B, E)
+    feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN)
+    expect_all(queue, Request.COPY_DATA, S, Request.COPY_DATA)
+    failure = error("22P02")
+    assert feed(queue, failure) == failure
+    queue.expect(Request.COPY_END)
+    if sync_behind:
+        queue.expect(S)
+        assert feed(queue, PROBE_ANSWERED + Z_IDLE) == Z_IDLE
+        assert prober.watcher.outcomes == [(Outcome.COMPLETED, None)]
+    else:
+        assert feed(queue, PROBE_ANSWERED) == b""
+        ((outcome, fields),) = prober.watcher.outcomes
+        assert outcome is Outcome.FAILED and fields is not None and fields["C"] == "22P02"
     assert queue.idle()
 
 

@@ -168,6 +168,7 @@ FAST_WATCHED = frozenset(b"ZEGS")
 FULL_WATCHED = frozenset(b"ZE123tTnCIsGHVNAS")
 ROWS_WATCHED = FULL_WATCHED | frozenset(b"D")
 _ASYNC = frozenset(b"NAS")
+_SESSION_ENDS = frozenset({"FATAL", "PANIC"})  # error severities after which the server closes the connection
 _NONE: frozenset[int] = frozenset()
 _HEADER = struct.Struct("!Bi")
 _CONTEXT_HEAD = messages.message(b"2") + b"D"  # BindComplete, and the DataRow's type
@@ -411,15 +412,20 @@ class ReplyQueue:
             if forwarded:
                 out.append(message.raw)
             return
-        if head is None:
-            if kind == b"E":  # a FATAL the server sends on its own (shutdown, idle timeout)
+        if kind == b"E":
+            fields = messages.parse_error_fields(message.body)
+            if head is None or fields.get("V", fields.get("S")) in _SESSION_ENDS:
+                # The server's FATAL, sent on its own (shutdown, idle timeout) or in place of what it owes (a
+                # protocol violation by the client, such as a Parse during COPY IN): its last word before it
+                # closes the connection, which the client gets as it is, as from Postgres directly.
                 out.append(message.raw)
                 return
+        elif head is None:
             raise ProtocolViolation(f"server sent message {kind!r} with nothing owed")
         if head.in_copy:  # Syncs among the data of a failed COPY, with the proxy's probe behind them
             self._copy_syncs_probed(message, out)
         elif kind == b"E":
-            self._error(head, message, out)
+            self._error(head, fields, message, out)
         elif kind == b"Z":
             self._ready(head, message, out)
         else:
@@ -482,8 +488,7 @@ class ReplyQueue:
         if head.owner is Owner.CLIENT:
             out.append(message.raw)
 
-    def _error(self, head: Owed, message: Message, out: list[bytes | memoryview]) -> None:
-        fields = messages.parse_error_fields(message.body)
+    def _error(self, head: Owed, fields: dict[str, str], message: Message, out: list[bytes | memoryview]) -> None:
         if head.owner is Owner.CLIENT or head.owner is Owner.GATE:
             out.append(_renamed(message.raw, head.reply) if head.reply else message.raw)
         elif head.owner is Owner.REFUSED:

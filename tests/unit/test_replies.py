@@ -550,6 +550,19 @@ def test_fatal_with_nothing_owed_forwarded() -> None:
     assert feed(queue, fatal) == fatal
 
 
+SYNC_LOST = messages.error_response("FATAL", errors.PROTOCOL_VIOLATION, "terminating connection because protocol synchronization was lost")
+
+
+@pytest.mark.parametrize("owner", [Owner.CLIENT, Owner.OWN, Owner.REFUSED])
+def test_fatal_in_place_of_what_is_owed_forwarded_as_it_is(owner: Owner) -> None:
+    """Whatever the head (the client's request, the proxy's own with a prefix for its errors, a refused
+    one), a FATAL is the server's last word before it closes: the client gets it as Postgres sent it."""
+    queue, _ = new_queue()
+    queue.expect(Q, owner, reply=b"could not set the tenant context: " if owner is Owner.OWN else error())
+    fatal = messages.error_response("FATAL", errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+    assert feed(queue, fatal) == fatal
+
+
 # -- Syncs among CopyData --------------------------------------------------------------------------
 
 class Prober(Listener):
@@ -656,6 +669,20 @@ def test_a_copydone_sent_after_the_failure_is_answered_by_nothing(sync_behind: b
         ((outcome, fields),) = prober.watcher.outcomes
         assert outcome is Outcome.FAILED and fields is not None and fields["C"] == "22P02"
     assert queue.idle()
+
+
+def test_a_parse_during_copy_in_ends_with_the_servers_error_and_fatal() -> None:
+    """A protocol violation: Parse, Bind, Execute of COPY FROM STDIN, CopyData, then Parse and Sync, with no
+    CopyDone. Postgres reads the Parse during COPY IN: ERROR 08P01, which fails the COPY (the Sync among
+    the data asks for the probe), then FATAL 08P01 and the close. Both reach the client as they are, the
+    FATAL while the probe is owed included."""
+    queue, _ = probed_queue()
+    expect_all(queue, P, B, E)
+    feed(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN)
+    expect_all(queue, Request.COPY_DATA, P, S)
+    violation = messages.error_response("ERROR", errors.PROTOCOL_VIOLATION, "unexpected message type 0x50 during COPY from stdin")
+    assert feed(queue, violation + SYNC_LOST) == violation + SYNC_LOST
+    assert queue.entries[0].in_copy  # the Sync among the data, then the probe: never answered
 
 
 def _simple_copy_failed_with_sync_among_data(queue: ReplyQueue, end: Request) -> bytes:

@@ -38,7 +38,7 @@ from proxy.metrics import METRICS
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.protocol.framing import Message, MessageScanner, Segment
-from proxy.relay.replies import Outcome, Owed, Owner, ReplyQueue, Request, Watcher
+from proxy.relay.replies import COPY_INTERRUPTED, CopyInterrupted, Outcome, Owed, Owner, ReplyQueue, Request, Watcher
 from proxy.relay.settings import (
     APPLY_SQL,
     APPLY_STATEMENT,
@@ -104,6 +104,8 @@ FLUSH = messages.message(b"H")
 # The probe behind Syncs the client sent among the data of a COPY that failed (`ReplyQueue._copy_syncs_probed`):
 # a Sync, then a Close of a portal no one can name, whose CloseComplete the Flush brings at once.
 COPY_PROBE = messages.sync() + messages.message(b"C", b"P" + NEVER_PREPARED + b"\0") + FLUSH
+# The proxy's CopyFail in place of a client message Postgres does not read during COPY IN (`Relay._interrupt_copy`).
+COPY_INTERRUPT = messages.message(b"f", messages.cstring(COPY_INTERRUPTED))
 _SESSIONS = itertools.count(1)
 STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
 READ_RETRIES = 3  # a group of the proxy's own cancelled (57014) this many times in a row is not sent again
@@ -311,11 +313,15 @@ class Relay:
     def server_data(self, data: bytes) -> None:
         """Bytes from the server: account for them and pass on what is the client's. Raises
         UpstreamProtocolViolation when the server sends what nothing owed explains (XX000 for the
-        client), ProtocolViolation when a client message held until now is malformed (08P01)."""
+        client), ProtocolViolation when a client message held until now is malformed, or was sent
+        during COPY IN (`_interrupt_copy`; the client has Postgres's ERROR for it first) (08P01)."""
         queue = self.queue
         assert queue is not None
         try:
             out = queue.feed(data)
+        except CopyInterrupted as exc:  # the client's message during COPY IN: Postgres's ERROR, then its FATAL 08P01
+            self.hooks.send_client(exc.replies)
+            raise ProtocolViolation(str(exc)) from None
         except ProtocolViolation as exc:  # the server's bytes: the client did nothing wrong
             raise UpstreamProtocolViolation(str(exc)) from exc
         if out:
@@ -336,8 +342,11 @@ class Relay:
                 self._resume()
                 self.mode.maybe_release()
             return
-        if self.held and not queue.groups_owed():
-            self._resume()
+        if self.held:
+            if not queue.groups_owed():
+                self._resume()
+            else:
+                self._interrupt_copy(self.held[0])
         if self.pooled and not self.terminated:
             self.mode.maybe_release()
 
@@ -531,11 +540,32 @@ class Relay:
             queue = self.queue
             if done or queue is None or queue.groups_owed() or self.copy_syncs or self.mode.waiting():
                 break
+        if not done:
+            self._interrupt_copy(segments[0])
         if segments is self.held:
             self._held_drained()
         elif not done:
             self._hold(segments)
         self.mode.maybe_release()
+
+    def _interrupt_copy(self, waiting: Segment) -> None:
+        """`waiting`, the client's next message, waits for the server's replies. When it is one Postgres
+        does not read during COPY IN while the server is in COPY IN with no CopyDone or CopyFail sent for
+        it, those replies never come: the server waits for the client's data, and the client waits for an
+        answer (directly, Postgres would read the message and end the session with 08P01). The proxy's
+        CopyFail goes where the message would have been read: if the server is still in COPY IN then, it
+        ends the COPY and the queue raises `CopyInterrupted` (the client gets the ERROR Postgres gives the
+        message, then the FATAL, and the server connection is closed, not reused); if the COPY failed
+        first, the server ignores it and the message goes on once the COPY's replies are in."""
+        queue = self.queue
+        if queue is None or not queue.awaiting_copy_end() or type(waiting) is not Message:
+            return
+        kind = waiting.type[0]
+        if kind in COPY_IN_READS:
+            return
+        error = b"unexpected message type 0x%02X during COPY from stdin" % kind
+        self.own(COPY_INTERRUPT, Request.COPY_END, speaks=error)
+        self.flush_own()
 
     def _process(self, segments: deque[Segment]) -> bool:
         """Handle segments from the front of `segments`; False when a message must wait (it stays at the
@@ -660,7 +690,8 @@ class Relay:
     def own(self, raw: bytes, request: Request, watcher: Watcher | None = None, rows: bool = False,
             speaks: bytes = b"", routine: bytes = b"") -> None:
         """A message of the proxy's own; `speaks`: on failure, the client gets an error with this prefix, or
-        for a 25P02 the server's error as it is, naming `routine` (IN_BIND, ...) when given."""
+        for a 25P02 the server's error as it is, naming `routine` (IN_BIND, ...) when given (the proxy's
+        CopyFail: the text of the client's error when it ends the COPY)."""
         assert self.queue is not None
         self._out.append(raw)
         self.queue.expect(request, Owner.OWN, speaks + b"\0" + routine if routine else speaks, watcher, rows)

@@ -16,6 +16,11 @@ ReadyForQuery, end a group. It follows Postgres's rules ("Message Flow", 55.2.3 
   behind those Syncs (`Request.COPY_PROBE`: Sync, Close of a portal that never exists, Flush), and the
   ReadyForQuery that come before its CloseComplete, but its own, are those Syncs' (the last ones,
   read after the failure); the client's next messages wait for that (see the relay);
+- any other message the server reads during COPY IN is a protocol violation: ERROR 08P01, then FATAL.
+  A client message that waits for the server's replies while the server waits for COPY data is
+  replaced by the proxy's CopyFail (`COPY_INTERRUPTED`): if it ends the COPY, the client gets the ERROR
+  Postgres gives its message (`CopyInterrupted`), and the session ends; if the COPY failed first, the
+  server ignores it;
 - Describe of a statement answers ParameterDescription then RowDescription or NoData; Execute ends with
   CommandComplete, EmptyQueryResponse or PortalSuspended;
 - NoticeResponse, NotificationResponse and ParameterStatus may come at any time.
@@ -25,6 +30,7 @@ speaks to the client when it fails, its error prefixed with what the proxy was d
 which the server gives every message inside a failed block, the client's message included: that goes to
 the client as Postgres would answer its message, naming the routine the relay gave for that message
 (field R: exec_bind_message where the server's error named exec_parse_message, the proxy's Parse).
+A FATAL is the server's last word before it closes: the client gets it as it is, whatever is owed.
 
 A client Query the proxy answers itself (`Owner.ANSWERED`) is answered when it reaches the head, as
 Postgres would at that point: skipped inside an error window, refused with 25P02 in a failed
@@ -79,6 +85,17 @@ class Owner(HotEnum):
     GATE = "gate"  # the proxy's own request a client message waits on: swallowed, but its error is the client's
 
 
+class CopyInterrupted(Exception):
+    """The proxy's CopyFail (`COPY_INTERRUPTED`, sent in place of a client message Postgres does not read
+    during COPY IN) ended the COPY: the server was in COPY IN when it read it, where it would have read the
+    client's message, a protocol violation. `replies` go to the client (what came before, and the ERROR
+    Postgres gives that message); then the session ends with 08P01, as Postgres ends it."""
+
+    def __init__(self, replies: bytes) -> None:
+        super().__init__("terminating connection because protocol synchronization was lost")
+        self.replies = replies
+
+
 class Outcome(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
@@ -124,6 +141,7 @@ class Owed:
         self.reply = reply  # REFUSED: the ErrorResponse; ANSWERED: the reply; OWN: a prefix for the client's error,
         # then NUL and the routine Postgres names when it refuses the client's message behind it in a failed block
         # (25P02, which the client then gets without the prefix), if the relay gave one;
+        # (OWN COPY_END, the proxy's CopyFail: the text of the client's error when it ends the COPY, `CopyInterrupted`);
         # CLIENT, GATE: for a message naming a statement by its server name, that name, NUL, the client's name
         self.watcher = watcher
         self.rows = rows  # the watcher collects DataRows (an Execute) or the RowDescription / NoData (a Describe)
@@ -169,6 +187,10 @@ FULL_WATCHED = frozenset(b"ZE123tTnCIsGHVNAS")
 ROWS_WATCHED = FULL_WATCHED | frozenset(b"D")
 _ASYNC = frozenset(b"NAS")
 _SESSION_ENDS = frozenset({"FATAL", "PANIC"})  # error severities after which the server closes the connection
+# The text of the proxy's CopyFail in place of a client message Postgres does not read during COPY IN, and
+# the server's error when that CopyFail ends the COPY (copyfromparse.c).
+COPY_INTERRUPTED = "pg-tenant-proxy: the client sent a message other than COPY data"
+_INTERRUPTED_ERROR = "COPY from stdin failed: " + COPY_INTERRUPTED
 _NONE: frozenset[int] = frozenset()
 _HEADER = struct.Struct("!Bi")
 _CONTEXT_HEAD = messages.message(b"2") + b"D"  # BindComplete, and the DataRow's type
@@ -273,6 +295,11 @@ class ReplyQueue:
         """Nothing is owed: every request sent has been answered, and the server is not skipping to a
         Sync not sent yet."""
         return not self.entries and not self._skipping
+
+    def awaiting_copy_end(self) -> bool:
+        """The server is in COPY IN and no CopyDone or CopyFail has been sent for it: it reads nothing but
+        CopyData, Flush and Sync until one comes."""
+        return self.copy is not _NO_COPY and self._copy_syncs is not CopySyncs.REAL
 
     def reading_messages(self) -> bool:
         """No client group is owed and no COPY runs: the server reads the next message as a message (during
@@ -489,6 +516,11 @@ class ReplyQueue:
             out.append(message.raw)
 
     def _error(self, head: Owed, fields: dict[str, str], message: Message, out: list[bytes | memoryview]) -> None:
+        if self.copy is CopyState.IN and fields.get("M") == _INTERRUPTED_ERROR:
+            end = next((entry for entry in self.entries if entry.request is Request.COPY_END), None)
+            if end is not None and end.owner is Owner.OWN:  # read before any CopyDone / CopyFail of the client's
+                out.append(_violation(message.raw, end.reply))
+                raise CopyInterrupted(b"".join(out))
         if head.owner is Owner.CLIENT or head.owner is Owner.GATE:
             out.append(_renamed(message.raw, head.reply) if head.reply else message.raw)
         elif head.owner is Owner.REFUSED:
@@ -648,6 +680,16 @@ def _with_routine(raw: bytes, routine: bytes) -> bytes:
     included) as they were."""
     fields = b"".join(field + b"\0" for field in raw[5:].split(b"\0") if field and field[:1] != b"R")
     return messages.message(b"E", fields + b"R" + routine + b"\0\0")
+
+
+def _violation(raw: bytes, text: bytes) -> bytes:
+    """The server's ErrorResponse to the proxy's CopyFail made the one Postgres gives a client message it
+    does not read during COPY IN: read at the same point, it has the same fields (severity, the COPY's
+    line as context, where it was raised) but for the SQLSTATE, 08P01, and the text."""
+    fields = [field for field in raw[5:].split(b"\0") if field]
+    code = b"C" + errors.PROTOCOL_VIOLATION.encode()
+    body = [code if field[:1] == b"C" else b"M" + text if field[:1] == b"M" else field for field in fields]
+    return messages.message(b"E", b"\0".join(body) + b"\0\0")
 
 
 def _renamed(raw: bytes, rename: bytes) -> bytes:

@@ -26,8 +26,10 @@ from relay_harness import (
 from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
-from proxy.relay.relay import COPY_PROBE, RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED, BlockWatch
-from proxy.relay.replies import Outcome
+from proxy.relay.relay import (
+    COPY_INTERRUPT, COPY_PROBE, RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED, BlockWatch,
+)
+from proxy.relay.replies import COPY_INTERRUPTED, Outcome
 from proxy.relay.settings import (
     APPLY_SQL, APPLY_STATEMENT, READ_SQL, READ_STATEMENT, REAPPLY_SQL, REAPPLY_STATEMENT, apply_bind, close_portal, read_bind,
 )
@@ -708,6 +710,64 @@ def test_after_a_copy_that_failed_before_its_copydone_a_sync_is_a_sync() -> None
     assert pair.client(group + SELECT_1) == [group + SELECT_1]
     replies = PARSE_COMPLETE + BIND_COMPLETE + data_row(b"1") + complete("SELECT 1") + Z_IDLE
     assert pair.server(replies + ROWS + Z_IDLE) == replies + ROWS + Z_IDLE
+
+
+COPY_IN = messages.message(b"G", b"\0\0\0")
+INTERRUPTED = messages.message(b"E", b"SERROR\0VERROR\0C57014\0MCOPY from stdin failed: " + COPY_INTERRUPTED.encode()
+                               + b"\0WCOPY t, line 2\0\0")
+
+
+def _simple_copy_started(pair: RelayPair, server: Server) -> None:
+    """Transaction mode: COPY FROM STDIN by Query (behind the context), CopyInResponse, one row."""
+    copy = messages.query("COPY t FROM STDIN")
+    checked_out(pair, server, copy)
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + COPY_IN) == COPY_IN
+    assert pair.client(COPY_ROW) == [COPY_ROW]
+
+
+def test_a_query_during_copy_in_gets_the_error_and_end_postgres_gives_it() -> None:
+    """Transaction mode, a protocol violation: a Query during COPY IN, no CopyDone. The Query waits for the
+    COPY's ReadyForQuery (its context needs the status), which the server, waiting for data, never sends:
+    the proxy's CopyFail goes in its place. It ends the COPY: the client gets Postgres's ERROR 08P01 for a
+    Query during COPY IN, and the session ends with 08P01 (the glue closes the server connection)."""
+    pair, server = RelayPair(), Server(101)
+    _simple_copy_started(pair, server)
+    assert pair.client(SELECT_1) == [COPY_INTERRUPT]
+    with pytest.raises(ProtocolViolation, match="protocol synchronization was lost"):
+        pair.server(INTERRUPTED + Z_IDLE)
+    (error,) = pair.hooks.client[-1:]
+    fields = messages.parse_error_fields(error[5:])
+    assert (fields["S"], fields["C"], fields["M"], fields["W"]) == (
+        "ERROR", errors.PROTOCOL_VIOLATION, "unexpected message type 0x51 during COPY from stdin", "COPY t, line 2")
+    assert SELECT_1 not in b"".join(pair.hooks.upstream)
+
+
+def test_a_query_behind_a_copy_that_failed_on_its_data_goes_on() -> None:
+    """The same, but the COPY had failed on the row before the server read the proxy's CopyFail, which
+    it ignores: the client gets the COPY's error and ReadyForQuery, then its Query runs as directly."""
+    pair, server = RelayPair(), Server(101)
+    _simple_copy_started(pair, server)
+    pair.client(SELECT_1)
+    failure = messages.error_response("ERROR", "22P02", "invalid input syntax for type integer")
+    start = len(pair.hooks.upstream)
+    assert pair.server(failure + Z_IDLE) == failure + Z_IDLE
+    assert pair.upstream_since(start) == [context(server) + SELECT_1]
+    assert pair.server(CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+
+
+def test_a_query_pipelined_behind_copy_data_is_settled_once_the_copy_starts() -> None:
+    """Query COPY, CopyData and a Query in one write: the Query waits for the COPY's ReadyForQuery; the
+    CopyInResponse says the server reads COPY data, and the proxy's CopyFail goes behind the row."""
+    pair, server = RelayPair(), Server(101)
+    copy = messages.query("COPY t FROM STDIN")
+    writes = checked_out(pair, server, copy + COPY_ROW + SELECT_1)
+    assert b"".join(writes).endswith(copy + COPY_ROW)
+    start = len(pair.hooks.upstream)
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + COPY_IN) == COPY_IN
+    assert pair.upstream_since(start) == [COPY_INTERRUPT]
+    with pytest.raises(ProtocolViolation):
+        pair.server(INTERRUPTED + Z_IDLE)
 
 
 def test_prepare_with_flush_and_no_sync_gets_a_sync_of_the_proxys_own() -> None:

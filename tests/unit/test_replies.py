@@ -12,7 +12,7 @@ from relay_harness import complete, data_row, row_description
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageScanner
-from proxy.relay.replies import ABORTED, Outcome, Owner, ReplyQueue, Request
+from proxy.relay.replies import ABORTED, COPY_INTERRUPTED, CopyInterrupted, Outcome, Owner, ReplyQueue, Request
 
 
 # -- server messages ---------------------------------------------------------------------------
@@ -415,6 +415,48 @@ def test_a_copy_that_failed_before_its_copydone_leaves_nothing_for_the_next_copy
     assert queue.idle()
     expect_all(queue, P, B, E, Request.COPY_DATA, Request.COPY_END, S)  # one write, as asyncpg sends it
     passes_whole(queue, PARSE_COMPLETE + BIND_COMPLETE + COPY_IN + complete("COPY 1") + Z_IDLE)
+
+
+VIOLATION_TEXT = b"unexpected message type 0x51 during COPY from stdin"
+
+
+def _copy_waiting_for_the_client(queue: ReplyQueue) -> None:
+    """COPY FROM STDIN by Query, CopyData; then, in place of the client's Query (which Postgres does not
+    read during COPY IN), the proxy's CopyFail, carrying the text of the error Postgres gives that Query."""
+    queue.expect(Q)
+    feed(queue, COPY_IN)
+    assert queue.awaiting_copy_end()  # no CopyDone / CopyFail sent: the server reads only COPY data
+    queue.expect(Request.COPY_DATA)
+    assert queue.awaiting_copy_end()
+    queue.expect(Request.COPY_END, Owner.OWN, reply=VIOLATION_TEXT)
+    assert not queue.awaiting_copy_end()
+
+
+def test_the_proxys_copyfail_ending_the_copy_gives_the_error_postgres_gives_the_clients_message() -> None:
+    """The server was still in COPY IN: the proxy's CopyFail ended the COPY where the client's message
+    would have been read. The client gets what came before and Postgres's error for its message (the same
+    fields as the server's, the COPY's line included, but 08P01 and the text); the queue stops there."""
+    queue, _ = new_queue()
+    _copy_waiting_for_the_client(queue)
+    where = b"WCOPY t, line 2\0Fcopyfromparse.c\0L315\0RCopyGetData\0"
+    failed = messages.message(b"E", b"SERROR\0VERROR\0C57014\0MCOPY from stdin failed: " + COPY_INTERRUPTED.encode()
+                              + b"\0" + where + b"\0")
+    with pytest.raises(CopyInterrupted) as raised:
+        queue.feed(NOTICE + failed + Z_IDLE)
+    violation = messages.message(b"E", b"SERROR\0VERROR\0C08P01\0M" + VIOLATION_TEXT + b"\0" + where + b"\0")
+    assert raised.value.replies == NOTICE + violation
+
+
+def test_the_proxys_copyfail_after_the_copy_failed_is_ignored() -> None:
+    """The COPY had failed on the client's data before the server read the proxy's CopyFail, which it then
+    ignores: the client gets the COPY's error and ReadyForQuery, and its message goes on after them."""
+    queue, _ = new_queue()
+    _copy_waiting_for_the_client(queue)
+    failure = error("22P02", "invalid input syntax for type integer")
+    assert feed(queue, failure + Z_IDLE) == failure + Z_IDLE
+    assert queue.idle() and queue.groups_owed() == 0
+    queue.expect(Q)
+    passes_whole(queue, T + D1 + C_SELECT + Z_IDLE)
 
 
 def test_copy_out() -> None:

@@ -166,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         """A step raised: malformed client input ends the session with 08P01; a server the proxy lost
         track of, an illegal state move or any other bug with XX000."""
         if isinstance(exc, ProtocolViolation):
-            self.terminate(errors.PROTOCOL_VIOLATION, str(exc))
+            self.terminate(errors.PROTOCOL_VIOLATION, str(exc), routine=exc.routine)
         elif isinstance(exc, UpstreamProtocolViolation):
             log.error("upstream protocol error client=%s: %s", self.address, exc)
             self.terminate(errors.INTERNAL_ERROR, f"lost track of the upstream server's replies: {exc}")
@@ -332,14 +332,16 @@ class ClientConnection(asyncio.Protocol):
 
     # -- ending ----------------------------------------------------------------------------------
 
-    def terminate(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None) -> None:
-        """Send a FATAL ErrorResponse (when it cannot land inside a server message) and close."""
+    def terminate(self, sqlstate: str, text: str, detail: str | None = None, hint: str | None = None,
+                  routine: str | None = None) -> None:
+        """Send a FATAL ErrorResponse (when it cannot land inside a server message) and close; `routine`:
+        the Postgres function whose FATAL this imitates (messages.error_response)."""
         if self.session.state is State.CLOSED or self.transport is None:
             return
         relay = self.relay
         backend = self.backend
         if relay is None or backend is None or backend.queue.scanner.at_boundary():
-            self.transport.write(messages.error_response("FATAL", sqlstate, text, detail, hint))
+            self.transport.write(messages.error_response("FATAL", sqlstate, text, detail, hint, routine))
         self._give_back_server(reuse=False)
         self.session.move(Event.CLOSED)
         self.transport.close()

@@ -40,7 +40,12 @@ INTERNAL_ERROR = "XX000"
 
 
 class ProtocolViolation(Exception):
-    """Bytes from a peer that do not follow the protocol; reported as SQLSTATE 08P01."""
+    """Bytes from a peer that do not follow the protocol; reported as SQLSTATE 08P01. `routine` (field R)
+    names the Postgres function that ends a session the same way, where the proxy imitates it."""
+
+    def __init__(self, message: str, routine: str | None = None) -> None:
+        super().__init__(message)
+        self.routine = routine
 
 
 class UpstreamProtocolViolation(Exception):

@@ -321,7 +321,7 @@ class Relay:
             out = queue.feed(data)
         except CopyInterrupted as exc:  # the client's message during COPY IN: Postgres's ERROR, then its FATAL 08P01
             self.hooks.send_client(exc.replies)
-            raise ProtocolViolation(str(exc)) from None
+            raise ProtocolViolation(str(exc), routine="PostgresMain") from None
         except ProtocolViolation as exc:  # the server's bytes: the client did nothing wrong
             raise UpstreamProtocolViolation(str(exc)) from exc
         if out:

@@ -495,13 +495,13 @@ class Console:
         PgBouncer's KILL, later logins of the tenant are not refused."""
         victims = [c for c in self._clients() if c.identity is not None and c.identity.tenant == tenant]
         for client in victims:
-            client.terminate(errors.ADMIN_SHUTDOWN, KILL_MESSAGE)
+            client.terminate(errors.ADMIN_SHUTDOWN, KILL_MESSAGE, routine=errors.INTERRUPTS)
         return Result("KILL", notices=[f"{len(victims)} client connection(s) of tenant {tenant!r} ended"])
 
     def kill_client(self, client_id: int) -> Result:
         for client in self._clients():
             if client.id == client_id:
-                client.terminate(errors.ADMIN_SHUTDOWN, KILL_MESSAGE)
+                client.terminate(errors.ADMIN_SHUTDOWN, KILL_MESSAGE, routine=errors.INTERRUPTS)
                 return Result("KILL")
         raise ConsoleError(errors.UNDEFINED_OBJECT, f"no client with id {client_id}", "see SHOW CLIENTS")
 

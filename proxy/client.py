@@ -119,6 +119,9 @@ class ClientConnection(asyncio.Protocol):
             whole = False
         if self._message_timer is not None or not whole:
             self._watch_partial_message(relay)
+        pool = self.server.settings.pool
+        if (pool.idle_transaction_timeout or pool.client_idle_timeout) and self._idle_timer is None:
+            self._time_idleness(relay, pool)  # after replies the proxy gave itself (DEALLOCATE, a skipped Sync)
 
     def _watch_partial_message(self, relay: Relay) -> None:
         """A message begun must be completed within `[client] message_timeout_seconds` (08P01)."""
@@ -138,7 +141,7 @@ class ClientConnection(asyncio.Protocol):
     def _idle_transaction_timed_out(self) -> None:
         self._idle_timer = None
         self.terminate(errors.IDLE_IN_TRANSACTION_TIMEOUT, "terminating connection due to idle-in-transaction timeout",
-                       detail="the proxy's [pool] idle_transaction_timeout")
+                       detail="the proxy's [pool] idle_transaction_timeout", routine=errors.INTERRUPTS)
 
     def _time_idleness(self, relay: Relay, pool: PoolSettings) -> None:
         """After the server's replies: time the client's silence inside a transaction block holding a server
@@ -153,7 +156,7 @@ class ClientConnection(asyncio.Protocol):
     def _client_idle_timed_out(self) -> None:
         self._idle_timer = None
         self.terminate(errors.IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout",
-                       detail="the proxy's [pool] client_idle_timeout")
+                       detail="the proxy's [pool] client_idle_timeout", routine=errors.INTERRUPTS)
 
     def _guarded(self, step: Callable[[T], None], argument: T) -> None:
         """Run one step of the session; malformed client input or a bug ends only this session."""
@@ -342,8 +345,19 @@ class ClientConnection(asyncio.Protocol):
         backend = self.backend
         if relay is None or backend is None or backend.queue.scanner.at_boundary():
             self.transport.write(messages.error_response("FATAL", sqlstate, text, detail, hint, routine))
+        self._end()
+
+    def server_ended(self) -> None:
+        """The server's FATAL reached the client (the relay passed it on): its last word, after which a direct
+        session is over. The session ends with nothing of the proxy's after it (no 08006 when the server
+        then closes), and the server connection, closing, serves nobody again."""
+        if self.session.state is not State.CLOSED and self.transport is not None:
+            self._end()
+
+    def _end(self) -> None:
         self._give_back_server(reuse=False)
         self.session.move(Event.CLOSED)
+        assert self.transport is not None
         self.transport.close()
 
     def _give_back_server(self, reuse: bool = True) -> None:

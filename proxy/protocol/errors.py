@@ -11,6 +11,9 @@ CHARACTER_NOT_IN_REPERTOIRE = "22021"
 IN_FAILED_TRANSACTION = "25P02"
 IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 IDLE_SESSION_TIMEOUT = "57P05"
+
+# The Postgres routine (field R) that raises the timeouts' and terminations' FATALs the proxy imitates.
+INTERRUPTS = "ProcessInterrupts"
 # Class 26: invalid SQL statement name
 INVALID_STATEMENT_NAME = "26000"
 # Class 28: invalid authorization specification

@@ -150,6 +150,8 @@ class Hooks(Protocol):
 
     def cancel_server(self) -> None: ...
 
+    def server_ended(self) -> None: ...
+
 
 @dataclass
 class ServerState:
@@ -242,6 +244,9 @@ class Relay:
         self.held_bytes = 0
         self.preparing = False  # the proxy's own exchange runs before the client's messages
         self.mid_group = False  # extended-query messages sent since the last Sync
+        # The client's extended-query group is open although a Sync of the proxy's closed it upstream
+        # (TransactionMode.read_done): the client still owes its Sync (or a Query).
+        self.sync_owed = False
         self.describing = True  # ... and they were only Parse, Describe, Close and Flush
         self.client_view: dict[str, str] = {}  # ParameterStatus values the client has seen
         self._pending_parameters: dict[str, str] = {}
@@ -303,7 +308,8 @@ class Relay:
         """The client is outside any transaction block and neither side owes the other anything: nothing
         held, no group begun, every request answered (in transaction mode it holds no server
         connection). The proxy's client idle timeout runs (`[pool] client_idle_timeout`)."""
-        if self.held or self.preparing or self.terminated or self.mid_group or not self.scanner.at_boundary():
+        if (self.held or self.preparing or self.terminated or self.mid_group or self.sync_owed
+                or not self.scanner.at_boundary()):
             return False
         queue = self.queue
         if queue is None:
@@ -329,6 +335,10 @@ class Relay:
         if self.transactions_ended:
             ended, self.transactions_ended = self.transactions_ended, 0
             self.hooks.transactions_ended(ended)
+        if queue.ended:  # the server's FATAL, passed on: its last word, after which a direct session is over
+            self.terminated = True
+            self.hooks.server_ended()
+            return
         if self.server is None:
             return
         if self.follow_ups_wait and queue.reading_messages():
@@ -611,6 +621,8 @@ class Relay:
             return False
         if self.copy_syncs and (self.copy_input is _COPY_ENDED or kind[0] not in COPY_IN_READS):
             return False  # Syncs among the client's CopyData are not settled: its group may go on or not
+        if kind == b"S" or kind == b"Q":
+            self.sync_owed = False
         if self.copy_input is not _NO_COPY_INPUT and kind[0] not in COPY_IN_READS:
             # A message Postgres does not read during COPY IN: the client's COPY data is over (the COPY
             # failed, with no CopyDone owed after it), and a Sync from here on is no Sync among CopyData.
@@ -1883,6 +1895,7 @@ class TransactionMode:
             failed = relay.queue is not None and relay.queue.skipping()
             relay.own(messages.sync(), Request.SYNC, OwnRequest(lambda outcome, error: self._flush_sync_ended(outcome, failed)))
             relay.mid_group = False
+            relay.sync_owed = True
             self.flush_sync_pending = True
 
     def _flush_sync_ended(self, outcome: Outcome, failed_before: bool) -> None:
@@ -1921,6 +1934,7 @@ class TransactionMode:
             return False
         identity = relay.identity
         statements.in_use.add(context.statement_name)
+        relay.sync_owed = False  # a Query ends the client's open group, as Postgres takes it
         self.context_reset = False
         self.statements.unnamed = None  # a simple Query drops the unnamed statement
         statements.unnamed = None

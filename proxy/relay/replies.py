@@ -227,6 +227,7 @@ class ReplyQueue:
         self.listener: Listener = listener or _NO_LISTENER
         self.entries: deque[Owed] = deque()
         self.status = b"I"  # transaction status of the last ReadyForQuery
+        self.ended = False  # the server sent its last word (FATAL or PANIC): it closes, nothing more comes
         self.copy = CopyState.NONE
         self._special = 0  # entries that are not a client Query: the fast path needs none
         self._copy_syncs = CopySyncs.REAL  # COPY IN started and no CopyDone / CopyFail sent yet
@@ -374,7 +375,7 @@ class ReplyQueue:
             if end - pos < 5:
                 return None
             code, length = unpack(data, pos)
-            if length < 4 or length > maximum or code == 71 or code == 83:  # 'G', 'S'
+            if length < 4 or length > maximum or code == 71 or code == 83 or code == 69:  # 'G', 'S', 'E'
                 return None
             if code == 90:  # 'Z'
                 if ready >= 0:
@@ -427,6 +428,8 @@ class ReplyQueue:
             self._copy_started()
         elif kind == b"S":
             self.listener.parameter_status(*messages.parse_parameter_status(message.body), True)
+        elif kind == b"E" and _last_word(messages.parse_error_fields(message.body)):
+            self.ended = True
 
     def _message(self, message: Message, out: list[bytes | memoryview]) -> None:
         kind = message.type
@@ -441,11 +444,12 @@ class ReplyQueue:
             return
         if kind == b"E":
             fields = messages.parse_error_fields(message.body)
-            if head is None or fields.get("V", fields.get("S")) in _SESSION_ENDS:
+            if head is None or _last_word(fields):
                 # The server's FATAL, sent on its own (shutdown, idle timeout) or in place of what it owes (a
                 # protocol violation by the client, such as a Parse during COPY IN): its last word before it
                 # closes the connection, which the client gets as it is, as from Postgres directly.
                 out.append(message.raw)
+                self.ended = self.ended or _last_word(fields)
                 return
         elif head is None:
             raise ProtocolViolation(f"server sent message {kind!r} with nothing owed")
@@ -660,6 +664,11 @@ class ReplyQueue:
         if probe_due:
             self._copy_window = window
             self.listener.copy_syncs_unknown()
+
+
+def _last_word(fields: dict[str, str]) -> bool:
+    """An ErrorResponse's `fields` are a FATAL or PANIC: the server closes the connection after it."""
+    return fields.get("V", fields.get("S")) in _SESSION_ENDS
 
 
 def _context_end(data: bytes) -> int:

@@ -68,6 +68,9 @@ class Hooks:
     def cancel_server(self) -> None:
         self.events.append("cancel_server")
 
+    def server_ended(self) -> None:
+        self.events.append("server_ended")
+
     def transactions_ended(self, count: int) -> None:
         self.ended += count
 

@@ -1226,3 +1226,27 @@ def test_a_bind_waits_for_the_clients_own_describe_in_flight_of_the_same_server_
     start = len(pair.hooks.upstream)
     assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + NO_PARAMETERS + INT4) == PARSE_COMPLETE + NO_PARAMETERS + INT4
     assert pair.upstream_since(start)[0].startswith(messages.bind("", name.decode(), []))
+
+
+def test_a_fatal_behind_the_ready_for_query_ends_the_session_and_keeps_the_connection() -> None:
+    """The server's FATAL in the same read as the ReadyForQuery 'I' that would release the connection (the
+    proxy had stopped reading while the client did not): the client gets both, the session ends
+    (`server_ended`), and the connection is not released to the pool for another client."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, SELECT_1)
+    fatal = messages.error_response("FATAL", "57P01", "terminating connection due to administrator command")
+    replies = CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE + fatal
+    assert pair.server(replies) == ROWS + Z_IDLE + fatal
+    assert pair.hooks.events[-1] == "server_ended" and "release_server" not in pair.hooks.events
+    assert pair.client(SELECT_1) == []  # nothing after the server's last word
+
+
+def test_client_idle_timeout_waits_for_the_sync_the_proxy_stood_in_for() -> None:
+    """Parse / Describe / Flush: the proxy's own Sync closes the group upstream and the connection goes
+    back, but the client owes its Sync: not idle between transactions until it comes."""
+    pair, server = RelayPair(), Server(101)
+    described_on(pair, server, "SELECT a FROM t", INT4)
+    assert pair.relay.server is None and not pair.relay.idle_between_transactions()
+    checked_out(pair, server, BIND_S1)
+    pair.server(BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + data_row(b"7") + complete("SELECT 1") + Z_IDLE)
+    assert pair.relay.server is None and pair.relay.idle_between_transactions()

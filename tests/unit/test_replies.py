@@ -760,3 +760,36 @@ def test_more_ready_for_query_than_syncs_among_copy_data_is_a_violation() -> Non
     _simple_copy_failed_with_sync_among_data(queue, Request.COPY_END)
     with pytest.raises(ProtocolViolation):
         feed(queue, Z_IDLE + Z_IDLE + PROBE_ANSWERED)
+
+
+# -- the server's last word ----------------------------------------------------------------------
+
+FATAL_TERMINATED = messages.error_response("FATAL", errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+
+
+def test_a_fatal_with_nothing_owed_is_passed_on_and_ends_the_server() -> None:
+    """pg_terminate_backend() of an idle connection: the FATAL reaches the client as it is, and the
+    queue says the server is done (nothing more comes; the connection serves nobody again)."""
+    queue, _ = new_queue()
+    assert feed(queue, FATAL_TERMINATED) == FATAL_TERMINATED
+    assert queue.ended
+
+
+@pytest.mark.parametrize("behind", [b"", NOTICE])
+def test_a_fatal_read_with_the_ready_for_query_before_it_ends_the_server(behind: bytes) -> None:
+    """A read holding a whole answer to the client's Query and then the server's FATAL (the proxy had
+    stopped reading while the client did not read): the plain walk of whole reads leaves it to the
+    scanner, the answer and the FATAL pass on, and the server is done."""
+    queue, listener = new_queue()
+    queue.expect(Q)
+    trace = T + D1 + C_SELECT + Z_IDLE + behind + FATAL_TERMINATED
+    assert feed(queue, trace) == trace
+    assert listener.groups == [(b"I", False)] and queue.ended
+
+
+def test_an_error_is_no_last_word() -> None:
+    """An ERROR answering the client's Query leaves the server serving."""
+    queue, _ = new_queue()
+    queue.expect(Q)
+    feed(queue, error() + Z_IDLE)
+    assert not queue.ended and queue.idle()

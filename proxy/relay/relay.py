@@ -219,6 +219,17 @@ class OwnRequest:
 class Relay:
     """One client session's stream. See the module docstring."""
 
+    # Slots, not a __dict__: Python 3.11 keeps an instance's attributes inline (and specialises every
+    # access to them) only while its class has at most 30 instance attribute names; above that, each
+    # read of one takes a slower path, and method lookups on the relay are not specialised at all
+    # (3,600 instructions per transaction when the 31st came; bench/PROFILE.md).
+    __slots__ = (
+        "hooks", "serial", "guard", "context", "identity", "settings", "scanner", "server", "queue", "held",
+        "held_bytes", "preparing", "mid_group", "sync_owed", "describing", "client_view", "_pending_parameters",
+        "_hidden_parameters", "terminated", "transactions_ended", "skip_group", "copy_input", "copy_syncs",
+        "follow_ups_wait", "copying", "group_may_copy", "cancel_wanted", "mode", "pooled", "_out",
+    )
+
     def __init__(
         self,
         hooks: Hooks,

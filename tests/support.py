@@ -1,4 +1,5 @@
-"""Shared test helpers: the two tenants, waiting on a condition, and a real proxy process."""
+"""Shared test helpers: the two tenants, waiting on a condition, a table without Row-Level Security,
+and a real proxy process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,18 @@ ACME = str(TENANTS["acme"])
 GLOBEX = str(TENANTS["globex"])
 ROWS = {ACME: len(LEADS["acme"]), GLOBEX: len(LEADS["globex"])}
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def unprotected_table(pg: EmbeddedPostgres, db: TenantDatabase, name: str, columns: str,
+                      grants: str = "SELECT, INSERT") -> Iterator[str]:
+    """A table `name` (`columns`, SQL) without Row-Level Security that the application role may use as
+    `grants` says (COPY targets, scratch data), dropped afterwards."""
+    pg.psql(f"CREATE TABLE {name} ({columns});\nGRANT {grants} ON {name} TO {db.app_role};\n", database=db.database)
+    try:
+        yield name
+    finally:
+        pg.psql(f"DROP TABLE {name}", database=db.database)
 
 
 def wait_until(condition: Any, deadline: float = 10.0, interval: float = 0.02) -> Any:

@@ -41,7 +41,7 @@ from differential import (
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
-from support import ACME, GLOBEX, ProxyProcess
+from support import ACME, GLOBEX, ProxyProcess, unprotected_table
 
 TABLE = "breaker_scratch"
 COPY = f"COPY {TABLE} FROM STDIN"
@@ -61,16 +61,11 @@ READ_BACK = Write((step_query(SELECT_ALL),))
 def scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[psycopg.Connection[Any]]:
     """A table without Row-Level Security, granted to the application role, and a superuser connection
     that empties it before each run."""
-    pg.psql(
-        f"CREATE TABLE {TABLE} (n int PRIMARY KEY, t text NOT NULL);\n"
-        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO {tenant_db.app_role};\n",
-        database=tenant_db.database,
-    )
-    admin = psycopg.connect(pg.admin_dsn(tenant_db.database), autocommit=True)
-    admin.execute("SET lock_timeout = '10s'")
-    yield admin
-    admin.close()
-    pg.psql(f"DROP TABLE {TABLE}", database=tenant_db.database)
+    with unprotected_table(pg, tenant_db, TABLE, "n int PRIMARY KEY, t text NOT NULL", "SELECT, INSERT, UPDATE, DELETE"):
+        admin = psycopg.connect(pg.admin_dsn(tenant_db.database), autocommit=True)
+        admin.execute("SET lock_timeout = '10s'")
+        yield admin
+        admin.close()
 
 
 def refill(admin: psycopg.Connection[Any]) -> None:

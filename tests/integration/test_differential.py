@@ -47,7 +47,7 @@ from differential import (
 )
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, GLOBEX, ProxyProcess
+from support import ACME, GLOBEX, ProxyProcess, unprotected_table
 
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 1}}}
 EXAMPLES_PER_MODE = 400
@@ -311,16 +311,11 @@ INPUTS = {
 def scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[psycopg.Connection[Any]]:
     """`diff_scratch` (no RLS, granted to the application role) and a superuser connection that
     refills it before each run."""
-    pg.psql(
-        f"CREATE TABLE diff_scratch (n int PRIMARY KEY, t text NOT NULL);\n"
-        f"GRANT SELECT, INSERT, UPDATE, DELETE ON diff_scratch TO {tenant_db.app_role};\n",
-        database=tenant_db.database,
-    )
-    admin = psycopg.connect(pg.admin_dsn(tenant_db.database), autocommit=True)
-    admin.execute("SET lock_timeout = '10s'")
-    yield admin
-    admin.close()
-    pg.psql("DROP TABLE diff_scratch", database=tenant_db.database)
+    with unprotected_table(pg, tenant_db, "diff_scratch", "n int PRIMARY KEY, t text NOT NULL", "SELECT, INSERT, UPDATE, DELETE"):
+        admin = psycopg.connect(pg.admin_dsn(tenant_db.database), autocommit=True)
+        admin.execute("SET lock_timeout = '10s'")
+        yield admin
+        admin.close()
 
 
 def seeded(examples: int) -> settings:

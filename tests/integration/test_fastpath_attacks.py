@@ -21,7 +21,7 @@ from differential import Reply, Wire, connect_direct, connect_proxy, copy_data, 
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
-from support import ACME, GLOBEX, ProxyProcess
+from support import ACME, GLOBEX, ProxyProcess, unprotected_table
 
 SINK = "fastpath_sink"
 TARGETS = {
@@ -34,10 +34,8 @@ TARGETS = {
 @pytest.fixture(scope="module")
 def sink(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[str]:
     """A table without Row-Level Security the application role may COPY into."""
-    pg.psql(f"CREATE TABLE {SINK} (n int, t text);\nGRANT SELECT, INSERT ON {SINK} TO {tenant_db.app_role};\n",
-            database=tenant_db.database)
-    yield SINK
-    pg.psql(f"DROP TABLE {SINK}", database=tenant_db.database)
+    with unprotected_table(pg, tenant_db, SINK, "n int, t text") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from differential import Reply, Wire, connect_direct, connect_proxy, describe, f
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
-from support import ACME, GLOBEX, ROWS, wait_until
+from support import ACME, GLOBEX, ROWS, unprotected_table, wait_until
 
 SINK = "fatal_breaker_sink"
 BIG_ROWS = 6000  # rows of 1000 bytes: more than the client's, the proxy's buffers before it stops reading the server
@@ -28,10 +28,8 @@ BIG_ROWS = 6000  # rows of 1000 bytes: more than the client's, the proxy's buffe
 @pytest.fixture(scope="module")
 def sink(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Iterator[str]:
     """A table without Row-Level Security the application role may COPY into."""
-    pg.psql(f"CREATE TABLE {SINK} (n int);\nGRANT SELECT, INSERT ON {SINK} TO {tenant_db.app_role};\n",
-            database=tenant_db.database)
-    yield SINK
-    pg.psql(f"DROP TABLE {SINK}", database=tenant_db.database)
+    with unprotected_table(pg, tenant_db, SINK, "n int") as name:
+        yield name
 
 
 def query(sql: str) -> bytes:

@@ -1,13 +1,13 @@
-"""Raw-protocol COPY FROM STDIN sequences that answer differently through the proxy than directly
-(found by a breaker session; each test fails today, with the direct Postgres run as the expected value).
+"""Raw-protocol COPY FROM STDIN sequences that answered differently through the proxy than directly
+(found by a breaker session), each with the direct Postgres run as the expected value.
 
-The proxy's reply queue of a server connection counts a COPY that failed before the client's CopyDone /
-CopyFail (`ReplyQueue._copy_end_ignored`), expecting the client to send one later that the server will
+The proxy's reply queue of a server connection counted a COPY that failed before the client's CopyDone /
+CopyFail (`_copy_end_ignored`, gone), expecting the client to send one later that the server would
 ignore. A client need not: after a failed simple-Query COPY it has its ErrorResponse and ReadyForQuery
-(libpq no longer sends CopyDone once it has read the error). The count then stays on the server
-connection, across clients and tenants, and swallows the CopyDone of the next COPY run there; an
-extended-query COPY behind it (asyncpg's copy_records_to_table) has its Sync taken for a Sync among COPY
-data and the session ends with XX000 "lost track of the upstream server's replies".
+(libpq no longer sends CopyDone once it has read the error). The count then stayed on the server
+connection, across clients and tenants, and swallowed the CopyDone of the next COPY run there; an
+extended-query COPY behind it (asyncpg's copy_records_to_table) had its Sync taken for a Sync among COPY
+data and the session ended with XX000 "lost track of the upstream server's replies".
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_extended_copy_after_a_simple_copy_that_failed_before_its_copydone(
     """One client. Write 1: Query COPY ... FROM STDIN, CopyData with a bad row (ErrorResponse 22P02,
     ReadyForQuery; no CopyDone). Write 2: Parse/Bind/Execute of the COPY, CopyData, CopyDone, Sync.
     Directly: ParseComplete, BindComplete, CopyInResponse, CommandComplete COPY 1, ReadyForQuery.
-    Through the proxy (both modes): FATAL XX000 "lost track of the upstream server's replies: server
+    Through the proxy before the fix (both modes): FATAL XX000 "lost track of the upstream server's replies: server
     sent ReadyForQuery while it owes the reply to Close" in place of the ParseComplete; the session ends."""
     proxy = make_proxy(MODES[mode])
     scenario = [FAILED_COPY_WITHOUT_COPYDONE, EXTENDED_COPY, READ_BACK]
@@ -131,7 +131,7 @@ def test_extended_copy_on_a_server_connection_where_another_tenant_left_a_failed
     ReadyForQuery; no CopyDone), then leaves. A client of tenant acme then gets that server connection
     and runs a plain extended-query COPY (Parse/Bind/Execute, CopyData, CopyDone, Sync).
     Directly (any session): ParseComplete, BindComplete, CopyInResponse, CommandComplete COPY 1,
-    ReadyForQuery. Through the proxy: FATAL XX000 "lost track of the upstream server's replies", the acme
+    ReadyForQuery. Through the proxy before the fix: FATAL XX000 "lost track of the upstream server's replies", the acme
     session ends: one tenant's failed COPY breaks another tenant's next COPY."""
     proxy = make_proxy(MODES[mode])
     scenario = [EXTENDED_COPY, READ_BACK]
@@ -171,7 +171,7 @@ def test_parse_during_extended_copy_in_ends_the_session_with_postgres_08p01(
     STDIN, CopyData (write 1); then Parse of 'SELECT 1' and Sync (write 2) while the server is in COPY IN.
     Directly: ErrorResponse ERROR 08P01 "unexpected message type 0x50 during COPY from stdin", then FATAL
     08P01 "terminating connection because protocol synchronization was lost", connection closed.
-    Through the proxy: FATAL XX000 "lost track of the upstream server's replies: server sent message b'E'
+    Through the proxy before the fix: FATAL XX000 "lost track of the upstream server's replies: server sent message b'E'
     while it owes the proxy's probe after a failed COPY" (session mode instead of the ERROR; transaction
     mode instead of the FATAL 08P01)."""
     proxy = make_proxy(MODES[mode])
@@ -201,7 +201,7 @@ def test_query_during_simple_copy_in_is_answered_in_transaction_mode(
     """A protocol violation by the client, no Sync among the data, transaction mode (pool size 1):
     Query COPY ... FROM STDIN, CopyData (write 1), then Query 'SELECT 1' (write 2) during COPY IN.
     Directly: ERROR 08P01 "unexpected message type 0x51 during COPY from stdin", FATAL 08P01, connection
-    closed (the backend is freed). Through the proxy: nothing at all; the Query waits for the COPY's
+    closed (the backend is freed). Through the proxy before the fix: nothing at all; the Query waits for the COPY's
     ReadyForQuery, which never comes, and the client keeps the pool's only server connection, so a client of
     another tenant waits too."""
     proxy = make_proxy(MODES["transaction"])

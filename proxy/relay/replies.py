@@ -444,12 +444,13 @@ class ReplyQueue:
             return
         if kind == b"E":
             fields = messages.parse_error_fields(message.body)
-            if head is None or _last_word(fields):
+            last = _last_word(fields)
+            if head is None or last:
                 # The server's FATAL, sent on its own (shutdown, idle timeout) or in place of what it owes (a
                 # protocol violation by the client, such as a Parse during COPY IN): its last word before it
                 # closes the connection, which the client gets as it is, as from Postgres directly.
                 out.append(message.raw)
-                self.ended = self.ended or _last_word(fields)
+                self.ended = self.ended or last
                 return
         elif head is None:
             raise ProtocolViolation(f"server sent message {kind!r} with nothing owed")

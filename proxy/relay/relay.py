@@ -220,9 +220,9 @@ class Relay:
     """One client session's stream. See the module docstring."""
 
     # Slots, not a __dict__: Python 3.11 keeps an instance's attributes inline (and specialises every
-    # access to them) only while its class has at most 30 instance attribute names; above that, each
-    # read of one takes a slower path, and method lookups on the relay are not specialised at all
-    # (3,600 instructions per transaction when the 31st came; bench/PROFILE.md).
+    # access to them) only while its class has fewer than 30 instance attribute names; from the 30th on,
+    # each read of one takes a slower path, and method lookups on the relay are not specialised at all
+    # (3,600 instructions per transaction when the 30th came; bench/PROFILE.md).
     __slots__ = (
         "hooks", "serial", "guard", "context", "identity", "settings", "scanner", "server", "queue", "held",
         "held_bytes", "preparing", "mid_group", "sync_owed", "describing", "client_view", "_pending_parameters",

@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("session", "transaction"), default="transaction")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--pool", type=int, default=8, help="server connections in transaction mode (default 8)")
+    parser.add_argument("--protocol", choices=("simple", "extended", "prepared"), default="simple",
+                        help="pgbench's query mode, -M (default simple)")
     parser.add_argument("--transactions", type=int, nargs=2, default=(5, 40), metavar=("FEW", "MANY"),
                         help="transactions per client in the two runs (default 5 40)")
     where = parser.add_mutually_exclusive_group()
@@ -92,7 +94,7 @@ def report(args: argparse.Namespace, tree: Path, label: str) -> None:
             def run(per_client: int) -> tuple[int, int]:
                 """Transactions of one pgbench run, and the instructions the proxy spent meanwhile."""
                 dump(proxy.pid, Path(dumps))  # zeroes the counters
-                output = bench.pgbench(target, ["-S", "-M", "simple", "-c", str(args.clients), "-j", "2", "-t", str(per_client)],
+                output = bench.pgbench(target, ["-S", "-M", args.protocol, "-c", str(args.clients), "-j", "2", "-t", str(per_client)],
                                        bench.password_for(target))
                 done = int(re.search(r"number of transactions actually processed: (\d+)", output).group(1))  # type: ignore[union-attr]
                 return done, dump(proxy.pid, Path(dumps))
@@ -107,7 +109,7 @@ def report(args: argparse.Namespace, tree: Path, label: str) -> None:
             except subprocess.TimeoutExpired:
                 proxy.kill()
     per_transaction = (many_count - few_count) / (many_done - few_done)
-    print(f"{label}: {args.mode} mode, {args.clients} clients: {per_transaction:,.0f} instructions per transaction "
+    print(f"{label}: {args.mode} mode, {args.protocol} protocol, {args.clients} clients: {per_transaction:,.0f} instructions per transaction "
           f"({few_count:,} over {few_done} transactions, {many_count:,} over {many_done})")
 
 

@@ -21,6 +21,8 @@ DEFAULT_MAX_AUTH_MESSAGE = 65_536
 DEFAULT_MAX_MESSAGE = 1 << 30
 _HEADER = struct.Struct("!Bi")
 _TYPE_BYTES = [bytes((code,)) for code in range(256)]
+_SYNC = b"S\0\0\0\4"
+GROUP_MESSAGES = frozenset(b"PBDE")  # Parse, Bind, Describe, Execute: what `MessageScanner.sync_group` takes before the Sync
 
 
 def _check_length(length: int, maximum: int, what: str) -> None:
@@ -125,6 +127,31 @@ class MessageScanner:
         if length + 1 != len(data) or length < 4 or length > self.maximum:
             return -1
         return type_code
+
+    def sync_group(self, data: bytes) -> list[int] | None:
+        """Where each message starts, the Sync last, when `data` is exactly one extended-query group starting
+        at a boundary: whole Parse, Bind, Describe and Execute messages (one or more), then one Sync that
+        ends the read ("Extended Query", 55.2.3). That is the common read of a driver running a prepared
+        statement, which then needs no cutting. None for any other read (the cutting path checks it)."""
+        if self._header or self._skip or self._body is not None or data[-5:] != _SYNC:
+            return None
+        unpack = _HEADER.unpack_from
+        maximum = self.maximum
+        last = len(data) - 5
+        starts: list[int] = []
+        pos = 0
+        while pos < last:
+            if last - pos < 5:
+                return None
+            type_code, length = unpack(data, pos)
+            if type_code not in GROUP_MESSAGES or length < 4 or length > maximum:
+                return None
+            starts.append(pos)
+            pos += 1 + length
+        if pos != last or not starts:
+            return None
+        starts.append(last)
+        return starts
 
     def holding(self) -> int:
         """How many bytes of a split header or watched message are held back, in no segment yet."""

@@ -37,7 +37,7 @@ from proxy.lexing import lexing_problem
 from proxy.metrics import METRICS
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
-from proxy.protocol.framing import Message, MessageScanner, Segment
+from proxy.protocol.framing import GROUP_MESSAGES, Message, MessageScanner, Segment
 from proxy.relay.replies import COPY_INTERRUPTED, CopyInterrupted, Outcome, Owed, Owner, ReplyQueue, Request, Watcher
 from proxy.relay.settings import (
     APPLY_SQL,
@@ -510,8 +510,35 @@ class Relay:
                 return True
             self._run(deque((Message(b"Q", data),)))
         else:
+            starts = self.scanner.sync_group(data) if lone < 0 else None
+            if starts is not None and self.mode.sync_group(data, starts):
+                METRICS.queries += 1
+                return True
             self._run(deque(self.scanner.scan(data)))
         return lone >= 0
+
+    def group_cleared(self, data: bytes, starts: list[int]) -> bool:
+        """The messages of a whole extended-query group (`starts`: where each starts, its Sync last, from
+        `MessageScanner.sync_group`) name no statement or portal of the proxy's, and each Parse's text is
+        one the guard clears (`ALLOW`) that cannot start COPY IN: the group may go upstream as it came.
+        False too for a name or text not ended within its message (the general path reports it)."""
+        try:
+            for start, end in zip(starts, starts[1:]):
+                code = data[start]
+                first = start + 6 if code == 68 else start + 5  # 'D': the kind, then the name
+                name_end = data.index(b"\0", first, end)
+                if data.startswith(PREFIX, first, name_end):  # Parse's statement, Bind's or Execute's portal, Describe's
+                    return False
+                if code == 66:  # 'B': the statement follows the portal
+                    if data.startswith(PREFIX, name_end + 1, data.index(b"\0", name_end + 1, end)):
+                        return False
+                elif code == 80:  # 'P'
+                    text = data[name_end + 1:data.index(b"\0", name_end + 1, end)]
+                    if self.decide(text) is not ALLOW or may_start_copy_in(text):
+                        return False
+        except ValueError:  # no NUL within the message
+            return False
+        return True
 
     def _hold(self, segments: Iterable[Segment]) -> None:
         for segment in segments:
@@ -530,7 +557,7 @@ class Relay:
             return
         segment = held[0]
         if (len(held) == 1 and not self._out and type(segment) is Message and segment.type == b"Q"  # type: ignore[union-attr]
-                and self.mode.plain_query(segment.raw)):  # type: ignore[union-attr]
+                and self.mode.plain_query(segment.raw)) or (len(held) > 1 and not self._out and self._held_group(held)):  # type: ignore[union-attr]
             held.clear()
             METRICS.queries += 1
             if self.held_bytes > HELD_HIGH_WATER:  # _held_drained, inlined on the hot path
@@ -540,6 +567,22 @@ class Relay:
             self._run(held)
         if self.cancel_wanted:
             self._cancel_due()
+
+    def _held_group(self, held: deque[Segment]) -> bool:
+        """`held` is one whole extended-query group (what a transaction-mode client that waited for its
+        checkout sent in one read, as drivers send a prepared statement): it takes the mode's hot path if
+        it can (`sync_group`), with nothing cut again."""
+        last = held[-1]
+        if type(last) is not Message or last.type != b"S":  # type: ignore[union-attr]
+            return False
+        starts = []
+        position = 0
+        for segment in held:
+            if type(segment) is not Message or (segment is not last and segment.type[0] not in GROUP_MESSAGES):  # type: ignore[union-attr]
+                return False
+            starts.append(position)
+            position += len(segment.raw)  # type: ignore[union-attr]
+        return self.mode.sync_group(b"".join(segment.raw for segment in held), starts)  # type: ignore[union-attr]
 
     def _held_drained(self) -> None:
         """Nothing is held any more: the client's reading resumes if holding paused it."""
@@ -975,6 +1018,24 @@ class SessionMode:
         relay.queue.expect_query()
         return True
 
+    def sync_group(self, data: bytes, starts: list[int]) -> bool:
+        """The hot path of a driver's prepared statements: a read that is one whole extended-query group
+        (`MessageScanner.sync_group`) the relay clears (`Relay.group_cleared`) goes upstream as it came,
+        owing one entry for the group. False when it needs the general path: the session has statements
+        or portals whose text resets settings or may start COPY IN, or anything pending."""
+        relay = self.relay
+        queue = relay.queue
+        assert queue is not None
+        if (relay.skip_group or self.reassert_due or self.reset_in_block or self.reset_mid_group or relay.mid_group
+                or relay.copy_syncs or relay.follow_ups_wait or relay.copy_input is not _NO_COPY_INPUT
+                or self.resetting or relay.copying or queue.skipping() or not relay.group_cleared(data, starts)):
+            return False
+        relay.hooks.send_upstream(data)
+        queue.expect_sync_group()
+        relay.sync_owed = False
+        relay.describing = True
+        return True
+
     def query(self, message: Message) -> bool:
         relay = self.relay
         decision = relay.decide(message.body[:-1])
@@ -1137,6 +1198,10 @@ class TransactionMode:
         self.reapply_retries = 0  # ... and groups applying the startup values again
         # The hot path's context entry, reused for every transaction (an OWN CONTEXT entry never changes):
         self.plain_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, OwnRequest(self._context_failed), False)
+        # ... and the prepared-statement hot path's, in front of a whole group whose own Sync ends a failure's
+        # window, with an entry per client statement for its errors, which name the server's statement:
+        self.group_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, None, False)
+        self._group_entries: dict[bytes, Owed] = {}
 
     # -- checkout --------------------------------------------------------------------------------
 
@@ -1954,6 +2019,72 @@ class TransactionMode:
         )
         queue.expect_context_query(self.plain_context)
         METRICS.context_sets += 1
+        return True
+
+    def sync_group(self, data: bytes, starts: list[int]) -> bool:
+        """The hot path of a driver's prepared statement in transaction mode: a read that is a Bind of a
+        statement the client prepared, to a portal, maybe a Describe of that portal, its Execute and Sync
+        (`starts`: where each begins), at the start of a transaction, where the server connection holds the
+        statement (with the result shape the client was told, if it was told one) and the statement does
+        nothing the relay must act on. It goes upstream in one write behind the context, the Bind naming
+        the server's statement, owing two entries (`ReplyQueue.expect_context_group`). False when it needs
+        the general path."""
+        count = len(starts)
+        relay = self.relay
+        queue, server = relay.queue, relay.server
+        if (
+            (count != 3 and count != 4) or queue is None or server is None or queue.status != b"I"
+            or queue.client_group_ends or queue.skipping() or self.context_set or self.reapply or self.stand_ins
+            or self.flush_sync_pending or self.shape_wait is not None or relay.follow_ups_wait or relay.skip_group
+            or relay.mid_group or relay.settings.stale or relay.copying or relay.copy_syncs
+            or relay.copy_input is not _NO_COPY_INPUT or data[0] != 66 or data[starts[-2]] != 69  # 'B' ... 'E'
+        ):
+            return False
+        bind_end, execute = starts[1], starts[-2]
+        portal_end = data.find(b"\0", 5, bind_end)
+        name_end = data.find(b"\0", portal_end + 1, bind_end)
+        portal = data[5:portal_end]
+        client_name = data[portal_end + 1:name_end]
+        if (
+            portal_end < 0 or name_end < 0 or not client_name or len(client_name) > NAME_BYTES or not client_name.isascii()
+            or data[execute + 5:execute + 6 + len(portal)] != portal + b"\0"
+            or (count == 4 and data[bind_end + 5:execute] != b"P" + portal + b"\0")
+            or portal.startswith(PREFIX) or client_name in self.ending
+        ):
+            return False
+        statement = self.statements.by_name.get(client_name)
+        if statement is None or statement.decision is not ALLOW:
+            return False
+        held = server.state.statements
+        name = statement.server_name
+        if not held.has(name) or (statement.shape is not None and held.shapes.get(name) != statement.shape):
+            return False
+        context = relay.context
+        if not held.has(context.statement_name):
+            return False
+        held.in_use.add(name)
+        held.in_use.add(context.statement_name)
+        if self.portals:
+            self.portals.pop(portal, None)
+        self.ending_portals.discard(portal)
+        entry = self._group_entries.get(client_name)
+        if entry is None or not entry.reply.startswith(name):
+            if len(self._group_entries) > len(self.statements.by_name):  # names closed since: at most one per name held
+                self._group_entries.clear()
+            entry = self._group_entries[client_name] = Owed(Request.SYNC_GROUP, Owner.CLIENT, name + b"\0" + client_name,
+                                                            None, False)
+        identity = relay.identity
+        relay.hooks.send_upstream(b"".join((
+            context.transaction_messages(identity.tenant, server.process_id, identity.expires_at, identity.claims_json),
+            messages.message(b"B", portal + b"\0" + name + data[name_end:bind_end]),
+            data[bind_end:],
+        )))
+        queue.expect_context_group(self.group_context, entry)
+        METRICS.context_sets += 1
+        relay.sync_owed = False
+        relay.describing = True
+        self.context_reset = False
+        self.group += 1
         return True
 
     def session_ended(self) -> None:

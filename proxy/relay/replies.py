@@ -67,10 +67,12 @@ class Request(HotEnum):
     COPY_PROBE = "Sync, Close, Flush"  # the proxy's probe behind Syncs among the data of a failed COPY
     CONTEXT = "Bind, Execute, Close"  # the proxy's context in front of a transaction: one entry for the three;
     # its watcher acts only on failure (the hot path settles a completed one without telling it)
+    SYNC_GROUP = "Parse, Bind, Describe, Execute, Sync"  # a client's whole extended-query group, sent as it came
+    # (the hot path of prepared statements): one entry, answered like a simple Query, up to its ReadyForQuery
 
 
 EXTENDED = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Request.EXECUTE, Request.CLOSE, Request.CONTEXT})
-GROUP_ENDS = frozenset({Request.SYNC, Request.QUERY, Request.FUNCTION_CALL})
+GROUP_ENDS = frozenset({Request.SYNC, Request.QUERY, Request.FUNCTION_CALL, Request.SYNC_GROUP})
 # Entries the server answers with nothing once no COPY runs: CopyData, and a CopyDone / CopyFail it ignores.
 _COPY_MARKERS = frozenset({Request.COPY_DATA, Request.COPY_END})
 
@@ -153,8 +155,10 @@ class Owed:
         self.extended = request in EXTENDED  # an error skips to Sync
         self.group_end = request in GROUP_ENDS  # answered with ReadyForQuery
         self.counts_as_client_group = self.group_end and owner is not Owner.OWN
-        # The fast path (ReadyForQuery only) may settle it: a client Query nobody waits on.
-        self.special = owner is not Owner.CLIENT or request is not Request.QUERY or watcher is not None
+        # The fast path (ReadyForQuery only) may settle it: a client Query or whole group nobody waits on,
+        # whose errors go to the client as they are (a group naming a statement the proxy renamed does not).
+        self.special = (owner is not Owner.CLIENT or (request is not Request.QUERY and request is not Request.SYNC_GROUP)
+                        or watcher is not None or bool(reply))
 
     def client_group_end(self) -> bool:
         return self.counts_as_client_group
@@ -208,11 +212,12 @@ _CONTINUES = {
     Request.DESCRIBE: frozenset(b"t"),
     Request.EXECUTE: frozenset(b"DHdc"),
     Request.QUERY: frozenset(b"TDCIHdcs"),
+    Request.SYNC_GROUP: frozenset(b"12ntTDCIsHdc"),  # what Parse, Bind, Describe and Execute answer; no COPY IN
     Request.FUNCTION_CALL: frozenset(b"V"),
     Request.SYNC: frozenset(),
 }
 # Compared against for every read: bound once (see proxy.relay.enums).
-_CONTEXT, _DESCRIBE, _NO_COPY = Request.CONTEXT, Request.DESCRIBE, CopyState.NONE
+_CONTEXT, _DESCRIBE, _NO_COPY, _SYNC_GROUP_REQUEST = Request.CONTEXT, Request.DESCRIBE, CopyState.NONE, Request.SYNC_GROUP
 ABORTED = messages.error_response(
     "ERROR", errors.IN_FAILED_TRANSACTION,
     "current transaction is aborted, commands ignored until end of transaction block", routine="exec_simple_query",
@@ -236,6 +241,7 @@ class ReplyQueue:
         self._skipping = False  # the server skips to the next Sync, and none is owed yet
         self._skipped_client_group = False  # ... and it skipped a client Query or FunctionCall meanwhile
         self._rows = 0  # entries whose DataRows a watcher collects
+        self._renamed = 0  # special entries the whole-read path settles all the same: renamed client groups
         self.client_group_ends = 0  # client Queries, Syncs and FunctionCalls owed: the status is not known
         # The listener has ParameterStatus to send before the next ReadyForQuery, or hides some of the
         # client's: every ParameterStatus takes the full walk, where the listener decides.
@@ -292,6 +298,23 @@ class ReplyQueue:
         self.client_group_ends += 1
         self.entries.extend((context, _PLAIN_QUERY))
 
+    def expect_sync_group(self) -> None:
+        """A client's whole extended-query group, up to its Sync, sent as it came (the hot path of prepared
+        statements): one entry, shared, whose replies all go to the client, up to its ReadyForQuery. Only
+        when the server is not skipping and the group cannot start COPY IN."""
+        self.client_group_ends += 1
+        self.entries.append(_SYNC_GROUP)
+
+    def expect_context_group(self, context: Owed, group: Owed) -> None:
+        """The transaction-mode hot path of prepared statements: the proxy's context (`context`, an OWN
+        CONTEXT entry with no watcher, reused) and behind it a client's whole extended-query group
+        (`group`, a SYNC_GROUP entry whose errors name the client's statement, `reply`, reused), sent as
+        one write. Only when the server is not skipping, no COPY runs, and the group cannot start one."""
+        self._special += 2
+        self._renamed += 1
+        self.client_group_ends += 1
+        self.entries.extend((context, group))
+
     def idle(self) -> bool:
         """Nothing is owed: every request sent has been answered, and the server is not skipping to a
         Sync not sent yet."""
@@ -334,7 +357,7 @@ class ReplyQueue:
         entries = self.entries
         no_copy = self.copy is _NO_COPY
         if entries and no_copy and not self.parameters_pending and scanner.at_boundary():
-            special = self._special
+            special = self._special - self._renamed
             if not special or (special == 1 and entries[0].request is _CONTEXT):
                 whole = self._whole_read(data, special)
                 if whole is not None:
@@ -391,7 +414,9 @@ class ReplyQueue:
         if ready >= 0:
             if not entries:
                 raise ProtocolViolation("server sent ReadyForQuery with nothing owed")
-            entries.popleft()
+            if entries.popleft().special:  # a renamed group
+                self._special -= 1
+                self._renamed -= 1
             self.client_group_ends -= 1
             self.status = data[ready + 5:ready + 6]
             self.listener.group_ended(self.status, False)
@@ -552,7 +577,7 @@ class ReplyQueue:
         """Drop what the server skips after an error in extended-query mode. A client Query or
         FunctionCall skipped there gets its ReadyForQuery from the proxy's own Sync behind it."""
         client_group_skipped = False
-        while self.entries and self.entries[0].request is not Request.SYNC:
+        while self.entries and self.entries[0].request is not Request.SYNC and self.entries[0].request is not _SYNC_GROUP_REQUEST:
             client_group_skipped = client_group_skipped or self.entries[0].client_group_end()
             self._pop(Outcome.SKIPPED, None)
         if not self.entries:
@@ -577,7 +602,10 @@ class ReplyQueue:
 
     def _pop(self, outcome: Outcome, error: dict[str, str] | None) -> None:
         entry = self.entries.popleft()
-        self._special -= entry.special
+        if entry.special:
+            self._special -= 1
+            if entry.request is _SYNC_GROUP_REQUEST:
+                self._renamed -= 1
         self._rows -= entry.rows
         self.client_group_ends -= entry.client_group_end()
         if entry.watcher is not None:
@@ -611,6 +639,8 @@ class ReplyQueue:
         """CopyInResponse. The server ignores the Syncs it reads before the client's CopyDone / CopyFail:
         those sent before any CopyData for certain; those sent among CopyData unless the COPY fails
         before the server reads them (the server reads CopyData one message at a time)."""
+        if self.entries[0].request is Request.SYNC_GROUP:
+            raise ProtocolViolation("server started COPY IN for a group sent as one, with its Sync")
         self.copy = CopyState.IN
         self._special += 1  # the full walk, until the COPY ends
         kept: deque[Owed] = deque([self.entries.popleft()])
@@ -710,6 +740,7 @@ def _renamed(raw: bytes, rename: bytes) -> bytes:
 
 
 _PLAIN_QUERY = Owed(Request.QUERY, Owner.CLIENT, b"", None, False)
+_SYNC_GROUP = Owed(Request.SYNC_GROUP, Owner.CLIENT, b"", None, False)
 
 
 class _NoListener:

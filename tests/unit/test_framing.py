@@ -189,3 +189,25 @@ def test_scanner_lone_message() -> None:
     scanner = MessageScanner(b"Q")
     scanner.scan(query[:3])
     assert scanner.lone(query) == -1  # not at a boundary
+
+
+def test_scanner_sync_group() -> None:
+    """Where each message starts when a read is exactly one extended-query group ending in its Sync;
+    None for any other read, which the cutting path takes."""
+    parse, bind = messages.parse("s", "SELECT $1"), messages.bind("", "s", ["1"])
+    describe, execute, sync = messages.message(b"D", b"P\0"), messages.execute(""), messages.sync()
+    group = parse + bind + describe + execute + sync
+    starts = [0, len(parse), len(parse + bind), len(parse + bind + describe), len(group) - len(sync)]
+    assert MessageScanner(b"Q").sync_group(group) == starts
+    assert MessageScanner(b"Q").sync_group(bind + execute + sync) == [0, len(bind), len(bind + execute)]
+    assert MessageScanner(b"Q").sync_group(sync) is None  # a Sync alone: nothing to gain
+    assert MessageScanner(b"Q").sync_group(bind + execute) is None  # no Sync
+    assert MessageScanner(b"Q").sync_group(bind + sync + execute + sync) is None  # two groups
+    assert MessageScanner(b"Q").sync_group(messages.query("SELECT 1") + sync) is None  # a Query among them
+    assert MessageScanner(b"Q").sync_group(messages.message(b"H") + execute + sync) is None  # a Flush among them
+    assert MessageScanner(b"Q").sync_group(bind[:-1] + execute + sync) is None  # lengths that do not add up
+    assert MessageScanner(b"Q").sync_group(bind[1:] + sync) is None
+    assert MessageScanner(b"Q", maximum=8).sync_group(group) is None  # too long: the cutting path reports it
+    scanner = MessageScanner(b"Q")
+    scanner.scan(group[:3])
+    assert scanner.sync_group(group) is None  # not at a boundary

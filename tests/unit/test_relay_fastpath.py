@@ -23,6 +23,7 @@ from relay_harness import (
 )
 
 from proxy.protocol import errors, messages
+from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageScanner
 from proxy.relay.relay import RESET_BIND
 from proxy.relay.replies import Outcome, Owed, Owner, ReplyQueue, Request
@@ -70,8 +71,13 @@ class Failed:
         """No rows wanted."""
 
 
+PARAMETERS = messages.message(b"t", struct.pack("!hI", 1, 25))
+GROUP_ROWS = BIND_COMPLETE + ROWS
+SUSPENDED = messages.message(b"s")
+
 # Reply streams for entries the hot paths owe: `context` queries in transaction mode (the context's
-# four replies open the stream), else `queries` plain Queries pipelined (session mode).
+# four replies open the stream), else `queries` plain Queries pipelined (session mode), or one whole
+# extended-query group sent as it came (`groups`, session mode: a driver's prepared statement).
 STREAMS = {
     "context-rows": (True, 1, CONTEXT_SET + ROWS + Z_IDLE),
     "context-notice-notification": (True, 1, CONTEXT_SET + NOTICE + ROWS + NOTIFICATION + Z_IDLE),
@@ -82,18 +88,27 @@ STREAMS = {
     "context-large-row": (True, 1, CONTEXT_SET + row_description() + BIG + BIG + complete("SELECT 2") + Z_IDLE),
     "pipelined-three": (False, 3, ROWS + Z_IDLE + NOTICE + ERROR + Z_IDLE + EMPTY + PARAMETER + Z_IDLE),
     "pipelined-copy-out": (False, 2, COPY_OUT + Z_IDLE + NOTIFICATION + ROWS + Z_IDLE),
+    "group-prepared": (False, "group", GROUP_ROWS + Z_IDLE),
+    "group-parse-describe": (False, "group", PARSE_COMPLETE + PARAMETERS + row_description() + GROUP_ROWS + Z_IDLE),
+    "group-error-skips-to-sync": (False, "group", PARSE_COMPLETE + NOTICE + ERROR + Z_IDLE),
+    "group-suspended": (False, "group", BIND_COMPLETE + data_row(b"1") + SUSPENDED + Z_BLOCK),
+    "group-empty-no-data": (False, "group", PARSE_COMPLETE + BIND_COMPLETE + messages.message(b"n") + EMPTY + Z_IDLE),
+    "group-copy-out-parameter-status": (False, "group", BIND_COMPLETE + COPY_OUT + PARAMETER + Z_IDLE),
 }
 
 
-def settle(context: bool, queries: int, reads: list[bytes]) -> tuple[bytes, list[tuple[object, ...]], list[object], tuple[object, ...]]:
+def settle(context: bool, queries: int | str, reads: list[bytes]) -> tuple[bytes, list[tuple[object, ...]], list[object], tuple[object, ...]]:
     """Feed `reads` to a queue owing the hot path's entries: what the client got, what the listener and
     the context's watcher heard, and the queue's state after."""
     listener, watcher = Listener(), Failed()
     queue = ReplyQueue(MessageScanner(b"ZE"), listener)
-    if context:
-        queue.expect_context_query(Owed(Request.CONTEXT, Owner.OWN, b"context: ", watcher, False))
-    for _ in range(queries - context):
-        queue.expect_query()
+    if queries == "group":
+        queue.expect_sync_group()
+    else:
+        if context:
+            queue.expect_context_query(Owed(Request.CONTEXT, Owner.OWN, b"context: ", watcher, False))
+        for _ in range(int(queries) - context):
+            queue.expect_query()
     out = b"".join(bytes(queue.feed(read)) for read in reads)
     return out, listener.events, watcher.outcomes, (queue.idle(), queue.status, queue.client_group_ends, queue._special)
 
@@ -152,3 +167,76 @@ def test_a_read_back_answered_after_its_client_left_is_settled() -> None:
     following.client(SELECT_1)
     writes = b"".join(following.attach(server))
     assert b"application_name" in writes or RESET_BIND in writes  # reset by name, or the whole session reset
+
+
+def test_a_group_sent_as_one_that_starts_copy_in_is_a_desync() -> None:
+    """A group the relay sends as it came cannot start COPY IN (its texts are checked): a CopyInResponse
+    for it means the proxy lost track, and the session ends rather than guess."""
+    for reads in ([BIND_COMPLETE + messages.message(b"G", b"\0\0\0")], [BIND_COMPLETE, messages.message(b"G", b"\0\0\0")]):
+        queue = ReplyQueue(MessageScanner(b"ZE"), Listener())
+        queue.expect_sync_group()
+        with pytest.raises(ProtocolViolation):
+            for read in reads:
+                queue.feed(read)
+
+
+def session_relay() -> tuple[RelayPair, Server]:
+    """A session-mode relay whose context is set."""
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(PARSE_COMPLETE + BIND_COMPLETE + data_row(b"acme", b"p", b"{}", b"q") + complete("SELECT 1")
+                + CLOSE_COMPLETE + CLOSE_COMPLETE + Z_IDLE)
+    assert server.queue.idle()
+    return pair, server
+
+
+BIND_DESCRIBE_EXECUTE = messages.bind("", "s", ["1"]) + messages.message(b"D", b"P\0") + messages.execute("")
+EXECUTED = data_row(b"1") + complete("SELECT 1")
+# Groups a driver sends in one write, each with the server's replies to it, and whether the relay may send
+# it as it came.
+GROUPS = {
+    "prepared statement": (BIND_DESCRIBE_EXECUTE, BIND_COMPLETE + ROWS, True),
+    "parse, bind, execute": (messages.parse("", "SELECT $1::int") + messages.bind("", "", ["1"]) + messages.execute(""),
+                             PARSE_COMPLETE + BIND_COMPLETE + EXECUTED, True),
+    "an error skips to the Sync": (messages.parse("", "SELEC 1") + messages.bind("", "", []) + messages.execute(""),
+                                   ERROR, True),
+    "text the guard refuses": (messages.parse("", "SELECT set_config('app.tenant', 'globex', false)")
+                               + messages.bind("", "", []) + messages.execute(""), ERROR, False),
+    "text that resets the session": (messages.parse("r", "RESET ALL") + messages.bind("", "r", []) + messages.execute(""),
+                                     PARSE_COMPLETE + BIND_COMPLETE + complete("RESET"), False),
+    "text that may start COPY IN": (messages.parse("", "COPY t FROM STDIN") + messages.bind("", "", [])
+                                    + messages.execute(""), PARSE_COMPLETE + BIND_COMPLETE + ERROR, False),
+    "a statement name of the proxy's": (messages.bind("", "pg_tenant_proxy_context", []) + messages.execute(""), ERROR, False),
+    "a portal name of the proxy's": (messages.bind("pg_tenant_proxy_x", "s", []) + messages.execute("pg_tenant_proxy_x"),
+                                     ERROR, False),
+    "a describe of the proxy's": (messages.message(b"D", b"Spg_tenant_proxy_context\0"), ERROR, False),
+    "a name not ended in its message": (messages.message(b"E", b"portal"), ERROR, False),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_a_group_in_one_read_is_relayed_as_its_messages_one_read_each(name: str) -> None:
+    """Session mode. A whole extended-query group in one read (the hot path of prepared statements, when
+    the relay clears it: one entry owed) must send upstream, answer the client and leave the session as
+    the same messages in a read each, which take the general path: refusals, reserved names, malformed
+    messages and texts that need the relay's attention included."""
+    group, replies, sent_as_it_came = GROUPS[name]
+    results = []
+    for reads in ([group + messages.sync()], [*_messages(group), messages.sync()]):
+        pair, server = session_relay()
+        try:
+            upstream = b"".join(pair.client(*reads))
+        except ProtocolViolation as exc:
+            results.append(("violation", str(exc)))
+            continue
+        if len(reads) == 1:
+            assert ([entry.request for entry in server.queue.entries] == [Request.SYNC_GROUP]) is sent_as_it_came
+        answered = pair.server(replies + Z_IDLE)
+        results.append((upstream, answered, server.queue.idle(), pair.relay.mid_group, [r.sqlstate for r in pair.hooks.refusals],
+                        pair.hooks.failures, pair.relay.mode.reassert_due, pair.relay.sync_owed))
+    assert results[0] == results[1]
+
+
+def _messages(stream: bytes) -> list[bytes]:
+    positions = _boundaries(stream) + [len(stream)]
+    return [stream[start:end] for start, end in zip(positions, positions[1:])]

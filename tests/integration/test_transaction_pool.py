@@ -181,9 +181,15 @@ def pgbench_tables(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> None:
 @pytest.mark.parametrize("protocol", ["simple", "extended", "prepared"])
 @pytest.mark.parametrize("script", ["-S", "-b tpcb-like"])
 def test_pgbench_through_the_pool(pooled: ProxyProcess, pgbench_tables: None, pg: EmbeddedPostgres, protocol: str, script: str) -> None:
-    """pgbench with 12 clients over the pool, in each query mode, select-only and read-write."""
+    """pgbench with 12 clients over the pool of 10, in each query mode, select-only and read-write.
+
+    One thread per client: pgbench 15 prepares each statement the first time a client runs it, with a
+    blocking PQprepare that stalls every other client of its thread. A client's Parse outside a block
+    waits for a server connection; with several clients per thread, the clients of the stalled threads
+    that are inside a transaction block (tpcb-like, prepared) can hold all ten meanwhile, and neither
+    side moves until the checkout timeout (53300): a deadlock in pgbench, not in the proxy."""
     result = subprocess.run(
-        [str(pg.bindir / "pgbench"), "-n", *script.split(), "-M", protocol, "-c", "12", "-j", "2", "-t", "40",
+        [str(pg.bindir / "pgbench"), "-n", *script.split(), "-M", protocol, "-c", "12", "-j", "12", "-t", "40",
          "-h", "127.0.0.1", "-p", str(pooled.port), "-U", "bench", "app"],
         capture_output=True,
         text=True,

@@ -425,6 +425,13 @@ class Relay:
             self._sync_read()
             self.flush_own()
 
+    def query_skipped(self) -> None:
+        """A request of the proxy's own (its context, or the Close or Parse preparing a statement there)
+        failed in front of the client's Query or FunctionCall, and the server skipped that too: the proxy's
+        Sync ends the skip, and its ReadyForQuery goes to the client behind the error."""
+        self.own(messages.sync(), Request.SYNC)
+        self.flush_own()
+
     def group_ended(self, status: bytes, own: bool) -> None:
         if not own and status == b"I":
             self.transactions_ended += 1
@@ -1197,10 +1204,9 @@ class TransactionMode:
         self.group_may_begin = False
         self.reapply_retries = 0  # ... and groups applying the startup values again
         # The hot path's context entry, reused for every transaction (an OWN CONTEXT entry never changes):
-        self.plain_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, OwnRequest(self._context_failed), False)
-        # ... and the prepared-statement hot path's, in front of a whole group whose own Sync ends a failure's
-        # window, with an entry per client statement for its errors, which name the server's statement:
-        self.group_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, None, False)
+        self.plain_context = Owed(Request.CONTEXT, Owner.OWN, CONTEXT_FAILED, None, False)
+        # The prepared-statement hot path's entries for whole groups, one per client statement (their errors
+        # name the server's statement, renamed for the client):
         self._group_entries: dict[bytes, Owed] = {}
 
     # -- checkout --------------------------------------------------------------------------------
@@ -1276,10 +1282,9 @@ class TransactionMode:
                 "could not prepare a server connection for this session: " + fields.get("M", "unknown error"),
             )
 
-    def _own_statement(self, name: bytes, sql: str, failed: Callable[[Outcome, dict[str, str] | None], None] | None = None
-                       ) -> None:
-        """Prepare one of the proxy's own statements on this server connection unless it holds it;
-        `failed` is told too when its Parse fails."""
+    def _own_statement(self, name: bytes, sql: str) -> None:
+        """Prepare one of the proxy's own statements on this server connection unless it holds it (a
+        failure in front of a client's message is the client's: `ReplyQueue._speaker`)."""
         relay = self.relay
         assert relay.server is not None
         statements = relay.server.state.statements
@@ -1287,22 +1292,15 @@ class TransactionMode:
         if statements.has(name):
             return
         relay.own(messages.close_statement(name), Request.CLOSE)
-        parsed = statements.parse_sent(name).ended
-
-        def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
-            parsed(outcome, error)
-            if failed is not None:
-                failed(outcome, error)
-
-        relay.own(messages.parse(name.decode(), sql), Request.PARSE, OwnRequest(ended))
+        relay.own(messages.parse(name.decode(), sql), Request.PARSE, OwnRequest(statements.parse_sent(name).ended))
 
     # -- the context -----------------------------------------------------------------------------
 
-    def _context(self, decision: Decision, group_end: bool) -> bool:
+    def _context(self, decision: Decision) -> bool:
         """Before a statement-running message: put the context in front of it when a transaction starts
         here. False: the server's status is not known yet (a group is in flight), so the message waits.
-        `group_end`: the message is a Query or FunctionCall, which the server skips if the context fails;
-        a Sync of the proxy's own then ends that skip, and its ReadyForQuery is the client's."""
+        If the context fails, the server skips the message too; behind a Query or FunctionCall, a Sync of
+        the proxy's own then ends that skip (`query_skipped`), and its ReadyForQuery is the client's."""
         relay = self.relay
         if self.context_set and not self.context_reset:
             return True
@@ -1319,23 +1317,13 @@ class TransactionMode:
             return True
         self.context_reset = False
         identity = relay.identity
-        self._own_statement(relay.context.statement_name, relay.context.statement, self._context_failed if group_end else None)
+        self._own_statement(relay.context.statement_name, relay.context.statement)
         context = relay.context.transaction_messages(identity.tenant, relay.server.process_id, identity.expires_at,
                                                      identity.claims_json)
-        relay.own(context, Request.CONTEXT, OwnRequest(self._context_failed) if group_end else None, speaks=CONTEXT_FAILED)
+        relay.own(context, Request.CONTEXT, speaks=CONTEXT_FAILED)
         METRICS.context_sets += 1
         self.context_set = True
         return True
-
-    def _context_failed(self, outcome: Outcome, error: dict[str, str] | None) -> None:
-        """The context (or its statement's Parse) failed in front of a Query or FunctionCall: the server
-        skips it and waits for a Sync, which the proxy sends (the queue gives its ReadyForQuery to the
-        client)."""
-        if outcome is not Outcome.FAILED:
-            return
-        relay = self.relay
-        relay.own(messages.sync(), Request.SYNC)
-        relay.flush_own()
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -1352,7 +1340,7 @@ class TransactionMode:
             relay.send(b"", Request.QUERY, Owner.ANSWERED, reply=_DEALLOCATE_COMPLETE, watcher=answered)
             self.group_sent()
             return True
-        if not self._context(decision, group_end=True):
+        if not self._context(decision):
             return False
         dropped = None  # a simple Query drops the unnamed statement, whether it fails or not
         if self.statements.unnamed is not None or b"" in self.statements.unsettled:
@@ -1787,7 +1775,7 @@ class TransactionMode:
             relay.refuse_extended(reserved("portal", portal))
             return True
         decision = self.portals.get(portal, ALLOW)
-        if not self._context(decision, group_end=False):
+        if not self._context(decision):
             return False
         watcher = self._effects(decision)
         relay.note_executed(portal)
@@ -1802,7 +1790,7 @@ class TransactionMode:
         return True
 
     def function_call(self, message: Message) -> bool:
-        if not self._context(ALLOW, group_end=True):
+        if not self._context(ALLOW):
             return False
         self.relay.send(message.raw, Request.FUNCTION_CALL)
         self.group_sent()
@@ -2079,7 +2067,7 @@ class TransactionMode:
             messages.message(b"B", portal + b"\0" + name + data[name_end:bind_end]),
             data[bind_end:],
         )))
-        queue.expect_context_group(self.group_context, entry)
+        queue.expect_context_group(self.plain_context, entry)
         METRICS.context_sets += 1
         relay.sync_owed = False
         relay.describing = True

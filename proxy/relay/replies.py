@@ -26,7 +26,11 @@ ReadyForQuery, end a group. It follows Postgres's rules ("Message Flow", 55.2.3 
 - NoticeResponse, NotificationResponse and ParameterStatus may come at any time.
 
 A request of the proxy's own that a client message depends on (its context, a statement prepared again)
-speaks to the client when it fails, its error prefixed with what the proxy was doing; but for 25P02,
+speaks to the client when it fails, its error prefixed with what the proxy was doing. One that does not
+speak (the Close and Parse that prepare the proxy's statement in front of them) fails for the messages the
+server skips with it: the first of them that speaks to the client, up to the Sync, tells the error as if it
+had failed, and when the skip took a client Query or FunctionCall, which ended the client's group, the
+proxy's Sync ends the skip (`Listener.query_skipped`). For 25P02,
 which the server gives every message inside a failed block, the client's message included: that goes to
 the client as Postgres would answer its message, naming the routine the relay gave for that message
 (field R: exec_bind_message where the server's error named exec_parse_message, the proxy's Parse).
@@ -129,6 +133,11 @@ class Listener(Protocol):
         client is told it (the listener may hide one the proxy is about to undo)."""
 
     def pending_parameters(self) -> bytes: ...
+
+    def query_skipped(self) -> None:
+        """A request of the proxy's own failed in front of the client's Query or FunctionCall, which the
+        server skipped with it: the server waits for a Sync the client will not send (its Query ended its
+        group). The relay sends one; its ReadyForQuery is the client's."""
 
 
 class Owed:
@@ -551,17 +560,19 @@ class ReplyQueue:
             if end is not None and end.owner is Owner.OWN:  # read before any CopyDone / CopyFail of the client's
                 out.append(_violation(message.raw, end.reply))
                 raise CopyInterrupted(b"".join(out))
-        if head.owner is Owner.CLIENT or head.owner is Owner.GATE:
-            out.append(_renamed(message.raw, head.reply) if head.reply else message.raw)
-        elif head.owner is Owner.REFUSED:
-            out.append(head.reply)
-        elif head.reply and fields.get("C") == errors.IN_FAILED_TRANSACTION:
+        own = head.owner is Owner.OWN
+        speaker = self._speaker() if own and head.extended and not head.reply else head
+        if speaker.owner is Owner.CLIENT or speaker.owner is Owner.GATE:
+            out.append(_renamed(message.raw, speaker.reply) if speaker.reply else message.raw)
+        elif speaker.owner is Owner.REFUSED:
+            out.append(speaker.reply)
+        elif speaker.reply and fields.get("C") == errors.IN_FAILED_TRANSACTION:
             # The proxy's own request, refused only because the client's block had failed: the client's
             # message behind it would have met the same refusal, which is what Postgres tells it.
-            routine = head.reply.partition(b"\0")[2]
+            routine = speaker.reply.partition(b"\0")[2]
             out.append(_with_routine(message.raw, routine) if routine else message.raw)
-        elif head.reply:  # the proxy's own request, whose failure the client must hear of
-            prefix = head.reply.partition(b"\0")[0].decode()
+        elif speaker.reply:  # the proxy's own request, whose failure the client must hear of
+            prefix = speaker.reply.partition(b"\0")[0].decode()
             out.append(messages.error_response(
                 "ERROR", fields.get("C", errors.INTERNAL_ERROR), prefix + fields.get("M", ""), hint=fields.get("H")
             ))
@@ -569,20 +580,35 @@ class ReplyQueue:
             self._copy_ended(succeeded=False, window=fields if head.extended else None)
         if head.extended:
             self._pop(Outcome.FAILED, fields)
-            self._skip_to_sync(fields)
+            self._skip_to_sync(fields, own)
         elif head.watcher is not None:  # a Query, FunctionCall or Sync someone waits on: its end says it failed
             head.failed = head.failed or fields
 
-    def _skip_to_sync(self, fields: dict[str, str]) -> None:
-        """Drop what the server skips after an error in extended-query mode. A client Query or
-        FunctionCall skipped there gets its ReadyForQuery from the proxy's own Sync behind it."""
+    def _speaker(self) -> Owed:
+        """The entry that tells the client the error of a request of the proxy's own that does not speak
+        (the head): the first behind it, up to the next Sync, that the client hears from, whose message
+        the server skips for that error; the head itself when there is none (the proxy's own group)."""
+        for entry in itertools.islice(self.entries, 1, None):
+            if entry.request is Request.SYNC:
+                break
+            if entry.owner is not Owner.OWN or entry.reply:
+                return entry
+        return self.entries[0]
+
+    def _skip_to_sync(self, fields: dict[str, str], own: bool) -> None:
+        """Drop what the server skips after an error in extended-query mode (`own`: of a request of the
+        proxy's own). A client Query or FunctionCall skipped there gets its ReadyForQuery from the proxy's
+        own Sync behind it, asked of the listener when the error was the proxy's and none is owed yet."""
         client_group_skipped = False
         while self.entries and self.entries[0].request is not Request.SYNC and self.entries[0].request is not _SYNC_GROUP_REQUEST:
+            # (a whole group holds its own Sync: the server skips only to the end of it)
             client_group_skipped = client_group_skipped or self.entries[0].client_group_end()
             self._pop(Outcome.SKIPPED, None)
         if not self.entries:
             self._skipping = True  # the Sync that ends it is not sent yet
             self._skipped_client_group = client_group_skipped
+            if own and client_group_skipped:
+                self.listener.query_skipped()
         elif self.entries[0].owner is Owner.OWN:
             if client_group_skipped:
                 self.entries[0].become_clients()
@@ -758,6 +784,9 @@ class _NoListener:
 
     def pending_parameters(self) -> bytes:
         return b""
+
+    def query_skipped(self) -> None:
+        """Nobody sends the Sync: the server connection stays skipping, and is not reused."""
 
 
 _NO_LISTENER = _NoListener()

@@ -511,6 +511,45 @@ def test_context_bind_failure_in_front_of_a_query_ends_with_ready_for_query() ->
     assert pair.hooks.events[-1] == "release_server"
 
 
+CANCELLED = messages.error_response("ERROR", errors.QUERY_CANCELED, "canceling statement due to user request")
+
+
+@pytest.mark.parametrize("landed", ["Close", "Parse"])
+def test_a_cancel_landing_where_the_context_statement_is_prepared_is_the_clients_error(landed: str) -> None:
+    """A CancelRequest sent right behind a Query (DBD::Pg's pg_async then pg_cancel) may land on the
+    Close or Parse of the proxy's context statement in front of it, on a server connection that lacks
+    it: the server skips the context and the client's Query up to a Sync. The client gets the error, as
+    a failed context, and the ReadyForQuery of the proxy's Sync; before, it got a bare ReadyForQuery
+    (its Query silently skipped) after a failed Parse, and no answer at all after a failed Close."""
+    pair, server = RelayPair(), Server(101)
+    assert checked_out(pair, server, SELECT_1) == [context_statement() + context(server) + SELECT_1]
+    start = len(pair.hooks.upstream)
+    out = pair.server((CLOSE_COMPLETE if landed == "Parse" else b"") + CANCELLED)
+    assert pair.upstream_since(start) == [messages.sync()]
+    fields = messages.parse_error_fields(out[5:])
+    assert (fields["C"], fields["M"]) == (errors.QUERY_CANCELED, "could not set the tenant context: canceling statement due to user request")
+    assert "release_server" not in pair.hooks.events
+    assert pair.server(Z_IDLE) == Z_IDLE
+    assert pair.hooks.events[-1] == "release_server"
+    assert checked_out(pair, server, SELECT_1) == [context_statement() + context(server) + SELECT_1]  # not held there
+
+
+def test_a_cancel_landing_on_the_close_in_front_of_a_statement_prepared_again_is_the_clients_error() -> None:
+    """The same for the Close in front of a client's statement prepared again on another server
+    connection: the server skips the client's Bind and Execute up to its Sync; the client hears why."""
+    pair, first, second = RelayPair(), Server(101), Server(202)
+    sql = "SELECT $1::int"
+    checked_out(pair, first, messages.parse("s1", sql) + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    (write,) = checked_out(pair, second, messages.bind("", "s1", ["8"]) + messages.execute() + messages.sync())
+    assert write.startswith(renamed_parse(sql))
+    out = pair.server(CANCELLED + Z_IDLE)
+    fields = messages.parse_error_fields(out[5:-6])
+    assert fields["C"] == errors.QUERY_CANCELED
+    assert fields["M"] == "could not prepare the statement again on this server connection: canceling statement due to user request"
+    assert out.endswith(Z_IDLE) and pair.hooks.events[-1] == "release_server"
+
+
 @pytest.mark.parametrize("setup", [
     "BEGIN ISOLATION LEVEL SERIALIZABLE", "START TRANSACTION READ ONLY, DEFERRABLE", "begin; set transaction isolation level repeatable read",
 ])

@@ -119,6 +119,13 @@ class RelayPair:
         return self.hooks.upstream[start:]
 
 
+def checked_out(pair: RelayPair, server: Server, *reads: bytes) -> list[bytes]:
+    """Client reads with no server connection held: the relay asks for one, then goes on when it comes."""
+    assert pair.client(*reads) == []
+    assert pair.hooks.events[-1] == "need_server"
+    return pair.attach(server)
+
+
 # -- server messages ---------------------------------------------------------------------------
 
 def data_row(*values: bytes | None) -> bytes:

@@ -18,6 +18,7 @@ from relay_harness import (
     Identity,
     RelayPair,
     Server,
+    checked_out,
     complete,
     data_row,
     row_description,
@@ -67,13 +68,6 @@ def server_name(query: str, types: tuple[int, ...] = ()) -> bytes:
 def renamed_parse(query: str) -> bytes:
     name = server_name(query)
     return messages.close_statement(name) + messages.parse(name.decode(), query)
-
-
-def checked_out(pair: RelayPair, server: Server, *reads: bytes) -> list[bytes]:
-    """Client reads with no server connection held: the relay asks for one, then goes on when it comes."""
-    assert pair.client(*reads) == []
-    assert pair.hooks.events[-1] == "need_server"
-    return pair.attach(server)
 
 
 # -- transaction mode ------------------------------------------------------------------------------

@@ -11,22 +11,26 @@ import pytest
 
 from relay_harness import (
     BIND_COMPLETE,
+    CONTEXT,
     CLOSE_COMPLETE,
     PARSE_COMPLETE,
     Z_BLOCK,
     Z_IDLE,
     RelayPair,
     Server,
+    checked_out,
     complete,
     data_row,
     row_description,
 )
 
+from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageScanner
 from proxy.relay.relay import RESET_BIND
 from proxy.relay.replies import Outcome, Owed, Owner, ReplyQueue, Request
+from proxy.relay.statements import statement_for
 
 SELECT_1 = messages.query("SELECT 1")
 ROWS = row_description() + data_row(b"1") + complete("SELECT 1")
@@ -240,3 +244,95 @@ def test_a_group_in_one_read_is_relayed_as_its_messages_one_read_each(name: str)
 def _messages(stream: bytes) -> list[bytes]:
     positions = _boundaries(stream) + [len(stream)]
     return [stream[start:end] for start, end in zip(positions, positions[1:])]
+
+
+# -- transaction mode: a prepared statement's group in one write behind the context ---------------
+
+PREPARED_SQL = "SELECT $1::int"
+PREPARED_NAME = statement_for(messages.parse("", PREPARED_SQL)[6:], "", ALLOW).server_name
+CONTEXT_FIRST = (messages.close_statement(CONTEXT.statement_name)
+                 + messages.parse(CONTEXT.statement_name.decode(), CONTEXT.statement))
+RUN_S1 = messages.bind("", "s1", ["7"]) + messages.message(b"D", b"P\0") + messages.execute() + messages.sync()
+RUN_S1_RENAMED = (messages.bind("", PREPARED_NAME.decode(), ["7"]) + messages.message(b"D", b"P\0") + messages.execute()
+                  + messages.sync())
+RAN = BIND_COMPLETE + ROWS + Z_IDLE
+
+CONTEXT_FLOW = CONTEXT.transaction_messages("acme", 101, 2_000_000_000, '{"sub":"alice"}')  # the harness's identity, server 101
+
+
+def prepared_on(server: Server) -> RelayPair:
+    """A transaction-mode client that prepared s1 and ran it once on `server` (the general path: the
+    server connection lacked the context statement), which now holds both."""
+    pair = RelayPair()
+    checked_out(pair, server, messages.parse("s1", PREPARED_SQL) + messages.sync())
+    assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
+    first = checked_out(pair, server, RUN_S1)
+    assert first == [messages.bind("", PREPARED_NAME.decode(), ["7"]) + messages.message(b"D", b"P\0") + CONTEXT_FIRST
+                     + CONTEXT_FLOW + messages.execute() + messages.sync()]
+    assert pair.server(BIND_COMPLETE + row_description() + CLOSE_COMPLETE + PARSE_COMPLETE + CONTEXT_SET
+                       + data_row(b"1") + complete("SELECT 1") + Z_IDLE) == RAN
+    assert pair.relay.server is None  # released
+    return pair
+
+
+def test_a_prepared_statement_runs_in_one_write_behind_the_context() -> None:
+    """Bind of a statement the server connection holds, Describe of the portal, Execute, Sync, at the start
+    of a transaction (held while the client waited for its checkout): one write, the context first and
+    the Bind naming the server's statement; the client gets its replies without the context's."""
+    server = Server(101)
+    pair = prepared_on(server)
+    assert checked_out(pair, server, RUN_S1) == [CONTEXT_FLOW + RUN_S1_RENAMED]
+    assert [entry.request for entry in server.queue.entries] == [Request.CONTEXT, Request.SYNC_GROUP]
+    assert pair.server(CONTEXT_SET + RAN) == RAN
+    assert pair.relay.server is None and server.queue.idle() and pair.hooks.ended == 3
+
+
+def test_an_error_in_a_prepared_statements_group_names_the_clients_statement() -> None:
+    """The server's error names its statement; the client is told its own name, as Postgres tells it."""
+    server = Server(101)
+    pair = prepared_on(server)
+    checked_out(pair, server, RUN_S1)
+    error = messages.error_response("ERROR", errors.PROTOCOL_VIOLATION,
+                                    f'bind message supplies 1 parameters, but prepared statement "{PREPARED_NAME.decode()}" requires 2')
+    out = pair.server(CONTEXT_SET + error + Z_IDLE)
+    assert out == messages.error_response("ERROR", errors.PROTOCOL_VIOLATION,
+                                          'bind message supplies 1 parameters, but prepared statement "s1" requires 2') + Z_IDLE
+    assert pair.relay.server is None and server.queue.idle()
+
+
+def test_a_context_that_fails_in_front_of_a_whole_group_is_the_clients_error() -> None:
+    """The context fails (its Execute): the server skips the client's messages up to the group's own Sync.
+    The client gets the error, prefixed, and the ReadyForQuery; the proxy sends no Sync of its own."""
+    server = Server(101)
+    pair = prepared_on(server)
+    checked_out(pair, server, RUN_S1)
+    start = len(pair.hooks.upstream)
+    failure = messages.error_response("ERROR", "57014", "canceling statement due to user request")
+    out = pair.server(BIND_COMPLETE + failure + Z_IDLE)
+    fields = messages.parse_error_fields(out[5:-len(Z_IDLE)])
+    assert (fields["C"], fields["M"]) == ("57014", "could not set the tenant context: canceling statement due to user request")
+    assert out.endswith(Z_IDLE) and pair.upstream_since(start) == []
+    assert pair.relay.server is None and server.queue.idle()
+
+
+@pytest.mark.parametrize("case", ["statement not held", "shape not known", "portals differ", "a Flush, no Sync",
+                                  "a statement that ends a transaction"])
+def test_a_group_the_hot_path_cannot_take_goes_the_general_way(case: str) -> None:
+    """What needs the relay's attention takes the general path: the context goes in front of the Execute,
+    after the client's Bind."""
+    server = Server(101)
+    pair = prepared_on(server)
+    group = RUN_S1
+    if case == "statement not held":
+        server.state.statements.ready.pop(PREPARED_NAME)
+    elif case == "shape not known":
+        pair.relay.mode.statements.by_name[b"s1"].shape = b"0123456789abcdef"
+    elif case == "portals differ":
+        group = messages.bind("p", "s1", ["7"]) + messages.execute("q") + messages.sync()
+    elif case == "a Flush, no Sync":
+        group = messages.bind("", "s1", ["7"]) + messages.execute() + messages.message(b"H")
+    else:
+        pair.relay.mode.ending.add(b"s1")
+    writes = b"".join(checked_out(pair, server, group))
+    assert not writes.startswith(CONTEXT_FLOW)
+    assert [entry.request for entry in server.queue.entries] != [Request.CONTEXT, Request.SYNC_GROUP]

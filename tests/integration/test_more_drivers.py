@@ -1,0 +1,163 @@
+"""node-postgres (`pg`) and Perl DBI with DBD::Pg through a real proxy in both pool modes, each script
+compared step by step with the same script run directly against Postgres as the application role.
+
+The scripts (tests/integration/clients/node_pg.js, dbd_pg.pl) print one JSON object per step. Direct
+runs set each connection's signed tenant context themselves (the proof the proxy would set, from the
+signing key), so Row-Level Security gives both runs the same rows. Transaction mode has two server
+connections: the scripts hold a transaction open on one client while another runs statements, so a named
+statement moves between server connections (with one, the clients would wait for each other).
+
+The one difference README and docs/guard.md document: LISTEN is refused by the proxy (42501 in session
+mode, where the guard refuses notifications by default; 0A000 in transaction mode), with a clear error,
+and the connection goes on. Both drivers come from Debian packages (`node-pg`, `libdbd-pg-perl`), which
+.ci/run installs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.demo import TenantDatabase
+from proxy.embedded import EmbeddedPostgres
+from support import ACME, GLOBEX, ProxyProcess, unprotected_table
+
+CLIENTS = Path(__file__).parent / "clients"
+MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
+# Where Debian's node-pg lives; Debian's node looks there by itself, a node from elsewhere does not.
+DEBIAN_NODE_MODULES = "/usr/share/nodejs"
+LISTEN_REFUSED = {
+    "session": ("42501", "LISTEN is not allowed through pg-tenant-proxy: notification channels are shared by every tenant"),
+    "transaction": ("0A000", "LISTEN is not available with transaction pooling: the server connection is shared after each transaction"),
+}
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def pooled(mode: str, make_proxy: Any) -> ProxyProcess:
+    proxy: ProxyProcess = make_proxy(MODES[mode])
+    return proxy
+
+
+@pytest.fixture(scope="module")
+def drivers_scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Any:
+    """The table without Row-Level Security the scripts write (COPY, transactions), each run under its own
+    run number."""
+    with unprotected_table(pg, tenant_db, "drivers_scratch", "run int NOT NULL, n int, t text",
+                           grants="SELECT, INSERT, UPDATE, DELETE") as name:
+        yield name
+
+
+def node_environment() -> dict[str, str]:
+    paths = [path for path in (os.environ.get("NODE_PATH", ""), DEBIAN_NODE_MODULES) if path]
+    return {**os.environ, "NODE_PATH": os.pathsep.join(paths)}
+
+
+@pytest.fixture(scope="module")
+def node_pg() -> list[str]:
+    found = subprocess.run(["node", "-e", "require('pg'); require('pg-cursor')"], env=node_environment(),
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0, "node-pg comes from the Debian package node-pg (.ci/run installs it): " + found.stderr
+    return ["node", str(CLIENTS / "node_pg.js")]
+
+
+@pytest.fixture(scope="module")
+def dbd_pg() -> list[str]:
+    found = subprocess.run(["perl", "-MDBD::Pg", "-e1"], capture_output=True, text=True, check=False)
+    assert found.returncode == 0, "DBD::Pg comes from the Debian package libdbd-pg-perl (.ci/run installs it): " + found.stderr
+    return ["perl", str(CLIENTS / "dbd_pg.pl")]
+
+
+def run_script(command: list[str], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a client script with DRIVER_CONFIG (a fresh run number) and return its steps."""
+    environment = {**node_environment(), "DRIVER_CONFIG": json.dumps({**config, "run": secrets.randbelow(1 << 30)})}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def direct_run(command: list[str], pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
+    """The script straight against Postgres as the application role, with the tenants' context set by the
+    script itself (`context`)."""
+    role = {"user": db.app_role, "password": db.app_password}
+    return run_script(command, {"host": "127.0.0.1", "port": pg.port, "database": db.database,
+                                "clients": {"a": role, "b": role},
+                                "context": {"key": db.signing_key, "tenants": {"a": ACME, "b": GLOBEX}}})
+
+
+def proxy_run(command: list[str], proxy: ProxyProcess) -> list[dict[str, Any]]:
+    return run_script(command, {"host": "127.0.0.1", "port": proxy.port, "database": "app", "context": None,
+                                "clients": {"a": {"user": "alice", "password": proxy.token(ACME)},
+                                            "b": {"user": "bob", "password": proxy.token(GLOBEX)}}})
+
+
+def without_listen(steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    (listen,) = [step for step in steps if step["step"] == "listen"]
+    return [step for step in steps if step is not listen], listen
+
+
+def assert_same_steps(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
+    """Step by step, so a failure names the first step that differs."""
+    assert [step["step"] for step in got] == [step["step"] for step in expected]
+    for direct, proxied in zip(expected, got):
+        assert proxied == direct, f"step {direct['step']!r}"
+
+
+def test_node_pg_as_directly(mode: str, pooled: ProxyProcess, node_pg: list[str], pg: EmbeddedPostgres,
+                             tenant_db: TenantDatabase, drivers_scratch: str) -> None:
+    """The unnamed statement (Parse/Bind/Describe/Execute/Sync in one write), named statements across
+    transactions and server connections, rowMode 'array', multi-statement Queries and errors among
+    them, transactions, pg-cursor's row-limited Executes with Flush, COPY through client.query, a
+    pg.Pool of 8 clients with 40 concurrent queries, Client.cancel, startup parameters
+    (statement_timeout, application_name, idle_in_transaction_session_timeout and its FATAL) and the
+    client-side query_timeout: the same results through the proxy as directly."""
+    expected, direct_listen = without_listen(direct_run(node_pg, pg, tenant_db))
+    assert direct_listen["result"] == "LISTEN"
+    assert {"step": "unnamed count", "result": [{"n": 2, "tenant": ACME}]} in expected  # the context held directly
+    got, listen = without_listen(proxy_run(node_pg, pooled))
+    assert_same_steps(expected, got)
+    code, message = LISTEN_REFUSED[mode]
+    assert (listen["error"]["code"], listen["error"]["message"]) == (code, message)
+
+
+def test_dbd_pg_as_directly(mode: str, pooled: ProxyProcess, dbd_pg: list[str], pg: EmbeddedPostgres,
+                            tenant_db: TenantDatabase, drivers_scratch: str) -> None:
+    """Server-side prepares (dbdpg_p<pid>_<n>) and the SQL DEALLOCATE DBD::Pg sends when a handle goes,
+    inside transactions with AutoCommit off and after the ROLLBACK (TO SAVEPOINT) it sends first in a
+    failed one; pg_placeholder_dollaronly, do with binds, begin_work/commit/rollback, savepoints,
+    pg_async with pg_cancel, ping, COPY with pg_putcopydata/pg_putcopyend and pg_getcopydata: the same
+    results through the proxy as directly."""
+    expected, direct_listen = without_listen(direct_run(dbd_pg, pg, tenant_db))
+    assert direct_listen["result"] == ["0E0", 1]
+    got, listen = without_listen(proxy_run(dbd_pg, pooled))
+    assert_same_steps(expected, got)
+    code, message = LISTEN_REFUSED[mode]
+    refused, ping = listen["result"]
+    assert refused["state"] == code and refused["message"].startswith(f"ERROR:  {message}\nHINT:  ")
+    assert ping == 1  # idle, the session goes on
+
+
+def test_dbd_pg_cancel_right_behind_its_query(pooled: ProxyProcess) -> None:
+    """pg_async then pg_cancel at once: the cancel races the query, as it does directly (Postgres ignores a
+    cancel that arrives while the backend reads its next message), so each round is cancelled or
+    completes. Before the fix, a cancel landing on the Parse of the proxy's context statement (on a new
+    server connection, in transaction mode) left the client a bare ReadyForQuery, which DBD::Pg reports
+    as 08000 "Failed to get a result after PQcancel"."""
+    config = {"host": "127.0.0.1", "port": pooled.port, "database": "app", "user": "alice",
+              "password": pooled.token(ACME), "rounds": 80}
+    result = subprocess.run(["perl", str(CLIENTS / "dbd_pg_cancel.pl")], env={**os.environ, "DRIVER_CONFIG": json.dumps(config)},
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcomes = Counter(result.stdout.splitlines())
+    assert set(outcomes) <= {"cancelled", "completed"} and outcomes["cancelled"], outcomes

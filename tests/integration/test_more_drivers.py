@@ -9,8 +9,8 @@ statement moves between server connections (with one, the clients would wait for
 
 The one difference README and docs/guard.md document: LISTEN is refused by the proxy (42501 in session
 mode, where the guard refuses notifications by default; 0A000 in transaction mode), with a clear error,
-and the connection goes on. Both drivers come from Debian packages (`node-pg`, `libdbd-pg-perl`), which
-.ci/run installs.
+and the connection goes on. node-postgres comes from the npm registry (tests/integration/clients/package.json),
+DBD::Pg from Debian's `libdbd-pg-perl`; .ci/run installs both.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from support import ACME, GLOBEX, ProxyProcess, unprotected_table
 
 CLIENTS = Path(__file__).parent / "clients"
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
-# Where Debian's node-pg lives; Debian's node looks there by itself, a node from elsewhere does not.
-DEBIAN_NODE_MODULES = "/usr/share/nodejs"
 LISTEN_REFUSED = {
     "session": ("42501", "LISTEN is not allowed through pg-tenant-proxy: notification channels are shared by every tenant"),
     "transaction": ("0A000", "LISTEN is not available with transaction pooling: the server connection is shared after each transaction"),
@@ -59,16 +57,12 @@ def drivers_scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Any:
         yield name
 
 
-def node_environment() -> dict[str, str]:
-    paths = [path for path in (os.environ.get("NODE_PATH", ""), DEBIAN_NODE_MODULES) if path]
-    return {**os.environ, "NODE_PATH": os.pathsep.join(paths)}
-
-
 @pytest.fixture(scope="module")
 def node_pg() -> list[str]:
-    found = subprocess.run(["node", "-e", "require('pg'); require('pg-cursor')"], env=node_environment(),
+    found = subprocess.run(["node", "-e", "require('pg'); require('pg-cursor')"], cwd=CLIENTS,
                            capture_output=True, text=True, check=False)
-    assert found.returncode == 0, "node-pg comes from the Debian package node-pg (.ci/run installs it): " + found.stderr
+    assert found.returncode == 0, ("node-postgres: `npm install` in tests/integration/clients (.ci/run does it): "
+                                   + found.stderr)
     return ["node", str(CLIENTS / "node_pg.js")]
 
 
@@ -81,7 +75,7 @@ def dbd_pg() -> list[str]:
 
 def run_script(command: list[str], config: dict[str, Any]) -> list[dict[str, Any]]:
     """Run a client script with DRIVER_CONFIG (a fresh run number) and return its steps."""
-    environment = {**node_environment(), "DRIVER_CONFIG": json.dumps({**config, "run": secrets.randbelow(1 << 30)})}
+    environment = {**os.environ, "DRIVER_CONFIG": json.dumps({**config, "run": secrets.randbelow(1 << 30)})}
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads(line) for line in result.stdout.splitlines()]

@@ -38,7 +38,9 @@ from proxy.metrics import METRICS
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.protocol.framing import GROUP_MESSAGES, Message, MessageScanner, Segment
-from proxy.relay.replies import COPY_INTERRUPTED, CopyInterrupted, Outcome, Owed, Owner, ReplyQueue, Request, Watcher
+from proxy.relay.replies import (
+    COPY_INTERRUPTED, SYNC_GROUP, CopyInterrupted, Outcome, Owed, Owner, ReplyQueue, Request, Watcher,
+)
 from proxy.relay.settings import (
     APPLY_SQL,
     APPLY_STATEMENT,
@@ -2010,70 +2012,100 @@ class TransactionMode:
         return True
 
     def sync_group(self, data: bytes, starts: list[int]) -> bool:
-        """The hot path of a driver's prepared statement in transaction mode: a read that is a Bind of a
-        statement the client prepared, to a portal, maybe a Describe of that portal, its Execute and Sync
-        (`starts`: where each begins), at the start of a transaction, where the server connection holds the
-        statement (with the result shape the client was told, if it was told one) and the statement does
-        nothing the relay must act on. It goes upstream in one write behind the context, the Bind naming
-        the server's statement, owing two entries (`ReplyQueue.expect_context_group`). False when it needs
-        the general path."""
+        """The hot path of drivers' extended-query groups in transaction mode, at the start of a transaction:
+        a read that is a Bind of a statement to a portal, maybe a Describe of that portal, its Execute and
+        Sync (`starts`: where each begins); the statement either one the client prepared that the server
+        connection holds (with the result shape the client was told, if it was told one: a driver's prepared
+        statement), or the unnamed statement, parsed by a Parse that opens the read (`_unnamed_parse`). The
+        statement must do nothing the relay acts on (the guard's `ALLOW`). It goes upstream in one write
+        behind the context, a named statement's Bind naming the server's statement
+        (`ReplyQueue.expect_context_group`). False when it needs the general path."""
         count = len(starts)
         relay = self.relay
         queue, server = relay.queue, relay.server
         if (
-            (count != 3 and count != 4) or queue is None or server is None or queue.status != b"I"
-            or queue.client_group_ends or queue.skipping() or self.context_set or self.reapply or self.stand_ins
-            or self.flush_sync_pending or self.shape_wait is not None or relay.follow_ups_wait or relay.skip_group
-            or relay.mid_group or relay.settings.stale or relay.copying or relay.copy_syncs
-            or relay.copy_input is not _NO_COPY_INPUT or data[0] != 66 or data[starts[-2]] != 69  # 'B' ... 'E'
+            count < 3 or count > 5 or queue is None or server is None or queue.status != b"I" or queue.client_group_ends
+            or queue.skipping() or self.context_set or self.reapply or self.stand_ins or self.flush_sync_pending
+            or self.shape_wait is not None or relay.follow_ups_wait or relay.skip_group or relay.mid_group
+            or relay.settings.stale or relay.copying or relay.copy_syncs or relay.copy_input is not _NO_COPY_INPUT
+            or data[starts[-2]] != 69  # 'E'
         ):
             return False
-        bind_end, execute = starts[1], starts[-2]
-        portal_end = data.find(b"\0", 5, bind_end)
+        parsed = data[0] == 80  # 'P'
+        bind, bind_end, execute = starts[parsed], starts[parsed + 1], starts[-2]
+        portal_end = data.find(b"\0", bind + 5, bind_end)
         name_end = data.find(b"\0", portal_end + 1, bind_end)
-        portal = data[5:portal_end]
+        portal = data[bind + 5:portal_end]
         client_name = data[portal_end + 1:name_end]
         if (
-            portal_end < 0 or name_end < 0 or not client_name or len(client_name) > NAME_BYTES or not client_name.isascii()
+            (count - parsed != 3 and count - parsed != 4) or data[bind] != 66 or portal_end < 0 or name_end < 0
+            or bool(client_name) == parsed
+            or len(client_name) > NAME_BYTES or not client_name.isascii()
             or data[execute + 5:execute + 6 + len(portal)] != portal + b"\0"
-            or (count == 4 and data[bind_end + 5:execute] != b"P" + portal + b"\0")
+            or (count - parsed == 4 and data[bind_end + 5:execute] != b"P" + portal + b"\0")
             or portal.startswith(PREFIX) or client_name in self.ending
         ):
             return False
-        statement = self.statements.by_name.get(client_name)
-        if statement is None or statement.decision is not ALLOW:
-            return False
         held = server.state.statements
-        name = statement.server_name
-        if not held.has(name) or (statement.shape is not None and held.shapes.get(name) != statement.shape):
-            return False
         context = relay.context
         if not held.has(context.statement_name):
             return False
-        held.in_use.add(name)
+        parse = None
+        if parsed:
+            parse = self._unnamed_parse(data, bind, held)
+            if parse is None:
+                return False
+            entry = SYNC_GROUP
+        else:
+            statement = self.statements.by_name.get(client_name)
+            if statement is None or statement.decision is not ALLOW:
+                return False
+            name = statement.server_name
+            if not held.has(name) or (statement.shape is not None and held.shapes.get(name) != statement.shape):
+                return False
+            held.in_use.add(name)
+            entry = self._group_entries.get(client_name)  # type: ignore[assignment]
+            if entry is None or not entry.reply.startswith(name):
+                if len(self._group_entries) > len(self.statements.by_name):  # names closed since: at most one per name held
+                    self._group_entries.clear()
+                entry = self._group_entries[client_name] = Owed(Request.SYNC_GROUP, Owner.CLIENT,
+                                                                name + b"\0" + client_name, None, False)
+            data = b"".join((messages.message(b"B", portal + b"\0" + name + data[name_end:bind_end]), data[bind_end:]))
         held.in_use.add(context.statement_name)
         if self.portals:
             self.portals.pop(portal, None)
         self.ending_portals.discard(portal)
-        entry = self._group_entries.get(client_name)
-        if entry is None or not entry.reply.startswith(name):
-            if len(self._group_entries) > len(self.statements.by_name):  # names closed since: at most one per name held
-                self._group_entries.clear()
-            entry = self._group_entries[client_name] = Owed(Request.SYNC_GROUP, Owner.CLIENT, name + b"\0" + client_name,
-                                                            None, False)
         identity = relay.identity
-        relay.hooks.send_upstream(b"".join((
-            context.transaction_messages(identity.tenant, server.process_id, identity.expires_at, identity.claims_json),
-            messages.message(b"B", portal + b"\0" + name + data[name_end:bind_end]),
-            data[bind_end:],
-        )))
-        queue.expect_context_group(self.plain_context, entry)
+        relay.hooks.send_upstream(
+            context.transaction_messages(identity.tenant, server.process_id, identity.expires_at, identity.claims_json) + data
+        )
+        queue.expect_context_group(self.plain_context, entry, parse)
         METRICS.context_sets += 1
         relay.sync_owed = False
         relay.describing = True
         self.context_reset = False
         self.group += 1
         return True
+
+    def _unnamed_parse(self, data: bytes, end: int, held: ServerStatements) -> Owed | None:
+        """The client's Parse of the unnamed statement opening a group the hot path takes (`data` up to
+        `end`): its text one the guard clears (`ALLOW`) that neither ends a transaction nor starts COPY IN.
+        Remembered as the general path does (`parse`); returns its entry, whose watcher settles the client's
+        and the server connection's unnamed statement by how it ended. None for a named Parse, or text the
+        general path must read (nothing changed then)."""
+        relay = self.relay
+        text_end = data.find(b"\0", 6, end)
+        if data[5] != 0 or text_end < 0:
+            return None
+        text = data[6:text_end]
+        if relay.decide(text) is not ALLOW or may_start_copy_in(text) or may_end_transaction(text):
+            return None
+        statement = statement_for(data[6:end], relay.settings.current.get("search_path", ""), ALLOW)
+        change = self.statements.change_sent(b"", self.group, statement, None)
+        self.statements.remember(b"", statement)
+        self.ending.discard(b"")
+        held.unnamed_sent(statement)
+        return Owed(Request.PARSE, Owner.CLIENT, b"", OwnRequest(self._client_unnamed_parsed(held, statement, change)), False)
 
     def session_ended(self) -> None:
         self.statements.session_ended()

@@ -144,7 +144,7 @@ class Owed:
     """One entry: the request, whose replies they are, and for REFUSED / ANSWERED the bytes to send."""
 
     __slots__ = ("request", "owner", "reply", "watcher", "rows", "failed", "in_copy", "ends", "continues", "extended",
-                 "group_end", "counts_as_client_group", "special")
+                 "group_end", "counts_as_client_group", "special", "whole")
 
     def __init__(self, request: Request, owner: Owner, reply: bytes, watcher: Watcher | None, rows: bool) -> None:
         self.request = request
@@ -168,6 +168,7 @@ class Owed:
         # whose errors go to the client as they are (a group naming a statement the proxy renamed does not).
         self.special = (owner is not Owner.CLIENT or (request is not Request.QUERY and request is not Request.SYNC_GROUP)
                         or watcher is not None or bool(reply))
+        self.whole = False  # special, but the whole-read path settles it all the same (`expect_context_group`)
 
     def client_group_end(self) -> bool:
         return self.counts_as_client_group
@@ -226,7 +227,9 @@ _CONTINUES = {
     Request.SYNC: frozenset(),
 }
 # Compared against for every read: bound once (see proxy.relay.enums).
-_CONTEXT, _DESCRIBE, _NO_COPY, _SYNC_GROUP_REQUEST = Request.CONTEXT, Request.DESCRIBE, CopyState.NONE, Request.SYNC_GROUP
+_CONTEXT, _DESCRIBE, _NO_COPY, _PARSE, _SYNC_GROUP_REQUEST = (Request.CONTEXT, Request.DESCRIBE, CopyState.NONE, Request.PARSE,
+                                                               Request.SYNC_GROUP)
+_PARSE_COMPLETE = messages.message(b"1")
 ABORTED = messages.error_response(
     "ERROR", errors.IN_FAILED_TRANSACTION,
     "current transaction is aborted, commands ignored until end of transaction block", routine="exec_simple_query",
@@ -250,7 +253,7 @@ class ReplyQueue:
         self._skipping = False  # the server skips to the next Sync, and none is owed yet
         self._skipped_client_group = False  # ... and it skipped a client Query or FunctionCall meanwhile
         self._rows = 0  # entries whose DataRows a watcher collects
-        self._renamed = 0  # special entries the whole-read path settles all the same: renamed client groups
+        self._whole = 0  # special entries the whole-read path settles all the same (`Owed.whole`)
         self.client_group_ends = 0  # client Queries, Syncs and FunctionCalls owed: the status is not known
         # The listener has ParameterStatus to send before the next ReadyForQuery, or hides some of the
         # client's: every ParameterStatus takes the full walk, where the listener decides.
@@ -312,17 +315,28 @@ class ReplyQueue:
         statements): one entry, shared, whose replies all go to the client, up to its ReadyForQuery. Only
         when the server is not skipping and the group cannot start COPY IN."""
         self.client_group_ends += 1
-        self.entries.append(_SYNC_GROUP)
+        self.entries.append(SYNC_GROUP)
 
-    def expect_context_group(self, context: Owed, group: Owed) -> None:
-        """The transaction-mode hot path of prepared statements: the proxy's context (`context`, an OWN
-        CONTEXT entry with no watcher, reused) and behind it a client's whole extended-query group
-        (`group`, a SYNC_GROUP entry whose errors name the client's statement, `reply`, reused), sent as
-        one write. Only when the server is not skipping, no COPY runs, and the group cannot start one."""
-        self._special += 2
-        self._renamed += 1
+    def expect_context_group(self, context: Owed, group: Owed, parse: Owed | None = None) -> None:
+        """The transaction-mode hot path of drivers' extended-query groups, sent as one write: the proxy's
+        context (`context`, an OWN CONTEXT entry with no watcher, reused), then maybe a client's Parse of
+        the unnamed statement (`parse`, a PARSE entry whose watcher is told how it ended), then the client's
+        whole group (`group`: the rest of it, a SYNC_GROUP entry; with `reply` when its errors name a
+        statement the proxy renamed). Only when the server is not skipping, no COPY runs, and the group
+        cannot start one. The whole-read path settles them all when the replies come whole."""
         self.client_group_ends += 1
-        self.entries.extend((context, group))
+        if parse is None:
+            self.entries.extend((context, group))
+        else:
+            parse.whole = True
+            self._special += 1
+            self._whole += 1
+            self.entries.extend((context, parse, group))
+        self._special += 1
+        if group.special:
+            group.whole = True
+            self._special += 1
+            self._whole += 1
 
     def idle(self) -> bool:
         """Nothing is owed: every request sent has been answered, and the server is not skipping to a
@@ -366,7 +380,7 @@ class ReplyQueue:
         entries = self.entries
         no_copy = self.copy is _NO_COPY
         if entries and no_copy and not self.parameters_pending and scanner.at_boundary():
-            special = self._special - self._renamed
+            special = self._special - self._whole
             if not special or (special == 1 and entries[0].request is _CONTEXT):
                 whole = self._whole_read(data, special)
                 if whole is not None:
@@ -389,18 +403,24 @@ class ReplyQueue:
         return b"".join(out)
 
     def _whole_read(self, data: bytes, context: int) -> bytes | None:
-        """The hot path: a read of whole messages answering client simple Queries (behind the proxy's
-        context, `context` = 1, whose four replies open the read), holding at most one ReadyForQuery and
-        no CopyInResponse or ParameterStatus. Settled with one header read per message; returns what
+        """The hot path: a read of whole messages answering client simple Queries or whole groups (behind
+        the proxy's context, `context` = 1, whose four replies open the read, and then maybe the
+        ParseComplete of a client's Parse of the unnamed statement), holding at most one ReadyForQuery and
+        no CopyInResponse, ParameterStatus or ErrorResponse. Settled with one header read per message; returns what
         goes to the client. None, with nothing changed, for any other read: the scanner's walk takes it."""
         unpack = _HEADER.unpack_from
         maximum = self.scanner.maximum
         end = len(data)
         pos = 0
+        parse = None
         if context:
             pos = _context_end(data)
             if pos < 0:
                 return None
+            if len(self.entries) > 1 and self.entries[1].request is _PARSE:  # the client's Parse (unnamed): ParseComplete next
+                if data[pos:pos + 5] != _PARSE_COMPLETE:
+                    return None
+                parse = self.entries[1]
         start = pos
         ready = -1
         while pos < end:
@@ -420,12 +440,17 @@ class ReplyQueue:
         if context:  # _context_completed, inlined on the hot path (no CopyData marker can follow: special was 1)
             entries.popleft()
             self._special -= 1
+            if parse is not None:
+                entries.popleft()
+                self._special -= 1
+                self._whole -= 1
+                parse.watcher.ended(Outcome.COMPLETED, None)  # type: ignore[union-attr]
         if ready >= 0:
             if not entries:
                 raise ProtocolViolation("server sent ReadyForQuery with nothing owed")
-            if entries.popleft().special:  # a renamed group
+            if entries.popleft().whole:  # a renamed group
                 self._special -= 1
-                self._renamed -= 1
+                self._whole -= 1
             self.client_group_ends -= 1
             self.status = data[ready + 5:ready + 6]
             self.listener.group_ended(self.status, False)
@@ -630,8 +655,8 @@ class ReplyQueue:
         entry = self.entries.popleft()
         if entry.special:
             self._special -= 1
-            if entry.request is _SYNC_GROUP_REQUEST:
-                self._renamed -= 1
+            if entry.whole:
+                self._whole -= 1
         self._rows -= entry.rows
         self.client_group_ends -= entry.client_group_end()
         if entry.watcher is not None:
@@ -766,7 +791,7 @@ def _renamed(raw: bytes, rename: bytes) -> bytes:
 
 
 _PLAIN_QUERY = Owed(Request.QUERY, Owner.CLIENT, b"", None, False)
-_SYNC_GROUP = Owed(Request.SYNC_GROUP, Owner.CLIENT, b"", None, False)
+SYNC_GROUP = Owed(Request.SYNC_GROUP, Owner.CLIENT, b"", None, False)  # shared: nothing in it changes
 
 
 class _NoListener:

@@ -336,3 +336,49 @@ def test_a_group_the_hot_path_cannot_take_goes_the_general_way(case: str) -> Non
     writes = b"".join(checked_out(pair, server, group))
     assert not writes.startswith(CONTEXT_FLOW)
     assert [entry.request for entry in server.queue.entries] != [Request.CONTEXT, Request.SYNC_GROUP]
+
+
+UNNAMED = messages.parse("", PREPARED_SQL) + messages.bind("", "", ["7"]) + messages.message(b"D", b"P\0") + messages.execute()
+SYNTAX_ERROR = messages.error_response("ERROR", errors.SYNTAX_ERROR, "syntax error at or near \"SELEC\"")
+
+
+@pytest.mark.parametrize("outcome", ["ran", "the Parse failed", "the Bind failed", "split reads"])
+def test_a_group_parsing_the_unnamed_statement_runs_in_one_write_behind_the_context(outcome: str) -> None:
+    """Parse of the unnamed statement, Bind, Describe, Execute, Sync (pg8000, psycopg, node-postgres): one
+    write, context first, the messages as they came. The client's unnamed statement and the server
+    connection's follow the Parse's outcome, as with the general path: there after a ParseComplete (a
+    later failure does not drop it), gone after the Parse failed."""
+    server = Server(101)
+    pair = prepared_on(server)
+    assert checked_out(pair, server, UNNAMED + messages.sync()) == [CONTEXT_FLOW + UNNAMED + messages.sync()]
+    assert [entry.request for entry in server.queue.entries] == [Request.CONTEXT, Request.PARSE, Request.SYNC_GROUP]
+    replies = {
+        "ran": PARSE_COMPLETE + RAN,
+        "the Parse failed": SYNTAX_ERROR + Z_IDLE,
+        "the Bind failed": PARSE_COMPLETE + ERROR + Z_IDLE,
+        "split reads": PARSE_COMPLETE + RAN,
+    }[outcome]
+    reads = [CONTEXT_SET + replies] if outcome != "split reads" else [CONTEXT_SET[:7], CONTEXT_SET[7:] + replies[:3], replies[3:]]
+    assert pair.server(*reads) == replies
+    assert pair.relay.server is None and server.queue.idle() and server.queue._special == server.queue._whole == 0
+    statements = pair.relay.mode.statements
+    assert not statements.unsettled
+    if outcome == "the Parse failed":
+        assert statements.unnamed is None and server.state.statements.unnamed is None
+    else:
+        assert statements.unnamed is not None and server.state.statements.unnamed is statements.unnamed
+    # the client binds its unnamed statement again, on another server connection: prepared again there
+    # when Postgres would still have it, or the Bind fails as in Postgres
+    other = Server(202)
+    writes = b"".join(checked_out(pair, other, messages.bind("", "", ["8"]) + messages.execute() + messages.sync()))
+    assert (messages.parse("", PREPARED_SQL) in writes) is (outcome != "the Parse failed")
+
+
+@pytest.mark.parametrize("text", ["SELECT set_config('app.tenant', 'globex', false)", "COMMIT", "COPY t FROM STDIN",
+                                  "SET search_path = x"])
+def test_a_group_parsing_text_the_relay_must_read_goes_the_general_way(text: str) -> None:
+    server = Server(101)
+    pair = prepared_on(server)
+    group = messages.parse("", text) + messages.bind("", "", []) + messages.execute() + messages.sync()
+    checked_out(pair, server, group)
+    assert [entry.request for entry in server.queue.entries][:2] != [Request.CONTEXT, Request.PARSE]

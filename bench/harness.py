@@ -417,6 +417,8 @@ def build_scenarios(bench: Bench, quick: bool, tenants: int = 64, pool: int = 8)
             Scenario("S2-ext", "pgbench -S -M extended, 16 clients", "TPS", proxy_pair, s2("extended")),
             Scenario("S2-prep", "pgbench -S -M prepared, 16 clients", "TPS", proxy_pair, s2("prepared")),
             Scenario("S3", f"transaction mode, pgbench -S, 64 clients over a pool of {pool}", "TPS", transaction_trio, s3("simple")),
+            Scenario("S3-ext", f"transaction mode, pgbench -S -M extended, 64 clients over a pool of {pool}", "TPS",
+                     transaction_trio, s3("extended")),
             Scenario("S3-prep", f"transaction mode, pgbench -S -M prepared, 64 clients over a pool of {pool} (PgBouncer"
                      " 1.18 cannot: it has no prepared statements in transaction mode)", "TPS",
                      ["direct", "proxy-tx"], s3("prepared")),
@@ -810,7 +812,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="server connections of the transaction-mode proxy and PgBouncer (S3, S8; default 8)")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--baseline", metavar="REV",
-                        help="also run S1, S3 and S10 on the proxy of git revision REV (targets proxy-base, proxy-tx-base)")
+                        help="also run S1, S2-ext, S2-prep, S3, S3-ext, S3-prep and S10 on the proxy of git revision REV"
+                             " (targets proxy-base, proxy-tx-base)")
     args = parser.parse_args(argv)
     args.runs = args.runs or 3
     duration = args.duration or (5.0 if args.quick else 12.0)
@@ -846,9 +849,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_proxy("proxy-tx-base", {"pool": {"mode": "transaction", "size": args.pool,
                                                          "max_client_connections": 20_000}}, checkout=baseline)
             for scenario in scenarios:
-                if scenario.name == "S1":
+                if scenario.name in ("S1", "S2-ext", "S2-prep"):
                     scenario.targets = [*scenario.targets, "proxy-base"]
-                elif scenario.name in ("S3", "S10"):
+                elif scenario.name in ("S3", "S3-ext", "S3-prep", "S10"):
                     scenario.targets = [*scenario.targets, "proxy-tx-base"]
         if args.only:
             wanted = set(args.only.split(","))

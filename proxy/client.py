@@ -301,8 +301,15 @@ class ClientConnection(asyncio.Protocol):
 
     def cancel_server(self) -> None:
         """The relay passes the client's cancel on to the server connection it holds."""
-        if self.backend is not None:
-            self.server.send_cancel(self.backend)
+        if self.backend is None:
+            self.server.cancel_settled(self)
+        else:
+            self.server.send_cancel(self.backend, self)
+
+    def cancel_dropped(self) -> None:
+        """The relay found nothing outstanding to cancel: nothing is sent, and the CancelRequests waiting
+        for this session are done (their connections close)."""
+        self.server.cancel_settled(self)
 
     def refused(self, refusal: Refusal) -> None:
         """The guard refused a statement: one audit event (never the statement's text)."""
@@ -329,9 +336,12 @@ class ClientConnection(asyncio.Protocol):
     def cancel(self) -> None:
         """A CancelRequest with this session's key (ProxyServer.cancel): the relay passes it to the server
         connection once the client's statement runs there (`Relay.cancel_requested`), also when the
-        statement still waits for a connection in transaction mode."""
+        statement still waits for a connection in transaction mode. Either way the relay says when it
+        was sent (`cancel_server`) or found nothing to cancel (`cancel_dropped`)."""
         if self.relay is not None and self.session.state is not _CLOSED:
             self._guarded(Relay.cancel_requested, self.relay)
+        else:
+            self.cancel_dropped()
 
     # -- ending ----------------------------------------------------------------------------------
 

@@ -259,7 +259,9 @@ class Login:
 
     def _auth_timed_out(self) -> None:
         self._timer = None
-        if self._counted is Counted.LOGGING_IN:
+        if self._session.state is State.CANCELLING:
+            self._client.terminated()  # a cancel not acted on by now: its connection closes (it has no reply)
+        elif self._counted is Counted.LOGGING_IN:
             self.refuse(errors.CANNOT_CONNECT_NOW, "authentication timed out")
 
     # -- startup -----------------------------------------------------------------------------------
@@ -278,7 +280,7 @@ class Login:
                 self._startup_packet(packet)
         elif state is State.AUTHENTICATING:
             self._password_data(data)
-        elif state is not State.CLOSED:
+        elif state is not State.CLOSED and state is not State.CANCELLING:  # after a CancelRequest nothing more is read
             self._exchange.hold(data, settings.max_auth_message)
 
     def _startup_packet(self, packet: messages.StartupPacket) -> None:
@@ -297,8 +299,10 @@ class Login:
                 self._session.move(Event.TLS_REQUESTED)
                 self._start(self._start_tls())
         elif isinstance(packet, messages.CancelRequest):
-            self._server.cancel(packet.process_id, packet.secret_key)
-            client.terminated()
+            # Open until the cancel was acted on (`ProxyServer.cancel`), as Postgres closes it only once it
+            # has signalled the backend; the login's deadline bounds the wait.
+            self._session.move(Event.CANCEL_REQUESTED)
+            self._server.cancel(packet.process_id, packet.secret_key, client.terminated)
         else:
             self._startup_message(packet)
 

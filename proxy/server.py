@@ -127,6 +127,8 @@ class ProxyServer:
         self.tenant_clients: dict[str, int] = {}  # greeted clients per tenant ([client] max_connections_per_tenant)
         self.statement_budget = StatementBudget(settings.client.max_total_prepared_statement_bytes)
         self._keys: dict[int, ClientConnection] = {}
+        # Per client, the `done` of each CancelRequest for it that the relay has neither sent nor dropped yet.
+        self._cancels_waiting: dict[ClientConnection, list[Callable[[], None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._client_ids = itertools.count(1)
         self.console = Console(self) if settings.admin.enabled else None  # the admin console, when [admin] is set
@@ -193,56 +195,83 @@ class ProxyServer:
             self.console.session_ended(client)
         if self._keys.get(client.process_id) is client:
             del self._keys[client.process_id]
+        self.cancel_settled(client)  # a session that ended has nothing left to cancel
         if self._drained is not None and not self.clients:
             self._drained.set()
 
-    def cancel(self, process_id: int, secret_key: int) -> None:
+    def cancel(self, process_id: int, secret_key: int, done: Callable[[], None]) -> None:
         """A CancelRequest with a matching minted key goes to that client (`ClientConnection.cancel`), or
-        to the worker that minted the key."""
+        to the worker that minted the key. `done` is called once the cancel was acted on: the upstream
+        server closed the connection that carried it (after signalling the backend), or there was
+        nothing to cancel. Only then is the CancelRequest's connection closed, as Postgres closes it:
+        a client that waits for that (libpq's PQcancel does) sends its next statement only when the
+        cancel can no longer land on it. Postgres 15 signals the backend twice (`kill(pid)`, then its
+        process group); closed earlier, the second signal could cancel the client's next statement."""
         worker = self.worker
         if worker is not None and process_id % worker.count != worker.index:
-            self._spawn(self._pass_cancel(worker.socket_path(process_id % worker.count), process_id, secret_key))
+            self._spawn(self._pass_cancel(worker.socket_path(process_id % worker.count), process_id, secret_key, done))
             return
         client = self._keys.get(process_id)
         if client is None or not hmac.compare_digest(
             client.secret_key.to_bytes(4, "big", signed=True), secret_key.to_bytes(4, "big", signed=True)
         ):
             log.info("cancel ignored: no session matches the key")
+            done()
             return
+        self._cancels_waiting.setdefault(client, []).append(done)
         client.cancel()
 
-    def send_cancel(self, backend: BackendConnection) -> None:
-        """Send a CancelRequest for what `backend` runs (a client's cancel, passed on by its relay)."""
+    def send_cancel(self, backend: BackendConnection, client: ClientConnection) -> None:
+        """Send a CancelRequest for what `backend` runs (`client`'s cancel, passed on by its relay); the
+        CancelRequests waiting for it are done when the server has acted on it."""
         # Counted now, not when the task starts: a ReadyForQuery read in between would otherwise release
         # the connection to another client, whose statement the cancel would then hit.
         backend.cancels_in_flight += 1
-        self._spawn(self._send_cancel(backend))
+        self._spawn(self._send_cancel(backend, self._cancels_waiting.pop(client, [])))
+
+    def cancel_settled(self, client: ClientConnection) -> None:
+        """The CancelRequests waiting for `client` are done: its relay found nothing to cancel, or the
+        session ended."""
+        for done in self._cancels_waiting.pop(client, []):
+            done()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _pass_cancel(self, path: str, process_id: int, secret_key: int) -> None:
-        """Hand a CancelRequest to the worker that minted its key."""
+    async def _pass_cancel(self, path: str, process_id: int, secret_key: int, done: Callable[[], None]) -> None:
+        """Hand a CancelRequest to the worker that minted its key, and call `done` when that worker has
+        closed the connection (it has acted on the cancel), at the latest after `[client]
+        startup_timeout_seconds` (the longest that worker keeps it open)."""
         try:
-            _, writer = await asyncio.open_unix_connection(path)
-            writer.write(messages.cancel_request(process_id, secret_key))
-            await writer.drain()
-            writer.close()
+            async with asyncio.timeout(self.settings.client.startup_timeout_seconds):
+                reader, writer = await asyncio.open_unix_connection(path)
+                try:
+                    writer.write(messages.cancel_request(process_id, secret_key))
+                    await writer.drain()
+                    await reader.read()
+                finally:
+                    writer.close()
+        except TimeoutError:
+            log.warning("cancel passed to worker socket %s not acted on in time", path)
         except OSError as exc:
             log.warning("cancel could not reach worker socket %s: %s", path, exc)
+        finally:
+            done()
 
-    async def _send_cancel(self, backend: BackendConnection) -> None:
+    async def _send_cancel(self, backend: BackendConnection, waiting: list[Callable[[], None]]) -> None:
         """Cancel what `backend` runs (the caller counted it in `cancels_in_flight`); until the server has
         acted on it the connection is not reused (`BackendConnection.reusable`): the pool closes it rather
-        than give a late cancel to another client."""
+        than give a late cancel to another client. Then the CancelRequests `waiting` for it are done."""
         try:
             await send_cancel(self.settings.upstream, backend.process_id, backend.secret_key)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cancel could not reach the upstream server: %s", exc)
         finally:
             backend.cancels_in_flight -= 1
+            for done in waiting:
+                done()
 
     def shutdown(self) -> None:
         """Close every client connection with 57P01, as a server shutting down does."""

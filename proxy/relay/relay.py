@@ -152,6 +152,8 @@ class Hooks(Protocol):
 
     def cancel_server(self) -> None: ...
 
+    def cancel_dropped(self) -> None: ...
+
     def server_ended(self) -> None: ...
 
 
@@ -377,9 +379,11 @@ class Relay:
         """The client sent a CancelRequest ("Canceling Requests in Progress"): what it sent last is
         cancelled on the server connection, now or, when it still waits for one (transaction mode) or
         behind a group of the proxy's own, once it goes there (`hooks.cancel_server`). A client with
-        nothing outstanding cancels nothing, as a direct session that is idle."""
+        nothing outstanding cancels nothing, as a direct session that is idle (`hooks.cancel_dropped`,
+        now or once what it waited behind ended the client's statement)."""
         if self.server is None and not self.held:
-            return  # between transactions, holding no server connection
+            self.hooks.cancel_dropped()  # between transactions, holding no server connection
+            return
         self.cancel_wanted = True
         self._cancel_due()
 
@@ -398,6 +402,7 @@ class Relay:
         else:
             if not self.held:
                 self.cancel_wanted = False  # nothing outstanding any more
+                self.hooks.cancel_dropped()
             return
         self.cancel_wanted = False
         self.hooks.cancel_server()

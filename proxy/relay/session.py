@@ -2,6 +2,7 @@
 state goes through `SessionState.move`, and this file holds the whole table.
 
     STARTUP --TLS_REQUESTED--> TLS_HANDSHAKE --TLS_DONE--> STARTUP
+    STARTUP --CANCEL_REQUESTED--> CANCELLING (open until the cancel was acted on, then closed)
     STARTUP --STARTUP_ACCEPTED--> AUTHENTICATING --PASSWORD_RECEIVED--> VERIFYING
     VERIFYING --LOGGED_IN--> IDLE          (no server connection held)
     VERIFYING --SERVER_GRANTED--> PREPARING (the first client of a pool: context / settings at login)
@@ -22,6 +23,7 @@ from proxy.relay.enums import HotEnum
 class State(HotEnum):
     STARTUP = "startup"  # waiting for SSLRequest / CancelRequest / StartupMessage
     TLS_HANDSHAKE = "tls handshake"
+    CANCELLING = "cancelling"  # a CancelRequest was read; the connection closes once the cancel was acted on
     AUTHENTICATING = "authenticating"  # waiting for the PasswordMessage carrying the token
     VERIFYING = "verifying"  # token being verified (and, for the first client of a pool, a server set up)
     IDLE = "idle"  # logged in, holding no server connection
@@ -34,6 +36,7 @@ class State(HotEnum):
 class Event(HotEnum):
     TLS_REQUESTED = "tls requested"
     TLS_DONE = "tls done"
+    CANCEL_REQUESTED = "cancel requested"
     STARTUP_ACCEPTED = "startup accepted"
     PASSWORD_RECEIVED = "password received"
     LOGGED_IN = "logged in"
@@ -48,6 +51,7 @@ class Event(HotEnum):
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.STARTUP, Event.TLS_REQUESTED): State.TLS_HANDSHAKE,
     (State.TLS_HANDSHAKE, Event.TLS_DONE): State.STARTUP,
+    (State.STARTUP, Event.CANCEL_REQUESTED): State.CANCELLING,
     (State.STARTUP, Event.STARTUP_ACCEPTED): State.AUTHENTICATING,
     (State.AUTHENTICATING, Event.PASSWORD_RECEIVED): State.VERIFYING,
     (State.VERIFYING, Event.LOGGED_IN): State.IDLE,

@@ -68,6 +68,9 @@ class Hooks:
     def cancel_server(self) -> None:
         self.events.append("cancel_server")
 
+    def cancel_dropped(self) -> None:
+        self.events.append("cancel_dropped")
+
     def server_ended(self) -> None:
         self.events.append("server_ended")
 

@@ -251,8 +251,9 @@ def test_a_cancel_counts_against_the_connection_before_its_task_runs() -> None:
     pool, loop = new_pool(kind=TransactionPool)
     backend = pooled_backend(pool, loop)
     spawned: list[Any] = []
-    server = SimpleNamespace(_spawn=spawned.append, _send_cancel=lambda target: ("send cancel to", target))
-    ProxyServer.send_cancel(server, backend)  # type: ignore[arg-type]
+    server = SimpleNamespace(_spawn=spawned.append, _cancels_waiting={},
+                             _send_cancel=lambda target, waiting: ("send cancel to", target))
+    ProxyServer.send_cancel(server, backend, object())  # type: ignore[arg-type]
     assert spawned == [("send cancel to", backend)]  # not started yet
     pool.release(backend)
     assert backend.lifecycle is Lifecycle.CLOSED

@@ -455,7 +455,7 @@ def test_a_cancel_with_nothing_outstanding_cancels_nothing() -> None:
     pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE)
     assert pair.hooks.events[-1] == "release_server"
     pair.relay.cancel_requested()
-    assert "cancel_server" not in pair.hooks.events
+    assert pair.hooks.events[-1] == "cancel_dropped"  # its CancelRequest's connection may close now
     assert checked_out(pair, server, SELECT_1) == [context(server) + SELECT_1]  # a later statement is not cancelled
     assert "cancel_server" not in pair.hooks.events
 
@@ -614,6 +614,22 @@ def test_session_mode_attach_at_login_with_nothing_held() -> None:
     pair.server(SESSION_CONTEXT_SET)
     assert pair.hooks.events == ["prepared"]
     assert pair.client(SELECT_1) == [SELECT_1]
+
+
+def test_session_mode_a_cancel_goes_while_the_statement_runs_and_is_dropped_after_it() -> None:
+    """Each cancel ends in one of `cancel_server` (sent: its CancelRequest's connection closes once the
+    server has acted on it) and `cancel_dropped` (nothing to cancel: it closes now)."""
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    assert pair.client(SELECT_1) == [SELECT_1]
+    pair.relay.cancel_requested()
+    assert pair.hooks.events[-1] == "cancel_server"
+    cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
+    assert pair.server(cancelled + Z_IDLE) == cancelled + Z_IDLE
+    pair.relay.cancel_requested()
+    assert pair.hooks.events[-1] == "cancel_dropped"
+    assert pair.hooks.events.count("cancel_server") == 1 and pair.hooks.events.count("cancel_dropped") == 1
 
 
 def test_session_mode_reasserts_the_context_after_reset_all() -> None:

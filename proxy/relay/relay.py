@@ -532,26 +532,25 @@ class Relay:
         return lone >= 0
 
     def group_cleared(self, data: bytes, starts: list[int]) -> bool:
-        """The messages of a whole extended-query group (`starts`: where each starts, its Sync last, from
-        `MessageScanner.sync_group`) name no statement or portal of the proxy's, and each Parse's text is
-        one the guard clears (`ALLOW`) that cannot start COPY IN: the group may go upstream as it came.
-        False too for a name or text not ended within its message (the general path reports it)."""
-        try:
-            for start, end in zip(starts, starts[1:]):
-                code = data[start]
-                first = start + 6 if code == 68 else start + 5  # 'D': the kind, then the name
-                name_end = data.index(b"\0", first, end)
-                if data.startswith(PREFIX, first, name_end):  # Parse's statement, Bind's or Execute's portal, Describe's
-                    return False
-                if code == 66:  # 'B': the statement follows the portal
-                    if data.startswith(PREFIX, name_end + 1, data.index(b"\0", name_end + 1, end)):
-                        return False
-                elif code == 80:  # 'P'
-                    text = data[name_end + 1:data.index(b"\0", name_end + 1, end)]
-                    if self.decide(text) is not ALLOW or may_start_copy_in(text):
-                        return False
-        except ValueError:  # no NUL within the message
+        """A whole extended-query group (`starts`: where each message starts, its Sync last, from
+        `MessageScanner.sync_group`) may go upstream as it came: nothing in it holds the prefix of the
+        proxy's names (so no statement or portal of the proxy's is named; the prefix anywhere, even in a
+        parameter, sends it the general way), and each Parse's text is one the guard clears (`ALLOW`)
+        that cannot start COPY IN. False too for a Parse whose name or text does not end within it."""
+        if data.find(PREFIX) >= 0:
             return False
+        for index in range(len(starts) - 1):
+            start = starts[index]
+            if data[start] != 80:  # 'P'
+                continue
+            end = starts[index + 1]
+            name_end = data.find(b"\0", start + 5, end)
+            text_end = data.find(b"\0", name_end + 1, end)
+            if name_end < 0 or text_end < 0:
+                return False
+            text = data[name_end + 1:text_end]
+            if self.decide(text) is not ALLOW or may_start_copy_in(text):
+                return False
         return True
 
     def _hold(self, segments: Iterable[Segment]) -> None:

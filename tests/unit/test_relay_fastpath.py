@@ -214,7 +214,9 @@ GROUPS = {
     "a portal name of the proxy's": (messages.bind("pg_tenant_proxy_x", "s", []) + messages.execute("pg_tenant_proxy_x"),
                                      ERROR, False),
     "a describe of the proxy's": (messages.message(b"D", b"Spg_tenant_proxy_context\0"), ERROR, False),
-    "a name not ended in its message": (messages.message(b"E", b"portal"), ERROR, False),
+    "the prefix in a parameter": (messages.bind("", "s", ["pg_tenant_proxy_x"]) + messages.execute(""),
+                                  BIND_COMPLETE + EXECUTED, False),
+    "a Parse whose text does not end in it": (messages.message(b"P", b"\0SELECT 1") + messages.execute(""), ERROR, False),
 }
 
 
@@ -239,6 +241,18 @@ def test_a_group_in_one_read_is_relayed_as_its_messages_one_read_each(name: str)
         results.append((upstream, answered, server.queue.idle(), pair.relay.mid_group, [r.sqlstate for r in pair.hooks.refusals],
                         pair.hooks.failures, pair.relay.mode.reassert_due, pair.relay.sync_owed))
     assert results[0] == results[1]
+
+
+def test_a_malformed_message_in_a_group_sent_as_it_came_is_refused_by_the_server() -> None:
+    """Session mode: an Execute whose portal name does not end within it goes upstream with its group, and
+    the server answers it as directly, ERROR 08P01 "invalid string in message" and ReadyForQuery; the
+    session goes on (alone in its read, the general path ends the session with 08P01)."""
+    pair, server = session_relay()
+    group = messages.message(b"E", b"portal") + messages.sync()
+    assert pair.client(group) == [group]
+    invalid = messages.error_response("ERROR", errors.PROTOCOL_VIOLATION, "invalid string in message")
+    assert pair.server(invalid + Z_IDLE) == invalid + Z_IDLE
+    assert server.queue.idle() and pair.hooks.failures == []
 
 
 def _messages(stream: bytes) -> list[bytes]:

@@ -231,7 +231,7 @@ class Relay:
         "hooks", "serial", "guard", "context", "identity", "settings", "scanner", "server", "queue", "held",
         "held_bytes", "preparing", "mid_group", "sync_owed", "describing", "client_view", "_pending_parameters",
         "_hidden_parameters", "terminated", "transactions_ended", "skip_group", "copy_input", "copy_syncs",
-        "follow_ups_wait", "copying", "group_may_copy", "cancel_wanted", "mode", "pooled", "_out",
+        "follow_ups_wait", "copying", "group_may_copy", "cancel_wanted", "mode", "pooled", "_out", "_held_group_read",
     )
 
     def __init__(
@@ -257,6 +257,10 @@ class Relay:
         self.queue: ReplyQueue | None = None
         self.held: deque[Segment] = deque()
         self.held_bytes = 0
+        # `held` was exactly one read that is one whole extended-query group: that read, where its messages
+        # start (`MessageScanner.sync_group`), and its first message (while `held` still opens with it and
+        # holds as many, it is that read), for the hot path when a server connection comes
+        self._held_group_read: tuple[bytes, list[int], Segment] | None = None
         self.preparing = False  # the proxy's own exchange runs before the client's messages
         self.mid_group = False  # extended-query messages sent since the last Sync
         # The client's extended-query group is open although a Sync of the proxy's closed it upstream
@@ -517,7 +521,12 @@ class Relay:
             if not self.preparing:
                 self.hooks.need_server()  # an idle server connection is attached at once when there is one
         if self.server is None or self.held or self.preparing:
-            self._hold((Message(b"Q", data),) if lone == 81 else self.scanner.scan(data))
+            starts = self.scanner.sync_group(data) if lone < 0 and not self.held else None
+            if starts is None:
+                self._hold((Message(b"Q", data),) if lone == 81 else self.scanner.scan(data))
+            else:  # cut where the scanner found the messages (it stays at the boundary it was at)
+                self._hold([Message(data[start:start + 1], data[start:end]) for start, end in zip(starts, [*starts[1:], len(data)])])
+                self._held_group_read = (data, starts, self.held[0])
         elif lone == 81:  # 'Q': the common read, one whole simple Query
             if self.mode.plain_query(data):
                 METRICS.queries += 1
@@ -554,6 +563,7 @@ class Relay:
         return True
 
     def _hold(self, segments: Iterable[Segment]) -> None:
+        self._held_group_read = None
         for segment in segments:
             self.held.append(segment)
             self.held_bytes += len(segment.raw) if type(segment) is Message else len(segment)  # type: ignore[union-attr,arg-type]
@@ -585,6 +595,9 @@ class Relay:
         """`held` is one whole extended-query group (what a transaction-mode client that waited for its
         checkout sent in one read, as drivers send a prepared statement): it takes the mode's hot path if
         it can (`sync_group`), with nothing cut again."""
+        read, self._held_group_read = self._held_group_read, None
+        if read is not None and held[0] is read[2] and len(held) == len(read[1]):
+            return self.mode.sync_group(read[0], read[1])
         last = held[-1]
         if type(last) is not Message or last.type != b"S":  # type: ignore[union-attr]
             return False

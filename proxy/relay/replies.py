@@ -404,8 +404,9 @@ class ReplyQueue:
 
     def _whole_read(self, data: bytes, context: int) -> bytes | None:
         """The hot path: a read of whole messages answering client simple Queries or whole groups (behind
-        the proxy's context, `context` = 1, whose four replies open the read, and then maybe the
-        ParseComplete of a client's Parse of the unnamed statement), holding at most one ReadyForQuery and
+        the proxy's context, `context` = 1, whose four replies open the read), the ParseComplete of a
+        client's Parse of the unnamed statement next when one is owed there (behind the context, or at the
+        head when the context's replies came in a read of their own), holding at most one ReadyForQuery and
         no CopyInResponse, ParameterStatus or ErrorResponse. Settled with one header read per message; returns what
         goes to the client. None, with nothing changed, for any other read: the scanner's walk takes it."""
         unpack = _HEADER.unpack_from
@@ -413,14 +414,15 @@ class ReplyQueue:
         end = len(data)
         pos = 0
         parse = None
+        entries = self.entries
         if context:
             pos = _context_end(data)
             if pos < 0:
                 return None
-            if len(self.entries) > 1 and self.entries[1].request is _PARSE:  # the client's Parse (unnamed): ParseComplete next
-                if data[pos:pos + 5] != _PARSE_COMPLETE:
-                    return None
-                parse = self.entries[1]
+        if len(entries) > context and entries[context].request is _PARSE:
+            if data[pos:pos + 5] != _PARSE_COMPLETE:
+                return None
+            parse = entries[context]
         start = pos
         ready = -1
         while pos < end:
@@ -436,15 +438,14 @@ class ReplyQueue:
             pos += 1 + length
         if pos != end:
             return None
-        entries = self.entries
         if context:  # _context_completed, inlined on the hot path (no CopyData marker can follow: special was 1)
             entries.popleft()
             self._special -= 1
-            if parse is not None:
-                entries.popleft()
-                self._special -= 1
-                self._whole -= 1
-                parse.watcher.ended(Outcome.COMPLETED, None)  # type: ignore[union-attr]
+        if parse is not None:
+            entries.popleft()
+            self._special -= 1
+            self._whole -= 1
+            parse.watcher.ended(Outcome.COMPLETED, None)  # type: ignore[union-attr]
         if ready >= 0:
             if not entries:
                 raise ProtocolViolation("server sent ReadyForQuery with nothing owed")

@@ -396,3 +396,43 @@ def test_a_group_parsing_text_the_relay_must_read_goes_the_general_way(text: str
     group = messages.parse("", text) + messages.bind("", "", []) + messages.execute() + messages.sync()
     checked_out(pair, server, group)
     assert [entry.request for entry in server.queue.entries][:2] != [Request.CONTEXT, Request.PARSE]
+
+
+CONTEXT_GROUPS = {
+    "unnamed, ran": (UNNAMED + messages.sync(), PARSE_COMPLETE + RAN),
+    "unnamed, the Parse failed": (UNNAMED + messages.sync(), SYNTAX_ERROR + Z_IDLE),
+    "unnamed, the Bind failed": (UNNAMED + messages.sync(), PARSE_COMPLETE + ERROR + Z_IDLE),
+    "unnamed, suspended": (UNNAMED + messages.sync(), PARSE_COMPLETE + BIND_COMPLETE + row_description() + data_row(b"1")
+                           + SUSPENDED + Z_IDLE),
+    "named, ran": (RUN_S1, RAN),
+    "named, the Bind failed": (RUN_S1, messages.error_response("ERROR", errors.PROTOCOL_VIOLATION,
+                                                               f'prepared statement "{PREPARED_NAME.decode()}" requires 2') + Z_IDLE),
+}
+RENAMED = {"named, the Bind failed": messages.error_response("ERROR", errors.PROTOCOL_VIOLATION, 'prepared statement "s1" requires 2')
+           + Z_IDLE}
+
+
+def _context_group_settled(group: bytes, reads: list[bytes]) -> tuple[object, ...]:
+    server = Server(101)
+    pair = prepared_on(server)
+    assert checked_out(pair, server, group)[0].startswith(CONTEXT_FLOW)
+    out = pair.server(*reads)
+    queue, statements = server.queue, pair.relay.mode.statements
+    return (out, pair.relay.server is None, queue.idle(), queue.client_group_ends, queue._special, queue._whole,
+            statements.unnamed, dict(statements.unsettled), server.state.statements.unnamed)
+
+
+@pytest.mark.parametrize("name", list(CONTEXT_GROUPS))
+def test_every_cut_of_a_context_groups_replies_settles_as_byte_by_byte(name: str) -> None:
+    """Transaction mode, a group in one write behind the context (`TransactionMode.sync_group`): its replies
+    cut in two at every byte settle as they do one byte a read. The cut right behind the context's four
+    replies (the server flushes there when they fill its 8 KiB send buffer: claims of about 8 KB) left the
+    client's Parse at the head, and the whole-read path took the group's ReadyForQuery for it: the group's
+    entry stayed owed, the server connection was never released, and the client's next statement ended
+    the session with XX000 "lost track of the upstream server's replies"."""
+    group, replies = CONTEXT_GROUPS[name]
+    stream = CONTEXT_SET + replies
+    byte_by_byte = _context_group_settled(group, [stream[i:i + 1] for i in range(len(stream))])
+    assert byte_by_byte[:6] == (RENAMED.get(name, replies), True, True, 0, 0, 0)
+    for cut in range(1, len(stream)):
+        assert _context_group_settled(group, [stream[:cut], stream[cut:]]) == byte_by_byte, cut

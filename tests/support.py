@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from proxy.demo import LEADS, TENANTS, TenantDatabase, wait_for_port, write_config
 from proxy.embedded import EmbeddedPostgres, free_port
 from proxy.protocol import messages
@@ -190,3 +192,19 @@ def login(client: RawClient, token: str) -> None:
     client.send(messages.password_message(token))
     items = client.read_until(b"Z")
     assert items[-1] == (b"Z", b"I"), items
+
+
+def pool_mode_fixtures(modes: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
+    """For a test module that runs each test in every pool mode: the `mode` fixture (one run per key of
+    `modes`) and the `pooled` fixture (a proxy started with that key's settings, per test)."""
+
+    @pytest.fixture(params=list(modes))
+    def mode(request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
+    @pytest.fixture
+    def pooled(mode: str, make_proxy: Any) -> ProxyProcess:
+        proxy: ProxyProcess = make_proxy(modes[mode])
+        return proxy
+
+    return mode, pooled

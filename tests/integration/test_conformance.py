@@ -24,21 +24,12 @@ from differential import Reply, Wire, assert_same, close, connect_direct, connec
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
-from support import ACME, GLOBEX, ProxyProcess
+from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures
 
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 1}}}
 CLIENTS = Path(__file__).parent / "clients"
 
-
-@pytest.fixture(params=list(MODES))
-def mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def pooled(mode: str, make_proxy: Any) -> ProxyProcess:
-    proxy: ProxyProcess = make_proxy(MODES[mode])
-    return proxy
+mode, pooled = pool_mode_fixtures(MODES)
 
 
 class Direct:

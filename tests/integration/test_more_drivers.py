@@ -27,7 +27,7 @@ import pytest
 
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, GLOBEX, ProxyProcess, unprotected_table
+from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures, unprotected_table
 
 CLIENTS = Path(__file__).parent / "clients"
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
@@ -36,16 +36,7 @@ LISTEN_REFUSED = {
     "transaction": ("0A000", "LISTEN is not available with transaction pooling: the server connection is shared after each transaction"),
 }
 
-
-@pytest.fixture(params=list(MODES))
-def mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def pooled(mode: str, make_proxy: Any) -> ProxyProcess:
-    proxy: ProxyProcess = make_proxy(MODES[mode])
-    return proxy
+mode, pooled = pool_mode_fixtures(MODES)
 
 
 @pytest.fixture(scope="module")

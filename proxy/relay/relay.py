@@ -67,6 +67,7 @@ from proxy.relay.statements import (
     Statement,
     StatementBudget,
     statement_for,
+    unnamed_statement,
 )
 
 if TYPE_CHECKING:
@@ -1512,7 +1513,8 @@ class TransactionMode:
             return True
         assert relay.server is not None
         server = relay.server.state.statements
-        statement = statement_for(definition, relay.settings.current.get("search_path", ""), decision)
+        statement = (statement_for(definition, relay.settings.current.get("search_path", ""), decision) if name
+                     else unnamed_statement(definition, decision))
         # As in Postgres, a failed Parse creates nothing, and one of the unnamed statement drops the old one
         # before it parses.
         change = self.statements.change_sent(name, self.group, statement, UNCHANGED if name else None)
@@ -2117,7 +2119,7 @@ class TransactionMode:
         text = data[6:text_end]
         if relay.decide(text) is not ALLOW or may_start_copy_in(text) or may_end_transaction(text):
             return None
-        statement = statement_for(data[6:end], relay.settings.current.get("search_path", ""), ALLOW)
+        statement = unnamed_statement(data[6:end], ALLOW)
         change = self.statements.change_sent(b"", self.group, statement, None)
         self.statements.remember(b"", statement)
         self.ending.discard(b"")

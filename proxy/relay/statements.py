@@ -71,8 +71,15 @@ class Statement:
 
 
 def statement_for(definition: bytes, search_path: str, decision: Decision) -> Statement:
+    """A client's named statement, named on the server after a digest of its definition and the search_path."""
     digest = hashlib.sha256(definition + b"\0" + search_path.encode()).hexdigest()[:32]
     return Statement(PREFIX + digest.encode(), definition, decision)
+
+
+def unnamed_statement(definition: bytes, decision: Decision) -> Statement:
+    """A client's unnamed statement: prepared on a server connection as its unnamed statement (again where
+    needed), so it has no server-side name."""
+    return Statement(b"", definition, decision)
 
 
 _FIELD_TAIL = struct.Struct("!IhIhih")  # table oid, column number, type oid, type size, type modifier, format code

@@ -1,12 +1,13 @@
 """A worker's SIGHUP before it serves: held blocked from the fork, taken once by serve() (take_held_sighup),
 and not seen a second time by the event loop's handler. In this process, with its signal mask and SIGHUP
-handler put back afterwards."""
+handler put back afterwards. The signals go to this thread only (pthread_kill): sent to the process, one
+could reach a thread another test left running, where SIGHUP is not blocked and ends the test run."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
+import threading
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_a_sighup_that_came_before_the_worker_served_reloads_it_once() -> None:
 
     async def worker() -> None:
         loop = asyncio.get_running_loop()
-        os.kill(os.getpid(), signal.SIGHUP)  # forwarded by the supervisor before serve() installs its handler
+        signal.pthread_kill(threading.get_ident(), signal.SIGHUP)  # forwarded by the supervisor before serve()
         reloaded = asyncio.Event()
 
         def reload(source: str) -> None:
@@ -36,7 +37,7 @@ def test_a_sighup_that_came_before_the_worker_served_reloads_it_once() -> None:
         if take_held_sighup():
             reloads.append("held")
         assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
-        os.kill(os.getpid(), signal.SIGHUP)  # the next one: the loop's handler's first
+        signal.pthread_kill(threading.get_ident(), signal.SIGHUP)  # the next one: the loop's handler's first
         await asyncio.wait_for(reloaded.wait(), 10)
 
     loop = uvloop.new_event_loop()

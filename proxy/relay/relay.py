@@ -796,10 +796,13 @@ class Relay:
             self._out = []
             self.hooks.send_upstream(data)
 
-    def refuse_group(self, refusal: Refusal) -> None:
-        """Refuse a Query or FunctionCall: a Query that fails on the server takes its place."""
+    def refuse_group(self, refusal: Refusal, watcher: Watcher | None = None) -> None:
+        """Refuse a Query or FunctionCall: a Query that fails on the server takes its place (`watcher` is
+        told how it ended). Being a simple Query, it drops the server connection's unnamed statement."""
         self.hooks.refused(refusal)
-        self.send(messages.query(_MARKER), Request.QUERY, Owner.REFUSED, reply=refusal_error(refusal))
+        assert self.server is not None
+        self.server.state.statements.unnamed = None
+        self.send(messages.query(_MARKER), Request.QUERY, Owner.REFUSED, reply=refusal_error(refusal), watcher=watcher)
         self.mode.group_sent()
 
     def refuse_extended(self, refusal: Refusal) -> None:
@@ -1282,8 +1285,9 @@ class TransactionMode:
         if state.settings != wanted:
             stale = [name for name in state.settings if name not in wanted]
             changed = {name: value for name, value in wanted.items() if state.settings.get(name) != value}
-            if stale:
+            if stale:  # a simple Query: it drops the server connection's unnamed statement
                 relay.own(reset_query(stale), Request.QUERY, OwnRequest(self._prelude_ended))
+                state.statements.unnamed = None
             if changed:
                 self._own_statement(APPLY_STATEMENT, APPLY_SQL)
                 relay.own(apply_bind(changed), Request.BIND, OwnRequest(self._prelude_ended))
@@ -1350,8 +1354,9 @@ class TransactionMode:
     def query(self, message: Message) -> bool:
         relay = self.relay
         decision = relay.decide(message.body[:-1])
-        if decision.refusal is not None:
-            relay.refuse_group(decision.refusal)
+        if decision.refusal is not None:  # directly, the Query would have dropped the unnamed statement all the same
+            dropped = self._unnamed_dropped()
+            relay.refuse_group(decision.refusal, None if dropped is None else OwnRequest(dropped.ended))
             return True
         if decision.deallocates and any(self._settling(name.encode()[:NAME_BYTES]) for name in decision.deallocates):
             return False
@@ -1362,10 +1367,7 @@ class TransactionMode:
             return True
         if not self._context(decision):
             return False
-        dropped = None  # a simple Query drops the unnamed statement, whether it fails or not
-        if self.statements.unnamed is not None or b"" in self.statements.unsettled:
-            dropped = self.statements.change_sent(b"", self.group, None, None)
-            self.statements.unnamed = None
+        dropped = self._unnamed_dropped()
         assert relay.server is not None
         relay.server.state.statements.unnamed = None
         effects = self._effects(decision)
@@ -1381,6 +1383,15 @@ class TransactionMode:
         self._close_stand_ins(group_end=True)
         self.group_sent()
         return True
+
+    def _unnamed_dropped(self) -> Change | None:
+        """A simple Query of the client's goes upstream: it drops the client's unnamed statement, whether it
+        fails or not (unless skipped in an error window); the change, when there is one to settle."""
+        if self.statements.unnamed is None and b"" not in self.statements.unsettled:
+            return None
+        dropped = self.statements.change_sent(b"", self.group, None, None)
+        self.statements.unnamed = None
+        return dropped
 
     @staticmethod
     def _query_ended(dropped: Change, effects: OwnRequest | None) -> Callable[[Outcome, dict[str, str] | None], None]:

@@ -915,6 +915,46 @@ def test_simple_query_drops_the_unnamed_statement() -> None:
     assert checked_out(pair, server, bind + messages.sync()) == [bind + messages.sync()]
 
 
+def test_a_refused_query_drops_the_server_connections_unnamed_statement() -> None:
+    """The Query the proxy sends in place of a refused one drops the server connection's unnamed statement:
+    another client's, parsed there before, is prepared again when that client binds it there."""
+    pair, other, server = RelayPair(), RelayPair(), Server(101)
+    parse = messages.parse("", "SELECT $1::text")
+    checked_out(pair, server, parse + messages.sync())
+    pair.server(PARSE_COMPLETE + Z_IDLE)
+    checked_out(other, server, messages.query("SET ROLE postgres"))
+    other.server(messages.error_response("ERROR", errors.SYNTAX_ERROR, "refused") + Z_IDLE)
+    bind = messages.bind("", "", ["x"])
+    (write,) = checked_out(pair, server, bind + messages.execute() + messages.sync())
+    assert write.startswith(parse + bind)
+
+
+def test_settings_reset_at_checkout_drop_the_server_connections_unnamed_statement() -> None:
+    """The RESET of settings another client left (`_apply`) is a simple Query, which drops the server
+    connection's unnamed statement: the client's, parsed there before, is prepared again behind it (found
+    under load: pg8000's Describe and Bind of its unnamed statement got 26000)."""
+    pair, server = RelayPair(), Server(101)
+    parse = messages.parse("", "SELECT $1::text")
+    checked_out(pair, server, parse + messages.sync())
+    pair.server(PARSE_COMPLETE + Z_IDLE)
+    server.state.settings = {"search_path": "other"}  # another client's, applied since
+    bind = messages.bind("", "", ["x"])
+    (write,) = checked_out(pair, server, bind + messages.execute() + messages.sync())
+    assert write.startswith(messages.query('RESET "search_path"') + parse + bind)
+
+
+def test_a_refused_query_drops_the_clients_unnamed_statement() -> None:
+    """Directly, the refused Query would have dropped the client's unnamed statement: a Bind of it after the
+    refusal fails on the server with 26000, and the proxy prepares nothing in its place."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("", "SELECT $1::text") + messages.sync())
+    pair.server(PARSE_COMPLETE + Z_IDLE)
+    checked_out(pair, server, messages.query("SET ROLE postgres"))
+    pair.server(messages.error_response("ERROR", errors.SYNTAX_ERROR, "refused") + Z_IDLE)
+    bind = messages.bind("", "", ["x"])
+    assert checked_out(pair, server, bind + messages.sync()) == [bind + messages.sync()]
+
+
 @pytest.mark.parametrize(("before", "outcome", "after", "failed_itself", "aborted_block"), [
     (b"T", Outcome.FAILED, b"E", True, True),  # the proxy's own request aborted the client's block
     (b"E", Outcome.FAILED, b"E", False, False),  # the block had failed already (25P02, or 26000 from a Bind)

@@ -1361,8 +1361,10 @@ class TransactionMode:
         if decision.deallocates and any(self._settling(name.encode()[:NAME_BYTES]) for name in decision.deallocates):
             return False
         answered = self._deallocate(decision)
-        if answered is not None:
-            relay.send(b"", Request.QUERY, Owner.ANSWERED, reply=_DEALLOCATE_COMPLETE, watcher=answered)
+        if answered is not None:  # a Query all the same: the client's unnamed statement goes, as in Postgres
+            dropped = self._unnamed_dropped()
+            relay.send(b"", Request.QUERY, Owner.ANSWERED, reply=_DEALLOCATE_COMPLETE,
+                       watcher=answered if dropped is None else OwnRequest(self._query_ended(dropped, answered)))
             self.group_sent()
             return True
         if not self._context(decision):

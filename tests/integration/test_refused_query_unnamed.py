@@ -5,7 +5,8 @@ The proxy sends a Query that fails in place of a refused one, and a simple Query
 connection's unnamed statement. The proxy went on believing the connection held the unnamed statement a
 client had parsed there: that client, served on it again, had its Describe or Bind of the unnamed
 statement sent without the statement parsed again, and got 26000 where Postgres answers it. A refused
-Query of the client's own drops its unnamed statement, as the Query would have directly.
+Query of the client's own drops its unnamed statement, as the Query would have directly; so does a
+DEALLOCATE the proxy answers itself.
 """
 
 from __future__ import annotations
@@ -77,3 +78,21 @@ def test_the_clients_own_refused_query_drops_its_unnamed_statement(make_proxy: A
     assert [kind for kind, _ in got[1]] == [kind for kind, _ in expected[1]] == [b"E", b"Z"]
     for index in (0, 2, 3):
         assert_same(expected[index], got[index], f"the replies to write {index + 1}")
+
+
+def test_a_deallocate_the_proxy_answers_drops_the_unnamed_statement(make_proxy: Any, pg: EmbeddedPostgres,
+                                                                    tenant_db: TenantDatabase) -> None:
+    """Transaction mode: Parse of `s1` and of the unnamed statement, Sync; Query `DEALLOCATE s1` (the proxy
+    answers it: the server-side statement may be shared); Describe of the unnamed statement, Sync; Bind,
+    Execute, Sync. Directly the Query dropped the unnamed statement: 26000 for the Describe and the Bind.
+    Before the fix the proxy kept it, and both were answered."""
+    writes = [messages.parse("s1", "SELECT 2") + PARSE, messages.query("DEALLOCATE s1"), *USE]
+    expected = direct_replies(pg, tenant_db, writes)
+    proxy = make_proxy({"pool": {"mode": "transaction", "size": 1}})
+    client = connect_proxy(proxy.port, proxy.token(ACME))
+    try:
+        got = exchange(client, writes)
+    finally:
+        client.close()
+    for index, (direct, proxied) in enumerate(zip(expected, got)):
+        assert_same(direct, proxied, f"the replies to write {index + 1}")

@@ -261,6 +261,19 @@ def test_deallocate_of_own_statement_answered_by_the_proxy() -> None:
     assert b"s1" not in pair.relay.mode.statements.by_name  # type: ignore[union-attr]
 
 
+def test_a_deallocate_the_proxy_answers_drops_the_unnamed_statement_as_any_query_does() -> None:
+    """`DEALLOCATE s1`, answered by the proxy, is a simple Query to the client: Postgres drops the unnamed
+    statement with it, so the client's Bind of that statement behind it fails (26000) as directly; the
+    server connection's is closed first, not used."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("s1", "SELECT 1") + messages.parse("", "SELECT 2") + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    checked_out(pair, server, messages.query("DEALLOCATE s1"))
+    assert pair.relay.mode.statements.unnamed is None  # type: ignore[union-attr]
+    writes = b"".join(checked_out(pair, server, messages.bind("", "", []) + messages.execute() + messages.sync()))
+    assert messages.message(b"C", b"S\0") in writes and messages.parse("", "SELECT 2") not in writes
+
+
 def test_a_deallocated_name_is_free_for_a_parse_behind_it_in_the_same_write() -> None:
     """`DEALLOCATE s1` answered by the proxy, then Parse s1 before any reply: the name is free from the
     DEALLOCATE on, as in Postgres, so the Parse creates s1 anew (it was refused with 42P05)."""

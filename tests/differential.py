@@ -205,6 +205,18 @@ class Wire:
                 raise ConnectionError(f"{self.name}: connection closed")
             self.reader.feed(data)
 
+    def read_to_end(self, timeout: float) -> tuple[list[Reply], str]:
+        """Every message until the connection closes ("closed") or `timeout` seconds pass ("open")."""
+        replies: list[Reply] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                replies.append(self.read_message(deadline))
+            except TimeoutError:
+                return replies, "open"
+            except ConnectionError:
+                return replies, "closed"
+
     def read_until(self, complete: Callable[[list[Reply]], bool], timeout: float = READ_TIMEOUT) -> list[Reply]:
         """Messages up to the first point where `complete(messages)` holds."""
         deadline = time.monotonic() + timeout
@@ -259,6 +271,35 @@ def _login(wire: Wire, startup: bytes, answer: Callable[[int, bytes], bytes | No
         if type_byte == b"Z":
             assert body == b"I", body
             return wire
+
+
+def exchange(wire: Wire, writes: list[bytes]) -> list[list[Reply]]:
+    """Send each write and read its replies up to its ReadyForQuery: the replies of each."""
+    replies = []
+    for data in writes:
+        wire.send(data)
+        replies.append(wire.read_ready())
+    return replies
+
+
+def exchange_and_compare(wire: Wire, writes: list[bytes], expected: list[list[Reply]]) -> None:
+    """`exchange` on `wire` (closed afterwards): the replies to each write must be `expected`'s (the same
+    writes run directly, `exchange_directly`)."""
+    try:
+        got = exchange(wire, writes)
+    finally:
+        wire.close()
+    for index, (direct, proxied) in enumerate(zip(expected, got)):
+        assert_same(direct, proxied, f"the replies to write {index + 1}")
+
+
+def exchange_directly(port: int, user: str, password: str, database: str, writes: list[bytes]) -> list[list[Reply]]:
+    """`exchange` on a connection of its own straight to Postgres, closed afterwards."""
+    wire = connect_direct(port, user, password, database)
+    try:
+        return exchange(wire, writes)
+    finally:
+        wire.close()
 
 
 def connect_direct(port: int, user: str, password: str, database: str, name: str = "direct", **parameters: str) -> Wire:

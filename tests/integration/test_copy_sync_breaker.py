@@ -12,7 +12,6 @@ data and the session ended with XX000 "lost track of the upstream server's repli
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,17 +149,14 @@ def test_extended_copy_on_a_server_connection_where_another_tenant_left_a_failed
     another_tenant_is_served(proxy)
 
 
-def read_all(wire: Wire, timeout: float = 5.0) -> tuple[list[Any], str]:
-    """Every message up to the end of the connection; the reason reading stopped."""
-    replies: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            replies.append(wire.read_message(deadline))
-        except ConnectionError:
-            return replies, "closed"
-        except TimeoutError:
-            return replies, f"no reply and still open after {timeout} s"
+def violate(wire: Wire, start: bytes, message: bytes, first: int) -> tuple[list[Any], str]:
+    """`start` (a COPY FROM STDIN begun, with data) and its `first` replies, then `message` during COPY IN:
+    every reply up to the end of the connection, and how reading ended ("closed", or "open" after 5 s)."""
+    wire.send(start)
+    replies = wire.read_until(lambda got: len(got) >= first)
+    wire.send(message)
+    rest, end = wire.read_to_end(5.0)
+    return replies + rest, end
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -181,11 +177,7 @@ def test_parse_during_extended_copy_in_ends_the_session_with_postgres_08p01(
     streams = []
     for wire in (direct(pg, tenant_db), connect_proxy(proxy.port, proxy.token(ACME), f"proxy ({mode})")):
         try:
-            wire.send(start)
-            first = wire.read_until(lambda replies: len(replies) >= 3)
-            wire.send(violation)
-            rest, end = read_all(wire)
-            streams.append((first + rest, end))
+            streams.append(violate(wire, start, violation, 3))
         finally:
             wire.close()
     (direct_replies, direct_end), (proxied, proxy_end) = streams
@@ -208,20 +200,12 @@ def test_query_during_simple_copy_in_is_answered_in_transaction_mode(
     start = messages.query(COPY) + messages.message(b"d", b"6\tsix\n")
     wire = direct(pg, tenant_db)
     try:
-        wire.send(start)
-        direct_replies = wire.read_until(lambda replies: len(replies) >= 1)
-        wire.send(messages.query("SELECT 1"))
-        rest, direct_end = read_all(wire)
-        direct_replies += rest
+        direct_replies, direct_end = violate(wire, start, messages.query("SELECT 1"), 1)
     finally:
         wire.close()
     wire = connect_proxy(proxy.port, proxy.token(ACME), "proxy (transaction)")
     try:
-        wire.send(start)
-        proxied = wire.read_until(lambda replies: len(replies) >= 1)
-        wire.send(messages.query("SELECT 1"))
-        rest, proxy_end = read_all(wire)
-        proxied += rest
+        proxied, proxy_end = violate(wire, start, messages.query("SELECT 1"), 1)
         other_tenant = "served"
         if proxy_end != "closed":
             try:

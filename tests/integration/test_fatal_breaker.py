@@ -40,19 +40,6 @@ def direct(pg: EmbeddedPostgres, db: TenantDatabase, **parameters: str) -> Wire:
     return connect_direct(pg.port, db.app_role, db.app_password, db.database, **parameters)
 
 
-def to_the_end(wire: Wire, timeout: float = 10.0) -> tuple[list[Reply], str]:
-    """Every message until the connection closes ("closed") or `timeout` passes ("open")."""
-    replies: list[Reply] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            replies.append(wire.read_message(deadline))
-        except TimeoutError:  # before OSError, of which it is one
-            return replies, "open"
-        except (ConnectionError, OSError):
-            return replies, "closed"
-
-
 def shown(replies: list[Reply]) -> list[str]:
     return [render(reply) for reply in differential.normalise(replies)]
 
@@ -106,7 +93,7 @@ def test_a_terminated_server_connection_gives_the_client_postgres_fatal_and_noth
             terminate_when(pg, pid, "active")
         else:
             terminate_when(pg, pid, "idle in transaction" if where == "in a block" else "idle")
-        replies, end = to_the_end(wire)
+        replies, end = wire.read_to_end(10.0)
         streams[side] = (shown(before + replies), end)
     assert streams["direct"][1] == "closed"
     assert streams["proxy"] == streams["direct"], f"{mode}, {where}: direct {streams['direct']}, proxy {streams['proxy']}"
@@ -153,8 +140,8 @@ def fatal_behind_ready_for_query(make_proxy: Any, pg: EmbeddedPostgres, end: str
     assert not select.select([b.sock], [], [], 0)[0], "setup: B was served before the server connection died"
     replies = a.read_ready(timeout=20)
     a.send(query("SELECT 1"))
-    after = to_the_end(a, timeout=3.0)
-    b_replies = to_the_end(b, timeout=5.0)
+    after = a.read_to_end(3.0)
+    b_replies = b.read_to_end(5.0)
     assert proxy.alive()
     return replies, after, b_replies
 
@@ -225,7 +212,7 @@ def test_client_idle_timeout_spares_a_client_in_the_middle_of_an_extended_query_
     wire.send(messages.parse("s", "SELECT 1", ()) + describe("S", "s") + flush())
     described = wire.read_until(lambda replies: len(replies) >= 3)
     assert [kind for kind, _ in described] == [b"1", b"t", b"T"], shown(described)
-    silent, end = to_the_end(wire, timeout=1.5)  # five timeouts long
+    silent, end = wire.read_to_end(1.5)  # five timeouts long
     assert (shown(silent), end) == ([], "open")
     wire.send(messages.bind("", "s", []) + messages.execute("", 0) + messages.sync())
     assert [kind for kind, _ in wire.read_ready()] == [b"2", b"D", b"C", b"Z"]
@@ -250,7 +237,7 @@ def test_client_idle_timeout_ends_a_client_idle_after_a_reply_the_proxy_composed
         assert wire.read_message(time.monotonic() + 5)[0] == b"E"
         wire.send(messages.sync())
         assert wire.read_ready() == [(b"Z", b"I")]
-    replies, end = to_the_end(wire, timeout=5.0)
+    replies, end = wire.read_to_end(5.0)
     codes = [messages.parse_error_fields(body).get("C") for kind, body in replies if kind == b"E"]
     assert (codes, end) == (["57P05"], "closed")
 
@@ -260,7 +247,7 @@ def test_client_idle_timeout_ends_a_client_idle_after_a_reply_the_proxy_composed
 
 
 def postgres_fatal(wire: Wire, timeout: float = 10.0) -> dict[str, str]:
-    replies, _ = to_the_end(wire, timeout)
+    replies, _ = wire.read_to_end(timeout)
     errors = [messages.parse_error_fields(body) for kind, body in replies if kind == b"E"]
     assert errors, shown(replies)
     return errors[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from differential import Reply, Wire, assert_same, connect_direct, connect_proxy, describe
+from differential import Reply, assert_same, connect_proxy, describe, exchange, exchange_and_compare, exchange_directly
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
@@ -24,21 +24,8 @@ PARSE = messages.parse("", "SELECT 1") + messages.sync()
 USE = [describe("S", "") + messages.sync(), messages.bind("", "", []) + messages.execute() + messages.sync()]
 
 
-def exchange(wire: Wire, writes: list[bytes]) -> list[list[Reply]]:
-    """Each write, and its replies up to its ReadyForQuery."""
-    replies = []
-    for data in writes:
-        wire.send(data)
-        replies.append(wire.read_ready())
-    return replies
-
-
 def direct_replies(pg: EmbeddedPostgres, db: TenantDatabase, writes: list[bytes]) -> list[list[Reply]]:
-    wire = connect_direct(pg.port, db.app_role, db.app_password, db.database)
-    try:
-        return exchange(wire, writes)
-    finally:
-        wire.close()
+    return exchange_directly(pg.port, db.app_role, db.app_password, db.database, writes)
 
 
 def test_another_clients_refused_query_on_the_connection(make_proxy: Any, pg: EmbeddedPostgres,
@@ -89,10 +76,4 @@ def test_a_deallocate_the_proxy_answers_drops_the_unnamed_statement(make_proxy: 
     writes = [messages.parse("s1", "SELECT 2") + PARSE, messages.query("DEALLOCATE s1"), *USE]
     expected = direct_replies(pg, tenant_db, writes)
     proxy = make_proxy({"pool": {"mode": "transaction", "size": 1}})
-    client = connect_proxy(proxy.port, proxy.token(ACME))
-    try:
-        got = exchange(client, writes)
-    finally:
-        client.close()
-    for index, (direct, proxied) in enumerate(zip(expected, got)):
-        assert_same(direct, proxied, f"the replies to write {index + 1}")
+    exchange_and_compare(connect_proxy(proxy.port, proxy.token(ACME)), writes, expected)

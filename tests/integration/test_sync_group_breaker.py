@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from differential import Reply, Wire, assert_same, connect_direct, connect_proxy
+from differential import Wire, connect_proxy, exchange_and_compare, exchange_directly
 from proxy.auth.claims import canonical_json
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
@@ -33,27 +33,8 @@ def unnamed_group(sql: str, values: list[str | None] | None = None) -> bytes:
             + messages.execute() + messages.sync())
 
 
-def exchange(wire: Wire, writes: list[bytes]) -> list[list[Reply]]:
-    """Each write, and its replies up to its ReadyForQuery."""
-    replies = []
-    for data in writes:
-        wire.send(data)
-        replies.append(wire.read_ready())
-    return replies
-
-
 def compare(pg: EmbeddedPostgres, db: TenantDatabase, proxy_wire: Wire, writes: list[bytes]) -> None:
-    wire = connect_direct(pg.port, db.app_role, db.app_password, db.database)
-    try:
-        direct = exchange(wire, writes)
-    finally:
-        wire.close()
-    try:
-        proxied = exchange(proxy_wire, writes)
-    finally:
-        proxy_wire.close()
-    for index, (expected, got) in enumerate(zip(direct, proxied)):
-        assert_same(expected, got, f"the replies to write {index + 1}")
+    exchange_and_compare(proxy_wire, writes, exchange_directly(pg.port, db.app_role, db.app_password, db.database, writes))
 
 
 def filling_sub() -> str:

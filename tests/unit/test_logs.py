@@ -96,7 +96,8 @@ def test_token_facts_never_fail() -> None:
     "reason, label",
     [("token expired", "expired"), ("malformed token", "malformed"), ("tenant claim 'tenant_id' missing", "tenant_claim"),
      ("token algorithm is not allowed", "algorithm"), ("this proxy accepts only TLS connections", "tls_required"),
-     ("connections from 10.0.0.1 are not allowed", "network"), ("something new", "other")],
+     ("connections from 10.0.0.1 are not allowed", "network"), ("something new", "other"),
+     ("the identity provider's keys could not be fetched", "key_unknown"), ("token revoked", "revoked")],
 )
 def test_reason_labels_are_bounded(reason: str, label: str) -> None:
     assert logs.reason_label(reason) == label

@@ -13,7 +13,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pg-tenant-proxy demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q
 
 unit: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q tests/unit

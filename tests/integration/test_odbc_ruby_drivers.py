@@ -1,0 +1,156 @@
+"""psqlodbc (through pyodbc and unixODBC) and Ruby's `pg` gem (libpq) through a real proxy in both pool
+modes, each script compared step by step with the same script run directly against Postgres as the
+application role.
+
+The scripts (tests/integration/clients/odbc_pyodbc.py, ruby_pg.rb) print one JSON object per step, with
+the result or the error (SQLSTATE and message). Direct runs set each connection's signed tenant context
+themselves (the proof the proxy would set, from the signing key), so Row-Level Security gives both runs
+the same rows; each script is run directly once per module. Transaction mode has two server connections
+for two tenants' clients: the scripts hold a transaction open on one client while the other runs
+statements, so server connections move between clients and tenants.
+
+The one difference that README and docs/pool-modes.md document: psqlodbc's UseDeclareFetch=1 reads
+every result through `DECLARE ... CURSOR WITH HOLD` (with autocommit on or off), which transaction
+pooling refuses (0A000, the session goes on); those variants are compared in session mode only, and
+in transaction mode the refusal is checked.
+
+psqlodbc is Debian's `odbc-postgresql` (with `unixodbc`), pyodbc comes from PyPI (the test extra), and
+the gem is Debian's `ruby-pg`; .ci/run installs them. A missing one fails the test, it does not skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.demo import TenantDatabase
+from proxy.embedded import EmbeddedPostgres
+from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures, unprotected_table
+
+CLIENTS = Path(__file__).parent / "clients"
+MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
+DECLARE_FETCH = ("[declare fetch]", "[declare fetch, statement rollback]", "[no server prepare, declare fetch]")
+WITH_HOLD_REFUSED = "DECLARE ... WITH HOLD is not available with transaction pooling"
+
+mode, pooled = pool_mode_fixtures(MODES)
+
+
+@pytest.fixture(scope="module")
+def drivers_scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Any:
+    """The table without Row-Level Security the scripts write (COPY, transactions), each run under its own
+    run number."""
+    with unprotected_table(pg, tenant_db, "drivers_scratch", "run int NOT NULL, n int, t text",
+                           grants="SELECT, INSERT, UPDATE, DELETE") as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def odbc() -> list[str]:
+    check = ("import pyodbc, sys; drivers = pyodbc.drivers();"
+             " sys.exit(0 if 'PostgreSQL Unicode' in drivers else 'no ODBC driver PostgreSQL Unicode in %s' % drivers)")
+    found = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=False)
+    assert found.returncode == 0, ("psqlodbc: pyodbc from PyPI (the test extra) and Debian's odbc-postgresql and unixodbc"
+                                   " (.ci/run installs them): " + found.stderr)
+    return [sys.executable, str(CLIENTS / "odbc_pyodbc.py")]
+
+
+@pytest.fixture(scope="module")
+def ruby_pg() -> list[str]:
+    found = subprocess.run(["ruby", "-rpg", "-e", "exit(PG::Connection.method_defined?(:enter_pipeline_mode) ? 0 : 3)"],
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0, ("Ruby's pg gem (with pipeline mode, libpq 14+) comes from Debian's ruby-pg"
+                                   " (.ci/run installs it): " + found.stderr)
+    return ["ruby", str(CLIENTS / "ruby_pg.rb")]
+
+
+def run_script(command: list[str], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a client script with DRIVER_CONFIG (a fresh run number) and return its steps."""
+    environment = {**os.environ, "DRIVER_CONFIG": json.dumps({**config, "run": secrets.randbelow(1 << 30)})}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def direct_run(command: list[str], pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
+    """The script straight against Postgres as the application role, with the tenants' context set by the
+    script itself (`context`)."""
+    role = {"user": db.app_role, "password": db.app_password}
+    return run_script(command, {"host": "127.0.0.1", "port": pg.port, "database": db.database,
+                                "clients": {"a": role, "b": role},
+                                "context": {"key": db.signing_key, "tenants": {"a": ACME, "b": GLOBEX}}})
+
+
+def proxy_run(command: list[str], proxy: ProxyProcess, **extra: Any) -> list[dict[str, Any]]:
+    return run_script(command, {"host": "127.0.0.1", "port": proxy.port, "database": "app", "context": None,
+                                "clients": {"a": {"user": "alice", "password": proxy.token(ACME)},
+                                            "b": {"user": "bob", "password": proxy.token(GLOBEX)}}, **extra})
+
+
+@pytest.fixture(scope="module")
+def odbc_directly(odbc: list[str], pg: EmbeddedPostgres, tenant_db: TenantDatabase, drivers_scratch: str) -> list[dict[str, Any]]:
+    steps = direct_run(odbc, pg, tenant_db)
+    assert {"step": "[defaults] tenant", "result": [[2, ACME]]} in steps  # the context held directly
+    return steps
+
+
+@pytest.fixture(scope="module")
+def ruby_directly(ruby_pg: list[str], pg: EmbeddedPostgres, tenant_db: TenantDatabase, drivers_scratch: str) -> list[dict[str, Any]]:
+    steps = direct_run(ruby_pg, pg, tenant_db)
+    assert steps[0]["result"]["rows"] == [["2", ACME]]  # the context held directly
+    return steps
+
+
+def assert_same_steps(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
+    """Step by step, so a failure names the first step that differs."""
+    assert [step["step"] for step in got] == [step["step"] for step in expected]
+    for direct, proxied in zip(expected, got):
+        assert proxied == direct, f"step {direct['step']!r}"
+
+
+def test_psqlodbc_as_directly(mode: str, pooled: ProxyProcess, odbc: list[str], odbc_directly: list[dict[str, Any]]) -> None:
+    """psqlodbc's connect-time SETs, UseServerSidePrepare=0/1, Protocol=7.4-0/1/2 (no rollback,
+    transaction rollback, statement rollback with its SAVEPOINTs), UseDeclareFetch (session mode),
+    parameters of many types, a statement reused while another client holds a server connection,
+    executemany (with and without parameter arrays, and with an error), large results read in pieces and
+    abandoned, errors with autocommit on and in transactions with autocommit off, savepoints,
+    SET TRANSACTION, settings that follow the client, catalog functions, SQLCancel, ConnSettings,
+    SSLmode=prefer, large parameters, and clients that leave with a transaction open: the same results
+    through the proxy as directly."""
+    if mode == "session":
+        expected, got = odbc_directly, proxy_run(odbc, pooled)
+    else:
+        expected = [step for step in odbc_directly if not step["step"].startswith(DECLARE_FETCH)]
+        variants = sorted({step["step"].split("]")[0][1:] for step in expected if step["step"].startswith("[")})
+        got = proxy_run(odbc, pooled, variants=variants + ["cancel", "extra"])
+    assert_same_steps(expected, got)
+
+
+def test_psqlodbc_declare_fetch_refused_in_transaction_mode(make_proxy: Any, odbc: list[str], drivers_scratch: str) -> None:
+    """UseDeclareFetch=1 declares its cursors WITH HOLD, which transaction pooling refuses with a clear
+    error (docs/pool-modes.md); statements without a result set still run and the session goes on."""
+    proxy = make_proxy(MODES["transaction"])
+    steps = {step["step"]: step for step in proxy_run(odbc, proxy, variants=["declare fetch"])}
+    refused = steps["[declare fetch] tenant"]["error"]
+    assert refused["state"] == "0A000" and WITH_HOLD_REFUSED in refused["message"], refused
+    assert steps["[declare fetch] executemany"]["result"][0] == -1  # the INSERTs ran
+    assert isinstance(steps["[declare fetch] cleanup"]["result"], int)
+
+
+def test_ruby_pg_as_directly(mode: str, pooled: ProxyProcess, ruby_pg: list[str], ruby_directly: list[dict[str, Any]]) -> None:
+    """exec (several statements, errors), exec_params (text and binary), prepare/exec_prepared with
+    describe_prepared and describe_portal while another client holds a server connection, DEALLOCATE,
+    the transaction block, errors in a transaction, savepoints, async_exec and sync_exec, send_query +
+    get_result, single-row mode, large results and parameters, copy_data in (with bad data and an
+    application error) and out, pipeline mode (errors, a transaction across Sync groups, a flush
+    request, two clients' pipelines interleaved), cancel, the basic type maps, parameter_status after
+    SETs, startup options, sslmode=prefer and target_session_attrs, client_encoding LATIN1, search_path
+    and a prepared statement, reset, and clients that leave mid-way: the same results through the proxy
+    as directly."""
+    assert_same_steps(ruby_directly, proxy_run(ruby_pg, pooled))

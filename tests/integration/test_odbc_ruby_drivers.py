@@ -121,8 +121,8 @@ def test_psqlodbc_as_directly(mode: str, pooled: ProxyProcess, odbc: list[str], 
     executemany (with and without parameter arrays, and with an error), large results read in pieces and
     abandoned, errors with autocommit on and in transactions with autocommit off, savepoints,
     SET TRANSACTION, settings that follow the client, catalog functions, SQLCancel, ConnSettings,
-    SSLmode=prefer, large parameters, and clients that leave with a transaction open: the same results
-    through the proxy as directly."""
+    SSLmode=prefer, SQL_ATTR_TXN_ISOLATION, large parameters, and clients that leave with a transaction
+    open: the same results through the proxy as directly."""
     if mode == "session":
         expected, got = odbc_directly, proxy_run(odbc, pooled)
     else:
@@ -151,6 +151,6 @@ def test_ruby_pg_as_directly(mode: str, pooled: ProxyProcess, ruby_pg: list[str]
     application error) and out, pipeline mode (errors, a transaction across Sync groups, a flush
     request, two clients' pipelines interleaved), cancel, the basic type maps, parameter_status after
     SETs, startup options, sslmode=prefer and target_session_attrs, client_encoding LATIN1, search_path
-    and a prepared statement, reset, and clients that leave mid-way: the same results through the proxy
-    as directly."""
+    and a prepared statement, reset, notices and empty queries, and clients that leave mid-way: the same
+    results through the proxy as directly."""
     assert_same_steps(ruby_directly, proxy_run(ruby_pg, pooled))

@@ -339,6 +339,25 @@ def extra_steps() -> None:
         rows(a.execute("SELECT length(?), md5(?)", "w" * 2_000_000, "w" * 2_000_000)),
         rows(a.execute("SELECT length(?::bytea)", b"\x07" * 1_500_000)),
         rows(a.execute("SELECT ?, length(?)", "na\u00efve \u2603 \U0001F600", "\u2603"))])
+    def isolation_attribute() -> Any:
+        """SQL_ATTR_TXN_ISOLATION: psqlodbc sends SET SESSION CHARACTERISTICS, a session setting that
+        follows the client while b holds a server connection."""
+        c = connect("a", "")
+        b = connect("b", "", autocommit=False)
+        c.set_attr(pyodbc.SQL_ATTR_TXN_ISOLATION, pyodbc.SQL_TXN_SERIALIZABLE)
+        seen = [query(b, "SELECT count(*) FROM leads"),
+                query(c, "SELECT current_setting('transaction_isolation'), current_setting('default_transaction_isolation')")]
+        c.autocommit = False
+        seen.append(query(c, "SELECT current_setting('transaction_isolation'), count(*) FROM leads"))
+        c.commit()
+        c.set_attr(pyodbc.SQL_ATTR_TXN_ISOLATION, pyodbc.SQL_TXN_READ_COMMITTED)
+        seen.append(query(c, "SELECT current_setting('transaction_isolation')"))
+        c.rollback()
+        b.rollback()
+        c.close()
+        b.close()
+        return seen
+    step("isolation attribute", isolation_attribute)
     def leaving() -> Any:
         for n in range(3):
             c = connect("a", "", autocommit=False)

@@ -470,6 +470,28 @@ step('pipeline across transactions of two clients') do
   seen
 end
 
+# Notices and warnings the server sends (WARNING 25P01 for a COMMIT outside a transaction, NOTICE for
+# DROP ... IF EXISTS), through a notice receiver, and empty queries.
+step('notices') do
+  c = connect('a')
+  notices = []
+  c.set_notice_receiver do |r|
+    notices << [r.error_field(PG::Result::PG_DIAG_SEVERITY), r.error_field(PG::Result::PG_DIAG_SQLSTATE),
+                r.error_field(PG::Result::PG_DIAG_MESSAGE_PRIMARY)]
+  end
+  seen = ['COMMIT', 'ROLLBACK', 'SET LOCAL statement_timeout = 1', 'BEGIN', 'BEGIN', 'COMMIT', 'DROP TABLE IF EXISTS no_such_table',
+          '', ';', 'BEGIN; SELECT 1; COMMIT; COMMIT', 'ABORT', 'BEGIN READ ONLY', 'SELECT 1', 'END', 'SAVEPOINT x'].map do |sql|
+    value = attempt { r = c.exec(sql); [r.res_status(r.result_status), r.cmd_status, c.transaction_status] }
+    taken = notices.dup
+    notices.clear
+    [sql, value, taken]
+  end
+  c.send_query_params('', [])
+  seen << all_results(c)
+  c.close
+  seen
+end
+
 step('cleanup') { a.exec_params('DELETE FROM drivers_scratch WHERE run = $1', [RUN]).cmd_tuples }
 a.close
 b.close

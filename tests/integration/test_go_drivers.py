@@ -1,0 +1,136 @@
+"""The Go drivers pgx (v4) and lib/pq through a real proxy in both pool modes, each program compared step by
+step with the same program run directly against Postgres as the application role.
+
+The programs (tests/integration/clients/go_pgx.go, go_pq.go) print one JSON object per step; they are
+compiled once per test session in GOPATH mode against Debian's packages (golang-go,
+golang-github-jackc-pgx-v4-dev, golang-github-lib-pq-dev; .ci/run installs them: there is no Go module
+proxy to fetch them from). Direct runs set each connection's signed tenant context themselves (the proof
+the proxy would set, from the signing key), so Row-Level Security gives both runs the same rows. Each
+run creates its own tables through a superuser connection straight to Postgres (`admin`), which also
+alters a table under pgx's cached statements. Transaction mode has two server connections, so the
+programs' transactions held open on one connection move the others' statements between server
+connections.
+
+The one difference README and docs/guard.md document: LISTEN is refused by the proxy (42501 in session
+mode, 0A000 in transaction mode), with a clear error, and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.demo import TenantDatabase
+from proxy.embedded import EmbeddedPostgres
+from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures
+
+CLIENTS = Path(__file__).parent / "clients"
+GOPATH = Path("/usr/share/gocode")
+PACKAGES = "golang-go golang-github-jackc-pgx-v4-dev golang-github-lib-pq-dev"
+MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
+LISTEN_REFUSED = {
+    "session": ("42501", "LISTEN is not allowed through pg-tenant-proxy: notification channels are shared by every tenant"),
+    "transaction": ("0A000", "LISTEN is not available with transaction pooling: the server connection is shared after each transaction"),
+}
+
+mode, pooled = pool_mode_fixtures(MODES)
+
+
+@pytest.fixture(scope="session")
+def go_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """go_pgx.go and go_pq.go, built once per session. Without Go or the drivers the tests fail: .ci/run
+    installs them."""
+    go = shutil.which("go")
+    assert go, f"`go` is missing: install Debian's {PACKAGES} (.ci/run does)"
+    for package in ("github.com/jackc/pgx/v4", "github.com/lib/pq"):
+        assert (GOPATH / "src" / package).is_dir(), f"{package} is missing from {GOPATH}: install Debian's {PACKAGES} (.ci/run does)"
+    out = tmp_path_factory.mktemp("go")
+    environment = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{out / 'gopath'}:{GOPATH}", "GOCACHE": str(out / "cache"),
+                   "GOFLAGS": "", "CGO_ENABLED": "0"}
+    built = {}
+    for name in ("go_pgx", "go_pq"):
+        result = subprocess.run([go, "build", "-o", str(out / name), f"{name}.go"], cwd=CLIENTS, env=environment,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, f"go build {name}.go:\n{result.stdout}{result.stderr}"
+        built[name] = out / name
+    return built
+
+
+def run_program(program: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a program with DRIVER_CONFIG (a fresh run number) and return its steps."""
+    environment = {**os.environ, "DRIVER_CONFIG": json.dumps({**config, "run": secrets.randbelow(1 << 28)})}
+    try:
+        result = subprocess.run([str(program)], env=environment, capture_output=True, text=True, timeout=90, check=False)
+    except subprocess.TimeoutExpired as timeout:
+        steps = (timeout.stdout or b"").decode().splitlines()
+        raise AssertionError(f"{program.name} did not finish within 90 s; its last steps: {steps[-2:]}") from None
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def direct_run(program: Path, pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
+    role = {"user": db.app_role, "password": db.app_password}
+    return run_program(program, {"host": "127.0.0.1", "port": pg.port, "database": db.database,
+                                 "clients": {"a": role, "b": role}, "admin": pg.admin_dsn(db.database), "app_role": db.app_role,
+                                 "context": {"key": db.signing_key, "tenants": {"a": ACME, "b": GLOBEX}}})
+
+
+def proxy_run(program: Path, proxy: ProxyProcess, pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
+    return run_program(program, {"host": "127.0.0.1", "port": proxy.port, "database": "app", "context": None,
+                                 "admin": pg.admin_dsn(db.database), "app_role": db.app_role,
+                                 "clients": {"a": {"user": "alice", "password": proxy.token(ACME)},
+                                             "b": {"user": "bob", "password": proxy.token(GLOBEX)}}})
+
+
+def without_listen(steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    (listen,) = [step for step in steps if step["step"] == "listen"]
+    return [step for step in steps if step is not listen], listen
+
+
+def assert_same_steps(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
+    """Step by step, so a failure names each step that differs."""
+    assert [step["step"] for step in got] == [step["step"] for step in expected]
+    differing = [f"step {direct['step']!r}:\n  direct: {json.dumps(direct)}\n  proxied: {json.dumps(proxied)}"
+                 for direct, proxied in zip(expected, got) if proxied != direct]
+    assert not differing, "\n".join(differing)
+
+
+def test_pgx_as_directly(mode: str, pooled: ProxyProcess, go_programs: dict[str, Path], pg: EmbeddedPostgres,
+                         tenant_db: TenantDatabase) -> None:
+    """pgx's statement cache (named), its describe-only cache, no cache, pgconn's ExecParams and the simple
+    protocol; Batch, CopyFrom, transactions, savepoints, errors inside batches and transactions; a cached
+    statement whose result shape changes (0A000, then prepared again); PgConn.CancelRequest and a cancelled
+    context; DEALLOCATE ALL and DISCARD ALL by the application; SET, set_config, RuntimeParams; pgxpool
+    with more goroutines than connections for two tenants: the same results through the proxy as directly."""
+    expected, direct_listen = without_listen(direct_run(go_programs["go_pgx"], pg, tenant_db))
+    assert direct_listen["result"] is None
+    assert expected[1]["result"]["rows"] == [[2, ACME]]  # the context held directly
+    got, listen = without_listen(proxy_run(go_programs["go_pgx"], pooled, pg, tenant_db))
+    assert_same_steps(expected, got)
+    code, message = LISTEN_REFUSED[mode]
+    assert (listen["error"]["code"], listen["error"]["message"]) == (code, message)
+    assert listen["partial"] is None  # Ping after the refusal: the connection goes on
+
+
+def test_lib_pq_as_directly(mode: str, pooled: ProxyProcess, go_programs: dict[str, Path], pg: EmbeddedPostgres,
+                            tenant_db: TenantDatabase) -> None:
+    """database/sql with lib/pq: the unnamed statement parsed and described in one Sync group and bound in
+    the next (binary_parameters=yes: one group), simple Queries with several results, db.Prepare on
+    pooled connections, transactions with options, pq.CopyIn, a prepared statement whose result shape
+    changes, startup parameters from the DSN, a cancelled context, pools with more goroutines than
+    connections for two tenants: the same results through the proxy as directly."""
+    expected, direct_listen = without_listen(direct_run(go_programs["go_pq"], pg, tenant_db))
+    assert direct_listen["result"] is None
+    assert expected[1]["result"]["rows"] == [[2, ACME]]  # the context held directly
+    got, listen = without_listen(proxy_run(go_programs["go_pq"], pooled, pg, tenant_db))
+    assert_same_steps(expected, got)
+    code, message = LISTEN_REFUSED[mode]
+    assert (listen["error"]["code"], listen["error"]["message"]) == (code, message)
+    assert listen["partial"] is None  # Ping after the refusal: the connection goes on

@@ -300,6 +300,15 @@ func main() {
 		CREATE TABLE %[2]s (id int, name text); INSERT INTO %[2]s VALUES (1, 'one'), (2, 'two');
 		GRANT SELECT, INSERT ON %[2]s TO %[3]s`, scratch, shape, cfg.AppRole))
 	defer admin(fmt.Sprintf("DROP TABLE IF EXISTS %s, %s", scratch, shape))
+	// Three schemas with a table go_pgx_t: two of one shape, one of another.
+	admin(fmt.Sprintf(`DROP SCHEMA IF EXISTS go_pgx_s1, go_pgx_s2, go_pgx_s3 CASCADE;
+		CREATE SCHEMA go_pgx_s1; CREATE SCHEMA go_pgx_s2; CREATE SCHEMA go_pgx_s3;
+		CREATE TABLE go_pgx_s1.go_pgx_t (v text); INSERT INTO go_pgx_s1.go_pgx_t VALUES ('s1');
+		CREATE TABLE go_pgx_s2.go_pgx_t (v text); INSERT INTO go_pgx_s2.go_pgx_t VALUES ('s2');
+		CREATE TABLE go_pgx_s3.go_pgx_t (v int, w int); INSERT INTO go_pgx_s3.go_pgx_t VALUES (3, 3);
+		GRANT USAGE ON SCHEMA go_pgx_s1, go_pgx_s2, go_pgx_s3 TO %[1]s;
+		GRANT SELECT ON go_pgx_s1.go_pgx_t, go_pgx_s2.go_pgx_t, go_pgx_s3.go_pgx_t TO %[1]s`, cfg.AppRole))
+	defer admin("DROP SCHEMA IF EXISTS go_pgx_s1, go_pgx_s2, go_pgx_s3 CASCADE")
 
 	a := connect("a", nil)
 	b := connect("b", nil)
@@ -912,6 +921,58 @@ func main() {
 			}
 			seen = append(seen, outcome(rowsOf(t1.Conn(), count, "one")), outcome(rowsOf(t2.Conn(), count, "two")), outcome(nil, t1.Commit(bg)), outcome(nil, t2.Commit(bg)))
 		}
+		return seen, nil
+	})
+
+	// A query whose context ends while it waits (directly for a lock; in transaction mode with both server
+	// connections held, first for a server connection).
+	attempt("context ends while both connections are held", func() (interface{}, error) {
+		holder, err := a.Begin(bg)
+		if err != nil {
+			return nil, err
+		}
+		other, err := c.Begin(bg)
+		if err != nil {
+			return nil, err
+		}
+		seen := []interface{}{outcome(rowsOf(holder.Conn(), "SELECT pg_advisory_xact_lock($1)::text", run+4)), outcome(rowsOf(other.Conn(), "SELECT 1 AS one"))}
+		waiter := connect("b", nil)
+		ctx, cancel := context.WithTimeout(bg, 300*time.Millisecond)
+		_, err = waiter.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", run+4)
+		cancel()
+		seen = append(seen, outcome(nil, err), waiter.IsClosed())
+		<-waiter.PgConn().CleanupDone()
+		seen = append(seen, outcome(nil, holder.Rollback(bg)), outcome(nil, other.Rollback(bg)))
+		for round := 0; round < 3; round++ {
+			t1, err1 := a.Begin(bg)
+			t2, err2 := b.Begin(bg)
+			if err1 != nil || err2 != nil {
+				return seen, fmt.Errorf("begin: %v %v", err1, err2)
+			}
+			seen = append(seen, outcome(rowsOf(t1.Conn(), count, "one")), outcome(rowsOf(t2.Conn(), count, "two")), outcome(nil, t1.Commit(bg)), outcome(nil, t2.Commit(bg)))
+		}
+		return seen, nil
+	})
+
+	// A cached statement and search_path: Postgres parses a prepared statement again when search_path
+	// changed since its last use, with the new path (a table of another shape: 0A000).
+	attempt("search_path under a cached statement", func() (interface{}, error) {
+		sp := connect("a", nil)
+		defer sp.Close(bg)
+		other := connect("a", nil)
+		defer other.Close(bg)
+		read := "SELECT * FROM go_pgx_t WHERE $1::int > 0"
+		seen := []interface{}{exec(sp, "SET search_path = go_pgx_s1, public"), outcome(rowsOf(sp, read, 1)), exec(sp, "SET search_path = go_pgx_s2, public"),
+			outcome(rowsOf(sp, read, 1)), outcome(rowsOf(sp, "SELECT current_setting('search_path')")), exec(sp, "SET search_path = go_pgx_s3, public"),
+			outcome(rowsOf(sp, read, 1)), outcome(rowsOf(sp, read, 1))}
+		// Another connection of the same tenant prepares the same text under another path in between.
+		seen = append(seen, exec(other, "SET search_path = go_pgx_s1, public"), outcome(rowsOf(other, read, 1)), outcome(rowsOf(sp, read, 1)))
+		tx, err := sp.Begin(bg)
+		if err != nil {
+			return seen, err
+		}
+		seen = append(seen, exec(tx.Conn(), "SET LOCAL search_path = go_pgx_s2, public"), outcome(rowsOf(tx.Conn(), read, 1)), outcome(nil, tx.Commit(bg)),
+			outcome(rowsOf(sp, read, 1)), outcome(rowsOf(other, read, 1)))
 		return seen, nil
 	})
 

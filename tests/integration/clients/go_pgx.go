@@ -976,6 +976,26 @@ func main() {
 		return seen, nil
 	})
 
+	// Statement names pgx's Deallocate quotes: mixed case, a space and a double quote, longer than 63 bytes.
+	attempt("statement names", func() (interface{}, error) {
+		nc := connect("b", nil)
+		defer nc.Close(bg)
+		heard(nc)
+		seen := []interface{}{}
+		long := strings.Repeat("long_name_", 8)
+		for _, name := range []string{"MixedCase", "mixedcase", "with space", `with"quote`, long, long[:63] + "zzz", "ü_" + strings.Repeat("é", 40)} {
+			_, err := nc.Prepare(bg, name, "SELECT $1::text || '"+strings.ReplaceAll(name, "'", "''")+"' AS v")
+			seen = append(seen, name, outcome(nil, err), outcome(rowsOf(nc, name, "x")), heard(nc))
+		}
+		for _, name := range []string{"MixedCase", "with space", `with"quote`, long, "ü_" + strings.Repeat("é", 40)} {
+			seen = append(seen, outcome(nil, nc.Deallocate(bg, name)), heard(nc), outcome(rowsOf(nc, "mixedcase", "y")))
+			_, err := nc.PgConn().Prepare(bg, name, "SELECT 2 AS again", nil)
+			seen = append(seen, outcome(nil, err))
+		}
+		seen = append(seen, exec(nc, "DEALLOCATE mixedcase"), exec(nc, "DEALLOCATE MIXEDCASE"), exec(nc, `DEALLOCATE PREPARE "MixedCase"`), heard(nc))
+		return seen, nil
+	})
+
 	// Cancellation: PgConn.CancelRequest while rows arrive (57014, the connection goes on), and a context
 	// cancelled while rows arrive (pgx closes the connection and sends a CancelRequest: the server's
 	// statement ends, releasing its transaction-level advisory lock, which another connection then takes).

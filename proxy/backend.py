@@ -22,7 +22,7 @@ from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, MessageScanner
 from proxy.protocol.upstream_auth import UpstreamAuth, UpstreamAuthError, tls_server_end_point
 from proxy.relay.enums import HotEnum
 from proxy.relay.relay import ServerState
-from proxy.relay.replies import ReplyQueue
+from proxy.relay.replies import Owner as RequestOwner, ReplyQueue
 from proxy.relay.statements import ServerStatements
 
 if TYPE_CHECKING:
@@ -183,6 +183,10 @@ class BackendConnection(asyncio.Protocol):
         queue = self.queue
         return (self.lifecycle is not _CLOSED and not self.cancels_in_flight and queue.idle()
                 and queue.status == b"I" and queue.scanner.at_boundary())
+
+    def runs_client_request(self) -> bool:
+        """A client's request sent here is not answered yet: a statement of the client's may be running."""
+        return any(entry.owner is RequestOwner.CLIENT for entry in self.queue.entries)
 
     # -- startup coroutines ----------------------------------------------------------------------
 

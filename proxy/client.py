@@ -376,6 +376,8 @@ class ClientConnection(asyncio.Protocol):
         backend, self.backend = self.backend, None
         if backend is None:
             return
+        if backend.runs_client_request():
+            self.server.statement_abandoned(self, backend)  # a CancelRequest sent after the session still reaches it
         self.flow.detach_server()
         relay = self.relay
         if relay is not None:

@@ -22,6 +22,7 @@ from typing import Any
 from proxy.admin import Console
 from proxy.auth.token_file import TokenFile
 from proxy.backend import BackendConnection, Lifecycle, send_cancel
+from proxy.cancels import Abandoned, AbandonedStatements
 from proxy import logs
 from proxy.client import ClientConnection
 from proxy.config import ConfigError, Settings, load
@@ -127,6 +128,7 @@ class ProxyServer:
         self.tenant_clients: dict[str, int] = {}  # greeted clients per tenant ([client] max_connections_per_tenant)
         self.statement_budget = StatementBudget(settings.client.max_total_prepared_statement_bytes)
         self._keys: dict[int, ClientConnection] = {}
+        self._abandoned = AbandonedStatements()  # keys of sessions that ended mid-statement (proxy.cancels)
         # Per client, the `done` of each CancelRequest for it that the relay has neither sent nor dropped yet.
         self._cancels_waiting: dict[ClientConnection, list[Callable[[], None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -212,14 +214,24 @@ class ProxyServer:
             self._spawn(self._pass_cancel(worker.socket_path(process_id % worker.count), process_id, secret_key, done))
             return
         client = self._keys.get(process_id)
-        if client is None or not hmac.compare_digest(
+        if client is not None and hmac.compare_digest(
             client.secret_key.to_bytes(4, "big", signed=True), secret_key.to_bytes(4, "big", signed=True)
         ):
+            self._cancels_waiting.setdefault(client, []).append(done)
+            client.cancel()
+            return
+        abandoned = self._abandoned.find(process_id, secret_key, asyncio.get_running_loop().time())
+        if abandoned is None:
             log.info("cancel ignored: no session matches the key")
             done()
             return
-        self._cancels_waiting.setdefault(client, []).append(done)
-        client.cancel()
+        self._spawn(self._cancel_abandoned(abandoned, done))
+
+    def statement_abandoned(self, client: ClientConnection, backend: BackendConnection) -> None:
+        """`client`'s session ended while `backend`, which is closing, ran a request of the client's: for a
+        while a CancelRequest with the client's key still cancels it there (`proxy.cancels`)."""
+        self._abandoned.remember(client.process_id, client.secret_key, backend.process_id, backend.secret_key,
+                                 asyncio.get_running_loop().time())
 
     def send_cancel(self, backend: BackendConnection, client: ClientConnection) -> None:
         """Send a CancelRequest for what `backend` runs (`client`'s cancel, passed on by its relay); the
@@ -265,13 +277,26 @@ class ProxyServer:
         acted on it the connection is not reused (`BackendConnection.reusable`): the pool closes it rather
         than give a late cancel to another client. Then the CancelRequests `waiting` for it are done."""
         try:
-            await send_cancel(self.settings.upstream, backend.process_id, backend.secret_key)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("cancel could not reach the upstream server: %s", exc)
+            await self._deliver_cancel(backend.process_id, backend.secret_key)
         finally:
             backend.cancels_in_flight -= 1
             for done in waiting:
                 done()
+
+    async def _cancel_abandoned(self, abandoned: Abandoned, done: Callable[[], None]) -> None:
+        """Cancel what the backend of a session that ended mid-statement runs; then the CancelRequest is done."""
+        try:
+            await self._deliver_cancel(abandoned.process_id, abandoned.secret_key)
+        finally:
+            done()
+
+    async def _deliver_cancel(self, process_id: int, secret_key: int) -> None:
+        """A CancelRequest for an upstream backend, acted on by the server when this returns (a failure to
+        reach the server is logged)."""
+        try:
+            await send_cancel(self.settings.upstream, process_id, secret_key)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cancel could not reach the upstream server: %s", exc)
 
     def shutdown(self) -> None:
         """Close every client connection with 57P01, as a server shutting down does."""

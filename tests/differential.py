@@ -186,6 +186,7 @@ class Wire:
         self.name = name
         self.reader = MessageReader(1 << 24)
         self.status = b"I"  # transaction status from the last ReadyForQuery
+        self.key: tuple[int, int] | None = None  # BackendKeyData at login: process ID and secret key
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -268,6 +269,8 @@ def _login(wire: Wire, startup: bytes, answer: Callable[[int, bytes], bytes | No
             reply = answer(code, data)
             if reply is not None:
                 wire.send(reply)
+        if type_byte == b"K":
+            wire.key = messages.parse_backend_key_data(body)
         if type_byte == b"Z":
             assert body == b"I", body
             return wire

@@ -29,7 +29,7 @@ import pytest
 
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures
+from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures, wait_until
 
 CLIENTS = Path(__file__).parent / "clients"
 GOPATH = Path("/usr/share/gocode")
@@ -75,18 +75,38 @@ def run_program(program: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+LONG = "pg_sleep(30)"  # in the statements the programs cancel: 30 s a row for 100 rows if nothing cancels them
+
+
+def assert_nothing_left_running(pg: EmbeddedPostgres) -> None:
+    """After a program ended, none of the statements it cancelled still runs on the server (the cancels
+    reached them, also those lib/pq sends while it closes its connection); left running, they are ended
+    here, as they would hold their snapshots against every later test's CREATE INDEX CONCURRENTLY."""
+    probe = (f"FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%{LONG}%'"
+             " AND query NOT LIKE '%pg_stat_activity%'")
+    try:
+        wait_until(lambda: pg.psql(f"SELECT count(*) {probe}").strip() == "0", deadline=10.0)
+    except AssertionError:
+        pg.psql(f"SELECT pg_terminate_backend(pid) {probe}")
+        raise AssertionError("a statement the program cancelled still ran on the server 10 s after it ended") from None
+
+
 def direct_run(program: Path, pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
     role = {"user": db.app_role, "password": db.app_password}
-    return run_program(program, {"host": "127.0.0.1", "port": pg.port, "database": db.database,
+    steps = run_program(program, {"host": "127.0.0.1", "port": pg.port, "database": db.database,
                                  "clients": {"a": role, "b": role}, "admin": pg.admin_dsn(db.database), "app_role": db.app_role,
                                  "context": {"key": db.signing_key, "tenants": {"a": ACME, "b": GLOBEX}}})
+    assert_nothing_left_running(pg)
+    return steps
 
 
 def proxy_run(program: Path, proxy: ProxyProcess, pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
-    return run_program(program, {"host": "127.0.0.1", "port": proxy.port, "database": "app", "context": None,
+    steps = run_program(program, {"host": "127.0.0.1", "port": proxy.port, "database": "app", "context": None,
                                  "admin": pg.admin_dsn(db.database), "app_role": db.app_role,
                                  "clients": {"a": {"user": "alice", "password": proxy.token(ACME)},
                                              "b": {"user": "bob", "password": proxy.token(GLOBEX)}}})
+    assert_nothing_left_running(pg)
+    return steps
 
 
 def without_listen(steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -17,9 +17,7 @@ mode, 0A000 in transaction mode), with a clear error, and the connection goes on
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,9 +25,11 @@ from typing import Any
 
 import pytest
 
+import driver_scripts
+from driver_scripts import assert_same_steps, without_listen
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures, wait_until
+from support import ACME, ProxyProcess, pool_mode_fixtures, wait_until
 
 CLIENTS = Path(__file__).parent / "clients"
 GOPATH = Path("/usr/share/gocode")
@@ -63,18 +63,6 @@ def go_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return built
 
 
-def run_program(program: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run a program with DRIVER_CONFIG (a fresh run number) and return its steps."""
-    environment = {**os.environ, "DRIVER_CONFIG": json.dumps({**config, "run": secrets.randbelow(1 << 28)})}
-    try:
-        result = subprocess.run([str(program)], env=environment, capture_output=True, text=True, timeout=90, check=False)
-    except subprocess.TimeoutExpired as timeout:
-        steps = (timeout.stdout or b"").decode().splitlines()
-        raise AssertionError(f"{program.name} did not finish within 90 s; its last steps: {steps[-2:]}") from None
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 LONG = "pg_sleep(30)"  # in the statements the programs cancel: 30 s a row for 100 rows if nothing cancels them
 
 
@@ -92,34 +80,17 @@ def assert_nothing_left_running(pg: EmbeddedPostgres) -> None:
 
 
 def direct_run(program: Path, pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
-    role = {"user": db.app_role, "password": db.app_password}
-    steps = run_program(program, {"host": "127.0.0.1", "port": pg.port, "database": db.database,
-                                 "clients": {"a": role, "b": role}, "admin": pg.admin_dsn(db.database), "app_role": db.app_role,
-                                 "context": {"key": db.signing_key, "tenants": {"a": ACME, "b": GLOBEX}}})
+    steps = driver_scripts.direct_run([str(program)], pg, db, timeout=90.0, admin=pg.admin_dsn(db.database),
+                                      app_role=db.app_role)
     assert_nothing_left_running(pg)
     return steps
 
 
 def proxy_run(program: Path, proxy: ProxyProcess, pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
-    steps = run_program(program, {"host": "127.0.0.1", "port": proxy.port, "database": "app", "context": None,
-                                 "admin": pg.admin_dsn(db.database), "app_role": db.app_role,
-                                 "clients": {"a": {"user": "alice", "password": proxy.token(ACME)},
-                                             "b": {"user": "bob", "password": proxy.token(GLOBEX)}}})
+    steps = driver_scripts.proxy_run([str(program)], proxy, timeout=90.0, admin=pg.admin_dsn(db.database),
+                                     app_role=db.app_role)
     assert_nothing_left_running(pg)
     return steps
-
-
-def without_listen(steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    (listen,) = [step for step in steps if step["step"] == "listen"]
-    return [step for step in steps if step is not listen], listen
-
-
-def assert_same_steps(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
-    """Step by step, so a failure names each step that differs."""
-    assert [step["step"] for step in got] == [step["step"] for step in expected]
-    differing = [f"step {direct['step']!r}:\n  direct: {json.dumps(direct)}\n  proxied: {json.dumps(proxied)}"
-                 for direct, proxied in zip(expected, got) if proxied != direct]
-    assert not differing, "\n".join(differing)
 
 
 def test_pgx_as_directly(mode: str, pooled: ProxyProcess, go_programs: dict[str, Path], pg: EmbeddedPostgres,

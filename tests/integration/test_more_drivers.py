@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -25,9 +24,10 @@ from typing import Any
 
 import pytest
 
+from driver_scripts import assert_same_steps, direct_run, proxy_run, without_listen
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, GLOBEX, ProxyProcess, pool_mode_fixtures, unprotected_table
+from support import ACME, ProxyProcess, pool_mode_fixtures, unprotected_table
 
 CLIENTS = Path(__file__).parent / "clients"
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
@@ -64,39 +64,9 @@ def dbd_pg() -> list[str]:
     return ["perl", str(CLIENTS / "dbd_pg.pl")]
 
 
-def run_script(command: list[str], config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run a client script with DRIVER_CONFIG (a fresh run number) and return its steps."""
-    environment = {**os.environ, "DRIVER_CONFIG": json.dumps({**config, "run": secrets.randbelow(1 << 30)})}
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def direct_run(command: list[str], pg: EmbeddedPostgres, db: TenantDatabase) -> list[dict[str, Any]]:
-    """The script straight against Postgres as the application role, with the tenants' context set by the
-    script itself (`context`)."""
-    role = {"user": db.app_role, "password": db.app_password}
-    return run_script(command, {"host": "127.0.0.1", "port": pg.port, "database": db.database,
-                                "clients": {"a": role, "b": role},
-                                "context": {"key": db.signing_key, "tenants": {"a": ACME, "b": GLOBEX}}})
 
-
-def proxy_run(command: list[str], proxy: ProxyProcess) -> list[dict[str, Any]]:
-    return run_script(command, {"host": "127.0.0.1", "port": proxy.port, "database": "app", "context": None,
-                                "clients": {"a": {"user": "alice", "password": proxy.token(ACME)},
-                                            "b": {"user": "bob", "password": proxy.token(GLOBEX)}}})
-
-
-def without_listen(steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    (listen,) = [step for step in steps if step["step"] == "listen"]
-    return [step for step in steps if step is not listen], listen
-
-
-def assert_same_steps(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> None:
-    """Step by step, so a failure names the first step that differs."""
-    assert [step["step"] for step in got] == [step["step"] for step in expected]
-    for direct, proxied in zip(expected, got):
-        assert proxied == direct, f"step {direct['step']!r}"
 
 
 def test_node_pg_as_directly(mode: str, pooled: ProxyProcess, node_pg: list[str], pg: EmbeddedPostgres,

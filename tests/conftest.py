@@ -11,7 +11,7 @@ import pytest
 
 from proxy.demo import TenantDatabase, prepare_database
 from proxy.embedded import EmbeddedPostgres
-from support import ProxyProcess
+from support import ProxyProcess, unprotected_table
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +57,12 @@ def prepared_statements_readable(pg: EmbeddedPostgres, tenant_db: TenantDatabase
     pg.psql("".join(f"GRANT {grant} TO {tenant_db.app_role};\n" for grant in grants), database=tenant_db.database)
     yield
     pg.psql("".join(f"REVOKE {grant} FROM {tenant_db.app_role};\n" for grant in grants), database=tenant_db.database)
+
+
+@pytest.fixture(scope="module")
+def drivers_scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Any:
+    """For the driver scripts (tests/driver_scripts.py): the table without Row-Level Security the scripts write (COPY, transactions), each run under its own
+    run number."""
+    with unprotected_table(pg, tenant_db, "drivers_scratch", "run int NOT NULL, n int, t text",
+                           grants="SELECT, INSERT, UPDATE, DELETE") as name:
+        yield name

@@ -20,14 +20,13 @@ import os
 import subprocess
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from driver_scripts import assert_same_steps, direct_run, proxy_run, without_listen
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, ProxyProcess, pool_mode_fixtures, unprotected_table
+from support import ACME, ProxyProcess, pool_mode_fixtures
 
 CLIENTS = Path(__file__).parent / "clients"
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
@@ -37,15 +36,6 @@ LISTEN_REFUSED = {
 }
 
 mode, pooled = pool_mode_fixtures(MODES)
-
-
-@pytest.fixture(scope="module")
-def drivers_scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Any:
-    """The table without Row-Level Security the scripts write (COPY, transactions), each run under its own
-    run number."""
-    with unprotected_table(pg, tenant_db, "drivers_scratch", "run int NOT NULL, n int, t text",
-                           grants="SELECT, INSERT, UPDATE, DELETE") as name:
-        yield name
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import pytest
 from driver_scripts import assert_same_steps, direct_run, proxy_run
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
-from support import ACME, ProxyProcess, pool_mode_fixtures, unprotected_table
+from support import ACME, ProxyProcess, pool_mode_fixtures
 
 CLIENTS = Path(__file__).parent / "clients"
 MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
@@ -38,15 +38,6 @@ DECLARE_FETCH = ("[declare fetch]", "[declare fetch, statement rollback]", "[no 
 WITH_HOLD_REFUSED = "DECLARE ... WITH HOLD is not available with transaction pooling"
 
 mode, pooled = pool_mode_fixtures(MODES)
-
-
-@pytest.fixture(scope="module")
-def drivers_scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Any:
-    """The table without Row-Level Security the scripts write (COPY, transactions), each run under its own
-    run number."""
-    with unprotected_table(pg, tenant_db, "drivers_scratch", "run int NOT NULL, n int, t text",
-                           grants="SELECT, INSERT, UPDATE, DELETE") as name:
-        yield name
 
 
 @pytest.fixture(scope="module")

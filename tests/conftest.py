@@ -61,8 +61,8 @@ def prepared_statements_readable(pg: EmbeddedPostgres, tenant_db: TenantDatabase
 
 @pytest.fixture(scope="module")
 def drivers_scratch(pg: EmbeddedPostgres, tenant_db: TenantDatabase) -> Any:
-    """For the driver scripts (tests/driver_scripts.py): the table without Row-Level Security the scripts write (COPY, transactions), each run under its own
-    run number."""
+    """The table without Row-Level Security the driver scripts (tests/driver_scripts.py) write (COPY,
+    transactions), each run under its own run number."""
     with unprotected_table(pg, tenant_db, "drivers_scratch", "run int NOT NULL, n int, t text",
                            grants="SELECT, INSERT, UPDATE, DELETE") as name:
         yield name

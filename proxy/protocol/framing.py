@@ -32,6 +32,11 @@ def _check_length(length: int, maximum: int, what: str) -> None:
         raise ProtocolViolation(f"{what} length {length} exceeds the limit of {maximum} bytes")
 
 
+def _invalid_type(type_code: int) -> None:
+    """A message of a type the peer may not send (Postgres's words and routine for a frontend's)."""
+    raise ProtocolViolation(f"invalid frontend message type {type_code}", routine="SocketBackend")
+
+
 def read_startup_packet(buffer: bytearray, maximum: int = DEFAULT_MAX_STARTUP_PACKET) -> StartupPacket | None:
     """Remove and return one startup packet from the front of `buffer`, or None if it is incomplete."""
     if len(buffer) < 4:
@@ -101,13 +106,17 @@ class MessageScanner:
     `scan(data)` checks every header's length and returns the stream cut into segments, in order:
     runs of unwatched bytes (passed on without being copied when a read holds no watched message) and
     whole watched messages. A watched message split across reads is held until it is complete.
+    With `passed`, an unwatched message must be of one of those types: any other type is a
+    ProtocolViolation, as Postgres answers it ("invalid frontend message type", in SocketBackend), so it
+    is never passed on as if it were one the peer reads without a reply.
     """
 
-    __slots__ = ("maximum", "watched", "_header", "_skip", "_body", "_body_type", "_need")
+    __slots__ = ("maximum", "watched", "passed", "_header", "_skip", "_body", "_body_type", "_need")
 
-    def __init__(self, watched: bytes, maximum: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, watched: bytes, maximum: int = DEFAULT_MAX_MESSAGE, passed: bytes | None = None) -> None:
         self.maximum = maximum
         self.watched = frozenset(watched)
+        self.passed = frozenset(passed) if passed is not None else None
         self._header = b""  # a header split across reads, not yet passed on
         self._skip = 0  # bytes of an unwatched body still to pass
         self._body: bytearray | None = None  # a watched message being collected
@@ -198,6 +207,8 @@ class MessageScanner:
                     return segments
                 segments.append(Message(_TYPE_BYTES[type_code], data[pos:stop]))
                 start = stop
+            elif self.passed is not None and type_code not in self.passed:
+                _invalid_type(type_code)
             elif stop > end:
                 self._skip = stop - end
                 stop = end
@@ -232,6 +243,8 @@ class MessageScanner:
             type_code, length = _HEADER.unpack_from(header)
             _check_length(length, self.maximum, "message")
             if type_code not in self.watched:
+                if self.passed is not None and type_code not in self.passed:
+                    _invalid_type(type_code)
                 self._skip = length - 4
                 step = min(self._skip, end - pos)
                 self._skip -= step

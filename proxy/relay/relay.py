@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from proxy.tenant import ContextBuilder
 
 CLIENT_WATCHED = b"QPBDESCHFXcf"  # everything but CopyData
+CLIENT_PASSED = b"d"  # CopyData; any other type is no frontend message after login (postgres.c, SocketBackend)
 COPY_IN_READS = frozenset(b"cfHS")  # what Postgres reads during COPY IN besides CopyData (postgres.c, CopyGetData)
 HELD_HIGH_WATER = 256 * 1024  # bytes held from a client waiting for its server connection before reading pauses
 RESERVED_HINT = "names starting with pg_tenant_proxy_ belong to the proxy; choose another name"
@@ -253,7 +254,7 @@ class Relay:
         self.context = context
         self.identity = identity
         self.settings = settings
-        self.scanner = MessageScanner(CLIENT_WATCHED, max_message)
+        self.scanner = MessageScanner(CLIENT_WATCHED, max_message, CLIENT_PASSED)
         self.server: ServerLink | None = None
         self.queue: ReplyQueue | None = None
         self.held: deque[Segment] = deque()

@@ -211,3 +211,19 @@ def test_scanner_sync_group() -> None:
     scanner = MessageScanner(b"Q")
     scanner.scan(group[:3])
     assert scanner.sync_group(group) is None  # not at a boundary
+
+
+def test_scanner_with_passed_types_refuses_any_other_unwatched_type() -> None:
+    """The client side passes CopyData on unwatched; a type no frontend sends after login is refused as
+    Postgres refuses it, not passed on as if the server answered it with nothing (it ends the session)."""
+    scanner = MessageScanner(b"QS", passed=b"d")
+    copy_data = messages.message(b"d", b"1\n")
+    assert scanner.scan(copy_data + messages.sync())[0] == copy_data
+    with pytest.raises(ProtocolViolation, match="invalid frontend message type 1") as raised:
+        scanner.scan(copy_data + b"\x01\x00\x00\x00\x04")
+    assert raised.value.routine == "SocketBackend"
+    split = MessageScanner(b"QS", passed=b"d")
+    split.scan(b"p\x00")
+    with pytest.raises(ProtocolViolation, match="invalid frontend message type 112"):
+        split.scan(b"\x00\x00\x05x")
+    assert MessageScanner(b"QS").scan(b"\x01\x00\x00\x00\x04") == [b"\x01\x00\x00\x00\x04"]  # no `passed`: any type

@@ -355,6 +355,11 @@ class ClientConnection(asyncio.Protocol):
         backend = self.backend
         if relay is None or backend is None or backend.queue.scanner.at_boundary():
             self.transport.write(messages.error_response("FATAL", sqlstate, text, detail, hint, routine))
+        if backend is not None and backend.runs_client_request():
+            # The proxy ends the session mid-statement (token expired, a timeout, KILL): closing the server
+            # connection alone leaves the statement running until Postgres next writes (a pg_sleep, a lock
+            # wait, rows it still sends: for as long as it takes), and no client is left to cancel it.
+            self.server.cancel_backend(backend)
         self._end()
 
     def server_ended(self) -> None:

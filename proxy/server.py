@@ -283,6 +283,10 @@ class ProxyServer:
             for done in waiting:
                 done()
 
+    def cancel_backend(self, backend: BackendConnection) -> None:
+        """Cancel what `backend`, which is closing, runs for a session the proxy itself ended."""
+        self._spawn(self._deliver_cancel(backend.process_id, backend.secret_key))
+
     async def _cancel_abandoned(self, abandoned: Abandoned, done: Callable[[], None]) -> None:
         """Cancel what the backend of a session that ended mid-statement runs; then the CancelRequest is done."""
         try:

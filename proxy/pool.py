@@ -217,8 +217,13 @@ class Pool:
         self._wake(database)
 
     def _lost(self, backend: BackendConnection) -> None:
-        """A server connection closed, whoever closed it: its slot and its tenant's count are free."""
+        """A server connection closed, whoever closed it: its slot and its tenant's count are free, and it
+        leaves the idle list at once (closed there by the server, it would count as idle on the console and
+        in the gauges until the next checkout passed over it)."""
         self.servers.discard(backend)
+        idle = self._idle_list(backend)
+        if backend in idle:
+            idle.remove(backend)
         self._unhold(backend)
         self._closed(backend.pool_key[0])
 

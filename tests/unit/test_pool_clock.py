@@ -286,3 +286,16 @@ def test_a_connection_handed_to_a_checkout_cancelled_before_it_resumed_goes_back
         assert pool.take("app", "globex") is backend
 
     asyncio.run(scenario())
+
+
+def test_an_idle_connection_the_server_closes_no_longer_counts_as_idle() -> None:
+    """The server ends an idle connection (idle_session_timeout, FATAL for a client's message that went
+    upstream, a restart): it leaves the idle list at once, not at the next checkout."""
+    pool, loop = new_pool(kind=TransactionPool)
+    backend = pooled_backend(pool, loop)
+    backend.on_close = lambda: pool._lost(backend)
+    pool.servers.add(backend)
+    pool.release(backend)
+    assert pool.counts() == ({"app": 1}, {"app": 1}, {})
+    backend.connection_lost(None)
+    assert pool.counts() == ({"app": 0}, {"app": 0}, {})

@@ -340,6 +340,11 @@ class ClientConnection(asyncio.Protocol):
         was sent (`cancel_server`) or found nothing to cancel (`cancel_dropped`)."""
         if self.relay is not None and self.session.state is not _CLOSED:
             self._guarded(Relay.cancel_requested, self.relay)
+        elif self.backend is not None and self.backend.runs_client_request():
+            # The session just ended (the client's Terminate was read, or the proxy ended it) and the close
+            # is not through yet (connection_lost, which makes the key cancel its statement later, runs
+            # on a later turn of the loop): the statement still runs there, as directly it would.
+            self.server.send_cancel(self.backend, self)
         else:
             self.cancel_dropped()
 

@@ -402,3 +402,29 @@ def test_memory_stays_flat_over_many_vanishing_clients(shared: ProxyProcess, pg:
     after = rss_kib(shared)
     assert after - before < 4096, (before, after)  # KiB: 10 bytes per vanished client would be 4 KiB
     assert_clean(shared, pg, tenant_db)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_cancel_sent_with_the_terminate_reaches_the_statement(make_proxy: Any, pg: EmbeddedPostgres,
+                                                                mode: str) -> None:
+    """The CancelRequest and the Terminate leave together (lib/pq on a cancelled context): a cancel the proxy
+    read after the Terminate but before the close was through (one turn of its loop) was dropped, and the
+    statement slept on."""
+    proxy = make_proxy({"pool": {"mode": mode, "size": SIZE}})
+    for _ in range(8):
+        marker = f"vanish_{uuid.uuid4().hex[:10]}"
+        try:
+            wire = connect_proxy(proxy.port, proxy.token(GLOBEX))
+            assert wire.key is not None
+            wire.send(messages.query(f"SELECT pg_sleep(60) AS {marker}"))
+            wait_until(lambda: running(pg, marker) == 1, deadline=DEADLINE)
+            canceller = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+            wire.send(messages.terminate())
+            canceller.sendall(messages.cancel_request(*wire.key))
+            wire.sock.close()
+            canceller.close()
+            wait_until(lambda: running(pg, marker) == 0, deadline=DEADLINE)
+        finally:
+            pg.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%{marker}%'"
+                    " AND query NOT LIKE '%pg_stat_activity%'")
+    assert proxy.alive()

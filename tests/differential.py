@@ -305,6 +305,17 @@ def exchange_directly(port: int, user: str, password: str, database: str, writes
         wire.close()
 
 
+def send_cancel(port: int, key: tuple[int, int], timeout: float = READ_TIMEOUT) -> None:
+    """Send a CancelRequest for `key` (BackendKeyData: process ID, secret key) to 127.0.0.1:`port` and wait
+    until the other end closes that connection, which it does once it has acted on the cancel."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(messages.cancel_request(*key))
+        try:
+            sock.recv(1)
+        except OSError:
+            pass
+
+
 def connect_direct(port: int, user: str, password: str, database: str, name: str = "direct", **parameters: str) -> Wire:
     """Log in to Postgres over TCP with SCRAM-SHA-256 (RFC 7677) or cleartext, as the server asks."""
     wire = Wire(socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT), name)

@@ -11,14 +11,13 @@ statement must end within the deadline.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from differential import Wire, connect_direct, connect_proxy
+from differential import Wire, connect_direct, connect_proxy, send_cancel
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
@@ -32,15 +31,6 @@ def running(pg: EmbeddedPostgres, marker: str) -> int:
     return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%{marker}%'"
                        " AND query NOT LIKE '%pg_stat_activity%'").strip() or 0)
 
-
-def cancel(port: int, key: tuple[int, int]) -> None:
-    """Send a CancelRequest for `key` and wait until the other end has acted on it (it closes)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
-        sock.sendall(messages.cancel_request(*key))
-        try:
-            sock.recv(1)
-        except OSError:
-            pass
 
 
 @pytest.fixture
@@ -61,7 +51,7 @@ def abandon_and_cancel(wire: Wire, port: int, pg: EmbeddedPostgres, marker: str,
     if terminate:
         wire.send(messages.terminate())
     wire.sock.close()
-    cancel(port, wire.key)
+    send_cancel(port, wire.key, DEADLINE)
     wait_until(lambda: running(pg, marker) == 0, deadline=DEADLINE)
 
 

@@ -23,7 +23,7 @@ from contextlib import suppress
 from functools import partial
 from typing import Any
 
-from differential import Wire, render
+from differential import Wire, render, send_cancel
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
 from support import ACME, GLOBEX, ProxyProcess, cancel_when_running, wait_until
@@ -51,13 +51,8 @@ class Keyed:
                 break
 
     def cancel(self) -> None:
-        """Send a CancelRequest and wait until the proxy closes that connection (it has read it)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(messages.cancel_request(self.pid, self.key))
-            try:
-                sock.recv(1)
-            except OSError:
-                pass
+        """Send a CancelRequest and wait until the proxy closes that connection (it has acted on it)."""
+        send_cancel(self.port, (self.pid, self.key), 5)
 
     def query(self, sql: str) -> list[tuple[bytes, bytes]]:
         self.wire.send(messages.query(sql))

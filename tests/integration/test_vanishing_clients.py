@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from differential import Wire, connect_proxy, copy_data, flush
+from differential import Wire, connect_proxy, copy_data, flush, send_cancel
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
@@ -108,14 +108,6 @@ def assert_clean(proxy: ProxyProcess, pg: EmbeddedPostgres, db: TenantDatabase, 
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
 
 
-def cancel(port: int, key: tuple[int, int]) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
-        sock.sendall(messages.cancel_request(*key))
-        try:
-            sock.recv(1)
-        except OSError:
-            pass
-
 
 def vanish(wire: Wire, how: str) -> None:
     if how == "terminate":
@@ -138,7 +130,7 @@ def mid_statement_cancelled(proxy: ProxyProcess, wire: Wire, pg: EmbeddedPostgre
     wire.send(messages.query(f"SELECT pg_sleep(60) AS {marker}"))
     wait_until(lambda: running(pg, marker) == 1, deadline=DEADLINE)
     assert wire.key is not None
-    cancel(proxy.port, wire.key)
+    send_cancel(proxy.port, wire.key, DEADLINE)
     return marker
 
 

@@ -20,6 +20,15 @@ from support import ACME, GLOBEX, ProxyProcess
 
 Steps = list[dict[str, Any]]
 
+# The pool modes the driver scripts run in: transaction mode over two server connections, so one client's
+# open transaction moves the other's statements between server connections.
+MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
+# The one documented difference: LISTEN is refused by the proxy, (SQLSTATE, message) by pool mode.
+LISTEN_REFUSED = {
+    "session": ("42501", "LISTEN is not allowed through pg-tenant-proxy: notification channels are shared by every tenant"),
+    "transaction": ("0A000", "LISTEN is not available with transaction pooling: the server connection is shared after each transaction"),
+}
+
 
 def run_script(command: list[str], config: dict[str, Any], timeout: float = 240.0) -> Steps:
     """Run a client script with DRIVER_CONFIG (a fresh run number) and return its steps; fails the test

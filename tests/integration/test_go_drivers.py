@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import driver_scripts
-from driver_scripts import assert_same_steps, without_listen
+from driver_scripts import LISTEN_REFUSED, MODES, assert_same_steps, without_listen
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from support import ACME, ProxyProcess, pool_mode_fixtures, wait_until
@@ -34,11 +34,6 @@ from support import ACME, ProxyProcess, pool_mode_fixtures, wait_until
 CLIENTS = Path(__file__).parent / "clients"
 GOPATH = Path("/usr/share/gocode")
 PACKAGES = "golang-go golang-github-jackc-pgx-v4-dev golang-github-lib-pq-dev"
-MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
-LISTEN_REFUSED = {
-    "session": ("42501", "LISTEN is not allowed through pg-tenant-proxy: notification channels are shared by every tenant"),
-    "transaction": ("0A000", "LISTEN is not available with transaction pooling: the server connection is shared after each transaction"),
-}
 
 mode, pooled = pool_mode_fixtures(MODES)
 
@@ -56,9 +51,9 @@ def go_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                    "GOFLAGS": "", "CGO_ENABLED": "0"}
     built = {}
     for name in ("go_pgx", "go_pq"):
-        result = subprocess.run([go, "build", "-o", str(out / name), f"{name}.go"], cwd=CLIENTS, env=environment,
+        result = subprocess.run([go, "build", "-o", str(out / name), f"{name}.go", "go_common.go"], cwd=CLIENTS, env=environment,
                                 capture_output=True, text=True, timeout=300, check=False)
-        assert result.returncode == 0, f"go build {name}.go:\n{result.stdout}{result.stderr}"
+        assert result.returncode == 0, f"go build {name}.go go_common.go:\n{result.stdout}{result.stderr}"
         built[name] = out / name
     return built
 
@@ -93,6 +88,20 @@ def proxy_run(program: Path, proxy: ProxyProcess, pg: EmbeddedPostgres, db: Tena
     return steps
 
 
+def assert_as_directly(program: Path, mode: str, pooled: ProxyProcess, pg: EmbeddedPostgres,
+                       tenant_db: TenantDatabase) -> None:
+    """The program's steps through the proxy are those of its direct run, but LISTEN, refused as documented
+    with the connection going on (the Ping after it)."""
+    expected, direct_listen = without_listen(direct_run(program, pg, tenant_db))
+    assert direct_listen["result"] is None
+    assert expected[1]["result"]["rows"] == [[2, ACME]]  # the context held directly
+    got, listen = without_listen(proxy_run(program, pooled, pg, tenant_db))
+    assert_same_steps(expected, got)
+    code, message = LISTEN_REFUSED[mode]
+    assert (listen["error"]["code"], listen["error"]["message"]) == (code, message)
+    assert listen["partial"] is None  # Ping after the refusal: the connection goes on
+
+
 def test_pgx_as_directly(mode: str, pooled: ProxyProcess, go_programs: dict[str, Path], pg: EmbeddedPostgres,
                          tenant_db: TenantDatabase) -> None:
     """pgx's statement cache (named), its describe-only cache, no cache, pgconn's ExecParams and the simple
@@ -100,14 +109,7 @@ def test_pgx_as_directly(mode: str, pooled: ProxyProcess, go_programs: dict[str,
     statement whose result shape changes (0A000, then prepared again); PgConn.CancelRequest and a cancelled
     context; DEALLOCATE ALL and DISCARD ALL by the application; SET, set_config, RuntimeParams; pgxpool
     with more goroutines than connections for two tenants: the same results through the proxy as directly."""
-    expected, direct_listen = without_listen(direct_run(go_programs["go_pgx"], pg, tenant_db))
-    assert direct_listen["result"] is None
-    assert expected[1]["result"]["rows"] == [[2, ACME]]  # the context held directly
-    got, listen = without_listen(proxy_run(go_programs["go_pgx"], pooled, pg, tenant_db))
-    assert_same_steps(expected, got)
-    code, message = LISTEN_REFUSED[mode]
-    assert (listen["error"]["code"], listen["error"]["message"]) == (code, message)
-    assert listen["partial"] is None  # Ping after the refusal: the connection goes on
+    assert_as_directly(go_programs["go_pgx"], mode, pooled, pg, tenant_db)
 
 
 def test_lib_pq_as_directly(mode: str, pooled: ProxyProcess, go_programs: dict[str, Path], pg: EmbeddedPostgres,
@@ -117,11 +119,4 @@ def test_lib_pq_as_directly(mode: str, pooled: ProxyProcess, go_programs: dict[s
     pooled connections, transactions with options, pq.CopyIn, a prepared statement whose result shape
     changes, startup parameters from the DSN, a cancelled context, pools with more goroutines than
     connections for two tenants: the same results through the proxy as directly."""
-    expected, direct_listen = without_listen(direct_run(go_programs["go_pq"], pg, tenant_db))
-    assert direct_listen["result"] is None
-    assert expected[1]["result"]["rows"] == [[2, ACME]]  # the context held directly
-    got, listen = without_listen(proxy_run(go_programs["go_pq"], pooled, pg, tenant_db))
-    assert_same_steps(expected, got)
-    code, message = LISTEN_REFUSED[mode]
-    assert (listen["error"]["code"], listen["error"]["message"]) == (code, message)
-    assert listen["partial"] is None  # Ping after the refusal: the connection goes on
+    assert_as_directly(go_programs["go_pq"], mode, pooled, pg, tenant_db)

@@ -23,17 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from driver_scripts import assert_same_steps, direct_run, proxy_run, without_listen
+from driver_scripts import LISTEN_REFUSED, MODES, assert_same_steps, direct_run, proxy_run, without_listen
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from support import ACME, ProxyProcess, pool_mode_fixtures
 
 CLIENTS = Path(__file__).parent / "clients"
-MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
-LISTEN_REFUSED = {
-    "session": ("42501", "LISTEN is not allowed through pg-tenant-proxy: notification channels are shared by every tenant"),
-    "transaction": ("0A000", "LISTEN is not available with transaction pooling: the server connection is shared after each transaction"),
-}
 
 mode, pooled = pool_mode_fixtures(MODES)
 

@@ -27,13 +27,12 @@ from typing import Any
 
 import pytest
 
-from driver_scripts import assert_same_steps, direct_run, proxy_run
+from driver_scripts import MODES, assert_same_steps, direct_run, proxy_run
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from support import ACME, ProxyProcess, pool_mode_fixtures
 
 CLIENTS = Path(__file__).parent / "clients"
-MODES = {"session": {"pool": {"mode": "session"}}, "transaction": {"pool": {"mode": "transaction", "size": 2}}}
 DECLARE_FETCH = ("[declare fetch]", "[declare fetch, statement rollback]", "[no server prepare, declare fetch]")
 WITH_HOLD_REFUSED = "DECLARE ... WITH HOLD is not available with transaction pooling"
 

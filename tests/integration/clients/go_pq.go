@@ -29,37 +29,6 @@ import (
 	"github.com/lib/pq"
 )
 
-type client struct {
-	User     string `json:"user"`
-	Password string `json:"password"`
-}
-
-type config struct {
-	Host     string            `json:"host"`
-	Port     int               `json:"port"`
-	Database string            `json:"database"`
-	Run      int               `json:"run"`
-	Clients  map[string]client `json:"clients"`
-	Context  *struct {
-		Key     string            `json:"key"`
-		Tenants map[string]string `json:"tenants"`
-	} `json:"context"`
-	Admin   string `json:"admin"`
-	AppRole string `json:"app_role"`
-}
-
-var cfg config
-var bg = context.Background()
-
-func emit(step string, value map[string]interface{}) {
-	value["step"] = step
-	line, err := json.Marshal(value)
-	if err != nil {
-		line, _ = json.Marshal(map[string]interface{}{"step": step, "unprintable": err.Error()})
-	}
-	fmt.Println(string(line))
-}
-
 func failure(err error) map[string]interface{} {
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) {
@@ -75,22 +44,6 @@ func failure(err error) map[string]interface{} {
 		return map[string]interface{}{"context": "deadline exceeded"}
 	}
 	return map[string]interface{}{"other": err.Error()}
-}
-
-func attempt(step string, action func() (interface{}, error)) {
-	result, err := action()
-	if err != nil {
-		emit(step, map[string]interface{}{"error": failure(err), "partial": result})
-		return
-	}
-	emit(step, map[string]interface{}{"result": result})
-}
-
-func outcome(value interface{}, err error) interface{} {
-	if err != nil {
-		return map[string]interface{}{"error": failure(err)}
-	}
-	return value
 }
 
 func dsn(name string, extra string) string {

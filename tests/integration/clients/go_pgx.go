@@ -242,6 +242,20 @@ func admin(sql string) {
 	}
 }
 
+// twoTransactionsAtOnce runs three rounds of a transaction on a and one on b at the same time (in transaction
+// mode, both server connections at once), each counting the tenant's rows with count, after the outcomes in seen.
+func twoTransactionsAtOnce(a, b *pgx.Conn, count string, seen []interface{}) ([]interface{}, error) {
+	for round := 0; round < 3; round++ {
+		t1, err1 := a.Begin(bg)
+		t2, err2 := b.Begin(bg)
+		if err1 != nil || err2 != nil {
+			return seen, fmt.Errorf("begin: %v %v", err1, err2)
+		}
+		seen = append(seen, outcome(rowsOf(t1.Conn(), count, "one")), outcome(rowsOf(t2.Conn(), count, "two")), outcome(nil, t1.Commit(bg)), outcome(nil, t2.Commit(bg)))
+	}
+	return seen, nil
+}
+
 func main() {
 	if err := json.Unmarshal([]byte(os.Getenv("DRIVER_CONFIG")), &cfg); err != nil {
 		panic(err)
@@ -866,15 +880,7 @@ func main() {
 		seen = append(seen, outcome(nil, err), waiter.IsClosed())
 		<-waiter.PgConn().CleanupDone()
 		seen = append(seen, outcome(nil, holder.Rollback(bg)))
-		for round := 0; round < 3; round++ {
-			t1, err1 := a.Begin(bg)
-			t2, err2 := b.Begin(bg)
-			if err1 != nil || err2 != nil {
-				return seen, fmt.Errorf("begin: %v %v", err1, err2)
-			}
-			seen = append(seen, outcome(rowsOf(t1.Conn(), count, "one")), outcome(rowsOf(t2.Conn(), count, "two")), outcome(nil, t1.Commit(bg)), outcome(nil, t2.Commit(bg)))
-		}
-		return seen, nil
+		return twoTransactionsAtOnce(a, b, count, seen)
 	})
 
 	// A query whose context ends while it waits (directly for a lock; in transaction mode with both server
@@ -896,15 +902,7 @@ func main() {
 		seen = append(seen, outcome(nil, err), waiter.IsClosed())
 		<-waiter.PgConn().CleanupDone()
 		seen = append(seen, outcome(nil, holder.Rollback(bg)), outcome(nil, other.Rollback(bg)))
-		for round := 0; round < 3; round++ {
-			t1, err1 := a.Begin(bg)
-			t2, err2 := b.Begin(bg)
-			if err1 != nil || err2 != nil {
-				return seen, fmt.Errorf("begin: %v %v", err1, err2)
-			}
-			seen = append(seen, outcome(rowsOf(t1.Conn(), count, "one")), outcome(rowsOf(t2.Conn(), count, "two")), outcome(nil, t1.Commit(bg)), outcome(nil, t2.Commit(bg)))
-		}
-		return seen, nil
+		return twoTransactionsAtOnce(a, b, count, seen)
 	})
 
 	// A cached statement and search_path: Postgres parses a prepared statement again when search_path

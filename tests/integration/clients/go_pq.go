@@ -100,6 +100,25 @@ type querier interface {
 	QueryContext(ctx context.Context, query string, args ...interface{}) (*sql.Rows, error)
 }
 
+// cancelAtFirstRow runs a statement of 500 rows, the last 100 sleeping 30 s each, on q under ctx, and
+// cancels ctx at its first row: whether some but not all of the first 400 rows came, and how it ended.
+func cancelAtFirstRow(ctx context.Context, cancel context.CancelFunc, q querier) (bool, error) {
+	rows, err := q.QueryContext(ctx, "SELECT CASE WHEN g < 400 THEN repeat('x', 100) ELSE pg_sleep(30)::text END AS v FROM generate_series(1, 500) AS g")
+	if err != nil {
+		return false, err
+	}
+	got := 0
+	for rows.Next() {
+		if got == 0 {
+			cancel()
+		}
+		got++
+	}
+	err = rows.Err()
+	rows.Close()
+	return got >= 1 && got < 400, err
+}
+
 func plain(value interface{}) interface{} {
 	switch v := value.(type) {
 	case time.Time:
@@ -436,20 +455,8 @@ func main() {
 			return nil, err
 		}
 		defer conn.Close()
-		rows, err := conn.QueryContext(ctx, "SELECT CASE WHEN g < 400 THEN repeat('x', 100) ELSE pg_sleep(30)::text END AS v FROM generate_series(1, 500) AS g")
-		if err != nil {
-			return nil, err
-		}
-		got := 0
-		for rows.Next() {
-			if got == 0 {
-				cancel()
-			}
-			got++
-		}
-		err = rows.Err()
-		rows.Close()
-		return []interface{}{got >= 1 && got < 400, outcome(nil, err), outcome(rowsOf(conn, count, "after cancel"))}, nil
+		some, err := cancelAtFirstRow(ctx, cancel, conn)
+		return []interface{}{some, outcome(nil, err), outcome(rowsOf(conn, count, "after cancel"))}, nil
 	})
 	attempt("context cancelled in a transaction", func() (interface{}, error) {
 		ctx, cancel := context.WithCancel(bg)
@@ -458,21 +465,9 @@ func main() {
 		if err != nil {
 			return nil, err
 		}
-		rows, err := tx.QueryContext(ctx, "SELECT CASE WHEN g < 400 THEN repeat('x', 100) ELSE pg_sleep(30)::text END AS v FROM generate_series(1, 500) AS g")
-		if err != nil {
-			return nil, err
-		}
-		got := 0
-		for rows.Next() {
-			if got == 0 {
-				cancel()
-			}
-			got++
-		}
-		err = rows.Err()
-		rows.Close()
+		some, err := cancelAtFirstRow(ctx, cancel, tx)
 		// database/sql rolls the transaction back itself when its context ends (racing an explicit Rollback).
-		return []interface{}{got >= 1 && got < 400, outcome(nil, err), outcome(rowsOf(b, count, "after"))}, nil
+		return []interface{}{some, outcome(nil, err), outcome(rowsOf(b, count, "after"))}, nil
 	})
 
 	attempt("context deadline on a sleep", func() (interface{}, error) {

@@ -66,6 +66,17 @@ def count_run(conn)
 end
 
 # Every result of what was sent, up to the nil that ends it (outside pipeline mode: the whole query).
+# The lines a COPY ... TO STDOUT sends, read with copy_data and get_copy_data.
+def copied_out(conn, sql)
+  lines = []
+  conn.copy_data(sql) do
+    while (line = conn.get_copy_data)
+      lines << line
+    end
+  end
+  lines
+end
+
 def all_results(conn)
   seen = []
   while (result = conn.get_result)
@@ -215,18 +226,8 @@ rescue ArgumentError => e
   seen << e.message << a.transaction_status << count_run(a)
 end
 step('copy_data out') do
-  lines = []
-  a.copy_data("COPY (SELECT n, t FROM drivers_scratch WHERE run = #{RUN} ORDER BY n) TO STDOUT") do
-    while (line = a.get_copy_data)
-      lines << line
-    end
-  end
-  rls = []
-  b.copy_data('COPY (SELECT tenant_id, name FROM leads ORDER BY name) TO STDOUT (FORMAT csv)') do
-    while (line = b.get_copy_data)
-      rls << line
-    end
-  end
+  lines = copied_out(a, "COPY (SELECT n, t FROM drivers_scratch WHERE run = #{RUN} ORDER BY n) TO STDOUT")
+  rls = copied_out(b, 'COPY (SELECT tenant_id, name FROM leads ORDER BY name) TO STDOUT (FORMAT csv)')
   [lines, rls, result_summary(a.exec('SELECT 1'))]
 end
 step('copy in a transaction, rolled back') do

@@ -25,13 +25,14 @@ cached by statement text.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
 import string
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,10 @@ class Decision:
     # TRANSACTION, SET transaction_isolation, ...): Postgres refuses an isolation level, DEFERRABLE or a
     # snapshot once the transaction has run a query, so the transaction's context goes after it.
     transaction_setup: bool = False
+    # Transaction mode: refused when the text runs as the first statement of a transaction (the relay
+    # knows; the guard does not), because its first statement that does more than begin the transaction
+    # reads what the session's earlier transactions left (lastval(), currval()).
+    refusal_at_transaction_start: Refusal | None = None
 
 
 ALLOW = Decision()
@@ -96,9 +101,10 @@ ALLOW = Decision()
 
 # Substrings that matter wherever they appear: functions the guard refuses or reads, the pg_settings
 # view, identifiers and strings with Unicode escapes ("u&"); under transaction pooling also session
-# advisory locks. Substring tests are the cheapest check, so they run first.
+# advisory locks and the sequence functions that read the session's earlier transactions. Substring
+# tests are the cheapest check, so they run first.
 _ANYWHERE = ("set_config", "u&", "pg_notify", "pg_settings", "_backend")
-_SESSION_ANYWHERE = (*_ANYWHERE, "advisory")
+_SESSION_ANYWHERE = (*_ANYWHERE, "advisory", "lastval", "currval")
 # Words that matter wherever they appear: the large-object functions, and under transaction pooling
 # TEMP / TEMPORARY (SELECT ... INTO TEMP).
 _LARGE_OBJECT_WORDS = frozenset({
@@ -288,7 +294,7 @@ _SESSION_WALKED_KINDS = _WALKED_KINDS | {
 _WRITES = ("UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt")
 _TEMPORARY = ("CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt")
 _READ_FUNCTIONS = r"set_config|pg_notify|lo_\w*|loread|lowrite|pg_cancel_backend|pg_terminate_backend"
-_SESSION_FUNCTIONS = r"|pg_advisory\w*|pg_try_advisory\w*"
+_SESSION_FUNCTIONS = r"|pg_advisory\w*|pg_try_advisory\w*|lastval|currval"
 # A top-level statement: the only JSON key "stmt" is RawStmt's.
 _STATEMENT = re.compile(r'\{"stmt":\{"(\w+)":(?=\{)')
 # A string constant shaped like a custom (placeholder) setting name, "prefix.name", in pglast's JSON.
@@ -305,6 +311,16 @@ def _occurrences(transaction_mode: bool, writes: bool, temporary: bool) -> re.Pa
     return re.compile(rf'"(?:{"|".join(sorted(kinds))})":(?=\{{)|{calls}')
 
 
+# Functions whose value is what earlier transactions of the session did: under transaction pooling those
+# ran on whichever server connection they got, and another client of the tenant may have used this one since.
+SEQUENCE_STATE_FUNCTIONS = frozenset({"lastval", "currval"})
+SEQUENCE_STATE = Refusal(
+    errors.FEATURE_NOT_SUPPORTED,
+    "lastval() and currval() at the start of a transaction are not available with transaction pooling: they "
+    "read what the session's earlier transactions did, which ran on server connections other clients share",
+    "read the value in the transaction that calls nextval(): INSERT ... RETURNING id, or call lastval() after "
+    "the INSERT in the same transaction block; or use a pool in session mode",
+)
 _SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
 _CURSOR_OPT_HOLD = 0x0020
 
@@ -444,12 +460,20 @@ class _Effects:
     drops_statements: bool = False
     statement_after_reset: bool = False
     transaction_setup: bool = True  # until a statement that is not
+    statements: int = 0  # top-level statements read so far
+    first_run: int | None = None  # the index of the first statement that does more than begin the transaction
+    at_statement: int = 0  # the index of the statement whose nodes are being read
+    sequence_reads: set[int] = field(default_factory=set)  # indexes of statements calling lastval() or currval()
 
     def statement(self, kind: str, node: dict[str, Any]) -> None:
         """Note what one top-level statement does to session settings and prepared statements (every
         statement in order; `node` may be empty for kinds outside KINDS)."""
         self.statement_after_reset = self.statement_after_reset or self.resets_all or bool(self.reset_names)
-        self.transaction_setup = self.transaction_setup and _transaction_setup(kind, node)
+        setup = _transaction_setup(kind, node)
+        self.transaction_setup = self.transaction_setup and setup
+        if self.first_run is None and not setup:
+            self.first_run = self.statements
+        self.statements += 1
         if kind == "VariableSetStmt" and not node.get("is_local"):
             self._variable_set(node)
         elif kind == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
@@ -495,6 +519,7 @@ class _Effects:
             drops_statements=self.drops_statements, statement_count=statement_count,
             no_transaction_block=no_transaction_block, statement_after_reset=self.statement_after_reset,
             transaction_setup=self.transaction_setup and statement_count > 0,
+            refusal_at_transaction_start=SEQUENCE_STATE if self.first_run in self.sequence_reads else None,
         )
         return ALLOW if decision == ALLOW else decision
 
@@ -616,6 +641,7 @@ class Guard:
         walking that subtree, which is walked only when it holds one."""
         effects = _Effects()
         statements = list(_STATEMENT.finditer(text))
+        starts = [statement.start() for statement in statements]
         for statement in statements:
             kind = statement.group(1)
             effects.statement(kind, decode_node(text, statement.end())[0] if kind in _Effects.KINDS else {})
@@ -626,6 +652,7 @@ class Guard:
             if match.start() < decoded_to:
                 continue
             node, decoded_to = decode_node(text, match.end())
+            effects.at_statement = bisect.bisect_right(starts, match.start()) - 1
             kind = match.group()[1 : match.group().index('"', 1)]
             nested = pattern.search(text, match.end(), decoded_to) is not None
             for inner_kind, inner in ((kind, node), *(_nodes(node) if nested else ())):
@@ -713,6 +740,8 @@ class Guard:
             return _large_objects(f"{function}()")
         elif function in SIGNAL_FUNCTIONS and not self.allow_backend_signals:
             return _signals(f"{function}()")
+        elif function in SEQUENCE_STATE_FUNCTIONS and self.transaction_mode:
+            effects.sequence_reads.add(effects.at_statement)
         return None
 
 
@@ -729,7 +758,9 @@ class Classifier(Guard):
 
     def check(self, sql: str) -> Decision:
         decision = super().check(sql)
-        return ALLOW if decision.refusal is not None else decision
+        if decision.refusal_at_transaction_start is not None:
+            decision = replace(decision, refusal_at_transaction_start=None)
+        return ALLOW if decision.refusal is not None or decision == ALLOW else decision
 
     def _node(self, kind: str, node: dict[str, Any], effects: _Effects) -> Refusal | None:
         super()._node(kind, node, effects)  # records what the node does (set_config); its refusal is dropped

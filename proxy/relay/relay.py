@@ -1326,17 +1326,11 @@ class TransactionMode:
         here. False: the server's status is not known yet (a group is in flight), so the message waits.
         If the context fails, the server skips the message too; behind a Query or FunctionCall, a Sync of
         the proxy's own then ends that skip (`query_skipped`), and its ReadyForQuery is the client's."""
+        starts = self._transaction_starts(decision)
+        if not starts:
+            return starts is not None
         relay = self.relay
-        if self.context_set and not self.context_reset:
-            return True
-        queue = relay.queue
-        assert queue is not None and relay.server is not None
-        if queue.groups_owed():
-            return False
-        if queue.skipping() or decision.no_transaction_block or not (
-            queue.status == b"I" or (self.context_reset and queue.status == b"T")
-        ):
-            return True  # skipping: the server will skip the client's statement too, up to its Sync
+        assert relay.server is not None
         if decision.transaction_setup:  # BEGIN ISOLATION LEVEL ...: the context would run a query first (25001)
             self.context_reset = True  # so it goes in front of the transaction's next statement
             return True
@@ -1350,14 +1344,35 @@ class TransactionMode:
         self.context_set = True
         return True
 
+    def _transaction_starts(self, decision: Decision) -> bool | None:
+        """Whether a statement-running message with the guard's `decision` starts a transaction here, so
+        that the context goes in front of it (one that only begins it, `transaction_setup`, included).
+        None while the server's status is not known yet (a group is in flight). False when the context is
+        in force already, when the server will skip the message (an error window, up to its Sync), and for
+        a statement that refuses transaction blocks."""
+        if self.context_set and not self.context_reset:
+            return False
+        queue = self.relay.queue
+        assert queue is not None
+        if queue.groups_owed():
+            return None
+        return not (queue.skipping() or decision.no_transaction_block) and (
+            queue.status == b"I" or (self.context_reset and queue.status == b"T"))
+
     # -- client messages -------------------------------------------------------------------------
 
     def query(self, message: Message) -> bool:
         relay = self.relay
         decision = relay.decide(message.body[:-1])
-        if decision.refusal is not None:  # directly, the Query would have dropped the unnamed statement all the same
+        refusal = decision.refusal
+        if refusal is None and decision.refusal_at_transaction_start is not None:  # lastval(), currval()
+            starts = self._transaction_starts(decision)
+            if starts is None:
+                return False
+            refusal = decision.refusal_at_transaction_start if starts else None
+        if refusal is not None:  # directly, the Query would have dropped the unnamed statement all the same
             dropped = self._unnamed_dropped()
-            relay.refuse_group(decision.refusal, None if dropped is None else OwnRequest(dropped.ended))
+            relay.refuse_group(refusal, None if dropped is None else OwnRequest(dropped.ended))
             return True
         if decision.deallocates and any(self._settling(name.encode()[:NAME_BYTES]) for name in decision.deallocates):
             return False
@@ -1810,6 +1825,13 @@ class TransactionMode:
             relay.refuse_extended(reserved("portal", portal))
             return True
         decision = self.portals.get(portal, ALLOW)
+        if decision.refusal_at_transaction_start is not None:  # lastval(), currval()
+            starts = self._transaction_starts(decision)
+            if starts is None:
+                return False
+            if starts:
+                relay.refuse_extended(decision.refusal_at_transaction_start)
+                return True
         if not self._context(decision):
             return False
         watcher = self._effects(decision)

@@ -621,3 +621,27 @@ def test_transaction_setup_in_transaction_mode(sql: str, setup: bool) -> None:
     precede (Postgres refuses them after a query: 25001); the pre-scan hands them to the parser."""
     assert needs_parse(sql, True) or not setup
     assert make(transaction_mode=True).check(sql).transaction_setup is setup
+
+
+@pytest.mark.parametrize("sql, refused", [
+    ("SELECT lastval()", True),
+    ("SELECT /* x */ LastVal ( )", True),
+    ("select pg_catalog.currval('s')", True),
+    ("SELECT x FROM t WHERE id = (SELECT currval('s'))", True),
+    ("BEGIN; SELECT lastval()", True),
+    ("START TRANSACTION READ ONLY; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT currval('s')", True),
+    ("INSERT INTO t VALUES (1); SELECT lastval()", False),  # the INSERT may call nextval() in the same transaction
+    ("SELECT nextval('s')", False),
+    ("SELECT other.lastval()", False),
+    ("SELECT lastval_seen FROM t", False),
+])
+def test_lastval_and_currval_first_in_a_transaction(sql: str, refused: bool) -> None:
+    """Under transaction pooling, lastval() and currval() in the first statement that does more than begin
+    a transaction read what other transactions, on other server connections, did: the relay refuses them
+    there (`refusal_at_transaction_start`). Session mode and the classifier (guard off) never do."""
+    decision = make(transaction_mode=True).check(sql)
+    assert decision.refusal is None
+    assert (decision.refusal_at_transaction_start is guard_module.SEQUENCE_STATE) is refused
+    assert decision.refusal_at_transaction_start is None or decision.refusal_at_transaction_start.sqlstate == "0A000"
+    assert make().check(sql).refusal_at_transaction_start is None
+    assert guard_module.Classifier(True).check(sql).refusal_at_transaction_start is None

@@ -1354,3 +1354,39 @@ def test_client_idle_timeout_waits_for_the_sync_the_proxy_stood_in_for() -> None
     checked_out(pair, server, BIND_S1)
     pair.server(BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + data_row(b"7") + complete("SELECT 1") + Z_IDLE)
     assert pair.relay.server is None and pair.relay.idle_between_transactions()
+
+
+LASTVAL = messages.query("SELECT lastval()")
+
+
+def test_lastval_at_a_transactions_start_is_refused_and_inside_one_forwarded() -> None:
+    """lastval() as a transaction's first statement would read what another client left on the server
+    connection: refused (0A000), no context sent. In the block that called nextval() it goes as it came."""
+    pair, server = RelayPair(), Server(101)
+    (write,) = checked_out(pair, server, LASTVAL)
+    assert b"lastval" not in write and CONTEXT.statement_name not in write
+    out = pair.server(messages.error_response("ERROR", errors.SYNTAX_ERROR, "syntax error") + Z_IDLE)
+    assert messages.parse_error_fields(out[5:-len(Z_IDLE)])["C"] == errors.FEATURE_NOT_SUPPORTED
+    assert pair.hooks.events[-1] == "release_server"
+    begin = messages.query("BEGIN")
+    assert checked_out(pair, server, begin) == [begin]
+    pair.server(complete("BEGIN") + Z_BLOCK)
+    (write,) = pair.client(LASTVAL)  # the block's first statement: refused all the same
+    assert b"lastval" not in write and CONTEXT.statement_name not in write
+    pair.server(messages.error_response("ERROR", errors.SYNTAX_ERROR, "syntax error") + Z_FAILED)
+    rollback = messages.query("ROLLBACK")
+    pair.client(rollback)
+    pair.server(complete("ROLLBACK") + Z_IDLE)
+    nextval = messages.query("BEGIN; SELECT nextval('s')")
+    assert checked_out(pair, server, nextval) == [context_statement() + context(server) + nextval]
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("BEGIN") + ROWS + Z_BLOCK)
+    assert pair.client(LASTVAL) == [LASTVAL]
+
+
+def test_lastval_executed_at_a_transactions_start_is_refused_at_its_execute() -> None:
+    """Through Parse, Bind and Execute the refusal comes for the Execute, the Parse and Bind having gone."""
+    pair, server = RelayPair(), Server(101)
+    parse, bind = messages.parse("", "SELECT lastval()"), messages.bind("", "", [])
+    writes = checked_out(pair, server, parse + bind + messages.execute() + messages.sync())
+    assert b"".join(writes).startswith(parse + bind) and CONTEXT.statement_name not in b"".join(writes)
+    assert [r.sqlstate for r in pair.hooks.refusals] == [errors.FEATURE_NOT_SUPPORTED]

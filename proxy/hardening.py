@@ -132,7 +132,7 @@ def revocation_sql(revocation: Revocation) -> str:
     kept_by = quote_literal(revocation.kept_by) if revocation.kept_by else "NULL"
     return (
         f"-- {revocation.capability}: {revocation.risk}.\n"
-        f"SELECT pg_temp.pgtp_revoke({quote_literal(revocation.kind.value)}, {_sql_array(revocation.patterns)}, "
+        f"CALL pg_temp.pgtp_revoke({quote_literal(revocation.kind.value)}, {_sql_array(revocation.patterns)}, "
         f"{kept_by});\n"
     )
 

@@ -17,7 +17,7 @@
 @ROLE_GUARD@
 BEGIN;
 
-SELECT pg_catalog.set_config('pg_tenant_proxy.upstream_role', @UPSTREAM_ROLE@, true);
+SET LOCAL pg_tenant_proxy.upstream_role = @UPSTREAM_ROLE@;
 
 DO $check$
 BEGIN
@@ -31,7 +31,7 @@ $check$;
 
 -- The helper for the built-in objects below: revoke EXECUTE (functions, every overload) or SELECT
 -- (views) from PUBLIC and the upstream role, and grant it back to the predefined role that keeps it.
-CREATE OR REPLACE FUNCTION pg_temp.pgtp_revoke(kind text, patterns text[], kept_by name) RETURNS void
+CREATE OR REPLACE PROCEDURE pg_temp.pgtp_revoke(kind text, patterns text[], kept_by name)
     LANGUAGE plpgsql
 AS $helper$
 DECLARE

@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--tenant", required=True, help="the tenant id to put in the tenant claim")
     token.add_argument("--tenant-claim", help="claim path for the tenant (default: the configuration's, or tenant_id)")
     token.add_argument("--sub", help="the subject claim")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires (default 3600)")
+    token.add_argument("--ttl", type=int, default=3600,
+                       help="seconds until the token expires (default 3600; a negative value mints a token that "
+                            "expired that long ago, to try refusals)")
     token.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE", help="an extra claim (JSON value or text)")
     token.add_argument("--algorithm", choices=sorted(config.HS_ALGORITHMS),
                        help="default: the configuration's first HS* algorithm, or HS256")

@@ -223,9 +223,11 @@ def _literal(node: Any) -> str | None:
 
 
 def _function_name(node: dict[str, Any]) -> str | None:
-    """The name of a called function when it is unqualified or in pg_catalog, else None."""
+    """The name of a called function when it is unqualified or in pg_catalog, else None. Postgres takes
+    a third part in front, the database, when it names the current one (`app.pg_catalog.lastval()`);
+    any name there counts, the server refusing the others."""
     names = [part.get("String", {}).get("sval") for part in node.get("funcname", []) if isinstance(part, dict)]
-    if not names or names[:-1] not in ([], ["pg_catalog"]):
+    if not names or names[-2:-1] not in ([], ["pg_catalog"]) or len(names) > 3:
         return None
     return names[-1]
 
@@ -307,7 +309,8 @@ def _occurrences(transaction_mode: bool, writes: bool, temporary: bool) -> re.Pa
     kinds = set((_SESSION_WALKED_KINDS if transaction_mode else _WALKED_KINDS) - {"FuncCall"})
     kinds -= set(() if writes else _WRITES) | set(() if temporary and transaction_mode else _TEMPORARY)
     functions = _READ_FUNCTIONS + (_SESSION_FUNCTIONS if transaction_mode else "")
-    calls = rf'"FuncCall":(?=\{{"funcname":\[(?:\{{"String":\{{"sval":"pg_catalog"\}}\}},)?\{{"String":\{{"sval":"(?:{functions})"\}}\}}\])'
+    catalog = r'(?:(?:\{"String":\{"sval":"(?:[^"\\]|\\.)*"\}\},)?\{"String":\{"sval":"pg_catalog"\}\},)?'  # [database.]pg_catalog.
+    calls = rf'"FuncCall":(?=\{{"funcname":\[{catalog}\{{"String":\{{"sval":"(?:{functions})"\}}\}}\])'
     return re.compile(rf'"(?:{"|".join(sorted(kinds))})":(?=\{{)|{calls}')
 
 
@@ -321,6 +324,7 @@ SEQUENCE_STATE = Refusal(
     "read the value in the transaction that calls nextval(): INSERT ... RETURNING id, or call lastval() after "
     "the INSERT in the same transaction block; or use a pool in session mode",
 )
+_SEQUENCE_STATE_CALL = Decision(refusal_at_transaction_start=SEQUENCE_STATE)
 _SESSION_ADVISORY_LOCKS = {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
 _CURSOR_OPT_HOLD = 0x0020
 
@@ -333,6 +337,12 @@ LARGE_OBJECT_OIDS = {
     3459: "lo_get", 764: "lo_import", 767: "lo_import", 956: "lo_lseek", 3170: "lo_lseek64", 952: "lo_open",
     3460: "lo_put", 958: "lo_tell", 3171: "lo_tell64", 1004: "lo_truncate", 3172: "lo_truncate64",
     964: "lo_unlink", 954: "loread", 955: "lowrite",
+}
+SEQUENCE_STATE_OIDS = {2559: "lastval", 1575: "currval"}
+SESSION_ADVISORY_LOCK_OIDS = {
+    2880: "pg_advisory_lock", 2881: "pg_advisory_lock_shared", 2882: "pg_try_advisory_lock",
+    2883: "pg_try_advisory_lock_shared", 2886: "pg_advisory_lock", 2887: "pg_advisory_lock_shared",
+    2888: "pg_try_advisory_lock", 2889: "pg_try_advisory_lock_shared",
 }
 
 
@@ -596,7 +606,20 @@ class Guard:
             return _large_objects(f"FunctionCall of {LARGE_OBJECT_OIDS[oid]}()")
         if oid in SIGNAL_OIDS and not self.allow_backend_signals:
             return _signals(f"FunctionCall of {SIGNAL_OIDS[oid]}()")
+        if oid in SESSION_ADVISORY_LOCK_OIDS and self.transaction_mode:
+            return Refusal(errors.FEATURE_NOT_SUPPORTED,
+                           f"FunctionCall of {SESSION_ADVISORY_LOCK_OIDS[oid]}() (a session advisory lock; "
+                           "pg_advisory_xact_lock() works) is not available with transaction pooling: the server "
+                           "connection is shared after each transaction", _SESSION_MODE_HINT)
         return None
+
+    def function_call_decision(self, oid: int) -> Decision:
+        """What a FunctionCall the guard forwards does, as `check` says of a text: under transaction
+        pooling, lastval() and currval() read what earlier transactions left on the server connection
+        (`refusal_at_transaction_start`)."""
+        if oid in SEQUENCE_STATE_OIDS and self.transaction_mode:
+            return _SEQUENCE_STATE_CALL
+        return ALLOW
 
     def _decide(self, sql: str) -> Decision:
         """Read a text the pre-scan did not clear; every failure is a refusal, never an allow."""

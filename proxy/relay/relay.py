@@ -767,6 +767,7 @@ class Relay:
             if refusal is not None:
                 self.refuse_group(refusal)
                 return True
+            return _counted(self.mode.function_call(message, self.guard.function_call_decision(oid)))
         return _counted(self.mode.function_call(message))
 
     # -- what goes upstream ----------------------------------------------------------------------
@@ -1151,7 +1152,7 @@ class SessionMode:
             return
         relay.send(message.raw, request)
 
-    def function_call(self, message: Message) -> bool:
+    def function_call(self, message: Message, decision: Decision = ALLOW) -> bool:
         self.relay.send(message.raw, Request.FUNCTION_CALL)
         self.group_sent()
         return True
@@ -1212,6 +1213,9 @@ class TransactionMode:
         self.portals: dict[bytes, Decision] = {}  # portals of statements with effects, by portal name
         self.context_set = False  # the context is in force for the transaction the client is in
         self.context_reset = False  # a RESET ALL / DISCARD ALL went upstream: set it again before the next statement
+        # Only a BEGIN (or transaction characteristics) has run since the server connection was taken at ReadyForQuery
+        # 'I': the session's sequence state (lastval(), currval()) is still what earlier clients left there.
+        self.only_setup_since_idle = False
         self.reapply: dict[str, str] = {}  # startup values to apply again behind the current group
         self.reset_in_block = False  # a reset since the last read-back outside a block: a ROLLBACK (TO) may undo the reapply
         self.reapply_where_reset = False  # ... apply them only where a setting is still at the server's reset value
@@ -1333,8 +1337,10 @@ class TransactionMode:
         assert relay.server is not None
         if decision.transaction_setup:  # BEGIN ISOLATION LEVEL ...: the context would run a query first (25001)
             self.context_reset = True  # so it goes in front of the transaction's next statement
+            self.only_setup_since_idle = self.only_setup_since_idle or relay.queue is not None and relay.queue.status == b"I"
             return True
         self.context_reset = False
+        self.only_setup_since_idle = False
         identity = relay.identity
         self._own_statement(relay.context.statement_name, relay.context.statement)
         context = relay.context.transaction_messages(identity.tenant, relay.server.process_id, identity.expires_at,
@@ -1359,6 +1365,19 @@ class TransactionMode:
         return not (queue.skipping() or decision.no_transaction_block) and (
             queue.status == b"I" or (self.context_reset and queue.status == b"T"))
 
+    def _reads_others_sequences(self, decision: Decision) -> bool | None:
+        """Whether a message whose text reads lastval() or currval() first (`refusal_at_transaction_start`)
+        would read what earlier clients left on the server connection: it starts a transaction on a
+        connection taken at ReadyForQuery 'I', or follows only a BEGIN there. Not behind a statement that
+        may have ended the transaction, a RESET ALL or a ROLLBACK TO inside a block the client holds
+        (`context_reset` alone): the connection has been the client's since. None while a group is in flight."""
+        starts = self._transaction_starts(decision)
+        if not starts:
+            return starts
+        queue = self.relay.queue
+        assert queue is not None
+        return queue.status == b"I" or self.only_setup_since_idle
+
     # -- client messages -------------------------------------------------------------------------
 
     def query(self, message: Message) -> bool:
@@ -1366,7 +1385,7 @@ class TransactionMode:
         decision = relay.decide(message.body[:-1])
         refusal = decision.refusal
         if refusal is None and decision.refusal_at_transaction_start is not None:  # lastval(), currval()
-            starts = self._transaction_starts(decision)
+            starts = self._reads_others_sequences(decision)
             if starts is None:
                 return False
             refusal = decision.refusal_at_transaction_start if starts else None
@@ -1826,7 +1845,7 @@ class TransactionMode:
             return True
         decision = self.portals.get(portal, ALLOW)
         if decision.refusal_at_transaction_start is not None:  # lastval(), currval()
-            starts = self._transaction_starts(decision)
+            starts = self._reads_others_sequences(decision)
             if starts is None:
                 return False
             if starts:
@@ -1846,7 +1865,14 @@ class TransactionMode:
         self.group_may_begin = self.group_may_begin or decision.transaction_setup
         return True
 
-    def function_call(self, message: Message) -> bool:
+    def function_call(self, message: Message, decision: Decision = ALLOW) -> bool:
+        if decision.refusal_at_transaction_start is not None:  # lastval(), currval()
+            starts = self._reads_others_sequences(decision)
+            if starts is None:
+                return False
+            if starts:
+                self.relay.refuse_group(decision.refusal_at_transaction_start)
+                return True
         if not self._context(ALLOW):
             return False
         self.relay.send(message.raw, Request.FUNCTION_CALL)
@@ -2057,6 +2083,7 @@ class TransactionMode:
         statements.in_use.add(context.statement_name)
         relay.sync_owed = False  # a Query ends the client's open group, as Postgres takes it
         self.context_reset = False
+        self.only_setup_since_idle = False
         self.statements.unnamed = None  # a simple Query drops the unnamed statement
         statements.unnamed = None
         relay.hooks.send_upstream(
@@ -2139,6 +2166,7 @@ class TransactionMode:
         relay.sync_owed = False
         relay.describing = True
         self.context_reset = False
+        self.only_setup_since_idle = False
         self.group += 1
         return True
 

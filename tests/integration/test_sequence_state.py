@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,8 +18,10 @@ import asyncpg
 import psycopg
 import pytest
 
+from differential import Wire, connect_direct, connect_proxy
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
+from proxy.protocol import messages
 from support import ACME, ProxyProcess
 
 CLIENTS = Path(__file__).parent / "clients"
@@ -176,3 +179,145 @@ def test_php_pdo_last_insert_id(mode: str, sequence: str, pg: EmbeddedPostgres, 
         expected = [{name: "0A000" if name.startswith("autocommit") else value for name, value in step.items()}
                     for step in expected]
     assert got == expected
+
+
+def in_block_steps(connect: Connect) -> list[tuple[str, tuple[str, Any]]]:
+    """In the block that called nextval(), lastval() and currval() after statements that may end a
+    transaction or reset the session by their words (CASE ... END, a string holding "end", ROLLBACK TO a
+    savepoint, RESET ALL): the block and its server connection are the client's throughout."""
+    first = connect()
+    try:
+        seen: list[tuple[str, tuple[str, Any]]] = []
+        first.execute("BEGIN")
+        row = first.execute(f"SELECT nextval('{SEQUENCE}')").fetchone()
+        assert row is not None
+        mine = int(row[0])
+        first.execute("SELECT CASE WHEN true THEN 'the end' END")
+        seen.append(("lastval() after CASE ... END", outcome(first, "SELECT lastval()", mine)))
+        first.execute("SAVEPOINT a")
+        first.execute("ROLLBACK TO SAVEPOINT a")
+        seen.append(("currval() after ROLLBACK TO", outcome(first, f"SELECT currval('{SEQUENCE}')", mine)))
+        first.execute("RESET ALL")
+        seen.append(("lastval() after RESET ALL", outcome(first, "SELECT lastval()", mine)))
+        if first.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            first.execute("COMMIT")
+        seen.append(("the session goes on", outcome(first, "SELECT 1", 1)))
+        return seen
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize("simple", [False, True], ids=["extended", "simple"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_lastval_and_currval_answer_as_directly_after_words_that_may_end_a_transaction(
+    mode: str, simple: bool, sequence: str, pg: EmbeddedPostgres, tenant_db: TenantDatabase, proxies: dict[str, ProxyProcess],
+) -> None:
+    """The relay sets the context again in front of the statement after one that may end the transaction
+    (its words: a CASE ... END too) or that resets the session; that is no transaction start for lastval()."""
+    expected = in_block_steps(connector("direct", pg, tenant_db, proxies, simple))
+    assert all(result == ("mine", True) for _, result in expected), expected
+    assert in_block_steps(connector(mode, pg, tenant_db, proxies, simple)) == expected
+
+
+def qualified_steps(connect: Connect) -> list[tuple[str, tuple[str, Any]]]:
+    """lastval() and currval() named with the database in front (`app.pg_catalog.lastval()`), which
+    Postgres takes for the current database, in a later transaction than the client's nextval()."""
+    first, second = connect(), connect()
+    try:
+        row = first.execute(f"SELECT current_database(), nextval('{SEQUENCE}')").fetchone()
+        assert row is not None
+        database, mine = row[0], int(row[1])
+        second.execute(f"SELECT nextval('{SEQUENCE}')")
+        return [
+            ("database.pg_catalog.lastval()", outcome(first, f'SELECT "{database}".pg_catalog.lastval()', mine)),
+            ("database.pg_catalog.currval()", outcome(first, f"SELECT {database}.pg_catalog.currval('{SEQUENCE}')", mine)),
+        ]
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_lastval_and_currval_named_with_the_database(
+    mode: str, sequence: str, pg: EmbeddedPostgres, tenant_db: TenantDatabase, proxies: dict[str, ProxyProcess],
+) -> None:
+    expected = qualified_steps(connector("direct", pg, tenant_db, proxies, False))
+    assert all(result == ("mine", True) for _, result in expected), expected
+    got = qualified_steps(connector(mode, pg, tenant_db, proxies, False))
+    if mode == "transaction":
+        expected = [(step, REFUSED) for step, _ in expected]
+    assert got == expected
+
+
+LASTVAL_OID, CURRVAL_OID, ADVISORY_LOCK_OID = 2559, 1575, 2880
+
+
+def function_call(oid: int, *arguments: bytes) -> bytes:
+    """A FunctionCall message ('F'): text arguments, text result."""
+    body = struct.pack("!iHH", oid, 0, len(arguments))
+    body += b"".join(struct.pack("!i", len(argument)) + argument for argument in arguments)
+    return b"F" + struct.pack("!i", len(body) + 6) + body + struct.pack("!H", 0)
+
+
+def function_call_steps(connect: Callable[[str], Wire]) -> list[tuple[str, Any]]:
+    """What FunctionCall messages of lastval() and currval() answer (the value, or the SQLSTATE), after this
+    client's nextval() and another's, in a later transaction and in the block that called nextval(); and a
+    session advisory lock taken by FunctionCall."""
+    first, second = connect("first"), connect("second")
+
+    def answer(wire: Wire, data: bytes) -> Any:
+        wire.send(data)
+        replies = wire.read_ready()
+        for kind, body in replies:
+            if kind == b"V":
+                return body[4:].decode()
+            if kind == b"E":
+                return next(field[1:].decode() for field in body.split(b"\0") if field[:1] == b"C")
+        return None
+
+    try:
+        def take(wire: Wire) -> str:
+            wire.send(messages.query(f"SELECT nextval('{SEQUENCE}')::text"))
+            return next(body for kind, body in wire.read_ready() if kind == b"D")[6:].decode()
+
+        def own(value: Any, mine: str) -> Any:
+            return "mine" if value == mine else value
+
+        mine = take(first)
+        take(second)
+        seen: list[tuple[str, Any]] = [
+            ("lastval() in a later transaction", own(answer(first, function_call(LASTVAL_OID)), mine)),
+            ("currval() in a later transaction", own(answer(first, function_call(CURRVAL_OID, SEQUENCE.encode())), mine)),
+        ]
+        answer(first, messages.query("BEGIN"))
+        mine = take(first)
+        seen.append(("lastval() after nextval() in a block", own(answer(first, function_call(LASTVAL_OID)), mine)))
+        seen.append(("currval() after nextval() in a block", own(answer(first, function_call(CURRVAL_OID, SEQUENCE.encode())), mine)))
+        answer(first, messages.query("COMMIT"))
+        seen.append(("pg_advisory_lock()", answer(first, function_call(ADVISORY_LOCK_OID, b"4242"))))
+        answer(first, messages.query("SELECT pg_advisory_unlock_all()"))
+        return seen
+    finally:
+        first.close()
+        second.close()
+
+
+def test_lastval_currval_and_session_advisory_locks_by_function_call(
+    sequence: str, pg: EmbeddedPostgres, tenant_db: TenantDatabase, tmp_path: Path,
+) -> None:
+    """With [guard] allow_function_call, a FunctionCall of lastval() or currval() is refused (0A000) at a
+    transaction's start under transaction pooling, as its SQL call is, and answers as directly inside the
+    block that called nextval(); a session advisory lock by FunctionCall is refused as in SQL."""
+    expected = function_call_steps(lambda name: connect_direct(pg.port, tenant_db.app_role, tenant_db.app_password,
+                                                              tenant_db.database, name))
+    assert expected == [("lastval() in a later transaction", "mine"), ("currval() in a later transaction", "mine"),
+                        ("lastval() after nextval() in a block", "mine"), ("currval() after nextval() in a block", "mine"),
+                        ("pg_advisory_lock()", "")]
+    proxy = ProxyProcess(pg, tenant_db, tmp_path, {"pool": {"mode": "transaction", "size": 1},
+                                                   "guard": {"allow_function_call": True}}).start()
+    try:
+        got = function_call_steps(lambda name: connect_proxy(proxy.port, proxy.token(ACME), name))
+    finally:
+        proxy.stop()
+    refused = {"lastval() in a later transaction", "currval() in a later transaction"}
+    assert got == [(step, "0A000" if step in refused else result) for step, result in expected[:4]] + [("pg_advisory_lock()", "0A000")]

@@ -270,7 +270,7 @@ def _latencies(conn: psycopg.Connection[Any], count: int) -> list[float]:
 def test_function_call_oids_name_the_functions_on_the_server(pg: EmbeddedPostgres) -> None:
     """FunctionCall names a function only by OID: the guard's OIDs must be the server's own functions."""
     expected = {guard.SET_CONFIG_OID: "set_config", guard.PG_NOTIFY_OID: "pg_notify", **guard.SIGNAL_OIDS,
-                **guard.LARGE_OBJECT_OIDS}
+                **guard.LARGE_OBJECT_OIDS, **guard.SEQUENCE_STATE_OIDS, **guard.SESSION_ADVISORY_LOCK_OIDS}
     rows = pg.psql("SELECT oid, proname FROM pg_proc WHERE oid IN (" + ",".join(map(str, expected)) + ")").split()
     assert dict((int(oid), name) for oid, name in (row.split("|") for row in rows)) == expected
     names = pg.psql("SELECT string_agg(DISTINCT proname, ' ') FROM pg_proc WHERE proname LIKE 'lo\\_%' "

@@ -46,6 +46,8 @@ def refusal(guard: Guard, sql: str) -> tuple[str, str, str]:
         ("SET request.jwt.claims = '{}'", "42501", "protected"),
         ("SELECT set_config('app.current_tenant', 'x', false)", "42501", 'set_config() of "app.current_tenant"'),
         ("SELECT pg_catalog.set_config('app.current_tenant'::text, 'x', true)", "42501", "set_config()"),
+        ("SELECT app.pg_catalog.set_config('app.current_tenant', 'x', false)", "42501", "set_config()"),  # database.schema.name
+        ("SELECT \"a\"\"b\".pg_catalog.set_config('tenant_proxy.proof', 'x', false)", "42501", "set_config()"),
         ("WITH c AS (SELECT set_config('tenant_proxy.proof', 'x', false)) SELECT * FROM c", "42501", "set_config()"),
         ("SELECT * FROM leads WHERE set_config('app.current_tenant', 'x', false) IS NOT NULL", "42501", "set_config()"),
         ("SELECT set_config('role', 'postgres', false)", "42501", "set_config()"),
@@ -292,6 +294,7 @@ def test_listen_in_session_mode_follows_the_switch() -> None:
         ("PREPARE p AS SELECT 1", "PREPARE"),
         ("EXECUTE p", "EXECUTE"),
         ("SELECT pg_advisory_lock(7)", "pg_advisory_lock"),
+        ("SELECT app.pg_catalog.pg_try_advisory_lock(7)", "pg_try_advisory_lock"),
         ("CREATE TEMP TABLE scratch (a int)", "CREATE TEMP TABLE"),
         ("CREATE TEMP TABLE t AS SELECT 1", "CREATE TEMP TABLE ... AS"),
         ("SELECT 1 INTO TEMP t", "SELECT ... INTO TEMP"),
@@ -527,6 +530,20 @@ def test_function_call_keeps_the_sql_switches(oid: int, switch: str, name: str) 
     assert make(allow_function_call=True, **{switch: True}).function_call(oid) is None
 
 
+def test_function_call_of_sequence_state_and_session_advisory_locks_under_transaction_pooling() -> None:
+    """lastval() and currval() by FunctionCall carry the refusal at a transaction's start, as in SQL; session
+    advisory locks by FunctionCall are refused as in SQL. Session mode forwards both."""
+    pooled, session = make(transaction_mode=True, allow_function_call=True), make(allow_function_call=True)
+    for oid in guard_module.SEQUENCE_STATE_OIDS:
+        assert pooled.function_call(oid) is None
+        assert pooled.function_call_decision(oid).refusal_at_transaction_start is guard_module.SEQUENCE_STATE
+        assert session.function_call_decision(oid) is guard_module.ALLOW
+    for oid, name in guard_module.SESSION_ADVISORY_LOCK_OIDS.items():
+        refused = pooled.function_call(oid)
+        assert refused is not None and refused.sqlstate == "0A000" and f"{name}()" in refused.message
+        assert session.function_call(oid) is None
+
+
 def test_from_settings_reads_every_guard_key(tmp_path: Any) -> None:
     from proxy import config
 
@@ -633,6 +650,9 @@ def test_transaction_setup_in_transaction_mode(sql: str, setup: bool) -> None:
     ("INSERT INTO t VALUES (1); SELECT lastval()", False),  # the INSERT may call nextval() in the same transaction
     ("SELECT nextval('s')", False),
     ("SELECT other.lastval()", False),
+    ("SELECT app.pg_catalog.lastval()", True),  # Postgres takes database.schema.name for the current database
+    ("SELECT \"a\"\"b\".pg_catalog.currval('s')", True),
+    ("SELECT app.public.lastval()", False),
     ("SELECT lastval_seen FROM t", False),
 ])
 def test_lastval_and_currval_first_in_a_transaction(sql: str, refused: bool) -> None:

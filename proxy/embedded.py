@@ -101,6 +101,19 @@ class EmbeddedPostgres:
             raise RuntimeError(f"{exc}\n{log[-2000:]}") from None
         return self
 
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server (`pg_ctl stop -m mode`) and keep the cluster, to `resume` it later: an outage."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def resume(self) -> None:
+        """Start a cluster `halt` stopped, on the same port."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start")
+
+    def restart(self, mode: str = "fast") -> None:
+        """`pg_ctl restart -m mode`: `immediate` is a crash, recovered from at the start."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-m", mode, "-w", "-t", "60",
+                  "restart")
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")

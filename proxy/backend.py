@@ -134,6 +134,11 @@ class BackendConnection(asyncio.Protocol):
             owner.server_data(data)
             return
         if self.lifecycle is Lifecycle.IDLE:
+            if not self._idle_input and data[:1] == b"E":
+                # The server's FATAL on its own (57P01 at a shutdown or pg_terminate_backend, 57P05): its last
+                # word, the close follows. Out of the pool now, so no checkout hands it to a client meanwhile.
+                self.close()
+                return
             self._idle_input += len(data)
             if self._idle_input > IDLE_INPUT_LIMIT:
                 log.warning("closing an idle server connection that sent %d bytes while no client held it", self._idle_input)
@@ -141,6 +146,13 @@ class BackendConnection(asyncio.Protocol):
             return
         self._incoming += data
         self._wake()
+
+    def eof_received(self) -> None:
+        """The server closed its side. An idle connection is closed now: `connection_lost` (which takes it out
+        of the pool) comes a turn of the event loop later, and a checkout in between would hand a client a
+        dead connection (08006 for a transaction a fresh one would have served)."""
+        if self.lifecycle is Lifecycle.IDLE:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lifecycle = Lifecycle.CLOSED

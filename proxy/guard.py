@@ -148,6 +148,8 @@ def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
             return True
     several = ";" in text or "/*" in text or "--" in text
     if several or "lo" in text or (transaction_mode and "temp" in text):
+        if transaction_mode and "pg_temp" in text:  # maybe a relation created in the temporary schema by name
+            return True
         if not _SEARCHED_WORDS[transaction_mode, several].isdisjoint(text.translate(_SEPARATORS).split()):
             return True
         if several:
@@ -376,18 +378,26 @@ def _lexing(name: str, value: str | None) -> Refusal | None:
     return Refusal(lexing.SQLSTATE, *problem) if problem is not None else None
 
 
+def _temporary(relation: Any) -> bool:
+    """A RangeVar (pglast's JSON) names a temporary relation: TEMP / TEMPORARY, or created in the session's
+    temporary schema by name (`pg_temp.t`, or its real name `pg_temp_N.t`), which Postgres makes temporary
+    too ("CREATE TABLE", Postgres documentation)."""
+    return isinstance(relation, dict) and (
+        relation.get("relpersistence") == "t" or str(relation.get("schemaname", "")).startswith("pg_temp"))
+
+
 def _session_feature(kind: str, node: dict[str, Any]) -> str | None:
     """Which session feature a node is that cannot work under transaction pooling, or None."""
     relation = {"CreateStmt": "relation", "ViewStmt": "view", "CreateSeqStmt": "sequence"}.get(kind)
-    if relation and (node.get(relation) or {}).get("relpersistence") == "t":
+    if relation and _temporary(node.get(relation)):
         if kind != "CreateStmt" or node.get("oncommit") != "ONCOMMIT_DROP":
             return {"CreateStmt": "CREATE TEMP TABLE without ON COMMIT DROP", "ViewStmt": "CREATE TEMP VIEW",
                     "CreateSeqStmt": "CREATE TEMP SEQUENCE"}[kind]
     if kind == "CreateTableAsStmt":
         into = node.get("into") or {}
-        if (into.get("rel") or {}).get("relpersistence") == "t" and into.get("onCommit") != "ONCOMMIT_DROP":
+        if _temporary(into.get("rel")) and into.get("onCommit") != "ONCOMMIT_DROP":
             return "CREATE TEMP TABLE ... AS without ON COMMIT DROP"
-    if kind == "SelectStmt" and ((node.get("intoClause") or {}).get("rel") or {}).get("relpersistence") == "t":
+    if kind == "SelectStmt" and _temporary((node.get("intoClause") or {}).get("rel")):
         return "SELECT ... INTO TEMP"
     if kind == "DeclareCursorStmt" and int(node.get("options", 0)) & _CURSOR_OPT_HOLD:
         return "DECLARE ... WITH HOLD"
@@ -669,7 +679,8 @@ class Guard:
             kind = statement.group(1)
             effects.statement(kind, decode_node(text, statement.end())[0] if kind in _Effects.KINDS else {})
         walked = _SESSION_WALKED_KINDS if self.transaction_mode else _WALKED_KINDS
-        pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text, '"relpersistence":"t"' in text)
+        pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text,
+                               '"relpersistence":"t"' in text or '"schemaname":"pg_temp' in text)
         decoded_to = 0
         for match in pattern.finditer(text):
             if match.start() < decoded_to:

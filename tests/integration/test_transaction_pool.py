@@ -219,6 +219,10 @@ def test_guard_refuses_session_features_with_a_hint(pooled: ProxyProcess, temp_a
         ("EXECUTE p", "EXECUTE"),
         ("SELECT pg_advisory_lock(7)", "pg_advisory_lock"),
         ("CREATE TEMP TABLE scratch (a int)", "CREATE TEMP TABLE"),
+        # in the temporary schema by name: a temporary table all the same, which would shadow
+        # public.leads for the next client of the tenant on the server connection
+        ("CREATE TABLE pg_temp.leads AS SELECT * FROM public.leads", "CREATE TEMP TABLE ... AS"),
+        ("CREATE TABLE pg_temp.scratch (a int)", "CREATE TEMP TABLE"),
     ]:
         result = pooled.psql(token, sql)
         assert result.returncode != 0

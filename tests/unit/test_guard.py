@@ -300,6 +300,14 @@ def test_listen_in_session_mode_follows_the_switch() -> None:
         ("SELECT 1 INTO TEMP t", "SELECT ... INTO TEMP"),
         ("CREATE TEMP VIEW v AS SELECT 1", "CREATE TEMP VIEW"),
         ("CREATE TEMP SEQUENCE s", "CREATE TEMP SEQUENCE"),
+        # created in the temporary schema by name: temporary all the same
+        ("CREATE TABLE pg_temp.scratch (a int)", "CREATE TEMP TABLE"),
+        ('create table "pg_temp".scratch (a int)', "CREATE TEMP TABLE"),
+        ("CREATE TABLE pg_temp_3.scratch (a int)", "CREATE TEMP TABLE"),
+        ("CREATE TABLE pg_temp.t AS SELECT 1", "CREATE TEMP TABLE ... AS"),
+        ("SELECT 1 INTO pg_temp.t", "SELECT ... INTO TEMP"),
+        ("CREATE VIEW PG_TEMP.v AS SELECT 1", "CREATE TEMP VIEW"),
+        ("CREATE SEQUENCE pg_temp.s", "CREATE TEMP SEQUENCE"),
     ],
 )
 def test_session_features_under_transaction_pooling(sql: str, feature: str) -> None:
@@ -309,7 +317,8 @@ def test_session_features_under_transaction_pooling(sql: str, feature: str) -> N
     assert make(allow_notifications=True).check(sql).refusal is None
 
 
-@pytest.mark.parametrize("sql", ["CREATE TEMP TABLE t (a int) ON COMMIT DROP", "DEALLOCATE p", "DISCARD ALL"])
+@pytest.mark.parametrize("sql", ["CREATE TEMP TABLE t (a int) ON COMMIT DROP", "CREATE TABLE pg_temp.t (a int) ON COMMIT DROP",
+                                 'CREATE TABLE "PG_TEMP".t (a int)', "SELECT * FROM pg_temp.t", "DEALLOCATE p", "DISCARD ALL"])
 def test_transaction_pooling_allows(sql: str) -> None:
     assert make(transaction_mode=True).check(sql).refusal is None
 

@@ -208,11 +208,29 @@ def _only_node(wrapper: Any) -> tuple[str, dict[str, Any]]:
 
 
 def _literal(node: Any) -> str | None:
-    """The text of a constant (string, number, boolean), looking through casts ('x'::text); None for
-    anything computed or NULL. pglast leaves out zero and false values: {"ival": {}} is 0."""
+    """The text of a constant (string, number, boolean) as the server computes it through its casts, for
+    the casts `_cast` models ('x'::text is not one: see there); None for anything computed, NULL, or cast to
+    another type. pglast leaves out zero and false values: {"ival": {}} is 0."""
+    casts: list[dict[str, Any]] = []
+    kind, body = _only_node(node)
+    while kind == "TypeCast":
+        casts.append(body.get("typeName") or {})
+        kind, body = _only_node(body.get("arg"))
+    value = _constant(kind, body)
+    for type_name in reversed(casts):
+        value = _cast(value, type_name)
+    return value
+
+
+def _written(node: Any) -> str | None:
+    """The constant a value is written as, under any casts ('x'::text is 'x'); None when it is computed."""
     kind, body = _only_node(node)
     while kind == "TypeCast":
         kind, body = _only_node(body.get("arg"))
+    return _constant(kind, body)
+
+
+def _constant(kind: str, body: dict[str, Any]) -> str | None:
     if kind == "A_Const":
         kind, body = next(((key, value) for key, value in body.items() if isinstance(value, dict)), ("", {}))
         kind = {"sval": "String", "ival": "Integer", "fval": "Float", "boolval": "Boolean", "bsval": "BitString"}.get(kind, "")
@@ -222,6 +240,34 @@ def _literal(node: Any) -> str | None:
     default = {"ival": 0, "boolval": False}.get(value, "")
     constant = body.get(value, default)
     return str(constant).lower() if isinstance(constant, bool) else str(constant)
+
+
+def _cast(value: str | None, type_name: dict[str, Any]) -> str | None:
+    """The text a constant becomes through one cast, as Postgres 15 computes it, for the string and boolean
+    types of pg_catalog: varchar(n) and char(n) cut it to n characters, char(n) drops trailing spaces on its
+    way to text, name cuts it to 63 bytes ('role '::char(5) is the setting role). None for every other type,
+    and for a type named without its schema (`text`, `name`, `"char"`): the session's temporary schema is
+    searched for types before pg_catalog, so `'rolex'::text` is 'role' after CREATE DOMAIN pg_temp.text AS
+    varchar(4)."""
+    names = [_only_node(part)[1].get("sval") for part in type_name.get("names", [])]
+    if value is None or len(names) != 2 or names[0] != "pg_catalog" or type_name.get("arrayBounds"):
+        return None
+    modifiers = [_literal(modifier) for modifier in type_name.get("typmods", [])]
+    length = int(modifiers[0]) if len(modifiers) == 1 and str(modifiers[0]).isdigit() else None
+    if modifiers and length is None:
+        return None
+    if names[1] == "text":
+        return value
+    if names[1] == "varchar":
+        return value[:length] if length is not None else value
+    if names[1] == "bpchar":
+        return (value[:length] if length is not None else value).rstrip(" ")
+    if names[1] == "name":
+        return value.encode(errors="surrogatepass")[:63].decode(errors="ignore")
+    if names[1] == "bool":
+        meaning = lexing.parse_bool(value)
+        return None if meaning is None else str(meaning).lower()
+    return None
 
 
 def _function_name(node: dict[str, Any]) -> str | None:
@@ -236,15 +282,14 @@ def _function_name(node: dict[str, Any]) -> str | None:
 
 def _option_on(options: Any, name: str, default: bool) -> bool:
     """Whether a DefElem option (EXPLAIN, REINDEX) is on; an option without a value is on, a value that
-    is not a clear boolean counts as on."""
-    for option in options or []:
+    is not a clear boolean counts as on; of an option given more than once, the last counts."""
+    on = default
+    for option in options or []:  # the last of repeated options counts, as in Postgres (EXPLAIN (ANALYZE false, ANALYZE))
         _, element = _only_node(option)
         if element.get("defname", "").lower() == name:
-            if element.get("arg") is None:
-                return True
-            value = _literal(element["arg"])
-            return lexing.parse_bool(value) is not False if value is not None else True
-    return default
+            value = _literal(element["arg"]) if element.get("arg") is not None else "true"
+            on = lexing.parse_bool(value) is not False if value is not None else True
+    return on
 
 
 # -- refusals ----------------------------------------------------------------------------------------
@@ -290,6 +335,7 @@ SIGNAL_FUNCTIONS = frozenset({"pg_cancel_backend", "pg_terminate_backend"})
 _WALKED_KINDS = frozenset({
     "VariableSetStmt", "FuncCall", "DoStmt", *_REFUSED_STATEMENTS, *_NOTIFICATION_STATEMENTS,
     "UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt", "ExplainStmt", "LockStmt", "TruncateStmt",
+    "DefineStmt", "RenameStmt", "AlterOwnerStmt", "ViewStmt",
 })
 _SESSION_WALKED_KINDS = _WALKED_KINDS | {
     "CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt", "DeclareCursorStmt",
@@ -310,6 +356,8 @@ def _occurrences(transaction_mode: bool, writes: bool, temporary: bool) -> re.Pa
     """A regex over pglast's JSON text whose matches end where a node the guard acts on begins."""
     kinds = set((_SESSION_WALKED_KINDS if transaction_mode else _WALKED_KINDS) - {"FuncCall"})
     kinds -= set(() if writes else _WRITES) | set(() if temporary and transaction_mode else _TEMPORARY)
+    if writes:  # a view of pg_settings: updating it runs pg_settings's rules
+        kinds.add("ViewStmt")
     functions = _READ_FUNCTIONS + (_SESSION_FUNCTIONS if transaction_mode else "")
     catalog = r'(?:(?:\{"String":\{"sval":"(?:[^"\\]|\\.)*"\}\},)?\{"String":\{"sval":"pg_catalog"\}\},)?'  # [database.]pg_catalog.
     calls = rf'"FuncCall":(?=\{{"funcname":\[{catalog}\{{"String":\{{"sval":"(?:{functions})"\}}\}}\])'
@@ -677,7 +725,11 @@ class Guard:
         starts = [statement.start() for statement in statements]
         for statement in statements:
             kind = statement.group(1)
-            effects.statement(kind, decode_node(text, statement.end())[0] if kind in _Effects.KINDS else {})
+            node = decode_node(text, statement.end())[0] if kind in _Effects.KINDS else {}
+            effects.statement(kind, node)
+            refusal = self._statement(kind, node)
+            if refusal is not None:
+                return Decision(refusal=refusal)
         walked = _SESSION_WALKED_KINDS if self.transaction_mode else _WALKED_KINDS
         pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text,
                                '"relpersistence":"t"' in text or '"schemaname":"pg_temp' in text)
@@ -695,6 +747,15 @@ class Guard:
                     return Decision(refusal=refusal)
         effects.computed_names(text)
         return effects.decision(len(statements), len(statements) == 1 and _alone(text, statements[0]))
+
+    def _statement(self, kind: str, node: dict[str, Any]) -> Refusal | None:
+        """The refusal for a top-level statement (`node` decoded for _Effects.KINDS only) beyond its nodes':
+        under transaction pooling, a search_path that makes unqualified CREATE TABLE temporary (a function's
+        own SET clause is not checked: it holds only while the function runs)."""
+        if self.transaction_mode and kind == "VariableSetStmt" and str(node.get("name")).lower() == "search_path":
+            if _temporary_first([str(_literal(argument)) for argument in node.get("args") or []]):
+                return _TEMPORARY_SEARCH_PATH
+        return None
 
     def _node(self, kind: str, node: dict[str, Any], effects: _Effects) -> Refusal | None:
         """The refusal for one node of the tree, at any depth, or None."""
@@ -717,7 +778,43 @@ class Guard:
             return _notifications(_NOTIFICATION_STATEMENTS[kind])
         if kind in ("UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt"):
             return _settings_write(node)
+        if kind == "ViewStmt":
+            return _settings_view(node)
+        if kind == "DefineStmt":
+            return self._definition(node)
+        if kind in ("RenameStmt", "AlterOwnerStmt"):
+            target = node.get("renameType") or node.get("objectType")
+            if target in ("OBJECT_DATABASE", "OBJECT_ROLE"):
+                what = "ALTER DATABASE" if target == "OBJECT_DATABASE" else "ALTER ROLE"
+                return _refused(f"{what} ... {'RENAME' if kind == 'RenameStmt' else 'OWNER TO'}",
+                                "it changes roles, databases or the server for every tenant", _ADMIN_HINT)
+            return None
         return self._shared_table(kind, node)
+
+    def _definition(self, node: dict[str, Any]) -> Refusal | None:
+        """CREATE AGGREGATE / CREATE OPERATOR (and the other DefineStmts) naming a function the guard refuses
+        in its definition (SFUNC = set_config, FUNCTION = pg_notify): the aggregate or operator calls it
+        under a name the guard does not know."""
+        for option in node.get("definition") or []:
+            _, element = _only_node(option)
+            kind, argument = _only_node(element.get("arg"))
+            function = _function_name({"funcname": argument.get("names", [])}) if kind == "TypeName" else None
+            if function is None:
+                continue
+            what = f"CREATE {str(node.get('kind', '')).removeprefix('OBJECT_')} with {element.get('defname', '').upper()} = {function}"
+            if function == "set_config":
+                return _refused(what, "it writes settings the SQL guard cannot see",
+                                "call set_config() in SQL, where the guard reads the setting's name")
+            if function == "pg_notify" and not self.allow_notifications:
+                return _notifications(what)
+            if function in LARGE_OBJECT_FUNCTIONS and not self.allow_large_objects:
+                return _large_objects(what)
+            if function in SIGNAL_FUNCTIONS and not self.allow_backend_signals:
+                return _signals(what)
+            if self.transaction_mode and function in _SESSION_ADVISORY_LOCKS | SEQUENCE_STATE_FUNCTIONS:
+                return Refusal(errors.FEATURE_NOT_SUPPORTED, f"{what} is not available with transaction pooling: "
+                               "the server connection is shared after each transaction", _SESSION_MODE_HINT)
+        return None
 
     def _shared_table(self, kind: str, node: dict[str, Any]) -> Refusal | None:
         """Refusals for statements that reach every tenant's rows or block every tenant: EXPLAIN with
@@ -762,12 +859,19 @@ class Guard:
             named = any(_only_node(argument)[0] == "NamedArgExpr" for argument in arguments if argument)
             setting = None if named else _literal(arguments[0])
             effects.set_config(setting, None if named else _literal(arguments[2]))
-            if setting is not None and (setting in self.protected or setting.lower() in _IDENTITY_SETTINGS):
-                return Refusal(errors.INSUFFICIENT_PRIVILEGE, f'set_config() of "{setting}" is refused: the setting is '
-                               "protected, the proxy sets it from your token",
-                               _PROTECTED_HINT if setting in self.protected else _ROLE_HINT)
-            if setting is not None and setting.lower() in _LEXING_SETTINGS:
-                return _lexing(setting.lower(), _literal(arguments[1]))
+            # The name the server computes and the name as written (a cast the guard does not model): either counts.
+            for name in dict.fromkeys(() if named else (setting, _written(arguments[0]))):
+                if name is not None and (name in self.protected or name.lower() in _IDENTITY_SETTINGS):
+                    return Refusal(errors.INSUFFICIENT_PRIVILEGE, f'set_config() of "{name}" is refused: the setting is '
+                                   "protected, the proxy sets it from your token",
+                                   _PROTECTED_HINT if name in self.protected else _ROLE_HINT)
+                lexing_refusal = _lexing(name.lower(), _literal(arguments[1])) if name and name.lower() in _LEXING_SETTINGS else None
+                if lexing_refusal is not None:
+                    return lexing_refusal
+                if name is not None and name.lower() == "search_path" and self.transaction_mode:
+                    value = _literal(arguments[1])
+                    if value is not None and _temporary_first(_path_elements(value)):
+                        return _TEMPORARY_SEARCH_PATH
         elif function == "pg_notify" and not self.allow_notifications:
             return _notifications("pg_notify()")
         elif function in LARGE_OBJECT_FUNCTIONS and not self.allow_large_objects:
@@ -800,11 +904,58 @@ class Classifier(Guard):
         super()._node(kind, node, effects)  # records what the node does (set_config); its refusal is dropped
         return None
 
+    def _statement(self, kind: str, node: dict[str, Any]) -> Refusal | None:
+        return None
+
 
 @lru_cache(maxsize=2)
 def classifier(transaction_mode: bool) -> Classifier:
     """The process's one Classifier for a pool mode (its decision cache is shared by every session)."""
     return Classifier(transaction_mode)
+
+
+def _settings_view(node: dict[str, Any]) -> Refusal | None:
+    """The refusal for CREATE VIEW reading pg_settings: a view of it is updatable, and an UPDATE of the view
+    runs pg_settings's rules (set_config()) under the view's name."""
+    for kind, inner in _nodes(node.get("query")):
+        if kind == "RangeVar" and inner.get("relname") == "pg_settings" and inner.get("schemaname") in (None, "pg_catalog"):
+            return _refused("a view of pg_settings", "updating it writes settings the SQL guard cannot name",
+                            "read pg_settings directly, or use current_setting()")
+    return None
+
+
+def _path_elements(value: str) -> list[str]:
+    """The schema names of a search_path value as Postgres splits it (SplitIdentifierString): comma separated,
+    blanks around them ignored, "quoted" names kept, others in lower case."""
+    elements = []
+    for match in _PATH_ELEMENT.finditer(value):
+        quoted, plain = match.group(1), match.group(2)
+        elements.append(quoted.replace('""', '"') if quoted is not None else plain.strip().lower())
+    return elements
+
+
+_PATH_ELEMENT = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^",]+))\s*')
+
+
+def _temporary_first(elements: list[str]) -> bool:
+    """Whether a search_path may make the session's temporary schema the one unqualified CREATE TABLE,
+    VIEW and SEQUENCE create in (then temporary): pg_temp (or pg_temp_N) with no pg_catalog before it
+    (a schema listed before it that does not exist is skipped)."""
+    for element in elements:
+        if element == "pg_catalog":
+            return False
+        if element.startswith("pg_temp"):
+            return True
+    return False
+
+
+_TEMPORARY_SEARCH_PATH = Refusal(
+    errors.FEATURE_NOT_SUPPORTED,
+    "a search_path with pg_temp first is not available with transaction pooling: tables, views and sequences "
+    "created by unqualified name would be temporary, and outlive the transaction on a shared server connection",
+    "leave pg_temp out of search_path (it is searched first anyway), or list pg_catalog before it; or use a pool "
+    'in session mode ([pool] mode = "session")',
+)
 
 
 def _settings_write(node: dict[str, Any]) -> Refusal | None:

@@ -83,7 +83,29 @@ def refusal(guard: Guard, sql: str) -> tuple[str, str, str]:
         ("SELECT \"set_config\"('app.current_tenant', 'x', false)", "42501", "set_config()"),
         ("UPDATE pg_settings SET setting = 'x' WHERE name = 'app.current_tenant'", "42501", "pg_settings"),
         ("WITH u AS (UPDATE pg_catalog.pg_settings SET setting = 'x' RETURNING 1) SELECT 1", "42501", "pg_settings"),
+        # Casts the server computes: char(n) drops trailing spaces, varchar(n) and char(n) cut (Postgres 15 takes each).
+        ("SELECT set_config('role '::char(5), 'other', true)", "42501", 'set_config() of "role"'),
+        ("SELECT set_config('tenant_proxy.proofX'::varchar(18), 'p', false)", "42501", '"tenant_proxy.proof"'),
+        ("SELECT set_config('standard_conforming_strings_x'::varchar(27), 'off', true)", "0A000", "standard_conforming_strings"),
+        ("SELECT set_config('client_encoding', 'sjisx'::varchar(4), true)", "0A000", 'client_encoding "sjis"'),
+        ("SELECT set_config('client_encoding', 'sjis'::text, true)", "0A000", "computed value"),  # text may be pg_temp's
+        # A view of pg_settings is updatable, and its UPDATE runs pg_settings's rules.
+        ("CREATE OR REPLACE VIEW v AS SELECT name, setting FROM pg_settings", "42501", "a view of pg_settings"),
+        ("CREATE VIEW v AS SELECT * FROM pg_catalog.pg_settings WHERE name LIKE 'x%'", "42501", "a view of pg_settings"),
+        # Aggregates and operators that call a refused function under another name.
+        ("CREATE AGGREGATE pg_temp.agg(text, boolean) (SFUNC = set_config, STYPE = text, INITCOND = 'app.current_tenant')",
+         "42501", "SFUNC = set_config"),
+        ("CREATE OPERATOR pg_temp.!!! (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_notify)", "42501", "pg_notify"),
+        ("CREATE OPERATOR pg_temp.!!! (RIGHTARG = oid, PROCEDURE = app.pg_catalog.lo_unlink)", "42501", "lo_unlink"),
+        ("CREATE AGGREGATE a(oid) (SFUNC = int4pl, STYPE = oid, FINALFUNC = lo_get)", "42501", "FINALFUNC = lo_get"),
+        ("CREATE OPERATOR pg_temp.!!! (RIGHTARG = int, FUNCTION = pg_cancel_backend)", "42501", "pg_cancel_backend"),
+        # ALTER DATABASE / ALTER ROLE spelled as a rename or an owner change.
+        ("ALTER DATABASE app OWNER TO tenant", "42501", "ALTER DATABASE ... OWNER TO"),
+        ("ALTER DATABASE other RENAME TO x", "42501", "ALTER DATABASE ... RENAME"),
+        ("ALTER USER tenant RENAME TO x", "42501", "ALTER ROLE ... RENAME"),
         # What carries other tenants' data past RLS, or blocks every tenant.
+        ("EXPLAIN (ANALYZE false, ANALYZE true, COSTS off, TIMING off) SELECT 1", "42501", "EXPLAIN ANALYZE"),  # the last counts
+        ("EXPLAIN (COSTS off, COSTS on) SELECT 1", "42501", "EXPLAIN with costs"),
         ("EXPLAIN ANALYZE SELECT * FROM leads WHERE name = 'x'", "42501", "EXPLAIN ANALYZE"),
         ("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT 1", "42501", "EXPLAIN ANALYZE"),
         ("EXPLAIN (ANALYZE 1) SELECT 1", "42501", "EXPLAIN ANALYZE"),
@@ -247,6 +269,13 @@ def test_text_longer_than_max_parse_bytes_is_refused_only_when_it_needs_parsing(
         "DISCARD ALL",
         "UNLISTEN *",
         "UNLISTEN news",
+        "EXPLAIN (COSTS on, COSTS off) SELECT 1",
+        "SET search_path = pg_catalog, pg_temp",
+        "SELECT set_config('search_path', 'public, pg_catalog', false)",
+        "CREATE VIEW v AS SELECT 1",
+        "CREATE AGGREGATE a(int) (SFUNC = int4pl, STYPE = int)",
+        "ALTER TABLE t RENAME TO u",
+        "SELECT set_config('x.y'::pg_catalog.varchar(3), 'v', false)",
     ],
 )
 def test_allowed(guard: Guard, sql: str) -> None:
@@ -271,6 +300,8 @@ def test_cleared_text_is_the_allow_singleton() -> None:
         ("allow_notifications", "SELECT pg_notify('news', 'x')"),
         ("allow_large_objects", "SELECT lo_get(1)"),
         ("allow_backend_signals", "SELECT pg_cancel_backend(1)"),
+        ("allow_notifications", "CREATE OPERATOR pg_temp.!!! (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_notify)"),
+        ("allow_large_objects", "CREATE OPERATOR pg_temp.!!! (RIGHTARG = oid, FUNCTION = lo_unlink)"),
     ],
 )
 def test_switches_allow(switch: str, sql: str) -> None:
@@ -308,6 +339,12 @@ def test_listen_in_session_mode_follows_the_switch() -> None:
         ("SELECT 1 INTO pg_temp.t", "SELECT ... INTO TEMP"),
         ("CREATE VIEW PG_TEMP.v AS SELECT 1", "CREATE TEMP VIEW"),
         ("CREATE SEQUENCE pg_temp.s", "CREATE TEMP SEQUENCE"),
+        # a search_path with pg_temp first makes unqualified CREATE TABLE temporary (schemas that do not exist are skipped)
+        ("SET search_path = pg_temp, public", "search_path with pg_temp first"),
+        ("BEGIN; SET LOCAL search_path = nosuch, pg_temp; CREATE TABLE t (a int); COMMIT", "search_path with pg_temp first"),
+        ("SET SCHEMA 'pg_temp_3'", "search_path with pg_temp first"),
+        ("SELECT set_config('search_path', 'nosuch, PG_TEMP', true)", "search_path with pg_temp first"),
+        ("CREATE OPERATOR pg_temp.!!! (RIGHTARG = bigint, FUNCTION = pg_advisory_lock)", "pg_advisory_lock"),
     ],
 )
 def test_session_features_under_transaction_pooling(sql: str, feature: str) -> None:
@@ -318,6 +355,9 @@ def test_session_features_under_transaction_pooling(sql: str, feature: str) -> N
 
 
 @pytest.mark.parametrize("sql", ["CREATE TEMP TABLE t (a int) ON COMMIT DROP", "CREATE TABLE pg_temp.t (a int) ON COMMIT DROP",
+                                 "SET search_path = pg_catalog, pg_temp", 'SET search_path = "PG_TEMP"',
+                                 "SELECT set_config('search_path', '\"PG_TEMP\", public', false)",
+                                 "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = pg_temp AS 'SELECT 1'",
                                  'CREATE TABLE "PG_TEMP".t (a int)', "SELECT * FROM pg_temp.t", "DEALLOCATE p", "DISCARD ALL"])
 def test_transaction_pooling_allows(sql: str) -> None:
     assert make(transaction_mode=True).check(sql).refusal is None
@@ -581,6 +621,9 @@ def full_walk(guard: Guard, sql: str) -> Decision:
     statements = tree.get("stmts", [])
     for statement in statements:
         effects.statement(*guard_module._only_node(statement["stmt"]))
+        found = guard._statement(*guard_module._only_node(statement["stmt"]))
+        if found is not None:
+            return Decision(refusal=found)
         for kind, node in guard_module._nodes(statement):
             found = guard._node(kind, node, effects) if kind in walked else None
             if found is not None:

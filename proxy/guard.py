@@ -253,7 +253,7 @@ def _cast(value: str | None, type_name: dict[str, Any]) -> str | None:
     if value is None or len(names) != 2 or names[0] != "pg_catalog" or type_name.get("arrayBounds"):
         return None
     modifiers = [_literal(modifier) for modifier in type_name.get("typmods", [])]
-    length = int(modifiers[0]) if len(modifiers) == 1 and str(modifiers[0]).isdigit() else None
+    length = int(modifiers[0]) if len(modifiers) == 1 and modifiers[0] is not None and modifiers[0].isdigit() else None
     if modifiers and length is None:
         return None
     if names[1] == "text":

@@ -939,10 +939,11 @@ _PATH_ELEMENT = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^",]+))\s*')
 
 def _temporary_first(elements: list[str]) -> bool:
     """Whether a search_path may make the session's temporary schema the one unqualified CREATE TABLE,
-    VIEW and SEQUENCE create in (then temporary): pg_temp (or pg_temp_N) with no pg_catalog before it
-    (a schema listed before it that does not exist is skipped)."""
+    VIEW and SEQUENCE create in (then temporary): pg_temp (or pg_temp_N) with neither pg_catalog nor public
+    before it. A schema listed before it that does not exist is skipped, and only pg_catalog is sure to
+    exist; public is taken to, so that the common `public, pg_temp` (pg_temp searched last) passes."""
     for element in elements:
-        if element == "pg_catalog":
+        if element in ("pg_catalog", "public"):
             return False
         if element.startswith("pg_temp"):
             return True
@@ -953,7 +954,7 @@ _TEMPORARY_SEARCH_PATH = Refusal(
     errors.FEATURE_NOT_SUPPORTED,
     "a search_path with pg_temp first is not available with transaction pooling: tables, views and sequences "
     "created by unqualified name would be temporary, and outlive the transaction on a shared server connection",
-    "leave pg_temp out of search_path (it is searched first anyway), or list pg_catalog before it; or use a pool "
+    "leave pg_temp out of search_path (it is searched first anyway), or list public or pg_catalog before it; or use a pool "
     'in session mode ([pool] mode = "session")',
 )
 

@@ -356,6 +356,7 @@ def test_session_features_under_transaction_pooling(sql: str, feature: str) -> N
 
 @pytest.mark.parametrize("sql", ["CREATE TEMP TABLE t (a int) ON COMMIT DROP", "CREATE TABLE pg_temp.t (a int) ON COMMIT DROP",
                                  "SET search_path = pg_catalog, pg_temp", 'SET search_path = "PG_TEMP"',
+                                 'SET search_path = "$user", public, pg_temp', "SET search_path TO public, pg_temp",
                                  "SELECT set_config('search_path', '\"PG_TEMP\", public', false)",
                                  "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = pg_temp AS 'SELECT 1'",
                                  'CREATE TABLE "PG_TEMP".t (a int)', "SELECT * FROM pg_temp.t", "DEALLOCATE p", "DISCARD ALL"])

@@ -315,7 +315,7 @@ def test_sql_hardens_every_mapped_role(pg: EmbeddedPostgres, roles_db: tuple[Ten
     result = subprocess.run([sys.executable, "-m", "proxy", "sql", "--config", str(config)],
                             capture_output=True, text=True, timeout=60, cwd=REPO, check=True)
     for role in (db.app_role, VIEWER, EDITOR):
-        assert f"set_config('pg_tenant_proxy.upstream_role', '{role}', true)" in result.stdout
+        assert f"SET LOCAL pg_tenant_proxy.upstream_role = '{role}';" in result.stdout
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -20,6 +19,7 @@ from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import DEFAULT_MAX_MESSAGE, MessageScanner
 from proxy.protocol.upstream_auth import UpstreamAuth, UpstreamAuthError, tls_server_end_point
+from proxy.sockets import tune
 from proxy.relay.enums import HotEnum
 from proxy.relay.relay import ServerState
 from proxy.relay.replies import Owner as RequestOwner, ReplyQueue
@@ -124,9 +124,6 @@ class BackendConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
@@ -355,6 +352,7 @@ async def connect(
             errors.CONNECTION_FAILURE, f"could not connect to upstream server {settings.host}:{settings.port}: {reason}"
         ) from exc
     try:
+        tune(backend.transport.get_extra_info("socket") if backend.transport is not None else None, settings.tcp)
         async with asyncio.timeout(settings.connect_timeout_seconds):
             context = ssl_context(settings)
             if context is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -31,6 +30,7 @@ from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.relay.flow import FlowControl, Reason
 from proxy.relay.relay import Relay, SessionMode
 from proxy.relay.session import Event, IllegalMove, SessionState, State
+from proxy.sockets import tune
 from proxy.tokens import Identity
 
 if TYPE_CHECKING:
@@ -96,9 +96,7 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         peer = transport.get_extra_info("peername")
         self.address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer) or "unix"  # PgBouncer's addr
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(transport.get_extra_info("socket"), self.server.settings.tcp)
         self._login.begin()
 
     def data_received(self, data: bytes) -> None:

@@ -87,6 +87,11 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("", "log_format"): (str, "text"),
     ("", "workers"): (int, 1),
     ("", "listen_unix"): (str, None),
+    ("", "tcp_keepalive"): (bool, True),
+    ("", "tcp_keepidle"): (int, 0),
+    ("", "tcp_keepintvl"): (int, 0),
+    ("", "tcp_keepcnt"): (int, 0),
+    ("", "tcp_user_timeout"): (int, 0),
     ("", "shutdown_timeout"): (float, 30.0),
     ("upstream", "host"): (str, "127.0.0.1"),
     ("upstream", "port"): (int, 5432),
@@ -188,6 +193,10 @@ DAY = 86_400.0
 # (section, key) -> (lowest, highest) accepted, both inclusive; every int and float key has a row.
 RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("", "workers"): (1, 256),
+    ("", "tcp_keepidle"): (0, 32_767),  # Linux's limits for TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT (tcp(7))
+    ("", "tcp_keepintvl"): (0, 32_767),
+    ("", "tcp_keepcnt"): (0, 127),
+    ("", "tcp_user_timeout"): (0, DAY * 1000),
     ("", "shutdown_timeout"): (0, DAY),
     ("upstream", "port"): (1, 65_535),
     ("upstream", "connect_timeout_seconds"): (0.1, 3_600),
@@ -228,6 +237,21 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
 
 
 @dataclass(frozen=True)
+class TcpSettings:
+    """TCP options for the proxy's client and server sockets (not Unix sockets), with PgBouncer's names
+    and units: keepalive on or off; seconds idle before the first probe (`keepidle`), seconds between
+    probes (`keepintvl`), probes before the connection is dropped (`keepcnt`); milliseconds data may stay
+    unacknowledged before the connection is dropped (`user_timeout`). 0 leaves the operating system's
+    default. Source: tcp(7), socket(7)."""
+
+    keepalive: bool = True
+    keepidle: int = 0
+    keepintvl: int = 0
+    keepcnt: int = 0
+    user_timeout: int = 0
+
+
+@dataclass(frozen=True)
 class UpstreamSettings:
     host: str
     port: int
@@ -242,6 +266,7 @@ class UpstreamSettings:
     connect_timeout_seconds: float
     channel_binding: str = "prefer"
     require_auth: str | None = None
+    tcp: TcpSettings = field(default_factory=TcpSettings)
 
     def allowed(self, database: str) -> bool:
         """Whether a client may reach `database`, the name in its startup packet (the user name when it
@@ -421,6 +446,7 @@ class Settings:
     guard: GuardSettings
     http: HttpSettings
     shutdown_timeout: float = 30.0  # seconds a SIGTERM drain waits for clients to reach an idle point
+    tcp: TcpSettings = field(default_factory=TcpSettings)  # for client sockets; upstream.tcp is the same
     source: str = field(default="<defaults>")
     roles: RolesSettings = field(default_factory=lambda: RolesSettings(None, {}))
     admin: AdminSettings = field(default_factory=lambda: AdminSettings({}, None))
@@ -671,6 +697,7 @@ def _build(values: dict[tuple[str, str], Any], source: str, problems: Problems) 
         guard=_section(values, "guard", GuardSettings),
         http=_http(values, problems),
         shutdown_timeout=values[("", "shutdown_timeout")],
+        tcp=upstream.tcp,
         source=source,
         roles=_roles(values, upstream, problems),
         admin=_admin(values, problems),
@@ -717,6 +744,11 @@ def _upstream(values: dict[tuple[str, str], Any], problems: Problems) -> Upstrea
         connect_timeout_seconds=values[("upstream", "connect_timeout_seconds")],
         channel_binding=values[("upstream", "channel_binding")],
         require_auth=_require_auth(values, problems),
+        tcp=TcpSettings(
+            keepalive=values[("", "tcp_keepalive")], keepidle=values[("", "tcp_keepidle")],
+            keepintvl=values[("", "tcp_keepintvl")], keepcnt=values[("", "tcp_keepcnt")],
+            user_timeout=values[("", "tcp_user_timeout")],
+        ),
     )
     _check_client_certificate(upstream, problems)
     return upstream

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from proxy.backend import BackendConnection, Lifecycle
 from proxy.pool import TransactionPool
 from proxy.protocol import errors, messages
@@ -50,21 +52,18 @@ def idle_connection(pool: TransactionPool) -> BackendConnection:
     return backend
 
 
-def test_an_idle_connection_whose_server_sent_its_fatal_is_not_handed_out() -> None:
+@pytest.mark.parametrize("end", ["fatal", "end of stream"])
+def test_an_idle_connection_the_server_ended_is_not_handed_out(end: str) -> None:
+    """The server's FATAL on its own, or its end of stream: the connection is closed at once, before the
+    loop's next turn would deliver connection_lost."""
     pool, _ = new_pool(kind=TransactionPool)
     assert isinstance(pool, TransactionPool)
     backend = idle_connection(pool)
-    backend.data_received(messages.error_response("FATAL", errors.ADMIN_SHUTDOWN,
-                                                  "terminating connection due to administrator command"))
-    assert backend.closed
-    assert pool.take("app", "tenant") is None
-
-
-def test_an_idle_connection_at_the_end_of_its_stream_is_not_handed_out() -> None:
-    pool, _ = new_pool(kind=TransactionPool)
-    assert isinstance(pool, TransactionPool)
-    backend = idle_connection(pool)
-    backend.eof_received()
+    if end == "fatal":
+        backend.data_received(messages.error_response("FATAL", errors.ADMIN_SHUTDOWN,
+                                                      "terminating connection due to administrator command"))
+    else:
+        backend.eof_received()
     assert backend.closed
     assert pool.take("app", "tenant") is None
 

@@ -89,6 +89,12 @@ class Decision:
     # TRANSACTION, SET transaction_isolation, ...): Postgres refuses an isolation level, DEFERRABLE or a
     # snapshot once the transaction has run a query, so the transaction's context goes after it.
     transaction_setup: bool = False
+    # Every statement is one Postgres runs without taking a snapshot and that reads no rows: the
+    # transaction setup above, SET [LOCAL] of a value and LOCK TABLE ("Transaction control, LOCK, and SET
+    # must *not* set a snapshot", PlannedStmtRequiresSnapshot). The context, a query, would take the
+    # transaction's snapshot in front of them: an isolation level set after them fails (25001), and a
+    # REPEATABLE READ transaction's snapshot would predate the lock it waited for. So it goes after them.
+    takes_no_snapshot: bool = False
     # Transaction mode: refused when the text runs as the first statement of a transaction (the relay
     # knows; the guard does not), because its first statement that does more than begin the transaction
     # reads what the session's earlier transactions left (lastval(), currval()).
@@ -506,6 +512,15 @@ _TRANSACTION_SETTINGS = frozenset({
 })
 
 
+def _takes_no_snapshot(kind: str, node: dict[str, Any]) -> bool:
+    """Whether one top-level statement runs without a snapshot and reads no rows, so the context may
+    follow it: LOCK TABLE, and SET [LOCAL] of a value (not RESET, whose startup values the relay applies
+    behind it with a query of its own)."""
+    if kind == "LockStmt":
+        return True
+    return kind == "VariableSetStmt" and node.get("kind") in ("VAR_SET_VALUE", "VAR_SET_CURRENT", "VAR_SET_MULTI")
+
+
 def _transaction_setup(kind: str, node: dict[str, Any]) -> bool:
     """Whether one top-level statement only begins a transaction or sets its characteristics (run before
     any query: "SET TRANSACTION", Postgres documentation)."""
@@ -528,6 +543,7 @@ class _Effects:
     drops_statements: bool = False
     statement_after_reset: bool = False
     transaction_setup: bool = True  # until a statement that is not
+    takes_no_snapshot: bool = True  # until a statement that takes one
     statements: int = 0  # top-level statements read so far
     first_run: int | None = None  # the index of the first statement that does more than begin the transaction
     at_statement: int = 0  # the index of the statement whose nodes are being read
@@ -539,6 +555,7 @@ class _Effects:
         self.statement_after_reset = self.statement_after_reset or self.resets_all or bool(self.reset_names)
         setup = _transaction_setup(kind, node)
         self.transaction_setup = self.transaction_setup and setup
+        self.takes_no_snapshot = self.takes_no_snapshot and (setup or _takes_no_snapshot(kind, node))
         if self.first_run is None and not setup:
             self.first_run = self.statements
         self.statements += 1
@@ -587,6 +604,7 @@ class _Effects:
             drops_statements=self.drops_statements, statement_count=statement_count,
             no_transaction_block=no_transaction_block, statement_after_reset=self.statement_after_reset,
             transaction_setup=self.transaction_setup and statement_count > 0,
+            takes_no_snapshot=self.takes_no_snapshot and statement_count > 0,
             refusal_at_transaction_start=SEQUENCE_STATE if self.first_run in self.sequence_reads else None,
         )
         return ALLOW if decision == ALLOW else decision

@@ -1335,7 +1335,7 @@ class TransactionMode:
             return starts is not None
         relay = self.relay
         assert relay.server is not None
-        if decision.transaction_setup:  # BEGIN ISOLATION LEVEL ...: the context would run a query first (25001)
+        if decision.takes_no_snapshot:  # BEGIN ISOLATION LEVEL, SET, LOCK: the context would take the snapshot first
             self.context_reset = True  # so it goes in front of the transaction's next statement
             self.only_setup_since_idle = self.only_setup_since_idle or relay.queue is not None and relay.queue.status == b"I"
             return True

@@ -307,12 +307,12 @@ def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     pair, server = RelayPair(), Server(101)
     set_query = messages.query("SET search_path TO app")
     writes = checked_out(pair, server, set_query)
-    assert writes == [
-        context_statement() + context(server) + set_query
+    assert writes == [  # a SET takes no snapshot: the context goes in front of the transaction's next statement
+        set_query
         + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
         + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
-    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_IDLE) == complete("SET") + Z_IDLE
+    assert pair.server(complete("SET") + Z_IDLE) == complete("SET") + Z_IDLE
     assert "release_server" not in pair.hooks.events  # the read-back is still owed
     read = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1")
             + CLOSE_COMPLETE + Z_IDLE)
@@ -336,7 +336,7 @@ def test_a_read_back_that_a_late_cancel_hit_is_read_again() -> None:
     the old value applied at the next checkout)."""
     pair, server = RelayPair(), Server(101)
     checked_out(pair, server, messages.query("SET search_path TO app"))
-    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_IDLE)
+    pair.server(complete("SET") + Z_IDLE)
     start = len(pair.hooks.upstream)
     cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
     assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + cancelled + Z_IDLE) == b""
@@ -357,10 +357,10 @@ def test_inside_a_block_the_settings_are_read_back_only_behind_a_group_that_may_
     checked_out(pair, server, messages.query("BEGIN"))
     pair.server(complete("BEGIN") + Z_BLOCK)
     set_query = messages.query("SET search_path TO app")
-    assert pair.client(set_query) == [context_statement() + context(server) + set_query]  # no read-back behind it
-    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + Z_BLOCK)
-    assert pair.client(SELECT_1) == [SELECT_1]
-    pair.server(ROWS + Z_BLOCK)
+    assert pair.client(set_query) == [set_query]  # no read-back behind it (nor the context: SET takes no snapshot)
+    pair.server(complete("SET") + Z_BLOCK)
+    assert pair.client(SELECT_1) == [context_statement() + context(server) + SELECT_1]
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_BLOCK)
     commit = messages.query("COMMIT")
     assert pair.client(commit) == [
         commit + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
@@ -559,6 +559,8 @@ def test_a_cancel_landing_on_the_close_in_front_of_a_statement_prepared_again_is
 
 @pytest.mark.parametrize("setup", [
     "BEGIN ISOLATION LEVEL SERIALIZABLE", "START TRANSACTION READ ONLY, DEFERRABLE", "begin; set transaction isolation level repeatable read",
+    # statements Postgres runs without a snapshot (psql's AUTOCOMMIT off sends BEGIN, then the SET)
+    "BEGIN; SET LOCAL work_mem = '1MB'", "BEGIN; SET work_mem = '1MB'", "BEGIN ISOLATION LEVEL REPEATABLE READ; LOCK TABLE t IN ROW EXCLUSIVE MODE",
 ])
 def test_a_transaction_setup_goes_before_the_context(setup: str) -> None:
     """Postgres takes an isolation level, DEFERRABLE or a snapshot only before the transaction's first
@@ -1076,8 +1078,8 @@ def test_follow_ups_wait_out_a_copy_in_started_by_execute() -> None:
     writes = checked_out(pair, server, group)
     assert b"".join(writes).endswith(messages.execute("") + messages.sync())
     copy_in = messages.message(b"G", b"\0\0\0")
-    pair.server(PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + complete("SET")
-                + PARSE_COMPLETE + BIND_COMPLETE + copy_in)
+    pair.server(PARSE_COMPLETE + BIND_COMPLETE + complete("SET")
+                + PARSE_COMPLETE + BIND_COMPLETE + CONTEXT_PREPARED + CONTEXT_SET + copy_in)
     start = len(pair.hooks.upstream)
     rows = messages.message(b"d", b"1\n") + messages.message(b"c") + messages.sync()
     assert pair.client(rows) == [rows]  # what Postgres reads during COPY IN passes

@@ -1572,7 +1572,10 @@ class TransactionMode:
         else:
             self.ending.discard(name)
         relay.note_copying(name, text)
-        if name and server.holds(statement.server_name):
+        # Held, or being parsed for another name (a Parse in flight): checked under a name of the proxy's first.
+        # `_prepare` would close it first, and its Parse failing (25P02 in a block the client failed) would take
+        # it from the names that use it.
+        if name and server.has(statement.server_name):
             self._parse_held(statement, server, client_name, change)
             return True
         if name:

@@ -79,6 +79,11 @@ SIMPLE_QUERIES = (
     "COPY (SELECT n, t FROM diff_scratch ORDER BY n) TO STDOUT",
     "SET application_name = 'renamed'",
     "RESET ALL",
+    # statements Postgres runs without a snapshot, which transaction mode's context goes behind (not the
+    # transaction characteristics: behind a Parse and Flush with no Sync, docs/pool-modes.md)
+    "SET LOCAL work_mem = '2MB'",
+    "LOCK TABLE diff_scratch IN ROW EXCLUSIVE MODE",
+    "SHOW work_mem",
 )
 PARSE_TEXTS = (
     "SELECT $1::int + 1",
@@ -93,6 +98,8 @@ PARSE_TEXTS = (
     "ROLLBACK",
     "",
     "COPY (SELECT n FROM diff_scratch ORDER BY n) TO STDOUT",
+    "SET LOCAL work_mem = '3MB'",
+    "LOCK TABLE diff_scratch IN ACCESS SHARE MODE",
 )
 VALUES = ("1", "2", "3", "4", "x", "hello", None)
 COPY_ROWS = (b"6\tsix\n", b"7\tseven\n", b"x\tnot a number\n", b"1\tduplicate\n", b"8\n", b"9\tni", b"ne\n")
@@ -230,6 +237,15 @@ PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK = [
     Write((step_describe("S", "s1"), SYNC, step_bind("", "s1", ["9", "nine"]), SYNC)),
     FINAL,
 ]
+# The same with the first Parse still in flight when the second comes (one write): the second, in the
+# block the client's second Execute failed (55000), must not take the text from s1, whose Bind then fails
+# on its parameter count (08P01) as directly, not with 26000 (found by the random search).
+PARSE_OF_A_TEXT_IN_FLIGHT_IN_A_FAILED_BLOCK = [
+    Write((step_parse("s1", "BEGIN"), step_bind("p1", "s1", []), step_execute("p1", 2), step_execute("p1", 2), SYNC,
+           step_parse("s2", "BEGIN"))),
+    Write((step_bind("", "s1", ["3"]),)),
+    FINAL,
+]
 # A described statement (s1, no result) whose second Parse fails (42P05) behind a Flush: the Describe
 # behind that Parse is skipped, as is everything the client sends up to its Sync, Bind included; the
 # proxy's check of s1's result shape must not run it.
@@ -298,6 +314,7 @@ INPUTS = {
     "sync-among-data-of-a-failed-copy": SYNC_AMONG_DATA_OF_A_FAILED_COPY,
     "names-after-skipped-changes": NAMES_AFTER_SKIPPED_CHANGES,
     "parse-of-a-held-text-in-a-failed-block": PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK,
+    "parse-of-a-text-in-flight-in-a-failed-block": PARSE_OF_A_TEXT_IN_FLIGHT_IN_A_FAILED_BLOCK,
     "described-statement-in-an-error-window": DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW,
     "extended-copy-with-messages-behind": EXTENDED_COPY_WITH_MESSAGES_BEHIND,
     "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,

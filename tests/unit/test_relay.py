@@ -1392,3 +1392,15 @@ def test_lastval_executed_at_a_transactions_start_is_refused_at_its_execute() ->
     writes = checked_out(pair, server, parse + bind + messages.execute() + messages.sync())
     assert b"".join(writes).startswith(parse + bind) and CONTEXT.statement_name not in b"".join(writes)
     assert [r.sqlstate for r in pair.hooks.refusals] == [errors.FEATURE_NOT_SUPPORTED]
+
+
+def test_a_parse_of_a_text_in_flight_for_another_name_is_checked_before_the_server_statement_is_touched() -> None:
+    """The client parses the same text under two names in one read: the first Parse is not answered yet
+    when the second goes, so the server statement is in flight, not held. The second is checked under
+    the proxy's own name first; closed and parsed again at once, its failure (25P02 in a block the client
+    failed) would take the statement from the first name."""
+    pair, server = RelayPair(), Server(101)
+    read = messages.parse("s1", "BEGIN") + messages.sync() + messages.parse("s2", "BEGIN") + messages.sync()
+    (write,) = checked_out(pair, server, read)
+    second = write[write.index(messages.sync()) + len(messages.sync()):]
+    assert second.startswith(messages.message(b"P", PARSE_CHECK + b"\0BEGIN\0\0\0"))

@@ -803,7 +803,7 @@ class Relay:
         told how it ended). Being a simple Query, it drops the server connection's unnamed statement."""
         self.hooks.refused(refusal)
         assert self.server is not None
-        self.server.state.statements.unnamed = None
+        self.server.state.statements.unnamed_gone()
         self.send(messages.query(_MARKER), Request.QUERY, Owner.REFUSED, reply=refusal_error(refusal), watcher=watcher)
         self.mode.group_sent()
 
@@ -1292,7 +1292,7 @@ class TransactionMode:
             changed = {name: value for name, value in wanted.items() if state.settings.get(name) != value}
             if stale:  # a simple Query: it drops the server connection's unnamed statement
                 relay.own(reset_query(stale), Request.QUERY, OwnRequest(self._prelude_ended))
-                state.statements.unnamed = None
+                state.statements.unnamed_gone()
             if changed:
                 self._own_statement(APPLY_STATEMENT, APPLY_SQL)
                 relay.own(apply_bind(changed), Request.BIND, OwnRequest(self._prelude_ended))
@@ -1406,10 +1406,9 @@ class TransactionMode:
             return False
         dropped = self._unnamed_dropped()
         assert relay.server is not None
-        relay.server.state.statements.unnamed = None
-        effects = self._effects(decision)
-        if dropped is not None:
-            effects = OwnRequest(self._query_ended(dropped, effects))
+        server = relay.server.state.statements
+        server.query_sent()
+        effects = OwnRequest(self._query_ended(dropped, self._effects(decision), server))
         relay.send(message.raw, Request.QUERY, watcher=effects)
         if may_end_transaction(message.raw, 5):
             self.context_reset = True  # COMMIT AND CHAIN leaves a block open without the context
@@ -1431,14 +1430,19 @@ class TransactionMode:
         return dropped
 
     @staticmethod
-    def _query_ended(dropped: Change, effects: OwnRequest | None) -> Callable[[Outcome, dict[str, str] | None], None]:
-        """A Query that dropped the client's unnamed statement is answered: skipped in an error window it
-        did not run, and Postgres keeps the unnamed statement (found by a randomized comparison)."""
+    def _query_ended(dropped: Change | None, effects: OwnRequest | None, server: ServerStatements | None = None
+                     ) -> Callable[[Outcome, dict[str, str] | None], None]:
+        """A Query that drops the client's unnamed statement (`dropped`) and the server connection's
+        (`server`, when the Query went upstream) is answered: skipped in an error window it did not run,
+        and Postgres keeps the unnamed statement (found by randomized comparisons)."""
 
         def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
             if effects is not None:
                 effects.ended(outcome, error)
-            dropped.ended(outcome, error)
+            if dropped is not None:
+                dropped.ended(outcome, error)
+            if server is not None:
+                server.query_answered(outcome)
 
         return ended
 
@@ -1617,8 +1621,7 @@ class TransactionMode:
     @staticmethod
     def _unnamed_parsed(server: ServerStatements, statement: Statement) -> Callable[[Outcome, dict[str, str] | None], None]:
         def ended(outcome: Outcome, error: dict[str, str] | None) -> None:
-            if outcome is not Outcome.COMPLETED and server.unnamed is statement:
-                server.unnamed = None
+            server.unnamed_parsed(statement, outcome)
 
         return ended
 
@@ -1692,7 +1695,7 @@ class TransactionMode:
         if statement is None:
             if not name and server.unnamed is not None:
                 relay.own(messages.message(b"C", b"S\0"), Request.CLOSE)  # another client's: gone, as for this client
-                server.unnamed = None
+                server.unnamed_gone()
             return None
         if not name:
             if server.unnamed is not statement:
@@ -2088,7 +2091,7 @@ class TransactionMode:
         self.context_reset = False
         self.only_setup_since_idle = False
         self.statements.unnamed = None  # a simple Query drops the unnamed statement
-        statements.unnamed = None
+        statements.unnamed_gone()
         relay.hooks.send_upstream(
             context.transaction_messages(identity.tenant, server.process_id, identity.expires_at, identity.claims_json) + data
         )

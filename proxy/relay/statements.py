@@ -116,7 +116,13 @@ class ServerStatements:
         self.ready: OrderedDict[bytes, None] = OrderedDict()
         self.pending: dict[bytes, int] = {}  # name -> generation its Parse was sent in
         self.in_use: set[bytes] = set()  # used during the current checkout, or the proxy's own: not evicted
-        self.unnamed: Statement | None = None  # the client statement the server's unnamed statement holds
+        # The client statement the server's unnamed statement holds once every request in flight that
+        # changes it (a Parse of it, a simple Query) runs; what it holds by the replies so far; how many of
+        # those requests are unanswered; and whether the proxy gave up knowing while some were.
+        self.unnamed: Statement | None = None
+        self._unnamed_answered: Statement | None = None
+        self._unnamed_in_flight = 0
+        self._unnamed_lost = False
         # The result shape of a statement held here (b"" the unnamed one), once a Describe of it has told it;
         # while a Describe is in flight, its watch. A statement's result is fixed at its Parse (a later
         # change of schema makes the server refuse it with 0A000), so a shape holds until the next Parse.
@@ -142,7 +148,7 @@ class ServerStatements:
         self.ready.clear()
         self.pending.clear()
         self.shapes.clear()
-        self.unnamed = None
+        self.unnamed_gone()
 
     def evictions(self) -> Iterator[bytes]:
         """Statements to close so one more fits, oldest first, sparing those in use."""
@@ -167,9 +173,48 @@ class ServerStatements:
         return watch
 
     def unnamed_sent(self, statement: Statement) -> None:
-        """A Parse of the unnamed statement went upstream for the client's `statement`: its shape is not known."""
+        """A Parse of the unnamed statement went upstream for the client's `statement`: its shape is not
+        known. Its outcome goes to `unnamed_parsed`."""
+        self._unnamed_in_flight += 1
         self.unnamed = statement
         self.shapes.pop(b"", None)
+
+    def unnamed_parsed(self, statement: Statement, outcome: Outcome) -> None:
+        """The Parse of `unnamed_sent` was answered. Completed, the server's unnamed statement holds
+        `statement`; failed, nothing (Postgres drops the old one before it parses); skipped in an error
+        window, what it held."""
+        if outcome is Outcome.COMPLETED:
+            self._unnamed_answered = statement
+        elif outcome is Outcome.FAILED:
+            self._unnamed_answered = None
+        self._unnamed_settle()
+
+    def query_sent(self) -> None:
+        """A simple Query went upstream: Postgres drops the unnamed statement as it begins one
+        (exec_simple_query), unless it is skipped in an error window. Its outcome goes to `query_answered`."""
+        self._unnamed_in_flight += 1
+        self.unnamed = None
+
+    def query_answered(self, outcome: Outcome) -> None:
+        if outcome is not Outcome.SKIPPED:
+            self._unnamed_answered = None
+        self._unnamed_settle()
+
+    def unnamed_gone(self) -> None:
+        """The server's unnamed statement is dropped, or no longer known (a Query whose outcome is not
+        followed): none from now on, whatever the requests in flight turn out to do."""
+        self.unnamed = self._unnamed_answered = None
+        self._unnamed_lost = self._unnamed_in_flight > 0
+
+    def _unnamed_settle(self) -> None:
+        """One request that changes the unnamed statement was answered; once none is in flight, the
+        replies say what it holds."""
+        self._unnamed_in_flight -= 1
+        if not self._unnamed_in_flight:
+            if self._unnamed_lost:
+                self._unnamed_answered = None
+                self._unnamed_lost = False
+            self.unnamed = self._unnamed_answered
 
 
 class ParseWatch:

@@ -246,6 +246,17 @@ PARSE_OF_A_TEXT_IN_FLIGHT_IN_A_FAILED_BLOCK = [
     Write((step_bind("", "s1", ["3"]),)),
     FINAL,
 ]
+# A simple Query skipped in an error window (the Execute of a portal that does not exist failed the block)
+# does not drop the unnamed statement, nor does a Parse of it skipped there: the Bind behind fails on its
+# parameter count (08P01) as directly, not with the 25P02 of the statement prepared again in the failed
+# block (found by the random search).
+QUERY_SKIPPED_KEEPS_THE_UNNAMED_STATEMENT = [
+    Write((step_parse("s1", "BEGIN"), step_bind("p1", "s1", []), step_execute("p1", 1),
+           step_parse("", "SELECT generate_series(1, $1::int)"), step_execute("", 1),
+           step_query("INSERT INTO diff_scratch VALUES (4, 'four'); SELECT 3"), step_parse("", "SELECT 1"))),
+    Write((step_bind("p1", "", ["x", "x"]),)),
+    FINAL,
+]
 # A described statement (s1, no result) whose second Parse fails (42P05) behind a Flush: the Describe
 # behind that Parse is skipped, as is everything the client sends up to its Sync, Bind included; the
 # proxy's check of s1's result shape must not run it.
@@ -315,6 +326,7 @@ INPUTS = {
     "names-after-skipped-changes": NAMES_AFTER_SKIPPED_CHANGES,
     "parse-of-a-held-text-in-a-failed-block": PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK,
     "parse-of-a-text-in-flight-in-a-failed-block": PARSE_OF_A_TEXT_IN_FLIGHT_IN_A_FAILED_BLOCK,
+    "query-skipped-keeps-the-unnamed-statement": QUERY_SKIPPED_KEEPS_THE_UNNAMED_STATEMENT,
     "described-statement-in-an-error-window": DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW,
     "extended-copy-with-messages-behind": EXTENDED_COPY_WITH_MESSAGES_BEHIND,
     "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,

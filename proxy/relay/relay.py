@@ -362,10 +362,7 @@ class Relay:
             return
         if self.server is None:
             return
-        if self.follow_ups_wait and queue.reading_messages():
-            self.follow_ups_wait = False
-            self.mode.follow_up()
-            self.flush_own()
+        self._follow_ups_ready(queue)
         if self.preparing:
             if queue.idle():
                 self.preparing = False
@@ -623,7 +620,9 @@ class Relay:
         """Handle client messages in order, taking them from the front of `segments`, until one must
         wait; go on at once when what it waited for is already there (a ReadyForQuery the proxy answered
         itself). What is left is held (it is `held` itself when resuming)."""
+        stalled = 0
         while True:
+            head = segments[0] if segments else None
             done = self._process(segments)
             self._flush()
             if self.terminated:  # Terminate: not forwarded, so the server connection can serve again
@@ -632,6 +631,15 @@ class Relay:
             queue = self.queue
             if done or queue is None or queue.groups_owed() or self.copy_syncs or self.mode.waiting():
                 break
+            # Nothing is owed, yet a message waits: one more pass goes on when the proxy's own answer ended
+            # what it waited for. A message still stuck at the head after that waits for nothing that can
+            # come, a bug: the session ends with XX000 rather than the event loop spinning here.
+            stalled = stalled + 1 if segments and segments[0] is head else 0
+            if stalled > 2:
+                waiting = segments[0]
+                kind = waiting.type if type(waiting) is Message else b"d"  # type: ignore[union-attr]
+                raise RelayStalled(f"a client message {kind!r} waits with nothing owed by the server (follow_ups_wait="
+                                   f"{self.follow_ups_wait}, copy_input={self.copy_input.name}, skip_group={self.skip_group})")
         if not done:
             self._interrupt_copy(segments[0])
         if segments is self.held:
@@ -692,6 +700,16 @@ class Relay:
             answer = queue.answer_ready()
             if answer:
                 self.hooks.send_client(answer)
+                self._follow_ups_ready(queue)  # a group the proxy answered itself ended: no server reply will say so
+
+    def _follow_ups_ready(self, queue: ReplyQueue) -> None:
+        """What waited for the ReadyForQuery of a group that may start COPY IN or begin a block
+        (`follow_ups_wait`) goes once the server reads messages again, whether the server's reply or the
+        proxy's own answer ended the group."""
+        if self.follow_ups_wait and queue.reading_messages():
+            self.follow_ups_wait = False
+            self.mode.follow_up()
+            self.flush_own()
 
     def _message(self, message: Message) -> bool:
         """Handle one client message; False when it must wait (the mode needs the server's status)."""
@@ -699,7 +717,10 @@ class Relay:
         mode = self.mode
         if mode.waiting():
             return False
-        if self.follow_ups_wait and kind[0] not in COPY_IN_READS:
+        if self.follow_ups_wait and kind[0] not in COPY_IN_READS and not (self.queue is not None and self.queue.skipping()):
+            # Behind a Query that may start COPY IN. In an error window the server skips that Query and this
+            # message alike, up to the client's Sync, which must not wait behind it (the follow-ups go after
+            # that Sync's ReadyForQuery).
             return False
         if self.copy_syncs and (self.copy_input is _COPY_ENDED or kind[0] not in COPY_IN_READS):
             return False  # Syncs among the client's CopyData are not settled: its group may go on or not
@@ -916,6 +937,10 @@ EXTENDED_REQUESTS = frozenset({Request.PARSE, Request.BIND, Request.DESCRIBE, Re
 
 
 PROXY_ABORTED = "a request of pg-tenant-proxy's own failed inside this transaction block, which is aborted: "
+
+
+class RelayStalled(RuntimeError):
+    """A client message waits for nothing the server owes: a bug, which ends the session (XX000)."""
 
 
 class BlockWatch:

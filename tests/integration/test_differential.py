@@ -257,6 +257,16 @@ QUERY_SKIPPED_KEEPS_THE_UNNAMED_STATEMENT = [
     Write((step_bind("p1", "", ["x", "x"]),)),
     FINAL,
 ]
+# A Query that may start COPY IN, behind a SET (so the proxy has a settings read-back due after it), in an
+# error window: the proxy held the client's next Query until the COPY Query's ReadyForQuery, which only the
+# client's Sync behind it brings. Nothing was owed and the relay's loop spun at full CPU, stalling every
+# client of the process (found by the random search; now the Query goes on and is skipped, as directly).
+COPY_QUERY_IN_AN_ERROR_WINDOW = [
+    Write((step_describe("S", "s1"),), terminated=False),
+    Write((step_query("SET application_name = 'renamed'"), step_query("COPY diff_scratch FROM STDIN"),
+           step_query("COPY (SELECT n, t FROM diff_scratch ORDER BY n) TO STDOUT"))),
+    FINAL,
+]
 # A described statement (s1, no result) whose second Parse fails (42P05) behind a Flush: the Describe
 # behind that Parse is skipped, as is everything the client sends up to its Sync, Bind included; the
 # proxy's check of s1's result shape must not run it.
@@ -327,6 +337,7 @@ INPUTS = {
     "parse-of-a-held-text-in-a-failed-block": PARSE_OF_A_HELD_TEXT_IN_A_FAILED_BLOCK,
     "parse-of-a-text-in-flight-in-a-failed-block": PARSE_OF_A_TEXT_IN_FLIGHT_IN_A_FAILED_BLOCK,
     "query-skipped-keeps-the-unnamed-statement": QUERY_SKIPPED_KEEPS_THE_UNNAMED_STATEMENT,
+    "copy-query-in-an-error-window": COPY_QUERY_IN_AN_ERROR_WINDOW,
     "described-statement-in-an-error-window": DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW,
     "extended-copy-with-messages-behind": EXTENDED_COPY_WITH_MESSAGES_BEHIND,
     "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,

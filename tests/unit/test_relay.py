@@ -29,6 +29,7 @@ from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.relay.relay import (
     COPY_INTERRUPT, COPY_PROBE, RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED, BlockWatch,
+    RelayStalled,
 )
 from proxy.relay.replies import COPY_INTERRUPTED, Outcome
 from proxy.relay.settings import (
@@ -1404,3 +1405,15 @@ def test_a_parse_of_a_text_in_flight_for_another_name_is_checked_before_the_serv
     (write,) = checked_out(pair, server, read)
     second = write[write.index(messages.sync()) + len(messages.sync()):]
     assert second.startswith(messages.message(b"P", PARSE_CHECK + b"\0BEGIN\0\0\0"))
+
+
+def test_a_message_that_waits_for_nothing_owed_ends_the_session_instead_of_spinning() -> None:
+    """A client message that waits while the server owes nothing would wait for ever: the relay's loop
+    raises (the session ends with XX000) rather than spin the event loop for every client (found as a
+    proxy at full CPU after a random comparison). Reached here by forcing the wait."""
+    pair, server = RelayPair(transaction_mode=False), Server(101)
+    pair.attach(server)
+    pair.server(SESSION_CONTEXT_SET)
+    pair.relay.follow_ups_wait = True  # waiting for a ReadyForQuery, with nothing owed that could bring one
+    with pytest.raises(RelayStalled, match="waits with nothing owed"):
+        pair.client(SELECT_1 + SELECT_1)  # two messages: the general path, not the one-Query read

@@ -395,6 +395,7 @@ LARGE_OBJECT_OIDS = {
     964: "lo_unlink", 954: "loread", 955: "lowrite",
 }
 SEQUENCE_STATE_OIDS = {2559: "lastval", 1575: "currval"}
+_SWITCHED_OIDS = {PG_NOTIFY_OID: "pg_notify", **LARGE_OBJECT_OIDS, **SIGNAL_OIDS}  # what `Guard._switched_off` reads
 SESSION_ADVISORY_LOCK_OIDS = {
     2880: "pg_advisory_lock", 2881: "pg_advisory_lock_shared", 2882: "pg_try_advisory_lock",
     2883: "pg_try_advisory_lock_shared", 2886: "pg_advisory_lock", 2887: "pg_advisory_lock_shared",
@@ -676,12 +677,10 @@ class Guard:
         if oid == SET_CONFIG_OID:
             return _refused("FunctionCall of set_config()", "it writes settings the SQL guard cannot see",
                             "use SET or SELECT set_config(...), where the guard reads the setting's name")
-        if oid == PG_NOTIFY_OID and not self.allow_notifications:
-            return _notifications("FunctionCall of pg_notify()")
-        if oid in LARGE_OBJECT_OIDS and not self.allow_large_objects:
-            return _large_objects(f"FunctionCall of {LARGE_OBJECT_OIDS[oid]}()")
-        if oid in SIGNAL_OIDS and not self.allow_backend_signals:
-            return _signals(f"FunctionCall of {SIGNAL_OIDS[oid]}()")
+        function = _SWITCHED_OIDS.get(oid)
+        refusal = self._switched_off(function, f"FunctionCall of {function}()") if function is not None else None
+        if refusal is not None:
+            return refusal
         if oid in SESSION_ADVISORY_LOCK_OIDS and self.transaction_mode:
             return Refusal(errors.FEATURE_NOT_SUPPORTED,
                            f"FunctionCall of {SESSION_ADVISORY_LOCK_OIDS[oid]}() (a session advisory lock; "
@@ -823,12 +822,9 @@ class Guard:
             if function == "set_config":
                 return _refused(what, "it writes settings the SQL guard cannot see",
                                 "call set_config() in SQL, where the guard reads the setting's name")
-            if function == "pg_notify" and not self.allow_notifications:
-                return _notifications(what)
-            if function in LARGE_OBJECT_FUNCTIONS and not self.allow_large_objects:
-                return _large_objects(what)
-            if function in SIGNAL_FUNCTIONS and not self.allow_backend_signals:
-                return _signals(what)
+            refusal = self._switched_off(function, what)
+            if refusal is not None:
+                return refusal
             if self.transaction_mode and function in _SESSION_ADVISORY_LOCKS | SEQUENCE_STATE_FUNCTIONS:
                 return Refusal(errors.FEATURE_NOT_SUPPORTED, f"{what} is not available with transaction pooling: "
                                "the server connection is shared after each transaction", _SESSION_MODE_HINT)
@@ -890,14 +886,22 @@ class Guard:
                     value = _literal(arguments[1])
                     if value is not None and _temporary_first(_path_elements(value)):
                         return _TEMPORARY_SEARCH_PATH
-        elif function == "pg_notify" and not self.allow_notifications:
-            return _notifications("pg_notify()")
-        elif function in LARGE_OBJECT_FUNCTIONS and not self.allow_large_objects:
-            return _large_objects(f"{function}()")
-        elif function in SIGNAL_FUNCTIONS and not self.allow_backend_signals:
-            return _signals(f"{function}()")
         elif function in SEQUENCE_STATE_FUNCTIONS and self.transaction_mode:
             effects.sequence_reads.add(effects.at_statement)
+        elif function is not None:
+            return self._switched_off(function, f"{function}()")
+        return None
+
+    def _switched_off(self, function: str, what: str) -> Refusal | None:
+        """The refusal for calling `function` (in `what`: the SQL or message that calls it) while its
+        [guard] switch is off: pg_notify() (allow_notifications), the large-object functions
+        (allow_large_objects), pg_cancel_backend() and pg_terminate_backend() (allow_backend_signals)."""
+        if function == "pg_notify" and not self.allow_notifications:
+            return _notifications(what)
+        if function in LARGE_OBJECT_FUNCTIONS and not self.allow_large_objects:
+            return _large_objects(what)
+        if function in SIGNAL_FUNCTIONS and not self.allow_backend_signals:
+            return _signals(what)
         return None
 
 

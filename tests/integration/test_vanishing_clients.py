@@ -134,10 +134,16 @@ def mid_statement_cancelled(proxy: ProxyProcess, wire: Wire, pg: EmbeddedPostgre
     return marker
 
 
-def streaming(proxy: ProxyProcess, wire: Wire, pg: EmbeddedPostgres, marker: str) -> str | None:
+def unread(wire: Wire, pg: EmbeddedPostgres, marker: str, sql: str) -> None:
+    """`sql` (naming `marker`) sends far more than the client's small receive buffer holds, which it never
+    reads: running once the server has started it."""
     wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    wire.send(messages.query(f"SELECT repeat('x', 2000) AS {marker} FROM generate_series(1, 100000)"))
+    wire.send(messages.query(sql))
     wait_until(lambda: running(pg, marker) == 1, deadline=DEADLINE)
+
+
+def streaming(proxy: ProxyProcess, wire: Wire, pg: EmbeddedPostgres, marker: str) -> str | None:
+    unread(wire, pg, marker, f"SELECT repeat('x', 2000) AS {marker} FROM generate_series(1, 100000)")
     return None
 
 
@@ -149,9 +155,7 @@ def copy_in(proxy: ProxyProcess, wire: Wire, pg: EmbeddedPostgres, marker: str) 
 
 
 def copy_out(proxy: ProxyProcess, wire: Wire, pg: EmbeddedPostgres, marker: str) -> str | None:
-    wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    wire.send(messages.query(f"COPY (SELECT repeat('y', 2000) AS {marker} FROM generate_series(1, 100000)) TO STDOUT"))
-    wait_until(lambda: running(pg, marker) == 1, deadline=DEADLINE)
+    unread(wire, pg, marker, f"COPY (SELECT repeat('y', 2000) AS {marker} FROM generate_series(1, 100000)) TO STDOUT")
     return None
 
 

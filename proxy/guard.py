@@ -138,17 +138,21 @@ _SEARCHED_WORDS = {
 _SEPARATORS = str.maketrans({char: " " for char in string.punctuation + string.whitespace if char not in "_$"})
 _FIRST_WORD = re.compile(r"[\s(]*([a-z0-9_$]*)")
 _TRAILING = ";" + string.whitespace  # empty statements after the last one
+# The first words of most statements, tested before the first word is cut out (a regular expression):
+# no word in _SESSION_FIRST_WORDS, nor COMMIT or ROLLBACK, begins with any of them.
+_COMMON_FIRST = ("select", "insert", "update", "delete", "with", "values")
 
 
-def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
+def needs_parse(sql: str, transaction_mode: bool = False, lowered: str | None = None) -> bool:
     """False when the text cannot contain anything the guard refuses or reports in a Decision (in
-    transaction mode, also a session feature); True means the guard must parse it.
+    transaction mode, also a session feature); True means the guard must parse it. `lowered` is
+    `sql.lower()` when the caller has it already.
 
     Text without ';' (but at its end, as pgbench and many drivers send) and comments is one statement:
     its first word says what kind it is, so a long INSERT ... ON CONFLICT DO UPDATE SET is cleared by its
     first word. Other text needs parsing when any of those words appears in it as a word. Costs about
     10 ms per MB at worst (splitting into words)."""
-    text = sql.lower().rstrip(_TRAILING)
+    text = (sql.lower() if lowered is None else lowered).rstrip(_TRAILING)
     for substring in _SESSION_ANYWHERE if transaction_mode else _ANYWHERE:  # a loop: no generator per statement
         if substring in text:
             return True
@@ -160,6 +164,8 @@ def needs_parse(sql: str, transaction_mode: bool = False) -> bool:
             return True
         if several:
             return False
+    if text.startswith(_COMMON_FIRST):  # no first word the guard looks at begins like these
+        return False
     first = _FIRST_WORD.match(text)
     word = first.group(1) if first else ""
     if word in ("commit", "rollback"):
@@ -651,10 +657,11 @@ class Guard:
             allow_backend_signals=settings.allow_backend_signals, allow_function_call=settings.allow_function_call,
         )
 
-    def check(self, sql: str) -> Decision:
+    def check(self, sql: str, lowered: str | None = None) -> Decision:
         """The decision for a Query's or Parse's SQL text: `ALLOW` itself when the pre-scan clears it,
-        else read with the parser (cached). Never raises: what it cannot read is refused."""
-        if not needs_parse(sql, self.transaction_mode):
+        else read with the parser (cached). `lowered` is `sql.lower()` when the caller has it already.
+        Never raises: what it cannot read is refused."""
+        if not needs_parse(sql, self.transaction_mode, lowered):
             return ALLOW
         decision = self._cache.get(sql)
         if decision is None:
@@ -916,8 +923,8 @@ class Classifier(Guard):
     def __init__(self, transaction_mode: bool) -> None:
         super().__init__(ProtectedSettings((), ()), allow_do=True, transaction_mode=transaction_mode)
 
-    def check(self, sql: str) -> Decision:
-        decision = super().check(sql)
+    def check(self, sql: str, lowered: str | None = None) -> Decision:
+        decision = super().check(sql, lowered)
         if decision.refusal_at_transaction_start is not None:
             decision = replace(decision, refusal_at_transaction_start=None)
         return ALLOW if decision.refusal is not None or decision == ALLOW else decision

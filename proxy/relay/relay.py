@@ -884,12 +884,24 @@ class Relay:
         deallocates or prepares under a name of the proxy's (its own statements, or those it shares
         between clients). With the guard off, the classifier's reading (`proxy.guard.Classifier`): what
         the text does to the session, never a refusal of its own."""
-        guard = self.guard if self.guard is not None else classifier(isinstance(self.mode, TransactionMode))
         sql = text.decode("utf-8", "replace")
-        decision = guard.check(sql)
+        return self._decided(text, sql, sql.lower())
+
+    def clears(self, text: bytes) -> bool:
+        """True when a Query's or Parse's text (NUL terminator excluded) may take a hot path: the guard
+        clears it (`decide` gives ALLOW) and no word in it may end a transaction (`may_end_transaction`).
+        One decode and one lowering serve both."""
+        sql = text.decode("utf-8", "replace")
+        lowered = sql.lower()
+        return self._decided(text, sql, lowered) is ALLOW and not may_end_transaction(text, 0, lowered)
+
+    def _decided(self, text: bytes, sql: str, lowered: str) -> Decision:
+        """`decide`, given the text decoded (`sql`) and lowered."""
+        guard = self.guard if self.guard is not None else classifier(isinstance(self.mode, TransactionMode))
+        decision = guard.check(sql, lowered)
         if decision.refusal is None and (
             (decision is not ALLOW and any(name.lower().startswith(RESERVED) for name in decision.deallocates))
-            or (RESERVED in sql.lower() and _PREPARE_RESERVED.search(text) is not None)  # ASCII survives the decode
+            or (RESERVED in lowered and _PREPARE_RESERVED.search(text) is not None)  # ASCII survives the decode
         ):
             return RESERVED_SQL
         return decision
@@ -915,13 +927,16 @@ def may_start_copy_in(text: bytes) -> bool:
     return text.lower().find(b"stdin") >= 0
 
 
-def may_end_transaction(text: bytes, start: int = 0) -> bool:
+def may_end_transaction(text: bytes, start: int = 0, lowered: str | None = None) -> bool:
     """`text` from `start` holds a word that may end a transaction (`_MAY_END_TRANSACTION`); the regex
-    runs only when one of the words appears anywhere in `text` (the common statement holds none)."""
+    runs only when one of the words appears anywhere in `text` (the common statement holds none).
+    `lowered`: `text` decoded and lowered, when the caller has it already."""
     # The words are looked for in a str: on Python 3.11 `bytes in bytes` raises and clears a TypeError
     # first, and bytes.find() parses its arguments with a format string; str `in` does neither (a third
-    # of the time). Latin-1 maps each byte to one character, and lowercases no other byte to ASCII.
-    lowered = text.decode("latin-1").lower()
+    # of the time). Latin-1 maps each byte to one character, and lowercases no other byte to ASCII. The
+    # words are ASCII, so any decoding holds them where `text` does (the regex has the last word).
+    if lowered is None:
+        lowered = text.decode("latin-1").lower()
     if not ("end" in lowered or "commit" in lowered or "rollback" in lowered or "abort" in lowered
             or "prepare" in lowered):
         return False
@@ -2106,8 +2121,7 @@ class TransactionMode:
         statements = server.state.statements
         if (
             not statements.has(context.statement_name)
-            or relay.decide(data[5:-1]) is not ALLOW
-            or may_end_transaction(data, 5)
+            or not relay.clears(data[5:-1])
         ):
             return False
         identity = relay.identity
@@ -2212,7 +2226,7 @@ class TransactionMode:
         if data[5] != 0 or text_end < 0:
             return None
         text = data[6:text_end]
-        if relay.decide(text) is not ALLOW or may_start_copy_in(text) or may_end_transaction(text):
+        if not relay.clears(text) or may_start_copy_in(text):
             return None
         statement = unnamed_statement(data[6:end], ALLOW)
         change = self.statements.change_sent(b"", self.group, statement, None)

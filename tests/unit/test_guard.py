@@ -496,6 +496,26 @@ def test_pre_scan(sql: str, expected: bool) -> None:
     assert needs_parse(sql) is expected
 
 
+def test_no_first_word_the_pre_scan_looks_for_begins_like_a_common_statement() -> None:
+    """The pre-scan clears text beginning with a common first word (SELECT, INSERT ...) without cutting the
+    word out: exact only while no word it looks for as a first word begins with one of them."""
+    looked_for = guard_module._SESSION_FIRST_WORDS | {"commit", "rollback"}
+    assert not [word for word in looked_for if word.startswith(guard_module._COMMON_FIRST)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.sampled_from([*guard_module._COMMON_FIRST, "set", "reset", "commit", "do", "select_"]),
+       rest=st.sampled_from(["", " 1", "(1)", "_x = 1", "$1", " * FROM t", "ing x", "\tx"]),
+       transaction_mode=st.booleans())
+def test_the_common_first_word_shortcut_agrees_with_the_first_word(first: str, rest: str, transaction_mode: bool) -> None:
+    """Property: the pre-scan's answer for one statement is what the first word says, shortcut or not."""
+    sql = first + rest
+    word = guard_module._FIRST_WORD.match(sql.lower())
+    assert word is not None
+    looked_for = guard_module._SESSION_FIRST_WORDS if transaction_mode else guard_module._FIRST_WORDS
+    assert needs_parse(sql, transaction_mode) is (word.group(1) in looked_for)
+
+
 # Statements that set a Decision field or are refused, written the ways a client may write them.
 FIELD_STATEMENTS = [
     "SET {name} = 1", "SET SESSION {name} TO 'x'", "RESET {name}", "SET {name} TO DEFAULT", "RESET ALL",

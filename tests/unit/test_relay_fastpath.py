@@ -28,7 +28,7 @@ from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageScanner
-from proxy.relay.relay import RESET_BIND
+from proxy.relay.relay import RESET_BIND, may_end_transaction
 from proxy.relay.replies import Outcome, Owed, Owner, ReplyQueue, Request
 from proxy.relay.statements import statement_for
 
@@ -396,6 +396,20 @@ def test_a_group_parsing_text_the_relay_must_read_goes_the_general_way(text: str
     group = messages.parse("", text) + messages.bind("", "", []) + messages.execute() + messages.sync()
     checked_out(pair, server, group)
     assert [entry.request for entry in server.queue.entries][:2] != [Request.CONTEXT, Request.PARSE]
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 1;", "COMMIT", "select 1; end", "SELECT 'weekend'",
+    "UPDATE t SET x = 1", "SELECT set_config('a.b', 'c', false)", "PREPARE pg_tenant_proxy_x AS SELECT 1",
+    "DEALLOCATE pg_tenant_proxy_x", "SELECT 'ROLLBACK'", "SELECT 'Straße' AS \"ÉND\"", "rollback", "SELECT 1 /* abort */",
+])
+@pytest.mark.parametrize("transaction_mode", [False, True])
+def test_clears_is_the_decision_and_the_transaction_end_words(text: str, transaction_mode: bool) -> None:
+    """`Relay.clears`, which shares one decoding between the guard and the word search, answers as the two
+    checks it stands for."""
+    relay = RelayPair(transaction_mode=transaction_mode).relay
+    raw = text.encode()
+    assert relay.clears(raw) is (relay.decide(raw) is ALLOW and not may_end_transaction(raw))
 
 
 CONTEXT_GROUPS = {

@@ -349,12 +349,21 @@ _WALKED_KINDS = frozenset({
     "UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt", "ExplainStmt", "LockStmt", "TruncateStmt",
     "DefineStmt", "RenameStmt", "AlterOwnerStmt", "ViewStmt",
 })
+# Statements that create a named object other than a relation, with the field holding its qualified name
+# (a list of String nodes): created in pg_temp by name, the object lives in the session's temporary schema.
+_TEMPORARY_NAMED = {
+    "CreateFunctionStmt": "funcname", "DefineStmt": "defnames", "CreateDomainStmt": "domainname",
+    "CreateEnumStmt": "typeName", "CreateRangeStmt": "typeName", "CreateConversionStmt": "conversion_name",
+    "CreateStatsStmt": "defnames", "CreateOpClassStmt": "opclassname", "CreateOpFamilyStmt": "opfamilyname",
+}
 _SESSION_WALKED_KINDS = _WALKED_KINDS | {
     "CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt", "DeclareCursorStmt",
-    "PrepareStmt", "ExecuteStmt",
+    "PrepareStmt", "ExecuteStmt", "CompositeTypeStmt", *_TEMPORARY_NAMED,
 }
 _WRITES = ("UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt")
-_TEMPORARY = ("CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt")
+# Walked only for a text that names a temporary relation or pg_temp (DefineStmt is walked for every text).
+_TEMPORARY = frozenset({"CreateStmt", "ViewStmt", "CreateSeqStmt", "CreateTableAsStmt", "SelectStmt", "CompositeTypeStmt",
+                        *_TEMPORARY_NAMED}) - {"DefineStmt"}
 _READ_FUNCTIONS = r"set_config|pg_notify|lo_\w*|loread|lowrite|pg_cancel_backend|pg_terminate_backend"
 _SESSION_FUNCTIONS = r"|pg_advisory\w*|pg_try_advisory\w*|lastval|currval"
 # A top-level statement: the only JSON key "stmt" is RawStmt's.
@@ -447,8 +456,22 @@ def _temporary(relation: Any) -> bool:
         relation.get("relpersistence") == "t" or str(relation.get("schemaname", "")).startswith("pg_temp"))
 
 
+def _in_temporary_schema(names: Any) -> bool:
+    """A qualified name (pglast's JSON list of String nodes) names the session's temporary schema,
+    `pg_temp` or its real name `pg_temp_N` (the schema is the next to last name: Postgres takes the current
+    database's name in front of it)."""
+    return isinstance(names, list) and len(names) > 1 and str(_literal(names[-2]) or "").startswith("pg_temp")
+
+
 def _session_feature(kind: str, node: dict[str, Any]) -> str | None:
-    """Which session feature a node is that cannot work under transaction pooling, or None."""
+    """Which session feature a node is that cannot work under transaction pooling, or None. An object
+    created in the temporary schema by name (a function, type, domain, aggregate, operator ...) stays on
+    the server connection for the next client, and a type there shadows pg_catalog's for it ("Schemas:
+    The Schema Search Path", Postgres documentation)."""
+    named = _TEMPORARY_NAMED.get(kind)
+    if (named is not None and _in_temporary_schema(node.get(named))) or (
+            kind == "CompositeTypeStmt" and _temporary(node.get("typevar"))):
+        return "creating an object in the temporary schema (pg_temp)"
     relation = {"CreateStmt": "relation", "ViewStmt": "view", "CreateSeqStmt": "sequence"}.get(kind)
     if relation and _temporary(node.get(relation)):
         if kind != "CreateStmt" or node.get("oncommit") != "ONCOMMIT_DROP":
@@ -756,7 +779,7 @@ class Guard:
                 return Decision(refusal=refusal)
         walked = _SESSION_WALKED_KINDS if self.transaction_mode else _WALKED_KINDS
         pattern = _occurrences(self.transaction_mode, '"relname":"pg_settings"' in text,
-                               '"relpersistence":"t"' in text or '"schemaname":"pg_temp' in text)
+                               '"relpersistence":"t"' in text or '"schemaname":"pg_temp' in text or '"sval":"pg_temp' in text)
         decoded_to = 0
         for match in pattern.finditer(text):
             if match.start() < decoded_to:

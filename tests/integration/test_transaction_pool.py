@@ -223,6 +223,10 @@ def test_guard_refuses_session_features_with_a_hint(pooled: ProxyProcess, temp_a
         # public.leads for the next client of the tenant on the server connection
         ("CREATE TABLE pg_temp.leads AS SELECT * FROM public.leads", "CREATE TEMP TABLE ... AS"),
         ("CREATE TABLE pg_temp.scratch (a int)", "CREATE TEMP TABLE"),
+        # other objects there stay for the next client too, and a type there shadows pg_catalog's
+        # ('abcdef'::text would read 'abc' for it)
+        ("CREATE DOMAIN pg_temp.text AS varchar(3)", "temporary schema"),
+        ("CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "temporary schema"),
     ]:
         result = pooled.psql(token, sql)
         assert result.returncode != 0

@@ -93,12 +93,12 @@ def refusal(guard: Guard, sql: str) -> tuple[str, str, str]:
         ("CREATE OR REPLACE VIEW v AS SELECT name, setting FROM pg_settings", "42501", "a view of pg_settings"),
         ("CREATE VIEW v AS SELECT * FROM pg_catalog.pg_settings WHERE name LIKE 'x%'", "42501", "a view of pg_settings"),
         # Aggregates and operators that call a refused function under another name.
-        ("CREATE AGGREGATE pg_temp.agg(text, boolean) (SFUNC = set_config, STYPE = text, INITCOND = 'app.current_tenant')",
+        ("CREATE AGGREGATE public.agg(text, boolean) (SFUNC = set_config, STYPE = text, INITCOND = 'app.current_tenant')",
          "42501", "SFUNC = set_config"),
-        ("CREATE OPERATOR pg_temp.!!! (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_notify)", "42501", "pg_notify"),
-        ("CREATE OPERATOR pg_temp.!!! (RIGHTARG = oid, PROCEDURE = app.pg_catalog.lo_unlink)", "42501", "lo_unlink"),
+        ("CREATE OPERATOR public.!!! (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_notify)", "42501", "pg_notify"),
+        ("CREATE OPERATOR app.public.!!! (RIGHTARG = oid, PROCEDURE = app.pg_catalog.lo_unlink)", "42501", "lo_unlink"),
         ("CREATE AGGREGATE a(oid) (SFUNC = int4pl, STYPE = oid, FINALFUNC = lo_get)", "42501", "FINALFUNC = lo_get"),
-        ("CREATE OPERATOR pg_temp.!!! (RIGHTARG = int, FUNCTION = pg_cancel_backend)", "42501", "pg_cancel_backend"),
+        ("CREATE OPERATOR !!! (RIGHTARG = int, FUNCTION = pg_cancel_backend)", "42501", "pg_cancel_backend"),
         # ALTER DATABASE / ALTER ROLE spelled as a rename or an owner change.
         ("ALTER DATABASE app OWNER TO tenant", "42501", "ALTER DATABASE ... OWNER TO"),
         ("ALTER DATABASE other RENAME TO x", "42501", "ALTER DATABASE ... RENAME"),
@@ -344,7 +344,25 @@ def test_listen_in_session_mode_follows_the_switch() -> None:
         ("BEGIN; SET LOCAL search_path = nosuch, pg_temp; CREATE TABLE t (a int); COMMIT", "search_path with pg_temp first"),
         ("SET SCHEMA 'pg_temp_3'", "search_path with pg_temp first"),
         ("SELECT set_config('search_path', 'nosuch, PG_TEMP', true)", "search_path with pg_temp first"),
-        ("CREATE OPERATOR pg_temp.!!! (RIGHTARG = bigint, FUNCTION = pg_advisory_lock)", "pg_advisory_lock"),
+        ("CREATE OPERATOR public.!!! (RIGHTARG = bigint, FUNCTION = pg_advisory_lock)", "pg_advisory_lock"),
+        # objects other than relations created in the temporary schema by name stay for the next client,
+        # and a type there shadows pg_catalog's (pg_temp is searched first for types)
+        ("CREATE DOMAIN pg_temp.text AS varchar(3)", "temporary schema"),
+        ("CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "temporary schema"),
+        ("CREATE OR REPLACE PROCEDURE app.pg_temp.p() LANGUAGE sql AS 'SELECT 1'", "temporary schema"),
+        ("CREATE TYPE pg_temp.pair AS (a int, b int)", "temporary schema"),
+        ("CREATE TYPE PG_TEMP.mood AS ENUM ('ok')", "temporary schema"),
+        ("CREATE TYPE pg_temp_3.span AS RANGE (subtype = int4)", "temporary schema"),
+        ("CREATE TYPE pg_temp.shell", "temporary schema"),
+        ("CREATE AGGREGATE pg_temp.total(int) (SFUNC = int4pl, STYPE = int)", "temporary schema"),
+        ("CREATE OPERATOR pg_temp.=== (FUNCTION = int4pl, LEFTARG = int, RIGHTARG = int)", "temporary schema"),
+        ("CREATE COLLATION pg_temp.c (locale = 'C')", "temporary schema"),
+        ("CREATE TEXT SEARCH CONFIGURATION pg_temp.t (COPY = simple)", "temporary schema"),
+        ("CREATE CONVERSION pg_temp.c FOR 'LATIN1' TO 'UTF8' FROM iso8859_1_to_utf8", "temporary schema"),
+        ("CREATE STATISTICS pg_temp.s ON a, b FROM leads", "temporary schema"),
+        ("CREATE OPERATOR FAMILY pg_temp.f USING btree", "temporary schema"),
+        ("CREATE OPERATOR CLASS pg_temp.c FOR TYPE int USING btree AS OPERATOR 1 <", "temporary schema"),
+        ("SELECT 1; CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "temporary schema"),
     ],
 )
 def test_session_features_under_transaction_pooling(sql: str, feature: str) -> None:
@@ -359,7 +377,9 @@ def test_session_features_under_transaction_pooling(sql: str, feature: str) -> N
                                  'SET search_path = "$user", public, pg_temp', "SET search_path TO public, pg_temp",
                                  "SELECT set_config('search_path', '\"PG_TEMP\", public', false)",
                                  "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = pg_temp AS 'SELECT 1'",
-                                 'CREATE TABLE "PG_TEMP".t (a int)', "SELECT * FROM pg_temp.t", "DEALLOCATE p", "DISCARD ALL"])
+                                 'CREATE TABLE "PG_TEMP".t (a int)', "SELECT * FROM pg_temp.t", "DEALLOCATE p", "DISCARD ALL",
+                                 "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT * FROM pg_temp.t'",
+                                 'CREATE TYPE "PG_TEMP".pair AS (a int)', "CREATE DOMAIN d AS pg_temp.t", "SELECT pg_temp.f()"])
 def test_transaction_pooling_allows(sql: str) -> None:
     assert make(transaction_mode=True).check(sql).refusal is None
 

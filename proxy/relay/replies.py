@@ -187,6 +187,17 @@ class CopyState(enum.Enum):
     IN = "in"  # the server reads CopyData; Sync and Flush are ignored until CopyDone / CopyFail
 
 
+class ErrorWindow(enum.Enum):
+    """Whose failure opened the window in which the server skips to the next Sync, as the client sees it.
+    Directly, a Query or FunctionCall inside an error window is skipped with no reply at all: only one
+    that is itself the message that failed (a request of the proxy's own in front of it failed) is owed
+    its ReadyForQuery, which the next Sync (the proxy's) brings."""
+
+    CLIENTS = "client's"  # a client message failed (or was told the error): a client Query skipped here gets nothing
+    OWN = "own"  # a request of the proxy's own failed, and no client message was skipped behind it yet
+    QUERY_FAILED = "query failed"  # ... and the first skipped behind it was a client Query or FunctionCall
+
+
 class CopySyncs(enum.Enum):
     """What a Sync the client sends while the server is in COPY IN (before its CopyDone) will be."""
 
@@ -251,7 +262,7 @@ class ReplyQueue:
         self._probe_ready: list[bytes] = []  # ReadyForQuery read while Syncs among the data of a failed COPY are settled
         self._copy_window: dict[str, str] | None = None  # the error of a failed COPY begun by an Execute: the server skips to Sync
         self._skipping = False  # the server skips to the next Sync, and none is owed yet
-        self._skipped_client_group = False  # ... and it skipped a client Query or FunctionCall meanwhile
+        self._window = ErrorWindow.CLIENTS  # ... and whose failure opened that window
         self._rows = 0  # entries whose DataRows a watcher collects
         self._whole = 0  # special entries the whole-read path settles all the same (`Owed.whole`)
         self.client_group_ends = 0  # client Queries, Syncs and FunctionCalls owed: the status is not known
@@ -266,16 +277,14 @@ class ReplyQueue:
         """The relay sent `request` upstream (or, ANSWERED, will answer it itself in order)."""
         if self._skipping:
             if request is not Request.SYNC:
-                self._skipped_client_group = self._skipped_client_group or (
-                    request in GROUP_ENDS and owner is not Owner.OWN
-                )
+                if self._window is ErrorWindow.OWN and owner is not Owner.OWN:  # the client message that failed
+                    self._window = ErrorWindow.QUERY_FAILED if request in GROUP_ENDS else ErrorWindow.CLIENTS
                 if watcher is not None:
                     watcher.ended(Outcome.SKIPPED, None)
                 return
             self._skipping = False
-            if self._skipped_client_group and owner is Owner.OWN:
-                owner = Owner.CLIENT  # the client's Query was skipped: this Sync's ReadyForQuery is its
-            self._skipped_client_group = False
+            if self._window is ErrorWindow.QUERY_FAILED and owner is Owner.OWN:
+                owner = Owner.CLIENT  # the client's Query failed with the proxy's request: this Sync's ReadyForQuery is its
         if request is Request.SYNC and self._copy_syncs is CopySyncs.IGNORED:
             if watcher is not None:
                 watcher.ended(Outcome.SKIPPED, None)
@@ -623,20 +632,23 @@ class ReplyQueue:
 
     def _skip_to_sync(self, fields: dict[str, str], own: bool) -> None:
         """Drop what the server skips after an error in extended-query mode (`own`: of a request of the
-        proxy's own). A client Query or FunctionCall skipped there gets its ReadyForQuery from the proxy's
-        own Sync behind it, asked of the listener when the error was the proxy's and none is owed yet."""
-        client_group_skipped = False
+        proxy's own). The first client message skipped behind a request of the proxy's own is the one that
+        failed, as the client sees it (`ErrorWindow`): when that is a Query or FunctionCall, it gets its
+        ReadyForQuery from the proxy's own Sync behind it, asked of the listener when none is owed yet. A
+        client Query or FunctionCall skipped in the client's own error window gets nothing, as directly."""
+        window = ErrorWindow.OWN if own else ErrorWindow.CLIENTS
         while self.entries and self.entries[0].request is not Request.SYNC and self.entries[0].request is not _SYNC_GROUP_REQUEST:
             # (a whole group holds its own Sync: the server skips only to the end of it)
-            client_group_skipped = client_group_skipped or self.entries[0].client_group_end()
+            if window is ErrorWindow.OWN and self.entries[0].owner is not Owner.OWN:
+                window = ErrorWindow.QUERY_FAILED if self.entries[0].client_group_end() else ErrorWindow.CLIENTS
             self._pop(Outcome.SKIPPED, None)
         if not self.entries:
             self._skipping = True  # the Sync that ends it is not sent yet
-            self._skipped_client_group = client_group_skipped
-            if own and client_group_skipped:
+            self._window = window
+            if window is ErrorWindow.QUERY_FAILED:
                 self.listener.query_skipped()
         elif self.entries[0].owner is Owner.OWN:
-            if client_group_skipped:
+            if window is ErrorWindow.QUERY_FAILED:
                 self.entries[0].become_clients()
                 self.client_group_ends += 1
             else:

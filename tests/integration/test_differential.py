@@ -325,6 +325,16 @@ DROPPED_NAME_PARSED_AGAIN_AT_ONCE = [
            step_execute(""), SYNC)),
     FINAL,
 ]
+# Describe of a portal that does not exist, then Queries and a Flush with no Sync: Postgres skips the
+# Queries with no reply at all, up to the client's Sync. The proxy gave the client the ReadyForQuery of its
+# own Sync after the Flush as if a Query had been answered, one ReadyForQuery too many (the first Query
+# went upstream before the error came, the second, waiting for the first's group, after; found by the
+# random search).
+QUERIES_IN_THE_CLIENTS_ERROR_WINDOW = [
+    Write((step_describe("P", ""), step_query("SELECT 1"), step_query("SELECT 2"), FLUSH), terminated=False),
+    Write((SYNC,)),
+    FINAL,
+]
 
 INPUTS = {
     "unnamed-statement-across-syncs": UNNAMED_ACROSS_SYNCS,
@@ -341,6 +351,7 @@ INPUTS = {
     "described-statement-in-an-error-window": DESCRIBED_STATEMENT_IN_AN_ERROR_WINDOW,
     "extended-copy-with-messages-behind": EXTENDED_COPY_WITH_MESSAGES_BEHIND,
     "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,
+    "queries-in-the-clients-error-window": QUERIES_IN_THE_CLIENTS_ERROR_WINDOW,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -217,6 +217,45 @@ def test_own_error_with_prefix_tells_the_client() -> None:
     assert queue.idle() and queue.client_group_ends == 0
 
 
+def test_a_client_query_in_the_clients_own_error_window_gets_no_ready_for_query() -> None:
+    """Describe of a missing portal, a Query and a Flush, then the proxy's Sync: Postgres skips that Query
+    with no reply at all; the proxy's Sync ends the window the client is still in, its ReadyForQuery the
+    proxy's own (found by the random search: the client got one ReadyForQuery too many)."""
+    queue, listener = new_queue()
+    expect_all(queue, D, Q)
+    sync = Watcher()
+    queue.expect(S, Owner.OWN, watcher=sync)
+    assert feed(queue, error("34000") + Z_IDLE) == error("34000")
+    assert sync.outcomes[0][0] is Outcome.FAILED
+    assert queue.idle() and queue.client_group_ends == 0
+    assert listener.groups == [(b"I", True)]
+
+
+def test_a_client_query_sent_into_the_clients_own_error_window_gets_no_ready_for_query() -> None:
+    """The same with the Query sent once the error had come: skipped, and the proxy's Sync stays its own."""
+    queue, listener = new_queue()
+    queue.expect(D)
+    assert feed(queue, error("34000")) == error("34000")
+    queue.expect(Q)
+    queue.expect(S, Owner.OWN)
+    assert feed(queue, Z_IDLE) == b""
+    assert queue.idle() and queue.client_group_ends == 0
+    assert listener.groups == [(b"I", True)]
+
+
+def test_a_client_query_behind_a_client_message_behind_a_failed_own_request_gets_no_ready_for_query() -> None:
+    """The proxy's own Parse fails in front of a client's Bind, whose error it is; a Query behind the Bind
+    is in the client's error window, as directly: only a Query that is the first client message behind the
+    failed request is owed a ReadyForQuery."""
+    queue, _ = new_queue()
+    queue.expect(P, Owner.OWN, reply=b"could not prepare: ")
+    expect_all(queue, B, Q)
+    queue.expect(S, Owner.OWN)
+    out = feed(queue, error() + Z_IDLE)
+    assert out.startswith(b"E") and not out.endswith(Z_IDLE)
+    assert queue.idle() and queue.client_group_ends == 0
+
+
 def aborted_in(routine: str) -> bytes:
     """Postgres's 25P02 inside a failed block, raised in `routine`, as the server sends it (F, L, R)."""
     fields = b"SERROR\0VERROR\0C25P02\0Mcurrent transaction is aborted\0Fpostgres.c\0L1400\0R" + routine.encode()

@@ -456,7 +456,10 @@ class Relay:
         if self.server is not None:
             self.server.state.parameters[name] = value
         if forwarded and self._hidden_parameters and name.lower() in self._hidden_parameters:
-            return False  # a value the proxy undoes before the client's next statement: the client keeps its view
+            # A value the proxy undoes before the client's next statement: the client is told, in its place, the
+            # startup value that it resets to in a direct session (when its view has moved from it since).
+            value = self.settings.reported.get(name.lower(), self.client_view.get(name, value))
+            forwarded = False
         if forwarded:
             self.client_view[name] = value
             self._pending_parameters.pop(name, None)
@@ -472,6 +475,7 @@ class Relay:
         the proxy's own exchange before the greeting changed (the client's settings applied on the first
         server connection) is in the greeting, and is not told again."""
         self.client_view.update(parameters)
+        self.settings.reported = {name.lower(): value for name, value in parameters.items()}
         for name, value in parameters.items():
             if self._pending_parameters.get(name) == value:
                 del self._pending_parameters[name]
@@ -480,8 +484,9 @@ class Relay:
     def hide_parameters(self, names: Iterable[str]) -> None:
         """Until `show_parameters`, ParameterStatus of `names` (any case, as setting names) answering the client's requests is not
         passed on: the values they report (a RESET to the server connection's own value) are replaced
-        by the client's before its next statement, so the client's view must not move (a client told
-        another client_encoding would encode its next statement in it)."""
+        by the client's startup values before its next statement, so the client is told those, as a direct
+        session tells them, before the ReadyForQuery of its reset (a client told another client_encoding
+        would encode its next statement in it)."""
         self._hidden_parameters = self._hidden_parameters.union(name.lower() for name in names)
         self._watch_parameters()
 

@@ -86,6 +86,9 @@ class ClientSettings:
     def __init__(self, startup: dict[str, str], protected: object) -> None:
         self.startup = {name.lower(): value for name, value in startup.items()}
         self.current = dict(self.startup)
+        # ParameterStatus values the client was greeted with, by lower-case name: the startup values as the
+        # server reports them, which a reset of one reports in a direct session
+        self.reported: dict[str, str] = {}
         self.protected = protected
         self.to_read: set[str] = set()  # names to read back at the next group end
         self.stale = False

@@ -335,6 +335,22 @@ QUERIES_IN_THE_CLIENTS_ERROR_WINDOW = [
     Write((SYNC,)),
     FINAL,
 ]
+# A client that gave settings at startup and changed one: its RESET (or SET ... TO DEFAULT) returns to the
+# startup value, which Postgres reports (ParameterStatus) before the reset's ReadyForQuery. Through the
+# proxy the server connection's RESET reports its own value, which the proxy hides and replaces behind the
+# Query; the client was told the startup value only before its next ReadyForQuery (found by the random
+# search with startup settings).
+STARTUP = {"application_name": "diffapp", "TimeZone": "Europe/Paris"}
+RESET_OF_A_CHANGED_STARTUP_SETTING = [
+    Write((step_query("SET application_name = 'renamed'"),)),
+    Write((step_query("SET application_name TO DEFAULT"),)),
+    Write((step_query("BEGIN"), step_query("SET TimeZone = 'UTC'"), step_query("RESET TimeZone"), step_query("SHOW TimeZone"))),
+    Write((step_query("SET application_name = 'renamed'"), step_query("RESET ALL"), step_query("COMMIT"))),
+    FINAL,
+]
+STARTUP_INPUTS = {
+    "reset-of-a-changed-startup-setting": RESET_OF_A_CHANGED_STARTUP_SETTING,
+}
 
 INPUTS = {
     "unnamed-statement-across-syncs": UNNAMED_ACROSS_SYNCS,
@@ -428,18 +444,19 @@ class Comparison:
         noise_direct.close()
         self.other = OtherTenant(connect_proxy(proxy.port, proxy.token(GLOBEX), "other tenant"), expected)
 
-    def direct(self, name: str) -> Wire:
-        return connect_direct(self.pg.port, self.db.app_role, self.db.app_password, self.db.database, name)
+    def direct(self, name: str, **startup: str) -> Wire:
+        return connect_direct(self.pg.port, self.db.app_role, self.db.app_password, self.db.database, name, **startup)
 
-    def check(self, scenario: list[Write]) -> None:
+    def check(self, scenario: list[Write], **startup: str) -> None:
+        """`startup`: the settings the scenario's client gives in its startup packet, on both sides."""
         refill(self.admin)
-        wire = self.direct("direct")
+        wire = self.direct("direct", **startup)
         try:
             expected = run_direct(wire, scenario)
         finally:
             wire.close()
         refill(self.admin)
-        wire = connect_proxy(self.proxy.port, self.proxy.token(ACME))
+        wire = connect_proxy(self.proxy.port, self.proxy.token(ACME), **startup)
         try:
             run_and_compare(wire, scenario, expected, Transcript(self.mode), between_writes=self.other)
         finally:
@@ -461,6 +478,11 @@ def comparison(
 @pytest.mark.parametrize("scenario", list(INPUTS.values()), ids=list(INPUTS))
 def test_input_answers_as_directly(comparison: Comparison, scenario: list[Write]) -> None:
     comparison.check(scenario)
+
+
+@pytest.mark.parametrize("scenario", list(STARTUP_INPUTS.values()), ids=list(STARTUP_INPUTS))
+def test_input_of_a_client_with_startup_settings_answers_as_directly(comparison: Comparison, scenario: list[Write]) -> None:
+    comparison.check(scenario, **STARTUP)
 
 
 def test_random_message_sequences_answer_as_directly(comparison: Comparison) -> None:

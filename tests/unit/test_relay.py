@@ -1165,6 +1165,27 @@ def test_a_reset_of_a_startup_setting_is_not_told_to_the_client() -> None:
     assert server.state.parameters["TimeZone"] == "Europe/Paris"
 
 
+def test_a_reset_of_a_startup_setting_the_client_changed_tells_it_the_startup_value() -> None:
+    """The same after the client's `SET TimeZone = 'UTC'`: a direct session's RESET reports the startup value
+    before its ReadyForQuery, and so does the proxy, in place of the server connection's own value (it
+    told it only before the client's next ReadyForQuery, after the reset's: found by the random search)."""
+    pair, server = RelayPair(startup={"TimeZone": "Europe/Paris"}), Server(101)
+    pair.relay.greeted({"TimeZone": "Europe/Paris"})
+    checked_out(pair, server, SELECT_1)
+    paris = messages.parameter_status("TimeZone", "Europe/Paris")
+    applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + paris + data_row(b"Europe/Paris") + complete("SELECT 1")
+               + CLOSE_COMPLETE + Z_IDLE)
+    assert pair.server(applied) == b""
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+    pair.relay.parameter_status("TimeZone", "UTC", True)  # the client's SET, reported to it
+    checked_out(pair, server, messages.query("RESET TimeZone"))
+    utc = messages.parameter_status("TimeZone", "Etc/UTC")
+    assert pair.server(CONTEXT_SET + complete("RESET") + utc + Z_IDLE) == complete("RESET") + paris + Z_IDLE
+    assert pair.relay.client_view["TimeZone"] == "Europe/Paris"
+    reapplied = BIND_COMPLETE + paris + data_row(b"Europe/Paris") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
+    assert pair.server(reapplied) == b""  # told already
+
+
 # -- a statement's result shape (transaction mode) ---------------------------------------------------
 
 NO_PARAMETERS = messages.message(b"t", b"\0\0")

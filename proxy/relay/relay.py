@@ -1453,6 +1453,7 @@ class TransactionMode:
         assert relay.server is not None
         server = relay.server.state.statements
         server.query_sent()
+        self._behind_reset()
         effects = OwnRequest(self._query_ended(dropped, self._effects(decision), server))
         relay.send(message.raw, Request.QUERY, watcher=effects)
         if may_end_transaction(message.raw, 5):
@@ -1464,6 +1465,14 @@ class TransactionMode:
         self._close_stand_ins(group_end=True)
         self.group_sent()
         return True
+
+    def _behind_reset(self) -> None:
+        """A client statement goes upstream behind a reset in the same group (an Execute, or a Query inside
+        an extended-query group, behind the reset's) whose startup values are not applied again yet: it
+        may set one of them, as a statement later in the reset's own Query may, so they go only where a
+        setting is still at the server's reset value (applied as they were, they undid the client's SET)."""
+        if self.reapply:
+            self.reapply_where_reset = True
 
     def _unnamed_dropped(self) -> Change | None:
         """A simple Query of the client's goes upstream: it drops the client's unnamed statement, whether it
@@ -1904,6 +1913,7 @@ class TransactionMode:
                 return True
         if not self._context(decision):
             return False
+        self._behind_reset()
         watcher = self._effects(decision)
         relay.note_executed(portal)
         relay.send(message.raw, Request.EXECUTE, watcher=watcher)
@@ -1926,6 +1936,7 @@ class TransactionMode:
                 return True
         if not self._context(ALLOW):
             return False
+        self._behind_reset()
         self.relay.send(message.raw, Request.FUNCTION_CALL)
         self.group_sent()
         return True

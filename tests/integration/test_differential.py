@@ -348,8 +348,17 @@ RESET_OF_A_CHANGED_STARTUP_SETTING = [
     Write((step_query("SET application_name = 'renamed'"), step_query("RESET ALL"), step_query("COMMIT"))),
     FINAL,
 ]
+# A RESET of a startup setting, then a SET of it in the same group: the startup value the proxy applies
+# again behind the group undid the client's SET (the value read 'diffapp' after, directly 'renamed').
+SET_BEHIND_A_RESET_IN_ONE_GROUP = [
+    Write((step_parse("", "RESET application_name"), step_bind("", "", []), step_execute(""),
+           step_parse("", "SET application_name = 'renamed'"), step_bind("", "", []), step_execute(""), SYNC)),
+    Write((step_query("SHOW application_name"),)),
+    FINAL,
+]
 STARTUP_INPUTS = {
     "reset-of-a-changed-startup-setting": RESET_OF_A_CHANGED_STARTUP_SETTING,
+    "set-behind-a-reset-in-one-group": SET_BEHIND_A_RESET_IN_ONE_GROUP,
 }
 
 INPUTS = {

@@ -1186,6 +1186,31 @@ def test_a_reset_of_a_startup_setting_the_client_changed_tells_it_the_startup_va
     assert pair.server(reapplied) == b""  # told already
 
 
+@pytest.mark.parametrize("group, reset_answer", [
+    (messages.parse("", "RESET ALL") + messages.bind("", "", []) + messages.execute()
+     + messages.parse("", "SET application_name = 'y'") + messages.bind("", "", []) + messages.execute() + messages.sync(), b""),
+    (messages.message(b"C", b"Pp1\0") + messages.query("RESET ALL") + messages.query("SET application_name = 'y'")
+     + messages.sync(), CLOSE_COMPLETE + CONTEXT_SET + complete("RESET") + Z_IDLE),  # the SET waits for the status
+], ids=["executes", "queries inside a group"])
+def test_a_set_behind_a_reset_in_the_same_group_is_not_undone_by_the_startup_values(group: bytes, reset_answer: bytes) -> None:
+    """RESET ALL, then a SET of a startup setting in the same group: the startup values go behind the group
+    only where a setting is still at the server's reset value (REAPPLY), as for a SET later in the reset's
+    own Query; applied as they were (APPLY), they undid the client's SET (found by the random search)."""
+    pair, server = RelayPair(startup={"application_name": "app"}), Server(101)
+    pair.relay.greeted({"application_name": "app"})
+    checked_out(pair, server, SELECT_1)
+    applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"app") + complete("SELECT 1") + CLOSE_COMPLETE
+               + Z_IDLE)
+    assert pair.server(applied) == b""
+    assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
+    sent = b"".join(checked_out(pair, server, group))
+    start = len(pair.hooks.upstream)
+    pair.server(reset_answer)
+    sent += b"".join(pair.upstream_since(start))
+    assert apply_bind({"application_name": "app"}, REAPPLY_STATEMENT) in sent
+    assert apply_bind({"application_name": "app"}) not in sent
+
+
 # -- a statement's result shape (transaction mode) ---------------------------------------------------
 
 NO_PARAMETERS = messages.message(b"t", b"\0\0")

@@ -54,7 +54,7 @@ EXAMPLES_PER_MODE = 400
 SEED_ROWS = "INSERT INTO diff_scratch VALUES (1, 'one'), (2, 'two')"
 
 STATEMENTS = ("", "s1", "s2")
-PORTALS = ("", "p1")
+PORTALS = ("", "p1", "p2")
 SIMPLE_QUERIES = (
     "SELECT 1",
     "SELECT n, t FROM diff_scratch ORDER BY n",
@@ -84,6 +84,28 @@ SIMPLE_QUERIES = (
     "SET LOCAL work_mem = '2MB'",
     "LOCK TABLE diff_scratch IN ROW EXCLUSIVE MODE",
     "SHOW work_mem",
+    # multi-statement Queries mixing settings, transaction control and errors
+    "SET LOCAL work_mem = '1MB'; SELECT 1",
+    "BEGIN; SET LOCAL work_mem = '2MB'; SELECT 1/0",
+    "SET application_name = 'x'; BEGIN; SELECT 1",
+    "COMMIT; BEGIN",
+    "BEGIN; SAVEPOINT a; SELECT 1/0; ROLLBACK TO a; SELECT 1",
+    "SELECT 1; SELEC 2",
+    "SELECT 1/0; SELECT 1",
+    "ROLLBACK; BEGIN; SELECT 1",
+    "COMMIT; SELECT 1/0",
+    "SELECT 1; ; SELECT 2",
+    "START TRANSACTION",
+    "END",
+    "ABORT",
+    "SAVEPOINT b",
+    "ROLLBACK TO b",
+    "RESET application_name",
+    "SET application_name TO DEFAULT",
+    # a cursor (a portal the SQL names), only inside a block
+    "DECLARE c CURSOR FOR SELECT n FROM diff_scratch ORDER BY n",
+    "FETCH 1 FROM c",
+    "CLOSE c",
 )
 PARSE_TEXTS = (
     "SELECT $1::int + 1",
@@ -100,8 +122,17 @@ PARSE_TEXTS = (
     "COPY (SELECT n FROM diff_scratch ORDER BY n) TO STDOUT",
     "SET LOCAL work_mem = '3MB'",
     "LOCK TABLE diff_scratch IN ACCESS SHARE MODE",
+    "SAVEPOINT a",
+    "ROLLBACK TO a",
+    "RELEASE a",
+    "SET application_name = 'extended'",
+    "SELECT 1; SELECT 2",  # refused at Parse: one statement only
+    "SELECT 10 / $1::int",  # fails at Execute with '0'
+    "UPDATE diff_scratch SET t = $1::text WHERE n = 1",
+    "FETCH 2 FROM c",
 )
-VALUES = ("1", "2", "3", "4", "x", "hello", None)
+VALUES = ("0", "1", "2", "3", "4", "x", "hello", None)
+COPY_QUERIES = ("COPY diff_scratch FROM STDIN", "SELECT 1; COPY diff_scratch FROM STDIN", "COPY diff_scratch FROM STDIN; SELECT 2")
 COPY_ROWS = (b"6\tsix\n", b"7\tseven\n", b"x\tnot a number\n", b"1\tduplicate\n", b"8\n", b"9\tni", b"ne\n")
 
 # ---------------------------------------------------------------------------------------------
@@ -121,15 +152,16 @@ single_steps = st.one_of(
 
 @st.composite
 def copy_in_block(draw: Any) -> tuple[Step, ...]:
-    """COPY FROM STDIN, by simple Query or by Parse/Bind/Execute of statement names no other step uses,
-    some CopyData (maybe bad rows, so the server fails the COPY and later CopyData comes after the
-    failure), maybe a Sync or Flush inside, and CopyDone or CopyFail: no COPY is left open."""
+    """COPY FROM STDIN, by simple Query (maybe with another statement before or after it) or by
+    Parse/Bind/Execute of statement names no other step uses, some CopyData (maybe bad rows, so the server
+    fails the COPY and later CopyData comes after the failure), maybe Syncs or a Flush inside, and CopyDone
+    or CopyFail: no COPY is left open."""
     if draw(st.booleans()):
-        start: tuple[Step, ...] = (step_query("COPY diff_scratch FROM STDIN"),)
+        start: tuple[Step, ...] = (step_query(draw(st.sampled_from(COPY_QUERIES))),)
     else:
         start = (step_parse("copy_in", "COPY diff_scratch FROM STDIN"), step_bind("copy_p", "copy_in", []), step_execute("copy_p"))
     body = [step_copy_data(row) for row in draw(st.lists(st.sampled_from(COPY_ROWS), max_size=3))]
-    for inside in draw(st.lists(st.sampled_from((SYNC, FLUSH)), max_size=1)):
+    for inside in draw(st.lists(st.sampled_from((SYNC, FLUSH, SYNC)), max_size=2)):
         body.insert(draw(st.integers(0, len(body))), inside)
     end = draw(st.sampled_from((COPY_DONE, step_copy_fail("the client gave up"))))
     closing = () if len(start) == 1 else (SYNC, step_close("S", "copy_in"))
@@ -149,8 +181,9 @@ copy_out = st.builds(
 @st.composite
 def extended_block(draw: Any) -> tuple[Step, ...]:
     """Maybe Close of the statement (so a named Parse need not fail), Parse, Bind (usually with as
-    many values as the text has parameters), maybe Describe of the portal, Execute, maybe with a row
-    limit that suspends the portal, and maybe a Sync."""
+    many values as the text has parameters), maybe Describe of the portal, Executes, maybe with a row
+    limit that suspends the portal (then maybe a Flush, a Describe of the portal or a Sync before the
+    next), maybe Close of the portal, and maybe a Sync."""
     statement, portal, sql = draw(st.sampled_from(STATEMENTS)), draw(st.sampled_from(PORTALS)), draw(st.sampled_from(PARSE_TEXTS))
     count = draw(st.one_of(st.just(sql.count("$")), st.integers(0, 2)))
     values = draw(st.lists(st.sampled_from(VALUES), min_size=count, max_size=count))
@@ -158,7 +191,12 @@ def extended_block(draw: Any) -> tuple[Step, ...]:
     steps += [step_parse(statement, sql), step_bind(portal, statement, values)]
     if draw(st.booleans()):
         steps.append(step_describe("P", portal))
-    steps += [step_execute(portal, max_rows) for max_rows in draw(st.lists(st.sampled_from((0, 1, 2)), min_size=1, max_size=2))]
+    for max_rows in draw(st.lists(st.sampled_from((0, 1, 2)), min_size=1, max_size=3)):
+        steps.append(step_execute(portal, max_rows))
+        if max_rows and draw(st.integers(0, 3)) == 0:
+            steps.append(draw(st.sampled_from((FLUSH, step_describe("P", portal), SYNC))))
+    if draw(st.integers(0, 3)) == 0:
+        steps.append(step_close("P", portal))
     if draw(st.booleans()):
         steps.append(SYNC)
     return tuple(steps)
@@ -489,9 +527,10 @@ def test_input_answers_as_directly(comparison: Comparison, scenario: list[Write]
     comparison.check(scenario)
 
 
-@pytest.mark.parametrize("scenario", list(STARTUP_INPUTS.values()), ids=list(STARTUP_INPUTS))
-def test_input_of_a_client_with_startup_settings_answers_as_directly(comparison: Comparison, scenario: list[Write]) -> None:
-    comparison.check(scenario, **STARTUP)
+def test_inputs_of_a_client_with_startup_settings_answer_as_directly(comparison: Comparison) -> None:
+    """STARTUP_INPUTS, one after the other on one proxy (each input costs a proxy process otherwise)."""
+    for scenario in STARTUP_INPUTS.values():
+        comparison.check(scenario, **STARTUP)
 
 
 def test_random_message_sequences_answer_as_directly(comparison: Comparison) -> None:

@@ -127,6 +127,11 @@ class MessageScanner:
         """True when the bytes scanned so far end exactly at a message boundary."""
         return not self._header and not self._skip and self._body is None
 
+    def passing(self) -> int:
+        """Bytes still to come of an unwatched message that a read ended inside: its first part was
+        passed on as it came, and the next read opens with the rest."""
+        return self._skip
+
     def lone(self, data: bytes) -> int:
         """The type code when `data` is exactly one whole message starting at a boundary (the common
         read on the hot path, which then needs no cutting), else -1."""

@@ -14,7 +14,7 @@ client used in between.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -399,6 +399,29 @@ STARTUP_INPUTS = {
     "set-behind-a-reset-in-one-group": SET_BEHIND_A_RESET_IN_ONE_GROUP,
 }
 
+
+class CutWrite(Write):
+    """A write that ends inside a message, whose rest opens the next write, as when the network cuts a
+    client's data: complete at the ReadyForQuery its other messages bring."""
+
+    def __init__(self, steps: tuple[Step, ...]) -> None:
+        super().__init__(steps, terminated=False)
+
+    def complete(self, replies: Sequence[tuple[bytes, bytes]]) -> bool:
+        return bool(replies) and replies[-1][0] == b"Z"
+
+
+# A COPY behind a SET fails while the client's read has ended inside a CopyData: the settings read-back
+# due after the Query's ReadyForQuery went upstream inside that CopyData, and the server read the rest of
+# it as a message and ended the session (FATAL 08P01; found by the random search sending writes in pieces).
+SEVEN = step_copy_data(b"7\tseven\n").data
+COPY_DATA_CUT_WHEN_THE_COPY_FAILS = [
+    CutWrite((step_query("SET application_name = 'renamed'; COPY diff_scratch FROM STDIN"), step_copy_data(b"x\tbad\n"),
+              Step("CopyData(b'7\\tseven\\n'), its first 8 bytes", SEVEN[:8]))),
+    Write((Step("... and the rest", SEVEN[8:]), COPY_DONE)),
+    FINAL,
+]
+
 INPUTS = {
     "unnamed-statement-across-syncs": UNNAMED_ACROSS_SYNCS,
     "query-behind-failing-parse": QUERY_BEHIND_FAILING_PARSE,
@@ -415,6 +438,7 @@ INPUTS = {
     "extended-copy-with-messages-behind": EXTENDED_COPY_WITH_MESSAGES_BEHIND,
     "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,
     "queries-in-the-clients-error-window": QUERIES_IN_THE_CLIENTS_ERROR_WINDOW,
+    "copy-data-cut-when-the-copy-fails": COPY_DATA_CUT_WHEN_THE_COPY_FAILS,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -1069,6 +1069,27 @@ def test_transaction_mode_follow_ups_wait_out_a_copy_in() -> None:
     assert pair.hooks.events[-1] != "release_server"  # held until the read-back is answered
 
 
+def test_follow_ups_never_go_inside_a_copy_data_the_client_is_still_sending() -> None:
+    """`SET ...; COPY t FROM STDIN`, the COPY failing while a client read has ended inside a CopyData whose
+    first part went upstream: the read-back due after the Query's ReadyForQuery goes right behind the rest
+    of that CopyData (which the server ignores after the failure), not inside it, where the server read it
+    as COPY data and the rest as a message (FATAL 08P01 "invalid frontend message type"; found by the
+    random search sending writes in pieces)."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.query("SET application_name = 'x'; COPY t FROM STDIN"))
+    copy_in = messages.message(b"G", b"\0\0\0")
+    pair.server(CONTEXT_PREPARED + CONTEXT_SET + complete("SET") + copy_in)
+    first, second = messages.message(b"d", b"x\tnot a number\n"), messages.message(b"d", b"7\tseven\n")
+    start = len(pair.hooks.upstream)
+    assert pair.client(first + second[:8]) == [first + second[:8]]
+    failure = messages.error_response("ERROR", "22P02", 'invalid input syntax for type integer: "x"')
+    assert pair.server(failure + Z_IDLE) == failure + Z_IDLE
+    assert pair.upstream_since(start) == [first + second[:8]]  # the read-back waits for the rest
+    sent = pair.client(second[8:] + messages.message(b"c"))
+    assert len(sent) == 1 and sent[0].startswith(second[8:]) and READ_STATEMENT in sent[0]
+    assert sent[0].endswith(messages.message(b"c"))  # the client's CopyDone behind the proxy's messages
+
+
 def test_follow_ups_wait_out_a_copy_in_started_by_execute() -> None:
     """Extended protocol: SET by Execute, then Execute of COPY FROM STDIN, and Sync, in one write. The
     read-back of the SET would land inside COPY IN behind the Sync (which the server ignores there): it

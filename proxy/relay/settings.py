@@ -23,15 +23,21 @@ from __future__ import annotations
 from proxy.protocol import messages
 
 READ_STATEMENT = b"pg_tenant_proxy_read_settings"
-# Only names the role may read: a custom (dotted) name, or one pg_settings shows it. A built-in setting
-# it may not examine (config_file, hba_file, data_directory: pg_read_all_settings) fails current_setting()
-# even with missing_ok, and a client's failed `SET hba_file = ...` must not make the proxy's read fail.
+# What the session holds: the settings pg_settings shows at source 'session', and the custom placeholder
+# names (dotted, which pg_settings does not list) among those asked for. A built-in setting at any other
+# source is the server's value, not the client's: recorded, the proxy would reset or set it again on the
+# next server connection, and for one the role may not set (a client's refused `SET max_stack_depth`,
+# 42501) that fails, ending that client's session. A built-in setting the role may not examine
+# (config_file, hba_file: pg_read_all_settings) fails current_setting() even with missing_ok: pg_settings
+# does not show it. The transaction_* settings show source 'session' after a `SET transaction_deferrable`
+# outside a block, but last one transaction (set again in another, they fail with 25001).
 READ_SQL = (
     "WITH p AS MATERIALIZED (SELECT pg_catalog.lower(name) AS name, source FROM pg_catalog.pg_settings)"
     " SELECT s.name, pg_catalog.current_setting(s.name, true) FROM ("
     "SELECT name FROM p WHERE source = 'session'"
+    " AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')"
     " UNION SELECT pg_catalog.lower(n) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n"
-    " WHERE pg_catalog.strpos(n, '.') > 0 OR pg_catalog.lower(n) IN (SELECT name FROM p)) AS s(name)"
+    " WHERE pg_catalog.strpos(n, '.') > 0 AND pg_catalog.lower(n) NOT IN (SELECT name FROM p)) AS s(name)"
 )
 APPLY_STATEMENT = b"pg_tenant_proxy_apply_settings"
 APPLY_SQL = (

@@ -331,6 +331,11 @@ _REFUSED_STATEMENTS = {
     "LoadStmt": "LOAD",
 }
 _IDENTITY_SETTINGS = {"role": "SET ROLE / RESET ROLE", "session_authorization": "SET SESSION AUTHORIZATION"}
+# `seed` seeds random() for the whole backend (`RESET seed` seeds it with 0), and neither RESET ALL nor
+# DISCARD ALL touches it: the next client of the server connection, of any tenant, would draw the
+# sequence the writer chose. The hardening SQL revokes setseed() for the same reason; the setting
+# cannot be revoked.
+_SEED_SETTING = "seed"
 _LEXING_SETTINGS = ("standard_conforming_strings", "client_encoding")
 _LOCK_MODES = {
     1: "ACCESS SHARE", 2: "ROW SHARE", 3: "ROW EXCLUSIVE", 4: "SHARE UPDATE EXCLUSIVE",
@@ -420,6 +425,14 @@ SESSION_ADVISORY_LOCK_OIDS = {
 
 def _refused(what: str, why: str, hint: str, sqlstate: str = errors.INSUFFICIENT_PRIVILEGE) -> Refusal:
     return Refusal(sqlstate, f"{what} is not allowed {_BY_PROXY}: {why}", hint)
+
+
+_SEED_REFUSAL = _refused(
+    'writing the setting "seed"',
+    "it seeds random() for the server connection, and the seed outlives the session's reset: the next client, "
+    "of any tenant, would draw the sequence it sets",
+    "random() needs no seed; for a repeatable sequence, compute it in your application",
+)
 
 
 def _notifications(what: str) -> Refusal:
@@ -888,6 +901,8 @@ class Guard:
             return None
         if name.lower() in _IDENTITY_SETTINGS:
             return _refused(_IDENTITY_SETTINGS[name.lower()], "the session's role is fixed", _ROLE_HINT)
+        if name.lower() == _SEED_SETTING:
+            return _SEED_REFUSAL
         if name in self.protected:
             return Refusal(errors.INSUFFICIENT_PRIVILEGE, f'setting "{name}" is protected: the proxy sets it from your token',
                            _PROTECTED_HINT)
@@ -909,6 +924,8 @@ class Guard:
                     return Refusal(errors.INSUFFICIENT_PRIVILEGE, f'set_config() of "{name}" is refused: the setting is '
                                    "protected, the proxy sets it from your token",
                                    _PROTECTED_HINT if name in self.protected else _ROLE_HINT)
+                if name is not None and name.lower() == _SEED_SETTING:
+                    return _SEED_REFUSAL
                 lexing_refusal = _lexing(name.lower(), _literal(arguments[1])) if name and name.lower() in _LEXING_SETTINGS else None
                 if lexing_refusal is not None:
                     return lexing_refusal

@@ -34,9 +34,12 @@ from proxy.config import PoolSettings, UpstreamSettings
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.relay.replies import Owner
+from proxy.relay.settings import RESEED
 from proxy.waiters import WaitQueue, Waiter
 
-RESET_SERVER = messages.query("DISCARD ALL")
+# Two Queries in one write (DISCARD ALL refuses to share a Query with another statement): the session's
+# state, then random()'s seed, which DISCARD ALL keeps.
+RESET_SERVER = messages.query("DISCARD ALL") + messages.query(f"SELECT {RESEED}")
 
 
 PoolKey = tuple[str, tuple[tuple[str, str], ...]]
@@ -431,7 +434,7 @@ class SessionPool(Pool):
 
     async def _reset(self, backend: BackendConnection) -> None:
         try:
-            failure = await asyncio.wait_for(backend.run(RESET_SERVER), self.upstream.connect_timeout_seconds)
+            failure = await asyncio.wait_for(backend.run(RESET_SERVER, groups=2), self.upstream.connect_timeout_seconds)
         except (UpstreamError, asyncio.TimeoutError):
             failure = {}
         if failure is not None or backend.closed or backend.queue.status != b"I":

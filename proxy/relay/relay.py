@@ -48,6 +48,7 @@ from proxy.relay.settings import (
     READ_STATEMENT,
     REAPPLY_SQL,
     REAPPLY_STATEMENT,
+    RESEED,
     ClientSettings,
     apply_bind,
     close_portal,
@@ -81,15 +82,17 @@ HELD_HIGH_WATER = 256 * 1024  # bytes held from a client waiting for its server 
 RESERVED_HINT = "names starting with pg_tenant_proxy_ belong to the proxy; choose another name"
 # What a tenant may leave on a server connection, reset when the next client is another tenant's:
 # DISCARD ALL but for DEALLOCATE ALL and DISCARD PLANS, so the prepared statements the proxy shares
-# (by digest, tenant-neutral) survive. With the guard on, tenant_proxy.reset_session() runs the same;
-# with it off, SQL-level PREPARE is possible too, and DEALLOCATE ALL is added.
+# (by digest, tenant-neutral) survive, and random()'s seed drawn anew (`RESEED`). With the guard on,
+# tenant_proxy.reset_session() runs the same (the seed in the proxy's own call, so an install of the
+# verifier older than this needs no upgrade for it); with it off, SQL-level PREPARE is possible too, and
+# DEALLOCATE ALL is added.
 TENANT_SWITCH_RESET = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; UNLISTEN *;"
-    " SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+    f" SELECT pg_catalog.pg_advisory_unlock_all(), {RESEED}; DISCARD TEMP; DISCARD SEQUENCES"
 )
 UNGUARDED_RESET = messages.query(TENANT_SWITCH_RESET + "; DEALLOCATE ALL")
 RESET_STATEMENT = b"pg_tenant_proxy_reset"
-RESET_SQL = "SELECT tenant_proxy.reset_session()"
+RESET_SQL = f"SELECT tenant_proxy.reset_session(), {RESEED}"
 RESET_BIND = messages.bind(RESET_STATEMENT.decode(), RESET_STATEMENT.decode(), [])
 RESET_EXECUTE = messages.execute(RESET_STATEMENT.decode())
 _MARKER = "pg_tenant_proxy_refused"

@@ -39,6 +39,15 @@ READ_SQL = (
     " UNION SELECT pg_catalog.lower(n) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n"
     " WHERE pg_catalog.strpos(n, '.') > 0 AND pg_catalog.lower(n) NOT IN (SELECT name FROM p)) AS s(name)"
 )
+# random()'s seed, drawn anew from a strong source (48 random bits of a version-4 UUID) when a server
+# connection passes to another client whose session must not see the last one's: neither RESET ALL nor
+# DISCARD ALL touches the seed, and a client's `set_config(name, '0.5', false)` with a computed name (which
+# the guard cannot read) would otherwise decide the next client's random() sequence.
+RESEED = (
+    "pg_catalog.set_config('seed', (('x' OPERATOR(pg_catalog.||) pg_catalog.right("
+    "pg_catalog.gen_random_uuid()::pg_catalog.text, 12))::pg_catalog.bit(48)::pg_catalog.int8::pg_catalog.float8"
+    " OPERATOR(pg_catalog./) 281474976710656)::pg_catalog.text, false)"
+)
 APPLY_STATEMENT = b"pg_tenant_proxy_apply_settings"
 APPLY_SQL = (
     "SELECT pg_catalog.set_config(n, v, false)"

@@ -219,14 +219,20 @@ def _only_node(wrapper: Any) -> tuple[str, dict[str, Any]]:
     return "", {}
 
 
+# The nodes around a constant that keep it a constant: a cast (which `_cast` computes) and a COLLATE
+# clause, which leaves the value as it is ('app.current_tenant' COLLATE "C" names that setting).
+_WRAPPERS = frozenset({"TypeCast", "CollateClause"})
+
+
 def _literal(node: Any) -> str | None:
     """The text of a constant (string, number, boolean) as the server computes it through its casts, for
     the casts `_cast` models ('x'::text is not one: see there); None for anything computed, NULL, or cast to
     another type. pglast leaves out zero and false values: {"ival": {}} is 0."""
     casts: list[dict[str, Any]] = []
     kind, body = _only_node(node)
-    while kind == "TypeCast":
-        casts.append(body.get("typeName") or {})
+    while kind in _WRAPPERS:
+        if kind == "TypeCast":
+            casts.append(body.get("typeName") or {})
         kind, body = _only_node(body.get("arg"))
     value = _constant(kind, body)
     for type_name in reversed(casts):
@@ -235,9 +241,10 @@ def _literal(node: Any) -> str | None:
 
 
 def _written(node: Any) -> str | None:
-    """The constant a value is written as, under any casts ('x'::text is 'x'); None when it is computed."""
+    """The constant a value is written as, under any casts and COLLATE clauses ('x'::text is 'x'); None when
+    it is computed."""
     kind, body = _only_node(node)
-    while kind == "TypeCast":
+    while kind in _WRAPPERS:
         kind, body = _only_node(body.get("arg"))
     return _constant(kind, body)
 

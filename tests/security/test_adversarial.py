@@ -52,6 +52,9 @@ def assert_isolated(conn: psycopg.Connection[Any]) -> None:
         f"SELECT count(*) FROM leads WHERE set_config('app.current_tenant', '{GLOBEX}', false) IS NOT NULL",
         "RESET app.current_tenant",
         f"SELECT 1; SET app.current_tenant = '{GLOBEX}'; SELECT 2",
+        # A COLLATE clause leaves the constant the name it was (Postgres sets the setting).
+        f"SELECT set_config('app.current_tenant' COLLATE \"C\", '{GLOBEX}', false)",
+        f"SELECT set_config(('tenant_proxy.proof' COLLATE \"C\")::text, '{FORGED_PROOF}', false)",
     ],
 )
 def test_writing_the_context_is_refused_by_the_guard(conn: psycopg.Connection[Any], sql: str) -> None:

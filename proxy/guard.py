@@ -219,9 +219,25 @@ def _only_node(wrapper: Any) -> tuple[str, dict[str, Any]]:
     return "", {}
 
 
-# The nodes around a constant that keep it a constant: a cast (which `_cast` computes) and a COLLATE
-# clause, which leaves the value as it is ('app.current_tenant' COLLATE "C" names that setting).
-_WRAPPERS = frozenset({"TypeCast", "CollateClause"})
+# Function-style casts: a call of a type's name with one argument is a cast to that type when no function
+# takes the argument (text('app.current_tenant') is 'app.current_tenant'::text).
+_CAST_FUNCTIONS = frozenset({"text", "varchar", "bpchar", "name", "char"})
+_CALL_KEYS = frozenset({"funcname", "args", "funcformat", "location"})  # a plain call: no DISTINCT, ORDER BY, OVER ...
+
+
+def _wrapped(kind: str, body: dict[str, Any]) -> tuple[dict[str, Any] | None, Any] | None:
+    """For a node around one value that keeps a constant a constant, (the type it casts to or None, the
+    value's node): a cast (which `_cast` computes), a function-style cast, and a COLLATE clause, which
+    leaves the value as it is ('app.current_tenant' COLLATE "C" names that setting). None for any other."""
+    if kind == "TypeCast":
+        return body.get("typeName") or {}, body.get("arg")
+    if kind == "CollateClause":
+        return None, body.get("arg")
+    if kind == "FuncCall" and body.keys() <= _CALL_KEYS and len(body.get("args") or ()) == 1:
+        names = body.get("funcname") or []
+        if _only_node(names[-1])[1].get("sval") in _CAST_FUNCTIONS:
+            return {"names": names}, body["args"][0]
+    return None
 
 
 def _literal(node: Any) -> str | None:
@@ -230,10 +246,10 @@ def _literal(node: Any) -> str | None:
     another type. pglast leaves out zero and false values: {"ival": {}} is 0."""
     casts: list[dict[str, Any]] = []
     kind, body = _only_node(node)
-    while kind in _WRAPPERS:
-        if kind == "TypeCast":
-            casts.append(body.get("typeName") or {})
-        kind, body = _only_node(body.get("arg"))
+    while (wrapped := _wrapped(kind, body)) is not None:
+        if wrapped[0] is not None:
+            casts.append(wrapped[0])
+        kind, body = _only_node(wrapped[1])
     value = _constant(kind, body)
     for type_name in reversed(casts):
         value = _cast(value, type_name)
@@ -241,11 +257,11 @@ def _literal(node: Any) -> str | None:
 
 
 def _written(node: Any) -> str | None:
-    """The constant a value is written as, under any casts and COLLATE clauses ('x'::text is 'x'); None when
-    it is computed."""
+    """The constant a value is written as, under any casts and COLLATE clauses ('x'::text and text('x') are
+    'x'); None when it is computed."""
     kind, body = _only_node(node)
-    while kind in _WRAPPERS:
-        kind, body = _only_node(body.get("arg"))
+    while (wrapped := _wrapped(kind, body)) is not None:
+        kind, body = _only_node(wrapped[1])
     return _constant(kind, body)
 
 

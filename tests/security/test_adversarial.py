@@ -55,6 +55,7 @@ def assert_isolated(conn: psycopg.Connection[Any]) -> None:
         # A COLLATE clause leaves the constant the name it was (Postgres sets the setting).
         f"SELECT set_config('app.current_tenant' COLLATE \"C\", '{GLOBEX}', false)",
         f"SELECT set_config(('tenant_proxy.proof' COLLATE \"C\")::text, '{FORGED_PROOF}', false)",
+        f"SELECT set_config(text('app.current_tenant'), '{GLOBEX}', false)",  # a function-style cast
     ],
 )
 def test_writing_the_context_is_refused_by_the_guard(conn: psycopg.Connection[Any], sql: str) -> None:

@@ -55,6 +55,11 @@ def refusal(guard: Guard, sql: str) -> tuple[str, str, str]:
         ("SELECT set_config(('app.current_tenant' COLLATE \"C\")::pg_catalog.text, 'x', false)", "42501", "set_config()"),
         ("SELECT set_config('app.current_tenant'::pg_catalog.varchar COLLATE \"C\", 'x', false)", "42501", "set_config()"),
         ("SELECT set_config('client_encoding' COLLATE \"C\", 'SJIS' COLLATE \"C\", false)", "0A000", "SJIS"),
+        # Function-style casts: Postgres takes text('x') as 'x'::text.
+        ("SELECT set_config(text('app.current_tenant'), 'x', false)", "42501", "set_config()"),
+        ("SELECT set_config(pg_catalog.name(('tenant_proxy.proof')), 'x', false)", "42501", "set_config()"),
+        ("SELECT set_config(bpchar('seed'), '0.5', false)", "42501", '"seed"'),
+        ("SELECT set_config('client_encoding', pg_catalog.text('SJIS'), false)", "0A000", "SJIS"),
         ("SELECT set_config(E'app\\x2ecurrent_tenant', 'x', false)", "42501", "set_config()"),
         ("SELECT * FROM set_config('app.current_tenant', 'x', false)", "42501", "set_config()"),
         ("SELECT * FROM ROWS FROM (set_config('app.current_tenant', 'x', false))", "42501", "set_config()"),

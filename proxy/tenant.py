@@ -69,12 +69,14 @@ class ContextBuilder:
         self._transaction_messages.clear()
 
     def _sql(self, is_local: bool) -> str:
+        """The values travel as binary bytea (UTF-8) and are converted on the server: a text parameter would be
+        read in the session's client_encoding, which the client may have changed (SET client_encoding =
+        'LATIN1'), and a tenant or claims text that is not ASCII would then no longer match its proof."""
         local = "true" if is_local else "false"
-        return (
-            f"SELECT pg_catalog.set_config({quote_literal(self.setting)}, $1, {local}),"
-            f" pg_catalog.set_config({quote_literal(self.proof_setting)}, $2, {local}),"
-            f" pg_catalog.set_config({quote_literal(self.claims_setting)}, $3, {local}),"
-            f" pg_catalog.set_config({quote_literal(self.claims_proof_setting)}, $4, {local})"
+        settings = (self.setting, self.proof_setting, self.claims_setting, self.claims_proof_setting)
+        return "SELECT " + ", ".join(
+            f"pg_catalog.set_config({quote_literal(name)}, pg_catalog.convert_from(${index}::pg_catalog.bytea, 'UTF8'), {local})"
+            for index, name in enumerate(settings, 1)
         )
 
     def proof(self, tenant: str, backend_pid: int, expires_at: int) -> str:
@@ -108,7 +110,8 @@ class ContextBuilder:
             if len(self._transaction_messages) >= 65536:
                 self._transaction_messages.clear()
             data = self._transaction_messages[key] = b"".join((
-                messages.bind(self._portal, self.statement_name.decode(), self.values(tenant, backend_pid, expires_at, claims_json)),
+                messages.bind(self._portal, self.statement_name.decode(), self.values(tenant, backend_pid, expires_at, claims_json),
+                              binary=True),
                 messages.execute(self._portal),
                 self._close_portal,
             ))
@@ -126,7 +129,8 @@ class ContextBuilder:
         name = self._session_name
         return [
             (messages.parse(name, self._session_statement), Request.PARSE),
-            (messages.bind(self._portal, name, self.values(tenant, backend_pid, expires_at, claims_json)), Request.BIND),
+            (messages.bind(self._portal, name, self.values(tenant, backend_pid, expires_at, claims_json), binary=True),
+             Request.BIND),
             (messages.execute(self._portal), Request.EXECUTE),
             (self._close_portal, Request.CLOSE),
             (self.session_statement_close(), Request.CLOSE),

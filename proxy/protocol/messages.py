@@ -100,9 +100,11 @@ def _values(values: Sequence[str | None]) -> bytes:
     return b"".join(parts)
 
 
-def bind(portal: str, statement: str, parameters: Sequence[str | None]) -> bytes:
-    """Bind ('B') with text-format parameters and text-format results."""
-    return message(b"B", cstring(portal) + cstring(statement) + b"\0\0" + _values(parameters) + b"\0\0")
+def bind(portal: str, statement: str, parameters: Sequence[str | None], binary: bool = False) -> bytes:
+    """Bind ('B') with text-format parameters (binary: binary-format, for bytea parameters, whose bytes the
+    server takes as they are whatever the session's client_encoding) and text-format results."""
+    formats = b"\0\x01\0\x01" if binary else b"\0\0"
+    return message(b"B", cstring(portal) + cstring(statement) + formats + _values(parameters) + b"\0\0")
 
 
 def close_statement(statement: bytes) -> bytes:

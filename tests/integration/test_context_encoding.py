@@ -6,8 +6,6 @@ failed with 22021. A client's encoding is its own business; its token's context 
 
 from __future__ import annotations
 
-from typing import Any
-
 import psycopg
 import pytest
 

@@ -159,6 +159,7 @@ SCHEMA: dict[tuple[str, str], tuple[type, Any]] = {
     ("client", "max_auth_message"): (int, 65_536),
     ("client", "max_message"): (int, 64 << 20),
     ("client", "max_prepared_statement_bytes"): (int, 16 << 20),
+    ("client", "max_settings_bytes"): (int, 1 << 20),
     ("client", "allowed_parameters"): (list, DEFAULT_ALLOWED_PARAMETERS),
     ("client", "allowed_networks"): (list, []),
     ("client", "max_connections_per_tenant"): (int, 1000),
@@ -221,6 +222,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("client", "max_auth_message"): (64, 1 << 24),
     ("client", "max_message"): (64, (1 << 31) - 1),
     ("client", "max_prepared_statement_bytes"): (64, (1 << 31) - 1),
+    ("client", "max_settings_bytes"): (1024, (1 << 31) - 1),
     ("guard", "max_parse_bytes"): (1024, (1 << 31) - 1),
     ("http", "upstream_check_interval"): (0.05, 3_600),
     ("http", "max_tenant_series"): (1, 100_000),
@@ -365,6 +367,7 @@ class ClientSettings:
     max_auth_message: int
     max_message: int
     max_prepared_statement_bytes: int
+    max_settings_bytes: int
     allowed_parameters: list[str]
     allowed_networks: list[str]
     max_connections_per_tenant: int

@@ -405,7 +405,7 @@ class Login:
                 server.guard,
                 server.context,
                 identity,
-                ClientSettings(request.forwarded, server.policy.protected),
+                ClientSettings(request.forwarded, server.policy.protected, server.settings.client.max_settings_bytes),
                 self._transaction_mode,
                 server.settings.client.max_message,
                 server.settings.client.max_prepared_statement_bytes,

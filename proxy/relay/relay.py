@@ -2075,7 +2075,7 @@ class TransactionMode:
         rows: list[list[bytes | None]] = []
         watch = BlockWatch(relay.queue)
         self._own_statement(READ_STATEMENT, READ_SQL)
-        relay.own(read_bind(relay.settings.names_to_read()), Request.BIND, watch)
+        relay.own(read_bind(relay.settings.names_to_read(), relay.settings.max_bytes), Request.BIND, watch)
         relay.own(messages.execute(READ_STATEMENT.decode()), Request.EXECUTE, OwnRequest(lambda o, e: None, rows), rows=True)
         relay.own(close_portal(READ_STATEMENT), Request.CLOSE)
         relay.own(messages.sync(), Request.SYNC,
@@ -2095,7 +2095,18 @@ class TransactionMode:
         if watch.queue.status != b"I":
             return  # read inside a transaction block: read again at the next group end
         self.reset_in_block = False
-        if outcome is Outcome.COMPLETED:
+        oversized = next((row[1] for row in rows if len(row) == 2 and row[0] is None and row[1] is not None), None)
+        if outcome is Outcome.COMPLETED and oversized is not None:
+            # The values stayed on the server: the connection is reset before it serves any other client.
+            relay.settings.stale = False
+            state.unnamed_settings = True
+            relay.hooks.fail(
+                errors.CONFIGURATION_LIMIT_EXCEEDED,
+                f"session settings of {oversized.decode(errors='replace')} bytes are more than pg-tenant-proxy keeps"
+                f" for a client ([client] max_settings_bytes = {relay.settings.max_bytes})",
+                "keep large values in a table rather than in settings, or raise [client] max_settings_bytes",
+            )
+        elif outcome is Outcome.COMPLETED:
             values = [
                 (row[0].decode(errors="replace"), row[1].decode(errors="replace"))
                 for row in rows

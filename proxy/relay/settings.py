@@ -31,13 +31,19 @@ READ_STATEMENT = b"pg_tenant_proxy_read_settings"
 # (config_file, hba_file: pg_read_all_settings) fails current_setting() even with missing_ok: pg_settings
 # does not show it. The transaction_* settings show source 'session' after a `SET transaction_deferrable`
 # outside a block, but last one transaction (set again in another, they fail with 25001).
+# What the proxy keeps of a client's settings is bounded ($2, `[client] max_settings_bytes`): beyond it the
+# read answers one row, (NULL, the size in bytes), and none of the values, which never leave the server.
 READ_SQL = (
-    "WITH p AS MATERIALIZED (SELECT pg_catalog.lower(name) AS name, source FROM pg_catalog.pg_settings)"
-    " SELECT s.name, pg_catalog.current_setting(s.name, true) FROM ("
+    "WITH p AS MATERIALIZED (SELECT pg_catalog.lower(name) AS name, source FROM pg_catalog.pg_settings),"
+    " s AS MATERIALIZED (SELECT s.name, pg_catalog.current_setting(s.name, true) AS value FROM ("
     "SELECT name FROM p WHERE source = 'session'"
     " AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')"
     " UNION SELECT pg_catalog.lower(n) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS n"
-    " WHERE pg_catalog.strpos(n, '.') > 0 AND pg_catalog.lower(n) NOT IN (SELECT name FROM p)) AS s(name)"
+    " WHERE pg_catalog.strpos(n, '.') > 0 AND pg_catalog.lower(n) NOT IN (SELECT name FROM p)) AS s(name)),"
+    " t AS (SELECT pg_catalog.sum(pg_catalog.octet_length(name) OPERATOR(pg_catalog.+)"
+    " COALESCE(pg_catalog.octet_length(value), 0)) AS total FROM s)"
+    " SELECT s.name, s.value FROM s, t WHERE t.total IS NULL OR t.total OPERATOR(pg_catalog.<=) $2::pg_catalog.int8"
+    " UNION ALL SELECT NULL, t.total::pg_catalog.text FROM t WHERE t.total OPERATOR(pg_catalog.>) $2::pg_catalog.int8"
 )
 # random()'s seed, drawn anew from a strong source (48 random bits of a version-4 UUID) when a server
 # connection passes to another client whose session must not see the last one's: neither RESET ALL nor
@@ -91,14 +97,15 @@ def close_portal(name: bytes) -> bytes:
     return messages.message(b"C", b"P" + name + b"\0")
 
 
-def read_bind(names: set[str]) -> bytes:
-    return messages.bind(READ_STATEMENT.decode(), READ_STATEMENT.decode(), [text_array(sorted(names))])
+def read_bind(names: set[str], max_bytes: int) -> bytes:
+    return messages.bind(READ_STATEMENT.decode(), READ_STATEMENT.decode(), [text_array(sorted(names)), str(max_bytes)])
 
 
 class ClientSettings:
     """What one client's session settings are, and whether the server may have changed them."""
 
-    def __init__(self, startup: dict[str, str], protected: object) -> None:
+    def __init__(self, startup: dict[str, str], protected: object, max_bytes: int) -> None:
+        self.max_bytes = max_bytes  # names and values the proxy keeps at most ([client] max_settings_bytes)
         self.startup = {name.lower(): value for name, value in startup.items()}
         self.current = dict(self.startup)
         # ParameterStatus values the client was greeted with, by lower-case name: the startup values as the

@@ -64,3 +64,20 @@ def test_a_setting_that_does_not_stay_costs_no_session(single: ProxyProcess, pg:
         assert [_outcome(other, step) for step in STEPS] == expected[1:]
         assert [_outcome(mine, step) for step in STEPS] == expected[1:]
         assert [_outcome(other, step) for step in STEPS] == expected[1:]
+
+
+def test_settings_beyond_the_limit_end_the_session_not_the_proxy(single: ProxyProcess) -> None:
+    """What the proxy keeps of a client's settings is bounded ([client] max_settings_bytes, 1 MiB): a
+    client that leaves 2 MB in a placeholder setting gets 53400 and its session ends; without the bound
+    each client made the proxy hold whatever its settings held (80 MB for two 40 MB values). The next
+    client of the tenant on that server connection does not see the value."""
+    token = single.token(ACME)
+    with psycopg.connect(single.dsn(), password=token, autocommit=True) as big:
+        big.execute("SELECT set_config('big.value', repeat('x', 2000000), false)")
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match=r"max_settings_bytes = 1048576"):
+            big.execute("SELECT 1")
+    with psycopg.connect(single.dsn(), password=token, autocommit=True) as other:
+        assert other.execute("SELECT coalesce(current_setting('big.value', true), '')").fetchone() == ("",)
+        other.execute("SELECT set_config('small.value', repeat('x', 1000), false)")
+        assert other.execute("SELECT length(current_setting('small.value'))").fetchone() == (1000,)
+    assert single.alive()

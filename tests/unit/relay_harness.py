@@ -18,6 +18,7 @@ from proxy.tenant import ContextBuilder
 
 PROTECTED = ProtectedSettings(["app.tenant", "app.tenant_proof"], ["app.", "request.jwt.", "tenant_proxy."])
 CONTEXT = ContextBuilder("app.tenant", "app.tenant_proof", "not-a-real-key")
+SETTINGS_LIMIT = 1 << 20  # [client] max_settings_bytes
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class RelayPair:
         self.hooks = Hooks()
         guard = Guard(PROTECTED, allow_do=False, transaction_mode=transaction_mode,
                       allow_notifications=allow_notifications) if guarded else None
-        self.relay = Relay(self.hooks, guard, CONTEXT, identity or Identity(), ClientSettings(startup or {}, PROTECTED),
+        self.relay = Relay(self.hooks, guard, CONTEXT, identity or Identity(), ClientSettings(startup or {}, PROTECTED, SETTINGS_LIMIT),
                            transaction_mode, max_message=1 << 20, max_statement_bytes=1 << 20)
 
     def client(self, *data: bytes) -> list[bytes]:

@@ -12,6 +12,7 @@ from relay_harness import (
     CLOSE_COMPLETE,
     CONTEXT,
     PARSE_COMPLETE,
+    SETTINGS_LIMIT,
     Z_BLOCK,
     Z_FAILED,
     Z_IDLE,
@@ -310,7 +311,7 @@ def test_set_leads_to_a_settings_read_back_after_the_group() -> None:
     writes = checked_out(pair, server, set_query)
     assert writes == [  # a SET takes no snapshot: the context goes in front of the transaction's next statement
         set_query
-        + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
+        + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"}, SETTINGS_LIMIT)
         + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
     assert pair.server(complete("SET") + Z_IDLE) == complete("SET") + Z_IDLE
@@ -342,7 +343,7 @@ def test_a_read_back_that_a_late_cancel_hit_is_read_again() -> None:
     cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
     assert pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + cancelled + Z_IDLE) == b""
     assert pair.upstream_since(start) == [
-        read_bind({"search_path"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
+        read_bind({"search_path"}, SETTINGS_LIMIT) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
     assert "release_server" not in pair.hooks.events
     read = BIND_COMPLETE + data_row(b"search_path", b"app") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
@@ -364,7 +365,7 @@ def test_inside_a_block_the_settings_are_read_back_only_behind_a_group_that_may_
     pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_BLOCK)
     commit = messages.query("COMMIT")
     assert pair.client(commit) == [
-        commit + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"})
+        commit + own_statement(READ_STATEMENT, READ_SQL) + read_bind({"search_path"}, SETTINGS_LIMIT)
         + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     ]
     pair.server(complete("COMMIT") + Z_IDLE)
@@ -385,7 +386,7 @@ def test_reset_all_applies_startup_values_again() -> None:
     assert pair.hooks.events[-1] == "release_server"
     reset = messages.query("RESET ALL")
     writes = checked_out(pair, server, reset)
-    read_back = (read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT)
+    read_back = (read_bind({"datestyle"}, SETTINGS_LIMIT) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT)
                  + messages.sync())
     assert writes == [context(server) + reset + applied + own_statement(READ_STATEMENT, READ_SQL) + read_back]
     assert pair.server(CONTEXT_SET + complete("RESET") + Z_IDLE) == complete("RESET") + Z_IDLE
@@ -416,7 +417,7 @@ def test_startup_values_applied_again_are_sent_again_when_a_late_cancel_hit_them
     cancelled = messages.error_response("ERROR", "57014", "canceling statement due to user request")
     read = BIND_COMPLETE + data_row(b"datestyle", b"") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE
     assert pair.server(BIND_COMPLETE + cancelled + Z_IDLE + CLOSE_COMPLETE + PARSE_COMPLETE + read) == b""
-    read_back = read_bind({"datestyle"}) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
+    read_back = read_bind({"datestyle"}, SETTINGS_LIMIT) + messages.execute(READ_STATEMENT.decode()) + close_portal(READ_STATEMENT) + messages.sync()
     assert b"".join(pair.upstream_since(start)) == applied + read_back
     assert pair.hooks.failures == []
     pair.server(apply_replies + BIND_COMPLETE + data_row(b"datestyle", b"ISO, DMY") + complete("SELECT 1") + CLOSE_COMPLETE + Z_IDLE)

@@ -309,7 +309,12 @@ class Pool:
         client), else it is closed (busy, broken, or older than `server_lifetime`)."""
         self._unhold(backend)
         backend.detach()
-        if not backend.reusable() or self.loop.time() - backend.opened_at > self.settings.server_lifetime:
+        if (not backend.reusable() or self.loop.time() - backend.opened_at > self.settings.server_lifetime
+                or backend.state.settings.get("idle_session_timeout", "0") != "0"):
+            # A client's idle_session_timeout (transaction mode records it) would end the backend while it
+            # idles in the pool, or just after the next client, of any tenant, took it (its FATAL 57P05
+            # then ends that client's session): it can never serve its own client, who holds no
+            # connection between transactions.
             self.move(backend, Lifecycle.CLOSED)
             return False
         return True

@@ -116,6 +116,8 @@ COPY_INTERRUPT = messages.message(b"f", messages.cstring(COPY_INTERRUPTED))
 _SESSIONS = itertools.count(1)
 STAND_IN = b"\0SELECT NULL\0\0\0"  # a Parse definition (text, no parameter types) that cannot fail
 READ_RETRIES = 3  # a group of the proxy's own cancelled (57014) this many times in a row is not sent again
+TIMEOUT = "statement_timeout"  # set to 0 in front of a reset or settings group (`_lift_timeout`)
+LIFT_TIMEOUT = messages.query("SET statement_timeout = 0")
 
 
 class CopyInput(enum.Enum):
@@ -398,16 +400,17 @@ class Relay:
         self._cancel_due()
 
     def _cancel_due(self) -> None:
-        """Pass the client's cancel on when no Sync group of the proxy's own (a reset, settings applied,
-        the session context) is ahead of the client's first group: a cancel landing in one of those would
-        fail it and end the session. Their ReadyForQuery comes back flushed, so this is asked again then."""
+        """Pass the client's cancel on when no Sync group or Query of the proxy's own (a reset, settings
+        applied or reset, statement_timeout lifted, the session context) is ahead of the client's first
+        group: a cancel landing in one of those would fail it and end the session. Their ReadyForQuery
+        comes back flushed, so this is asked again then."""
         queue = self.queue
         if queue is None or self.server is None:
             return  # waiting for a server connection: asked again at attach
         for entry in queue.entries:
             if entry.owner is Owner.CLIENT:
                 break
-            if entry.request is Request.SYNC:
+            if entry.request is Request.SYNC or entry.request is Request.QUERY:  # a Query of its own ends in one too
                 return
         else:
             if not self.held:
@@ -1320,11 +1323,15 @@ class TransactionMode:
         state = server.state
         state.statements.in_use.clear()
         tenant = relay.identity.tenant
+        switched = state.tenant is not None and state.tenant != tenant
+        unnamed = state.unnamed_settings and state.client != relay.serial  # settings no diff can undo: reset them all
         sync_owed = False
-        if state.tenant is not None and state.tenant != tenant:
+        timeout = state.settings.get(TIMEOUT, "0") != "0"
+        if unnamed or (timeout and (switched or state.settings != relay.settings.current)):
+            self._lift_timeout()
+        if switched:
             METRICS.tenant_switches += 1
-            sync_owed = self._reset_for_another_tenant()
-        elif state.unnamed_settings and state.client != relay.serial:  # settings no diff can undo: reset them all
+        if switched or unnamed:
             sync_owed = self._reset_for_another_tenant()
         state.tenant = tenant
         state.client = relay.serial
@@ -1334,6 +1341,19 @@ class TransactionMode:
         if sync_owed or state.settings != wanted:
             self._apply(wanted, sync_owed)
         return False
+
+    def _lift_timeout(self) -> None:
+        """The server connection holds a statement_timeout (a client's, perhaps another's), or settings
+        not known (a read-back that failed, perhaps timed out under it): set it to 0 first, in a simple
+        Query (no planning: the least time under that timeout), in front of the reset and the settings to
+        apply, which would otherwise run under it and end this client's session with 57014 where they took
+        longer (tenant_proxy.reset_session() under another client's 1 ms). `_apply` sets the client's own
+        value again."""
+        relay = self.relay
+        assert relay.server is not None
+        relay.own(LIFT_TIMEOUT, Request.QUERY, OwnRequest(self._prelude_ended))
+        relay.server.state.statements.unnamed_gone()
+        relay.server.state.settings[TIMEOUT] = "0"
 
     def _reset_for_another_tenant(self) -> bool:
         """Reset what the previous tenant (or a client that set settings the proxy cannot name) may have

@@ -15,11 +15,15 @@ from typing import Any
 
 import pytest
 
-from differential import Reply, Wire, assert_same, close, connect_direct, connect_proxy, copy_data, copy_done, describe, flush
+from differential import (
+    Reply, Wire, assert_same, close, connect_direct, connect_proxy, copy_data, copy_done, describe, flush,
+)
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
 from proxy.protocol import messages
 from support import ACME, GLOBEX, ProxyProcess, unprotected_table
+
+TIMEOUT_ROUNDS = 150
 
 MODES: dict[str, dict[str, Any]] = {
     "session": {"pool": {"mode": "session", "size": 5}},
@@ -319,4 +323,28 @@ def test_reported_steps_answer_as_directly(scenario: Callable[[Connect], Transcr
     got = run(scenario, proxied)
     for index, (want, have) in enumerate(zip(expected, got, strict=True), 1):
         assert_same(want, have, f"the replies to write {index}")
+    assert proxy.alive()
+
+
+@pytest.mark.parametrize("mode", [mode for mode in MODES if mode != "session"])
+def test_another_clients_statement_timeout_is_not_mine(mode: str, proxies: dict[str, ProxyProcess]) -> None:
+    """https://github.com/keygen-sh/keygen-api/pull/1029: a `SET statement_timeout` behind PgBouncer in
+    transaction mode landed on whichever server connection the client had, and timed other clients out.
+    Here one client sets 1 ms and takes turns on the one server connection with a client of another
+    tenant and one of its own: they never see its value, and the proxy's reset and settings groups in
+    front of their statements, which ran under it, no longer end their sessions with 57014."""
+    proxy = proxies[mode]
+    hasty = connect_proxy(proxy.port, proxy.token(ACME), "hasty")
+    others = [connect_proxy(proxy.port, proxy.token(GLOBEX), "other tenant"),
+              connect_proxy(proxy.port, proxy.token(ACME), "same tenant")]
+    try:
+        assert ready(hasty, messages.query("SET statement_timeout = 1"))[-1] == (b"Z", b"I")
+        for _ in range(TIMEOUT_ROUNDS):
+            for other in others:
+                ready(hasty, messages.query("SELECT 1"))  # may time out, as directly; it takes the connection
+                replies = ready(other, messages.query("SHOW statement_timeout"))
+                assert [messages.parse_data_row(body) for kind, body in replies if kind in b"DE"] == [[b"0"]], replies
+    finally:
+        for wire in (hasty, *others):
+            wire.close()
     assert proxy.alive()

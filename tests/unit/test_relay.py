@@ -29,8 +29,8 @@ from proxy.guard import ALLOW
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation, UpstreamProtocolViolation
 from proxy.relay.relay import (
-    COPY_INTERRUPT, COPY_PROBE, RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED, BlockWatch,
-    RelayStalled,
+    COPY_INTERRUPT, COPY_PROBE, LIFT_TIMEOUT, RESET_BIND, RESET_EXECUTE, RESET_SQL, RESET_STATEMENT, RESULT_CHANGED,
+    BlockWatch, RelayStalled,
 )
 from proxy.relay.replies import COPY_INTERRUPTED, Outcome
 from proxy.relay.settings import (
@@ -437,6 +437,26 @@ def test_connection_of_another_tenant_is_reset_first() -> None:
     assert server.state.tenant == IDENTITY.tenant
 
 
+def test_another_clients_statement_timeout_is_lifted_before_the_reset() -> None:
+    """A connection holding another client's statement_timeout (1 ms) gets `SET statement_timeout = 0`
+    first, in a Query of its own, so the reset and the settings behind it do not run under that timeout
+    (one whose settings are not known gets it too: test_connection_with_settings_the_proxy_cannot_name_...).
+    The client's own value is applied behind the reset."""
+    pair, server = RelayPair(startup={"statement_timeout": "5s"}), Server(101)
+    server.state.tenant = "other"
+    server.state.settings = {"statement_timeout": "1ms"}
+    writes = checked_out(pair, server, SELECT_1)
+    reset = (messages.close_statement(RESET_STATEMENT) + messages.parse(RESET_STATEMENT.decode(), RESET_SQL) + RESET_BIND
+             + RESET_EXECUTE)
+    applied = (own_statement(APPLY_STATEMENT, APPLY_SQL) + apply_bind({"statement_timeout": "5s"})
+               + messages.execute(APPLY_STATEMENT.decode()) + close_portal(APPLY_STATEMENT) + messages.sync())
+    assert writes == [LIFT_TIMEOUT + reset + applied + context_statement() + context(server) + SELECT_1]
+    assert server.state.settings == {"statement_timeout": "5s"}
+    same = RelayPair(startup={"statement_timeout": "1ms"}), Server(103)  # its own value, nothing to reset or apply
+    same[1].state.tenant, same[1].state.settings = IDENTITY.tenant, {"statement_timeout": "1ms"}
+    assert checked_out(*same, SELECT_1) == [context_statement() + context(same[1]) + SELECT_1]
+
+
 def test_a_cancel_while_waiting_for_a_connection_goes_once_the_statement_is_sent() -> None:
     """Directly, a cancel of an outstanding statement cancels it (57014); through transaction pooling the
     statement may still wait for a server connection: the cancel is passed on when it is sent there."""
@@ -484,7 +504,10 @@ def test_connection_with_settings_the_proxy_cannot_name_is_reset_for_another_cli
     other = RelayPair()
     server.queue.status = b"I"
     writes = checked_out(other, server, SELECT_1)
-    assert writes[0].startswith(messages.close_statement(RESET_STATEMENT) + messages.parse(RESET_STATEMENT.decode(), RESET_SQL))
+    # statement_timeout is not known either: lifted first (test_another_clients_statement_timeout_is_lifted_before_the_reset)
+    assert writes[0].startswith(
+        LIFT_TIMEOUT + messages.close_statement(RESET_STATEMENT) + messages.parse(RESET_STATEMENT.decode(), RESET_SQL)
+    )
     assert not server.state.unnamed_settings and server.state.client == other.relay.serial
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from differential import (
-    Reply, Wire, assert_same, close, connect_direct, connect_proxy, copy_data, copy_done, describe, flush,
+    Reply, Wire, assert_same, close, connect_direct, connect_proxy, copy_data, copy_done, describe, flush, send_cancel,
 )
 from proxy.demo import TenantDatabase
 from proxy.embedded import EmbeddedPostgres
@@ -271,6 +271,21 @@ def copy_that_fails_early_in_a_block(connect: Connect) -> Transcript:
     return result
 
 
+def cancel_after_each_statement(connect: Connect) -> Transcript:
+    """https://github.com/pgbouncer/pgbouncer/issues/223 (Npgsql 1636): a cancel sent right after each
+    statement's reply, when nothing runs; PgBouncer answered it with a ReadyForQuery on the client's
+    connection and the client read the previous statement's results for its next one."""
+    npgsql = connect("npgsql", ACME)
+    assert npgsql.key is not None
+    port = npgsql.sock.getpeername()[1]
+    result = []
+    for number in range(5):
+        result.append(ready(npgsql, messages.parse("", f"-- command {number}\n SELECT {number}"),
+                            messages.bind("", "", []), describe("P", ""), messages.execute(""), messages.sync()))
+        send_cancel(port, npgsql.key)
+    return result
+
+
 SCENARIOS = [
     set_then_extended_query_in_one_write,
     failed_group_then_parse_flush_before_ready,
@@ -286,6 +301,7 @@ SCENARIOS = [
     close_and_parse_of_one_name_in_one_request,
     extended_copy_in_with_sync_behind_execute,
     copy_that_fails_early_in_a_block,
+    cancel_after_each_statement,
 ]
 
 

@@ -131,8 +131,17 @@ class CopyInput(enum.Enum):
     ENDED = "ended"  # ... and the CopyDone / CopyFail: everything the client sends next waits
 
 
+class Forwarded(enum.Enum):
+    """Where the client's bytes sent upstream end. A client read may end inside a CopyData, whose first
+    part goes on as it came: the proxy's own messages must not go upstream until its rest has."""
+
+    AT_BOUNDARY = "at a message boundary"
+    INSIDE_COPY_DATA = "inside a CopyData"  # the next client read opens with its rest
+
+
 # Compared against for every CopyData and client message: bound once (see proxy.relay.enums).
 _NO_COPY_INPUT, _COPY_ENDED = CopyInput.NONE, CopyInput.ENDED
+_INSIDE_COPY_DATA = Forwarded.INSIDE_COPY_DATA
 
 class Hooks(Protocol):
     """What the relay needs from the asyncio side."""
@@ -239,7 +248,7 @@ class Relay:
         "held_bytes", "preparing", "mid_group", "sync_owed", "describing", "client_view", "_pending_parameters",
         "_hidden_parameters", "terminated", "transactions_ended", "skip_group", "copy_input", "copy_syncs",
         "follow_ups_wait", "copying", "group_may_copy", "cancel_wanted", "mode", "pooled", "_out", "_held_group_read",
-        "_own_behind",
+        "forwarded", "_own_behind",
     )
 
     def __init__(
@@ -295,9 +304,8 @@ class Relay:
         )
         self.pooled = transaction_mode  # the server connection may go back to the pool between transactions
         self._out: list[bytes | memoryview] = []
-        # Messages of the proxy's own due while a client read ended inside a CopyData whose first part went
-        # upstream: how many bytes of it are still to come, and the messages, which go right behind them
-        self._own_behind: tuple[int, bytes] | None = None
+        self.forwarded = Forwarded.AT_BOUNDARY
+        self._own_behind = b""  # the proxy's own messages due while `forwarded` is inside a CopyData: they go behind its rest
 
     # -- server connection -----------------------------------------------------------------------
 
@@ -696,8 +704,13 @@ class Relay:
                 out.append(segment)  # type: ignore[arg-type]  # CopyData
                 assert self.queue is not None
                 self.queue.expect(Request.COPY_DATA)
-                if self._own_behind is not None:
-                    self._own_after(len(segment))  # type: ignore[arg-type]
+                if len(segments) == 1 and self.scanner.passing():  # the read's last bytes, inside a CopyData
+                    self.forwarded = _INSIDE_COPY_DATA
+                elif self.forwarded is _INSIDE_COPY_DATA:  # the rest of it
+                    self.forwarded = Forwarded.AT_BOUNDARY
+                    if self._own_behind:
+                        out.append(self._own_behind)
+                        self._own_behind = b""
             elif not self._message(segment):  # type: ignore[arg-type]
                 if self.terminated:
                     segments.clear()
@@ -830,32 +843,19 @@ class Relay:
         self.queue.expect(request, Owner.OWN, speaks + b"\0" + routine if routine else speaks, watcher, rows)
 
     def flush_own(self) -> None:
-        """Send what the proxy added while handling the server's replies. Never inside a client's CopyData:
-        when a client read ended inside one whose first part went upstream (nothing is held behind it),
-        the messages go right behind its rest (`_own_after`); inside it, the server would read them as
-        COPY data, and the rest of it as messages (a COPY that failed while the client was sending its
-        data, then the probe of the Syncs among them or the settings read-back due behind the COPY)."""
+        """Send what the proxy added while handling the server's replies. Never inside a client's CopyData
+        (`forwarded`): then right behind its rest, which the next client read brings; inside it, the server
+        would read them as COPY data, and the rest of it as messages (a COPY that failed while the client
+        was sending its data, then the probe of the Syncs among them or the settings read-back due behind
+        the COPY)."""
         if not self._out:
             return
         data = b"".join(self._out)
         self._out = []
-        if self._own_behind is not None:
-            self._own_behind = (self._own_behind[0], self._own_behind[1] + data)
-        elif self.held or not self.scanner.passing():
-            self.hooks.send_upstream(data)
+        if self.forwarded is _INSIDE_COPY_DATA:
+            self._own_behind += data
         else:
-            self._own_behind = (self.scanner.passing(), data)
-
-    def _own_after(self, forwarded: int) -> None:
-        """`forwarded` bytes of the CopyData that the proxy's own messages wait behind went upstream: when
-        they were the last of it, the messages go next."""
-        assert self._own_behind is not None
-        left, data = self._own_behind
-        if forwarded < left:
-            self._own_behind = (left - forwarded, data)
-            return
-        self._own_behind = None
-        self._out.append(data)
+            self.hooks.send_upstream(data)
 
     def refuse_group(self, refusal: Refusal, watcher: Watcher | None = None) -> None:
         """Refuse a Query or FunctionCall: a Query that fails on the server takes its place (`watcher` is

@@ -1627,20 +1627,22 @@ class TransactionMode:
         for name in held:
             self.relay.own(messages.close_statement(name), Request.CLOSE)
             self.relay.own(messages.message(b"P", name + STAND_IN), Request.PARSE)
-        self.stand_ins = held
+        self.stand_ins += [name for name in held if name not in self.stand_ins]
         return held
 
     def _close_stand_ins(self, group_end: bool) -> None:
         """Close the stand-ins again right behind the client's message (one a DEALLOCATE did not reach
-        would answer a later Bind of that name); behind a Query, in a Sync group of the proxy's own (after
-        its ReadyForQuery when it may start COPY IN, `follow_up`)."""
+        would answer a later Bind of that name, of any client of the server connection); behind a Query,
+        and behind the Sync of a group that Executes one, in a Sync group of the proxy's own (after its
+        ReadyForQuery when it may start COPY IN, `follow_up`): a client's Execute that failed (a portal
+        gone with its transaction) skipped the Close right behind it with it."""
         if not self.stand_ins or (group_end and self.relay.follow_ups_wait):
             return
         for name in self.stand_ins:
             self.relay.own(messages.close_statement(name), Request.CLOSE)
         if group_end:
             self.relay.own(messages.sync(), Request.SYNC)
-        self.stand_ins = []
+            self.stand_ins = []
 
     def parse(self, message: Message) -> bool:
         relay = self.relay
@@ -2020,9 +2022,10 @@ class TransactionMode:
             self._after_group()
 
     def _after_group(self) -> None:
-        """Behind a group, the client between groups: its startup values again after a reset, then a
-        read-back of its settings if they may have changed."""
+        """Behind a group, the client between groups: the stand-ins an Execute left closed, its startup
+        values again after a reset, then a read-back of its settings if they may have changed."""
         relay = self.relay
+        self._close_stand_ins(group_end=True)
         if self.reapply:
             self._reapply(self.reapply, self.reapply_where_reset)
             self.reapply, self.reapply_where_reset = {}, False

@@ -399,6 +399,19 @@ STARTUP_INPUTS = {
     "set-behind-a-reset-in-one-group": SET_BEHIND_A_RESET_IN_ONE_GROUP,
 }
 
+# An Execute of a portal bound to `DEALLOCATE s1` in an earlier group (the portal went with its
+# transaction): the statement the proxy prepares under the name s1 for the DEALLOCATE to drop (a stand-in)
+# stayed on the server connection, as the error skipped the Close right behind the Execute; a later Bind
+# of s1, after the client closed its own, bound it (BindComplete, where Postgres answers 26000), and so
+# would any client's on that server connection.
+STAND_IN_BEHIND_A_FAILED_EXECUTE = [
+    Write((step_parse("s1", "DEALLOCATE s1"), step_bind("p1", "s1", []), SYNC)),
+    Write((step_execute("p1"), SYNC)),
+    Write((step_close("S", "s1"), SYNC)),
+    Write((step_bind("", "s1", []), SYNC)),
+    FINAL,
+]
+
 
 class CutWrite(Write):
     """A write that ends inside a message, whose rest opens the next write, as when the network cuts a
@@ -439,6 +452,7 @@ INPUTS = {
     "dropped-name-parsed-again-at-once": DROPPED_NAME_PARSED_AGAIN_AT_ONCE,
     "queries-in-the-clients-error-window": QUERIES_IN_THE_CLIENTS_ERROR_WINDOW,
     "copy-data-cut-when-the-copy-fails": COPY_DATA_CUT_WHEN_THE_COPY_FAILS,
+    "stand-in-behind-a-failed-execute": STAND_IN_BEHIND_A_FAILED_EXECUTE,
 }
 
 # ---------------------------------------------------------------------------------------------

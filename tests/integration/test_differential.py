@@ -106,6 +106,14 @@ SIMPLE_QUERIES = (
     "DECLARE c CURSOR FOR SELECT n FROM diff_scratch ORDER BY n",
     "FETCH 1 FROM c",
     "CLOSE c",
+    # statement management in SQL, and the search_path a client's statements are keyed by
+    "DEALLOCATE s1",
+    "DEALLOCATE ALL",
+    "DISCARD ALL",
+    "DEALLOCATE s1; SELECT 1",
+    "SELECT 1; DEALLOCATE s2",
+    "SET search_path = pg_catalog",
+    "SET search_path TO DEFAULT",
 )
 PARSE_TEXTS = (
     "SELECT $1::int + 1",
@@ -130,6 +138,7 @@ PARSE_TEXTS = (
     "SELECT 10 / $1::int",  # fails at Execute with '0'
     "UPDATE diff_scratch SET t = $1::text WHERE n = 1",
     "FETCH 2 FROM c",
+    "DEALLOCATE s1",
 )
 VALUES = ("0", "1", "2", "3", "4", "x", "hello", None)
 COPY_QUERIES = ("COPY diff_scratch FROM STDIN", "SELECT 1; COPY diff_scratch FROM STDIN", "COPY diff_scratch FROM STDIN; SELECT 2")

@@ -1512,7 +1512,9 @@ class TransactionMode:
             self._rolled_back()
         self.group_may_begin = decision.transaction_setup or may_begin_transaction(message.raw)
         relay.follow_ups_wait = self.follow_ups_due() and may_start_copy_in(message.raw)
-        self._close_stand_ins(group_end=True)
+        # Inside an extended-query group no Sync of the proxy's: in an error window (the server skips this
+        # Query) it would end the window before the client's Sync, and the client's messages behind run
+        self._close_stand_ins(group_end=not relay.mid_group)
         self.group_sent()
         return True
 
@@ -2016,7 +2018,7 @@ class TransactionMode:
     def follow_up(self) -> None:
         """The ReadyForQuery of a Query that may have started COPY IN (or begun a block) came: what it held
         back. The status now says whether a block is open, whatever the group's text suggested."""
-        self._close_stand_ins(group_end=True)
+        self._close_stand_ins(group_end=not self.relay.mid_group)
         self.group_may_end = self.group_may_begin = False
         if not self.relay.mid_group:
             self._after_group()

@@ -420,6 +420,15 @@ STAND_IN_BEHIND_A_FAILED_EXECUTE = [
     Write((step_bind("", "s1", []), SYNC)),
     FINAL,
 ]
+# A failing Parse, then `DEALLOCATE s1; SELECT 1` and a Bind before the Sync: Postgres skips the Query and
+# the Bind. The proxy closed the stand-in behind the Query in a Sync group of its own, which ended the
+# error window early: the Bind ran (26000; found by the random search).
+STAND_IN_BEHIND_A_QUERY_IN_AN_ERROR_WINDOW = [
+    Write((step_parse("s1", "SELECT 1"), SYNC)),
+    Write((step_parse("", "SELEC 1"), step_query("DEALLOCATE s1; SELECT 1"), step_bind("", "", []), SYNC)),
+    Write((step_bind("", "s1", []), step_execute(""), SYNC)),
+    FINAL,
+]
 
 
 class CutWrite(Write):
@@ -462,6 +471,7 @@ INPUTS = {
     "queries-in-the-clients-error-window": QUERIES_IN_THE_CLIENTS_ERROR_WINDOW,
     "copy-data-cut-when-the-copy-fails": COPY_DATA_CUT_WHEN_THE_COPY_FAILS,
     "stand-in-behind-a-failed-execute": STAND_IN_BEHIND_A_FAILED_EXECUTE,
+    "stand-in-behind-a-query-in-an-error-window": STAND_IN_BEHIND_A_QUERY_IN_AN_ERROR_WINDOW,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -257,6 +257,20 @@ def test_a_stand_in_is_closed_again_behind_the_sync_of_a_group_that_executes_a_d
     assert pair.hooks.events[-1] == "release_server"
 
 
+def test_a_stand_in_behind_a_query_inside_an_extended_group_is_closed_with_no_sync_of_the_proxys() -> None:
+    """A failing Parse, then `DEALLOCATE s1; SELECT 1` and a Bind before the client's Sync: Postgres skips
+    the Query and the Bind. The stand-in's Close goes behind the Query with no Sync (the proxy's Sync
+    there ended the error window early, and the Bind ran: 26000 where Postgres answers nothing; found by
+    the random search), and again behind the client's Sync."""
+    pair, server = RelayPair(), Server(101)
+    checked_out(pair, server, messages.parse("s1", "SELECT 1") + messages.sync())
+    pair.server(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    query, bind = messages.query("DEALLOCATE s1; SELECT 1"), messages.bind("", "", [])
+    (write,) = checked_out(pair, server, messages.parse("", "SELEC 1") + query + bind + messages.sync())
+    close = messages.close_statement(b"s1")
+    assert write.endswith(query + close + bind + messages.sync() + close + messages.sync())
+
+
 def test_client_close_of_its_statement_stands_in_and_forgets_it() -> None:
     pair, server = RelayPair(), Server(101)
     sql = "SELECT $1::int"

@@ -2337,5 +2337,8 @@ class TransactionMode:
             or not relay.scanner.at_boundary()
         ):
             return
+        if self.portals or self.ending_portals:  # the transaction ended: Postgres dropped its portals
+            self.portals.clear()
+            self.ending_portals.clear()
         relay.server = relay.queue = None  # detach(), inlined on the hot path
         relay.hooks.release_server()

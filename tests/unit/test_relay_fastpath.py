@@ -24,11 +24,11 @@ from relay_harness import (
     row_description,
 )
 
-from proxy.guard import ALLOW
+from proxy.guard import ALLOW, Decision
 from proxy.protocol import errors, messages
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.framing import MessageScanner
-from proxy.relay.relay import RESET_BIND, may_end_transaction
+from proxy.relay.relay import RESET_BIND, TransactionMode, may_end_transaction
 from proxy.relay.replies import Outcome, Owed, Owner, ReplyQueue, Request
 from proxy.relay.statements import statement_for
 
@@ -299,6 +299,20 @@ def test_a_prepared_statement_runs_in_one_write_behind_the_context() -> None:
     assert [entry.request for entry in server.queue.entries] == [Request.CONTEXT, Request.SYNC_GROUP]
     assert pair.server(CONTEXT_SET + RAN) == RAN
     assert pair.relay.server is None and server.queue.idle() and pair.hooks.ended == 3
+
+
+def test_the_portals_of_an_ended_transaction_are_forgotten_at_release() -> None:
+    """Postgres drops a transaction's portals when it ends: what the relay remembers of portals bound to
+    statements with effects goes with the release, so a client binding many portal names never grows it."""
+    server = Server(101)
+    pair = prepared_on(server)
+    mode = pair.relay.mode
+    assert isinstance(mode, TransactionMode)
+    mode.portals[b"left"] = Decision(set_names=frozenset({"work_mem"}))
+    mode.ending_portals.add(b"left")
+    checked_out(pair, server, RUN_S1)
+    assert pair.server(CONTEXT_SET + RAN) == RAN
+    assert pair.relay.server is None and not mode.portals and not mode.ending_portals
 
 
 def test_an_error_in_a_prepared_statements_group_names_the_clients_statement() -> None:

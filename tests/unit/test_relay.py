@@ -1218,11 +1218,9 @@ def test_a_parse_of_a_text_the_connection_holds_is_checked_under_a_name_of_the_p
     assert pair.relay.mode.statements.by_name.keys() == {b"s1"}  # type: ignore[union-attr]
 
 
-def test_a_reset_of_a_startup_setting_is_not_told_to_the_client() -> None:
-    """`RESET TimeZone` of a client that started with TimeZone=Europe/Paris: the server connection's
-    RESET reports its own value, which the proxy replaces by the startup value right behind the Query.
-    A direct session reports nothing (the value does not move), so the client is not told the server's
-    value in between: a client told another client_encoding would encode its next statement in it."""
+def paris_client() -> tuple[RelayPair, Server, bytes]:
+    """A transaction-mode client that started with TimeZone=Europe/Paris, on a server connection whose own
+    value the proxy has just set to it; with the ParameterStatus that tells it."""
     pair, server = RelayPair(startup={"TimeZone": "Europe/Paris"}), Server(101)
     pair.relay.greeted({"TimeZone": "Europe/Paris"})
     checked_out(pair, server, SELECT_1)
@@ -1230,6 +1228,15 @@ def test_a_reset_of_a_startup_setting_is_not_told_to_the_client() -> None:
     applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + paris + data_row(b"Europe/Paris") + complete("SELECT 1")
                + CLOSE_COMPLETE + Z_IDLE)
     assert pair.server(applied) == b""
+    return pair, server, paris
+
+
+def test_a_reset_of_a_startup_setting_is_not_told_to_the_client() -> None:
+    """`RESET TimeZone` of a client that started with TimeZone=Europe/Paris: the server connection's
+    RESET reports its own value, which the proxy replaces by the startup value right behind the Query.
+    A direct session reports nothing (the value does not move), so the client is not told the server's
+    value in between: a client told another client_encoding would encode its next statement in it."""
+    pair, server, paris = paris_client()
     assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE  # told at the greeting
     checked_out(pair, server, messages.query("RESET TimeZone"))
     utc = messages.parameter_status("TimeZone", "Etc/UTC")
@@ -1246,13 +1253,7 @@ def test_a_reset_of_a_startup_setting_the_client_changed_tells_it_the_startup_va
     """The same after the client's `SET TimeZone = 'UTC'`: a direct session's RESET reports the startup value
     before its ReadyForQuery, and so does the proxy, in place of the server connection's own value (it
     told it only before the client's next ReadyForQuery, after the reset's: found by the random search)."""
-    pair, server = RelayPair(startup={"TimeZone": "Europe/Paris"}), Server(101)
-    pair.relay.greeted({"TimeZone": "Europe/Paris"})
-    checked_out(pair, server, SELECT_1)
-    paris = messages.parameter_status("TimeZone", "Europe/Paris")
-    applied = (CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + paris + data_row(b"Europe/Paris") + complete("SELECT 1")
-               + CLOSE_COMPLETE + Z_IDLE)
-    assert pair.server(applied) == b""
+    pair, server, paris = paris_client()
     assert pair.server(CONTEXT_PREPARED + CONTEXT_SET + ROWS + Z_IDLE) == ROWS + Z_IDLE
     pair.relay.parameter_status("TimeZone", "UTC", True)  # the client's SET, reported to it
     checked_out(pair, server, messages.query("RESET TimeZone"))
